@@ -1,0 +1,493 @@
+//! The validated proxy configuration and its conversion from the raw document. Every value
+//! here is valid by construction; every error carries the path of the value that caused it.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use regex::RegexBuilder;
+
+use crate::error::{ConfigErrors, Errors};
+use crate::host::HostPattern;
+use crate::policy::{Action, Policy, PortRange, RelayOverrides, Rule, TunnelLimits};
+use crate::raw::{RawConfig, RawPort, RawRuleRelay};
+
+/// The only format version this build reads.
+pub const VERSION: u32 = 1;
+
+/// Largest compiled size of a `hostRegex`, so a policy cannot make matching expensive.
+const MAX_REGEX_SIZE: usize = 1 << 20;
+
+/// A complete, valid proxy configuration.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listeners: Vec<Listener>,
+    pub admin: Admin,
+    pub policy: Policy,
+    pub relay: RelayDefaults,
+    pub dns: Dns,
+    pub limits: Limits,
+    pub logging: Logging,
+}
+
+/// What a listener does with its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    /// HTTP CONNECT forward proxy.
+    Forward,
+}
+
+impl ListenerMode {
+    /// The name used in the config and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerMode::Forward => "forward",
+        }
+    }
+}
+
+/// A listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// `[a-z0-9-]{1,63}`, unique; the `listener` metric label.
+    pub name: String,
+    pub bind: SocketAddr,
+    pub mode: ListenerMode,
+    /// When set, clients speak TLS to the proxy.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PKCS#8, PKCS#1 (RSA) or SEC1 private key.
+    pub key_file: PathBuf,
+}
+
+/// The admin HTTP server (metrics, health, config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+}
+
+/// Relay settings that are not per-rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayDefaults {
+    /// Budget for connecting to the upstream, across all candidate addresses.
+    pub connect_timeout: Duration,
+}
+
+/// Resolver settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    /// Upper bound on how long a positive answer is reused.
+    pub cache_ttl: Duration,
+    /// Upper bound on how long a negative answer is reused.
+    pub negative_ttl: Duration,
+    /// Per-query timeout.
+    pub timeout: Duration,
+    /// Name servers to query; empty means the system resolver configuration.
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// Connection and request limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// Absolute deadline for the whole request head, from accept (or from the TLS handshake's end).
+    pub request_head_timeout: Duration,
+    pub max_request_head_bytes: usize,
+    pub tls_handshake_timeout: Duration,
+    /// On SIGTERM, listeners keep accepting this long while endpoints converge.
+    pub drain_delay: Duration,
+    /// Then established tunnels get this long before they are closed.
+    pub drain_timeout: Duration,
+}
+
+/// Log output settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Logging {
+    pub format: LogFormat,
+    /// One event per tunnel on target `tunnelgate::access`.
+    pub access_log: bool,
+    /// Opt-in: access events carry the client address.
+    pub log_client_addresses: bool,
+    /// Opt-in: access events carry the target host and port.
+    pub log_targets: bool,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ProxyConfig {
+    /// Parses and validates a YAML (or JSON) document.
+    pub fn from_yaml(text: &str) -> Result<ProxyConfig, ConfigErrors> {
+        let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| single("", yaml_message(&e)))?;
+        if value.is_null() {
+            return Err(single("", "document is empty"));
+        }
+        match value.get("version") {
+            None => return Err(single("version", "missing field (this proxy reads version 1)")),
+            Some(v) if v.as_u64() != Some(u64::from(VERSION)) => {
+                return Err(single("version", format!("unsupported version {} (this proxy reads version 1)", yaml_scalar(v))));
+            }
+            Some(_) => {}
+        }
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            single(path, e.into_inner().to_string())
+        })?;
+        convert(raw)
+    }
+
+    /// The built-in configuration used when no `--config` is given: a forward listener on
+    /// 127.0.0.1:8080, admin on 127.0.0.1:9090, allow by default, private addresses refused.
+    pub fn embedded_default() -> Result<ProxyConfig, ConfigErrors> {
+        ProxyConfig::from_yaml(EMBEDDED_DEFAULT)
+    }
+}
+
+/// The text of the embedded default configuration.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.yaml");
+
+fn single(path: impl Into<String>, message: impl Into<String>) -> ConfigErrors {
+    let mut e = Errors::default();
+    e.push(path, message);
+    match e.finish(()) {
+        Err(errs) => errs,
+        Ok(()) => ConfigErrors(Vec::new()),
+    }
+}
+
+fn yaml_message(e: &serde_yaml::Error) -> String {
+    match e.location() {
+        Some(l) => format!("invalid YAML at line {} column {}: {e}", l.line(), l.column()),
+        None => format!("invalid YAML: {e}"),
+    }
+}
+
+fn yaml_scalar(v: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(v).map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
+    let mut errs = Errors::default();
+
+    // listeners
+    let mut listeners = Vec::new();
+    let mut names = HashSet::new();
+    let mut binds = HashSet::new();
+    if raw.listeners.is_empty() {
+        errs.push("listeners", "at least one listener is required");
+    }
+    for (i, l) in raw.listeners.into_iter().enumerate() {
+        let p = format!("listeners[{i}]");
+        if !valid_listener_name(&l.name) {
+            errs.push(format!("{p}.name"), "must match [a-z0-9-]{1,63}");
+        } else if !names.insert(l.name.clone()) {
+            errs.push(format!("{p}.name"), format!("duplicate listener name \"{}\"", l.name));
+        }
+        let bind = errs.take(&format!("{p}.bind"), parse_socket_addr(&l.bind));
+        if let Some(b) = bind {
+            if b.port() != 0 && !binds.insert(b) {
+                errs.push(format!("{p}.bind"), format!("address {b} is used by another listener"));
+            }
+        }
+        let mode = match l.mode.as_deref() {
+            None | Some("forward") => Some(ListenerMode::Forward),
+            Some("tunnel") => {
+                errs.push(format!("{p}.mode"), "tunnel mode is not supported by this version of the proxy");
+                None
+            }
+            Some(other) => {
+                errs.push(format!("{p}.mode"), format!("unknown mode \"{other}\" (expected forward)"));
+                None
+            }
+        };
+        if l.upstream.is_some() {
+            errs.push(format!("{p}.upstream"), "only valid with mode: tunnel");
+        }
+        if l.send_proxy_protocol.is_some() {
+            errs.push(format!("{p}.sendProxyProtocol"), "only valid with mode: tunnel");
+        }
+        let tls = l.tls.and_then(|t| {
+            let mut ok = true;
+            if t.cert_file.is_empty() {
+                errs.push(format!("{p}.tls.certFile"), "must not be empty");
+                ok = false;
+            }
+            if t.key_file.is_empty() {
+                errs.push(format!("{p}.tls.keyFile"), "must not be empty");
+                ok = false;
+            }
+            ok.then(|| TlsFiles { cert_file: t.cert_file.into(), key_file: t.key_file.into() })
+        });
+        if let (Some(bind), Some(mode)) = (bind, mode) {
+            listeners.push(Listener { name: l.name, bind, mode, tls });
+        }
+    }
+
+    let admin_bind = match raw.admin {
+        Some(a) => errs.take("admin.bind", parse_socket_addr(&a.bind)),
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+    };
+
+    // relay defaults
+    let r = raw.relay;
+    let connect_timeout = duration(&mut errs, "relay.connectTimeout", r.connect_timeout.as_deref(), Duration::from_secs(10));
+    let defaults = TunnelLimits {
+        idle_timeout: duration(&mut errs, "relay.idleTimeout", r.idle_timeout.as_deref(), Duration::from_secs(300)),
+        max_lifetime: duration(&mut errs, "relay.maxLifetime", r.max_lifetime.as_deref(), Duration::from_secs(86_400)),
+        max_bytes_per_second: positive(&mut errs, "relay.maxBytesPerSecond", r.max_bytes_per_second),
+        min_bytes_per_minute: r.min_bytes_per_minute,
+        max_total_bytes: positive(&mut errs, "relay.maxTotalBytes", r.max_total_bytes),
+    };
+
+    // policy
+    let pol = raw.policy;
+    let default_action = match pol.default_action.as_deref() {
+        None => Action::Deny,
+        Some(s) => errs.take("policy.defaultAction", parse_action(s)).unwrap_or(Action::Deny),
+    };
+    let mut rules = Vec::new();
+    let mut rule_names = HashSet::new();
+    for (i, rr) in pol.rules.into_iter().enumerate() {
+        let p = format!("policy.rules[{i}]");
+        if !valid_rule_name(&rr.name) {
+            errs.push(format!("{p}.name"), "must be 1-253 printable ASCII characters without spaces");
+        } else if !rule_names.insert(rr.name.clone()) {
+            errs.push(format!("{p}.name"), format!("duplicate rule name \"{}\"", rr.name));
+        }
+        let action = errs.take(&format!("{p}.action"), parse_action(&rr.action));
+        let clients = list(&mut errs, &format!("{p}.clients"), rr.clients, |s| parse_net(s));
+        let hosts = list(&mut errs, &format!("{p}.hosts"), rr.hosts, |s| s.parse::<HostPattern>().map_err(|e| e.to_string()));
+        let cidrs = list(&mut errs, &format!("{p}.cidrs"), rr.cidrs, |s| parse_net(s));
+        let host_regex = rr.host_regex.as_deref().and_then(|re| {
+            let anchored = format!("^(?:{re})$");
+            let built = RegexBuilder::new(&anchored).size_limit(MAX_REGEX_SIZE).build();
+            errs.take(&format!("{p}.hostRegex"), built.map_err(|e| format!("invalid regular expression: {e}")))
+        });
+        let mut ports = Vec::new();
+        if let Some(raw_ports) = rr.ports {
+            if raw_ports.is_empty() {
+                errs.push(format!("{p}.ports"), "must not be empty (omit it to allow any port)");
+            }
+            for (j, rp) in raw_ports.iter().enumerate() {
+                if let Some(pr) = errs.take(&format!("{p}.ports[{j}]"), parse_port_range(rp)) {
+                    ports.push(pr);
+                }
+            }
+        }
+        if hosts.is_empty() && cidrs.is_empty() && host_regex.is_none() {
+            errs.push(p.clone(), "rule has no destination: set hosts, hostRegex or cidrs");
+        }
+        let relay = rule_relay(&mut errs, &format!("{p}.relay"), rr.relay.unwrap_or_default());
+        if let Some(action) = action {
+            rules.push(Rule { name: rr.name, action, clients, hosts, host_regex, cidrs, ports, relay });
+        }
+    }
+    let policy = Policy {
+        default_action,
+        deny_private_addresses: pol.deny_private_addresses.unwrap_or(true),
+        reevaluate_on_reload: pol.reevaluate_on_reload.unwrap_or(false),
+        rules,
+        defaults,
+    };
+
+    // dns
+    let d = raw.dns;
+    let nameservers = list(&mut errs, "dns.nameservers", d.nameservers, |s| {
+        let a = parse_socket_addr(s)?;
+        if a.port() == 0 {
+            return Err("port must not be 0".to_owned());
+        }
+        Ok(a)
+    });
+    let dns = Dns {
+        cache_ttl: duration(&mut errs, "dns.cacheTtl", d.cache_ttl.as_deref(), Duration::from_secs(60)),
+        negative_ttl: duration(&mut errs, "dns.negativeTtl", d.negative_ttl.as_deref(), Duration::from_secs(5)),
+        timeout: duration(&mut errs, "dns.timeout", d.timeout.as_deref(), Duration::from_secs(5)),
+        nameservers,
+    };
+
+    // limits
+    let l = raw.limits;
+    let limits = Limits {
+        max_connections: count(&mut errs, "limits.maxConnections", l.max_connections, 10_000),
+        max_connections_per_client: count(&mut errs, "limits.maxConnectionsPerClient", l.max_connections_per_client, 1_000),
+        request_head_timeout: duration(&mut errs, "limits.requestHeadTimeout", l.request_head_timeout.as_deref(), Duration::from_secs(10)),
+        max_request_head_bytes: count(&mut errs, "limits.maxRequestHeadBytes", l.max_request_head_bytes, 16_384),
+        tls_handshake_timeout: duration(&mut errs, "limits.tlsHandshakeTimeout", l.tls_handshake_timeout.as_deref(), Duration::from_secs(10)),
+        drain_delay: duration_or_zero(&mut errs, "limits.drainDelay", l.drain_delay.as_deref(), Duration::from_secs(5)),
+        drain_timeout: duration_or_zero(&mut errs, "limits.drainTimeout", l.drain_timeout.as_deref(), Duration::from_secs(30)),
+    };
+    if !(256..=1 << 20).contains(&limits.max_request_head_bytes) {
+        errs.push("limits.maxRequestHeadBytes", "must be between 256 and 1048576");
+    }
+    if limits.max_connections_per_client > limits.max_connections {
+        errs.push("limits.maxConnectionsPerClient", "must not exceed limits.maxConnections");
+    }
+
+    // logging
+    let g = raw.logging;
+    let format = match g.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            errs.push("logging.format", format!("unknown format \"{other}\" (expected text or json)"));
+            LogFormat::Text
+        }
+    };
+    let logging = Logging {
+        format,
+        access_log: g.access_log.unwrap_or(false),
+        log_client_addresses: g.log_client_addresses.unwrap_or(false),
+        log_targets: g.log_targets.unwrap_or(false),
+    };
+
+    let admin = Admin { bind: admin_bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090))) };
+    errs.finish(ProxyConfig {
+        listeners,
+        admin,
+        policy,
+        relay: RelayDefaults { connect_timeout },
+        dns,
+        limits,
+        logging,
+    })
+}
+
+fn rule_relay(errs: &mut Errors, p: &str, r: RawRuleRelay) -> RelayOverrides {
+    RelayOverrides {
+        idle_timeout: r.idle_timeout.as_deref().and_then(|s| errs.take(&format!("{p}.idleTimeout"), parse_duration(s))),
+        max_lifetime: r.max_lifetime.as_deref().and_then(|s| errs.take(&format!("{p}.maxLifetime"), parse_duration(s))),
+        max_bytes_per_second: positive(errs, &format!("{p}.maxBytesPerSecond"), r.max_bytes_per_second),
+        min_bytes_per_minute: r.min_bytes_per_minute,
+        max_total_bytes: positive(errs, &format!("{p}.maxTotalBytes"), r.max_total_bytes),
+    }
+}
+
+fn list<T>(errs: &mut Errors, p: &str, items: Option<Vec<String>>, f: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
+    let Some(items) = items else { return Vec::new() };
+    if items.is_empty() {
+        errs.push(p, "must not be empty (omit the field instead)");
+    }
+    items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| errs.take(&format!("{p}[{i}]"), f(s)))
+        .collect()
+}
+
+fn duration(errs: &mut Errors, p: &str, v: Option<&str>, default: Duration) -> Duration {
+    v.map_or(Some(default), |s| errs.take(p, parse_duration(s))).unwrap_or(default)
+}
+
+fn duration_or_zero(errs: &mut Errors, p: &str, v: Option<&str>, default: Duration) -> Duration {
+    match v {
+        Some("0") => Duration::ZERO,
+        Some(s) => errs.take(p, humantime::parse_duration(s).map_err(|e| format!("invalid duration \"{s}\": {e}"))).unwrap_or(default),
+        None => default,
+    }
+}
+
+/// Parses a positive duration such as `500ms`, `60s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("invalid duration \"{s}\": {e} (examples: 500ms, 60s, 5m, 1h)"))?;
+    if d.is_zero() {
+        return Err("must be greater than 0".to_owned());
+    }
+    if d > Duration::from_secs(10 * 365 * 86_400) {
+        return Err("must be at most 10 years".to_owned());
+    }
+    Ok(d)
+}
+
+fn positive(errs: &mut Errors, p: &str, v: Option<u64>) -> Option<u64> {
+    match v {
+        Some(0) => {
+            errs.push(p, "must be greater than 0 (omit it for no limit)");
+            None
+        }
+        v => v,
+    }
+}
+
+fn count(errs: &mut Errors, p: &str, v: Option<u64>, default: usize) -> usize {
+    match v {
+        None => default,
+        Some(0) => {
+            errs.push(p, "must be greater than 0");
+            default
+        }
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+    }
+}
+
+fn parse_action(s: &str) -> Result<Action, String> {
+    match s {
+        "allow" => Ok(Action::Allow),
+        "deny" => Ok(Action::Deny),
+        other => Err(format!("unknown action \"{other}\" (expected allow or deny)")),
+    }
+}
+
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>().map_err(|_| format!("\"{s}\" is not an address:port (IPv6 in brackets)"))
+}
+
+/// Parses a CIDR, or a bare address as a host route (/32 or /128). Host bits must be zero.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    let net: IpNet = s.parse().map_err(|_| format!("\"{s}\" is not a CIDR (like 10.0.0.0/8) or an address"))?;
+    if net.trunc() != net {
+        return Err(format!("\"{s}\" has host bits set; did you mean {}?", net.trunc()));
+    }
+    Ok(net)
+}
+
+fn parse_port_range(p: &RawPort) -> Result<PortRange, String> {
+    let one = |s: &str| crate::host::parse_port(s).map_err(|_| format!("\"{s}\" is not a port (1-65535)"));
+    match p {
+        RawPort::Number(n) => match u16::try_from(*n) {
+            Ok(port) if port > 0 => Ok(PortRange { start: port, end: port }),
+            _ => Err(format!("{n} is not a port (1-65535)")),
+        },
+        RawPort::Text(s) => {
+            let (start, end) = match s.split_once('-') {
+                Some((a, b)) => (one(a)?, one(b)?),
+                None => {
+                    let p = one(s)?;
+                    (p, p)
+                }
+            };
+            if start > end {
+                return Err(format!("range \"{s}\" is reversed"));
+            }
+            Ok(PortRange { start, end })
+        }
+    }
+}
+
+fn valid_listener_name(s: &str) -> bool {
+    (1..=63).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn valid_rule_name(s: &str) -> bool {
+    (1..=253).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,146 @@
+use super::*;
+
+fn errors(doc: &str) -> Vec<String> {
+    match ProxyConfig::from_yaml(doc) {
+        Ok(_) => panic!("expected errors for:\n{doc}"),
+        Err(e) => e.errors().iter().map(ToString::to_string).collect(),
+    }
+}
+
+const BASE: &str = "version: 1\nlisteners: [{name: forward, bind: '127.0.0.1:3128'}]\n";
+
+#[test]
+fn embedded_default_is_valid_and_safe() {
+    let c = ProxyConfig::embedded_default().unwrap();
+    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.admin.bind, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(c.policy.default_action, Action::Allow);
+    assert!(c.policy.deny_private_addresses);
+}
+
+#[test]
+fn architecture_example_parses() {
+    let doc = r#"
+version: 1
+listeners:
+  - name: forward
+    bind: "0.0.0.0:3128"
+    mode: forward
+    tls:
+      certFile: /etc/tunnelgate/tls/forward.crt
+      keyFile:  /etc/tunnelgate/tls/forward.key
+admin:
+  bind: "127.0.0.1:9090"
+policy:
+  defaultAction: deny
+  denyPrivateAddresses: true
+  reevaluateOnReload: false
+  rules:
+    - name: payments/allow-github
+      action: allow
+      clients: ["10.244.1.17/32"]
+      hosts: ["api.github.com", "*.githubusercontent.com"]
+      hostRegex: "(?i)^(.+\\.)?rust-lang\\.org$"
+      cidrs: ["203.0.113.0/24"]
+      ports: [443, "8000-8099"]
+      relay: { idleTimeout: 60s, maxLifetime: 1h, maxBytesPerSecond: 1048576, minBytesPerMinute: 1024, maxTotalBytes: 1073741824 }
+relay:
+  connectTimeout: 10s
+  idleTimeout: 5m
+  maxLifetime: 24h
+dns:
+  cacheTtl: 60s
+  negativeTtl: 5s
+limits:
+  maxConnections: 10000
+  maxConnectionsPerClient: 1000
+  requestHeadTimeout: 10s
+  maxRequestHeadBytes: 16384
+  drainTimeout: 30s
+logging:
+  format: text
+  accessLog: false
+"#;
+    let c = ProxyConfig::from_yaml(doc).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.policy.rules[0].ports.len(), 2);
+    assert!(c.listeners[0].tls.is_some());
+    // JSON is YAML too
+    let json = r#"{"version": 1, "listeners": [{"name": "a", "bind": "[::1]:0"}]}"#;
+    assert!(ProxyConfig::from_yaml(json).is_ok());
+}
+
+#[test]
+fn l01_every_error_names_its_path() {
+    let cases: &[(&str, &str)] = &[
+        ("version: 2\nlisteners: []\n", "version: unsupported version 2"),
+        ("listeners: []\n", "version: missing field"),
+        ("", "document is empty"),
+        ("version: 1\nlisteners: [\n", "invalid YAML at line"),
+        ("version: 1\nlistenrs: []\n", "unknown field `listenrs`"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hosts: [x.test], portz: [1]}\n", "policy.rules[0].portz: unknown field `portz`"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, cidrs: [\"10.0.0.0/33\"]}\n", "policy.rules[0].cidrs[0]:"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hosts: [x.test], ports: [70000]}\n", "policy.rules[0].ports[0]: 70000 is not a port"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hosts: [x.test], ports: [0]}\n", "policy.rules[0].ports[0]: 0 is not a port"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hosts: [\"a.*.test\"]}\n", "policy.rules[0].hosts[0]: wildcard must be the leftmost label"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hosts: [\"*\"]}\n", "policy.rules[0].hosts[0]: a lone"),
+        ("policy:\n  rules:\n    - {name: a, action: permit, hosts: [x.test]}\n", "policy.rules[0].action: unknown action \"permit\""),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hosts: []}\n", "policy.rules[0].hosts: must not be empty"),
+        ("policy:\n  rules:\n    - {name: a, action: allow}\n", "policy.rules[0]: rule has no destination"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hostRegex: \"(\"}\n", "policy.rules[0].hostRegex: invalid regular expression"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hosts: [x.test], relay: {idleTimeout: 5}}\n", "policy.rules[0].relay.idleTimeout: invalid type"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hosts: [x.test], relay: {idleTimeout: 5 parsecs}}\n", "policy.rules[0].relay.idleTimeout: invalid duration"),
+        ("policy:\n  rules:\n    - {name: a, action: allow, hosts: [x.test]}\n    - {name: a, action: deny, hosts: [y.test]}\n", "policy.rules[1].name: duplicate rule name"),
+        ("policy: {defaultAction: maybe}\n", "policy.defaultAction: unknown action"),
+        ("limits: {maxConnections: 0}\n", "limits.maxConnections: must be greater than 0"),
+        ("dns: {nameservers: [\"127.0.0.1\"]}\n", "dns.nameservers[0]:"),
+        ("logging: {format: xml}\n", "logging.format: unknown format"),
+    ];
+    for (tail, want) in cases {
+        let doc = if tail.starts_with("version") || tail.starts_with("listeners") || tail.is_empty() {
+            (*tail).to_owned()
+        } else {
+            format!("{BASE}{tail}")
+        };
+        let errs = errors(&doc);
+        assert!(errs.iter().any(|e| e.contains(want)), "want {want:?} in {errs:?}");
+    }
+}
+
+#[test]
+fn all_semantic_errors_are_reported_at_once() {
+    let doc = "version: 1\nlisteners:\n  - {name: Bad_Name, bind: 'nowhere'}\n  - {name: b, bind: '127.0.0.1:1', mode: tunnel}\npolicy:\n  rules:\n    - {name: a, action: allow, hosts: ['a.*.b'], cidrs: ['10.0.0.1/8']}\n";
+    let errs = errors(doc);
+    for want in ["listeners[0].name", "listeners[0].bind", "listeners[1].mode", "policy.rules[0].hosts[0]", "policy.rules[0].cidrs[0]: \"10.0.0.1/8\" has host bits set"] {
+        assert!(errs.iter().any(|e| e.starts_with(want)), "want {want} in {errs:?}");
+    }
+}
+
+#[test]
+fn listener_names_and_binds_are_unique() {
+    let doc = "version: 1\nlisteners:\n  - {name: a, bind: '127.0.0.1:3128'}\n  - {name: a, bind: '127.0.0.1:3128'}\n";
+    let errs = errors(doc);
+    assert!(errs.iter().any(|e| e.starts_with("listeners[1].name: duplicate")));
+    assert!(errs.iter().any(|e| e.starts_with("listeners[1].bind: address 127.0.0.1:3128 is used")));
+}
+
+#[test]
+fn defaults_are_finite_and_deny() {
+    let c = ProxyConfig::from_yaml(BASE).unwrap();
+    assert_eq!(c.policy.default_action, Action::Deny);
+    assert!(c.policy.deny_private_addresses);
+    assert_eq!(c.relay.connect_timeout, Duration::from_secs(10));
+    assert_eq!(c.policy.defaults.idle_timeout, Duration::from_secs(300));
+    assert_eq!(c.limits.max_request_head_bytes, 16_384);
+    assert_eq!(c.limits.drain_delay, Duration::from_secs(5));
+    assert_eq!(c.dns.nameservers, Vec::<SocketAddr>::new());
+}
+
+#[test]
+fn unicode_policy_names_become_punycode_and_bare_ips_become_host_routes() {
+    let doc = format!("{BASE}policy:\n  rules:\n    - {{name: a, action: allow, hosts: ['Bücher.test.'], clients: ['10.1.2.3', '::1']}}\n");
+    let c = ProxyConfig::from_yaml(&doc).unwrap();
+    assert_eq!(c.policy.rules[0].hosts[0].to_string(), "xn--bcher-kva.test");
+    assert_eq!(c.policy.rules[0].clients[0].to_string(), "10.1.2.3/32");
+    assert_eq!(c.policy.rules[0].clients[1].to_string(), "::1/128");
+}

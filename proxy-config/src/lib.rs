@@ -1,0 +1,26 @@
+//! Tunnelgate's proxy configuration: the wire format shared by the operator (which writes it)
+//! and the proxy (which reads it), its validation, and policy evaluation.
+//!
+//! Pure: no I/O, no async runtime, no Kubernetes. The operator validates what it renders with
+//! exactly the code the proxy loads it with.
+//!
+//! # Layout
+//! - [`config`]: [`ProxyConfig`] and `ProxyConfig::from_yaml` (raw document → valid types).
+//! - [`policy`]: rules and [`Policy::decide`] (deny over allow, then the default; private
+//!   addresses refused unless listed).
+//! - [`host`]: the strict `host:port` grammar and name normalization.
+//! - [`addr`]: classification of non-public addresses, unwrapping IPv6 forms that embed IPv4.
+//! - [`error`]: errors that name the path of the bad value.
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod config;
+pub mod error;
+pub mod host;
+pub mod policy;
+mod raw;
+
+pub use config::{Admin, Dns, Limits, Listener, ListenerMode, LogFormat, Logging, ProxyConfig, RelayDefaults, TlsFiles};
+pub use error::{ConfigError, ConfigErrors};
+pub use host::{Authority, Host, HostName, HostPattern};
+pub use policy::{Action, Decision, DenyReason, Policy, PreDecision, Rule, TunnelLimits};

@@ -1,0 +1,283 @@
+//! Policy evaluation: rules matched against (client, host, port, address), deny over allow,
+//! then the default action; private addresses refused unless a matching allow rule lists them.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use regex::Regex;
+
+use crate::addr::{canonical, classify, SpecialRange};
+use crate::host::{Host, HostName, HostPattern};
+
+/// What a rule or the default does with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    /// `allow` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+/// An inclusive port range; a single port has `start == end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    /// Whether `port` lies in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.start..=self.end).contains(&port)
+    }
+}
+
+/// Per-tunnel limits a rule may set; `None` leaves the field to other rules or the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayOverrides {
+    pub idle_timeout: Option<Duration>,
+    pub max_lifetime: Option<Duration>,
+    pub max_bytes_per_second: Option<u64>,
+    pub min_bytes_per_minute: Option<u64>,
+    pub max_total_bytes: Option<u64>,
+}
+
+impl RelayOverrides {
+    /// Combines two rules' limits, keeping the stricter value of each field.
+    pub fn strictest(self, other: RelayOverrides) -> RelayOverrides {
+        fn min<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        fn max<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        RelayOverrides {
+            idle_timeout: min(self.idle_timeout, other.idle_timeout),
+            max_lifetime: min(self.max_lifetime, other.max_lifetime),
+            max_bytes_per_second: min(self.max_bytes_per_second, other.max_bytes_per_second),
+            min_bytes_per_minute: max(self.min_bytes_per_minute, other.min_bytes_per_minute),
+            max_total_bytes: min(self.max_total_bytes, other.max_total_bytes),
+        }
+    }
+}
+
+/// The limits one tunnel runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelLimits {
+    /// Close after this long with no byte in either direction.
+    pub idle_timeout: Duration,
+    /// Close this long after the tunnel was established, whatever the traffic.
+    pub max_lifetime: Duration,
+    /// Per-direction rate cap in bytes per second.
+    pub max_bytes_per_second: Option<u64>,
+    /// Close when fewer bytes than this (both directions together) moved in a minute.
+    pub min_bytes_per_minute: Option<u64>,
+    /// Close once this many bytes (both directions together) have been relayed.
+    pub max_total_bytes: Option<u64>,
+}
+
+impl TunnelLimits {
+    /// These defaults with the fields that `o` sets replaced.
+    pub fn with(self, o: RelayOverrides) -> TunnelLimits {
+        TunnelLimits {
+            idle_timeout: o.idle_timeout.unwrap_or(self.idle_timeout),
+            max_lifetime: o.max_lifetime.unwrap_or(self.max_lifetime),
+            max_bytes_per_second: o.max_bytes_per_second.or(self.max_bytes_per_second),
+            min_bytes_per_minute: o.min_bytes_per_minute.or(self.min_bytes_per_minute),
+            max_total_bytes: o.max_total_bytes.or(self.max_total_bytes),
+        }
+    }
+}
+
+/// One validated policy rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Unique name; used as the `rule` metric label and in logs.
+    pub name: String,
+    pub action: Action,
+    /// Source networks; empty means any client.
+    pub clients: Vec<IpNet>,
+    pub hosts: Vec<HostPattern>,
+    /// Anchored to the whole name at load time.
+    pub host_regex: Option<Regex>,
+    /// Target networks, compared with resolved or literal addresses.
+    pub cidrs: Vec<IpNet>,
+    /// Empty means any port.
+    pub ports: Vec<PortRange>,
+    pub relay: RelayOverrides,
+}
+
+impl Rule {
+    fn matches_client_port(&self, client: IpAddr, port: u16) -> bool {
+        let client = canonical(client);
+        (self.clients.is_empty() || self.clients.iter().any(|n| n.contains(&client)))
+            && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(port)))
+    }
+
+    fn matches_name(&self, name: &HostName) -> bool {
+        self.hosts.iter().any(|p| p.matches(name))
+            || self.host_regex.as_ref().is_some_and(|r| r.is_match(name.as_str()))
+    }
+
+    fn lists_address(&self, addr: IpAddr) -> bool {
+        let addr = canonical(addr);
+        self.cidrs.iter().any(|n| n.contains(&addr))
+    }
+
+    /// Whether the rule matches; `addr` is `None` before resolution (CIDRs cannot match yet).
+    fn matches(&self, client: IpAddr, host: &Host, port: u16, addr: Option<IpAddr>) -> bool {
+        if !self.matches_client_port(client, port) {
+            return false;
+        }
+        let by_name = matches!(host, Host::Name(n) if self.matches_name(n));
+        by_name || addr.is_some_and(|a| self.lists_address(a))
+    }
+}
+
+/// Why a request was denied. A closed set: used as a metric label and in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// A deny rule matched.
+    Rule,
+    /// No allow rule matched and the default action is deny.
+    Default,
+    /// The target address is not public and no matching allow rule lists it.
+    PrivateAddress(SpecialRange),
+}
+
+impl DenyReason {
+    /// A short stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::Rule => "rule",
+            DenyReason::Default => "default",
+            DenyReason::PrivateAddress(_) => "private_address",
+        }
+    }
+}
+
+/// The outcome of evaluating a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow {
+        /// Index of the first matching allow rule (config order); `None` when the default allowed.
+        rule: Option<usize>,
+        limits: TunnelLimits,
+    },
+    Deny {
+        /// Index of the deciding rule, if a rule decided.
+        rule: Option<usize>,
+        reason: DenyReason,
+    },
+}
+
+/// Before DNS: either the request is already denied, or the name must be resolved to decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreDecision {
+    Deny(Decision),
+    Resolve,
+}
+
+/// A compiled policy: rules plus defaults.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub default_action: Action,
+    pub deny_private_addresses: bool,
+    pub reevaluate_on_reload: bool,
+    pub rules: Vec<Rule>,
+    /// Limits for tunnels whose rules leave a field unset.
+    pub defaults: TunnelLimits,
+}
+
+impl Policy {
+    /// The name of rule `index`, or `"default"`.
+    pub fn rule_name(&self, index: Option<usize>) -> &str {
+        index.and_then(|i| self.rules.get(i)).map_or("default", |r| r.name.as_str())
+    }
+
+    /// Decides what can be decided from the name alone, so a denied name never causes a DNS query.
+    pub fn pre_resolve(&self, client: IpAddr, name: &HostName, port: u16) -> PreDecision {
+        let host = Host::Name(name.clone());
+        if let Some(i) = self.first(Action::Deny, |r| r.matches(client, &host, port, None)) {
+            return PreDecision::Deny(Decision::Deny { rule: Some(i), reason: DenyReason::Rule });
+        }
+        let could_allow = self.default_action == Action::Allow
+            || self.rules.iter().any(|r| {
+                r.action == Action::Allow
+                    && r.matches_client_port(client, port)
+                    && (!r.cidrs.is_empty() || r.matches_name(name))
+            });
+        if could_allow {
+            PreDecision::Resolve
+        } else {
+            PreDecision::Deny(Decision::Deny { rule: None, reason: DenyReason::Default })
+        }
+    }
+
+    /// Decides a request given every address the target resolved to (or its literal address).
+    /// Fails closed: the request is allowed only if every address is allowed.
+    pub fn decide(&self, client: IpAddr, host: &Host, port: u16, addrs: &[IpAddr]) -> Decision {
+        let deny_default = Decision::Deny { rule: None, reason: DenyReason::Default };
+        if addrs.is_empty() {
+            return deny_default;
+        }
+        for &addr in addrs {
+            if let Some(i) = self.first(Action::Deny, |r| r.matches(client, host, port, Some(addr))) {
+                return Decision::Deny { rule: Some(i), reason: DenyReason::Rule };
+            }
+        }
+        let mut first_allow: Option<usize> = None;
+        let mut overrides: Option<RelayOverrides> = None;
+        for &addr in addrs {
+            let mut matched = false;
+            for (i, r) in self.rules.iter().enumerate() {
+                if r.action == Action::Allow && r.matches(client, host, port, Some(addr)) {
+                    matched = true;
+                    first_allow = Some(first_allow.map_or(i, |f| f.min(i)));
+                    overrides = Some(overrides.map_or(r.relay, |o| o.strictest(r.relay)));
+                }
+            }
+            if !matched && self.default_action == Action::Deny {
+                return deny_default;
+            }
+            if self.deny_private_addresses {
+                if let Some(range) = classify(addr) {
+                    let listed = self.rules.iter().any(|r| {
+                        r.action == Action::Allow
+                            && r.matches_client_port(client, port)
+                            && r.lists_address(addr)
+                    });
+                    if !listed {
+                        return Decision::Deny { rule: None, reason: DenyReason::PrivateAddress(range) };
+                    }
+                }
+            }
+        }
+        Decision::Allow {
+            rule: first_allow,
+            limits: self.defaults.with(overrides.unwrap_or_default()),
+        }
+    }
+
+    fn first(&self, action: Action, f: impl Fn(&Rule) -> bool) -> Option<usize> {
+        self.rules.iter().position(|r| r.action == action && f(r))
+    }
+}
+
+#[cfg(test)]
+mod tests;

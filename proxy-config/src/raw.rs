@@ -1,0 +1,131 @@
+//! The document exactly as written: serde types that reject unknown fields. Values are still
+//! text here; `config` turns them into types that cannot hold invalid values.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawConfig {
+    #[expect(dead_code, reason = "checked on the untyped document before deserializing")]
+    pub(crate) version: u32,
+    #[serde(default)]
+    pub(crate) listeners: Vec<RawListener>,
+    pub(crate) admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub(crate) policy: RawPolicy,
+    #[serde(default)]
+    pub(crate) relay: RawRelay,
+    #[serde(default)]
+    pub(crate) dns: RawDns,
+    #[serde(default)]
+    pub(crate) limits: RawLimits,
+    #[serde(default)]
+    pub(crate) logging: RawLogging,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawListener {
+    pub(crate) name: String,
+    pub(crate) bind: String,
+    #[serde(default)]
+    pub(crate) mode: Option<String>,
+    pub(crate) tls: Option<RawTls>,
+    pub(crate) upstream: Option<String>,
+    pub(crate) send_proxy_protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawTls {
+    pub(crate) cert_file: String,
+    pub(crate) key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawAdmin {
+    pub(crate) bind: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawPolicy {
+    pub(crate) default_action: Option<String>,
+    pub(crate) deny_private_addresses: Option<bool>,
+    pub(crate) reevaluate_on_reload: Option<bool>,
+    #[serde(default)]
+    pub(crate) rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawRule {
+    pub(crate) name: String,
+    pub(crate) action: String,
+    pub(crate) clients: Option<Vec<String>>,
+    pub(crate) hosts: Option<Vec<String>>,
+    pub(crate) host_regex: Option<String>,
+    pub(crate) cidrs: Option<Vec<String>>,
+    pub(crate) ports: Option<Vec<RawPort>>,
+    pub(crate) relay: Option<RawRuleRelay>,
+}
+
+/// A port is written as a number (`443`) or a range string (`"8000-8099"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawPort {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawRuleRelay {
+    pub(crate) idle_timeout: Option<String>,
+    pub(crate) max_lifetime: Option<String>,
+    pub(crate) max_bytes_per_second: Option<u64>,
+    pub(crate) min_bytes_per_minute: Option<u64>,
+    pub(crate) max_total_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawRelay {
+    pub(crate) connect_timeout: Option<String>,
+    pub(crate) idle_timeout: Option<String>,
+    pub(crate) max_lifetime: Option<String>,
+    pub(crate) max_bytes_per_second: Option<u64>,
+    pub(crate) min_bytes_per_minute: Option<u64>,
+    pub(crate) max_total_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawDns {
+    pub(crate) cache_ttl: Option<String>,
+    pub(crate) negative_ttl: Option<String>,
+    pub(crate) timeout: Option<String>,
+    pub(crate) nameservers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawLimits {
+    pub(crate) max_connections: Option<u64>,
+    pub(crate) max_connections_per_client: Option<u64>,
+    pub(crate) request_head_timeout: Option<String>,
+    pub(crate) max_request_head_bytes: Option<u64>,
+    pub(crate) tls_handshake_timeout: Option<String>,
+    pub(crate) drain_delay: Option<String>,
+    pub(crate) drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawLogging {
+    pub(crate) format: Option<String>,
+    pub(crate) access_log: Option<bool>,
+    pub(crate) log_client_addresses: Option<bool>,
+    pub(crate) log_targets: Option<bool>,
+}
