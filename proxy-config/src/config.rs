@@ -269,9 +269,9 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             errs.push(format!("{p}.name"), format!("duplicate rule name \"{}\"", rr.name));
         }
         let action = errs.take(&format!("{p}.action"), parse_action(&rr.action));
-        let clients = list(&mut errs, &format!("{p}.clients"), rr.clients, |s| parse_net(s));
+        let clients = list(&mut errs, &format!("{p}.clients"), rr.clients, parse_net);
         let hosts = list(&mut errs, &format!("{p}.hosts"), rr.hosts, |s| s.parse::<HostPattern>().map_err(|e| e.to_string()));
-        let cidrs = list(&mut errs, &format!("{p}.cidrs"), rr.cidrs, |s| parse_net(s));
+        let cidrs = list(&mut errs, &format!("{p}.cidrs"), rr.cidrs, parse_net);
         let host_regex = rr.host_regex.as_deref().and_then(|re| {
             let anchored = format!("^(?:{re})$");
             let built = RegexBuilder::new(&anchored).size_limit(MAX_REGEX_SIZE).build();

@@ -1,1 +1,91 @@
-fn main() {}
+//! `tunnelgate-proxy` entry point: parses arguments, loads the configuration (exit 64 before
+//! binding anything when it is invalid), runs the proxy, and maps signals to the drain.
+
+use clap::Parser;
+use tunnelgate_proxy::cli::{self, Cli, Command, EXIT_USAGE};
+use tunnelgate_proxy::{app, telemetry};
+
+fn main() {
+    let args = Cli::parse();
+    match args.command {
+        Some(Command::Check { config }) => {
+            let (code, out) = cli::check(&config);
+            print!("{out}");
+            std::process::exit(code);
+        }
+        Some(Command::Explain { config, client, target, resolve }) => {
+            let (code, out) = cli::explain(&config, client, &target, &resolve);
+            print!("{out}");
+            std::process::exit(code);
+        }
+        None => {}
+    }
+    let (config, text) = match &args.run.config {
+        Some(path) => match cli::load(path) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("tunnelgate-proxy: {e}");
+                std::process::exit(EXIT_USAGE);
+            }
+        },
+        None => match proxy_config::ProxyConfig::embedded_default() {
+            Ok(c) => (c, proxy_config::config::EMBEDDED_DEFAULT.to_owned()),
+            Err(e) => {
+                eprintln!("tunnelgate-proxy: embedded default is invalid: {e}");
+                std::process::exit(70);
+            }
+        },
+    };
+    telemetry::init(config.logging.format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tunnelgate-proxy: cannot start the runtime: {e}");
+            std::process::exit(70);
+        }
+    };
+    let code = rt.block_on(async move {
+        let handle = match app::start(config, &text).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %tunnelgate_proxy::error::ErrorChain(&e), "cannot start");
+                return 1;
+            }
+        };
+        let signals = tokio::spawn(signals());
+        if let Ok(Some(first)) = signals_first(signals).await {
+            tracing::info!(signal = first, "shutdown requested");
+        }
+        handle.begin_shutdown();
+        // A second signal exits at once.
+        let second = tokio::spawn(async {
+            let _ = wait_signal().await;
+            tracing::warn!("second signal, exiting now");
+            std::process::exit(1);
+        });
+        let report = handle.wait().await;
+        second.abort();
+        tracing::info!(forced = report.forced, "exiting");
+        0
+    });
+    std::process::exit(code);
+}
+
+async fn signals() -> Option<&'static str> {
+    wait_signal().await.ok()
+}
+
+async fn signals_first(h: tokio::task::JoinHandle<Option<&'static str>>) -> Result<Option<&'static str>, tokio::task::JoinError> {
+    h.await
+}
+
+/// Waits for SIGTERM or SIGINT and names it.
+async fn wait_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => Ok("SIGTERM"),
+        _ = int.recv() => Ok("SIGINT"),
+    }
+}

@@ -1,0 +1,98 @@
+//! Accept loops and connection caps: each listener accepts until told to stop, hands every
+//! connection (with the snapshot in force at accept) to a tracked task, and never dies on an
+//! accept error.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::time::{sleep, Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug_span, warn, Instrument};
+
+use crate::app::Inner;
+use crate::conn::{self, ConnCtx};
+use crate::error::TunnelError;
+
+/// Counts open connections, globally and per client address.
+#[derive(Default)]
+pub struct ConnLimiter {
+    state: Mutex<LimiterState>,
+}
+
+#[derive(Default)]
+struct LimiterState {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; releases its slot when dropped.
+pub struct Permit {
+    limiter: Arc<ConnLimiter>,
+    client: IpAddr,
+}
+
+impl ConnLimiter {
+    /// Admits a connection from `client`, or says which cap it hit.
+    pub fn acquire(self: &Arc<Self>, client: IpAddr, max_total: usize, max_per_client: usize) -> Result<Permit, TunnelError> {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if s.total >= max_total {
+            return Err(TunnelError::Overloaded);
+        }
+        let n = s.per_client.entry(client).or_insert(0);
+        if *n >= max_per_client {
+            return Err(TunnelError::ClientLimit);
+        }
+        *n += 1;
+        s.total += 1;
+        Ok(Permit { limiter: self.clone(), client })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut s = self.limiter.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                s.per_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Accepts on `listener` until `stop` is cancelled. The listener socket is closed on return,
+/// so later connects are refused rather than accepted and dropped.
+pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let snapshot = inner.snapshot();
+                let tls = snapshot.tls.get(&*name).cloned();
+                let id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
+                let ctx = ConnCtx { inner: inner.clone(), listener: name.clone(), snapshot, tls, id, peer, accepted: Instant::now() };
+                let span = debug_span!("conn", id, listener = &*name);
+                inner.tracker.spawn(conn::serve(stream, ctx).instrument(span));
+            }
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS...: count, back off, go on (never a busy loop, never fatal).
+                inner.metrics.accept_errors.inc();
+                warn!(listener = &*name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The admin HTTP server on its own port, exempt from the connection caps: `/metrics`,
+//! `/healthz` (alive), `/readyz` (serving and not draining), `/config` (what is in force).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::app::Inner;
+
+/// Serves admin requests on `listener` until `stop` is cancelled.
+pub async fn run(inner: Arc<Inner>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let inner = inner.clone();
+                async move { Ok::<_, Infallible>(route(&inner, &req)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n", "text/plain");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut buf = Vec::new();
+            match TextEncoder::new().encode(&inner.registry.gather(), &mut buf) {
+                Ok(()) => text(StatusCode::OK, buf, "text/plain; version=0.0.4"),
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n", "text/plain"),
+            }
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
+        "/readyz" => {
+            if inner.is_ready() {
+                text(StatusCode::OK, "ready\n", "text/plain")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n", "text/plain")
+            }
+        }
+        "/config" => text(StatusCode::OK, inner.snapshot().describe().to_string(), "application/json"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
+    }
+}

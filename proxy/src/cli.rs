@@ -1,0 +1,152 @@
+//! Command line: `run` (default), `check` and `explain`. Static settings only; everything that
+//! can change at run time lives in the configuration file.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use proxy_config::{Authority, ConfigErrors, Decision, Host, PreDecision, ProxyConfig};
+
+/// Exit code for an invalid configuration or usage (sysexits EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+/// Tunnelgate egress proxy: HTTP CONNECT with allow/deny policy, limits and metrics.
+#[derive(Debug, Parser)]
+#[command(name = "tunnelgate-proxy", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Arguments of the default command (serve).
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (YAML or JSON). Without it the embedded default is used:
+    /// a forward listener on 127.0.0.1:8080, admin on 127.0.0.1:9090.
+    #[arg(long, env = "TUNNELGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a configuration file; print every error with its path (exit 64 when invalid).
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the policy decision for one request and the rule that made it.
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        /// Client (source) address.
+        #[arg(long)]
+        client: IpAddr,
+        /// Target as host:port (CONNECT authority form).
+        #[arg(long)]
+        target: String,
+        /// Addresses the target name resolves to (repeatable); needed to decide CIDR rules.
+        #[arg(long)]
+        resolve: Vec<IpAddr>,
+    },
+}
+
+/// Why a configuration file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid configuration:\n{errors}")]
+    Invalid { path: PathBuf, errors: ConfigErrors },
+}
+
+/// Reads and validates a configuration file; returns the config and its text.
+pub fn load(path: &Path) -> Result<(ProxyConfig, String), LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+    let cfg = ProxyConfig::from_yaml(&text).map_err(|errors| LoadError::Invalid { path: path.to_owned(), errors })?;
+    Ok((cfg, text))
+}
+
+/// `check`: returns (exit code, output).
+pub fn check(path: &Path) -> (i32, String) {
+    match load(path) {
+        Ok((cfg, _)) => (
+            0,
+            format!("{}: valid ({} listener(s), {} rule(s))\n", path.display(), cfg.listeners.len(), cfg.policy.rules.len()),
+        ),
+        Err(e) => (EXIT_USAGE, format!("{e}\n")),
+    }
+}
+
+/// `explain`: returns (exit code, output).
+pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) -> (i32, String) {
+    let cfg = match load(path) {
+        Ok((c, _)) => c,
+        Err(e) => return (EXIT_USAGE, format!("{e}\n")),
+    };
+    let auth: Authority = match target.parse() {
+        Ok(a) => a,
+        Err(e) => return (EXIT_USAGE, format!("target {target:?}: {e} (a CONNECT request would get 400)\n")),
+    };
+    let policy = &cfg.policy;
+    let mut out = String::new();
+    let addrs: Vec<IpAddr> = match &auth.host {
+        Host::Ip(ip) => vec![*ip],
+        Host::Name(name) => {
+            if let PreDecision::Deny(d) = policy.pre_resolve(client, name, auth.port) {
+                describe(&mut out, policy, &d, &auth);
+                let _ = writeln!(out, "resolved: no (decided by name, no DNS query)");
+                return (0, out);
+            }
+            if resolve.is_empty() {
+                let _ = writeln!(out, "decision: needs resolution\nthe name must be resolved to decide; pass --resolve IP for each address it resolves to");
+                return (0, out);
+            }
+            resolve.to_vec()
+        }
+    };
+    let d = policy.decide(client, &auth.host, auth.port, &addrs);
+    describe(&mut out, policy, &d, &auth);
+    (0, out)
+}
+
+fn describe(out: &mut String, policy: &proxy_config::Policy, d: &Decision, auth: &Authority) {
+    let _ = writeln!(out, "target: {auth}");
+    match d {
+        Decision::Allow { rule, limits } => {
+            let _ = writeln!(out, "decision: allow (200 if the upstream accepts)");
+            let _ = writeln!(out, "rule: {}", policy.rule_name(*rule));
+            let _ = writeln!(
+                out,
+                "limits: idleTimeout={} maxLifetime={} maxBytesPerSecond={} minBytesPerMinute={} maxTotalBytes={}",
+                humantime::format_duration(limits.idle_timeout),
+                humantime::format_duration(limits.max_lifetime),
+                opt(limits.max_bytes_per_second),
+                opt(limits.min_bytes_per_minute),
+                opt(limits.max_total_bytes)
+            );
+        }
+        Decision::Deny { rule, reason } => {
+            let _ = writeln!(out, "decision: deny (403)");
+            let _ = writeln!(out, "rule: {}", policy.rule_name(*rule));
+            match reason {
+                proxy_config::DenyReason::PrivateAddress(r) => {
+                    let _ = writeln!(out, "reason: private_address ({}); list it in an allow rule's cidrs to permit it", r.as_str());
+                }
+                r => {
+                    let _ = writeln!(out, "reason: {}", r.as_str());
+                }
+            }
+        }
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "none".to_owned(), |n| n.to_string())
+}

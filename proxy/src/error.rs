@@ -1,0 +1,147 @@
+//! `TunnelError`: everything that can end a connection before its tunnel is established,
+//! named by stage, with the status code the client gets and the metric label it counts under.
+
+use std::io;
+
+use proxy_config::DenyReason;
+
+/// Which side of the proxy a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Internal,
+}
+
+/// Why a connection did not become a tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The whole request head did not arrive within the deadline.
+    #[error("request head not complete before the deadline")]
+    HeadTimeout,
+    /// The head exceeded `limits.maxRequestHeadBytes` or the header count.
+    #[error("request head too large")]
+    HeadTooLarge,
+    /// The request line exceeded the request-target limit.
+    #[error("request target too long")]
+    UriTooLong,
+    /// The request is not valid HTTP/1.x or not a valid CONNECT.
+    #[error("malformed request: {0}")]
+    MalformedRequest(&'static str),
+    /// A method other than CONNECT.
+    #[error("method not allowed on this listener")]
+    MethodNotAllowed,
+    /// The policy denied the destination.
+    #[error("denied by policy ({})", .0.as_str())]
+    Denied(DenyReason),
+    /// The destination is this proxy itself.
+    #[error("target is the proxy itself")]
+    SelfConnect,
+    /// The per-client connection cap was reached.
+    #[error("too many connections from this client")]
+    ClientLimit,
+    /// The global connection cap was reached.
+    #[error("proxy overloaded")]
+    Overloaded,
+    /// The proxy is shutting down.
+    #[error("proxy draining")]
+    Draining,
+    /// The name does not exist or has no addresses.
+    #[error("name not found")]
+    ResolveNotFound,
+    /// The resolver failed (SERVFAIL, refused, no reachable name server).
+    #[error("name resolution failed")]
+    ResolveFailed,
+    /// The resolver did not answer in time.
+    #[error("name resolution timed out")]
+    ResolveTimeout,
+    /// Every candidate address refused or failed.
+    #[error("upstream connection failed")]
+    UpstreamRefused(#[source] io::Error),
+    /// The connect budget ran out.
+    #[error("upstream connection timed out")]
+    UpstreamTimeout,
+    /// The TLS handshake with the client failed or timed out.
+    #[error("TLS handshake failed")]
+    TlsHandshake(#[source] io::Error),
+    /// The client went away before the tunnel was established.
+    #[error("client closed the connection")]
+    ClientClosed,
+    /// An I/O error on one side.
+    #[error("I/O error on the {side:?} side")]
+    Io {
+        side: Side,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl TunnelError {
+    /// The `result` label of `tunnelgate_tunnel_requests_total`; a closed set.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TunnelError::HeadTimeout => "head_timeout",
+            TunnelError::HeadTooLarge => "head_too_large",
+            TunnelError::UriTooLong => "uri_too_long",
+            TunnelError::MalformedRequest(_) => "bad_request",
+            TunnelError::MethodNotAllowed => "method_not_allowed",
+            TunnelError::Denied(_) | TunnelError::SelfConnect => "denied",
+            TunnelError::ClientLimit => "client_limited",
+            TunnelError::Overloaded => "overloaded",
+            TunnelError::Draining => "draining",
+            TunnelError::ResolveNotFound | TunnelError::ResolveFailed => "dns_failed",
+            TunnelError::ResolveTimeout => "dns_timeout",
+            TunnelError::UpstreamRefused(_) => "upstream_unreachable",
+            TunnelError::UpstreamTimeout => "upstream_timeout",
+            TunnelError::TlsHandshake(_) => "tls_handshake_failed",
+            TunnelError::ClientClosed => "client_closed",
+            TunnelError::Io { .. } => "io_error",
+        }
+    }
+
+    /// Which side caused it.
+    pub fn side(&self) -> Side {
+        match self {
+            TunnelError::ResolveNotFound
+            | TunnelError::ResolveFailed
+            | TunnelError::ResolveTimeout
+            | TunnelError::UpstreamRefused(_)
+            | TunnelError::UpstreamTimeout => Side::Upstream,
+            TunnelError::Overloaded | TunnelError::Draining => Side::Internal,
+            TunnelError::Io { side, .. } => *side,
+            _ => Side::Client,
+        }
+    }
+
+    /// The status answered to the client, or `None` when no answer can or should be sent.
+    pub fn status(&self) -> Option<u16> {
+        Some(match self {
+            TunnelError::HeadTimeout => 408,
+            TunnelError::HeadTooLarge => 431,
+            TunnelError::UriTooLong => 414,
+            TunnelError::MalformedRequest(_) => 400,
+            TunnelError::MethodNotAllowed => 405,
+            TunnelError::Denied(_) | TunnelError::SelfConnect => 403,
+            TunnelError::ClientLimit => 429,
+            TunnelError::Overloaded | TunnelError::Draining => 503,
+            TunnelError::ResolveNotFound | TunnelError::ResolveFailed | TunnelError::UpstreamRefused(_) => 502,
+            TunnelError::ResolveTimeout | TunnelError::UpstreamTimeout => 504,
+            TunnelError::TlsHandshake(_) | TunnelError::ClientClosed | TunnelError::Io { .. } => return None,
+        })
+    }
+}
+
+/// Renders an error and its sources on one line (`a: b: c`), for logs.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut src = self.0.source();
+        while let Some(s) = src {
+            write!(f, ": {s}")?;
+            src = s.source();
+        }
+        Ok(())
+    }
+}

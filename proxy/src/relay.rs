@@ -1,0 +1,328 @@
+//! Full-duplex relay of an established tunnel: propagates half-close each way and enforces the
+//! tunnel's limits (idle timeout, lifetime, per-direction rate, minimum rate, total bytes).
+//! Every tunnel ends with exactly one [`CloseReason`].
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proxy_config::TunnelLimits;
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::{sleep_until, timeout, Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Size of each direction's buffer while data flows. 32 KiB keeps bulk copies efficient while
+/// bounding what one tunnel buffers (Envoy's per-connection buffer limit is also 32 KiB).
+pub const BUF_SIZE: usize = 32 * 1024;
+
+/// How long the relay waits for a graceful shutdown of each side after a forced close.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why a tunnel ended. A closed set: the `close` label of the duration histogram and the
+/// access log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client finished first (its FIN came first), then both directions ended.
+    ClientClosed,
+    /// The upstream finished first.
+    UpstreamClosed,
+    IdleTimeout,
+    Lifetime,
+    ByteLimit,
+    TooSlow,
+    Shutdown,
+    Revoked,
+    IoError,
+}
+
+impl CloseReason {
+    /// The stable name used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::UpstreamClosed => "upstream_closed",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Lifetime => "lifetime",
+            CloseReason::ByteLimit => "byte_limit",
+            CloseReason::TooSlow => "too_slow",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Revoked => "revoked",
+            CloseReason::IoError => "io_error",
+        }
+    }
+}
+
+/// What the relay reports when the tunnel is over.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOutcome {
+    pub reason: CloseReason,
+    /// Client → upstream bytes, including early data.
+    pub bytes_up: u64,
+    /// Upstream → client bytes.
+    pub bytes_down: u64,
+    pub duration: Duration,
+}
+
+/// A read half the relay can wait on without holding a buffer, so idle tunnels cost no
+/// buffer memory.
+pub trait RelayRead: AsyncRead + Unpin + Send {
+    /// Resolves when a read is likely to make progress.
+    fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Whether the buffer should be released while waiting (only where `ready` really waits).
+    const RELEASE_WHEN_IDLE: bool;
+}
+
+impl RelayRead for OwnedReadHalf {
+    const RELEASE_WHEN_IDLE: bool = true;
+    async fn ready(&mut self) -> io::Result<()> {
+        self.readable().await
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Send> RelayRead for tokio::io::ReadHalf<T> {
+    const RELEASE_WHEN_IDLE: bool = false;
+    async fn ready(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// External reasons to stop a tunnel.
+#[derive(Clone, Default)]
+pub struct Stops {
+    /// Drain deadline passed.
+    pub shutdown: CancellationToken,
+    /// The policy in force no longer allows this tunnel.
+    pub revoke: CancellationToken,
+}
+
+/// Counters the relay updates as bytes move.
+#[derive(Clone)]
+pub struct ByteCounters {
+    pub up: IntCounter,
+    pub down: IntCounter,
+}
+
+/// State shared by the two directions of one tunnel.
+struct Shared {
+    start: Instant,
+    /// Milliseconds after `start` of the last byte in either direction.
+    last_activity_ms: AtomicU64,
+    total: AtomicU64,
+    max_total: Option<u64>,
+    /// Bytes of this tunnel each way (the global counters are shared by all tunnels).
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Shared {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+    fn last_activity(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+}
+
+enum PumpEnd {
+    ByteLimit,
+    Io,
+}
+
+/// A token bucket for one direction: refills at `rate` bytes/s up to `capacity`.
+struct Bucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Bucket {
+        let rate_f = rate as f64;
+        // An eighth of a second of burst, at least 1 KiB, at most one buffer.
+        let capacity = (rate_f / 8.0).clamp(1024.0_f64.min(rate_f.max(1.0)), BUF_SIZE as f64);
+        Bucket { rate: rate_f, capacity, tokens: capacity, last: Instant::now() }
+    }
+
+    /// Waits (sleeping, never spinning) until some tokens are available; returns how many
+    /// bytes may be read now.
+    async fn take_allowance(&mut self) -> usize {
+        loop {
+            let now = Instant::now();
+            self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.capacity);
+            self.last = now;
+            if self.tokens >= 1.0 {
+                return self.tokens as usize;
+            }
+            // Wait until a useful amount (a quarter of the bucket) has accumulated.
+            let want = (self.capacity / 4.0).max(1.0) - self.tokens;
+            sleep_until(now + Duration::from_secs_f64(want / self.rate)).await;
+        }
+    }
+
+    fn spend(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
+}
+
+async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    shared: &Shared,
+    mine: &AtomicU64,
+    counter: &IntCounter,
+    rate: Option<u64>,
+) -> Result<(), PumpEnd> {
+    let mut bucket = rate.map(Bucket::new);
+    let mut buf: Option<Box<[u8]>> = None;
+    loop {
+        let allowance = match bucket.as_mut() {
+            Some(b) => b.take_allowance().await.min(BUF_SIZE),
+            None => BUF_SIZE,
+        };
+        if buf.is_none() {
+            r.ready().await.map_err(|_| PumpEnd::Io)?;
+        }
+        let b = buf.get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+        let n = r.read(&mut b[..allowance]).await.map_err(|_| PumpEnd::Io)?;
+        if n == 0 {
+            // EOF: propagate the half-close and let the other direction go on.
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        if let Some(bk) = bucket.as_mut() {
+            bk.spend(n);
+        }
+        let total = shared.total.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        let mut send = n;
+        let mut over = false;
+        if let Some(max) = shared.max_total {
+            if total > max {
+                send = n - usize::try_from(total - max).unwrap_or(n).min(n);
+                over = true;
+            }
+        }
+        w.write_all(&b[..send]).await.map_err(|_| PumpEnd::Io)?;
+        counter.inc_by(send as u64);
+        mine.fetch_add(send as u64, Ordering::Relaxed);
+        shared.touch();
+        if over {
+            return Err(PumpEnd::ByteLimit);
+        }
+        if R::RELEASE_WHEN_IDLE && n < allowance {
+            // The socket was drained: give the buffer back while we wait for more.
+            buf = None;
+        }
+    }
+}
+
+/// Relays between a client and an upstream until both directions end or a limit closes the
+/// tunnel. `early` is written to the upstream first (bytes the client pipelined after its head).
+#[allow(clippy::too_many_arguments)]
+pub async fn run<CR, CW, UR, UW>(
+    mut client_r: CR,
+    mut client_w: CW,
+    mut up_r: UR,
+    mut up_w: UW,
+    early: &[u8],
+    limits: TunnelLimits,
+    stops: &Stops,
+    counters: &ByteCounters,
+) -> RelayOutcome
+where
+    CR: RelayRead,
+    CW: AsyncWrite + Unpin + Send,
+    UR: RelayRead,
+    UW: AsyncWrite + Unpin + Send,
+{
+    let start = Instant::now();
+    let shared = Shared {
+        start,
+        last_activity_ms: AtomicU64::new(0),
+        total: AtomicU64::new(0),
+        max_total: limits.max_total_bytes,
+        up: AtomicU64::new(0),
+        down: AtomicU64::new(0),
+    };
+    if !early.is_empty() {
+        let n = limits.max_total_bytes.map_or(early.len(), |m| early.len().min(usize::try_from(m).unwrap_or(usize::MAX)));
+        if up_w.write_all(&early[..n]).await.is_err() {
+            return RelayOutcome { reason: CloseReason::IoError, bytes_up: 0, bytes_down: 0, duration: start.elapsed() };
+        }
+        counters.up.inc_by(n as u64);
+        shared.total.fetch_add(n as u64, Ordering::Relaxed);
+        shared.up.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    let reason = {
+        let up = pump(&mut client_r, &mut up_w, &shared, &shared.up, &counters.up, limits.max_bytes_per_second);
+        let down = pump(&mut up_r, &mut client_w, &shared, &shared.down, &counters.down, limits.max_bytes_per_second);
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        let mut down_done = false;
+        let mut first_done: Option<CloseReason> = None;
+        let lifetime = sleep_until(start + limits.max_lifetime);
+        tokio::pin!(lifetime);
+        let mut idle_at = start + limits.idle_timeout;
+        let minute = Duration::from_secs(60);
+        let mut next_rate_check = start + minute;
+        let mut bytes_at_check = 0u64;
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => match r {
+                    Ok(()) => {
+                        up_done = true;
+                        first_done.get_or_insert(CloseReason::ClientClosed);
+                        if down_done { break first_done.unwrap_or(CloseReason::ClientClosed); }
+                    }
+                    Err(PumpEnd::ByteLimit) => break CloseReason::ByteLimit,
+                    Err(PumpEnd::Io) => break CloseReason::IoError,
+                },
+                r = &mut down, if !down_done => match r {
+                    Ok(()) => {
+                        down_done = true;
+                        first_done.get_or_insert(CloseReason::UpstreamClosed);
+                        if up_done { break first_done.unwrap_or(CloseReason::UpstreamClosed); }
+                    }
+                    Err(PumpEnd::ByteLimit) => break CloseReason::ByteLimit,
+                    Err(PumpEnd::Io) => break CloseReason::IoError,
+                },
+                () = sleep_until(idle_at) => {
+                    // Traffic resets the idle timer; re-arm from the last activity.
+                    let due = shared.last_activity() + limits.idle_timeout;
+                    if due <= Instant::now() { break CloseReason::IdleTimeout; }
+                    idle_at = due;
+                },
+                () = sleep_until(next_rate_check), if limits.min_bytes_per_minute.is_some() => {
+                    let total = shared.total.load(Ordering::Relaxed);
+                    if total - bytes_at_check < limits.min_bytes_per_minute.unwrap_or(0) { break CloseReason::TooSlow; }
+                    bytes_at_check = total;
+                    next_rate_check += minute;
+                },
+                () = &mut lifetime => break CloseReason::Lifetime,
+                () = stops.shutdown.cancelled() => break CloseReason::Shutdown,
+                () = stops.revoke.cancelled() => break CloseReason::Revoked,
+            }
+        }
+    };
+    if !matches!(reason, CloseReason::ClientClosed | CloseReason::UpstreamClosed | CloseReason::IoError) {
+        // Closed by us: send FIN (or close_notify) both ways rather than just dropping.
+        let _ = timeout(CLOSE_GRACE, async {
+            let _ = client_w.shutdown().await;
+            let _ = up_w.shutdown().await;
+        })
+        .await;
+    }
+    RelayOutcome {
+        reason,
+        bytes_up: shared.up.load(Ordering::Relaxed),
+        bytes_down: shared.down.load(Ordering::Relaxed),
+        duration: start.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,74 @@
+//! The configuration in force, compiled for use: policy, resolver and TLS acceptors, stamped
+//! with a generation and the SHA-256 of the document. Connections take one `Arc` at accept.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use proxy_config::ProxyConfig;
+use sha2::{Digest, Sha256};
+use tokio_rustls::TlsAcceptor;
+
+use crate::dial::{Resolver, ResolverError};
+use crate::tls::{self, TlsError};
+
+/// Why a configuration could not be made into a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("listeners[{index}] ({name}): TLS")]
+    Tls {
+        index: usize,
+        name: String,
+        #[source]
+        source: Box<TlsError>,
+    },
+    #[error("dns")]
+    Resolver(#[source] ResolverError),
+}
+
+/// A compiled configuration.
+pub struct Snapshot {
+    pub config: ProxyConfig,
+    /// 1 for the first config, +1 for every successful reload.
+    pub generation: u64,
+    /// Hex SHA-256 of the document text.
+    pub sha256: String,
+    pub loaded_at: SystemTime,
+    pub resolver: Resolver,
+    /// TLS acceptors by listener name.
+    pub tls: HashMap<String, TlsAcceptor>,
+}
+
+impl Snapshot {
+    /// Compiles `config` (parsed from `text`) into generation `generation`.
+    pub fn build(config: ProxyConfig, text: &str, generation: u64) -> Result<Snapshot, SnapshotError> {
+        let mut acceptors = HashMap::new();
+        for (index, l) in config.listeners.iter().enumerate() {
+            if let Some(files) = &l.tls {
+                let cfg = tls::load(files).map_err(|source| SnapshotError::Tls { index, name: l.name.clone(), source: Box::new(source) })?;
+                acceptors.insert(l.name.clone(), TlsAcceptor::from(cfg));
+            }
+        }
+        let resolver = Resolver::new(&config.dns).map_err(SnapshotError::Resolver)?;
+        Ok(Snapshot {
+            config,
+            generation,
+            sha256: hex::encode(Sha256::digest(text.as_bytes())),
+            loaded_at: SystemTime::now(),
+            resolver,
+            tls: acceptors,
+        })
+    }
+
+    /// The `/config` document: what is in force, without any secret.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "generation": self.generation,
+            "sha256": self.sha256,
+            "loadedAt": humantime::format_rfc3339_seconds(self.loaded_at).to_string(),
+        })
+    }
+}
+
+/// A shared, immutable snapshot.
+pub type SharedSnapshot = Arc<Snapshot>;

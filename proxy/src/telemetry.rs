@@ -1,0 +1,14 @@
+//! Log setup: text or JSON lines on stderr, filtered by `TUNNELGATE_LOG` (default `info`).
+
+use proxy_config::LogFormat;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. Safe to call once per process.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("TUNNELGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
