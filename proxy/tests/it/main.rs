@@ -1,0 +1,10 @@
+#![allow(unreachable_pub)]
+//! Integration tests of the proxy on loopback, named after the ids of SECURITY-CASES.md.
+
+mod support;
+
+mod binary;
+mod parsing;
+mod resources;
+mod ssrf;
+mod tls;
