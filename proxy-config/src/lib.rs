@@ -20,7 +20,10 @@ pub mod host;
 pub mod policy;
 mod raw;
 
-pub use config::{Admin, Dns, Limits, Listener, ListenerMode, LogFormat, Logging, ProxyConfig, RelayDefaults, TlsFiles};
+pub use config::{
+    Admin, Dns, Limits, Listener, ListenerMode, LogFormat, Logging, ProxyConfig, RelayDefaults,
+    TlsFiles,
+};
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};
 pub use policy::{Action, Decision, DenyReason, Policy, PreDecision, Rule, TunnelLimits};

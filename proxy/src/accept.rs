@@ -36,8 +36,16 @@ pub struct Permit {
 
 impl ConnLimiter {
     /// Admits a connection from `client`, or says which cap it hit.
-    pub fn acquire(self: &Arc<Self>, client: IpAddr, max_total: usize, max_per_client: usize) -> Result<Permit, TunnelError> {
-        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    pub fn acquire(
+        self: &Arc<Self>,
+        client: IpAddr,
+        max_total: usize,
+        max_per_client: usize,
+    ) -> Result<Permit, TunnelError> {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if s.total >= max_total {
             return Err(TunnelError::Overloaded);
         }
@@ -47,13 +55,20 @@ impl ConnLimiter {
         }
         *n += 1;
         s.total += 1;
-        Ok(Permit { limiter: self.clone(), client })
+        Ok(Permit {
+            limiter: self.clone(),
+            client,
+        })
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut s = self.limiter.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = self
+            .limiter
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         s.total = s.total.saturating_sub(1);
         if let Some(n) = s.per_client.get_mut(&self.client) {
             *n -= 1;
@@ -66,7 +81,12 @@ impl Drop for Permit {
 
 /// Accepts on `listener` until `stop` is cancelled. The listener socket is closed on return,
 /// so later connects are refused rather than accepted and dropped.
-pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop: CancellationToken) {
+pub async fn run(
+    inner: Arc<Inner>,
+    name: Arc<str>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -79,9 +99,19 @@ pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop:
                 let snapshot = inner.snapshot();
                 let tls = snapshot.tls.get(&*name).cloned();
                 let id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
-                let ctx = ConnCtx { inner: inner.clone(), listener: name.clone(), snapshot, tls, id, peer, accepted: Instant::now() };
+                let ctx = ConnCtx {
+                    inner: inner.clone(),
+                    listener: name.clone(),
+                    snapshot,
+                    tls,
+                    id,
+                    peer,
+                    accepted: Instant::now(),
+                };
                 let span = debug_span!("conn", id, listener = &*name);
-                inner.tracker.spawn(conn::serve(stream, ctx).instrument(span));
+                inner
+                    .tracker
+                    .spawn(conn::serve(stream, ctx).instrument(span));
             }
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS...: count, back off, go on (never a busy loop, never fatal).

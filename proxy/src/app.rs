@@ -75,11 +75,18 @@ impl Inner {
     /// Whether connecting to `ip:port` would connect to this proxy.
     pub fn is_self(&self, ip: IpAddr, port: u16) -> bool {
         let ip = ip.to_canonical();
-        let eps = self.local_endpoints.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let eps = self
+            .local_endpoints
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         eps.iter().any(|ep| {
             ep.port() == port
                 && (ep.ip().to_canonical() == ip
-                    || (ep.ip().is_unspecified() && matches!(classify(ip), Some(SpecialRange::Loopback | SpecialRange::Unspecified))))
+                    || (ep.ip().is_unspecified()
+                        && matches!(
+                            classify(ip),
+                            Some(SpecialRange::Loopback | SpecialRange::Unspecified)
+                        )))
         })
     }
 }
@@ -104,7 +111,10 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Bound address of listener `name`.
     pub fn listener(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     /// Starts the graceful shutdown (as on SIGTERM).
@@ -130,16 +140,33 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     for l in &cfg.listeners {
         let sock = TcpListener::bind(l.bind)
             .await
-            .map_err(|source| StartError::Bind { name: l.name.clone(), addr: l.bind, source })?;
+            .map_err(|source| StartError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
         bound.push((l.name.clone(), sock));
     }
-    let admin_sock = TcpListener::bind(cfg.admin.bind)
-        .await
-        .map_err(|source| StartError::BindAdmin { addr: cfg.admin.bind, source })?;
-    let admin_addr = admin_sock.local_addr().map_err(|source| StartError::BindAdmin { addr: cfg.admin.bind, source })?;
+    let admin_sock =
+        TcpListener::bind(cfg.admin.bind)
+            .await
+            .map_err(|source| StartError::BindAdmin {
+                addr: cfg.admin.bind,
+                source,
+            })?;
+    let admin_addr = admin_sock
+        .local_addr()
+        .map_err(|source| StartError::BindAdmin {
+            addr: cfg.admin.bind,
+            source,
+        })?;
     let mut addrs = Vec::new();
     for (name, s) in &bound {
-        let a = s.local_addr().map_err(|source| StartError::Bind { name: name.clone(), addr: cfg.admin.bind, source })?;
+        let a = s.local_addr().map_err(|source| StartError::Bind {
+            name: name.clone(),
+            addr: cfg.admin.bind,
+            source,
+        })?;
         addrs.push((name.clone(), a));
     }
 
@@ -168,19 +195,39 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     let mut accept_tasks = Vec::new();
     for ((name, sock), (_, addr)) in bound.into_iter().zip(&addrs) {
         info!(listener = %name, addr = %addr, "listening");
-        accept_tasks.push(tokio::spawn(accept::run(inner.clone(), Arc::from(name.as_str()), sock, stop_accepting.child_token())));
+        accept_tasks.push(tokio::spawn(accept::run(
+            inner.clone(),
+            Arc::from(name.as_str()),
+            sock,
+            stop_accepting.child_token(),
+        )));
     }
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::run(inner.clone(), admin_sock, admin_stop.clone()));
     info!(addr = %admin_addr, "admin listening");
 
     let shutdown = CancellationToken::new();
-    let done = tokio::spawn(drain(inner.clone(), shutdown.clone(), stop_accepting, accept_tasks, admin_stop, admin_task));
-    Ok(ProxyHandle { listeners: addrs, admin: admin_addr, inner, shutdown, done })
+    let done = tokio::spawn(drain(
+        inner.clone(),
+        shutdown.clone(),
+        stop_accepting,
+        accept_tasks,
+        admin_stop,
+        admin_task,
+    ));
+    Ok(ProxyHandle {
+        listeners: addrs,
+        admin: admin_addr,
+        inner,
+        shutdown,
+        done,
+    })
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The shutdown sequence of SECURITY-CASES §10.8.
@@ -196,7 +243,10 @@ async fn drain(
     let limits = inner.snapshot().config.limits;
     inner.draining.store(true, Ordering::Relaxed);
     inner.metrics.draining.set(1);
-    info!(delay_ms = limits.drain_delay.as_millis() as u64, "draining: readiness off, still accepting");
+    info!(
+        delay_ms = limits.drain_delay.as_millis() as u64,
+        "draining: readiness off, still accepting"
+    );
     // Keep accepting while endpoints converge, so clients that still pick this pod are served.
     sleep(limits.drain_delay).await;
     stop_accepting.cancel();
@@ -205,11 +255,22 @@ async fn drain(
     }
     inner.tracker.close();
     let open = inner.tracker.len();
-    info!(connections = open, timeout_ms = limits.drain_timeout.as_millis() as u64, "listeners closed, waiting for tunnels");
+    info!(
+        connections = open,
+        timeout_ms = limits.drain_timeout.as_millis() as u64,
+        "listeners closed, waiting for tunnels"
+    );
     let mut forced = 0;
-    if timeout(limits.drain_timeout, inner.tracker.wait()).await.is_err() {
+    if timeout(limits.drain_timeout, inner.tracker.wait())
+        .await
+        .is_err()
+    {
         forced = inner.active_tunnels.load(Ordering::Relaxed);
-        warn!(tunnels = forced, connections = inner.tracker.len(), "drain deadline passed, closing what is left");
+        warn!(
+            tunnels = forced,
+            connections = inner.tracker.len(),
+            "drain deadline passed, closing what is left"
+        );
         inner.stops.shutdown.cancel();
         // Closing is quick (FIN both ways, bounded); do not wait forever on a stuck peer.
         let _ = timeout(Duration::from_secs(5), inner.tracker.wait()).await;

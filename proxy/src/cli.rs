@@ -13,7 +13,11 @@ pub const EXIT_USAGE: i32 = 64;
 
 /// Tunnelgate egress proxy: HTTP CONNECT with allow/deny policy, limits and metrics.
 #[derive(Debug, Parser)]
-#[command(name = "tunnelgate-proxy", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "tunnelgate-proxy",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -68,8 +72,14 @@ pub enum LoadError {
 
 /// Reads and validates a configuration file; returns the config and its text.
 pub fn load(path: &Path) -> Result<(ProxyConfig, String), LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
-    let cfg = ProxyConfig::from_yaml(&text).map_err(|errors| LoadError::Invalid { path: path.to_owned(), errors })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let cfg = ProxyConfig::from_yaml(&text).map_err(|errors| LoadError::Invalid {
+        path: path.to_owned(),
+        errors,
+    })?;
     Ok((cfg, text))
 }
 
@@ -78,7 +88,12 @@ pub fn check(path: &Path) -> (i32, String) {
     match load(path) {
         Ok((cfg, _)) => (
             0,
-            format!("{}: valid ({} listener(s), {} rule(s))\n", path.display(), cfg.listeners.len(), cfg.policy.rules.len()),
+            format!(
+                "{}: valid ({} listener(s), {} rule(s))\n",
+                path.display(),
+                cfg.listeners.len(),
+                cfg.policy.rules.len()
+            ),
         ),
         Err(e) => (EXIT_USAGE, format!("{e}\n")),
     }
@@ -92,7 +107,12 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
     };
     let auth: Authority = match target.parse() {
         Ok(a) => a,
-        Err(e) => return (EXIT_USAGE, format!("target {target:?}: {e} (a CONNECT request would get 400)\n")),
+        Err(e) => {
+            return (
+                EXIT_USAGE,
+                format!("target {target:?}: {e} (a CONNECT request would get 400)\n"),
+            )
+        }
     };
     let policy = &cfg.policy;
     let mut out = String::new();

@@ -44,7 +44,11 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
     let inner = ctx.inner.clone();
     let _open = GaugeGuard::new(inner.metrics.connections_open.clone());
     let limits = ctx.snapshot.config.limits;
-    let permit = inner.limiter.acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client);
+    let permit = inner.limiter.acquire(
+        ctx.peer.ip(),
+        limits.max_connections,
+        limits.max_connections_per_client,
+    );
     let _ = stream.set_nodelay(true);
     match ctx.tls.clone() {
         None => {
@@ -70,17 +74,33 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
             let handshake = timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await;
             let mut tls = match handshake {
                 Ok(Ok(s)) => {
-                    inner.metrics.tls_handshakes.with_label_values(&[&ctx.listener, "success"]).inc();
+                    inner
+                        .metrics
+                        .tls_handshakes
+                        .with_label_values(&[&ctx.listener, "success"])
+                        .inc();
                     s
                 }
                 Ok(Err(e)) => {
-                    inner.metrics.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
+                    inner
+                        .metrics
+                        .tls_handshakes
+                        .with_label_values(&[&ctx.listener, "failure"])
+                        .inc();
                     record(&ctx, &TunnelError::TlsHandshake(e), None);
                     return;
                 }
                 Err(_) => {
-                    inner.metrics.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
-                    record(&ctx, &TunnelError::TlsHandshake(std::io::ErrorKind::TimedOut.into()), None);
+                    inner
+                        .metrics
+                        .tls_handshakes
+                        .with_label_values(&[&ctx.listener, "failure"])
+                        .inc();
+                    record(
+                        &ctx,
+                        &TunnelError::TlsHandshake(std::io::ErrorKind::TimedOut.into()),
+                        None,
+                    );
                     return;
                 }
             };
@@ -96,7 +116,12 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
     }
 }
 
-async fn finish_rejected<S: AsyncRead + AsyncWrite + Unpin>(ctx: &ConnCtx, io: &mut S, err: TunnelError, rule: Option<String>) {
+async fn finish_rejected<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ConnCtx,
+    io: &mut S,
+    err: TunnelError,
+    rule: Option<String>,
+) {
     record(ctx, &err, rule.as_deref());
     if let Some(resp) = negotiate::error_response(&err) {
         let _ = negotiate::reject(io, &resp).await;
@@ -106,7 +131,9 @@ async fn finish_rejected<S: AsyncRead + AsyncWrite + Unpin>(ctx: &ConnCtx, io: &
 /// Counts and logs a connection that did not become a tunnel.
 fn record(ctx: &ConnCtx, err: &TunnelError, rule: Option<&str>) {
     let m = &ctx.inner.metrics;
-    m.tunnel_requests.with_label_values(&[&ctx.listener, err.kind()]).inc();
+    m.tunnel_requests
+        .with_label_values(&[&ctx.listener, err.kind()])
+        .inc();
     debug!(conn = ctx.id, result = err.kind(), side = ?err.side(), error = %ErrorChain(err), "connection rejected");
     let logging = ctx.snapshot.config.logging;
     if logging.access_log && !matches!(err, TunnelError::ClientClosed) {
@@ -134,21 +161,39 @@ async fn establish<S: AsyncRead + AsyncWrite + Unpin>(
     let cfg = &ctx.snapshot.config;
     let force = inner.stops.shutdown.clone();
     let work = async {
-        let request = negotiate::read_head(io, cfg.limits.max_request_head_bytes, deadline).await.map_err(|e| (e, None))?;
-        let (candidates, rule, limits) = authorize(ctx, &request).await?;
-        let upstream = dial::connect(&candidates, request.authority.port, cfg.relay.connect_timeout, &inner.metrics)
+        let request = negotiate::read_head(io, cfg.limits.max_request_head_bytes, deadline)
             .await
-            .map_err(|e| (e, Some(rule.clone())))?;
-        Ok::<_, (TunnelError, Option<String>)>(Established { upstream, request, rule, limits })
+            .map_err(|e| (e, None))?;
+        let (candidates, rule, limits) = authorize(ctx, &request).await?;
+        let upstream = dial::connect(
+            &candidates,
+            request.authority.port,
+            cfg.relay.connect_timeout,
+            &inner.metrics,
+        )
+        .await
+        .map_err(|e| (e, Some(rule.clone())))?;
+        Ok::<_, (TunnelError, Option<String>)>(Established {
+            upstream,
+            request,
+            rule,
+            limits,
+        })
     };
     // At the drain deadline a connection still negotiating gets 503 instead of hanging on.
     let est = tokio::select! {
         r = work => r?,
         () = force.cancelled() => return Err((TunnelError::Draining, None)),
     };
-    io.write_all(negotiate::ESTABLISHED)
-        .await
-        .map_err(|e| (TunnelError::Io { side: Side::Client, source: e }, None))?;
+    io.write_all(negotiate::ESTABLISHED).await.map_err(|e| {
+        (
+            TunnelError::Io {
+                side: Side::Client,
+                source: e,
+            },
+            None,
+        )
+    })?;
     Ok(est)
 }
 
@@ -176,17 +221,25 @@ async fn authorize(
             if let PreDecision::Deny(d) = policy.pre_resolve(client, name, auth.port) {
                 return Err(deny(&d));
             }
-            ctx.snapshot.resolver.resolve(name, m).await.map_err(|e| (e, None))?
+            ctx.snapshot
+                .resolver
+                .resolve(name, m)
+                .await
+                .map_err(|e| (e, None))?
         }
     };
     match policy.decide(client, &auth.host, auth.port, &addrs) {
         Decision::Allow { rule, limits } => {
             let name = policy.rule_name(rule).to_owned();
             if addrs.iter().any(|a| ctx.inner.is_self(*a, auth.port)) {
-                m.policy_decisions.with_label_values(&["deny", "self"]).inc();
+                m.policy_decisions
+                    .with_label_values(&["deny", "self"])
+                    .inc();
                 return Err((TunnelError::SelfConnect, Some("self".to_owned())));
             }
-            m.policy_decisions.with_label_values(&["allow", &name]).inc();
+            m.policy_decisions
+                .with_label_values(&["allow", &name])
+                .inc();
             Ok((addrs, name, limits))
         }
         d => Err(deny(&d)),
@@ -200,23 +253,46 @@ where
 {
     let inner = &ctx.inner;
     let m = &inner.metrics;
-    m.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
+    m.tunnel_requests
+        .with_label_values(&[&ctx.listener, "established"])
+        .inc();
     let _active = GaugeGuard::new(m.tunnels_active.with_label_values(&[&ctx.listener]));
     inner.active_tunnels.fetch_add(1, Ordering::Relaxed);
-    let stops = Stops { shutdown: inner.stops.shutdown.clone(), revoke: tokio_util::sync::CancellationToken::new() };
+    let stops = Stops {
+        shutdown: inner.stops.shutdown.clone(),
+        revoke: tokio_util::sync::CancellationToken::new(),
+    };
     let counters = ByteCounters {
         up: m.relayed_bytes.with_label_values(&["upstream"]),
         down: m.relayed_bytes.with_label_values(&["downstream"]),
     };
     let target = est.request.authority.to_string();
     let (ur, uw) = est.upstream.into_split();
-    let out: RelayOutcome = relay::run(cr, cw, ur, uw, &est.request.leftover, est.limits, &stops, &counters).await;
+    let out: RelayOutcome = relay::run(
+        cr,
+        cw,
+        ur,
+        uw,
+        &est.request.leftover,
+        est.limits,
+        &stops,
+        &counters,
+    )
+    .await;
     inner.active_tunnels.fetch_sub(1, Ordering::Relaxed);
     if out.reason == CloseReason::Shutdown {
         m.drain_forced_closes.inc();
     }
-    m.tunnel_duration.with_label_values(&[out.reason.as_str()]).observe(out.duration.as_secs_f64());
-    debug!(conn = ctx.id, close = out.reason.as_str(), bytes_up = out.bytes_up, bytes_down = out.bytes_down, "tunnel closed");
+    m.tunnel_duration
+        .with_label_values(&[out.reason.as_str()])
+        .observe(out.duration.as_secs_f64());
+    debug!(
+        conn = ctx.id,
+        close = out.reason.as_str(),
+        bytes_up = out.bytes_up,
+        bytes_down = out.bytes_down,
+        "tunnel closed"
+    );
     let logging = ctx.snapshot.config.logging;
     if logging.access_log {
         info!(

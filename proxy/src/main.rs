@@ -13,7 +13,12 @@ fn main() {
             print!("{out}");
             std::process::exit(code);
         }
-        Some(Command::Explain { config, client, target, resolve }) => {
+        Some(Command::Explain {
+            config,
+            client,
+            target,
+            resolve,
+        }) => {
             let (code, out) = cli::explain(&config, client, &target, &resolve);
             print!("{out}");
             std::process::exit(code);
@@ -37,7 +42,10 @@ fn main() {
         },
     };
     telemetry::init(config.logging.format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tunnelgate-proxy: cannot start the runtime: {e}");
@@ -75,7 +83,9 @@ async fn signals() -> Option<&'static str> {
     wait_signal().await.ok()
 }
 
-async fn signals_first(h: tokio::task::JoinHandle<Option<&'static str>>) -> Result<Option<&'static str>, tokio::task::JoinError> {
+async fn signals_first(
+    h: tokio::task::JoinHandle<Option<&'static str>>,
+) -> Result<Option<&'static str>, tokio::task::JoinError> {
     h.await
 }
 

@@ -41,11 +41,19 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles `config` (parsed from `text`) into generation `generation`.
-    pub fn build(config: ProxyConfig, text: &str, generation: u64) -> Result<Snapshot, SnapshotError> {
+    pub fn build(
+        config: ProxyConfig,
+        text: &str,
+        generation: u64,
+    ) -> Result<Snapshot, SnapshotError> {
         let mut acceptors = HashMap::new();
         for (index, l) in config.listeners.iter().enumerate() {
             if let Some(files) = &l.tls {
-                let cfg = tls::load(files).map_err(|source| SnapshotError::Tls { index, name: l.name.clone(), source: Box::new(source) })?;
+                let cfg = tls::load(files).map_err(|source| SnapshotError::Tls {
+                    index,
+                    name: l.name.clone(),
+                    source: Box::new(source),
+                })?;
                 acceptors.insert(l.name.clone(), TlsAcceptor::from(cfg));
             }
         }

@@ -38,27 +38,47 @@ pub enum TlsError {
 }
 
 fn open(path: &Path) -> Result<BufReader<File>, TlsError> {
-    File::open(path).map(BufReader::new).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+    File::open(path)
+        .map(BufReader::new)
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Loads `files` into a rustls server configuration (TLS 1.2 and 1.3 only; ALPN http/1.1).
 pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = rustls_pemfile::certs(&mut open(&files.cert_file)?)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem { path: files.cert_file.clone(), source })?;
+        .map_err(|source| TlsError::Pem {
+            path: files.cert_file.clone(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: files.cert_file.clone() });
+        return Err(TlsError::NoCertificate {
+            path: files.cert_file.clone(),
+        });
     }
     let key = rustls_pemfile::private_key(&mut open(&files.key_file)?)
-        .map_err(|source| TlsError::Pem { path: files.key_file.clone(), source })?
-        .ok_or_else(|| TlsError::NoKey { path: files.key_file.clone() })?;
-    let rustls_err = |source| TlsError::Rustls { cert: files.cert_file.clone(), key: files.key_file.clone(), source };
-    let mut cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(rustls_err)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(rustls_err)?;
+        .map_err(|source| TlsError::Pem {
+            path: files.key_file.clone(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::NoKey {
+            path: files.key_file.clone(),
+        })?;
+    let rustls_err = |source| TlsError::Rustls {
+        cert: files.cert_file.clone(),
+        key: files.key_file.clone(),
+        source,
+    };
+    let mut cfg =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(rustls_err)?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(rustls_err)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

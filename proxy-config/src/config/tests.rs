@@ -97,13 +97,17 @@ fn l01_every_error_names_its_path() {
         ("logging: {format: xml}\n", "logging.format: unknown format"),
     ];
     for (tail, want) in cases {
-        let doc = if tail.starts_with("version") || tail.starts_with("listeners") || tail.is_empty() {
+        let doc = if tail.starts_with("version") || tail.starts_with("listeners") || tail.is_empty()
+        {
             (*tail).to_owned()
         } else {
             format!("{BASE}{tail}")
         };
         let errs = errors(&doc);
-        assert!(errs.iter().any(|e| e.contains(want)), "want {want:?} in {errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains(want)),
+            "want {want:?} in {errs:?}"
+        );
     }
 }
 
@@ -111,8 +115,17 @@ fn l01_every_error_names_its_path() {
 fn all_semantic_errors_are_reported_at_once() {
     let doc = "version: 1\nlisteners:\n  - {name: Bad_Name, bind: 'nowhere'}\n  - {name: b, bind: '127.0.0.1:1', mode: tunnel}\npolicy:\n  rules:\n    - {name: a, action: allow, hosts: ['a.*.b'], cidrs: ['10.0.0.1/8']}\n";
     let errs = errors(doc);
-    for want in ["listeners[0].name", "listeners[0].bind", "listeners[1].mode", "policy.rules[0].hosts[0]", "policy.rules[0].cidrs[0]: \"10.0.0.1/8\" has host bits set"] {
-        assert!(errs.iter().any(|e| e.starts_with(want)), "want {want} in {errs:?}");
+    for want in [
+        "listeners[0].name",
+        "listeners[0].bind",
+        "listeners[1].mode",
+        "policy.rules[0].hosts[0]",
+        "policy.rules[0].cidrs[0]: \"10.0.0.1/8\" has host bits set",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "want {want} in {errs:?}"
+        );
     }
 }
 
@@ -120,8 +133,12 @@ fn all_semantic_errors_are_reported_at_once() {
 fn listener_names_and_binds_are_unique() {
     let doc = "version: 1\nlisteners:\n  - {name: a, bind: '127.0.0.1:3128'}\n  - {name: a, bind: '127.0.0.1:3128'}\n";
     let errs = errors(doc);
-    assert!(errs.iter().any(|e| e.starts_with("listeners[1].name: duplicate")));
-    assert!(errs.iter().any(|e| e.starts_with("listeners[1].bind: address 127.0.0.1:3128 is used")));
+    assert!(errs
+        .iter()
+        .any(|e| e.starts_with("listeners[1].name: duplicate")));
+    assert!(errs
+        .iter()
+        .any(|e| e.starts_with("listeners[1].bind: address 127.0.0.1:3128 is used")));
 }
 
 #[test]

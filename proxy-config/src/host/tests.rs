@@ -8,11 +8,26 @@ fn auth(s: &str) -> Result<Authority, HostError> {
 fn accepts_canonical_forms() {
     let a = auth("Allowed.TEST.:443").unwrap();
     assert_eq!(a.to_string(), "allowed.test:443");
-    assert_eq!(auth("[2001:DB8::1]:443").unwrap().to_string(), "[2001:db8::1]:443");
-    assert_eq!(auth("[::ffff:127.0.0.1]:443").unwrap().host, Host::Ip("::ffff:127.0.0.1".parse().unwrap()));
-    assert_eq!(auth("127.0.0.1:22").unwrap().host, Host::Ip("127.0.0.1".parse().unwrap()));
-    assert_eq!(auth("1password.test:443").unwrap().to_string(), "1password.test:443");
-    assert_eq!(auth("xn--bcher-kva.test:443").unwrap(), auth("XN--BCHER-KVA.test:443").unwrap());
+    assert_eq!(
+        auth("[2001:DB8::1]:443").unwrap().to_string(),
+        "[2001:db8::1]:443"
+    );
+    assert_eq!(
+        auth("[::ffff:127.0.0.1]:443").unwrap().host,
+        Host::Ip("::ffff:127.0.0.1".parse().unwrap())
+    );
+    assert_eq!(
+        auth("127.0.0.1:22").unwrap().host,
+        Host::Ip("127.0.0.1".parse().unwrap())
+    );
+    assert_eq!(
+        auth("1password.test:443").unwrap().to_string(),
+        "1password.test:443"
+    );
+    assert_eq!(
+        auth("xn--bcher-kva.test:443").unwrap(),
+        auth("XN--BCHER-KVA.test:443").unwrap()
+    );
     assert_eq!(auth("a.test:65535").unwrap().port, 65535);
     assert_eq!(auth("a.test:1").unwrap().port, 1);
 }
@@ -26,7 +41,18 @@ fn p02_missing_or_empty_port() {
 
 #[test]
 fn p03_strict_ports() {
-    for t in ["host:0", "host:0443", "host:00443", "host:65536", "host:99999999999999999999", "host:-1", "host:+443", "host:0x1bb", "host:443 ", "host:https"] {
+    for t in [
+        "host:0",
+        "host:0443",
+        "host:00443",
+        "host:65536",
+        "host:99999999999999999999",
+        "host:-1",
+        "host:+443",
+        "host:0x1bb",
+        "host:443 ",
+        "host:https",
+    ] {
         assert_eq!(auth(t), Err(HostError::InvalidPort), "{t}");
     }
     assert!(auth("host:443:443").is_err());
@@ -63,7 +89,21 @@ fn p04_p09_metacharacters() {
 
 #[test]
 fn p05_ipv6_literals() {
-    for t in ["2001:db8::1:443", "::1:443", "[::1:443", "::1]:443", "[[::1]]:443", "[127.0.0.1]:443", "[allowed.test]:443", "[v1.fe80::a]:443", "[fe80::1%25eth0]:443", "[fe80::1%eth0]:443", "[fe80::1%251]:443", "[::1]", "[::1]x:443"] {
+    for t in [
+        "2001:db8::1:443",
+        "::1:443",
+        "[::1:443",
+        "::1]:443",
+        "[[::1]]:443",
+        "[127.0.0.1]:443",
+        "[allowed.test]:443",
+        "[v1.fe80::a]:443",
+        "[fe80::1%25eth0]:443",
+        "[fe80::1%eth0]:443",
+        "[fe80::1%251]:443",
+        "[::1]",
+        "[::1]x:443",
+    ] {
         assert!(auth(t).is_err(), "{t:?} must be rejected");
     }
 }
@@ -87,14 +127,31 @@ fn p07_lengths() {
 
 #[test]
 fn s05_odd_ipv4_spellings() {
-    for t in ["2130706433:443", "0x7f000001:443", "0x7f.1:443", "127.1:443", "0177.0.0.1:443", "017700000001:443", "010.0.0.1:443", "127.0.0.1.:443", "1.2.3.4.5:443", "0x7f.0x0.0x0.0x1:443", "test.123:443"] {
+    for t in [
+        "2130706433:443",
+        "0x7f000001:443",
+        "0x7f.1:443",
+        "127.1:443",
+        "0177.0.0.1:443",
+        "017700000001:443",
+        "010.0.0.1:443",
+        "127.0.0.1.:443",
+        "1.2.3.4.5:443",
+        "0x7f.0x0.0x0.0x1:443",
+        "test.123:443",
+    ] {
         assert_eq!(auth(t), Err(HostError::NonCanonicalIpv4), "{t}");
     }
 }
 
 #[test]
 fn normalization_is_idempotent() {
-    for t in ["Allowed.TEST.:443", "[2001:DB8::1]:443", "XN--BCHER-KVA.test:443", "10.1.2.3:8080"] {
+    for t in [
+        "Allowed.TEST.:443",
+        "[2001:DB8::1]:443",
+        "XN--BCHER-KVA.test:443",
+        "10.1.2.3:8080",
+    ] {
         let once = auth(t).unwrap();
         assert_eq!(auth(&once.to_string()).unwrap(), once);
     }
@@ -112,10 +169,22 @@ fn patterns() {
     assert!(e.matches(&n("API.GitHub.com.")));
     assert!(!e.matches(&n("x.api.github.com")));
     assert_eq!("*".parse::<HostPattern>(), Err(PatternError::BareWildcard));
-    assert_eq!("a.*.test".parse::<HostPattern>(), Err(PatternError::MisplacedWildcard));
-    assert_eq!("*a.test".parse::<HostPattern>(), Err(PatternError::MisplacedWildcard));
-    assert_eq!("10.0.0.1".parse::<HostPattern>(), Err(PatternError::Address));
+    assert_eq!(
+        "a.*.test".parse::<HostPattern>(),
+        Err(PatternError::MisplacedWildcard)
+    );
+    assert_eq!(
+        "*a.test".parse::<HostPattern>(),
+        Err(PatternError::MisplacedWildcard)
+    );
+    assert_eq!(
+        "10.0.0.1".parse::<HostPattern>(),
+        Err(PatternError::Address)
+    );
     assert!("a b.test".parse::<HostPattern>().is_err());
     // Policies may be written in Unicode; they are stored as A-labels.
-    assert_eq!("bücher.test".parse::<HostPattern>().unwrap().to_string(), "xn--bcher-kva.test");
+    assert_eq!(
+        "bücher.test".parse::<HostPattern>().unwrap().to_string(),
+        "xn--bcher-kva.test"
+    );
 }

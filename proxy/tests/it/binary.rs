@@ -15,7 +15,11 @@ use crate::tls::TempDir;
 const BIN: &str = env!("CARGO_BIN_EXE_tunnelgate-proxy");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A proxy process with fixed ports read back from its config.
@@ -50,13 +54,30 @@ impl Proc {
             }
             Some(n) => {
                 let mut c = Command::new("sh");
-                c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" --config \"$1\"")).arg(BIN).arg(&path);
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" --config \"$1\""))
+                    .arg(BIN)
+                    .arg(&path);
                 c
             }
         };
-        let child = cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true).spawn().unwrap();
-        let p = Proc { child, listen, admin, dir };
-        assert!(eventually(10, || async { TcpStream::connect(admin).await.is_ok() }).await, "proxy did not start: {}", p.log());
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let p = Proc {
+            child,
+            listen,
+            admin,
+            dir,
+        };
+        assert!(
+            eventually(10, || async { TcpStream::connect(admin).await.is_ok() }).await,
+            "proxy did not start: {}",
+            p.log()
+        );
         p
     }
 
@@ -65,7 +86,12 @@ impl Proc {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid()).status().unwrap().success();
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid())
+            .status()
+            .unwrap()
+            .success();
         assert!(ok);
     }
 
@@ -82,7 +108,13 @@ impl Proc {
 
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     fn cpu_ticks(&self) -> u64 {
@@ -95,14 +127,21 @@ impl Proc {
 
 fn run(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(BIN).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]
 fn cli_check_reports_every_error_with_its_path() {
     let dir = TempDir::new("check");
     let good = dir.0.join("good.yaml");
-    std::fs::write(&good, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\n").unwrap();
+    std::fs::write(
+        &good,
+        "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\n",
+    )
+    .unwrap();
     let (code, out) = run(&["check", "--config", good.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("valid"));
@@ -110,7 +149,11 @@ fn cli_check_reports_every_error_with_its_path() {
     std::fs::write(&bad, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\npolicy:\n  rules:\n    - {name: a, action: allow, hosts: ['a.*.test'], cidrs: ['10.0.0.0/33'], ports: [70000]}\n").unwrap();
     let (code, out) = run(&["check", "--config", bad.to_str().unwrap()]);
     assert_eq!(code, 64);
-    for want in ["policy.rules[0].hosts[0]: wildcard must be the leftmost label", "policy.rules[0].cidrs[0]:", "policy.rules[0].ports[0]: 70000 is not a port"] {
+    for want in [
+        "policy.rules[0].hosts[0]: wildcard must be the leftmost label",
+        "policy.rules[0].cidrs[0]:",
+        "policy.rules[0].ports[0]: 70000 is not a port",
+    ] {
         assert!(out.contains(want), "{want} in {out}");
     }
     let (code, out) = run(&["check", "--config", "/nonexistent/x.yaml"]);
@@ -124,16 +167,89 @@ fn cli_explain_names_the_deciding_rule() {
     let f = dir.0.join("c.yaml");
     std::fs::write(&f, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\npolicy:\n  rules:\n    - {name: payments/allow-github, action: allow, clients: ['10.244.1.0/24'], hosts: [api.github.com], ports: [443], relay: {idleTimeout: 60s}}\n    - {name: no-evil, action: deny, hosts: ['*.evil.test']}\n    - {name: db, action: allow, cidrs: ['10.9.0.0/16'], ports: [5432]}\n").unwrap();
     let f = f.to_str().unwrap();
-    let (code, out) = run(&["explain", "--config", f, "--client", "10.244.1.17", "--target", "api.github.com:443", "--resolve", "140.82.112.5"]);
+    let (code, out) = run(&[
+        "explain",
+        "--config",
+        f,
+        "--client",
+        "10.244.1.17",
+        "--target",
+        "api.github.com:443",
+        "--resolve",
+        "140.82.112.5",
+    ]);
     assert_eq!(code, 0);
-    assert!(out.contains("decision: allow") && out.contains("rule: payments/allow-github") && out.contains("idleTimeout=1m"), "{out}");
-    let (_, out) = run(&["explain", "--config", f, "--client", "10.244.1.17", "--target", "x.evil.test:443"]);
-    assert!(out.contains("decision: deny (403)") && out.contains("rule: no-evil") && out.contains("no DNS query"), "{out}");
-    let (_, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "10.9.1.1:5432"]);
-    assert!(out.contains("decision: allow") && out.contains("rule: db"), "{out}");
-    let (_, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "10.0.0.1:5432"]);
-    assert!(out.contains("decision: deny") && out.contains("private_address"), "{out}");
-    let (code, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "0x7f.1:443"]);
+    assert!(
+        out.contains("decision: allow")
+            && out.contains("rule: payments/allow-github")
+            && out.contains("idleTimeout=1m"),
+        "{out}"
+    );
+    let (_, out) = run(&[
+        "explain",
+        "--config",
+        f,
+        "--client",
+        "10.244.1.17",
+        "--target",
+        "x.evil.test:443",
+    ]);
+    assert!(
+        out.contains("decision: deny (403)")
+            && out.contains("rule: no-evil")
+            && out.contains("no DNS query"),
+        "{out}"
+    );
+    let (_, out) = run(&[
+        "explain",
+        "--config",
+        f,
+        "--client",
+        "1.2.3.4",
+        "--target",
+        "10.9.1.1:5432",
+    ]);
+    assert!(
+        out.contains("decision: allow") && out.contains("rule: db"),
+        "{out}"
+    );
+    let (_, out) = run(&[
+        "explain",
+        "--config",
+        f,
+        "--client",
+        "10.244.1.17",
+        "--target",
+        "api.github.com:443",
+        "--resolve",
+        "10.0.0.1",
+    ]);
+    assert!(
+        out.contains("decision: deny") && out.contains("private_address (private)"),
+        "{out}"
+    );
+    let (_, out) = run(&[
+        "explain",
+        "--config",
+        f,
+        "--client",
+        "1.2.3.4",
+        "--target",
+        "10.0.0.1:5432",
+    ]);
+    assert!(
+        out.contains("decision: deny") && out.contains("rule: default"),
+        "{out}"
+    );
+    let (code, out) = run(&[
+        "explain",
+        "--config",
+        f,
+        "--client",
+        "1.2.3.4",
+        "--target",
+        "0x7f.1:443",
+    ]);
     assert_eq!(code, 64);
     assert!(out.contains("400"), "{out}");
 }
@@ -154,18 +270,38 @@ async fn invalid_config_exits_64_before_binding() {
 #[tokio::test]
 async fn embedded_default_serves_and_denies_private_targets() {
     // The README's first command: no --config.
-    let Ok(l) = std::net::TcpListener::bind("127.0.0.1:8080") else { panic!("port 8080 is busy; the embedded default needs it") };
+    let Ok(l) = std::net::TcpListener::bind("127.0.0.1:8080") else {
+        panic!("port 8080 is busy; the embedded default needs it")
+    };
     drop(l);
-    let mut child = Command::new(BIN).stderr(Stdio::null()).kill_on_drop(true).spawn().unwrap();
+    let mut child = Command::new(BIN)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     let admin: SocketAddr = "127.0.0.1:9090".parse().unwrap();
     assert!(eventually(10, || async { TcpStream::connect(admin).await.is_ok() }).await);
     assert_eq!(admin_get(admin, "/readyz").await.0, 200);
-    let (status, _) = exchange("127.0.0.1:8080".parse().unwrap(), b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n").await;
+    let (status, _) = exchange(
+        "127.0.0.1:8080".parse().unwrap(),
+        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n",
+    )
+    .await;
     assert_eq!(status, 403, "the default refuses private addresses");
     let (_, cfg) = admin_get(admin, "/config").await;
-    assert!(cfg.contains("\"generation\":1") && cfg.contains("\"sha256\""), "{cfg}");
-    std::process::Command::new("kill").arg("-TERM").arg(child.id().unwrap().to_string()).status().unwrap();
-    let st = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.unwrap().unwrap();
+    assert!(
+        cfg.contains("\"generation\":1") && cfg.contains("\"sha256\""),
+        "{cfg}"
+    );
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().unwrap().to_string())
+        .status()
+        .unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(st.code(), Some(0));
 }
 
@@ -173,7 +309,10 @@ async fn pump(mut s: TcpStream, rounds: usize) -> bool {
     let chunk: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 241) as u8).collect();
     let mut back = vec![0u8; chunk.len()];
     for _ in 0..rounds {
-        if s.write_all(&chunk).await.is_err() || s.read_exact(&mut back).await.is_err() || back != chunk {
+        if s.write_all(&chunk).await.is_err()
+            || s.read_exact(&mut back).await.is_err()
+            || back != chunk
+        {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -192,9 +331,15 @@ async fn d01_sigterm_drains_active_tunnels_and_exits_0() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     p.signal("TERM");
-    assert!(eventually(2, || async { admin_get(p.admin, "/readyz").await.0 == 503 }).await, "readiness fails at once");
+    assert!(
+        eventually(2, || async { admin_get(p.admin, "/readyz").await.0 == 503 }).await,
+        "readiness fails at once"
+    );
     for t in pumps {
-        assert!(t.await.unwrap(), "every transfer completes intact with a clean half-close");
+        assert!(
+            t.await.unwrap(),
+            "every transfer completes intact with a clean half-close"
+        );
     }
     assert_eq!(p.exit_within(10).await, 0);
     assert!(p.log().contains("drained"), "{}", p.log());
@@ -214,7 +359,11 @@ async fn d02_drain_deadline_closes_remaining_tunnels() {
         let mut b = [0u8; 1];
         assert_eq!(s.read(&mut b).await.unwrap_or(0), 0, "closed with FIN");
     }
-    assert!(p.log().contains("drain deadline passed") && p.log().contains("tunnels=10"), "{}", p.log());
+    assert!(
+        p.log().contains("drain deadline passed") && p.log().contains("tunnels=10"),
+        "{}",
+        p.log()
+    );
 }
 
 #[tokio::test]
@@ -246,7 +395,10 @@ async fn d04_upgraded_tunnels_keep_the_process_alive() {
     }
     p.signal("TERM");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(p.child.try_wait().unwrap().is_none(), "exited with tunnels open");
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "exited with tunnels open"
+    );
     for s in tunnels.iter_mut() {
         roundtrip(s, b"still alive").await;
     }
@@ -263,7 +415,9 @@ async fn d06_half_established_connects_at_sigterm_get_503() {
     let mut waiting = Vec::new();
     for _ in 0..5 {
         let mut s = TcpStream::connect(p.listen).await.unwrap();
-        s.write_all(b"CONNECT slow.test:443 HTTP/1.1\r\n\r\n").await.unwrap();
+        s.write_all(b"CONNECT slow.test:443 HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
         waiting.push(s);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -293,7 +447,9 @@ async fn r04_fd_exhaustion_neither_spins_nor_kills_the_accept_loop() {
     let mut p = Proc::start_with(&w, "limits: {drainDelay: 0s}\n", Some(64)).await;
     let mut held = Vec::new();
     for _ in 0..80 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(p.listen)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(p.listen)).await
+        {
             held.push(s);
         }
     }
@@ -301,19 +457,34 @@ async fn r04_fd_exhaustion_neither_spins_nor_kills_the_accept_loop() {
     let before = p.cpu_ticks();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let spent = p.cpu_ticks() - before;
-    assert!(spent < 50, "accept loop busy-spins on EMFILE: {spent} ticks in 1 s");
+    assert!(
+        spent < 50,
+        "accept loop busy-spins on EMFILE: {spent} ticks in 1 s"
+    );
     drop(held);
     // Once descriptors are free, new connections are served again.
     let served = eventually(3, || async {
-        let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(p.listen)).await else { return false };
+        let Ok(Ok(mut s)) =
+            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(p.listen)).await
+        else {
+            return false;
+        };
         let t = w.echo.addr.to_string();
-        s.write_all(format!("CONNECT {t} HTTP/1.1\r\n\r\n").as_bytes()).await.is_ok()
-            && tokio::time::timeout(Duration::from_millis(500), read_head(&mut s)).await.map(|r| r.0 == 200).unwrap_or(false)
+        s.write_all(format!("CONNECT {t} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .is_ok()
+            && tokio::time::timeout(Duration::from_millis(500), read_head(&mut s))
+                .await
+                .map(|r| r.0 == 200)
+                .unwrap_or(false)
     })
     .await;
     assert!(served, "{}", p.log());
     assert!(p.child.try_wait().unwrap().is_none(), "process alive");
-    assert!(metric(p.admin, "tunnelgate_accept_errors_total").await > 0.0, "EMFILE was hit");
+    assert!(
+        metric(p.admin, "tunnelgate_accept_errors_total").await > 0.0,
+        "EMFILE was hit"
+    );
     p.signal("TERM");
     assert_eq!(p.exit_within(10).await, 0);
 }
@@ -340,7 +511,9 @@ async fn r05_backpressure_keeps_memory_flat() {
         let mut s = tunnel(p.listen, &deaf.addr.to_string()).await;
         let chunk = vec![1u8; 1 << 16];
         // Write until flow control stops us.
-        while let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(200), s.write_all(&chunk)).await {
+        while let Ok(Ok(())) =
+            tokio::time::timeout(Duration::from_millis(200), s.write_all(&chunk)).await
+        {
             pushed_total += chunk.len();
             if pushed_total > (2usize << 30) {
                 break;
@@ -352,7 +525,10 @@ async fn r05_backpressure_keeps_memory_flat() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let grown = p.rss_kib().saturating_sub(baseline);
     // 40 tunnels with 2 × 32 KiB buffers each is 2.5 MiB; the kernel holds the rest.
-    assert!(grown < 16 * 1024, "RSS grew by {grown} KiB for 40 stalled tunnels");
+    assert!(
+        grown < 16 * 1024,
+        "RSS grew by {grown} KiB for 40 stalled tunnels"
+    );
     drop(held);
     p.signal("TERM");
     assert_eq!(p.exit_within(10).await, 0);
