@@ -533,3 +533,50 @@ async fn r05_backpressure_keeps_memory_flat() {
     p.signal("TERM");
     assert_eq!(p.exit_within(10).await, 0);
 }
+
+#[tokio::test]
+async fn access_log_is_json_and_never_identifies_users_unless_opted_in() {
+    let w = World::new().await;
+    for opt_in in [false, true] {
+        let extra = format!("logging: {{format: json, accessLog: true, logClientAddresses: {opt_in}, logTargets: {opt_in}}}\nlimits: {{drainDelay: 0s}}\n");
+        let mut p = Proc::start(&w, &extra).await;
+        let mut s = tunnel(p.listen, &w.echo_target("allowed.test")).await;
+        roundtrip(&mut s, b"logged").await;
+        s.shutdown().await.unwrap();
+        let _ = read_to_close(&mut s).await;
+        let _ = exchange(
+            p.listen,
+            b"CONNECT 10.1.2.3:443 HTTP/1.1\r\nProxy-Authorization: Basic c2VjcmV0\r\n\r\n",
+        )
+        .await;
+        p.signal("TERM");
+        assert_eq!(p.exit_within(10).await, 0);
+        let log = p.log();
+        let access: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "tunnelgate::access")
+            .collect();
+        assert_eq!(access.len(), 2, "{log}");
+        let ok = &access[0];
+        assert_eq!(ok["rule"], "echo");
+        assert_eq!(ok["close"], "client_closed");
+        assert_eq!(ok["bytes_up"], 6);
+        assert_eq!(ok["bytes_down"], 6);
+        assert_eq!(access[1]["status"], 403);
+        assert!(!log.contains("c2VjcmV0"), "credentials never logged");
+        if opt_in {
+            assert_eq!(ok["client"], "127.0.0.1");
+            assert_eq!(ok["target"].as_str().is_some(), true);
+            assert!(log.contains("allowed.test"));
+        } else {
+            for line in &access {
+                assert!(line.get("client").is_none_or(|v| v.is_null()), "{line}");
+            }
+            assert!(
+                !log.contains("allowed.test") && !log.contains("10.1.2.3"),
+                "{log}"
+            );
+        }
+    }
+}

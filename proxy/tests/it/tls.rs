@@ -281,3 +281,93 @@ async fn tls_listener_with_a_key_that_does_not_match_fails_to_start() {
         );
     }
 }
+
+/// Runs openssl (installed by .ci/run when missing) in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let st = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "openssl {args:?}");
+}
+
+#[tokio::test]
+async fn tls_accepts_pkcs8_pkcs1_rsa_and_sec1_keys() {
+    let w = World::new().await;
+    let dir = TempDir::new("keys");
+    let d = dir.0.as_path();
+    let subj = [
+        "-subj",
+        "/CN=proxy.test",
+        "-addext",
+        "subjectAltName=DNS:proxy.test",
+        "-addext",
+        "basicConstraints=critical,CA:FALSE",
+        "-days",
+        "2",
+    ];
+    // RSA, PKCS#8 ("BEGIN PRIVATE KEY") and PKCS#1 ("BEGIN RSA PRIVATE KEY").
+    openssl(
+        d,
+        &[
+            &[
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rsa8.key", "-out",
+                "rsa.crt",
+            ][..],
+            &subj,
+        ]
+        .concat(),
+    );
+    openssl(
+        d,
+        &["rsa", "-in", "rsa8.key", "-traditional", "-out", "rsa1.key"],
+    );
+    // EC, SEC1 ("BEGIN EC PRIVATE KEY").
+    openssl(
+        d,
+        &[
+            "ecparam",
+            "-genkey",
+            "-name",
+            "prime256v1",
+            "-noout",
+            "-out",
+            "ec1.key",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            &["req", "-x509", "-new", "-key", "ec1.key", "-out", "ec.crt"][..],
+            &subj,
+        ]
+        .concat(),
+    );
+    for (cert, key, marker) in [
+        ("rsa.crt", "rsa8.key", "BEGIN PRIVATE KEY"),
+        ("rsa.crt", "rsa1.key", "BEGIN RSA PRIVATE KEY"),
+        ("ec.crt", "ec1.key", "BEGIN EC PRIVATE KEY"),
+    ] {
+        assert!(std::fs::read_to_string(d.join(key))
+            .unwrap()
+            .contains(marker));
+        let yaml = format!(
+            "version: 1\nlisteners: [{{name: s, bind: '127.0.0.1:0', tls: {{certFile: '{d}/{cert}', keyFile: '{d}/{key}'}}}}]\nadmin: {{bind: '127.0.0.1:0'}}\npolicy:\n  rules:\n    - {{name: echo, action: allow, cidrs: ['127.0.0.2/32']}}\n",
+            d = d.display()
+        );
+        let p = start_proxy(&yaml).await;
+        let pem = std::fs::read(d.join(cert)).unwrap();
+        let ca = rustls_pemfile::certs(&mut pem.as_slice())
+            .next()
+            .unwrap()
+            .unwrap();
+        let mut s = tls_connect(&ca, addr(&p), ServerName::try_from("proxy.test").unwrap()).await;
+        s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", w.echo.addr).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(read_head(&mut s).await.0, 200, "{key}");
+        roundtrip(&mut s, key.as_bytes()).await;
+    }
+}
