@@ -307,7 +307,7 @@ where
             bytes_down = out.bytes_down,
             duration_ms = u64::try_from(out.duration.as_millis()).unwrap_or(u64::MAX),
             client = logging.log_client_addresses.then(|| ctx.peer.ip().to_string()),
-            target = logging.log_targets.then_some(target.as_str()),
+            destination = logging.log_targets.then_some(target.as_str()),
             "tunnel closed"
         );
     }
