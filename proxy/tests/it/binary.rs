@@ -567,7 +567,12 @@ async fn access_log_is_json_and_never_identifies_users_unless_opted_in() {
         assert!(!log.contains("c2VjcmV0"), "credentials never logged");
         if opt_in {
             assert_eq!(ok["client"], "127.0.0.1");
-            assert!(ok["destination"].as_str().is_some_and(|d| d.starts_with("allowed.test:")), "{ok}");
+            assert!(
+                ok["destination"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("allowed.test:")),
+                "{ok}"
+            );
             assert!(log.contains("allowed.test"));
         } else {
             for line in &access {
