@@ -115,7 +115,7 @@ fn classify_v6(ip: Ipv6Addr) -> Option<SpecialRange> {
         a if a & 0xffc0 == 0xfe80 => SpecialRange::LinkLocal,
         a if a & 0xffc0 == 0xfec0 => SpecialRange::NotGlobal, // deprecated site-local
         a if a & 0xff00 == 0xff00 => SpecialRange::Multicast,
-        0x5f00 => SpecialRange::NotGlobal, // SRv6 SIDs, RFC 9602
+        0x5f00 => SpecialRange::NotGlobal,                    // SRv6 SIDs, RFC 9602
         a if a & 0xe000 != 0x2000 => SpecialRange::NotGlobal, // outside global unicast 2000::/3
         _ => return None,
     };

@@ -131,25 +131,16 @@ pub enum LogFormat {
 impl ProxyConfig {
     /// Parses and validates a YAML (or JSON) document.
     pub fn from_yaml(text: &str) -> Result<ProxyConfig, ConfigErrors> {
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| single("", yaml_message(&e)))?;
+        let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| single("", yaml_message(&e)))?;
         if value.is_null() {
             return Err(single("", "document is empty"));
         }
         match value.get("version") {
-            None => {
-                return Err(single(
-                    "version",
-                    "missing field (this proxy reads version 1)",
-                ))
-            }
+            None => return Err(single("version", "missing field (this proxy reads version 1)")),
             Some(v) if v.as_u64() != Some(u64::from(VERSION)) => {
                 return Err(single(
                     "version",
-                    format!(
-                        "unsupported version {} (this proxy reads version 1)",
-                        yaml_scalar(v)
-                    ),
+                    format!("unsupported version {} (this proxy reads version 1)", yaml_scalar(v)),
                 ));
             }
             Some(_) => {}
@@ -183,19 +174,13 @@ fn single(path: impl Into<String>, message: impl Into<String>) -> ConfigErrors {
 
 fn yaml_message(e: &serde_yaml::Error) -> String {
     match e.location() {
-        Some(l) => format!(
-            "invalid YAML at line {} column {}: {e}",
-            l.line(),
-            l.column()
-        ),
+        Some(l) => format!("invalid YAML at line {} column {}: {e}", l.line(), l.column()),
         None => format!("invalid YAML: {e}"),
     }
 }
 
 fn yaml_scalar(v: &serde_yaml::Value) -> String {
-    serde_yaml::to_string(v)
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    serde_yaml::to_string(v).map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
@@ -213,34 +198,22 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         if !valid_listener_name(&l.name) {
             errs.push(format!("{p}.name"), "must match [a-z0-9-]{1,63}");
         } else if !names.insert(l.name.clone()) {
-            errs.push(
-                format!("{p}.name"),
-                format!("duplicate listener name \"{}\"", l.name),
-            );
+            errs.push(format!("{p}.name"), format!("duplicate listener name \"{}\"", l.name));
         }
         let bind = errs.take(&format!("{p}.bind"), parse_socket_addr(&l.bind));
         if let Some(b) = bind {
             if b.port() != 0 && !binds.insert(b) {
-                errs.push(
-                    format!("{p}.bind"),
-                    format!("address {b} is used by another listener"),
-                );
+                errs.push(format!("{p}.bind"), format!("address {b} is used by another listener"));
             }
         }
         let mode = match l.mode.as_deref() {
             None | Some("forward") => Some(ListenerMode::Forward),
             Some("tunnel") => {
-                errs.push(
-                    format!("{p}.mode"),
-                    "tunnel mode is not supported by this version of the proxy",
-                );
+                errs.push(format!("{p}.mode"), "tunnel mode is not supported by this version of the proxy");
                 None
             }
             Some(other) => {
-                errs.push(
-                    format!("{p}.mode"),
-                    format!("unknown mode \"{other}\" (expected forward)"),
-                );
+                errs.push(format!("{p}.mode"), format!("unknown mode \"{other}\" (expected forward)"));
                 None
             }
         };
@@ -248,10 +221,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             errs.push(format!("{p}.upstream"), "only valid with mode: tunnel");
         }
         if l.send_proxy_protocol.is_some() {
-            errs.push(
-                format!("{p}.sendProxyProtocol"),
-                "only valid with mode: tunnel",
-            );
+            errs.push(format!("{p}.sendProxyProtocol"), "only valid with mode: tunnel");
         }
         let tls = l.tls.and_then(|t| {
             let mut ok = true;
@@ -263,18 +233,10 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
                 errs.push(format!("{p}.tls.keyFile"), "must not be empty");
                 ok = false;
             }
-            ok.then(|| TlsFiles {
-                cert_file: t.cert_file.into(),
-                key_file: t.key_file.into(),
-            })
+            ok.then(|| TlsFiles { cert_file: t.cert_file.into(), key_file: t.key_file.into() })
         });
         if let (Some(bind), Some(mode)) = (bind, mode) {
-            listeners.push(Listener {
-                name: l.name,
-                bind,
-                mode,
-                tls,
-            });
+            listeners.push(Listener { name: l.name, bind, mode, tls });
         }
     }
 
@@ -285,30 +247,12 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
 
     // relay defaults
     let r = raw.relay;
-    let connect_timeout = duration(
-        &mut errs,
-        "relay.connectTimeout",
-        r.connect_timeout.as_deref(),
-        Duration::from_secs(10),
-    );
+    let connect_timeout =
+        duration(&mut errs, "relay.connectTimeout", r.connect_timeout.as_deref(), Duration::from_secs(10));
     let defaults = TunnelLimits {
-        idle_timeout: duration(
-            &mut errs,
-            "relay.idleTimeout",
-            r.idle_timeout.as_deref(),
-            Duration::from_secs(300),
-        ),
-        max_lifetime: duration(
-            &mut errs,
-            "relay.maxLifetime",
-            r.max_lifetime.as_deref(),
-            Duration::from_secs(86_400),
-        ),
-        max_bytes_per_second: positive(
-            &mut errs,
-            "relay.maxBytesPerSecond",
-            r.max_bytes_per_second,
-        ),
+        idle_timeout: duration(&mut errs, "relay.idleTimeout", r.idle_timeout.as_deref(), Duration::from_secs(300)),
+        max_lifetime: duration(&mut errs, "relay.maxLifetime", r.max_lifetime.as_deref(), Duration::from_secs(86_400)),
+        max_bytes_per_second: positive(&mut errs, "relay.maxBytesPerSecond", r.max_bytes_per_second),
         min_bytes_per_minute: r.min_bytes_per_minute,
         max_total_bytes: positive(&mut errs, "relay.maxTotalBytes", r.max_total_bytes),
     };
@@ -317,48 +261,31 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
     let pol = raw.policy;
     let default_action = match pol.default_action.as_deref() {
         None => Action::Deny,
-        Some(s) => errs
-            .take("policy.defaultAction", parse_action(s))
-            .unwrap_or(Action::Deny),
+        Some(s) => errs.take("policy.defaultAction", parse_action(s)).unwrap_or(Action::Deny),
     };
     let mut rules = Vec::new();
     let mut rule_names = HashSet::new();
     for (i, rr) in pol.rules.into_iter().enumerate() {
         let p = format!("policy.rules[{i}]");
         if !valid_rule_name(&rr.name) {
-            errs.push(
-                format!("{p}.name"),
-                "must be 1-253 printable ASCII characters without spaces",
-            );
+            errs.push(format!("{p}.name"), "must be 1-253 printable ASCII characters without spaces");
         } else if !rule_names.insert(rr.name.clone()) {
-            errs.push(
-                format!("{p}.name"),
-                format!("duplicate rule name \"{}\"", rr.name),
-            );
+            errs.push(format!("{p}.name"), format!("duplicate rule name \"{}\"", rr.name));
         }
         let action = errs.take(&format!("{p}.action"), parse_action(&rr.action));
         let clients = list(&mut errs, &format!("{p}.clients"), rr.clients, parse_net);
-        let hosts = list(&mut errs, &format!("{p}.hosts"), rr.hosts, |s| {
-            s.parse::<HostPattern>().map_err(|e| e.to_string())
-        });
+        let hosts =
+            list(&mut errs, &format!("{p}.hosts"), rr.hosts, |s| s.parse::<HostPattern>().map_err(|e| e.to_string()));
         let cidrs = list(&mut errs, &format!("{p}.cidrs"), rr.cidrs, parse_net);
         let host_regex = rr.host_regex.as_deref().and_then(|re| {
             let anchored = format!("^(?:{re})$");
-            let built = RegexBuilder::new(&anchored)
-                .size_limit(MAX_REGEX_SIZE)
-                .build();
-            errs.take(
-                &format!("{p}.hostRegex"),
-                built.map_err(|e| format!("invalid regular expression: {e}")),
-            )
+            let built = RegexBuilder::new(&anchored).size_limit(MAX_REGEX_SIZE).build();
+            errs.take(&format!("{p}.hostRegex"), built.map_err(|e| format!("invalid regular expression: {e}")))
         });
         let mut ports = Vec::new();
         if let Some(raw_ports) = rr.ports {
             if raw_ports.is_empty() {
-                errs.push(
-                    format!("{p}.ports"),
-                    "must not be empty (omit it to allow any port)",
-                );
+                errs.push(format!("{p}.ports"), "must not be empty (omit it to allow any port)");
             }
             for (j, rp) in raw_ports.iter().enumerate() {
                 if let Some(pr) = errs.take(&format!("{p}.ports[{j}]"), parse_port_range(rp)) {
@@ -367,27 +294,11 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             }
         }
         if hosts.is_empty() && cidrs.is_empty() && host_regex.is_none() {
-            errs.push(
-                p.clone(),
-                "rule has no destination: set hosts, hostRegex or cidrs",
-            );
+            errs.push(p.clone(), "rule has no destination: set hosts, hostRegex or cidrs");
         }
-        let relay = rule_relay(
-            &mut errs,
-            &format!("{p}.relay"),
-            rr.relay.unwrap_or_default(),
-        );
+        let relay = rule_relay(&mut errs, &format!("{p}.relay"), rr.relay.unwrap_or_default());
         if let Some(action) = action {
-            rules.push(Rule {
-                name: rr.name,
-                action,
-                clients,
-                hosts,
-                host_regex,
-                cidrs,
-                ports,
-                relay,
-            });
+            rules.push(Rule { name: rr.name, action, clients, hosts, host_regex, cidrs, ports, relay });
         }
     }
     let policy = Policy {
@@ -408,36 +319,16 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         Ok(a)
     });
     let dns = Dns {
-        cache_ttl: duration(
-            &mut errs,
-            "dns.cacheTtl",
-            d.cache_ttl.as_deref(),
-            Duration::from_secs(60),
-        ),
-        negative_ttl: duration(
-            &mut errs,
-            "dns.negativeTtl",
-            d.negative_ttl.as_deref(),
-            Duration::from_secs(5),
-        ),
-        timeout: duration(
-            &mut errs,
-            "dns.timeout",
-            d.timeout.as_deref(),
-            Duration::from_secs(5),
-        ),
+        cache_ttl: duration(&mut errs, "dns.cacheTtl", d.cache_ttl.as_deref(), Duration::from_secs(60)),
+        negative_ttl: duration(&mut errs, "dns.negativeTtl", d.negative_ttl.as_deref(), Duration::from_secs(5)),
+        timeout: duration(&mut errs, "dns.timeout", d.timeout.as_deref(), Duration::from_secs(5)),
         nameservers,
     };
 
     // limits
     let l = raw.limits;
     let limits = Limits {
-        max_connections: count(
-            &mut errs,
-            "limits.maxConnections",
-            l.max_connections,
-            10_000,
-        ),
+        max_connections: count(&mut errs, "limits.maxConnections", l.max_connections, 10_000),
         max_connections_per_client: count(
             &mut errs,
             "limits.maxConnectionsPerClient",
@@ -450,24 +341,14 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             l.request_head_timeout.as_deref(),
             Duration::from_secs(10),
         ),
-        max_request_head_bytes: count(
-            &mut errs,
-            "limits.maxRequestHeadBytes",
-            l.max_request_head_bytes,
-            16_384,
-        ),
+        max_request_head_bytes: count(&mut errs, "limits.maxRequestHeadBytes", l.max_request_head_bytes, 16_384),
         tls_handshake_timeout: duration(
             &mut errs,
             "limits.tlsHandshakeTimeout",
             l.tls_handshake_timeout.as_deref(),
             Duration::from_secs(10),
         ),
-        drain_delay: duration_or_zero(
-            &mut errs,
-            "limits.drainDelay",
-            l.drain_delay.as_deref(),
-            Duration::from_secs(5),
-        ),
+        drain_delay: duration_or_zero(&mut errs, "limits.drainDelay", l.drain_delay.as_deref(), Duration::from_secs(5)),
         drain_timeout: duration_or_zero(
             &mut errs,
             "limits.drainTimeout",
@@ -476,16 +357,10 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         ),
     };
     if !(256..=1 << 20).contains(&limits.max_request_head_bytes) {
-        errs.push(
-            "limits.maxRequestHeadBytes",
-            "must be between 256 and 1048576",
-        );
+        errs.push("limits.maxRequestHeadBytes", "must be between 256 and 1048576");
     }
     if limits.max_connections_per_client > limits.max_connections {
-        errs.push(
-            "limits.maxConnectionsPerClient",
-            "must not exceed limits.maxConnections",
-        );
+        errs.push("limits.maxConnectionsPerClient", "must not exceed limits.maxConnections");
     }
 
     // logging
@@ -494,10 +369,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
         Some(other) => {
-            errs.push(
-                "logging.format",
-                format!("unknown format \"{other}\" (expected text or json)"),
-            );
+            errs.push("logging.format", format!("unknown format \"{other}\" (expected text or json)"));
             LogFormat::Text
         }
     };
@@ -508,9 +380,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         log_targets: g.log_targets.unwrap_or(false),
     };
 
-    let admin = Admin {
-        bind: admin_bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090))),
-    };
+    let admin = Admin { bind: admin_bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090))) };
     errs.finish(ProxyConfig {
         listeners,
         admin,
@@ -524,56 +394,33 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
 
 fn rule_relay(errs: &mut Errors, p: &str, r: RawRuleRelay) -> RelayOverrides {
     RelayOverrides {
-        idle_timeout: r
-            .idle_timeout
-            .as_deref()
-            .and_then(|s| errs.take(&format!("{p}.idleTimeout"), parse_duration(s))),
-        max_lifetime: r
-            .max_lifetime
-            .as_deref()
-            .and_then(|s| errs.take(&format!("{p}.maxLifetime"), parse_duration(s))),
-        max_bytes_per_second: positive(
-            errs,
-            &format!("{p}.maxBytesPerSecond"),
-            r.max_bytes_per_second,
-        ),
+        idle_timeout: r.idle_timeout.as_deref().and_then(|s| errs.take(&format!("{p}.idleTimeout"), parse_duration(s))),
+        max_lifetime: r.max_lifetime.as_deref().and_then(|s| errs.take(&format!("{p}.maxLifetime"), parse_duration(s))),
+        max_bytes_per_second: positive(errs, &format!("{p}.maxBytesPerSecond"), r.max_bytes_per_second),
         min_bytes_per_minute: r.min_bytes_per_minute,
         max_total_bytes: positive(errs, &format!("{p}.maxTotalBytes"), r.max_total_bytes),
     }
 }
 
-fn list<T>(
-    errs: &mut Errors,
-    p: &str,
-    items: Option<Vec<String>>,
-    f: impl Fn(&str) -> Result<T, String>,
-) -> Vec<T> {
+fn list<T>(errs: &mut Errors, p: &str, items: Option<Vec<String>>, f: impl Fn(&str) -> Result<T, String>) -> Vec<T> {
     let Some(items) = items else {
         return Vec::new();
     };
     if items.is_empty() {
         errs.push(p, "must not be empty (omit the field instead)");
     }
-    items
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| errs.take(&format!("{p}[{i}]"), f(s)))
-        .collect()
+    items.iter().enumerate().filter_map(|(i, s)| errs.take(&format!("{p}[{i}]"), f(s))).collect()
 }
 
 fn duration(errs: &mut Errors, p: &str, v: Option<&str>, default: Duration) -> Duration {
-    v.map_or(Some(default), |s| errs.take(p, parse_duration(s)))
-        .unwrap_or(default)
+    v.map_or(Some(default), |s| errs.take(p, parse_duration(s))).unwrap_or(default)
 }
 
 fn duration_or_zero(errs: &mut Errors, p: &str, v: Option<&str>, default: Duration) -> Duration {
     match v {
         Some("0") => Duration::ZERO,
         Some(s) => errs
-            .take(
-                p,
-                humantime::parse_duration(s).map_err(|e| format!("invalid duration \"{s}\": {e}")),
-            )
+            .take(p, humantime::parse_duration(s).map_err(|e| format!("invalid duration \"{s}\": {e}")))
             .unwrap_or(default),
         None => default,
     }
@@ -617,15 +464,12 @@ fn parse_action(s: &str) -> Result<Action, String> {
     match s {
         "allow" => Ok(Action::Allow),
         "deny" => Ok(Action::Deny),
-        other => Err(format!(
-            "unknown action \"{other}\" (expected allow or deny)"
-        )),
+        other => Err(format!("unknown action \"{other}\" (expected allow or deny)")),
     }
 }
 
 fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>()
-        .map_err(|_| format!("\"{s}\" is not an address:port (IPv6 in brackets)"))
+    s.parse::<SocketAddr>().map_err(|_| format!("\"{s}\" is not an address:port (IPv6 in brackets)"))
 }
 
 /// Parses a CIDR, or a bare address as a host route (/32 or /128). Host bits must be zero.
@@ -633,28 +477,18 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
     }
-    let net: IpNet = s
-        .parse()
-        .map_err(|_| format!("\"{s}\" is not a CIDR (like 10.0.0.0/8) or an address"))?;
+    let net: IpNet = s.parse().map_err(|_| format!("\"{s}\" is not a CIDR (like 10.0.0.0/8) or an address"))?;
     if net.trunc() != net {
-        return Err(format!(
-            "\"{s}\" has host bits set; did you mean {}?",
-            net.trunc()
-        ));
+        return Err(format!("\"{s}\" has host bits set; did you mean {}?", net.trunc()));
     }
     Ok(net)
 }
 
 fn parse_port_range(p: &RawPort) -> Result<PortRange, String> {
-    let one = |s: &str| {
-        crate::host::parse_port(s).map_err(|_| format!("\"{s}\" is not a port (1-65535)"))
-    };
+    let one = |s: &str| crate::host::parse_port(s).map_err(|_| format!("\"{s}\" is not a port (1-65535)"));
     match p {
         RawPort::Number(n) => match u16::try_from(*n) {
-            Ok(port) if port > 0 => Ok(PortRange {
-                start: port,
-                end: port,
-            }),
+            Ok(port) if port > 0 => Ok(PortRange { start: port, end: port }),
             _ => Err(format!("{n} is not a port (1-65535)")),
         },
         RawPort::Text(s) => {
@@ -674,9 +508,7 @@ fn parse_port_range(p: &RawPort) -> Result<PortRange, String> {
 }
 
 fn valid_listener_name(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    (1..=63).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn valid_rule_name(s: &str) -> bool {

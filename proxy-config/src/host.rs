@@ -106,11 +106,7 @@ impl FromStr for Authority {
                 HostError::ForbiddenChar
             })?;
             // RFC 3986 IP-literal: only HEXDIG, ":" and "." (no zone identifier, no IPvFuture).
-            if inner.is_empty()
-                || !inner
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-            {
+            if inner.is_empty() || !inner.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
                 return Err(HostError::InvalidIpv6);
             }
             let ip = Ipv6Addr::from_str(inner).map_err(|_| HostError::InvalidIpv6)?;
@@ -126,10 +122,7 @@ impl FromStr for Authority {
             }
             (parse_host(host)?, port)
         };
-        Ok(Authority {
-            host,
-            port: parse_port(port)?,
-        })
+        Ok(Authority { host, port: parse_port(port)? })
     }
 }
 
@@ -154,10 +147,7 @@ pub fn parse_host(s: &str) -> Result<Host, HostError> {
     if s.is_empty() {
         return Err(HostError::EmptyHost);
     }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-    {
+    if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
         return Err(HostError::ForbiddenChar);
     }
     let trimmed = s.strip_suffix('.').unwrap_or(s);
@@ -207,10 +197,7 @@ pub fn normalize_name(s: &str) -> Result<HostName, HostError> {
         if label.len() > MAX_LABEL_LEN {
             return Err(HostError::LabelTooLong);
         }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return Err(HostError::ForbiddenChar);
         }
         if let Some(puny) = label.strip_prefix("xn--") {
@@ -229,11 +216,8 @@ pub fn name_from_policy(s: &str) -> Result<HostName, HostError> {
     if trimmed.parse::<IpAddr>().is_ok() {
         return Err(HostError::AddressNotName);
     }
-    let ascii = if s.is_ascii() {
-        s.to_owned()
-    } else {
-        idna::domain_to_ascii(s).map_err(|_| HostError::InvalidPunycode)?
-    };
+    let ascii =
+        if s.is_ascii() { s.to_owned() } else { idna::domain_to_ascii(s).map_err(|_| HostError::InvalidPunycode)? };
     let last = ascii.strip_suffix('.').unwrap_or(&ascii);
     let last = last.rsplit('.').next().unwrap_or(last);
     if looks_numeric(last) {
@@ -283,11 +267,7 @@ impl FromStr for HostPattern {
             HostError::AddressNotName => PatternError::Address,
             e => PatternError::Name(e),
         })?;
-        Ok(if wild {
-            HostPattern::Wildcard(name)
-        } else {
-            HostPattern::Exact(name)
-        })
+        Ok(if wild { HostPattern::Wildcard(name) } else { HostPattern::Exact(name) })
     }
 }
 

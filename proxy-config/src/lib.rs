@@ -21,8 +21,7 @@ pub mod policy;
 mod raw;
 
 pub use config::{
-    Admin, Dns, Limits, Listener, ListenerMode, LogFormat, Logging, ProxyConfig, RelayDefaults,
-    TlsFiles,
+    Admin, Dns, Limits, Listener, ListenerMode, LogFormat, Logging, ProxyConfig, RelayDefaults, TlsFiles,
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};

@@ -131,10 +131,7 @@ impl Rule {
 
     fn matches_name(&self, name: &HostName) -> bool {
         self.hosts.iter().any(|p| p.matches(name))
-            || self
-                .host_regex
-                .as_ref()
-                .is_some_and(|r| r.is_match(name.as_str()))
+            || self.host_regex.as_ref().is_some_and(|r| r.is_match(name.as_str()))
     }
 
     fn lists_address(&self, addr: IpAddr) -> bool {
@@ -210,19 +207,14 @@ pub struct Policy {
 impl Policy {
     /// The name of rule `index`, or `"default"`.
     pub fn rule_name(&self, index: Option<usize>) -> &str {
-        index
-            .and_then(|i| self.rules.get(i))
-            .map_or("default", |r| r.name.as_str())
+        index.and_then(|i| self.rules.get(i)).map_or("default", |r| r.name.as_str())
     }
 
     /// Decides what can be decided from the name alone, so a denied name never causes a DNS query.
     pub fn pre_resolve(&self, client: IpAddr, name: &HostName, port: u16) -> PreDecision {
         let host = Host::Name(name.clone());
         if let Some(i) = self.first(Action::Deny, |r| r.matches(client, &host, port, None)) {
-            return PreDecision::Deny(Decision::Deny {
-                rule: Some(i),
-                reason: DenyReason::Rule,
-            });
+            return PreDecision::Deny(Decision::Deny { rule: Some(i), reason: DenyReason::Rule });
         }
         let could_allow = self.default_action == Action::Allow
             || self.rules.iter().any(|r| {
@@ -233,30 +225,20 @@ impl Policy {
         if could_allow {
             PreDecision::Resolve
         } else {
-            PreDecision::Deny(Decision::Deny {
-                rule: None,
-                reason: DenyReason::Default,
-            })
+            PreDecision::Deny(Decision::Deny { rule: None, reason: DenyReason::Default })
         }
     }
 
     /// Decides a request given every address the target resolved to (or its literal address).
     /// Fails closed: the request is allowed only if every address is allowed.
     pub fn decide(&self, client: IpAddr, host: &Host, port: u16, addrs: &[IpAddr]) -> Decision {
-        let deny_default = Decision::Deny {
-            rule: None,
-            reason: DenyReason::Default,
-        };
+        let deny_default = Decision::Deny { rule: None, reason: DenyReason::Default };
         if addrs.is_empty() {
             return deny_default;
         }
         for &addr in addrs {
-            if let Some(i) = self.first(Action::Deny, |r| r.matches(client, host, port, Some(addr)))
-            {
-                return Decision::Deny {
-                    rule: Some(i),
-                    reason: DenyReason::Rule,
-                };
+            if let Some(i) = self.first(Action::Deny, |r| r.matches(client, host, port, Some(addr))) {
+                return Decision::Deny { rule: Some(i), reason: DenyReason::Rule };
             }
         }
         let mut first_allow: Option<usize> = None;
@@ -276,23 +258,15 @@ impl Policy {
             if self.deny_private_addresses {
                 if let Some(range) = classify(addr) {
                     let listed = self.rules.iter().any(|r| {
-                        r.action == Action::Allow
-                            && r.matches_client_port(client, port)
-                            && r.lists_address(addr)
+                        r.action == Action::Allow && r.matches_client_port(client, port) && r.lists_address(addr)
                     });
                     if !listed {
-                        return Decision::Deny {
-                            rule: None,
-                            reason: DenyReason::PrivateAddress(range),
-                        };
+                        return Decision::Deny { rule: None, reason: DenyReason::PrivateAddress(range) };
                     }
                 }
             }
         }
-        Decision::Allow {
-            rule: first_allow,
-            limits: self.defaults.with(overrides.unwrap_or_default()),
-        }
+        Decision::Allow { rule: first_allow, limits: self.defaults.with(overrides.unwrap_or_default()) }
     }
 
     fn first(&self, action: Action, f: impl Fn(&Rule) -> bool) -> Option<usize> {

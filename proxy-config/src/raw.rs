@@ -6,10 +6,7 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct RawConfig {
-    #[expect(
-        dead_code,
-        reason = "checked on the untyped document before deserializing"
-    )]
+    #[expect(dead_code, reason = "checked on the untyped document before deserializing")]
     pub(crate) version: u32,
     #[serde(default)]
     pub(crate) listeners: Vec<RawListener>,

@@ -42,10 +42,7 @@ impl ConnLimiter {
         max_total: usize,
         max_per_client: usize,
     ) -> Result<Permit, TunnelError> {
-        let mut s = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if s.total >= max_total {
             return Err(TunnelError::Overloaded);
         }
@@ -55,20 +52,13 @@ impl ConnLimiter {
         }
         *n += 1;
         s.total += 1;
-        Ok(Permit {
-            limiter: self.clone(),
-            client,
-        })
+        Ok(Permit { limiter: self.clone(), client })
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut s = self
-            .limiter
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = self.limiter.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         s.total = s.total.saturating_sub(1);
         if let Some(n) = s.per_client.get_mut(&self.client) {
             *n -= 1;
@@ -79,14 +69,9 @@ impl Drop for Permit {
     }
 }
 
-/// Accepts on `listener` until `stop` is cancelled. The listener socket is closed on return,
-/// so later connects are refused rather than accepted and dropped.
-pub async fn run(
-    inner: Arc<Inner>,
-    name: Arc<str>,
-    listener: TcpListener,
-    stop: CancellationToken,
-) {
+/// Accepts on `listener` until `stop` is cancelled, then hands the socket back (a reload may
+/// give it to a renamed listener; dropping it makes later connects fail with ECONNREFUSED).
+pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop: CancellationToken) -> TcpListener {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -109,9 +94,7 @@ pub async fn run(
                     accepted: Instant::now(),
                 };
                 let span = debug_span!("conn", id, listener = &*name);
-                inner
-                    .tracker
-                    .spawn(conn::serve(stream, ctx).instrument(span));
+                inner.tracker.spawn(conn::serve(stream, ctx).instrument(span));
             }
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS...: count, back off, go on (never a busy loop, never fatal).
@@ -125,4 +108,5 @@ pub async fn run(
             }
         }
     }
+    listener
 }

@@ -57,22 +57,14 @@ fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &str) -> Respo
 
 fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n",
-            "text/plain",
-        );
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n", "text/plain");
     }
     match req.uri().path() {
         "/metrics" => {
             let mut buf = Vec::new();
             match TextEncoder::new().encode(&inner.registry.gather(), &mut buf) {
                 Ok(()) => text(StatusCode::OK, buf, "text/plain; version=0.0.4"),
-                Err(_) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "cannot encode metrics\n",
-                    "text/plain",
-                ),
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n", "text/plain"),
             }
         }
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
@@ -83,11 +75,7 @@ fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n", "text/plain")
             }
         }
-        "/config" => text(
-            StatusCode::OK,
-            inner.snapshot().describe().to_string(),
-            "application/json",
-        ),
+        "/config" => text(StatusCode::OK, inner.snapshot().describe().to_string(), "application/json"),
         _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
     }
 }

@@ -1,14 +1,15 @@
 //! Wiring: binds the listeners and the admin port, owns the shared state ([`Inner`]), and runs
 //! the shutdown sequence (readiness off → accept grace → stop accepting → drain → force close).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::Registry;
 use proxy_config::addr::{classify, SpecialRange};
-use proxy_config::ProxyConfig;
+use proxy_config::{Host, ProxyConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -45,6 +46,26 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// A listener that is accepting now.
+pub(crate) struct RunningListener {
+    pub(crate) name: String,
+    /// The configured address (port may be 0).
+    pub(crate) bind: SocketAddr,
+    /// The bound address.
+    pub(crate) addr: SocketAddr,
+    pub(crate) stop: CancellationToken,
+    pub(crate) task: JoinHandle<TcpListener>,
+}
+
+/// What a reload needs to know about an established tunnel to re-decide it.
+pub(crate) struct TunnelEntry {
+    pub(crate) client: IpAddr,
+    pub(crate) host: Host,
+    pub(crate) port: u16,
+    pub(crate) addrs: Vec<IpAddr>,
+    pub(crate) revoke: CancellationToken,
+}
+
 /// State shared by every task of one proxy process.
 pub struct Inner {
     pub metrics: ProxyMetrics,
@@ -57,14 +78,21 @@ pub struct Inner {
     pub next_conn_id: AtomicU64,
     pub active_tunnels: AtomicUsize,
     draining: AtomicBool,
-    /// Addresses this process listens on: a target equal to one is refused (self-connection).
-    local_endpoints: RwLock<Vec<SocketAddr>>,
+    pub(crate) listeners: Mutex<Vec<RunningListener>>,
+    pub(crate) tunnels: Mutex<HashMap<u64, TunnelEntry>>,
+    /// Serializes reloads, so exactly one snapshot wins and listener changes never interleave.
+    pub(crate) reload_lock: tokio::sync::Mutex<()>,
+    admin_addr: SocketAddr,
 }
 
 impl Inner {
-    /// The snapshot in force now (an `Arc` clone; never held across an await by the caller's borrow).
+    /// The snapshot in force now (an `Arc` clone; no borrow is held).
     pub fn snapshot(&self) -> SharedSnapshot {
         self.snapshot.borrow().clone()
+    }
+
+    pub(crate) fn publish(&self, s: SharedSnapshot) {
+        self.snapshot.send_replace(s);
     }
 
     /// Ready: serving, not draining.
@@ -72,23 +100,47 @@ impl Inner {
         !self.draining.load(Ordering::Relaxed)
     }
 
-    /// Whether connecting to `ip:port` would connect to this proxy.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Bound address of each listener, by name.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        lock(&self.listeners).iter().map(|l| (l.name.clone(), l.addr)).collect()
+    }
+
+    /// Whether connecting to `ip:port` would connect to this proxy (a listener or the admin port).
     pub fn is_self(&self, ip: IpAddr, port: u16) -> bool {
         let ip = ip.to_canonical();
-        let eps = self
-            .local_endpoints
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut eps: Vec<SocketAddr> = lock(&self.listeners).iter().map(|l| l.addr).collect();
+        eps.push(self.admin_addr);
         eps.iter().any(|ep| {
             ep.port() == port
                 && (ep.ip().to_canonical() == ip
                     || (ep.ip().is_unspecified()
-                        && matches!(
-                            classify(ip),
-                            Some(SpecialRange::Loopback | SpecialRange::Unspecified)
-                        )))
+                        && matches!(classify(ip), Some(SpecialRange::Loopback | SpecialRange::Unspecified))))
         })
     }
+
+    /// Starts accepting on `sock` as listener `name`.
+    pub(crate) fn start_listener(
+        self: &Arc<Self>,
+        name: &str,
+        bind: SocketAddr,
+        sock: TcpListener,
+    ) -> std::io::Result<()> {
+        let addr = sock.local_addr()?;
+        let stop = CancellationToken::new();
+        info!(listener = %name, addr = %addr, "listening");
+        let task = tokio::spawn(accept::run(self.clone(), Arc::from(name), sock, stop.clone()));
+        lock(&self.listeners).push(RunningListener { name: name.to_owned(), bind, addr, stop, task });
+        Ok(())
+    }
+}
+
+/// Locks a std mutex, ignoring poisoning (no code path panics while holding one).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What the drain did.
@@ -100,7 +152,7 @@ pub struct DrainReport {
 
 /// A running proxy.
 pub struct ProxyHandle {
-    /// Bound address of each listener, by name, in config order.
+    /// Bound address of each listener at start, by name, in config order.
     pub listeners: Vec<(String, SocketAddr)>,
     pub admin: SocketAddr,
     pub inner: Arc<Inner>,
@@ -109,12 +161,9 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    /// Bound address of listener `name`.
+    /// Bound address of listener `name` now.
     pub fn listener(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
+        self.inner.listener_addrs().into_iter().find(|(n, _)| n == name).map(|(_, a)| a)
     }
 
     /// Starts the graceful shutdown (as on SIGTERM).
@@ -138,45 +187,24 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     // Bind everything before serving anything, so a failure leaves nothing half-started.
     let mut bound = Vec::new();
     for l in &cfg.listeners {
-        let sock = TcpListener::bind(l.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                name: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
-        bound.push((l.name.clone(), sock));
-    }
-    let admin_sock =
-        TcpListener::bind(cfg.admin.bind)
-            .await
-            .map_err(|source| StartError::BindAdmin {
-                addr: cfg.admin.bind,
-                source,
-            })?;
-    let admin_addr = admin_sock
-        .local_addr()
-        .map_err(|source| StartError::BindAdmin {
-            addr: cfg.admin.bind,
+        let sock = TcpListener::bind(l.bind).await.map_err(|source| StartError::Bind {
+            name: l.name.clone(),
+            addr: l.bind,
             source,
         })?;
-    let mut addrs = Vec::new();
-    for (name, s) in &bound {
-        let a = s.local_addr().map_err(|source| StartError::Bind {
-            name: name.clone(),
-            addr: cfg.admin.bind,
-            source,
-        })?;
-        addrs.push((name.clone(), a));
+        bound.push((l.name.clone(), l.bind, sock));
     }
+    let admin_sock = TcpListener::bind(cfg.admin.bind)
+        .await
+        .map_err(|source| StartError::BindAdmin { addr: cfg.admin.bind, source })?;
+    let admin_addr =
+        admin_sock.local_addr().map_err(|source| StartError::BindAdmin { addr: cfg.admin.bind, source })?;
 
     metrics.config_reloads.with_label_values(&["success"]).inc();
     metrics.config_generation.set(1);
     metrics.config_last_reload_success.set(unix_now());
     info!(generation = 1, sha256 = %snapshot.sha256, "configuration loaded");
 
-    let mut endpoints: Vec<SocketAddr> = addrs.iter().map(|(_, a)| *a).collect();
-    endpoints.push(admin_addr);
     let (tx, _rx) = watch::channel(snapshot);
     let inner = Arc::new(Inner {
         metrics,
@@ -188,54 +216,35 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
         next_conn_id: AtomicU64::new(1),
         active_tunnels: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
-        local_endpoints: RwLock::new(endpoints),
+        listeners: Mutex::new(Vec::new()),
+        tunnels: Mutex::new(HashMap::new()),
+        reload_lock: tokio::sync::Mutex::new(()),
+        admin_addr,
     });
-
-    let stop_accepting = CancellationToken::new();
-    let mut accept_tasks = Vec::new();
-    for ((name, sock), (_, addr)) in bound.into_iter().zip(&addrs) {
-        info!(listener = %name, addr = %addr, "listening");
-        accept_tasks.push(tokio::spawn(accept::run(
-            inner.clone(),
-            Arc::from(name.as_str()),
-            sock,
-            stop_accepting.child_token(),
-        )));
+    for (name, bind, sock) in bound {
+        inner.start_listener(&name, bind, sock).map_err(|source| StartError::Bind {
+            name: name.clone(),
+            addr: bind,
+            source,
+        })?;
     }
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::run(inner.clone(), admin_sock, admin_stop.clone()));
     info!(addr = %admin_addr, "admin listening");
 
     let shutdown = CancellationToken::new();
-    let done = tokio::spawn(drain(
-        inner.clone(),
-        shutdown.clone(),
-        stop_accepting,
-        accept_tasks,
-        admin_stop,
-        admin_task,
-    ));
-    Ok(ProxyHandle {
-        listeners: addrs,
-        admin: admin_addr,
-        inner,
-        shutdown,
-        done,
-    })
+    let done = tokio::spawn(drain(inner.clone(), shutdown.clone(), admin_stop, admin_task));
+    Ok(ProxyHandle { listeners: inner.listener_addrs(), admin: admin_addr, inner, shutdown, done })
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The shutdown sequence of SECURITY-CASES §10.8.
 async fn drain(
     inner: Arc<Inner>,
     shutdown: CancellationToken,
-    stop_accepting: CancellationToken,
-    accept_tasks: Vec<JoinHandle<()>>,
     admin_stop: CancellationToken,
     admin_task: JoinHandle<()>,
 ) -> DrainReport {
@@ -243,15 +252,19 @@ async fn drain(
     let limits = inner.snapshot().config.limits;
     inner.draining.store(true, Ordering::Relaxed);
     inner.metrics.draining.set(1);
-    info!(
-        delay_ms = limits.drain_delay.as_millis() as u64,
-        "draining: readiness off, still accepting"
-    );
+    info!(delay_ms = limits.drain_delay.as_millis() as u64, "draining: readiness off, still accepting");
     // Keep accepting while endpoints converge, so clients that still pick this pod are served.
     sleep(limits.drain_delay).await;
-    stop_accepting.cancel();
-    for t in accept_tasks {
-        let _ = t.await;
+    {
+        // A reload in progress finishes first; later ones see `draining` and do nothing.
+        let _reload = inner.reload_lock.lock().await;
+        let running: Vec<RunningListener> = std::mem::take(&mut *lock(&inner.listeners));
+        for l in &running {
+            l.stop.cancel();
+        }
+        for l in running {
+            drop(l.task.await);
+        }
     }
     inner.tracker.close();
     let open = inner.tracker.len();
@@ -261,16 +274,9 @@ async fn drain(
         "listeners closed, waiting for tunnels"
     );
     let mut forced = 0;
-    if timeout(limits.drain_timeout, inner.tracker.wait())
-        .await
-        .is_err()
-    {
+    if timeout(limits.drain_timeout, inner.tracker.wait()).await.is_err() {
         forced = inner.active_tunnels.load(Ordering::Relaxed);
-        warn!(
-            tunnels = forced,
-            connections = inner.tracker.len(),
-            "drain deadline passed, closing what is left"
-        );
+        warn!(tunnels = forced, connections = inner.tracker.len(), "drain deadline passed, closing what is left");
         inner.stops.shutdown.cancel();
         // Closing is quick (FIN both ways, bounded); do not wait forever on a stuck peer.
         let _ = timeout(Duration::from_secs(5), inner.tracker.wait()).await;

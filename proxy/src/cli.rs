@@ -13,11 +13,7 @@ pub const EXIT_USAGE: i32 = 64;
 
 /// Tunnelgate egress proxy: HTTP CONNECT with allow/deny policy, limits and metrics.
 #[derive(Debug, Parser)]
-#[command(
-    name = "tunnelgate-proxy",
-    version,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "tunnelgate-proxy", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -32,6 +28,10 @@ pub struct RunArgs {
     /// a forward listener on 127.0.0.1:8080, admin on 127.0.0.1:9090.
     #[arg(long, env = "TUNNELGATE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// How often the configuration file is re-read even without a file event (a fallback for
+    /// missed inotify events), e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub reload_poll_interval: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,14 +72,8 @@ pub enum LoadError {
 
 /// Reads and validates a configuration file; returns the config and its text.
 pub fn load(path: &Path) -> Result<(ProxyConfig, String), LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let cfg = ProxyConfig::from_yaml(&text).map_err(|errors| LoadError::Invalid {
-        path: path.to_owned(),
-        errors,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+    let cfg = ProxyConfig::from_yaml(&text).map_err(|errors| LoadError::Invalid { path: path.to_owned(), errors })?;
     Ok((cfg, text))
 }
 
@@ -107,12 +101,7 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
     };
     let auth: Authority = match target.parse() {
         Ok(a) => a,
-        Err(e) => {
-            return (
-                EXIT_USAGE,
-                format!("target {target:?}: {e} (a CONNECT request would get 400)\n"),
-            )
-        }
+        Err(e) => return (EXIT_USAGE, format!("target {target:?}: {e} (a CONNECT request would get 400)\n")),
     };
     let policy = &cfg.policy;
     let mut out = String::new();
@@ -157,7 +146,11 @@ fn describe(out: &mut String, policy: &proxy_config::Policy, d: &Decision, auth:
             let _ = writeln!(out, "rule: {}", policy.rule_name(*rule));
             match reason {
                 proxy_config::DenyReason::PrivateAddress(r) => {
-                    let _ = writeln!(out, "reason: private_address ({}); list it in an allow rule's cidrs to permit it", r.as_str());
+                    let _ = writeln!(
+                        out,
+                        "reason: private_address ({}); list it in an allow rule's cidrs to permit it",
+                        r.as_str()
+                    );
                 }
                 r => {
                     let _ = writeln!(out, "reason: {}", r.as_str());

@@ -12,7 +12,7 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
-use crate::app::Inner;
+use crate::app::{lock, Inner, TunnelEntry};
 use crate::dial;
 use crate::error::{ErrorChain, Side, TunnelError};
 use crate::metrics::GaugeGuard;
@@ -34,6 +34,8 @@ pub struct ConnCtx {
 /// The result of the stages before the relay.
 struct Established {
     upstream: TcpStream,
+    /// The addresses the decision was made on (for re-evaluation on reload).
+    addrs: Vec<IpAddr>,
     request: ConnectRequest,
     rule: String,
     limits: proxy_config::TunnelLimits,
@@ -44,11 +46,7 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
     let inner = ctx.inner.clone();
     let _open = GaugeGuard::new(inner.metrics.connections_open.clone());
     let limits = ctx.snapshot.config.limits;
-    let permit = inner.limiter.acquire(
-        ctx.peer.ip(),
-        limits.max_connections,
-        limits.max_connections_per_client,
-    );
+    let permit = inner.limiter.acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client);
     let _ = stream.set_nodelay(true);
     match ctx.tls.clone() {
         None => {
@@ -74,33 +72,17 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
             let handshake = timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await;
             let mut tls = match handshake {
                 Ok(Ok(s)) => {
-                    inner
-                        .metrics
-                        .tls_handshakes
-                        .with_label_values(&[&ctx.listener, "success"])
-                        .inc();
+                    inner.metrics.tls_handshakes.with_label_values(&[&ctx.listener, "success"]).inc();
                     s
                 }
                 Ok(Err(e)) => {
-                    inner
-                        .metrics
-                        .tls_handshakes
-                        .with_label_values(&[&ctx.listener, "failure"])
-                        .inc();
+                    inner.metrics.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
                     record(&ctx, &TunnelError::TlsHandshake(e), None);
                     return;
                 }
                 Err(_) => {
-                    inner
-                        .metrics
-                        .tls_handshakes
-                        .with_label_values(&[&ctx.listener, "failure"])
-                        .inc();
-                    record(
-                        &ctx,
-                        &TunnelError::TlsHandshake(std::io::ErrorKind::TimedOut.into()),
-                        None,
-                    );
+                    inner.metrics.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
+                    record(&ctx, &TunnelError::TlsHandshake(std::io::ErrorKind::TimedOut.into()), None);
                     return;
                 }
             };
@@ -131,9 +113,7 @@ async fn finish_rejected<S: AsyncRead + AsyncWrite + Unpin>(
 /// Counts and logs a connection that did not become a tunnel.
 fn record(ctx: &ConnCtx, err: &TunnelError, rule: Option<&str>) {
     let m = &ctx.inner.metrics;
-    m.tunnel_requests
-        .with_label_values(&[&ctx.listener, err.kind()])
-        .inc();
+    m.tunnel_requests.with_label_values(&[&ctx.listener, err.kind()]).inc();
     debug!(conn = ctx.id, result = err.kind(), side = ?err.side(), error = %ErrorChain(err), "connection rejected");
     let logging = ctx.snapshot.config.logging;
     if logging.access_log && !matches!(err, TunnelError::ClientClosed) {
@@ -161,39 +141,22 @@ async fn establish<S: AsyncRead + AsyncWrite + Unpin>(
     let cfg = &ctx.snapshot.config;
     let force = inner.stops.shutdown.clone();
     let work = async {
-        let request = negotiate::read_head(io, cfg.limits.max_request_head_bytes, deadline)
+        let request =
+            negotiate::read_head(io, cfg.limits.max_request_head_bytes, deadline).await.map_err(|e| (e, None))?;
+        let (addrs, rule, limits) = authorize(ctx, &request).await?;
+        let upstream = dial::connect(&addrs, request.authority.port, cfg.relay.connect_timeout, &inner.metrics)
             .await
-            .map_err(|e| (e, None))?;
-        let (candidates, rule, limits) = authorize(ctx, &request).await?;
-        let upstream = dial::connect(
-            &candidates,
-            request.authority.port,
-            cfg.relay.connect_timeout,
-            &inner.metrics,
-        )
-        .await
-        .map_err(|e| (e, Some(rule.clone())))?;
-        Ok::<_, (TunnelError, Option<String>)>(Established {
-            upstream,
-            request,
-            rule,
-            limits,
-        })
+            .map_err(|e| (e, Some(rule.clone())))?;
+        Ok::<_, (TunnelError, Option<String>)>(Established { upstream, addrs, request, rule, limits })
     };
     // At the drain deadline a connection still negotiating gets 503 instead of hanging on.
     let est = tokio::select! {
         r = work => r?,
         () = force.cancelled() => return Err((TunnelError::Draining, None)),
     };
-    io.write_all(negotiate::ESTABLISHED).await.map_err(|e| {
-        (
-            TunnelError::Io {
-                side: Side::Client,
-                source: e,
-            },
-            None,
-        )
-    })?;
+    io.write_all(negotiate::ESTABLISHED)
+        .await
+        .map_err(|e| (TunnelError::Io { side: Side::Client, source: e }, None))?;
     Ok(est)
 }
 
@@ -221,25 +184,17 @@ async fn authorize(
             if let PreDecision::Deny(d) = policy.pre_resolve(client, name, auth.port) {
                 return Err(deny(&d));
             }
-            ctx.snapshot
-                .resolver
-                .resolve(name, m)
-                .await
-                .map_err(|e| (e, None))?
+            ctx.snapshot.resolver.resolve(name, m).await.map_err(|e| (e, None))?
         }
     };
     match policy.decide(client, &auth.host, auth.port, &addrs) {
         Decision::Allow { rule, limits } => {
             let name = policy.rule_name(rule).to_owned();
             if addrs.iter().any(|a| ctx.inner.is_self(*a, auth.port)) {
-                m.policy_decisions
-                    .with_label_values(&["deny", "self"])
-                    .inc();
+                m.policy_decisions.with_label_values(&["deny", "self"]).inc();
                 return Err((TunnelError::SelfConnect, Some("self".to_owned())));
             }
-            m.policy_decisions
-                .with_label_values(&["allow", &name])
-                .inc();
+            m.policy_decisions.with_label_values(&["allow", &name]).inc();
             Ok((addrs, name, limits))
         }
         d => Err(deny(&d)),
@@ -253,39 +208,37 @@ where
 {
     let inner = &ctx.inner;
     let m = &inner.metrics;
-    m.tunnel_requests
-        .with_label_values(&[&ctx.listener, "established"])
-        .inc();
+    m.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
     let _active = GaugeGuard::new(m.tunnels_active.with_label_values(&[&ctx.listener]));
     inner.active_tunnels.fetch_add(1, Ordering::Relaxed);
-    let stops = Stops {
-        shutdown: inner.stops.shutdown.clone(),
-        revoke: tokio_util::sync::CancellationToken::new(),
-    };
+    let revoke = tokio_util::sync::CancellationToken::new();
+    let stops = Stops { shutdown: inner.stops.shutdown.clone(), revoke: revoke.clone() };
+    let auth = &est.request.authority;
+    // Registered so that a reload with `reevaluateOnReload` can re-decide this tunnel.
+    lock(&inner.tunnels).insert(
+        ctx.id,
+        TunnelEntry {
+            client: ctx.peer.ip(),
+            host: auth.host.clone(),
+            port: auth.port,
+            addrs: est.addrs.clone(),
+            revoke,
+        },
+    );
     let counters = ByteCounters {
         up: m.relayed_bytes.with_label_values(&["upstream"]),
         down: m.relayed_bytes.with_label_values(&["downstream"]),
     };
     let target = est.request.authority.to_string();
     let (ur, uw) = est.upstream.into_split();
-    let out: RelayOutcome = relay::run(
-        cr,
-        cw,
-        ur,
-        uw,
-        &est.request.leftover,
-        est.limits,
-        &stops,
-        &counters,
-    )
-    .await;
+    let out: RelayOutcome = relay::run(cr, cw, ur, uw, &est.request.leftover, est.limits, &stops, &counters).await;
     inner.active_tunnels.fetch_sub(1, Ordering::Relaxed);
+    lock(&inner.tunnels).remove(&ctx.id);
+    lock(&inner.tunnels).remove(&ctx.id);
     if out.reason == CloseReason::Shutdown {
         m.drain_forced_closes.inc();
     }
-    m.tunnel_duration
-        .with_label_values(&[out.reason.as_str()])
-        .observe(out.duration.as_secs_f64());
+    m.tunnel_duration.with_label_values(&[out.reason.as_str()]).observe(out.duration.as_secs_f64());
     debug!(
         conn = ctx.id,
         close = out.reason.as_str(),

@@ -4,9 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use hickory_resolver::config::{
-    LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
-};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
 use hickory_resolver::TokioResolver;
@@ -64,36 +62,21 @@ impl Resolver {
         opts.attempts = 1;
         opts.cache_size = 4096;
         let inner = builder.build().map_err(ResolverError::Build)?;
-        Ok(Resolver {
-            inner: Arc::new(inner),
-            timeout: dns.timeout,
-        })
+        Ok(Resolver { inner: Arc::new(inner), timeout: dns.timeout })
     }
 
     /// Resolves `name` to at most [`MAX_CANDIDATES`] addresses. `localhost` and `*.localhost`
     /// resolve to loopback without a query (RFC 6761 §6.3), so the policy sees what they are.
-    pub async fn resolve(
-        &self,
-        name: &HostName,
-        metrics: &ProxyMetrics,
-    ) -> Result<Vec<IpAddr>, TunnelError> {
+    pub async fn resolve(&self, name: &HostName, metrics: &ProxyMetrics) -> Result<Vec<IpAddr>, TunnelError> {
         let n = name.as_str();
         if n == "localhost" || n.ends_with(".localhost") {
             metrics.dns_lookups.with_label_values(&["local"]).inc();
-            return Ok(vec![
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ]);
+            return Ok(vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]);
         }
         // Fully qualified, so no search domain is tried.
         let fqdn = format!("{n}.");
         // The resolver's own timeout applies per query; this bounds the whole lookup.
-        let result = match timeout(
-            self.timeout + Duration::from_millis(500),
-            self.inner.lookup_ip(fqdn),
-        )
-        .await
-        {
+        let result = match timeout(self.timeout + Duration::from_millis(500), self.inner.lookup_ip(fqdn)).await {
             Err(_) => Err(TunnelError::ResolveTimeout),
             Ok(Err(e)) => Err(classify_error(&e)),
             Ok(Ok(lookup)) => {
@@ -157,11 +140,6 @@ pub async fn connect(
             }
         }
     }
-    metrics
-        .upstream_connect_duration
-        .with_label_values(&["error"])
-        .observe(started.elapsed().as_secs_f64());
-    Err(TunnelError::UpstreamRefused(last_err.unwrap_or_else(
-        || std::io::Error::other("no candidate address"),
-    )))
+    metrics.upstream_connect_duration.with_label_values(&["error"]).observe(started.elapsed().as_secs_f64());
+    Err(TunnelError::UpstreamRefused(last_err.unwrap_or_else(|| std::io::Error::other("no candidate address"))))
 }

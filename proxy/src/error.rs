@@ -124,13 +124,9 @@ impl TunnelError {
             TunnelError::Denied(_) | TunnelError::SelfConnect => 403,
             TunnelError::ClientLimit => 429,
             TunnelError::Overloaded | TunnelError::Draining => 503,
-            TunnelError::ResolveNotFound
-            | TunnelError::ResolveFailed
-            | TunnelError::UpstreamRefused(_) => 502,
+            TunnelError::ResolveNotFound | TunnelError::ResolveFailed | TunnelError::UpstreamRefused(_) => 502,
             TunnelError::ResolveTimeout | TunnelError::UpstreamTimeout => 504,
-            TunnelError::TlsHandshake(_) | TunnelError::ClientClosed | TunnelError::Io { .. } => {
-                return None
-            }
+            TunnelError::TlsHandshake(_) | TunnelError::ClientClosed | TunnelError::Io { .. } => return None,
         })
     }
 }

@@ -7,6 +7,7 @@
 //!   (`proxy_config::Policy`) → [`dial`] (resolve, check every address, connect) → 200 → [`relay`].
 //! - [`relay`]: full duplex with half-close and the tunnel's limits; one close reason per tunnel.
 //! - [`snapshot`]: the configuration in force (policy, resolver, TLS), one `Arc` per connection.
+//! - [`reload`]: hot reload (file watcher, SIGHUP, poll) through one validate → diff → publish pipeline.
 //! - [`app`]: binding, shared state, and the shutdown sequence; [`admin`]: metrics, health, config.
 //! - [`error`], [`metrics`], [`tls`], [`telemetry`], [`cli`].
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod error;
 pub mod metrics;
 pub mod negotiate;
 pub mod relay;
+pub mod reload;
 pub mod snapshot;
 pub mod telemetry;
 pub mod tls;

@@ -13,12 +13,7 @@ fn main() {
             print!("{out}");
             std::process::exit(code);
         }
-        Some(Command::Explain {
-            config,
-            client,
-            target,
-            resolve,
-        }) => {
+        Some(Command::Explain { config, client, target, resolve }) => {
             let (code, out) = cli::explain(&config, client, &target, &resolve);
             print!("{out}");
             std::process::exit(code);
@@ -42,10 +37,7 @@ fn main() {
         },
     };
     telemetry::init(config.logging.format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tunnelgate-proxy: cannot start the runtime: {e}");
@@ -53,6 +45,7 @@ fn main() {
         }
     };
     let code = rt.block_on(async move {
+        let args = args;
         let handle = match app::start(config, &text).await {
             Ok(h) => h,
             Err(e) => {
@@ -60,6 +53,21 @@ fn main() {
                 return 1;
             }
         };
+        // Reload: file events, SIGHUP and a slow poll, when running from a file.
+        let trigger = args.run.config.clone().map(|path| {
+            tunnelgate_proxy::reload::spawn_file_source(handle.inner.clone(), path, args.run.reload_poll_interval)
+        });
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                match &trigger {
+                    Some(t) => {
+                        let _ = t.try_send(());
+                    }
+                    None => tracing::info!("SIGHUP ignored: running on the embedded default"),
+                }
+            }
+        });
         let signals = tokio::spawn(signals());
         if let Ok(Some(first)) = signals_first(signals).await {
             tracing::info!(signal = first, "shutdown requested");

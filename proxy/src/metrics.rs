@@ -2,8 +2,7 @@
 //! only from closed sets (enums) or config-bounded names (listener and rule names).
 
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry,
+    exponential_buckets, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Every collector the proxy exports.
@@ -46,41 +45,26 @@ impl ProxyMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = ProxyMetrics {
             tunnel_requests: IntCounterVec::new(
-                Opts::new(
-                    "tunnelgate_tunnel_requests_total",
-                    "CONNECT requests by outcome",
-                ),
+                Opts::new("tunnelgate_tunnel_requests_total", "CONNECT requests by outcome"),
                 &["listener", "result"],
             )?,
             tunnels_active: IntGaugeVec::new(
                 Opts::new("tunnelgate_tunnels_active", "Established tunnels now open"),
                 &["listener"],
             )?,
-            connections_open: IntGauge::new(
-                "tunnelgate_connections_open",
-                "Accepted client connections now open",
-            )?,
+            connections_open: IntGauge::new("tunnelgate_connections_open", "Accepted client connections now open")?,
             tunnel_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "tunnelgate_tunnel_duration_seconds",
-                    "Tunnel lifetime by close reason",
-                )
-                .buckets(exponential_buckets(0.01, 4.0, 13)?),
+                HistogramOpts::new("tunnelgate_tunnel_duration_seconds", "Tunnel lifetime by close reason")
+                    .buckets(exponential_buckets(0.01, 4.0, 13)?),
                 &["close"],
             )?,
             relayed_bytes: IntCounterVec::new(
-                Opts::new(
-                    "tunnelgate_relayed_bytes_total",
-                    "Bytes relayed through tunnels",
-                ),
+                Opts::new("tunnelgate_relayed_bytes_total", "Bytes relayed through tunnels"),
                 &["direction"],
             )?,
             upstream_connect_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "tunnelgate_upstream_connect_duration_seconds",
-                    "Time to connect to the upstream",
-                )
-                .buckets(exponential_buckets(0.0005, 2.0, 16)?),
+                HistogramOpts::new("tunnelgate_upstream_connect_duration_seconds", "Time to connect to the upstream")
+                    .buckets(exponential_buckets(0.0005, 2.0, 16)?),
                 &["result"],
             )?,
             dns_lookups: IntCounterVec::new(
@@ -88,25 +72,16 @@ impl ProxyMetrics {
                 &["result"],
             )?,
             policy_decisions: IntCounterVec::new(
-                Opts::new(
-                    "tunnelgate_policy_decisions_total",
-                    "Policy decisions by deciding rule",
-                ),
+                Opts::new("tunnelgate_policy_decisions_total", "Policy decisions by deciding rule"),
                 &["decision", "rule"],
             )?,
             tls_handshakes: IntCounterVec::new(
-                Opts::new(
-                    "tunnelgate_tls_handshakes_total",
-                    "TLS handshakes with clients",
-                ),
+                Opts::new("tunnelgate_tls_handshakes_total", "TLS handshakes with clients"),
                 &["listener", "result"],
             )?,
             accept_errors: IntCounter::new("tunnelgate_accept_errors_total", "Errors from accept")?,
             config_reloads: IntCounterVec::new(
-                Opts::new(
-                    "tunnelgate_config_reloads_total",
-                    "Configuration loads by result",
-                ),
+                Opts::new("tunnelgate_config_reloads_total", "Configuration loads by result"),
                 &["result"],
             )?,
             config_generation: IntGauge::new(
@@ -117,10 +92,7 @@ impl ProxyMetrics {
                 "tunnelgate_config_last_reload_success_timestamp_seconds",
                 "Unix time of the last successful configuration load",
             )?,
-            draining: IntGauge::new(
-                "tunnelgate_draining",
-                "1 while the proxy drains after SIGTERM",
-            )?,
+            draining: IntGauge::new("tunnelgate_draining", "1 while the proxy drains after SIGTERM")?,
             drain_forced_closes: IntCounter::new(
                 "tunnelgate_drain_forced_closes_total",
                 "Tunnels closed because the drain deadline passed",
@@ -146,10 +118,7 @@ impl ProxyMetrics {
             &["version", "git_sha"],
         )?;
         build
-            .with_label_values(&[
-                env!("CARGO_PKG_VERSION"),
-                option_env!("TUNNELGATE_GIT_SHA").unwrap_or("unknown"),
-            ])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("TUNNELGATE_GIT_SHA").unwrap_or("unknown")])
             .set(1);
         registry.register(Box::new(build))?;
         Ok(m)

@@ -37,10 +37,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
-async fn read_head_inner<S: AsyncRead + Unpin>(
-    io: &mut S,
-    max_head: usize,
-) -> Result<ConnectRequest, TunnelError> {
+async fn read_head_inner<S: AsyncRead + Unpin>(io: &mut S, max_head: usize) -> Result<ConnectRequest, TunnelError> {
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK.min(max_head));
     let mut scanned = 0;
     loop {
@@ -52,12 +49,7 @@ async fn read_head_inner<S: AsyncRead + Unpin>(
         buf.resize(start + room.min(READ_CHUNK), 0);
         let n = match io.read(&mut buf[start..]).await {
             Ok(n) => n,
-            Err(e) => {
-                return Err(TunnelError::Io {
-                    side: Side::Client,
-                    source: e,
-                })
-            }
+            Err(e) => return Err(TunnelError::Io { side: Side::Client, source: e }),
         };
         buf.truncate(start + n);
         if n == 0 {
@@ -69,10 +61,8 @@ async fn read_head_inner<S: AsyncRead + Unpin>(
         }
         // Only parse once a blank line has arrived, so a trickling client costs linear CPU.
         if let Some(end) = find_head_end(&buf, scanned) {
-            return parse_head(&buf[..end]).map(|authority| ConnectRequest {
-                authority,
-                leftover: buf[end..].to_vec(),
-            });
+            return parse_head(&buf[..end])
+                .map(|authority| ConnectRequest { authority, leftover: buf[end..].to_vec() });
         }
         scanned = buf.len().saturating_sub(3);
         if !buf[..buf.len().min(MAX_REQUEST_LINE + 1)].contains(&b'\n')
@@ -94,10 +84,7 @@ fn too_large(buf: &[u8]) -> TunnelError {
 /// Index just past the blank line ending the head (CRLFCRLF, or bare LFs), searching from `from`.
 /// Leading empty lines before the request line are skipped (RFC 9112 §2.2).
 fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let lead = buf
-        .iter()
-        .take_while(|&&b| b == b'\r' || b == b'\n')
-        .count();
+    let lead = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
     let from = from.max(lead);
     let mut i = from;
     while i < buf.len() {
@@ -120,9 +107,7 @@ pub fn parse_head(head: &[u8]) -> Result<Authority, TunnelError> {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => {
-            return Err(TunnelError::MalformedRequest("incomplete request head"))
-        }
+        Ok(httparse::Status::Partial) => return Err(TunnelError::MalformedRequest("incomplete request head")),
         Err(httparse::Error::TooManyHeaders) => return Err(TunnelError::HeadTooLarge),
         Err(_) => return Err(TunnelError::MalformedRequest("invalid HTTP request head")),
     }
@@ -134,9 +119,7 @@ pub fn parse_head(head: &[u8]) -> Result<Authority, TunnelError> {
         return Err(TunnelError::MalformedRequest("unsupported HTTP version"));
     }
     let target = req.path.unwrap_or_default();
-    let authority: Authority = target
-        .parse()
-        .map_err(|_| TunnelError::MalformedRequest("invalid CONNECT target"))?;
+    let authority: Authority = target.parse().map_err(|_| TunnelError::MalformedRequest("invalid CONNECT target"))?;
     let mut hosts = 0;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("host") {
@@ -145,9 +128,9 @@ pub fn parse_head(head: &[u8]) -> Result<Authority, TunnelError> {
                 return Err(TunnelError::MalformedRequest("more than one Host header"));
             }
             let ok = !h.value.is_empty()
-                && h.value.iter().all(|&b| {
-                    b.is_ascii_graphic() && !matches!(b, b',' | b'@' | b'\\' | b'/' | b'?' | b'#')
-                });
+                && h.value
+                    .iter()
+                    .all(|&b| b.is_ascii_graphic() && !matches!(b, b',' | b'@' | b'\\' | b'/' | b'?' | b'#'));
             if !ok {
                 return Err(TunnelError::MalformedRequest("invalid Host header"));
             }
@@ -211,10 +194,7 @@ const LINGER_BYTES: usize = 256 * 1024;
 
 /// Writes `response`, half-closes, drains input for a bounded time and byte count, then returns
 /// (dropping the stream closes it).
-pub async fn reject<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut S,
-    response: &[u8],
-) -> io::Result<()> {
+pub async fn reject<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, response: &[u8]) -> io::Result<()> {
     let deadline = Instant::now() + LINGER_TIME;
     timeout_at(deadline, async {
         io.write_all(response).await?;

@@ -144,12 +144,7 @@ impl Bucket {
         let rate_f = rate as f64;
         // An eighth of a second of burst, at least 1 KiB, at most one buffer.
         let capacity = (rate_f / 8.0).clamp(1024.0_f64.min(rate_f.max(1.0)), BUF_SIZE as f64);
-        Bucket {
-            rate: rate_f,
-            capacity,
-            tokens: capacity,
-            last: Instant::now(),
-        }
+        Bucket { rate: rate_f, capacity, tokens: capacity, last: Instant::now() }
     }
 
     /// Waits (sleeping, never spinning) until some tokens are available; returns how many
@@ -157,8 +152,7 @@ impl Bucket {
     async fn take_allowance(&mut self) -> usize {
         loop {
             let now = Instant::now();
-            self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
-                .min(self.capacity);
+            self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.capacity);
             self.last = now;
             if self.tokens >= 1.0 {
                 return self.tokens as usize;
@@ -254,9 +248,8 @@ where
         down: AtomicU64::new(0),
     };
     if !early.is_empty() {
-        let n = limits.max_total_bytes.map_or(early.len(), |m| {
-            early.len().min(usize::try_from(m).unwrap_or(usize::MAX))
-        });
+        let n =
+            limits.max_total_bytes.map_or(early.len(), |m| early.len().min(usize::try_from(m).unwrap_or(usize::MAX)));
         if up_w.write_all(&early[..n]).await.is_err() {
             return RelayOutcome {
                 reason: CloseReason::IoError,
@@ -271,22 +264,8 @@ where
     }
 
     let reason = {
-        let up = pump(
-            &mut client_r,
-            &mut up_w,
-            &shared,
-            &shared.up,
-            &counters.up,
-            limits.max_bytes_per_second,
-        );
-        let down = pump(
-            &mut up_r,
-            &mut client_w,
-            &shared,
-            &shared.down,
-            &counters.down,
-            limits.max_bytes_per_second,
-        );
+        let up = pump(&mut client_r, &mut up_w, &shared, &shared.up, &counters.up, limits.max_bytes_per_second);
+        let down = pump(&mut up_r, &mut client_w, &shared, &shared.down, &counters.down, limits.max_bytes_per_second);
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;
@@ -335,10 +314,7 @@ where
             }
         }
     };
-    if !matches!(
-        reason,
-        CloseReason::ClientClosed | CloseReason::UpstreamClosed | CloseReason::IoError
-    ) {
+    if !matches!(reason, CloseReason::ClientClosed | CloseReason::UpstreamClosed | CloseReason::IoError) {
         // Closed by us: send FIN (or close_notify) both ways rather than just dropping.
         let _ = timeout(CLOSE_GRACE, async {
             let _ = client_w.shutdown().await;

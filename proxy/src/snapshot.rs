@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub generation: u64,
     /// Hex SHA-256 of the document text.
     pub sha256: String,
+    /// Hex SHA-256 of the text and of every TLS file it names: equal means nothing to reload.
+    pub fingerprint: String,
     pub loaded_at: SystemTime,
     pub resolver: Resolver,
     /// TLS acceptors by listener name.
@@ -41,11 +43,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles `config` (parsed from `text`) into generation `generation`.
-    pub fn build(
-        config: ProxyConfig,
-        text: &str,
-        generation: u64,
-    ) -> Result<Snapshot, SnapshotError> {
+    pub fn build(config: ProxyConfig, text: &str, generation: u64) -> Result<Snapshot, SnapshotError> {
         let mut acceptors = HashMap::new();
         for (index, l) in config.listeners.iter().enumerate() {
             if let Some(files) = &l.tls {
@@ -59,6 +57,7 @@ impl Snapshot {
         }
         let resolver = Resolver::new(&config.dns).map_err(SnapshotError::Resolver)?;
         Ok(Snapshot {
+            fingerprint: fingerprint(&config, text),
             config,
             generation,
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
@@ -76,6 +75,22 @@ impl Snapshot {
             "loadedAt": humantime::format_rfc3339_seconds(self.loaded_at).to_string(),
         })
     }
+}
+
+/// Digest of `text` and of the TLS files `config` names (unreadable files count as empty, so
+/// a file that comes back changes the digest).
+pub fn fingerprint(config: &ProxyConfig, text: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(text.as_bytes());
+    for l in &config.listeners {
+        if let Some(t) = &l.tls {
+            for path in [&t.cert_file, &t.key_file] {
+                h.update([0u8]);
+                h.update(std::fs::read(path).unwrap_or_default());
+            }
+        }
+    }
+    hex::encode(h.finalize())
 }
 
 /// A shared, immutable snapshot.

@@ -97,17 +97,13 @@ fn l01_every_error_names_its_path() {
         ("logging: {format: xml}\n", "logging.format: unknown format"),
     ];
     for (tail, want) in cases {
-        let doc = if tail.starts_with("version") || tail.starts_with("listeners") || tail.is_empty()
-        {
+        let doc = if tail.starts_with("version") || tail.starts_with("listeners") || tail.is_empty() {
             (*tail).to_owned()
         } else {
             format!("{BASE}{tail}")
         };
         let errs = errors(&doc);
-        assert!(
-            errs.iter().any(|e| e.contains(want)),
-            "want {want:?} in {errs:?}"
-        );
+        assert!(errs.iter().any(|e| e.contains(want)), "want {want:?} in {errs:?}");
     }
 }
 
@@ -122,10 +118,7 @@ fn all_semantic_errors_are_reported_at_once() {
         "policy.rules[0].hosts[0]",
         "policy.rules[0].cidrs[0]: \"10.0.0.1/8\" has host bits set",
     ] {
-        assert!(
-            errs.iter().any(|e| e.starts_with(want)),
-            "want {want} in {errs:?}"
-        );
+        assert!(errs.iter().any(|e| e.starts_with(want)), "want {want} in {errs:?}");
     }
 }
 
@@ -133,12 +126,8 @@ fn all_semantic_errors_are_reported_at_once() {
 fn listener_names_and_binds_are_unique() {
     let doc = "version: 1\nlisteners:\n  - {name: a, bind: '127.0.0.1:3128'}\n  - {name: a, bind: '127.0.0.1:3128'}\n";
     let errs = errors(doc);
-    assert!(errs
-        .iter()
-        .any(|e| e.starts_with("listeners[1].name: duplicate")));
-    assert!(errs
-        .iter()
-        .any(|e| e.starts_with("listeners[1].bind: address 127.0.0.1:3128 is used")));
+    assert!(errs.iter().any(|e| e.starts_with("listeners[1].name: duplicate")));
+    assert!(errs.iter().any(|e| e.starts_with("listeners[1].bind: address 127.0.0.1:3128 is used")));
 }
 
 #[test]

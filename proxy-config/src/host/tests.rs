@@ -8,26 +8,11 @@ fn auth(s: &str) -> Result<Authority, HostError> {
 fn accepts_canonical_forms() {
     let a = auth("Allowed.TEST.:443").unwrap();
     assert_eq!(a.to_string(), "allowed.test:443");
-    assert_eq!(
-        auth("[2001:DB8::1]:443").unwrap().to_string(),
-        "[2001:db8::1]:443"
-    );
-    assert_eq!(
-        auth("[::ffff:127.0.0.1]:443").unwrap().host,
-        Host::Ip("::ffff:127.0.0.1".parse().unwrap())
-    );
-    assert_eq!(
-        auth("127.0.0.1:22").unwrap().host,
-        Host::Ip("127.0.0.1".parse().unwrap())
-    );
-    assert_eq!(
-        auth("1password.test:443").unwrap().to_string(),
-        "1password.test:443"
-    );
-    assert_eq!(
-        auth("xn--bcher-kva.test:443").unwrap(),
-        auth("XN--BCHER-KVA.test:443").unwrap()
-    );
+    assert_eq!(auth("[2001:DB8::1]:443").unwrap().to_string(), "[2001:db8::1]:443");
+    assert_eq!(auth("[::ffff:127.0.0.1]:443").unwrap().host, Host::Ip("::ffff:127.0.0.1".parse().unwrap()));
+    assert_eq!(auth("127.0.0.1:22").unwrap().host, Host::Ip("127.0.0.1".parse().unwrap()));
+    assert_eq!(auth("1password.test:443").unwrap().to_string(), "1password.test:443");
+    assert_eq!(auth("xn--bcher-kva.test:443").unwrap(), auth("XN--BCHER-KVA.test:443").unwrap());
     assert_eq!(auth("a.test:65535").unwrap().port, 65535);
     assert_eq!(auth("a.test:1").unwrap().port, 1);
 }
@@ -146,12 +131,7 @@ fn s05_odd_ipv4_spellings() {
 
 #[test]
 fn normalization_is_idempotent() {
-    for t in [
-        "Allowed.TEST.:443",
-        "[2001:DB8::1]:443",
-        "XN--BCHER-KVA.test:443",
-        "10.1.2.3:8080",
-    ] {
+    for t in ["Allowed.TEST.:443", "[2001:DB8::1]:443", "XN--BCHER-KVA.test:443", "10.1.2.3:8080"] {
         let once = auth(t).unwrap();
         assert_eq!(auth(&once.to_string()).unwrap(), once);
     }
@@ -169,22 +149,10 @@ fn patterns() {
     assert!(e.matches(&n("API.GitHub.com.")));
     assert!(!e.matches(&n("x.api.github.com")));
     assert_eq!("*".parse::<HostPattern>(), Err(PatternError::BareWildcard));
-    assert_eq!(
-        "a.*.test".parse::<HostPattern>(),
-        Err(PatternError::MisplacedWildcard)
-    );
-    assert_eq!(
-        "*a.test".parse::<HostPattern>(),
-        Err(PatternError::MisplacedWildcard)
-    );
-    assert_eq!(
-        "10.0.0.1".parse::<HostPattern>(),
-        Err(PatternError::Address)
-    );
+    assert_eq!("a.*.test".parse::<HostPattern>(), Err(PatternError::MisplacedWildcard));
+    assert_eq!("*a.test".parse::<HostPattern>(), Err(PatternError::MisplacedWildcard));
+    assert_eq!("10.0.0.1".parse::<HostPattern>(), Err(PatternError::Address));
     assert!("a b.test".parse::<HostPattern>().is_err());
     // Policies may be written in Unicode; they are stored as A-labels.
-    assert_eq!(
-        "bücher.test".parse::<HostPattern>().unwrap().to_string(),
-        "xn--bcher-kva.test"
-    );
+    assert_eq!("bücher.test".parse::<HostPattern>().unwrap().to_string(), "xn--bcher-kva.test");
 }

@@ -10,9 +10,7 @@ fn policy(rules_yaml: &str, default: &str) -> Policy {
     let doc = format!(
         "version: 1\nlisteners: [{{name: f, bind: '127.0.0.1:0'}}]\nrelay: {{idleTimeout: 5m, maxLifetime: 24h}}\npolicy:\n  defaultAction: {default}\n  rules:\n{rules_yaml}"
     );
-    ProxyConfig::from_yaml(&doc)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .policy
+    ProxyConfig::from_yaml(&doc).unwrap_or_else(|e| panic!("{e}")).policy
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -56,12 +54,7 @@ fn allow_rule_matches_client_host_and_port() {
     let p = policy(RULES, "deny");
     let d = decide(&p, "10.244.1.17", "api.github.com:443", &["140.82.112.5"]);
     assert_eq!(allowed_by(&d, &p).as_deref(), Some("gh"));
-    let d = decide(
-        &p,
-        "10.244.1.17",
-        "raw.githubusercontent.com:443",
-        &["185.199.108.133"],
-    );
+    let d = decide(&p, "10.244.1.17", "raw.githubusercontent.com:443", &["185.199.108.133"]);
     assert_eq!(allowed_by(&d, &p).as_deref(), Some("gh"));
     // other client, other port, apex of a wildcard: default deny
     for (client, target) in [
@@ -70,66 +63,34 @@ fn allow_rule_matches_client_host_and_port() {
         ("10.244.1.17", "githubusercontent.com:443"),
     ] {
         let d = decide(&p, client, target, &["140.82.112.5"]);
-        assert_eq!(
-            d,
-            Decision::Deny {
-                rule: None,
-                reason: DenyReason::Default
-            },
-            "{client} {target}"
-        );
+        assert_eq!(d, Decision::Deny { rule: None, reason: DenyReason::Default }, "{client} {target}");
     }
 }
 
 #[test]
 fn regex_is_whole_name_and_port_ranges_work() {
     let p = policy(RULES, "deny");
-    assert!(allowed_by(
-        &decide(&p, "1.2.3.4", "static.rust-lang.org:8080", &["151.101.1.1"]),
-        &p
-    )
-    .is_some());
-    assert!(allowed_by(
-        &decide(&p, "1.2.3.4", "rust-lang.org:443", &["151.101.1.1"]),
-        &p
-    )
-    .is_some());
-    assert!(allowed_by(
-        &decide(
-            &p,
-            "1.2.3.4",
-            "rust-lang.org.evil.com:443",
-            &["151.101.1.1"]
-        ),
-        &p
-    )
-    .is_none());
-    assert!(allowed_by(
-        &decide(&p, "1.2.3.4", "rust-lang.org:8100", &["151.101.1.1"]),
-        &p
-    )
-    .is_none());
+    assert!(allowed_by(&decide(&p, "1.2.3.4", "static.rust-lang.org:8080", &["151.101.1.1"]), &p).is_some());
+    assert!(allowed_by(&decide(&p, "1.2.3.4", "rust-lang.org:443", &["151.101.1.1"]), &p).is_some());
+    assert!(allowed_by(&decide(&p, "1.2.3.4", "rust-lang.org.evil.com:443", &["151.101.1.1"]), &p).is_none());
+    assert!(allowed_by(&decide(&p, "1.2.3.4", "rust-lang.org:8100", &["151.101.1.1"]), &p).is_none());
 }
 
 #[test]
 fn deny_overrides_allow_regardless_of_order() {
-    let p = policy("    - {name: d, action: deny, hosts: [\"x.test\"]}\n    - {name: a, action: allow, hosts: [\"x.test\"]}\n", "allow");
-    let q = policy("    - {name: a, action: allow, hosts: [\"x.test\"]}\n    - {name: d, action: deny, hosts: [\"x.test\"]}\n", "allow");
+    let p = policy(
+        "    - {name: d, action: deny, hosts: [\"x.test\"]}\n    - {name: a, action: allow, hosts: [\"x.test\"]}\n",
+        "allow",
+    );
+    let q = policy(
+        "    - {name: a, action: allow, hosts: [\"x.test\"]}\n    - {name: d, action: deny, hosts: [\"x.test\"]}\n",
+        "allow",
+    );
     for pol in [&p, &q] {
         let d = decide(pol, "1.2.3.4", "x.test:443", &["93.184.216.34"]);
-        assert!(matches!(
-            d,
-            Decision::Deny {
-                reason: DenyReason::Rule,
-                ..
-            }
-        ));
+        assert!(matches!(d, Decision::Deny { reason: DenyReason::Rule, .. }));
         assert_eq!(
-            pol.pre_resolve(
-                ip("1.2.3.4"),
-                &crate::host::normalize_name("x.test").unwrap(),
-                443
-            ),
+            pol.pre_resolve(ip("1.2.3.4"), &crate::host::normalize_name("x.test").unwrap(), 443),
             PreDecision::Deny(d)
         );
     }
@@ -140,13 +101,7 @@ fn p06_trailing_dot_and_case_cannot_bypass_deny() {
     let p = policy(RULES, "allow");
     for t in ["evil.test.:443", "EVIL.test:443", "a.Evil.TEST.:443"] {
         assert!(
-            matches!(
-                decide(&p, "1.2.3.4", t, &["93.184.216.34"]),
-                Decision::Deny {
-                    reason: DenyReason::Rule,
-                    ..
-                }
-            ),
+            matches!(decide(&p, "1.2.3.4", t, &["93.184.216.34"]), Decision::Deny { reason: DenyReason::Rule, .. }),
             "{t}"
         );
     }
@@ -155,66 +110,20 @@ fn p06_trailing_dot_and_case_cannot_bypass_deny() {
 #[test]
 fn cidr_rules_match_addresses_not_names() {
     let p = policy(RULES, "deny");
-    assert_eq!(
-        allowed_by(
-            &decide(&p, "1.2.3.4", "db.example:5432", &["203.0.113.7"]),
-            &p
-        )
-        .as_deref(),
-        Some("nets")
-    );
-    assert_eq!(
-        allowed_by(
-            &decide(&p, "1.2.3.4", "203.0.113.7:5432", &["203.0.113.7"]),
-            &p
-        )
-        .as_deref(),
-        Some("nets")
-    );
+    assert_eq!(allowed_by(&decide(&p, "1.2.3.4", "db.example:5432", &["203.0.113.7"]), &p).as_deref(), Some("nets"));
+    assert_eq!(allowed_by(&decide(&p, "1.2.3.4", "203.0.113.7:5432", &["203.0.113.7"]), &p).as_deref(), Some("nets"));
     // mapped form of an allowed address
-    assert!(allowed_by(
-        &decide(
-            &p,
-            "1.2.3.4",
-            "[::ffff:203.0.113.7]:5432",
-            &["::ffff:203.0.113.7"]
-        ),
-        &p
-    )
-    .is_some());
+    assert!(allowed_by(&decide(&p, "1.2.3.4", "[::ffff:203.0.113.7]:5432", &["::ffff:203.0.113.7"]), &p).is_some());
     // any address outside the allowed CIDR denies the whole request
-    assert!(allowed_by(
-        &decide(
-            &p,
-            "1.2.3.4",
-            "db.example:5432",
-            &["203.0.113.7", "198.51.100.1"]
-        ),
-        &p
-    )
-    .is_none());
+    assert!(allowed_by(&decide(&p, "1.2.3.4", "db.example:5432", &["203.0.113.7", "198.51.100.1"]), &p).is_none());
 }
 
 #[test]
 fn s09_port_policy() {
-    let p = policy(
-        "    - {name: a, action: allow, hosts: [\"allowed.test\"], ports: [443]}\n",
-        "deny",
-    );
+    let p = policy("    - {name: a, action: allow, hosts: [\"allowed.test\"], ports: [443]}\n", "deny");
     for port in [25, 22, 6379, 10250, 2379] {
-        let d = decide(
-            &p,
-            "1.2.3.4",
-            &format!("allowed.test:{port}"),
-            &["93.184.216.34"],
-        );
-        assert_eq!(
-            d,
-            Decision::Deny {
-                rule: None,
-                reason: DenyReason::Default
-            }
-        );
+        let d = decide(&p, "1.2.3.4", &format!("allowed.test:{port}"), &["93.184.216.34"]);
+        assert_eq!(d, Decision::Deny { rule: None, reason: DenyReason::Default });
     }
 }
 
@@ -222,36 +131,15 @@ fn s09_port_policy() {
 fn private_addresses_need_an_explicit_cidr() {
     let p = policy(RULES, "allow");
     let d = decide(&p, "1.2.3.4", "internal.attacker.test:443", &["10.0.0.5"]);
-    assert!(matches!(
-        d,
-        Decision::Deny {
-            reason: DenyReason::PrivateAddress(_),
-            ..
-        }
-    ));
+    assert!(matches!(d, Decision::Deny { reason: DenyReason::PrivateAddress(_), .. }));
     // fail closed on mixed answers
-    let d = decide(
-        &p,
-        "1.2.3.4",
-        "mixed.test:443",
-        &["93.184.216.34", "127.0.0.1"],
-    );
-    assert!(matches!(
-        d,
-        Decision::Deny {
-            reason: DenyReason::PrivateAddress(_),
-            ..
-        }
-    ));
+    let d = decide(&p, "1.2.3.4", "mixed.test:443", &["93.184.216.34", "127.0.0.1"]);
+    assert!(matches!(d, Decision::Deny { reason: DenyReason::PrivateAddress(_), .. }));
     // 10.9.0.0/16 is listed by "nets", but only for port 5432
     assert!(allowed_by(&decide(&p, "1.2.3.4", "10.9.0.1:5432", &["10.9.0.1"]), &p).is_some());
     assert!(allowed_by(&decide(&p, "1.2.3.4", "10.9.0.1:443", &["10.9.0.1"]), &p).is_none());
     // a host rule allowing the name does not open a private address
-    assert!(allowed_by(
-        &decide(&p, "10.244.1.1", "api.github.com:443", &["10.0.0.1"]),
-        &p
-    )
-    .is_none());
+    assert!(allowed_by(&decide(&p, "10.244.1.1", "api.github.com:443", &["10.0.0.1"]), &p).is_none());
 }
 
 #[test]
@@ -265,19 +153,10 @@ fn deny_private_false_allows_private_targets() {
 fn pre_resolve_skips_dns_when_nothing_could_allow() {
     let p = policy(RULES, "deny");
     let n = |s: &str| crate::host::normalize_name(s).unwrap();
-    assert!(matches!(
-        p.pre_resolve(ip("1.2.3.4"), &n("nothing.test"), 443),
-        PreDecision::Deny(_)
-    ));
-    assert_eq!(
-        p.pre_resolve(ip("10.244.1.5"), &n("api.github.com"), 443),
-        PreDecision::Resolve
-    );
+    assert!(matches!(p.pre_resolve(ip("1.2.3.4"), &n("nothing.test"), 443), PreDecision::Deny(_)));
+    assert_eq!(p.pre_resolve(ip("10.244.1.5"), &n("api.github.com"), 443), PreDecision::Resolve);
     // a CIDR rule for port 5432 could allow any name on that port
-    assert_eq!(
-        p.pre_resolve(ip("1.2.3.4"), &n("nothing.test"), 5432),
-        PreDecision::Resolve
-    );
+    assert_eq!(p.pre_resolve(ip("1.2.3.4"), &n("nothing.test"), 5432), PreDecision::Resolve);
 }
 
 #[test]

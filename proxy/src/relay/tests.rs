@@ -14,10 +14,7 @@ fn limits() -> TunnelLimits {
 }
 
 fn counters() -> ByteCounters {
-    ByteCounters {
-        up: IntCounter::new("u", "u").unwrap(),
-        down: IntCounter::new("d", "d").unwrap(),
-    }
+    ByteCounters { up: IntCounter::new("u", "u").unwrap(), down: IntCounter::new("d", "d").unwrap() }
 }
 
 #[tokio::test(start_paused = true)]
@@ -28,8 +25,7 @@ async fn idle_timeout_closes_both_sides_and_traffic_resets_it() {
     let (ur, uw) = split(proxy_u);
     let stops = Stops::default();
     let c = counters();
-    let relay =
-        tokio::spawn(async move { run(cr, cw, ur, uw, b"early", limits(), &stops, &c).await });
+    let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"early", limits(), &stops, &c).await });
     let (mut client_r, mut client_w) = split(client);
     let (mut up_r, _up_w) = split(upstream);
     let mut early = [0u8; 5];
@@ -41,11 +37,7 @@ async fn idle_timeout_closes_both_sides_and_traffic_resets_it() {
     let out = relay.await.unwrap();
     assert_eq!(out.reason, CloseReason::IdleTimeout);
     // 60 s after the last byte, not after the start.
-    assert!(
-        start.elapsed() >= Duration::from_secs(59),
-        "{:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() >= Duration::from_secs(59), "{:?}", start.elapsed());
     assert_eq!(out.bytes_up, 6);
     let mut b = [0u8; 1];
     assert_eq!(client_r.read(&mut b).await.unwrap(), 0);
@@ -69,14 +61,7 @@ async fn shutdown_and_revoke_have_their_own_reasons() {
             stops.shutdown.cancel();
         }
         let out = relay.await.unwrap();
-        assert_eq!(
-            out.reason,
-            if revoke {
-                CloseReason::Revoked
-            } else {
-                CloseReason::Shutdown
-            }
-        );
+        assert_eq!(out.reason, if revoke { CloseReason::Revoked } else { CloseReason::Shutdown });
     }
 }
 
@@ -91,9 +76,5 @@ async fn rate_limit_sleeps_instead_of_spinning() {
         moved += n;
     }
     // 5000 bytes at 1000 B/s, with a 1024-byte initial burst: at least ~3.9 s.
-    assert!(
-        start.elapsed() >= Duration::from_millis(3900),
-        "{:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() >= Duration::from_millis(3900), "{:?}", start.elapsed());
 }

@@ -15,11 +15,7 @@ use crate::tls::TempDir;
 const BIN: &str = env!("CARGO_BIN_EXE_tunnelgate-proxy");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A proxy process with fixed ports read back from its config.
@@ -54,25 +50,12 @@ impl Proc {
             }
             Some(n) => {
                 let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg(format!("ulimit -n {n} && exec \"$0\" --config \"$1\""))
-                    .arg(BIN)
-                    .arg(&path);
+                c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" --config \"$1\"")).arg(BIN).arg(&path);
                 c
             }
         };
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let p = Proc {
-            child,
-            listen,
-            admin,
-            dir,
-        };
+        let child = cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true).spawn().unwrap();
+        let p = Proc { child, listen, admin, dir };
         assert!(
             eventually(10, || async { TcpStream::connect(admin).await.is_ok() }).await,
             "proxy did not start: {}",
@@ -86,12 +69,7 @@ impl Proc {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid())
-            .status()
-            .unwrap()
-            .success();
+        let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid()).status().unwrap().success();
         assert!(ok);
     }
 
@@ -137,11 +115,7 @@ fn run(args: &[&str]) -> (i32, String) {
 fn cli_check_reports_every_error_with_its_path() {
     let dir = TempDir::new("check");
     let good = dir.0.join("good.yaml");
-    std::fs::write(
-        &good,
-        "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\n",
-    )
-    .unwrap();
+    std::fs::write(&good, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\n").unwrap();
     let (code, out) = run(&["check", "--config", good.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("valid"));
@@ -185,34 +159,13 @@ fn cli_explain_names_the_deciding_rule() {
             && out.contains("idleTimeout=1m"),
         "{out}"
     );
-    let (_, out) = run(&[
-        "explain",
-        "--config",
-        f,
-        "--client",
-        "10.244.1.17",
-        "--target",
-        "x.evil.test:443",
-    ]);
+    let (_, out) = run(&["explain", "--config", f, "--client", "10.244.1.17", "--target", "x.evil.test:443"]);
     assert!(
-        out.contains("decision: deny (403)")
-            && out.contains("rule: no-evil")
-            && out.contains("no DNS query"),
+        out.contains("decision: deny (403)") && out.contains("rule: no-evil") && out.contains("no DNS query"),
         "{out}"
     );
-    let (_, out) = run(&[
-        "explain",
-        "--config",
-        f,
-        "--client",
-        "1.2.3.4",
-        "--target",
-        "10.9.1.1:5432",
-    ]);
-    assert!(
-        out.contains("decision: allow") && out.contains("rule: db"),
-        "{out}"
-    );
+    let (_, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "10.9.1.1:5432"]);
+    assert!(out.contains("decision: allow") && out.contains("rule: db"), "{out}");
     let (_, out) = run(&[
         "explain",
         "--config",
@@ -224,32 +177,10 @@ fn cli_explain_names_the_deciding_rule() {
         "--resolve",
         "10.0.0.1",
     ]);
-    assert!(
-        out.contains("decision: deny") && out.contains("private_address (private)"),
-        "{out}"
-    );
-    let (_, out) = run(&[
-        "explain",
-        "--config",
-        f,
-        "--client",
-        "1.2.3.4",
-        "--target",
-        "10.0.0.1:5432",
-    ]);
-    assert!(
-        out.contains("decision: deny") && out.contains("rule: default"),
-        "{out}"
-    );
-    let (code, out) = run(&[
-        "explain",
-        "--config",
-        f,
-        "--client",
-        "1.2.3.4",
-        "--target",
-        "0x7f.1:443",
-    ]);
+    assert!(out.contains("decision: deny") && out.contains("private_address (private)"), "{out}");
+    let (_, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "10.0.0.1:5432"]);
+    assert!(out.contains("decision: deny") && out.contains("rule: default"), "{out}");
+    let (code, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "0x7f.1:443"]);
     assert_eq!(code, 64);
     assert!(out.contains("400"), "{out}");
 }
@@ -259,7 +190,11 @@ async fn invalid_config_exits_64_before_binding() {
     let dir = TempDir::new("invalid");
     let port = free_port();
     let f = dir.0.join("c.yaml");
-    std::fs::write(&f, format!("version: 1\nlisteners: [{{name: f, bind: '127.0.0.1:{port}'}}]\npolicy: {{defaultAction: maybe}}\n")).unwrap();
+    std::fs::write(
+        &f,
+        format!("version: 1\nlisteners: [{{name: f, bind: '127.0.0.1:{port}'}}]\npolicy: {{defaultAction: maybe}}\n"),
+    )
+    .unwrap();
     let (code, out) = run(&["--config", f.to_str().unwrap()]);
     assert_eq!(code, 64);
     assert!(out.contains("policy.defaultAction"), "{out}");
@@ -274,34 +209,16 @@ async fn embedded_default_serves_and_denies_private_targets() {
         panic!("port 8080 is busy; the embedded default needs it")
     };
     drop(l);
-    let mut child = Command::new(BIN)
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = Command::new(BIN).stderr(Stdio::null()).kill_on_drop(true).spawn().unwrap();
     let admin: SocketAddr = "127.0.0.1:9090".parse().unwrap();
     assert!(eventually(10, || async { TcpStream::connect(admin).await.is_ok() }).await);
     assert_eq!(admin_get(admin, "/readyz").await.0, 200);
-    let (status, _) = exchange(
-        "127.0.0.1:8080".parse().unwrap(),
-        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n",
-    )
-    .await;
+    let (status, _) = exchange("127.0.0.1:8080".parse().unwrap(), b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n").await;
     assert_eq!(status, 403, "the default refuses private addresses");
     let (_, cfg) = admin_get(admin, "/config").await;
-    assert!(
-        cfg.contains("\"generation\":1") && cfg.contains("\"sha256\""),
-        "{cfg}"
-    );
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().unwrap().to_string())
-        .status()
-        .unwrap();
-    let st = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(cfg.contains("\"generation\":1") && cfg.contains("\"sha256\""), "{cfg}");
+    std::process::Command::new("kill").arg("-TERM").arg(child.id().unwrap().to_string()).status().unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.unwrap().unwrap();
     assert_eq!(st.code(), Some(0));
 }
 
@@ -309,10 +226,7 @@ async fn pump(mut s: TcpStream, rounds: usize) -> bool {
     let chunk: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 241) as u8).collect();
     let mut back = vec![0u8; chunk.len()];
     for _ in 0..rounds {
-        if s.write_all(&chunk).await.is_err()
-            || s.read_exact(&mut back).await.is_err()
-            || back != chunk
-        {
+        if s.write_all(&chunk).await.is_err() || s.read_exact(&mut back).await.is_err() || back != chunk {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -331,15 +245,9 @@ async fn d01_sigterm_drains_active_tunnels_and_exits_0() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     p.signal("TERM");
-    assert!(
-        eventually(2, || async { admin_get(p.admin, "/readyz").await.0 == 503 }).await,
-        "readiness fails at once"
-    );
+    assert!(eventually(2, || async { admin_get(p.admin, "/readyz").await.0 == 503 }).await, "readiness fails at once");
     for t in pumps {
-        assert!(
-            t.await.unwrap(),
-            "every transfer completes intact with a clean half-close"
-        );
+        assert!(t.await.unwrap(), "every transfer completes intact with a clean half-close");
     }
     assert_eq!(p.exit_within(10).await, 0);
     assert!(p.log().contains("drained"), "{}", p.log());
@@ -359,11 +267,7 @@ async fn d02_drain_deadline_closes_remaining_tunnels() {
         let mut b = [0u8; 1];
         assert_eq!(s.read(&mut b).await.unwrap_or(0), 0, "closed with FIN");
     }
-    assert!(
-        p.log().contains("drain deadline passed") && p.log().contains("tunnels=10"),
-        "{}",
-        p.log()
-    );
+    assert!(p.log().contains("drain deadline passed") && p.log().contains("tunnels=10"), "{}", p.log());
 }
 
 #[tokio::test]
@@ -395,10 +299,7 @@ async fn d04_upgraded_tunnels_keep_the_process_alive() {
     }
     p.signal("TERM");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        p.child.try_wait().unwrap().is_none(),
-        "exited with tunnels open"
-    );
+    assert!(p.child.try_wait().unwrap().is_none(), "exited with tunnels open");
     for s in tunnels.iter_mut() {
         roundtrip(s, b"still alive").await;
     }
@@ -415,9 +316,7 @@ async fn d06_half_established_connects_at_sigterm_get_503() {
     let mut waiting = Vec::new();
     for _ in 0..5 {
         let mut s = TcpStream::connect(p.listen).await.unwrap();
-        s.write_all(b"CONNECT slow.test:443 HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(b"CONNECT slow.test:443 HTTP/1.1\r\n\r\n").await.unwrap();
         waiting.push(s);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -447,9 +346,7 @@ async fn r04_fd_exhaustion_neither_spins_nor_kills_the_accept_loop() {
     let mut p = Proc::start_with(&w, "limits: {drainDelay: 0s}\n", Some(64)).await;
     let mut held = Vec::new();
     for _ in 0..80 {
-        if let Ok(Ok(s)) =
-            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(p.listen)).await
-        {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(p.listen)).await {
             held.push(s);
         }
     }
@@ -457,22 +354,15 @@ async fn r04_fd_exhaustion_neither_spins_nor_kills_the_accept_loop() {
     let before = p.cpu_ticks();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let spent = p.cpu_ticks() - before;
-    assert!(
-        spent < 50,
-        "accept loop busy-spins on EMFILE: {spent} ticks in 1 s"
-    );
+    assert!(spent < 50, "accept loop busy-spins on EMFILE: {spent} ticks in 1 s");
     drop(held);
     // Once descriptors are free, new connections are served again.
     let served = eventually(3, || async {
-        let Ok(Ok(mut s)) =
-            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(p.listen)).await
-        else {
+        let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(p.listen)).await else {
             return false;
         };
         let t = w.echo.addr.to_string();
-        s.write_all(format!("CONNECT {t} HTTP/1.1\r\n\r\n").as_bytes())
-            .await
-            .is_ok()
+        s.write_all(format!("CONNECT {t} HTTP/1.1\r\n\r\n").as_bytes()).await.is_ok()
             && tokio::time::timeout(Duration::from_millis(500), read_head(&mut s))
                 .await
                 .map(|r| r.0 == 200)
@@ -481,10 +371,7 @@ async fn r04_fd_exhaustion_neither_spins_nor_kills_the_accept_loop() {
     .await;
     assert!(served, "{}", p.log());
     assert!(p.child.try_wait().unwrap().is_none(), "process alive");
-    assert!(
-        metric(p.admin, "tunnelgate_accept_errors_total").await > 0.0,
-        "EMFILE was hit"
-    );
+    assert!(metric(p.admin, "tunnelgate_accept_errors_total").await > 0.0, "EMFILE was hit");
     p.signal("TERM");
     assert_eq!(p.exit_within(10).await, 0);
 }
@@ -511,9 +398,7 @@ async fn r05_backpressure_keeps_memory_flat() {
         let mut s = tunnel(p.listen, &deaf.addr.to_string()).await;
         let chunk = vec![1u8; 1 << 16];
         // Write until flow control stops us.
-        while let Ok(Ok(())) =
-            tokio::time::timeout(Duration::from_millis(200), s.write_all(&chunk)).await
-        {
+        while let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(200), s.write_all(&chunk)).await {
             pushed_total += chunk.len();
             if pushed_total > (2usize << 30) {
                 break;
@@ -525,10 +410,7 @@ async fn r05_backpressure_keeps_memory_flat() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let grown = p.rss_kib().saturating_sub(baseline);
     // 40 tunnels with 2 × 32 KiB buffers each is 2.5 MiB; the kernel holds the rest.
-    assert!(
-        grown < 16 * 1024,
-        "RSS grew by {grown} KiB for 40 stalled tunnels"
-    );
+    assert!(grown < 16 * 1024, "RSS grew by {grown} KiB for 40 stalled tunnels");
     drop(held);
     p.signal("TERM");
     assert_eq!(p.exit_within(10).await, 0);
@@ -544,11 +426,8 @@ async fn access_log_is_json_and_never_identifies_users_unless_opted_in() {
         roundtrip(&mut s, b"logged").await;
         s.shutdown().await.unwrap();
         let _ = read_to_close(&mut s).await;
-        let _ = exchange(
-            p.listen,
-            b"CONNECT 10.1.2.3:443 HTTP/1.1\r\nProxy-Authorization: Basic c2VjcmV0\r\n\r\n",
-        )
-        .await;
+        let _ =
+            exchange(p.listen, b"CONNECT 10.1.2.3:443 HTTP/1.1\r\nProxy-Authorization: Basic c2VjcmV0\r\n\r\n").await;
         p.signal("TERM");
         assert_eq!(p.exit_within(10).await, 0);
         let log = p.log();
@@ -567,21 +446,49 @@ async fn access_log_is_json_and_never_identifies_users_unless_opted_in() {
         assert!(!log.contains("c2VjcmV0"), "credentials never logged");
         if opt_in {
             assert_eq!(ok["client"], "127.0.0.1");
-            assert!(
-                ok["destination"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with("allowed.test:")),
-                "{ok}"
-            );
+            assert!(ok["destination"].as_str().is_some_and(|d| d.starts_with("allowed.test:")), "{ok}");
             assert!(log.contains("allowed.test"));
         } else {
             for line in &access {
                 assert!(line.get("client").is_none_or(|v| v.is_null()), "{line}");
             }
-            assert!(
-                !log.contains("allowed.test") && !log.contains("10.1.2.3"),
-                "{log}"
-            );
+            assert!(!log.contains("allowed.test") && !log.contains("10.1.2.3"), "{log}");
         }
     }
+}
+
+#[tokio::test]
+async fn file_changes_and_sighup_reload_the_running_binary() {
+    let w = World::new().await;
+    let mut p = Proc::start(&w, "limits: {drainDelay: 0s, drainTimeout: 5s}\n").await;
+    let path = p.dir.0.join("config.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Deny everything by removing the rule: the running binary picks the change up.
+    let denying = text.replace("hosts: [allowed.test, slow.test], cidrs: ['127.0.0.2/32']", "hosts: [other.test]");
+    std::fs::write(&path, &denying).unwrap();
+    assert!(
+        eventually(5, || async { admin_get(p.admin, "/config").await.1.contains("\"generation\":2") }).await,
+        "{}",
+        p.log()
+    );
+    let (status, _) =
+        exchange(p.listen, format!("CONNECT {} HTTP/1.1\r\n\r\n", w.echo_target("allowed.test")).as_bytes()).await;
+    assert_eq!(status, 403);
+    p.signal("HUP");
+    assert!(eventually(5, || async { p.log().contains("reload requested") }).await);
+    assert!(p.child.try_wait().unwrap().is_none(), "SIGHUP does not stop the proxy");
+    std::fs::write(&path, &text).unwrap();
+    assert!(
+        eventually(5, || async { admin_get(p.admin, "/config").await.1.contains("\"generation\":3") }).await,
+        "{}",
+        p.log()
+    );
+    // L-06: a reload racing SIGTERM neither hangs nor breaks the drain.
+    let _t = tunnel(p.listen, &w.echo.addr.to_string()).await;
+    std::fs::write(&path, &denying).unwrap();
+    p.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    p.signal("HUP");
+    assert_eq!(p.exit_within(15).await, 0);
+    assert!(!p.log().contains("panicked"), "{}", p.log());
 }

@@ -1,16 +1,11 @@
-#![allow(
-    unreachable_pub,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    reason = "test harness"
-)]
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test harness")]
 //! Integration tests of the proxy on loopback, named after the ids of SECURITY-CASES.md.
 
 mod support;
 
 mod binary;
 mod parsing;
+mod reload;
 mod resources;
 mod ssrf;
 mod tls;

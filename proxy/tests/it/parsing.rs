@@ -10,19 +10,10 @@ async fn expect_all(w: &World, proxy: std::net::SocketAddr, cases: &[Vec<u8>], w
     let before = w.echo.count();
     for c in cases {
         let (status, text) = exchange(proxy, c).await;
-        assert_eq!(
-            status,
-            want,
-            "input {:?} got {text:?}",
-            String::from_utf8_lossy(c)
-        );
+        assert_eq!(status, want, "input {:?} got {text:?}", String::from_utf8_lossy(c));
         assert!(text.contains("Connection: close\r\n"), "{text}");
     }
-    assert_eq!(
-        w.echo.count(),
-        before,
-        "a rejected request reached the upstream"
-    );
+    assert_eq!(w.echo.count(), before, "a rejected request reached the upstream");
 }
 
 fn req(target: &str) -> Vec<u8> {
@@ -50,35 +41,19 @@ async fn p02_missing_or_empty_port() {
         b"CONNECT :443 HTTP/1.1\r\n\r\n".to_vec(),
     ];
     expect_all(&w, addr(&p), &cases, 400).await;
-    assert_eq!(
-        w.dns.total_queries(),
-        0,
-        "no DNS query for a malformed target"
-    );
+    assert_eq!(w.dns.total_queries(), 0, "no DNS query for a malformed target");
 }
 
 #[tokio::test]
 async fn p03_strict_port_grammar() {
     let w = World::new().await;
     let p = w.proxy("").await;
-    let cases: Vec<Vec<u8>> = [
-        "0",
-        "0443",
-        "00443",
-        "65536",
-        "99999999999999999999",
-        "-1",
-        "+443",
-        "0x1bb",
-        "https",
-        "443:443",
-    ]
-    .iter()
-    .map(|port| req(&format!("allowed.test:{port}")))
-    .chain(std::iter::once(
-        b"CONNECT allowed.test:443  HTTP/1.1\r\n\r\n".to_vec(),
-    ))
-    .collect();
+    let cases: Vec<Vec<u8>> =
+        ["0", "0443", "00443", "65536", "99999999999999999999", "-1", "+443", "0x1bb", "https", "443:443"]
+            .iter()
+            .map(|port| req(&format!("allowed.test:{port}")))
+            .chain(std::iter::once(b"CONNECT allowed.test:443  HTTP/1.1\r\n\r\n".to_vec()))
+            .collect();
     expect_all(&w, addr(&p), &cases, 400).await;
 }
 
@@ -121,10 +96,8 @@ async fn p05_ipv6_literals() {
     .collect();
     expect_all(&w, addr(&p), &bad, 400).await;
     // Valid literals are parsed and classified: loopback and mapped loopback are refused.
-    let denied: Vec<Vec<u8>> = ["[::1]:443", "[::ffff:127.0.0.1]:443", "[2001:DB8::1]:443"]
-        .iter()
-        .map(|s| req(s))
-        .collect();
+    let denied: Vec<Vec<u8>> =
+        ["[::1]:443", "[::ffff:127.0.0.1]:443", "[2001:DB8::1]:443"].iter().map(|s| req(s)).collect();
     expect_all(&w, addr(&p), &denied, 403).await;
 }
 
@@ -145,16 +118,7 @@ async fn p06_idn_case_trailing_dot() {
     let mut s = tunnel(addr(&p), &format!("Allowed.TEST.:{t}")).await;
     roundtrip(&mut s, b"ok").await;
     // ...and cannot bypass a deny.
-    expect_all(
-        &w,
-        addr(&p),
-        &[
-            req(&format!("denied.test.:{t}")),
-            req(&format!("DENIED.test:{t}")),
-        ],
-        403,
-    )
-    .await;
+    expect_all(&w, addr(&p), &[req(&format!("denied.test.:{t}")), req(&format!("DENIED.test:{t}"))], 403).await;
 }
 
 #[tokio::test]
@@ -165,11 +129,7 @@ async fn p07_long_hosts_and_targets() {
     let name254 = format!("{}.test:443", vec!["a".repeat(49); 5].join("."));
     expect_all(&w, addr(&p), &[req(&label64), req(&name254)], 400).await;
     assert_eq!(w.dns.total_queries(), 0);
-    let huge = format!(
-        "CONNECT {}.test:443 HTTP/1.1\r\n\r\n",
-        "a".repeat(70 * 1024)
-    )
-    .into_bytes();
+    let huge = format!("CONNECT {}.test:443 HTTP/1.1\r\n\r\n", "a".repeat(70 * 1024)).into_bytes();
     let host64k = format!("CONNECT {}:443 HTTP/1.1\r\n\r\n", "a".repeat(64 * 1024)).into_bytes();
     expect_all(&w, addr(&p), &[huge, host64k], 414).await;
 }
@@ -227,9 +187,7 @@ async fn p11_duplicate_host() {
     expect_all(&w, addr(&p), &cases, 400).await;
     // Decision 2: CONNECT without Host is accepted.
     let mut s = TcpStream::connect(addr(&p)).await.unwrap();
-    s.write_all(format!("CONNECT {t} HTTP/1.1\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("CONNECT {t} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
     assert_eq!(read_head(&mut s).await.0, 200);
 }
 
@@ -247,9 +205,7 @@ async fn p13_whitespace_and_line_endings() {
     expect_all(&w, addr(&p), &cases, 400).await;
     // Bare LF is accepted (RFC 9112 §2.2 MAY), consistently.
     let mut s = TcpStream::connect(addr(&p)).await.unwrap();
-    s.write_all(format!("CONNECT {t} HTTP/1.1\nHost: {t}\n\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("CONNECT {t} HTTP/1.1\nHost: {t}\n\n").as_bytes()).await.unwrap();
     assert_eq!(read_head(&mut s).await.0, 200);
     roundtrip(&mut s, b"lf").await;
 }
@@ -260,15 +216,12 @@ async fn p15_connect_with_body_framing() {
     let p = w.proxy("").await;
     let t = w.echo_target("allowed.test");
     let mut s = TcpStream::connect(addr(&p)).await.unwrap();
-    s.write_all(
-        format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
+    s.write_all(format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await.unwrap();
     assert_eq!(read_head(&mut s).await.0, 200);
     let cases = vec![
         format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\nContent-Length: 5\r\n\r\nabcde").into_bytes(),
-        format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n").into_bytes(),
+        format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n")
+            .into_bytes(),
     ];
     let before = w.echo.count();
     expect_all(&w, addr(&p), &cases, 400).await;
@@ -285,9 +238,7 @@ async fn p16_early_data_is_relayed_byte_for_byte() {
     hello.extend((0..512u32).map(|i| (i % 251) as u8));
     // (a) one write: head + ClientHello
     let mut s = TcpStream::connect(addr(&p)).await.unwrap();
-    s.write_all(&[head.as_bytes(), &hello].concat())
-        .await
-        .unwrap();
+    s.write_all(&[head.as_bytes(), &hello].concat()).await.unwrap();
     assert_eq!(read_head(&mut s).await.0, 200);
     let mut got = vec![0u8; hello.len()];
     s.read_exact(&mut got).await.unwrap();
@@ -308,9 +259,7 @@ async fn p16_early_data_is_relayed_byte_for_byte() {
     let mut s = TcpStream::connect(addr(&p)).await.unwrap();
     let (mut r, mut wr) = s.split();
     let send = async {
-        wr.write_all(&[head.as_bytes(), &big].concat())
-            .await
-            .unwrap();
+        wr.write_all(&[head.as_bytes(), &big].concat()).await.unwrap();
     };
     let recv = async {
         assert_eq!(read_head(&mut r).await.0, 200);
@@ -327,9 +276,7 @@ async fn p17_bytes_after_rejected_connect_are_never_parsed() {
     let w = World::new().await;
     // Allow the sink's address for everything except the CONNECT under test, so a parsed
     // pipelined request would be visible as a connection to it.
-    let p = w
-        .proxy("    - {name: sink, action: allow, cidrs: [\"127.0.0.3/32\"], ports: [1]}\n")
-        .await;
+    let p = w.proxy("    - {name: sink, action: allow, cidrs: [\"127.0.0.3/32\"], ports: [1]}\n").await;
     let input = format!(
         "CONNECT 169.254.169.254:80 HTTP/1.1\r\nHost: 169.254.169.254:80\r\n\r\nGET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\nCONNECT {} HTTP/1.1\r\n\r\n",
         w.echo_target("allowed.test")
@@ -337,15 +284,9 @@ async fn p17_bytes_after_rejected_connect_are_never_parsed() {
     let (status, text) = exchange(addr(&p), input.as_bytes()).await;
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("Connection: close"));
-    assert_eq!(
-        text.matches("HTTP/1.1").count(),
-        1,
-        "exactly one response: {text}"
-    );
-    let input = format!(
-        "CONNECT denied.test:443 HTTP/1.1\r\n\r\nCONNECT {} HTTP/1.1\r\n\r\n",
-        w.echo_target("allowed.test")
-    );
+    assert_eq!(text.matches("HTTP/1.1").count(), 1, "exactly one response: {text}");
+    let input =
+        format!("CONNECT denied.test:443 HTTP/1.1\r\n\r\nCONNECT {} HTTP/1.1\r\n\r\n", w.echo_target("allowed.test"));
     let (status, text) = exchange(addr(&p), input.as_bytes()).await;
     assert_eq!(status, 403);
     assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
@@ -361,7 +302,11 @@ async fn p18_non_connect_methods_get_405() {
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         b"GET http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n".to_vec(),
         b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-        [b"POST http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 1048576\r\n\r\n".to_vec(), vec![b'a'; 1 << 20]].concat(),
+        [
+            b"POST http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 1048576\r\n\r\n".to_vec(),
+            vec![b'a'; 1 << 20],
+        ]
+        .concat(),
     ] {
         let (status, text) = exchange(addr(&p), &input).await;
         assert_eq!(status, 405, "{text}");
@@ -375,8 +320,7 @@ async fn t11_inbound_proxy_protocol_header_is_not_trusted() {
     let w = World::new().await;
     let p = w.proxy("").await;
     let t = w.echo_target("allowed.test");
-    let v1 =
-        format!("PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nCONNECT {t} HTTP/1.1\r\n\r\n").into_bytes();
+    let v1 = format!("PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nCONNECT {t} HTTP/1.1\r\n\r\n").into_bytes();
     let v2 = [
         b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec(),
         vec![10, 0, 0, 1, 10, 0, 0, 2, 0, 1, 0, 2],

@@ -25,11 +25,7 @@ fn connect_req(target: SocketAddr) -> String {
 #[tokio::test(start_paused = true)]
 async fn r01_slowloris_gets_an_absolute_deadline() {
     let w = World::new().await;
-    let p = start_proxy(&cfg(
-        &w,
-        "limits: {requestHeadTimeout: 10s, drainDelay: 0s}\n",
-    ))
-    .await;
+    let p = start_proxy(&cfg(&w, "limits: {requestHeadTimeout: 10s, drainDelay: 0s}\n")).await;
     let head = connect_req(w.echo.addr);
     let mut tasks = Vec::new();
     for _ in 0..50 {
@@ -60,21 +56,14 @@ async fn r01_slowloris_gets_an_absolute_deadline() {
     for t in tasks {
         let (status, elapsed) = t.await.unwrap();
         assert_eq!(status, 408);
-        assert!(
-            elapsed >= Duration::from_secs(10) && elapsed < Duration::from_secs(11),
-            "closed after {elapsed:?}"
-        );
+        assert!(elapsed >= Duration::from_secs(10) && elapsed < Duration::from_secs(11), "closed after {elapsed:?}");
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn r02_idle_connections_and_idle_tunnels_are_closed() {
     let w = World::new().await;
-    let p = start_proxy(&cfg(
-        &w,
-        "limits: {requestHeadTimeout: 10s}\nrelay: {idleTimeout: 60s}\n",
-    ))
-    .await;
+    let p = start_proxy(&cfg(&w, "limits: {requestHeadTimeout: 10s}\nrelay: {idleTimeout: 60s}\n")).await;
     // Connections that send nothing.
     let mut silent = Vec::new();
     for _ in 0..200 {
@@ -101,14 +90,7 @@ async fn r02_idle_connections_and_idle_tunnels_are_closed() {
     }
     assert!(start.elapsed() >= Duration::from_secs(60));
     roundtrip(&mut busy, b"traffic resets the idle timer").await;
-    assert_eq!(
-        metric(
-            p.admin,
-            "tunnelgate_tunnel_duration_seconds_count{close=\"idle_timeout\"}"
-        )
-        .await,
-        20.0
-    );
+    assert_eq!(metric(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"idle_timeout\"}").await, 20.0);
 }
 
 async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
@@ -120,11 +102,7 @@ async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
 #[tokio::test]
 async fn r03_connection_caps() {
     let w = World::new().await;
-    let p = start_proxy(&cfg(
-        &w,
-        "limits: {maxConnections: 20, maxConnectionsPerClient: 5}\n",
-    ))
-    .await;
+    let p = start_proxy(&cfg(&w, "limits: {maxConnections: 20, maxConnectionsPerClient: 5}\n")).await;
     let mut held = Vec::new();
     for _ in 0..5 {
         held.push(tunnel(addr(&p), &w.echo.addr.to_string()).await);
@@ -148,12 +126,7 @@ async fn r03_connection_caps() {
     assert_eq!(admin_get(p.admin, "/healthz").await.0, 200);
     // Slots come back when connections close.
     drop(held);
-    assert!(
-        eventually(5, || async {
-            metric(p.admin, "tunnelgate_connections_open").await == 0.0
-        })
-        .await
-    );
+    assert!(eventually(5, || async { metric(p.admin, "tunnelgate_connections_open").await == 0.0 }).await);
     let mut s = tunnel(addr(&p), &w.echo.addr.to_string()).await;
     roundtrip(&mut s, b"again").await;
 }
@@ -194,32 +167,16 @@ async fn r06_half_close_both_ways() {
     let mut bye = [0u8; 4];
     s.read_exact(&mut bye).await.unwrap();
     let mut b = [0u8; 1];
-    assert_eq!(
-        s.read(&mut b).await.unwrap(),
-        0,
-        "FIN propagated to the client"
-    );
+    assert_eq!(s.read(&mut b).await.unwrap(), 0, "FIN propagated to the client");
     s.write_all(&vec![1u8; 1 << 20]).await.unwrap();
     s.shutdown().await.unwrap();
     assert!(
         eventually(5, || async {
-            metric(
-                p.admin,
-                "tunnelgate_tunnel_duration_seconds_count{close=\"upstream_closed\"}",
-            )
-            .await
-                == 1.0
+            metric(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"upstream_closed\"}").await == 1.0
         })
         .await
     );
-    assert_eq!(
-        metric(
-            p.admin,
-            "tunnelgate_tunnel_duration_seconds_count{close=\"client_closed\"}"
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(metric(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"client_closed\"}").await, 1.0);
 }
 
 #[tokio::test]
@@ -227,14 +184,8 @@ async fn r08_header_bombs_and_lingering_close() {
     let w = World::new().await;
     let p = start_proxy(&cfg(&w, "limits: {maxRequestHeadBytes: 32768}\n")).await;
     let t = w.echo.addr;
-    let big_header = format!(
-        "CONNECT {t} HTTP/1.1\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(64 * 1024)
-    );
-    let just_over = format!(
-        "CONNECT {t} HTTP/1.1\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(33 * 1024)
-    );
+    let big_header = format!("CONNECT {t} HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let just_over = format!("CONNECT {t} HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(33 * 1024));
     let many = format!("CONNECT {t} HTTP/1.1\r\n{}\r\n", "a:b\r\n".repeat(10_000));
     let hundred_one = format!("CONNECT {t} HTTP/1.1\r\n{}\r\n", "a:b\r\n".repeat(101));
     for c in [big_header, just_over, many, hundred_one] {
@@ -243,9 +194,7 @@ async fn r08_header_bombs_and_lingering_close() {
     }
     // One header split over 12 slow segments, crossing the limit mid-line.
     let mut s = TcpStream::connect(addr(&p)).await.unwrap();
-    s.write_all(format!("CONNECT {t} HTTP/1.1\r\nX-Slow: ").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("CONNECT {t} HTTP/1.1\r\nX-Slow: ").as_bytes()).await.unwrap();
     for _ in 0..12 {
         if s.write_all(&[b'z'; 3000]).await.is_err() {
             break;
@@ -260,10 +209,7 @@ async fn r08_header_bombs_and_lingering_close() {
     s.write_all(&bytes).await.unwrap();
     let (status, text) = read_to_close(&mut s).await;
     assert_eq!(status, 400);
-    assert!(
-        text.ends_with("\n") && text.contains("Content-Length:"),
-        "{text}"
-    );
+    assert!(text.ends_with("\n") && text.contains("Content-Length:"), "{text}");
 }
 
 #[tokio::test]
@@ -305,12 +251,7 @@ async fn relay_100_mib_arrives_byte_identical() {
     assert_eq!(h.finalize(), send.await.unwrap());
     assert!(
         eventually(5, || async {
-            metric(
-                p.admin,
-                "tunnelgate_relayed_bytes_total{direction=\"upstream\"}",
-            )
-            .await
-                == TOTAL as f64
+            metric(p.admin, "tunnelgate_relayed_bytes_total{direction=\"upstream\"}").await == TOTAL as f64
         })
         .await
     );
@@ -341,18 +282,8 @@ async fn relay_limits_close_with_their_reason() {
     }
     pinger.abort();
     let e = start.elapsed();
-    assert!(
-        e >= Duration::from_secs(3600) && e < Duration::from_secs(3602),
-        "{e:?}"
-    );
-    assert_eq!(
-        metric(
-            p.admin,
-            "tunnelgate_tunnel_duration_seconds_count{close=\"lifetime\"}"
-        )
-        .await,
-        1.0
-    );
+    assert!(e >= Duration::from_secs(3600) && e < Duration::from_secs(3602), "{e:?}");
+    assert_eq!(metric(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"lifetime\"}").await, 1.0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -381,10 +312,7 @@ async fn relay_rate_min_rate_and_byte_cap() {
     let start = Instant::now();
     roundtrip(&mut s, &vec![9u8; 50_000]).await;
     let e = start.elapsed();
-    assert!(
-        e >= Duration::from_millis(4500) && e < Duration::from_secs(7),
-        "{e:?}"
-    );
+    assert!(e >= Duration::from_millis(4500) && e < Duration::from_secs(7), "{e:?}");
     // Byte cap: the upstream never gets more than 1000 bytes and the tunnel is closed.
     let mut s = tunnel(addr(&p), &sink.addr.to_string()).await;
     let _ = s.write_all(&vec![1u8; 5000]).await;
@@ -392,12 +320,7 @@ async fn relay_rate_min_rate_and_byte_cap() {
     assert!(matches!(s.read(&mut b).await, Ok(0) | Err(_)));
     assert!(
         eventually(5, || async {
-            metric(
-                p.admin,
-                "tunnelgate_tunnel_duration_seconds_count{close=\"byte_limit\"}",
-            )
-            .await
-                == 1.0
+            metric(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"byte_limit\"}").await == 1.0
         })
         .await
     );
@@ -407,16 +330,6 @@ async fn relay_rate_min_rate_and_byte_cap() {
     s.write_all(&[1u8; 10]).await.unwrap();
     assert!(matches!(s.read(&mut b).await, Ok(0) | Err(_)));
     let e = start.elapsed();
-    assert!(
-        e >= Duration::from_secs(60) && e < Duration::from_secs(61),
-        "{e:?}"
-    );
-    assert_eq!(
-        metric(
-            p.admin,
-            "tunnelgate_tunnel_duration_seconds_count{close=\"too_slow\"}"
-        )
-        .await,
-        1.0
-    );
+    assert!(e >= Duration::from_secs(60) && e < Duration::from_secs(61), "{e:?}");
+    assert_eq!(metric(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"too_slow\"}").await, 1.0);
 }

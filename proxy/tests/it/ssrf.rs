@@ -15,10 +15,7 @@ async fn statuses(p: std::net::SocketAddr, targets: &[String]) -> Vec<(String, u
     let mut out = Vec::new();
     for t in targets {
         let (status, text) = exchange(p, &req(t)).await;
-        assert!(
-            text.contains("Connection: close") || status == 200,
-            "{t}: {text}"
-        );
+        assert!(text.contains("Connection: close") || status == 200, "{t}: {text}");
         out.push((t.clone(), status));
     }
     out
@@ -52,9 +49,7 @@ async fn s01_loopback_unspecified_and_self() {
         403,
     );
     // Even a rule that lists all of loopback must not let a client reach the proxy itself.
-    let with_self = w
-        .proxy("    - {name: loop, action: allow, cidrs: [\"127.0.0.0/8\"]}\n")
-        .await;
+    let with_self = w.proxy("    - {name: loop, action: allow, cidrs: [\"127.0.0.0/8\"]}\n").await;
     let own2 = addr(&with_self).port();
     all(
         &statuses(
@@ -69,11 +64,7 @@ async fn s01_loopback_unspecified_and_self() {
         403,
     );
     assert_eq!(
-        metric(
-            with_self.admin,
-            "tunnelgate_policy_decisions_total{decision=\"deny\",rule=\"self\"}"
-        )
-        .await,
+        metric(with_self.admin, "tunnelgate_policy_decisions_total{decision=\"deny\",rule=\"self\"}").await,
         2.0
     );
 }
@@ -143,13 +134,8 @@ async fn s04_embedded_ipv4_forms() {
     .to_vec();
     all(&statuses(addr(&p), &t).await, 403);
     // The same values as AAAA answers.
-    w.dns.set(
-        "v6.test",
-        Answer::Addrs(vec!["::ffff:127.0.0.1".parse().unwrap()]),
-    );
-    let p = w
-        .proxy("    - {name: v6, action: allow, hosts: [v6.test]}\n")
-        .await;
+    w.dns.set("v6.test", Answer::Addrs(vec!["::ffff:127.0.0.1".parse().unwrap()]));
+    let p = w.proxy("    - {name: v6, action: allow, hosts: [v6.test]}\n").await;
     all(&statuses(addr(&p), &["v6.test:443".to_owned()]).await, 403);
 }
 
@@ -175,10 +161,7 @@ async fn s05_odd_ipv4_spellings_never_reach_the_resolver() {
     all(&statuses(addr(&p), &t).await, 400);
     assert_eq!(w.dns.total_queries(), 0);
     // A name that merely starts with a digit is a name.
-    w.dns.set(
-        "1password.allowed.test",
-        Answer::Addrs(vec!["127.0.0.2".parse().unwrap()]),
-    );
+    w.dns.set("1password.allowed.test", Answer::Addrs(vec!["127.0.0.2".parse().unwrap()]));
     let mut s = tunnel(addr(&p), &w.echo_target("1password.allowed.test")).await;
     roundtrip(&mut s, b"1").await;
 }
@@ -186,28 +169,14 @@ async fn s05_odd_ipv4_spellings_never_reach_the_resolver() {
 #[tokio::test]
 async fn s06_dns_answer_with_private_address() {
     let w = World::new().await;
-    w.dns.set(
-        "public-looking.test",
-        Answer::Addrs(vec!["127.0.0.3".parse().unwrap()]),
-    );
-    w.dns.set(
-        "meta.test",
-        Answer::Addrs(vec!["169.254.169.254".parse().unwrap()]),
-    );
-    w.dns
-        .set("v6loop.test", Answer::Addrs(vec!["::1".parse().unwrap()]));
-    let p = w
-        .proxy("    - {name: broad, action: allow, hosts: [\"*.test\"]}\n")
-        .await;
-    let t: Vec<String> = [
-        "public-looking.test",
-        "internal.attacker.test",
-        "meta.test",
-        "v6loop.test",
-    ]
-    .iter()
-    .map(|h| format!("{h}:{}", w.sink.addr.port()))
-    .collect();
+    w.dns.set("public-looking.test", Answer::Addrs(vec!["127.0.0.3".parse().unwrap()]));
+    w.dns.set("meta.test", Answer::Addrs(vec!["169.254.169.254".parse().unwrap()]));
+    w.dns.set("v6loop.test", Answer::Addrs(vec!["::1".parse().unwrap()]));
+    let p = w.proxy("    - {name: broad, action: allow, hosts: [\"*.test\"]}\n").await;
+    let t: Vec<String> = ["public-looking.test", "internal.attacker.test", "meta.test", "v6loop.test"]
+        .iter()
+        .map(|h| format!("{h}:{}", w.sink.addr.port()))
+        .collect();
     all(&statuses(addr(&p), &t).await, 403);
     assert_eq!(w.sink.count(), 0, "no SYN may reach a refused address");
 }
@@ -217,43 +186,22 @@ async fn s07_dns_rebinding_and_mixed_answers() {
     let w = World::new().await;
     let echo: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let sink: std::net::IpAddr = "127.0.0.3".parse().unwrap();
-    w.dns.set(
-        "rebind.allowed.test",
-        Answer::Sequence(vec![vec![echo], vec![sink]]),
-    );
+    w.dns.set("rebind.allowed.test", Answer::Sequence(vec![vec![echo], vec![sink]]));
     let p = w.proxy("").await;
     // First resolution says 127.0.0.2: it is checked and exactly it is dialled.
     let port = w.echo.addr.port();
     let mut s = tunnel(addr(&p), &format!("rebind.allowed.test:{port}")).await;
     roundtrip(&mut s, b"bound").await;
-    assert_eq!(
-        w.dns.queries("rebind.allowed.test"),
-        1,
-        "one resolution per CONNECT"
-    );
+    assert_eq!(w.dns.queries("rebind.allowed.test"), 1, "one resolution per CONNECT");
     // Later answers point at 127.0.0.3: refused, and nothing reaches it.
     let (status, _) = exchange(addr(&p), &req(&format!("rebind.allowed.test:{port}"))).await;
     assert_eq!(status, 403);
     assert_eq!(w.sink.count(), 0);
     // Mixed answers fail closed (decision 9), in either order.
-    w.dns
-        .set("mixed1.allowed.test", Answer::Addrs(vec![echo, sink]));
-    w.dns.set(
-        "mixed2.allowed.test",
-        Answer::Addrs(vec!["10.0.0.1".parse().unwrap(), echo]),
-    );
-    w.dns.set(
-        "mixed3.allowed.test",
-        Answer::Addrs(vec![echo, "::1".parse().unwrap()]),
-    );
-    all(
-        &statuses(
-            addr(&p),
-            &["mixed1", "mixed2", "mixed3"].map(|m| format!("{m}.allowed.test:{port}")),
-        )
-        .await,
-        403,
-    );
+    w.dns.set("mixed1.allowed.test", Answer::Addrs(vec![echo, sink]));
+    w.dns.set("mixed2.allowed.test", Answer::Addrs(vec!["10.0.0.1".parse().unwrap(), echo]));
+    w.dns.set("mixed3.allowed.test", Answer::Addrs(vec![echo, "::1".parse().unwrap()]));
+    all(&statuses(addr(&p), &["mixed1", "mixed2", "mixed3"].map(|m| format!("{m}.allowed.test:{port}"))).await, 403);
     assert_eq!(w.sink.count(), 0);
 }
 
@@ -266,14 +214,7 @@ async fn s09_port_policy() {
         w.dns.addr
     );
     let p = start_proxy(&yaml).await;
-    all(
-        &statuses(
-            addr(&p),
-            &[25, 22, 6379, 10250, 2379].map(|pt| format!("allowed.test:{pt}")),
-        )
-        .await,
-        403,
-    );
+    all(&statuses(addr(&p), &[25, 22, 6379, 10250, 2379].map(|pt| format!("allowed.test:{pt}"))).await, 403);
     let mut s = tunnel(addr(&p), &format!("allowed.test:{port}")).await;
     roundtrip(&mut s, b"port ok").await;
 }
@@ -283,43 +224,21 @@ async fn s10_dns_and_upstream_failures() {
     let w = World::new().await;
     w.dns.set("servfail.allowed.test", Answer::ServFail);
     w.dns.set("silent.allowed.test", Answer::Silent);
-    w.dns.set(
-        "zero.allowed.test",
-        Answer::Addrs(vec!["0.0.0.0".parse().unwrap()]),
-    );
+    w.dns.set("zero.allowed.test", Answer::Addrs(vec!["0.0.0.0".parse().unwrap()]));
     let p = w.proxy("relay: {connectTimeout: 500ms}\n").await;
     // NXDOMAIN and SERVFAIL: 502; no answer: 504 within the DNS timeout; 0.0.0.0: 403.
-    assert_eq!(
-        exchange(addr(&p), &req("nothere.allowed.test:443")).await.0,
-        502
-    );
-    assert_eq!(
-        exchange(addr(&p), &req("servfail.allowed.test:443"))
-            .await
-            .0,
-        502
-    );
+    assert_eq!(exchange(addr(&p), &req("nothere.allowed.test:443")).await.0, 502);
+    assert_eq!(exchange(addr(&p), &req("servfail.allowed.test:443")).await.0, 502);
     let t0 = tokio::time::Instant::now();
-    assert_eq!(
-        exchange(addr(&p), &req("silent.allowed.test:443")).await.0,
-        504
-    );
+    assert_eq!(exchange(addr(&p), &req("silent.allowed.test:443")).await.0, 504);
     assert!(t0.elapsed() < Duration::from_secs(5));
-    assert_eq!(
-        exchange(addr(&p), &req("zero.allowed.test:443")).await.0,
-        403
-    );
+    assert_eq!(exchange(addr(&p), &req("zero.allowed.test:443")).await.0, 403);
     // A closed port (RST): 502 at once.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    assert_eq!(
-        exchange(addr(&p), &req(&format!("127.0.0.2:{closed}")))
-            .await
-            .0,
-        502
-    );
+    assert_eq!(exchange(addr(&p), &req(&format!("127.0.0.2:{closed}"))).await.0, 502);
     // A listener whose backlog is full never completes the handshake: 504 at the connect timeout.
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
@@ -327,9 +246,7 @@ async fn s10_dns_and_upstream_failures() {
     let bh = full.local_addr().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..8 {
-        if let Ok(Ok(s)) =
-            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(bh)).await
-        {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(bh)).await {
             fillers.push(s);
         }
     }
@@ -338,11 +255,6 @@ async fn s10_dns_and_upstream_failures() {
     let mut s = TcpStream::connect(addr(&p)).await.unwrap();
     s.write_all(&req(&bh.to_string())).await.unwrap();
     drop(s);
-    assert!(
-        eventually(5, || async {
-            metric(p.admin, "tunnelgate_connections_open").await == 0.0
-        })
-        .await
-    );
+    assert!(eventually(5, || async { metric(p.admin, "tunnelgate_connections_open").await == 0.0 }).await);
     drop(full);
 }

@@ -67,22 +67,12 @@ impl DnsStub {
     }
 
     pub fn set(&self, name: &str, a: Answer) {
-        self.state
-            .lock()
-            .unwrap()
-            .answers
-            .insert(name.to_owned(), a);
+        self.state.lock().unwrap().answers.insert(name.to_owned(), a);
     }
 
     /// A queries received for `name`.
     pub fn queries(&self, name: &str) -> usize {
-        self.state
-            .lock()
-            .unwrap()
-            .a_queries
-            .get(name)
-            .copied()
-            .unwrap_or(0)
+        self.state.lock().unwrap().a_queries.get(name).copied().unwrap_or(0)
     }
 
     /// All queries received.
@@ -93,11 +83,7 @@ impl DnsStub {
 
 fn answer(state: &Mutex<StubState>, q: &Message) -> Option<Vec<u8>> {
     let query = q.queries.first()?.clone();
-    let name = query
-        .name()
-        .to_ascii()
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
+    let name = query.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
     let qtype = query.query_type();
     let mut s = state.lock().unwrap();
     s.total += 1;
@@ -153,9 +139,7 @@ impl Upstream {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let l = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0))
-            .await
-            .unwrap();
+        let l = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let acc = accepted.clone();
@@ -197,22 +181,10 @@ impl World {
         let dns = DnsStub::start().await;
         let echo = Upstream::echo("127.0.0.2").await;
         let sink = Upstream::echo("127.0.0.3").await;
-        dns.set(
-            "allowed.test",
-            Answer::Addrs(vec!["127.0.0.2".parse().unwrap()]),
-        );
-        dns.set(
-            "denied.test",
-            Answer::Addrs(vec!["127.0.0.2".parse().unwrap()]),
-        );
-        dns.set(
-            "internal.attacker.test",
-            Answer::Addrs(vec!["127.0.0.3".parse().unwrap()]),
-        );
-        dns.set(
-            "metadata.google.internal",
-            Answer::Addrs(vec!["169.254.169.254".parse().unwrap()]),
-        );
+        dns.set("allowed.test", Answer::Addrs(vec!["127.0.0.2".parse().unwrap()]));
+        dns.set("denied.test", Answer::Addrs(vec!["127.0.0.2".parse().unwrap()]));
+        dns.set("internal.attacker.test", Answer::Addrs(vec!["127.0.0.3".parse().unwrap()]));
+        dns.set("metadata.google.internal", Answer::Addrs(vec!["169.254.169.254".parse().unwrap()]));
         World { dns, echo, sink }
     }
 
@@ -267,11 +239,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
         }
     }
     let text = String::from_utf8_lossy(&head).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, text)
 }
 
@@ -292,27 +260,18 @@ pub async fn read_to_close<S: AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
             Ok(Ok(0)) => break,
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
             Ok(Err(_)) => break,
-            Err(_) => panic!(
-                "connection not closed; got {:?}",
-                String::from_utf8_lossy(&out)
-            ),
+            Err(_) => panic!("connection not closed; got {:?}", String::from_utf8_lossy(&out)),
         }
     }
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, text)
 }
 
 /// Opens a tunnel to `target` and asserts the exact 200 answer.
 pub async fn tunnel(proxy: SocketAddr, target: &str) -> TcpStream {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
     let (status, head) = read_head(&mut s).await;
     assert_eq!(status, 200, "{head}");
     assert_eq!(head, "HTTP/1.1 200 Connection established\r\n\r\n");
@@ -323,34 +282,23 @@ pub async fn tunnel(proxy: SocketAddr, target: &str) -> TcpStream {
 pub async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
     s.write_all(msg).await.unwrap();
     let mut got = vec![0u8; msg.len()];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got)).await.unwrap().unwrap();
     assert_eq!(got, msg);
 }
 
 /// Fetches an admin path; returns (status, body).
 pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let (status, text) = read_to_close(&mut s).await;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 
 /// The value of a metric sample line that starts with `prefix` (name plus labels).
 pub async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
     let (_, body) = admin_get(admin, "/metrics").await;
-    body.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    body.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 /// Polls `f` every 20 ms until it returns true, for at most `secs` seconds.

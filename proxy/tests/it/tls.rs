@@ -24,11 +24,7 @@ pub struct TempDir(pub std::path::PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "tunnelgate-test-{tag}-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
+        let p = std::env::temp_dir().join(format!("tunnelgate-test-{tag}-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -44,21 +40,14 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
-        ^ (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64)
+        ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64)
 }
 
 async fn tls_world(extra_limits: &str) -> TlsWorld {
     let w = World::new().await;
     let dir = TempDir::new("tls");
-    let ck = rcgen::generate_simple_self_signed(vec![
-        "proxy.test".into(),
-        "unknown.test".into(),
-        "127.0.0.1".into(),
-    ])
-    .unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["proxy.test".into(), "unknown.test".into(), "127.0.0.1".into()])
+        .unwrap();
     std::fs::write(dir.0.join("tls.crt"), ck.cert.pem()).unwrap();
     std::fs::write(dir.0.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
     let yaml = format!(
@@ -67,24 +56,17 @@ async fn tls_world(extra_limits: &str) -> TlsWorld {
         dns = w.dns.addr
     );
     let p = start_proxy(&yaml).await;
-    TlsWorld {
-        w,
-        p,
-        ca: ck.cert.der().clone(),
-        _dir: dir,
-    }
+    TlsWorld { w, p, ca: ck.cert.der().clone(), _dir: dir }
 }
 
 fn connector(ca: &CertificateDer<'static>) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     TlsConnector::from(Arc::new(cfg))
 }
 
@@ -102,9 +84,7 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let _ = s.write_all(bytes).await;
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
-        .await
-        .expect("closed");
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await.expect("closed");
     out
 }
 
@@ -126,41 +106,21 @@ fn tls10_client_hello() -> Vec<u8> {
 async fn t01_handshake_garbage_and_old_versions() {
     let t = tls_world("").await;
     let a = addr(&t.p);
-    let plaintext = raw(
-        a,
-        format!("CONNECT {} HTTP/1.1\r\n\r\n", t.w.echo.addr).as_bytes(),
-    )
-    .await;
-    assert!(
-        !plaintext.starts_with(b"HTTP/"),
-        "no HTTP parsing on the TLS port"
-    );
-    let noise: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let plaintext = raw(a, format!("CONNECT {} HTTP/1.1\r\n\r\n", t.w.echo.addr).as_bytes()).await;
+    assert!(!plaintext.starts_with(b"HTTP/"), "no HTTP parsing on the TLS port");
+    let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     assert!(!raw(a, &noise).await.starts_with(b"HTTP/"));
     // A record header announcing far more than a record may hold.
     assert!(!raw(a, b"\x16\x03\x01\xff\xff").await.starts_with(b"HTTP/"));
     // SSLv2-style hello.
-    assert!(!raw(a, b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10")
-        .await
-        .starts_with(b"HTTP/"));
+    assert!(!raw(a, b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10").await.starts_with(b"HTTP/"));
     // TLS 1.0 only: a fatal alert (record type 21), then close.
     let out = raw(a, &tls10_client_hello()).await;
     assert_eq!(out.first(), Some(&0x15), "alert expected, got {out:?}");
-    assert!(
-        metric(
-            t.p.admin,
-            "tunnelgate_tls_handshakes_total{listener=\"secure\",result=\"failure\"}"
-        )
-        .await
-            >= 5.0
-    );
+    assert!(metric(t.p.admin, "tunnelgate_tls_handshakes_total{listener=\"secure\",result=\"failure\"}").await >= 5.0);
     // A good client still gets through.
     let mut s = tls_connect(&t.ca, a, ServerName::try_from("proxy.test").unwrap()).await;
-    s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", t.w.echo.addr).as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", t.w.echo.addr).as_bytes()).await.unwrap();
     assert_eq!(read_head(&mut s).await.0, 200);
     roundtrip(&mut s, b"over tls").await;
 }
@@ -175,10 +135,7 @@ async fn t02_handshake_timeout() {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf).await;
     let e = start.elapsed();
-    assert!(
-        e >= Duration::from_secs(10) && e < Duration::from_secs(11),
-        "{e:?}"
-    );
+    assert!(e >= Duration::from_secs(10) && e < Duration::from_secs(11), "{e:?}");
     // A ClientHello at one byte per second.
     let start = Instant::now();
     let s = TcpStream::connect(a).await.unwrap();
@@ -195,24 +152,18 @@ async fn t02_handshake_timeout() {
     let _ = r.read_to_end(&mut buf).await;
     trickle.abort();
     let e = start.elapsed();
-    assert!(
-        e >= Duration::from_secs(10) && e < Duration::from_secs(11),
-        "{e:?}"
-    );
+    assert!(e >= Duration::from_secs(10) && e < Duration::from_secs(11), "{e:?}");
 }
 
 #[tokio::test]
 async fn t03_missing_or_unknown_sni_gets_the_default_certificate() {
     let t = tls_world("").await;
     let a = addr(&t.p);
-    for name in [
-        ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
-        ServerName::try_from("unknown.test").unwrap(),
-    ] {
+    for name in
+        [ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()), ServerName::try_from("unknown.test").unwrap()]
+    {
         let mut s = tls_connect(&t.ca, a, name).await;
-        s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", t.w.echo.addr).as_bytes())
-            .await
-            .unwrap();
+        s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", t.w.echo.addr).as_bytes()).await.unwrap();
         assert_eq!(read_head(&mut s).await.0, 200);
     }
 }
@@ -220,17 +171,9 @@ async fn t03_missing_or_unknown_sni_gets_the_default_certificate() {
 #[tokio::test]
 async fn t08_early_data_through_the_tls_listener() {
     let t = tls_world("").await;
-    let mut s = tls_connect(
-        &t.ca,
-        addr(&t.p),
-        ServerName::try_from("proxy.test").unwrap(),
-    )
-    .await;
-    let mut payload = format!(
-        "CONNECT allowed.test:{} HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
-        t.w.echo.addr.port()
-    )
-    .into_bytes();
+    let mut s = tls_connect(&t.ca, addr(&t.p), ServerName::try_from("proxy.test").unwrap()).await;
+    let mut payload =
+        format!("CONNECT allowed.test:{} HTTP/1.1\r\nHost: allowed.test\r\n\r\n", t.w.echo.addr.port()).into_bytes();
     let early: Vec<u8> = (0..517u32).map(|i| (i % 256) as u8).collect();
     payload.extend(&early);
     // One write, so head and early data travel in one TLS record.
@@ -240,15 +183,8 @@ async fn t08_early_data_through_the_tls_listener() {
     s.read_exact(&mut got).await.unwrap();
     assert_eq!(got, early);
     // Errors are answered over TLS too.
-    let mut s = tls_connect(
-        &t.ca,
-        addr(&t.p),
-        ServerName::try_from("proxy.test").unwrap(),
-    )
-    .await;
-    s.write_all(b"CONNECT 10.0.0.1:443 HTTP/1.1\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = tls_connect(&t.ca, addr(&t.p), ServerName::try_from("proxy.test").unwrap()).await;
+    s.write_all(b"CONNECT 10.0.0.1:443 HTTP/1.1\r\n\r\n").await.unwrap();
     assert_eq!(read_head(&mut s).await.0, 403);
 }
 
@@ -270,15 +206,9 @@ async fn tls_listener_with_a_key_that_does_not_match_fails_to_start() {
             d = dir.0.display()
         );
         let cfg = proxy_config::ProxyConfig::from_yaml(&yaml).unwrap();
-        let err = tunnelgate_proxy::app::start(cfg, &yaml)
-            .await
-            .err()
-            .expect("must fail");
+        let err = tunnelgate_proxy::app::start(cfg, &yaml).await.err().expect("must fail");
         let chain = tunnelgate_proxy::error::ErrorChain(&err).to_string();
-        assert!(
-            chain.contains("listeners[0] (s)") && chain.contains(want),
-            "{chain}"
-        );
+        assert!(chain.contains("listeners[0] (s)") && chain.contains(want), "{chain}");
     }
 }
 
@@ -311,62 +241,28 @@ async fn tls_accepts_pkcs8_pkcs1_rsa_and_sec1_keys() {
     // RSA, PKCS#8 ("BEGIN PRIVATE KEY") and PKCS#1 ("BEGIN RSA PRIVATE KEY").
     openssl(
         d,
-        &[
-            &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rsa8.key", "-out",
-                "rsa.crt",
-            ][..],
-            &subj,
-        ]
-        .concat(),
+        &[&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rsa8.key", "-out", "rsa.crt"][..], &subj]
+            .concat(),
     );
-    openssl(
-        d,
-        &["rsa", "-in", "rsa8.key", "-traditional", "-out", "rsa1.key"],
-    );
+    openssl(d, &["rsa", "-in", "rsa8.key", "-traditional", "-out", "rsa1.key"]);
     // EC, SEC1 ("BEGIN EC PRIVATE KEY").
-    openssl(
-        d,
-        &[
-            "ecparam",
-            "-genkey",
-            "-name",
-            "prime256v1",
-            "-noout",
-            "-out",
-            "ec1.key",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            &["req", "-x509", "-new", "-key", "ec1.key", "-out", "ec.crt"][..],
-            &subj,
-        ]
-        .concat(),
-    );
+    openssl(d, &["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", "ec1.key"]);
+    openssl(d, &[&["req", "-x509", "-new", "-key", "ec1.key", "-out", "ec.crt"][..], &subj].concat());
     for (cert, key, marker) in [
         ("rsa.crt", "rsa8.key", "BEGIN PRIVATE KEY"),
         ("rsa.crt", "rsa1.key", "BEGIN RSA PRIVATE KEY"),
         ("ec.crt", "ec1.key", "BEGIN EC PRIVATE KEY"),
     ] {
-        assert!(std::fs::read_to_string(d.join(key))
-            .unwrap()
-            .contains(marker));
+        assert!(std::fs::read_to_string(d.join(key)).unwrap().contains(marker));
         let yaml = format!(
             "version: 1\nlisteners: [{{name: s, bind: '127.0.0.1:0', tls: {{certFile: '{d}/{cert}', keyFile: '{d}/{key}'}}}}]\nadmin: {{bind: '127.0.0.1:0'}}\npolicy:\n  rules:\n    - {{name: echo, action: allow, cidrs: ['127.0.0.2/32']}}\n",
             d = d.display()
         );
         let p = start_proxy(&yaml).await;
         let pem = std::fs::read(d.join(cert)).unwrap();
-        let ca = rustls_pemfile::certs(&mut pem.as_slice())
-            .next()
-            .unwrap()
-            .unwrap();
+        let ca = rustls_pemfile::certs(&mut pem.as_slice()).next().unwrap().unwrap();
         let mut s = tls_connect(&ca, addr(&p), ServerName::try_from("proxy.test").unwrap()).await;
-        s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", w.echo.addr).as_bytes())
-            .await
-            .unwrap();
+        s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", w.echo.addr).as_bytes()).await.unwrap();
         assert_eq!(read_head(&mut s).await.0, 200, "{key}");
         roundtrip(&mut s, key.as_bytes()).await;
     }

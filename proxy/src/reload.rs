@@ -1,0 +1,302 @@
+//! Hot reload: read → parse and validate the whole document → compile a snapshot → diff the
+//! listeners → publish atomically. Any error keeps the configuration in force. Sources (the
+//! file watcher here, the Kubernetes ConfigMap watch later) only deliver documents to [`apply`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use notify::{RecursiveMode, Watcher};
+use proxy_config::{ConfigErrors, Decision, ProxyConfig};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::time::{interval, sleep, Duration, MissedTickBehavior};
+use tracing::{debug, info, warn};
+
+use crate::app::{lock, unix_now, Inner, RunningListener};
+use crate::error::ErrorChain;
+use crate::snapshot::{fingerprint, Snapshot, SnapshotError};
+
+/// Quiet time after a file event before the file is read, so a burst of events (an editor's
+/// save, the kubelet's symlink swap) becomes one reload.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Why a reload did not take effect. The configuration in force is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration:\n{0}")]
+    Invalid(ConfigErrors),
+    #[error("cannot use the new configuration")]
+    Snapshot(#[from] SnapshotError),
+    #[error("listeners[{index}] ({name}): cannot bind {addr}")]
+    Bind {
+        index: usize,
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shutting down; reload ignored")]
+    Draining,
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// A new generation is in force.
+    Applied { generation: u64, revoked: usize },
+    /// The document and its TLS files are identical to what is in force.
+    Unchanged,
+}
+
+/// How each listener of the new document is served.
+enum Plan {
+    /// Same name and address: the running accept loop stays.
+    Keep(usize),
+    /// Same address, other name: the old socket is handed over (no refused-connection window).
+    Reuse(usize),
+    /// A new address: bound before anything changes.
+    Bind(TcpListener),
+}
+
+/// Applies a new document. On success the new snapshot serves every new connection; established
+/// tunnels keep theirs (unless `policy.reevaluateOnReload` revokes them).
+pub async fn apply(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, ReloadError> {
+    let result = apply_inner(inner, text).await;
+    let m = &inner.metrics;
+    match &result {
+        Ok(ReloadOutcome::Applied { generation, revoked }) => {
+            m.config_reloads.with_label_values(&["success"]).inc();
+            m.config_generation.set(i64::try_from(*generation).unwrap_or(i64::MAX));
+            m.config_last_reload_success.set(unix_now());
+            info!(generation, sha256 = %inner.snapshot().sha256, revoked, "configuration reloaded");
+        }
+        Ok(ReloadOutcome::Unchanged) => debug!("configuration unchanged"),
+        Err(ReloadError::Draining) => info!("reload ignored: draining"),
+        Err(e) => {
+            m.config_reloads.with_label_values(&["failure"]).inc();
+            warn!(error = %ErrorChain(e), generation = inner.snapshot().generation, "reload failed, keeping the configuration in force");
+        }
+    }
+    result
+}
+
+async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, ReloadError> {
+    let _serial = inner.reload_lock.lock().await;
+    if inner.is_draining() {
+        return Err(ReloadError::Draining);
+    }
+    let cfg = ProxyConfig::from_yaml(text).map_err(ReloadError::Invalid)?;
+    let current = inner.snapshot();
+    if fingerprint(&cfg, text) == current.fingerprint {
+        return Ok(ReloadOutcome::Unchanged);
+    }
+    let snap = Arc::new(Snapshot::build(cfg, text, current.generation + 1)?);
+
+    // Plan the listeners without touching the running ones.
+    let old: Vec<(String, SocketAddr)> = lock(&inner.listeners).iter().map(|l| (l.name.clone(), l.bind)).collect();
+    let mut claimed = HashSet::new();
+    let mut plans = Vec::new();
+    for (index, l) in snap.config.listeners.iter().enumerate() {
+        let keep = old.iter().position(|(n, b)| *n == l.name && *b == l.bind);
+        let reuse = || {
+            old.iter().enumerate().position(|(i, (_, b))| *b == l.bind && l.bind.port() != 0 && !claimed.contains(&i))
+        };
+        let plan = match keep {
+            Some(i) => Plan::Keep(i),
+            None => match reuse() {
+                Some(i) => Plan::Reuse(i),
+                None => {
+                    let sock = TcpListener::bind(l.bind).await.map_err(|source| ReloadError::Bind {
+                        index,
+                        name: l.name.clone(),
+                        addr: l.bind,
+                        source,
+                    })?;
+                    Plan::Bind(sock)
+                }
+            },
+        };
+        if let Plan::Keep(i) | Plan::Reuse(i) = plan {
+            claimed.insert(i);
+        }
+        plans.push(plan);
+    }
+
+    // Everything needed is in hand: switch.
+    inner.publish(snap.clone());
+    let mut stopping: Vec<(usize, RunningListener)> = Vec::new();
+    {
+        let mut running = lock(&inner.listeners);
+        let all: Vec<RunningListener> = std::mem::take(&mut *running);
+        for (i, l) in all.into_iter().enumerate() {
+            let kept = plans.iter().any(|p| matches!(p, Plan::Keep(k) if *k == i));
+            if kept {
+                running.push(l);
+            } else {
+                l.stop.cancel();
+                stopping.push((i, l));
+            }
+        }
+    }
+    let mut returned = Vec::new();
+    for (i, l) in stopping {
+        match l.task.await {
+            Ok(sock) => returned.push((i, sock)),
+            Err(e) => warn!(listener = %l.name, error = %e, "accept loop ended abnormally"),
+        }
+        info!(listener = %l.name, addr = %l.addr, "listener stopped accepting");
+    }
+    for (l, plan) in snap.config.listeners.iter().zip(plans) {
+        let sock = match plan {
+            Plan::Keep(_) => continue,
+            Plan::Bind(sock) => sock,
+            Plan::Reuse(i) => match returned.iter().position(|(j, _)| *j == i) {
+                Some(pos) => returned.swap_remove(pos).1,
+                None => continue,
+            },
+        };
+        if let Err(e) = inner.start_listener(&l.name, l.bind, sock) {
+            warn!(listener = %l.name, error = %e, "cannot start listener");
+        }
+    }
+    drop(returned);
+
+    let revoked = if snap.config.policy.reevaluate_on_reload { revoke(inner, &snap.config.policy) } else { 0 };
+    Ok(ReloadOutcome::Applied { generation: snap.generation, revoked })
+}
+
+/// Closes the tunnels the new policy no longer allows (close reason `revoked`).
+fn revoke(inner: &Inner, policy: &proxy_config::Policy) -> usize {
+    let tunnels = lock(&inner.tunnels);
+    let mut n = 0;
+    for t in tunnels.values() {
+        if let Decision::Deny { .. } = policy.decide(t.client, &t.host, t.port, &t.addrs) {
+            t.revoke.cancel();
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Reads `path` and applies it.
+pub async fn reload_file(inner: &Arc<Inner>, path: &Path) -> Result<ReloadOutcome, ReloadError> {
+    match tokio::fs::read_to_string(path).await {
+        Ok(text) => apply(inner, &text).await,
+        Err(source) => {
+            let e = ReloadError::Read { path: path.to_owned(), source };
+            inner.metrics.config_reloads.with_label_values(&["failure"]).inc();
+            warn!(error = %ErrorChain(&e), "reload failed, keeping the configuration in force");
+            Err(e)
+        }
+    }
+}
+
+/// Directories to watch: the config file's, and those of the TLS files in force.
+fn watched_dirs(inner: &Inner, path: &Path) -> HashSet<PathBuf> {
+    let mut dirs = HashSet::new();
+    let parent = |p: &Path| {
+        p.parent().map(Path::to_path_buf).filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| PathBuf::from("."))
+    };
+    dirs.insert(parent(path));
+    for l in &inner.snapshot().config.listeners {
+        if let Some(t) = &l.tls {
+            dirs.insert(parent(&t.cert_file));
+            dirs.insert(parent(&t.key_file));
+        }
+    }
+    dirs
+}
+
+/// File names whose changes trigger a reload: the config file's and the TLS files' in force.
+fn watched_names(inner: &Inner, path: &Path) -> HashSet<std::ffi::OsString> {
+    let mut names: HashSet<std::ffi::OsString> = path.file_name().map(ToOwned::to_owned).into_iter().collect();
+    for l in &inner.snapshot().config.listeners {
+        if let Some(t) = &l.tls {
+            names.extend([&t.cert_file, &t.key_file].iter().filter_map(|p| p.file_name().map(ToOwned::to_owned)));
+        }
+    }
+    names
+}
+
+/// Watches `path` (inotify on its directory, so the kubelet's `..data` symlink swap is seen, plus
+/// the TLS files' directories), reloads on change, on a trigger (SIGHUP) and every `poll`.
+/// Returns the trigger sender; the task ends when the proxy starts draining.
+pub fn spawn_file_source(inner: Arc<Inner>, path: PathBuf, poll: Duration) -> mpsc::Sender<()> {
+    let (trigger_tx, mut trigger_rx) = mpsc::channel::<()>(1);
+    let (event_tx, mut event_rx) = mpsc::channel::<()>(1);
+    let names = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let names_cb = names.clone();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // Only changes to our files (or to the kubelet's `..data` machinery) matter; our own
+        // reads raise access events, and reacting to them would loop.
+        let relevant = res.is_ok_and(|ev| {
+            !matches!(
+                ev.kind,
+                notify::EventKind::Access(_) | notify::EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+            ) && ev.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("..") || lock(&names_cb).contains(n))
+            })
+        });
+        if relevant {
+            // A full channel already means "reload pending".
+            let _ = event_tx.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "file watching unavailable; relying on SIGHUP and polling");
+            None
+        }
+    };
+    // Watch before returning, so no change made after this call can be missed.
+    let mut watching: HashSet<PathBuf> = HashSet::new();
+    *lock(&names) = watched_names(&inner, &path);
+    rewatch(watcher.as_mut(), &mut watching, watched_dirs(&inner, &path));
+    tokio::spawn(async move {
+        let mut tick = interval(poll);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick.tick().await;
+        // The file may have changed between the initial load and the watch.
+        let _ = reload_file(&inner, &path).await;
+        loop {
+            tokio::select! {
+                Some(()) = trigger_rx.recv() => info!("reload requested"),
+                Some(()) = event_rx.recv() => {
+                    sleep(DEBOUNCE).await;
+                    while event_rx.try_recv().is_ok() {}
+                }
+                _ = tick.tick() => {}
+            }
+            if inner.is_draining() {
+                break;
+            }
+            let _ = reload_file(&inner, &path).await;
+            *lock(&names) = watched_names(&inner, &path);
+            rewatch(watcher.as_mut(), &mut watching, watched_dirs(&inner, &path));
+        }
+    });
+    trigger_tx
+}
+
+/// Brings the set of watched directories to `want`.
+fn rewatch(watcher: Option<&mut notify::RecommendedWatcher>, watching: &mut HashSet<PathBuf>, want: HashSet<PathBuf>) {
+    let Some(w) = watcher else { return };
+    for d in want.difference(watching) {
+        if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+            warn!(dir = %d.display(), error = %e, "cannot watch directory");
+        }
+    }
+    for d in watching.difference(&want) {
+        let _ = w.unwatch(d);
+    }
+    *watching = want;
+}
