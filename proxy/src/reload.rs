@@ -99,6 +99,13 @@ async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Re
         return Ok(ReloadOutcome::Unchanged);
     }
     let snap = Arc::new(Snapshot::build(cfg, text, current.generation + 1)?);
+    // Process-level settings are read once at start.
+    if snap.config.admin != current.config.admin {
+        warn!("admin.bind changed: takes effect at the next restart");
+    }
+    if snap.config.logging.format != current.config.logging.format {
+        warn!("logging.format changed: takes effect at the next restart");
+    }
 
     // Plan the listeners without touching the running ones.
     let old: Vec<(String, SocketAddr)> = lock(&inner.listeners).iter().map(|l| (l.name.clone(), l.bind)).collect();
