@@ -258,3 +258,22 @@ async fn s10_dns_and_upstream_failures() {
     assert!(eventually(5, || async { metric(p.admin, "tunnelgate_connections_open").await == 0.0 }).await);
     drop(full);
 }
+
+#[tokio::test]
+async fn dns_answers_are_cached_no_longer_than_cache_ttl() {
+    let w = World::new().await;
+    // The stub answers with TTL 60; the proxy must not reuse an answer for more than cacheTtl.
+    let yaml = w.config("").replace("timeout: 1s}", "timeout: 1s, cacheTtl: 1s}");
+    let p = start_proxy(&yaml).await;
+    let target = w.echo_target("allowed.test");
+    for _ in 0..3 {
+        let mut s = tunnel(addr(&p), &target).await;
+        roundtrip(&mut s, b"c").await;
+    }
+    assert_eq!(w.dns.queries("allowed.test"), 1, "answers within the TTL come from the cache");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let mut s = tunnel(addr(&p), &target).await;
+    roundtrip(&mut s, b"c").await;
+    assert_eq!(w.dns.queries("allowed.test"), 2, "an answer older than cacheTtl is not reused");
+    assert!(metric(p.admin, "tunnelgate_dns_lookups_total{result=\"success\"}").await >= 4.0);
+}
