@@ -1,0 +1,574 @@
+//! `tunnelgate-bench`: runs each scenario directly and through each proxy in turn (Tunnelgate,
+//! Squid, tinyproxy, http-tunnel) against loopback upstreams it starts itself, and prints medians
+//! over rounds with the ratio of each proxy to the direct connection. It measures; it never asserts.
+
+use std::error::Error;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// Benchmark Tunnelgate against a direct connection and peer proxies.
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// The tunnelgate-proxy binary (build it with `cargo build --release -p tunnelgate-proxy`).
+    #[arg(long, default_value = "target/release/tunnelgate-proxy")]
+    proxy_bin: PathBuf,
+    /// Rounds per scenario; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Bytes each bulk tunnel carries.
+    #[arg(long, default_value_t = 1 << 30)]
+    bulk_bytes: u64,
+    /// Seconds each timed scenario runs per round.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Idle tunnels opened for the memory scenario.
+    #[arg(long, default_value_t = 5000)]
+    idle_tunnels: usize,
+    /// Only these targets (comma-separated: direct,tunnelgate,squid,tinyproxy,http-tunnel).
+    #[arg(long)]
+    only: Option<String>,
+}
+
+/// Something a client connects through.
+struct Target {
+    name: &'static str,
+    proxy: Option<SocketAddr>,
+    child: Option<Child>,
+    _dir: Option<TempDir>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Res<TempDir> {
+        let p = std::env::temp_dir().join(format!("tunnelgate-bench-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        // Squid and tinyproxy drop privileges; let them write their logs and pid files.
+        let _ = Command::new("chmod").arg("777").arg(&p).status();
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> Res<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(bin)).find(|p| p.is_file()))
+}
+
+async fn wait_port(addr: SocketAddr) -> Res<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("nothing listening on {addr}").into())
+}
+
+async fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: TempDir) -> Res<Target> {
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let t = Target { name, proxy: Some(addr), child: Some(child), _dir: Some(dir) };
+    wait_port(addr).await?;
+    Ok(t)
+}
+
+async fn start_tunnelgate(bin: &Path) -> Res<Target> {
+    let dir = TempDir::new("tunnelgate")?;
+    let (port, admin) = (free_port()?, free_port()?);
+    let cfg = format!(
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{port}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.0/8']}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n"
+    );
+    let path = dir.0.join("config.yaml");
+    std::fs::write(&path, cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config").arg(&path).env("TUNNELGATE_LOG", "warn");
+    spawn("tunnelgate", cmd, port, dir).await
+}
+
+async fn start_squid() -> Res<Option<Target>> {
+    let Some(bin) = which("squid") else { return Ok(None) };
+    let dir = TempDir::new("squid")?;
+    let port = free_port()?;
+    let d = dir.0.display();
+    let cfg = format!(
+        "http_port 127.0.0.1:{port}\nhttp_access allow all\ncache deny all\naccess_log none\ncache_store_log none\ncache_log {d}/cache.log\npid_filename {d}/squid.pid\ncoredump_dir {d}\nmax_filedescriptors 65536\nshutdown_lifetime 0 seconds\n"
+    );
+    std::fs::write(dir.0.join("squid.conf"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-N").arg("-f").arg(dir.0.join("squid.conf"));
+    Ok(Some(spawn("squid", cmd, port, dir).await?))
+}
+
+async fn start_tinyproxy() -> Res<Option<Target>> {
+    let Some(bin) = which("tinyproxy") else { return Ok(None) };
+    let dir = TempDir::new("tinyproxy")?;
+    let port = free_port()?;
+    // No ConnectPort line: CONNECT to any port is allowed.
+    let cfg = format!(
+        "Port {port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 20000\nAllow 127.0.0.1\nLogLevel Critical\nPidFile \"{}/tinyproxy.pid\"\n",
+        dir.0.display()
+    );
+    std::fs::write(dir.0.join("tinyproxy.conf"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-d").arg("-c").arg(dir.0.join("tinyproxy.conf"));
+    Ok(Some(spawn("tinyproxy", cmd, port, dir).await?))
+}
+
+async fn start_http_tunnel() -> Res<Option<Target>> {
+    let bin = which("http-tunnel").or_else(|| {
+        let home = std::env::var_os("HOME")?;
+        let p = PathBuf::from(home).join(".cargo/bin/http-tunnel");
+        p.is_file().then_some(p)
+    });
+    let Some(bin) = bin else { return Ok(None) };
+    let dir = TempDir::new("http-tunnel")?;
+    let port = free_port()?;
+    let policy = "relay_policy:\n    idle_timeout: 600s\n    min_rate_bpm: 0\n    max_rate_bps: 100000000000\n";
+    let cfg = format!(
+        "client_connection:\n  initiation_timeout: 30s\n  {policy}\ntarget_connection:\n  dns_cache_ttl: 60s\n  allowed_targets: \".*\"\n  connect_timeout: 10s\n  {policy}"
+    );
+    std::fs::write(dir.0.join("config.yaml"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(&dir.0)
+        .arg("--config")
+        .arg(dir.0.join("config.yaml"))
+        .arg("--bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("http");
+    Ok(Some(spawn("http-tunnel", cmd, port, dir).await?))
+}
+
+/// Opens a stream to `upstream`, directly or through a CONNECT tunnel.
+async fn open(t: &Target, upstream: SocketAddr) -> Res<TcpStream> {
+    let Some(proxy) = t.proxy else {
+        let s = TcpStream::connect(upstream).await?;
+        s.set_nodelay(true)?;
+        return Ok(s);
+    };
+    let mut s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("CONNECT {upstream} HTTP/1.1\r\nHost: {upstream}\r\n\r\n").as_bytes()).await?;
+    // Read the response head byte by byte so no tunnel data is consumed.
+    let mut head = Vec::with_capacity(64);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await? == 0 {
+            return Err(format!("{}: closed during CONNECT", t.name).into());
+        }
+        head.push(b[0]);
+        if head.len() > 4096 {
+            return Err("response head too long".into());
+        }
+    }
+    if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
+        return Err(format!("{}: {}", t.name, String::from_utf8_lossy(&head).lines().next().unwrap_or("")).into());
+    }
+    Ok(s)
+}
+
+/// Loopback upstreams shared by all targets.
+struct Upstreams {
+    /// Reads an 8-byte length, then that many bytes, then answers with the count. (It does not
+    /// wait for EOF: Squid and tinyproxy close both directions on the client's FIN.)
+    sink: SocketAddr,
+    /// Echoes everything.
+    echo: SocketAddr,
+    /// Reads "ping", writes "pong", closes.
+    hello: SocketAddr,
+    /// Accepts and holds connections.
+    hold: SocketAddr,
+}
+
+async fn serve<F, Fut>(f: F) -> Res<SocketAddr>
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(f(s));
+        }
+    });
+    Ok(addr)
+}
+
+async fn upstreams() -> Res<Upstreams> {
+    let sink = serve(|mut s| async move {
+        let mut len = [0u8; 8];
+        if s.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let want = u64::from_be_bytes(len);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        while n < want {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k as u64,
+            }
+        }
+        let _ = s.write_all(&n.to_be_bytes()).await;
+    })
+    .await?;
+    let echo = serve(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await?;
+    let hello = serve(|mut s| async move {
+        let mut b = [0u8; 4];
+        if s.read_exact(&mut b).await.is_ok() {
+            let _ = s.write_all(b"pong").await;
+        }
+    })
+    .await?;
+    let hold = serve(|mut s| async move {
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b).await;
+    })
+    .await?;
+    Ok(Upstreams { sink, echo, hello, hold })
+}
+
+/// MB/s (10^6 bytes) moved by `n` tunnels of `bytes` each.
+async fn bulk(t: &Target, up: &Upstreams, n: usize, bytes: u64) -> Res<f64> {
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        streams.push(open(t, up.sink).await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for mut s in streams {
+        tasks.push(tokio::spawn(async move {
+            let chunk = vec![0x5au8; 256 * 1024];
+            s.write_all(&bytes.to_be_bytes()).await?;
+            let mut left = bytes;
+            while left > 0 {
+                let k = left.min(chunk.len() as u64) as usize;
+                s.write_all(&chunk[..k]).await?;
+                left -= k as u64;
+            }
+            let mut ack = [0u8; 8];
+            s.read_exact(&mut ack).await?;
+            Ok::<u64, std::io::Error>(u64::from_be_bytes(ack))
+        }));
+    }
+    for task in tasks {
+        let got = task.await??;
+        if got != bytes {
+            return Err(format!("{}: sink got {got} of {bytes} bytes", t.name).into());
+        }
+    }
+    Ok((n as u64 * bytes) as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+fn percentile(v: &mut [u64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)] as f64
+}
+
+/// Tunnel setups per second and p50/p99 latency (µs) at `conc` concurrent clients.
+async fn setup(t: &Arc<Target>, up: &Upstreams, conc: usize, secs: f64) -> Res<(f64, f64, f64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..conc {
+        let (t, stop, hello) = (t.clone(), stop.clone(), up.hello);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                let mut s = open(&t, hello).await?;
+                s.write_all(b"ping").await?;
+                let mut b = [0u8; 4];
+                s.read_exact(&mut b).await?;
+                // Reset rather than FIN: no TIME_WAIT pile-up on the client's ports.
+                #[allow(deprecated)]
+                let _ = s.set_linger(Some(Duration::ZERO));
+                drop(s);
+                lat.push(t0.elapsed().as_micros() as u64);
+            }
+            Ok::<Vec<u64>, Box<dyn Error + Send + Sync>>(lat)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    Ok((rate, percentile(&mut all, 0.5), percentile(&mut all, 0.99)))
+}
+
+/// Round trips per second and p99 (µs) of 64-byte echoes over `n` established tunnels.
+async fn round_trips(t: &Target, up: &Upstreams, n: usize, secs: f64) -> Res<(f64, f64)> {
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        streams.push(open(t, up.echo).await?);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for mut s in streams {
+        let (stop, count) = (stop.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let msg = [7u8; 64];
+            let mut back = [0u8; 64];
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                s.write_all(&msg).await?;
+                s.read_exact(&mut back).await?;
+                lat.push(t0.elapsed().as_micros() as u64);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<Vec<u64>, std::io::Error>(lat)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    Ok((rate, percentile(&mut all, 0.99)))
+}
+
+fn rss_kib(pid: u32) -> Res<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
+}
+
+/// Proxy memory per idle tunnel in KiB (RSS after opening `n` tunnels minus before).
+async fn idle(t: &Target, up: &Upstreams, n: usize) -> Res<Option<f64>> {
+    let Some(pid) = t.child.as_ref().map(Child::id) else { return Ok(None) };
+    // Warm up allocator pools and lazily created structures first.
+    let mut warm = Vec::new();
+    for _ in 0..100 {
+        warm.push(open(t, up.hold).await?);
+    }
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid)?;
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(open(t, up.hold).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid)?;
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(Some(after.saturating_sub(before) as f64 / n as f64))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// One row of the table: a metric for each target, and whether higher is better.
+struct Row {
+    scenario: String,
+    higher_better: bool,
+    values: Vec<f64>,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Res<()> {
+    let args = Args::parse();
+    let _ = rlimit::increase_nofile_limit(200_000);
+    let up = upstreams().await?;
+    let wanted = |n: &str| args.only.as_deref().is_none_or(|o| o.split(',').any(|x| x.trim() == n));
+
+    let mut targets: Vec<Arc<Target>> = Vec::new();
+    if wanted("direct") {
+        targets.push(Arc::new(Target { name: "direct", proxy: None, child: None, _dir: None }));
+    }
+    if wanted("tunnelgate") {
+        if !args.proxy_bin.is_file() {
+            return Err(format!(
+                "{} not found: run `cargo build --release -p tunnelgate-proxy` first",
+                args.proxy_bin.display()
+            )
+            .into());
+        }
+        targets.push(Arc::new(start_tunnelgate(&args.proxy_bin).await?));
+    }
+    type Starter = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Res<Option<Target>>>>>;
+    let peers: [(&str, Starter); 3] = [
+        ("squid", || Box::pin(start_squid())),
+        ("tinyproxy", || Box::pin(start_tinyproxy())),
+        ("http-tunnel", || Box::pin(start_http_tunnel())),
+    ];
+    for (name, start) in peers {
+        if !wanted(name) {
+            continue;
+        }
+        match start().await {
+            Ok(Some(t)) => targets.push(Arc::new(t)),
+            Ok(None) => println!("skipping {name}: not installed (bench/install-peers.sh installs it)"),
+            Err(e) => println!("skipping {name}: cannot start it: {e}"),
+        }
+    }
+    let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
+    println!("targets: {}; rounds: {}; medians shown\n", names.join(", "), args.rounds);
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut add = |scenario: String, higher_better: bool, values: Vec<f64>| {
+        println!("  {scenario}: {}", values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" | "));
+        rows.push(Row { scenario, higher_better, values });
+    };
+    let r = args.rounds;
+    let gib = args.bulk_bytes as f64 / (1u64 << 30) as f64;
+
+    for n in [1usize, 8] {
+        let mut vals = Vec::new();
+        for t in &targets {
+            let mut v = Vec::new();
+            for _ in 0..r {
+                v.push(bulk(t, &up, n, args.bulk_bytes).await.unwrap_or_else(|e| report(t.name, &e)));
+            }
+            vals.push(median(v));
+        }
+        add(format!("bulk, {n} tunnel(s) x {gib:.2} GiB (MB/s)"), true, vals);
+    }
+    for conc in [1usize, 64] {
+        let (mut rate, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+        for t in &targets {
+            let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..r {
+                match setup(t, &up, conc, args.seconds).await {
+                    Ok((x, y, z)) => {
+                        a.push(x);
+                        b.push(y);
+                        c.push(z);
+                    }
+                    Err(e) => {
+                        report(t.name, &e);
+                    }
+                }
+                // Let TIME_WAIT and backlog settle between rounds.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            rate.push(median(a));
+            p50.push(median(b));
+            p99.push(median(c));
+        }
+        add(format!("setup, concurrency {conc} (tunnels/s)"), true, rate);
+        add(format!("setup, concurrency {conc} p50 (us)"), false, p50);
+        add(format!("setup, concurrency {conc} p99 (us)"), false, p99);
+    }
+    {
+        let (mut rate, mut p99) = (Vec::new(), Vec::new());
+        for t in &targets {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..r {
+                match round_trips(t, &up, 64, args.seconds).await {
+                    Ok((x, y)) => {
+                        a.push(x);
+                        b.push(y);
+                    }
+                    Err(e) => {
+                        report(t.name, &e);
+                    }
+                }
+            }
+            rate.push(median(a));
+            p99.push(median(b));
+        }
+        add("round trips, 64 tunnels (req/s)".to_owned(), true, rate);
+        add("round trips, 64 tunnels p99 (us)".to_owned(), false, p99);
+    }
+    {
+        let mut vals = Vec::new();
+        for t in &targets {
+            let v = match idle(t, &up, args.idle_tunnels).await {
+                Ok(Some(k)) => k,
+                Ok(None) => f64::NAN,
+                Err(e) => report(t.name, &e),
+            };
+            vals.push(v);
+        }
+        add(format!("idle, {} tunnels (KiB RSS per tunnel)", args.idle_tunnels), false, vals);
+    }
+
+    // The table: value and ratio to direct.
+    println!();
+    print!("| scenario |");
+    for n in &names {
+        print!(" {n} |");
+    }
+    println!();
+    print!("|---|");
+    for _ in &names {
+        print!("---|");
+    }
+    println!();
+    let direct = names.iter().position(|n| *n == "direct");
+    for row in &rows {
+        print!("| {} |", row.scenario);
+        for (i, v) in row.values.iter().enumerate() {
+            match direct.map(|d| row.values[d]) {
+                Some(d) if Some(i) != direct && d.is_finite() && v.is_finite() && d > 0.0 => {
+                    let ratio = if row.higher_better { v / d } else { v / d };
+                    print!(" {v:.1} ({ratio:.2}x) |");
+                }
+                _ if v.is_finite() => print!(" {v:.1} |"),
+                _ => print!(" n/a |"),
+            }
+        }
+        println!();
+    }
+    println!("\nratios are proxy / direct (higher is better for rates, lower for latencies); idle memory has no direct baseline");
+    Ok(())
+}
+
+fn report(name: &str, e: &Box<dyn Error + Send + Sync>) -> f64 {
+    eprintln!("{name}: {e}");
+    f64::NAN
+}
