@@ -471,7 +471,7 @@ async fn main() -> Res<()> {
         for t in &targets {
             let mut v = Vec::new();
             for _ in 0..r {
-                v.push(bulk(t, &up, n, args.bulk_bytes).await.unwrap_or_else(|e| report(t.name, &e)));
+                v.push(bulk(t, &up, n, args.bulk_bytes).await.unwrap_or_else(|e| report(t.name, &*e)));
             }
             vals.push(median(v));
         }
@@ -489,7 +489,7 @@ async fn main() -> Res<()> {
                         c.push(z);
                     }
                     Err(e) => {
-                        report(t.name, &e);
+                        report(t.name, &*e);
                     }
                 }
                 // Let TIME_WAIT and backlog settle between rounds.
@@ -514,7 +514,7 @@ async fn main() -> Res<()> {
                         b.push(y);
                     }
                     Err(e) => {
-                        report(t.name, &e);
+                        report(t.name, &*e);
                     }
                 }
             }
@@ -530,7 +530,7 @@ async fn main() -> Res<()> {
             let v = match idle(t, &up, args.idle_tunnels).await {
                 Ok(Some(k)) => k,
                 Ok(None) => f64::NAN,
-                Err(e) => report(t.name, &e),
+                Err(e) => report(t.name, &*e),
             };
             vals.push(v);
         }
@@ -551,11 +551,11 @@ async fn main() -> Res<()> {
     println!();
     let direct = names.iter().position(|n| *n == "direct");
     for row in &rows {
-        print!("| {} |", row.scenario);
+        print!("| {} {} |", row.scenario, if row.higher_better { "↑" } else { "↓" });
         for (i, v) in row.values.iter().enumerate() {
             match direct.map(|d| row.values[d]) {
                 Some(d) if Some(i) != direct && d.is_finite() && v.is_finite() && d > 0.0 => {
-                    let ratio = if row.higher_better { v / d } else { v / d };
+                    let ratio = v / d;
                     print!(" {v:.1} ({ratio:.2}x) |");
                 }
                 _ if v.is_finite() => print!(" {v:.1} |"),
@@ -564,11 +564,11 @@ async fn main() -> Res<()> {
         }
         println!();
     }
-    println!("\nratios are proxy / direct (higher is better for rates, lower for latencies); idle memory has no direct baseline");
+    println!("\nratios are proxy / direct; ↑ higher is better, ↓ lower is better; idle memory has no direct baseline");
     Ok(())
 }
 
-fn report(name: &str, e: &Box<dyn Error + Send + Sync>) -> f64 {
+fn report(name: &str, e: &(dyn Error + Send + Sync)) -> f64 {
     eprintln!("{name}: {e}");
     f64::NAN
 }
