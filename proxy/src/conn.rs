@@ -12,6 +12,7 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
+use crate::accept::Permit;
 use crate::app::{lock, Inner, TunnelEntry};
 use crate::dial;
 use crate::error::{ErrorChain, Side, TunnelError};
@@ -48,53 +49,59 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
     let limits = ctx.snapshot.config.limits;
     let permit = inner.limiter.acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client);
     let _ = stream.set_nodelay(true);
+    // The task's size is the largest state of this future, held for the tunnel's whole life:
+    // everything that is not the plain relay is boxed, so an idle plain tunnel stays small.
     match ctx.tls.clone() {
-        None => {
-            let mut stream = stream;
-            if let Err(e) = permit {
-                finish_rejected(&ctx, &mut stream, e, None).await;
-                return;
-            }
-            let deadline = ctx.accepted + limits.request_head_timeout;
-            match establish(&mut stream, &ctx, deadline).await {
-                Ok(est) => {
-                    let (cr, cw) = stream.into_split();
-                    tunnel(cr, cw, est, &ctx).await;
-                }
-                Err((e, rule)) => finish_rejected(&ctx, &mut stream, e, rule).await,
-            }
+        None => serve_plain(stream, &ctx, permit).await,
+        Some(acceptor) => Box::pin(serve_tls(stream, acceptor, &ctx, permit)).await,
+    }
+}
+
+async fn serve_plain(mut stream: TcpStream, ctx: &ConnCtx, permit: Result<Permit, TunnelError>) {
+    let _permit = match permit {
+        Ok(p) => p,
+        Err(e) => return Box::pin(finish_rejected(ctx, &mut stream, e, None)).await,
+    };
+    let deadline = ctx.accepted + ctx.snapshot.config.limits.request_head_timeout;
+    match Box::pin(establish(&mut stream, ctx, deadline)).await {
+        Ok(est) => {
+            let (cr, cw) = stream.into_split();
+            tunnel(cr, cw, est, ctx).await;
         }
-        Some(acceptor) => {
-            if permit.is_err() {
-                // Answering in plain text would be noise to a TLS client: just close.
-                return;
-            }
-            let handshake = timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await;
-            let mut tls = match handshake {
-                Ok(Ok(s)) => {
-                    inner.metrics.tls_handshakes.with_label_values(&[&ctx.listener, "success"]).inc();
-                    s
-                }
-                Ok(Err(e)) => {
-                    inner.metrics.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
-                    record(&ctx, &TunnelError::TlsHandshake(e), None);
-                    return;
-                }
-                Err(_) => {
-                    inner.metrics.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
-                    record(&ctx, &TunnelError::TlsHandshake(std::io::ErrorKind::TimedOut.into()), None);
-                    return;
-                }
-            };
-            let deadline = Instant::now() + limits.request_head_timeout;
-            match establish(&mut tls, &ctx, deadline).await {
-                Ok(est) => {
-                    let (cr, cw) = tokio::io::split(tls);
-                    tunnel(cr, cw, est, &ctx).await;
-                }
-                Err((e, rule)) => finish_rejected(&ctx, &mut tls, e, rule).await,
-            }
+        Err((e, rule)) => Box::pin(finish_rejected(ctx, &mut stream, e, rule)).await,
+    }
+}
+
+async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, ctx: &ConnCtx, permit: Result<Permit, TunnelError>) {
+    let Ok(_permit) = permit else {
+        // Answering in plain text would be noise to a TLS client: just close.
+        return;
+    };
+    let m = &ctx.inner.metrics;
+    let limits = ctx.snapshot.config.limits;
+    let mut tls = match timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => {
+            m.tls_handshakes.with_label_values(&[&ctx.listener, "success"]).inc();
+            s
         }
+        Ok(Err(e)) => {
+            m.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
+            record(ctx, &TunnelError::TlsHandshake(e), None);
+            return;
+        }
+        Err(_) => {
+            m.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
+            record(ctx, &TunnelError::TlsHandshake(std::io::ErrorKind::TimedOut.into()), None);
+            return;
+        }
+    };
+    let deadline = Instant::now() + limits.request_head_timeout;
+    match Box::pin(establish(&mut tls, ctx, deadline)).await {
+        Ok(est) => {
+            let (cr, cw) = tokio::io::split(tls);
+            tunnel(cr, cw, est, ctx).await;
+        }
+        Err((e, rule)) => finish_rejected(ctx, &mut tls, e, rule).await,
     }
 }
 

@@ -200,7 +200,8 @@ pub async fn reject<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, response: &[u
         io.write_all(response).await?;
         io.flush().await?;
         io.shutdown().await?;
-        let mut sink = [0u8; 4096];
+        // On the heap: this future is part of every connection task, and most never reject.
+        let mut sink = vec![0u8; 4096];
         let mut drained = 0;
         while drained < LINGER_BYTES {
             match io.read(&mut sink).await? {

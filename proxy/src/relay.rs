@@ -177,22 +177,25 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
     rate: Option<u64>,
 ) -> Result<(), PumpEnd> {
     let mut bucket = rate.map(Bucket::new);
-    let mut buf: Option<Box<[u8]>> = None;
+    // Empty (no allocation) while the tunnel is idle; never zero-filled (read_buf uses spare capacity).
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         let allowance = match bucket.as_mut() {
             Some(b) => b.take_allowance().await.min(BUF_SIZE),
             None => BUF_SIZE,
         };
-        if buf.is_none() {
+        if buf.capacity() == 0 {
             r.ready().await.map_err(|_| PumpEnd::Io)?;
+            buf.reserve_exact(BUF_SIZE);
         }
-        let b = buf.get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
-        let n = r.read(&mut b[..allowance]).await.map_err(|_| PumpEnd::Io)?;
+        buf.clear();
+        let n = (&mut *r).take(allowance as u64).read_buf(&mut buf).await.map_err(|_| PumpEnd::Io)?;
         if n == 0 {
             // EOF: propagate the half-close and let the other direction go on.
             let _ = w.shutdown().await;
             return Ok(());
         }
+        let b = &buf;
         if let Some(bk) = bucket.as_mut() {
             bk.spend(n);
         }
@@ -214,7 +217,7 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
         }
         if R::RELEASE_WHEN_IDLE && n < allowance {
             // The socket was drained: give the buffer back while we wait for more.
-            buf = None;
+            buf = Vec::new();
         }
     }
 }
