@@ -35,6 +35,9 @@ struct Args {
     /// Idle tunnels opened for the memory scenario.
     #[arg(long, default_value_t = 5000)]
     idle_tunnels: usize,
+    /// Extra arguments for tunnelgate-proxy (repeatable), e.g. `--proxy-arg=--worker-threads=1`.
+    #[arg(long = "proxy-arg", allow_hyphen_values = true)]
+    proxy_args: Vec<String>,
     /// Only these targets (comma-separated: direct,tunnelgate,squid,tinyproxy,http-tunnel).
     #[arg(long)]
     only: Option<String>,
@@ -102,7 +105,7 @@ async fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: TempDir) ->
     Ok(t)
 }
 
-async fn start_tunnelgate(bin: &Path) -> Res<Target> {
+async fn start_tunnelgate(bin: &Path, extra: &[String]) -> Res<Target> {
     let dir = TempDir::new("tunnelgate")?;
     let (port, admin) = (free_port()?, free_port()?);
     let cfg = format!(
@@ -111,7 +114,7 @@ async fn start_tunnelgate(bin: &Path) -> Res<Target> {
     let path = dir.0.join("config.yaml");
     std::fs::write(&path, cfg)?;
     let mut cmd = Command::new(bin);
-    cmd.arg("--config").arg(&path).env("TUNNELGATE_LOG", "warn");
+    cmd.arg("--config").arg(&path).args(extra).env("TUNNELGATE_LOG", "warn");
     spawn("tunnelgate", cmd, port, dir).await
 }
 
@@ -418,7 +421,8 @@ struct Row {
     values: Vec<f64>,
 }
 
-#[tokio::main(flavor = "multi_thread")]
+// Two workers whatever the environment says, so every target meets the same load generator.
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Res<()> {
     let args = Args::parse();
     let _ = rlimit::increase_nofile_limit(200_000);
@@ -437,7 +441,7 @@ async fn main() -> Res<()> {
             )
             .into());
         }
-        targets.push(Arc::new(start_tunnelgate(&args.proxy_bin).await?));
+        targets.push(Arc::new(start_tunnelgate(&args.proxy_bin, &args.proxy_args).await?));
     }
     type Starter = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Res<Option<Target>>>>>;
     let peers: [(&str, Starter); 3] = [

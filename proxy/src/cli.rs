@@ -32,6 +32,9 @@ pub struct RunArgs {
     /// missed inotify events), e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub reload_poll_interval: std::time::Duration,
+    /// Runtime worker threads; default: one per CPU. Match it to the pod's CPU limit.
+    #[arg(long, env = "TUNNELGATE_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Debug, Subcommand)]

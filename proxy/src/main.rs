@@ -42,7 +42,11 @@ fn main() {
         },
     };
     telemetry::init(config.logging.format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.run.worker_threads {
+        builder.worker_threads(n.get());
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tunnelgate-proxy: cannot start the runtime: {e}");
