@@ -1,0 +1,237 @@
+//! Pure, deterministic rendering: the base document, the valid policies, the pods they select
+//! and the validated TLS material become the proxy's `config.yaml` (and its TLS Secret data).
+//! The same inputs always give the same bytes; the result is checked with the proxy's own parser.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use kube::core::SelectorExt;
+use proxy_config::{ConfigErrors, ProxyConfig};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::crd::TunnelPolicySpec;
+use crate::validate::{validate, FieldError};
+
+/// Largest rendered document written (a ConfigMap holds at most 1 MiB in all).
+pub const MAX_CONFIG_BYTES: usize = 900 * 1024;
+
+/// A TunnelPolicy as the renderer sees it.
+#[derive(Debug, Clone)]
+pub struct PolicyIn<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub spec: &'a TunnelPolicySpec,
+}
+
+/// A pod as the renderer sees it.
+#[derive(Debug, Clone)]
+pub struct PodIn {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    /// Running, not terminating, and not on the host network (a node IP is no identity).
+    pub eligible: bool,
+}
+
+/// Validated TLS material for one listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsIn {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Hex SHA-256 of the leaf certificate (DER).
+    pub sha256: String,
+    /// RFC 3339.
+    pub not_after: String,
+}
+
+/// Everything a render needs.
+#[derive(Debug, Clone)]
+pub struct Input<'a> {
+    /// The base document (`<release>-base`, key `config.yaml`).
+    pub base: &'a str,
+    pub policies: Vec<PolicyIn<'a>>,
+    pub pods: &'a [PodIn],
+    /// TLS material by listener name.
+    pub tls: &'a BTreeMap<String, TlsIn>,
+    /// Where the proxy mounts the rendered TLS Secret.
+    pub tls_dir: &'a str,
+}
+
+/// What happened to one policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyOutcome {
+    pub namespace: String,
+    pub name: String,
+    pub result: Result<Accepted, Vec<FieldError>>,
+}
+
+/// A valid policy's facts for its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub matched_pods: usize,
+    pub summary: String,
+    /// Rule names rendered for it (empty when it selects no pod).
+    pub rules: Vec<String>,
+}
+
+/// A rendered document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub config: String,
+    /// Hex SHA-256 of `config` and of the TLS data: equal means nothing to write.
+    pub hash: String,
+    /// Keys `<listener>.crt` / `<listener>.key` of the TLS Secret.
+    pub tls_data: BTreeMap<String, String>,
+    /// Public facts about the certificates, for the ConfigMap's annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Why nothing can be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("base ConfigMap: {0}")]
+    Base(String),
+    #[error(
+        "base ConfigMap: listeners[{index}] ({listener}) names TLS Secret {secret:?}, which is missing or invalid"
+    )]
+    MissingTls { index: usize, listener: String, secret: String },
+    #[error("the rendered configuration is refused by the proxy's parser:\n{0}")]
+    Invalid(ConfigErrors),
+    #[error("the rendered configuration is {bytes} bytes, over the {MAX_CONFIG_BYTES}-byte limit")]
+    TooLarge { bytes: usize },
+}
+
+/// TLS Secrets the base names: (listener index, listener name, secret name).
+pub fn tls_refs(base: &str) -> Result<Vec<(usize, String, String)>, RenderError> {
+    let doc = parse_base(base)?;
+    let mut out = Vec::new();
+    if let Some(ls) = doc.get("listeners").and_then(Value::as_array) {
+        for (i, l) in ls.iter().enumerate() {
+            if let Some(secret) = l.pointer("/tls/secretName").and_then(Value::as_str) {
+                let name = l.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+                out.push((i, name, secret.to_owned()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_base(base: &str) -> Result<Map<String, Value>, RenderError> {
+    let v: Value = serde_yaml::from_str(base).map_err(|e| RenderError::Base(format!("invalid YAML: {e}")))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(RenderError::Base("config.yaml must be a mapping".into())),
+    }
+}
+
+/// Renders the policies; returns each policy's outcome and the document (or why there is none).
+pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
+    let mut policies = input.policies.clone();
+    policies.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
+    let mut outcomes = Vec::new();
+    let mut rules = Vec::new();
+    for p in &policies {
+        let result = validate(p.spec).map(|v| {
+            let mut ips: Vec<IpAddr> = input
+                .pods
+                .iter()
+                .filter(|pod| pod.eligible && pod.namespace == p.namespace && v.selector.matches(&pod.labels))
+                .flat_map(|pod| pod.ips.iter().copied())
+                .collect();
+            ips.sort();
+            ips.dedup();
+            let matched = input
+                .pods
+                .iter()
+                .filter(|pod| {
+                    pod.eligible
+                        && !pod.ips.is_empty()
+                        && pod.namespace == p.namespace
+                        && v.selector.matches(&pod.labels)
+                })
+                .count();
+            let mut names = Vec::new();
+            // A policy that selects no pod renders nothing: an empty `clients` would mean any client.
+            if !ips.is_empty() {
+                let clients: Vec<Value> = ips.iter().map(|ip| Value::String(ip.to_string())).collect();
+                let many = v.destinations.len() > 1;
+                for (i, d) in v.destinations.iter().enumerate() {
+                    let name = if many {
+                        format!("{}/{}/{i}", p.namespace, p.name)
+                    } else {
+                        format!("{}/{}", p.namespace, p.name)
+                    };
+                    let mut rule = Map::new();
+                    rule.insert("name".into(), Value::String(name.clone()));
+                    rule.insert("action".into(), Value::String(v.action.into()));
+                    rule.insert("clients".into(), Value::Array(clients.clone()));
+                    rule.extend(d.clone());
+                    rules.push(Value::Object(rule));
+                    names.push(name);
+                }
+            }
+            Accepted { matched_pods: matched, summary: v.summary.clone(), rules: names }
+        });
+        outcomes.push(PolicyOutcome { namespace: p.namespace.to_owned(), name: p.name.to_owned(), result });
+    }
+    (outcomes, document(input, rules))
+}
+
+fn document(input: &Input<'_>, rules: Vec<Value>) -> Result<Rendered, RenderError> {
+    let mut doc = parse_base(input.base)?;
+    let mut tls_data = BTreeMap::new();
+    let mut annotations = BTreeMap::new();
+    if let Some(ls) = doc.get_mut("listeners").and_then(Value::as_array_mut) {
+        for (index, l) in ls.iter_mut().enumerate() {
+            let Some(secret) = l.pointer("/tls/secretName").and_then(Value::as_str).map(str::to_owned) else {
+                continue;
+            };
+            let listener = l.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let Some(t) = input.tls.get(&listener) else {
+                return Err(RenderError::MissingTls { index, listener, secret });
+            };
+            let dir = input.tls_dir.trim_end_matches('/');
+            l["tls"] =
+                json!({ "certFile": format!("{dir}/{listener}.crt"), "keyFile": format!("{dir}/{listener}.key") });
+            tls_data.insert(format!("{listener}.crt"), t.cert_pem.clone());
+            tls_data.insert(format!("{listener}.key"), t.key_pem.clone());
+            annotations.insert(format!("tunnelgate.io/tls-{listener}-sha256"), t.sha256.clone());
+            annotations.insert(format!("tunnelgate.io/tls-{listener}-not-after"), t.not_after.clone());
+        }
+    }
+    let policy = doc.entry("policy").or_insert_with(|| json!({}));
+    let Some(policy) = policy.as_object_mut() else { return Err(RenderError::Base("policy must be a mapping".into())) };
+    if policy.get("rules").is_some_and(|r| !r.as_array().is_some_and(Vec::is_empty)) {
+        return Err(RenderError::Base("policy.rules must be empty: rules come from TunnelPolicies".into()));
+    }
+    // Written out even when the base leaves it implicit: no policy must never mean allow-all.
+    policy.entry("defaultAction").or_insert_with(|| json!("deny"));
+    policy.insert("rules".into(), Value::Array(rules));
+    let mut config =
+        String::from("# Rendered by tunnelgate-operator from the base ConfigMap and TunnelPolicies. Do not edit.\n");
+    config.push_str(&serde_yaml::to_string(&Value::Object(doc)).map_err(|e| RenderError::Base(e.to_string()))?);
+    for (listener, t) in input.tls {
+        if tls_data.contains_key(&format!("{listener}.crt")) {
+            // The certificate's identity is part of the document, so a rotation reaches every
+            // proxy as a config change (a reload re-reads the mounted files).
+            config.push_str(&format!("# tls {listener}: sha256={} notAfter={}\n", t.sha256, t.not_after));
+        }
+    }
+    if config.len() > MAX_CONFIG_BYTES {
+        return Err(RenderError::TooLarge { bytes: config.len() });
+    }
+    ProxyConfig::from_yaml(&config).map_err(RenderError::Invalid)?;
+    let mut h = Sha256::new();
+    h.update(config.as_bytes());
+    for (k, v) in &tls_data {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    Ok(Rendered { config, hash: hex::encode(h.finalize()), tls_data, annotations })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,213 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::*;
+use crate::crd::{Destination, PolicyAction};
+
+const BASE: &str = "version: 1\nlisteners:\n  - {name: forward, bind: '0.0.0.0:3128'}\nadmin: {bind: '0.0.0.0:9090'}\npolicy: {denyPrivateAddresses: true}\n";
+
+fn spec(action: PolicyAction, app: &str, hosts: &[&str]) -> TunnelPolicySpec {
+    TunnelPolicySpec {
+        pod_selector: LabelSelector {
+            match_labels: Some(BTreeMap::from([("app".to_owned(), app.to_owned())])),
+            ..Default::default()
+        },
+        action,
+        destinations: vec![Destination {
+            hosts: Some(hosts.iter().map(|s| s.to_string()).collect()),
+            ports: Some(vec![IntOrString::Int(443)]),
+            ..Default::default()
+        }],
+        relay: None,
+    }
+}
+
+fn pod(ns: &str, app: &str, ip: &str) -> PodIn {
+    PodIn {
+        namespace: ns.into(),
+        labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
+        ips: vec![ip.parse().unwrap()],
+        eligible: true,
+    }
+}
+
+fn run(
+    specs: &[(&str, &str, TunnelPolicySpec)],
+    pods: &[PodIn],
+) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
+    let tls = BTreeMap::new();
+    let policies = specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect();
+    render(&Input { base: BASE, policies, pods, tls: &tls, tls_dir: "/etc/tunnelgate/tls" })
+}
+
+fn rules(r: &Rendered) -> Vec<Value> {
+    let v: Value = serde_yaml::from_str(&r.config).unwrap();
+    v["policy"]["rules"].as_array().unwrap().clone()
+}
+
+#[test]
+fn o03_no_policies_renders_explicit_default_deny() {
+    let (_, r) = run(&[], &[]);
+    let r = r.unwrap();
+    assert!(r.config.contains("defaultAction: deny"), "{}", r.config);
+    assert!(rules(&r).is_empty());
+    assert!(ProxyConfig::from_yaml(&r.config).unwrap().policy.rules.is_empty());
+}
+
+#[test]
+fn policies_become_rules_with_pod_ips_as_clients() {
+    let pods = [
+        pod("payments", "checkout", "10.244.1.17"),
+        pod("payments", "checkout", "fd00::17"),
+        pod("payments", "other", "10.244.1.18"),
+        pod("shop", "checkout", "10.244.2.1"),
+    ];
+    let (out, r) =
+        run(&[("payments", "allow-github", spec(PolicyAction::Allow, "checkout", &["api.github.com"]))], &pods);
+    let r = r.unwrap();
+    let rs = rules(&r);
+    assert_eq!(rs.len(), 1);
+    assert_eq!(rs[0]["name"], "payments/allow-github");
+    assert_eq!(rs[0]["clients"], json!(["10.244.1.17", "fd00::17"]));
+    assert_eq!(rs[0]["hosts"], json!(["api.github.com"]));
+    assert_eq!(out[0].result.as_ref().unwrap().matched_pods, 2);
+    // The proxy parses it and decides as intended.
+    let cfg = ProxyConfig::from_yaml(&r.config).unwrap();
+    let host = proxy_config::Host::Name(proxy_config::host::normalize_name("api.github.com").unwrap());
+    assert!(matches!(
+        cfg.policy.decide("10.244.1.17".parse().unwrap(), &host, 443, &["140.82.112.5".parse().unwrap()]),
+        proxy_config::Decision::Allow { .. }
+    ));
+    assert!(matches!(
+        cfg.policy.decide("10.244.2.1".parse().unwrap(), &host, 443, &["140.82.112.5".parse().unwrap()]),
+        proxy_config::Decision::Deny { .. }
+    ));
+}
+
+#[test]
+fn pod_churn_deletion_and_non_running_pods() {
+    let s = spec(PolicyAction::Allow, "a", &["x.test"]);
+    let mut pods = vec![pod("ns", "a", "10.0.0.1"), pod("ns", "a", "10.0.0.2")];
+    let (_, r1) = run(&[("ns", "p", s.clone())], &pods);
+    pods[1].eligible = false; // terminating, not running, or host network
+    let (_, r2) = run(&[("ns", "p", s.clone())], &pods);
+    assert_eq!(rules(&r1.unwrap())[0]["clients"], json!(["10.0.0.1", "10.0.0.2"]));
+    assert_eq!(rules(&r2.unwrap())[0]["clients"], json!(["10.0.0.1"]));
+    // No pod left: no rule at all (never an empty clients list, which would mean any client).
+    let (out, r3) = run(&[("ns", "p", s)], &[]);
+    assert!(rules(&r3.unwrap()).is_empty());
+    assert_eq!(out[0].result.as_ref().unwrap().matched_pods, 0);
+}
+
+#[test]
+fn o04_deny_wins_and_two_policies_for_the_same_pods() {
+    let pods = [pod("a", "web", "10.0.0.1")];
+    let (_, r) = run(
+        &[
+            ("a", "allow", spec(PolicyAction::Allow, "web", &["x.test"])),
+            ("a", "deny", spec(PolicyAction::Deny, "web", &["x.test"])),
+        ],
+        &pods,
+    );
+    let cfg = ProxyConfig::from_yaml(&r.unwrap().config).unwrap();
+    let host = proxy_config::Host::Name(proxy_config::host::normalize_name("x.test").unwrap());
+    let d = cfg.policy.decide("10.0.0.1".parse().unwrap(), &host, 443, &["93.184.216.34".parse().unwrap()]);
+    assert!(matches!(d, proxy_config::Decision::Deny { .. }));
+    assert_eq!(
+        cfg.policy.rule_name(match d {
+            proxy_config::Decision::Deny { rule, .. } => rule,
+            _ => None,
+        }),
+        "a/deny"
+    );
+}
+
+#[test]
+fn o02_one_bad_policy_does_not_block_the_rest_and_output_is_deterministic() {
+    let pods: Vec<PodIn> =
+        (0..100).map(|i| pod("ns", &format!("app{i}"), &format!("10.1.{}.{}", i / 250, i % 250 + 1))).collect();
+    let mut specs: Vec<(String, TunnelPolicySpec)> = (0..100)
+        .map(|i| (format!("p{i:03}"), spec(PolicyAction::Allow, &format!("app{i}"), &[&format!("h{i}.test")])))
+        .collect();
+    specs.push(("bad".into(), spec(PolicyAction::Allow, "app1", &["a.*.test"])));
+    let tls = BTreeMap::new();
+    let mk = |order: &[usize]| {
+        let policies =
+            order.iter().map(|&i| PolicyIn { namespace: "ns", name: &specs[i].0, spec: &specs[i].1 }).collect();
+        render(&Input { base: BASE, policies, pods: &pods, tls: &tls, tls_dir: "/t" })
+    };
+    let forward: Vec<usize> = (0..specs.len()).collect();
+    let (out, r) = mk(&forward);
+    let r = r.unwrap();
+    assert_eq!(rules(&r).len(), 100);
+    let bad = out.iter().find(|o| o.name == "bad").unwrap();
+    assert!(bad.result.as_ref().unwrap_err()[0].to_string().contains("spec.destinations[0].hosts[0]"));
+    // Shuffled inputs, same bytes.
+    let mut shuffled = forward.clone();
+    for k in 0..20 {
+        shuffled.rotate_left(7 + k);
+        shuffled.swap(k, specs.len() - 1 - k);
+        let (_, again) = mk(&shuffled);
+        assert_eq!(again.unwrap(), r);
+    }
+}
+
+#[test]
+fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
+    let base = "version: 1\nlisteners:\n  - {name: secure, bind: '0.0.0.0:3129', tls: {secretName: proxy-cert}}\n";
+    assert_eq!(tls_refs(base).unwrap(), vec![(0, "secure".to_owned(), "proxy-cert".to_owned())]);
+    let mut tls = BTreeMap::new();
+    let missing = render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls" }).1;
+    assert!(matches!(missing, Err(RenderError::MissingTls { .. })));
+    tls.insert(
+        "secure".to_owned(),
+        TlsIn {
+            cert_pem: "CERT".into(),
+            key_pem: "-----BEGIN PRIVATE KEY-----SECRET".into(),
+            sha256: "ab12".into(),
+            not_after: "2030-01-01T00:00:00Z".into(),
+        },
+    );
+    let r = render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls" }).1.unwrap();
+    assert!(
+        r.config.contains("certFile: /etc/tunnelgate/tls/secure.crt")
+            && r.config.contains("keyFile: /etc/tunnelgate/tls/secure.key")
+    );
+    assert!(!r.config.contains("SECRET"), "private keys never enter the ConfigMap");
+    assert!(r.config.contains("sha256=ab12"));
+    assert_eq!(r.tls_data["secure.key"], "-----BEGIN PRIVATE KEY-----SECRET");
+    assert_eq!(r.annotations["tunnelgate.io/tls-secure-not-after"], "2030-01-01T00:00:00Z");
+}
+
+#[test]
+fn o03_too_large_and_base_errors_write_nothing() {
+    let pods: Vec<PodIn> =
+        (0..60_000u32).map(|i| pod("ns", "a", &format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))).collect();
+    let s = spec(PolicyAction::Allow, "a", &["x.test"]);
+    let (_, r) = run(&[("ns", "p", s)], &pods);
+    assert!(matches!(r, Err(RenderError::TooLarge { .. })));
+    let tls = BTreeMap::new();
+    let with_rules = "version: 1\nlisteners: [{name: f, bind: '0.0.0.0:1'}]\npolicy: {rules: [{name: x, action: allow, hosts: [a.test]}]}\n";
+    assert!(matches!(
+        render(&Input { base: with_rules, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t" }).1,
+        Err(RenderError::Base(_))
+    ));
+    let bad_field = "version: 1\nlisteners: [{name: f, bind: '0.0.0.0:1'}]\nlimitz: {}\n";
+    assert!(matches!(
+        render(&Input { base: bad_field, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t" }).1,
+        Err(RenderError::Invalid(_))
+    ));
+}
+
+#[test]
+fn ipv6_pods_and_multi_destination_names() {
+    let mut s = spec(PolicyAction::Allow, "a", &["x.test"]);
+    s.destinations.push(Destination { cidrs: Some(vec!["2001:db8::/32".into()]), ..Default::default() });
+    let (_, r) = run(&[("ns", "p", s)], &[pod("ns", "a", "fd00::1")]);
+    let rs = rules(&r.unwrap());
+    assert_eq!(rs[0]["name"], "ns/p/0");
+    assert_eq!(rs[1]["name"], "ns/p/1");
+    assert_eq!(rs[1]["clients"], json!(["fd00::1"]));
+}

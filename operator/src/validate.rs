@@ -1,0 +1,204 @@
+//! Pure validation of a TunnelPolicy spec with the proxy's own grammar (`proxy-config`): what
+//! admission could not catch is reported here with the path of the bad field.
+
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::Selector;
+use proxy_config::HostPattern;
+use serde_json::{json, Map, Value};
+
+use crate::crd::{PolicyAction, TunnelPolicySpec};
+
+/// One problem in a spec, located by its field path (`spec.destinations[0].hosts[1]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A policy reduced to what the proxy needs: per destination, the rule body without `name`
+/// and `clients` (those depend on the object's identity and on pods).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidPolicy {
+    pub selector: Selector,
+    pub action: &'static str,
+    /// One JSON object per destination: hosts, cidrs, ports, relay (normalized).
+    pub destinations: Vec<Map<String, Value>>,
+    /// For `kubectl get`: `api.github.com:443, 203.0.113.0/24:5432`.
+    pub summary: String,
+}
+
+/// Validates `spec`; every problem found is returned, not just the first.
+pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>> {
+    let mut errs = Vec::new();
+    let mut err = |path: String, message: String| errs.push(FieldError { path, message });
+    let selector = match Selector::try_from(spec.pod_selector.clone()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            err("spec.podSelector".into(), e.to_string());
+            None
+        }
+    };
+    if spec.destinations.is_empty() {
+        err("spec.destinations".into(), "at least one destination is required".into());
+    }
+    let relay = relay_json(spec, &mut err);
+    let mut destinations = Vec::new();
+    let mut summary = Vec::new();
+    for (i, d) in spec.destinations.iter().enumerate() {
+        let p = format!("spec.destinations[{i}]");
+        let mut rule = Map::new();
+        let mut names = Vec::new();
+        if d.hosts.is_none() && d.cidrs.is_none() {
+            err(p.clone(), "a destination needs hosts or cidrs".into());
+        }
+        if let Some(hosts) = &d.hosts {
+            if hosts.is_empty() {
+                err(format!("{p}.hosts"), "must not be empty".into());
+            }
+            let mut out = Vec::new();
+            for (j, h) in hosts.iter().enumerate() {
+                match h.parse::<HostPattern>() {
+                    Ok(pat) => out.push(Value::String(pat.to_string())),
+                    Err(e) => err(format!("{p}.hosts[{j}]"), format!("{h:?}: {e}")),
+                }
+            }
+            names.extend(out.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+            rule.insert("hosts".into(), Value::Array(out));
+        }
+        if let Some(cidrs) = &d.cidrs {
+            if cidrs.is_empty() {
+                err(format!("{p}.cidrs"), "must not be empty".into());
+            }
+            let mut out = Vec::new();
+            for (j, c) in cidrs.iter().enumerate() {
+                match parse_cidr(c) {
+                    Ok(n) => out.push(Value::String(n)),
+                    Err(e) => err(format!("{p}.cidrs[{j}]"), e),
+                }
+            }
+            names.extend(out.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+            rule.insert("cidrs".into(), Value::Array(out));
+        }
+        let mut port_text = String::new();
+        if let Some(ports) = &d.ports {
+            if ports.is_empty() {
+                err(format!("{p}.ports"), "must not be empty (omit it for any port)".into());
+            }
+            let mut out = Vec::new();
+            for (j, port) in ports.iter().enumerate() {
+                match parse_port(port) {
+                    Ok(v) => out.push(v),
+                    Err(e) => err(format!("{p}.ports[{j}]"), e),
+                }
+            }
+            port_text = out.iter().map(|v| v.to_string().trim_matches('"').to_owned()).collect::<Vec<_>>().join(",");
+            rule.insert("ports".into(), Value::Array(out));
+        }
+        if let Some(r) = &relay {
+            rule.insert("relay".into(), r.clone());
+        }
+        for n in names {
+            summary.push(if port_text.is_empty() { n } else { format!("{n}:{port_text}") });
+        }
+        destinations.push(rule);
+    }
+    let action = match spec.action {
+        PolicyAction::Allow => "allow",
+        PolicyAction::Deny => "deny",
+    };
+    match (errs.is_empty(), selector) {
+        (true, Some(selector)) => Ok(ValidPolicy { selector, action, destinations, summary: summarize(&summary) }),
+        _ => Err(errs),
+    }
+}
+
+fn summarize(items: &[String]) -> String {
+    const MAX: usize = 80;
+    let mut s = String::new();
+    for (i, it) in items.iter().enumerate() {
+        let next = if s.is_empty() { it.clone() } else { format!("{s}, {it}") };
+        if next.len() > MAX {
+            return format!("{s} (+{} more)", items.len() - i);
+        }
+        s = next;
+    }
+    s
+}
+
+fn relay_json(spec: &TunnelPolicySpec, err: &mut impl FnMut(String, String)) -> Option<Value> {
+    let r = spec.relay.as_ref()?;
+    let mut m = Map::new();
+    for (field, v) in [("idleTimeout", &r.idle_timeout), ("maxLifetime", &r.max_lifetime)] {
+        if let Some(text) = v {
+            match proxy_config::config::parse_duration(text) {
+                Ok(_) => {
+                    m.insert(field.into(), Value::String(text.clone()));
+                }
+                Err(e) => err(format!("spec.relay.{field}"), e),
+            }
+        }
+    }
+    for (field, v) in [
+        ("maxBytesPerSecond", r.max_bytes_per_second),
+        ("minBytesPerMinute", r.min_bytes_per_minute),
+        ("maxTotalBytes", r.max_total_bytes),
+    ] {
+        match v {
+            Some(0) if field != "minBytesPerMinute" => {
+                err(format!("spec.relay.{field}"), "must be greater than 0".into())
+            }
+            Some(n) => {
+                m.insert(field.into(), json!(n));
+            }
+            None => {}
+        }
+    }
+    Some(Value::Object(m))
+}
+
+/// A CIDR with host bits clear, or a single address; returned in canonical text.
+fn parse_cidr(s: &str) -> Result<String, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    match s.parse::<ipnet::IpNet>() {
+        Ok(n) if n.trunc() == n => Ok(n.to_string()),
+        Ok(n) => Err(format!("{s:?} has host bits set; did you mean {}?", n.trunc())),
+        Err(_) => Err(format!("{s:?} is not a CIDR (like 10.0.0.0/8) or an address")),
+    }
+}
+
+fn parse_port(p: &IntOrString) -> Result<Value, String> {
+    match p {
+        IntOrString::Int(n) => match u16::try_from(*n) {
+            Ok(port) if port > 0 => Ok(json!(port)),
+            _ => Err(format!("{n} is not a port (1-65535)")),
+        },
+        IntOrString::String(s) => {
+            let one = |t: &str| {
+                proxy_config::host::parse_port(t)
+                    .map_err(|_| format!("{s:?} is not a port or a range like \"8000-8099\""))
+            };
+            match s.split_once('-') {
+                Some((a, b)) => {
+                    if one(a)? > one(b)? {
+                        return Err(format!("range {s:?} is reversed"));
+                    }
+                    Ok(Value::String(s.clone()))
+                }
+                None => Ok(json!(one(s)?)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,74 @@
+use super::*;
+use crate::crd::{Destination, RelaySpec};
+
+fn spec(dests: Vec<Destination>) -> TunnelPolicySpec {
+    TunnelPolicySpec { pod_selector: Default::default(), action: PolicyAction::Allow, destinations: dests, relay: None }
+}
+
+fn hosts(h: &[&str]) -> Destination {
+    Destination { hosts: Some(h.iter().map(|s| s.to_string()).collect()), ..Default::default() }
+}
+
+fn errors(s: &TunnelPolicySpec) -> Vec<String> {
+    validate(s).err().unwrap_or_default().iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn o01_bad_fields_are_named() {
+    let mut s = spec(vec![
+        hosts(&["ok.test", "a.*.test", "*", "has space.test"]),
+        Destination { cidrs: Some(vec!["10.0.0.0/33".into(), "10.0.0.1/8".into()]), ..Default::default() },
+        Destination {
+            hosts: Some(vec!["x.test".into()]),
+            ports: Some(vec![
+                IntOrString::Int(0),
+                IntOrString::Int(65536),
+                IntOrString::String("9-1".into()),
+                IntOrString::String("https".into()),
+            ]),
+            ..Default::default()
+        },
+        Destination::default(),
+    ]);
+    s.relay =
+        Some(RelaySpec { idle_timeout: Some("5 parsecs".into()), max_total_bytes: Some(0), ..Default::default() });
+    let e = errors(&s);
+    for want in [
+        "spec.destinations[0].hosts[1]: \"a.*.test\": wildcard must be the leftmost label",
+        "spec.destinations[0].hosts[2]",
+        "spec.destinations[0].hosts[3]",
+        "spec.destinations[1].cidrs[0]",
+        "spec.destinations[1].cidrs[1]: \"10.0.0.1/8\" has host bits set; did you mean 10.0.0.0/8?",
+        "spec.destinations[2].ports[0]: 0 is not a port",
+        "spec.destinations[2].ports[1]: 65536 is not a port",
+        "spec.destinations[2].ports[2]: range \"9-1\" is reversed",
+        "spec.destinations[2].ports[3]",
+        "spec.destinations[3]: a destination needs hosts or cidrs",
+        "spec.relay.idleTimeout",
+        "spec.relay.maxTotalBytes: must be greater than 0",
+    ] {
+        assert!(e.iter().any(|x| x.starts_with(want)), "want {want:?} in {e:#?}");
+    }
+    assert!(errors(&spec(vec![])).iter().any(|x| x.starts_with("spec.destinations: at least one")));
+}
+
+#[test]
+fn hosts_are_normalized_and_summarized() {
+    let s = spec(vec![
+        Destination {
+            hosts: Some(vec!["Allowed.TEST.".into(), "*.Stripe.com".into()]),
+            ports: Some(vec![IntOrString::Int(443)]),
+            ..Default::default()
+        },
+        Destination {
+            cidrs: Some(vec!["203.0.113.0/24".into(), "10.1.2.3".into()]),
+            ports: Some(vec![IntOrString::String("8000-8099".into())]),
+            ..Default::default()
+        },
+    ]);
+    let v = validate(&s).unwrap();
+    assert_eq!(v.destinations[0]["hosts"], json!(["allowed.test", "*.stripe.com"]));
+    assert_eq!(v.destinations[1]["cidrs"], json!(["203.0.113.0/24", "10.1.2.3"]));
+    assert_eq!(v.destinations[1]["ports"], json!(["8000-8099"]));
+    assert_eq!(v.summary, "allowed.test:443, *.stripe.com:443, 203.0.113.0/24:8000-8099, 10.1.2.3:8000-8099");
+}
