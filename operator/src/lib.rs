@@ -5,3 +5,20 @@
 pub mod crd;
 pub mod render;
 pub mod validate;
+pub mod secrets;
+pub mod status;
+pub mod admin;
+pub mod controller;
+pub mod metrics;
+
+/// Renders an error and its sources on one line (`a: b: c`).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

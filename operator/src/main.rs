@@ -1,1 +1,145 @@
-fn main() {}
+//! `tunnelgate-operator` entry point: arguments, logs, Kubernetes client, leader election,
+//! admin server and the reconcile loop; SIGTERM/SIGINT stop it gracefully (the Lease is released).
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use kube_lease_manager::LeaseManagerBuilder;
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use tunnelgate_operator::controller::{self, Settings};
+use tunnelgate_operator::metrics::Metrics;
+use tunnelgate_operator::{admin, error_chain};
+
+/// Tunnelgate operator: renders TunnelPolicies into the proxy's ConfigMap.
+#[derive(Debug, Parser)]
+#[command(name = "tunnelgate-operator", version)]
+struct Args {
+    /// Namespace of the release (base ConfigMap, TLS Secrets, outputs, Lease).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tunnelgate")]
+    namespace: String,
+    /// Release name: reads `<release>-base`, writes `<release>-proxy` and `<release>-proxy-tls`.
+    #[arg(long, env = "TUNNELGATE_RELEASE", default_value = "tunnelgate")]
+    release: String,
+    /// Directory where the proxy mounts the rendered TLS Secret.
+    #[arg(long, default_value = "/etc/tunnelgate/tls")]
+    tls_dir: String,
+    /// Admin server (metrics, health).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    admin_bind: SocketAddr,
+    /// Quiet time before a reconcile, so bursts of changes become one write.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    debounce: Duration,
+    /// Take part in leader election through a coordination.k8s.io Lease (one writer at a time).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of this replica (events, Lease holder).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TUNNELGATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let _ = if args.log_format == "json" { sub.json().flatten_event(true).try_init() } else { sub.try_init() };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tunnelgate-operator: cannot start the runtime: {e}");
+            std::process::exit(70);
+        }
+    };
+    let code = rt.block_on(run(args));
+    std::process::exit(code);
+}
+
+async fn run(args: Args) -> i32 {
+    let registry = Registry::new();
+    let metrics = match Metrics::register(&registry) {
+        Ok(m) => m,
+        Err(e) => {
+            error!(error = %e, "cannot register metrics");
+            return 70;
+        }
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %error_chain(&e), "cannot create the Kubernetes client");
+            return 1;
+        }
+    };
+    let identity = args.identity.clone().unwrap_or_else(|| format!("tunnelgate-operator-{}", std::process::id()));
+    let shutdown = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_sock = match tokio::net::TcpListener::bind(args.admin_bind).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!(addr = %args.admin_bind, error = %e, "cannot bind the admin server");
+            return 1;
+        }
+    };
+    let admin_task = tokio::spawn(admin::run(admin_sock, registry, ready.clone(), shutdown.clone()));
+    let (leader, lease_task) = if args.leader_election {
+        let built = LeaseManagerBuilder::new(client.clone(), format!("{}-operator", args.release))
+            .with_namespace(args.namespace.clone())
+            .with_identity(identity.clone())
+            .with_duration(15)
+            .with_grace(5)
+            .with_field_manager(controller::MANAGER)
+            .build()
+            .await;
+        match built {
+            Ok(m) => {
+                let (rx, task) = m.watch().await;
+                (rx, Some(task))
+            }
+            Err(e) => {
+                error!(error = %error_chain(&e), "cannot set up leader election");
+                return 1;
+            }
+        }
+    } else {
+        let (tx, rx) = tokio::sync::watch::channel(true);
+        // Kept alive for the process's lifetime: without election this replica always writes.
+        std::mem::forget(tx);
+        (rx, None)
+    };
+    let settings = Settings { namespace: args.namespace, release: args.release, tls_dir: args.tls_dir, debounce: args.debounce, identity };
+    info!(namespace = %settings.namespace, release = %settings.release, "starting");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = wait_signal().await;
+        info!("shutdown requested");
+        stop.cancel();
+    });
+    controller::run(client, settings, metrics, leader, ready, shutdown.clone()).await;
+    shutdown.cancel();
+    // Dropping the receiver makes the lease manager release the Lease.
+    if let Some(t) = lease_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    let _ = admin_task.await;
+    info!("stopped");
+    0
+}
+
+async fn wait_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! Operator metrics on an explicit registry; labels from closed sets only.
+
+use prometheus::{exponential_buckets, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// Every collector the operator exports.
+#[derive(Clone)]
+pub struct Metrics {
+    /// `result` = success | error.
+    pub reconciles: IntCounterVec,
+    /// Seconds per reconcile. Buckets 1 ms .. ~16 s (×2).
+    pub reconcile_duration: Histogram,
+    /// `result` = applied | unchanged | failed.
+    pub config_writes: IntCounterVec,
+    /// `state` = accepted | rejected.
+    pub policies: IntGaugeVec,
+    /// 1 while this replica holds the Lease.
+    pub leader: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers the collectors.
+    pub fn register(r: &Registry) -> prometheus::Result<Metrics> {
+        let m = Metrics {
+            reconciles: IntCounterVec::new(Opts::new("tunnelgate_operator_reconciles_total", "Reconciles by result"), &["result"])?,
+            reconcile_duration: Histogram::with_opts(
+                HistogramOpts::new("tunnelgate_operator_reconcile_duration_seconds", "Time per reconcile")
+                    .buckets(exponential_buckets(0.001, 2.0, 15)?),
+            )?,
+            config_writes: IntCounterVec::new(
+                Opts::new("tunnelgate_operator_config_writes_total", "Writes of the rendered ConfigMap"),
+                &["result"],
+            )?,
+            policies: IntGaugeVec::new(Opts::new("tunnelgate_operator_policies", "TunnelPolicies by state"), &["state"])?,
+            leader: IntGauge::new("tunnelgate_operator_leader", "1 while this replica is the leader")?,
+        };
+        r.register(Box::new(m.reconciles.clone()))?;
+        r.register(Box::new(m.reconcile_duration.clone()))?;
+        r.register(Box::new(m.config_writes.clone()))?;
+        r.register(Box::new(m.policies.clone()))?;
+        r.register(Box::new(m.leader.clone()))?;
+        let build = IntGaugeVec::new(Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"), &["version", "git_sha"])?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("TUNNELGATE_GIT_SHA").unwrap_or("unknown")]).set(1);
+        r.register(Box::new(build))?;
+        Ok(m)
+    }
+}
