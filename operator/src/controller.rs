@@ -162,7 +162,10 @@ pub async fn run(
     }
     ready.store(true, Ordering::Relaxed);
     info!("caches synced");
-    let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.into(), instance: Some(settings.identity.clone()) });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: MANAGER.into(), instance: Some(settings.identity.clone()) },
+    );
     let mut state = LoopState { last_hash: None, warned: HashMap::new() };
     wake.notify_one();
     loop {
@@ -213,7 +216,8 @@ async fn wait_synced(c: &Caches) {
 fn slim_pod(p: &mut Pod) {
     p.metadata.managed_fields = None;
     p.metadata.annotations = None;
-    p.spec = p.spec.take().map(|s| PodSpec { host_network: s.host_network, containers: Vec::new(), ..Default::default() });
+    p.spec =
+        p.spec.take().map(|s| PodSpec { host_network: s.host_network, containers: Vec::new(), ..Default::default() });
     if let Some(st) = p.status.as_mut() {
         st.conditions = None;
         st.container_statuses = None;
@@ -250,18 +254,38 @@ fn pod_in(p: &Pod) -> PodIn {
     }
 }
 
-async fn warn_once(recorder: &Recorder, state: &mut LoopState, key: String, reference: &k8s_openapi::api::core::v1::ObjectReference, reason: &str, note: String) {
+async fn warn_once(
+    recorder: &Recorder,
+    state: &mut LoopState,
+    key: String,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    reason: &str,
+    note: String,
+) {
     if state.warned.get(&key) == Some(&note) {
         return;
     }
-    let ev = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note.clone()), action: "Reconcile".into(), secondary: None };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note.clone()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
     if let Err(e) = recorder.publish(&ev, reference).await {
         debug!(error = %e, "cannot publish event");
     }
     state.warned.insert(key, note);
 }
 
-async fn reconcile(client: &Client, s: &Settings, c: &Caches, metrics: &Metrics, recorder: &Recorder, state: &mut LoopState) -> Result<(), Error> {
+async fn reconcile(
+    client: &Client,
+    s: &Settings,
+    c: &Caches,
+    metrics: &Metrics,
+    recorder: &Recorder,
+    state: &mut LoopState,
+) -> Result<(), Error> {
     let ns = &s.namespace;
     let policies = c.policies.state();
     let pods: Vec<PodIn> = c.pods.state().iter().map(|p| pod_in(p)).collect();
@@ -286,7 +310,15 @@ async fn reconcile(client: &Client, s: &Settings, c: &Caches, metrics: &Metrics,
                 Err(msg) => {
                     if let Some(sec) = &secret {
                         let note = format!("TLS Secret for listener {listener} is invalid: {msg}; the previous certificate stays in use");
-                        warn_once(recorder, state, format!("secret/{secret_name}"), &sec.object_ref(&()), "InvalidSecret", note).await;
+                        warn_once(
+                            recorder,
+                            state,
+                            format!("secret/{secret_name}"),
+                            &sec.object_ref(&()),
+                            "InvalidSecret",
+                            note,
+                        )
+                        .await;
                     }
                     warn!(listener = %listener, secret = %secret_name, error = %msg, "TLS Secret unusable; keeping the previous certificate");
                     let prev = previous.as_ref().and_then(|p| p.data.as_ref()).and_then(|d| {
@@ -304,10 +336,15 @@ async fn reconcile(client: &Client, s: &Settings, c: &Caches, metrics: &Metrics,
 
     let inputs: Vec<PolicyIn<'_>> = policies
         .iter()
-        .map(|p| PolicyIn { namespace: p.metadata.namespace.as_deref().unwrap_or_default(), name: p.metadata.name.as_deref().unwrap_or_default(), spec: &p.spec })
+        .map(|p| PolicyIn {
+            namespace: p.metadata.namespace.as_deref().unwrap_or_default(),
+            name: p.metadata.name.as_deref().unwrap_or_default(),
+            spec: &p.spec,
+        })
         .collect();
     let base_text = base.clone().unwrap_or_default();
-    let (outcomes, rendered) = render::render(&Input { base: &base_text, policies: inputs, pods: &pods, tls: &tls, tls_dir: &s.tls_dir });
+    let (outcomes, rendered) =
+        render::render(&Input { base: &base_text, policies: inputs, pods: &pods, tls: &tls, tls_dir: &s.tls_dir });
     let applied: Result<String, Error> = match (base.is_some(), rendered) {
         (false, _) => Err(Error::BaseMissing(format!("{ns}/{}", s.base_name()))),
         (true, Err(e)) => Err(Error::Render(e)),
@@ -324,7 +361,11 @@ async fn reconcile(client: &Client, s: &Settings, c: &Caches, metrics: &Metrics,
     };
     let (mut accepted, mut rejected) = (0, 0);
     for (o, p) in outcomes.iter().zip(sorted(&policies)) {
-        if o.result.is_ok() { accepted += 1 } else { rejected += 1 }
+        if o.result.is_ok() {
+            accepted += 1
+        } else {
+            rejected += 1
+        }
         let desired = status::desired(o, p.metadata.generation, &s.config_name(), in_force, p.status.as_ref(), &now);
         if p.status.as_ref() != Some(&desired) {
             write_status(client, &p, &desired).await;
@@ -343,7 +384,10 @@ async fn reconcile(client: &Client, s: &Settings, c: &Caches, metrics: &Metrics,
 /// Policies in the renderer's order (namespace, name), to pair with its outcomes.
 fn sorted(p: &[Arc<TunnelPolicy>]) -> Vec<Arc<TunnelPolicy>> {
     let mut v = p.to_vec();
-    v.sort_by(|a, b| (a.metadata.namespace.as_deref(), a.metadata.name.as_deref()).cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref())));
+    v.sort_by(|a, b| {
+        (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
+            .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
+    });
     v
 }
 
@@ -356,7 +400,13 @@ async fn write_status(client: &Client, p: &TunnelPolicy, status: &TunnelPolicySt
 }
 
 /// Server-side applies the Secret (first, so the files exist) and the ConfigMap when the hash changed.
-async fn apply(client: &Client, s: &Settings, metrics: &Metrics, state: &mut LoopState, r: &render::Rendered) -> Result<(), Error> {
+async fn apply(
+    client: &Client,
+    s: &Settings,
+    metrics: &Metrics,
+    state: &mut LoopState,
+    r: &render::Rendered,
+) -> Result<(), Error> {
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &s.namespace);
     if state.last_hash.is_none() {
         // After a start or a leadership change: what is in force?
@@ -373,7 +423,8 @@ async fn apply(client: &Client, s: &Settings, metrics: &Metrics, state: &mut Loo
     let labels = json!({ "app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/part-of": "tunnelgate" });
     let pp = PatchParams::apply(MANAGER).force();
     if !r.tls_data.is_empty() {
-        let data: BTreeMap<String, ByteString> = r.tls_data.iter().map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes()))).collect();
+        let data: BTreeMap<String, ByteString> =
+            r.tls_data.iter().map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes()))).collect();
         let secret = json!({
             "apiVersion": "v1", "kind": "Secret",
             "metadata": { "name": s.tls_name(), "namespace": s.namespace, "labels": labels },

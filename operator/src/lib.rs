@@ -2,14 +2,14 @@
 //! the TLS Secrets it names; renders them into the proxy's ConfigMap and TLS Secret.
 #![forbid(unsafe_code)]
 
-pub mod crd;
-pub mod render;
-pub mod validate;
-pub mod secrets;
-pub mod status;
 pub mod admin;
 pub mod controller;
+pub mod crd;
 pub mod metrics;
+pub mod render;
+pub mod secrets;
+pub mod status;
+pub mod validate;
 
 /// Renders an error and its sources on one line (`a: b: c`).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -47,7 +47,8 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TUNNELGATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TUNNELGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = if args.log_format == "json" { sub.json().flatten_event(true).try_init() } else { sub.try_init() };
@@ -114,7 +115,13 @@ async fn run(args: Args) -> i32 {
         std::mem::forget(tx);
         (rx, None)
     };
-    let settings = Settings { namespace: args.namespace, release: args.release, tls_dir: args.tls_dir, debounce: args.debounce, identity };
+    let settings = Settings {
+        namespace: args.namespace,
+        release: args.release,
+        tls_dir: args.tls_dir,
+        debounce: args.debounce,
+        identity,
+    };
     info!(namespace = %settings.namespace, release = %settings.release, "starting");
     let stop = shutdown.clone();
     tokio::spawn(async move {

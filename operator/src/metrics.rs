@@ -21,7 +21,10 @@ impl Metrics {
     /// Creates and registers the collectors.
     pub fn register(r: &Registry) -> prometheus::Result<Metrics> {
         let m = Metrics {
-            reconciles: IntCounterVec::new(Opts::new("tunnelgate_operator_reconciles_total", "Reconciles by result"), &["result"])?,
+            reconciles: IntCounterVec::new(
+                Opts::new("tunnelgate_operator_reconciles_total", "Reconciles by result"),
+                &["result"],
+            )?,
             reconcile_duration: Histogram::with_opts(
                 HistogramOpts::new("tunnelgate_operator_reconcile_duration_seconds", "Time per reconcile")
                     .buckets(exponential_buckets(0.001, 2.0, 15)?),
@@ -30,7 +33,10 @@ impl Metrics {
                 Opts::new("tunnelgate_operator_config_writes_total", "Writes of the rendered ConfigMap"),
                 &["result"],
             )?,
-            policies: IntGaugeVec::new(Opts::new("tunnelgate_operator_policies", "TunnelPolicies by state"), &["state"])?,
+            policies: IntGaugeVec::new(
+                Opts::new("tunnelgate_operator_policies", "TunnelPolicies by state"),
+                &["state"],
+            )?,
             leader: IntGauge::new("tunnelgate_operator_leader", "1 while this replica is the leader")?,
         };
         r.register(Box::new(m.reconciles.clone()))?;
@@ -38,8 +44,13 @@ impl Metrics {
         r.register(Box::new(m.config_writes.clone()))?;
         r.register(Box::new(m.policies.clone()))?;
         r.register(Box::new(m.leader.clone()))?;
-        let build = IntGaugeVec::new(Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"), &["version", "git_sha"])?;
-        build.with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("TUNNELGATE_GIT_SHA").unwrap_or("unknown")]).set(1);
+        let build = IntGaugeVec::new(
+            Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"),
+            &["version", "git_sha"],
+        )?;
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("TUNNELGATE_GIT_SHA").unwrap_or("unknown")])
+            .set(1);
         r.register(Box::new(build))?;
         Ok(m)
     }

@@ -56,7 +56,8 @@ pub fn tls_from_secret(secret: &Secret) -> Result<TlsIn, SecretError> {
 
 /// Checks a PEM certificate chain and key.
 pub fn tls_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsIn, SecretError> {
-    let certs = rustls_pemfile::certs(&mut &*cert_pem).collect::<Result<Vec<_>, _>>().map_err(|_| SecretError::NotPem)?;
+    let certs =
+        rustls_pemfile::certs(&mut &*cert_pem).collect::<Result<Vec<_>, _>>().map_err(|_| SecretError::NotPem)?;
     let leaf = certs.first().ok_or(SecretError::NotPem)?.clone();
     let key = rustls_pemfile::private_key(&mut &*key_pem).map_err(|_| SecretError::NoKey)?.ok_or(SecretError::NoKey)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -105,7 +106,10 @@ mod tests {
         assert_eq!(tls_from_secret(&secret("Opaque", &crt, &key)), Err(SecretError::WrongType("Opaque".into())));
         assert_eq!(tls_from_secret(&secret("kubernetes.io/tls", "not pem", &key)), Err(SecretError::NotPem));
         assert_eq!(tls_from_secret(&secret("kubernetes.io/tls", &crt, "")), Err(SecretError::MissingKey("tls.key")));
-        assert_eq!(tls_from_secret(&secret("kubernetes.io/tls", &crt, &b.signing_key.serialize_pem())), Err(SecretError::KeyMismatch));
+        assert_eq!(
+            tls_from_secret(&secret("kubernetes.io/tls", &crt, &b.signing_key.serialize_pem())),
+            Err(SecretError::KeyMismatch)
+        );
         let kp = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["old.test".to_owned()]).unwrap();
         params.not_before = rcgen::date_time_ymd(2019, 1, 1);

@@ -14,14 +14,29 @@ pub struct NotInForce {
     pub message: String,
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>, old: &[Condition], now: &Time) -> Condition {
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    old: &[Condition],
+    now: &Time,
+) -> Condition {
     let status = if ok { "True" } else { "False" };
     let previous = old.iter().find(|c| c.type_ == type_);
     let last_transition_time = match previous {
         Some(p) if p.status == status => p.last_transition_time.clone(),
         _ => now.clone(),
     };
-    Condition { type_: type_.into(), status: status.into(), reason: reason.into(), message, observed_generation: generation, last_transition_time }
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
 }
 
 /// The desired status of a policy.
@@ -39,13 +54,22 @@ pub fn desired(
             let msg = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
             (
                 condition("Accepted", false, "Invalid", msg.clone(), generation, old_conditions, now),
-                condition("Ready", false, "Invalid", "the spec is invalid; nothing was rendered for it".into(), generation, old_conditions, now),
+                condition(
+                    "Ready",
+                    false,
+                    "Invalid",
+                    "the spec is invalid; nothing was rendered for it".into(),
+                    generation,
+                    old_conditions,
+                    now,
+                ),
                 None,
                 None,
             )
         }
         Ok(a) => {
-            let accepted = condition("Accepted", true, "Valid", "the spec is valid".into(), generation, old_conditions, now);
+            let accepted =
+                condition("Accepted", true, "Valid", "the spec is valid".into(), generation, old_conditions, now);
             let ready = match in_force {
                 Err(e) => condition("Ready", false, e.reason, e.message.clone(), generation, old_conditions, now),
                 Ok(_) if a.rules.is_empty() => condition(
@@ -61,7 +85,11 @@ pub fn desired(
                     "Ready",
                     true,
                     "Applied",
-                    format!("rules {} are in ConfigMap {config_name} (sha256 {})", a.rules.join(", "), hash.get(..12).unwrap_or(hash)),
+                    format!(
+                        "rules {} are in ConfigMap {config_name} (sha256 {})",
+                        a.rules.join(", "),
+                        hash.get(..12).unwrap_or(hash)
+                    ),
                     generation,
                     old_conditions,
                     now,
@@ -70,7 +98,12 @@ pub fn desired(
             (accepted, ready, i32::try_from(a.matched_pods).ok(), Some(a.summary.clone()))
         }
     };
-    TunnelPolicyStatus { observed_generation: generation, matched_pods: matched, destinations: summary, conditions: vec![accepted, ready] }
+    TunnelPolicyStatus {
+        observed_generation: generation,
+        matched_pods: matched,
+        destinations: summary,
+        conditions: vec![accepted, ready],
+    }
 }
 
 #[cfg(test)]
@@ -85,17 +118,31 @@ mod tests {
 
     #[test]
     fn conditions_follow_conventions() {
-        let ok = PolicyOutcome { namespace: "a".into(), name: "p".into(), result: Ok(Accepted { matched_pods: 2, summary: "x.test:443".into(), rules: vec!["a/p".into()] }) };
+        let ok = PolicyOutcome {
+            namespace: "a".into(),
+            name: "p".into(),
+            result: Ok(Accepted { matched_pods: 2, summary: "x.test:443".into(), rules: vec!["a/p".into()] }),
+        };
         let s1 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), None, &t("2026-01-01T00:00:00Z"));
         assert_eq!(s1.observed_generation, Some(3));
         assert_eq!(s1.matched_pods, Some(2));
-        assert_eq!((s1.conditions[0].type_.as_str(), s1.conditions[0].status.as_str(), s1.conditions[0].reason.as_str()), ("Accepted", "True", "Valid"));
-        assert_eq!((s1.conditions[1].type_.as_str(), s1.conditions[1].status.as_str(), s1.conditions[1].reason.as_str()), ("Ready", "True", "Applied"));
+        assert_eq!(
+            (s1.conditions[0].type_.as_str(), s1.conditions[0].status.as_str(), s1.conditions[0].reason.as_str()),
+            ("Accepted", "True", "Valid")
+        );
+        assert_eq!(
+            (s1.conditions[1].type_.as_str(), s1.conditions[1].status.as_str(), s1.conditions[1].reason.as_str()),
+            ("Ready", "True", "Applied")
+        );
         // Same status later: the transition time does not move, so nothing needs writing.
         let s2 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), Some(&s1), &t("2026-01-02T00:00:00Z"));
         assert_eq!(s1, s2);
         // Invalid: both conditions False, the message names the field.
-        let bad = PolicyOutcome { namespace: "a".into(), name: "p".into(), result: Err(vec![FieldError { path: "spec.destinations[0].hosts[0]".into(), message: "bad".into() }]) };
+        let bad = PolicyOutcome {
+            namespace: "a".into(),
+            name: "p".into(),
+            result: Err(vec![FieldError { path: "spec.destinations[0].hosts[0]".into(), message: "bad".into() }]),
+        };
         let s3 = desired(&bad, Some(4), "tg-proxy", Ok("abc"), Some(&s2), &t("2026-01-03T00:00:00Z"));
         assert_eq!(s3.conditions[0].status, "False");
         assert_eq!(s3.conditions[0].reason, "Invalid");

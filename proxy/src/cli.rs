@@ -26,8 +26,17 @@ pub struct Cli {
 pub struct RunArgs {
     /// Configuration file (YAML or JSON). Without it the embedded default is used:
     /// a forward listener on 127.0.0.1:8080, admin on 127.0.0.1:9090.
-    #[arg(long, env = "TUNNELGATE_CONFIG")]
+    #[arg(long, env = "TUNNELGATE_CONFIG", conflicts_with = "config_map")]
     pub config: Option<PathBuf>,
+    /// Watch this ConfigMap (NAMESPACE/NAME, key config.yaml) through the Kubernetes API instead
+    /// of reading a file (in-cluster config or KUBECONFIG). The proxy starts once a valid
+    /// document has arrived.
+    #[arg(long, env = "TUNNELGATE_CONFIG_MAP")]
+    pub config_map: Option<String>,
+    /// Log format (text or json), overriding logging.format; needed with --config-map, where logs
+    /// start before the configuration arrives.
+    #[arg(long, env = "TUNNELGATE_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
     /// How often the configuration file is re-read even without a file event (a fallback for
     /// missed inotify events), e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]

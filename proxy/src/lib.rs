@@ -19,6 +19,7 @@ pub mod cli;
 pub mod conn;
 pub mod dial;
 pub mod error;
+pub mod k8s_source;
 pub mod metrics;
 pub mod negotiate;
 pub mod relay;

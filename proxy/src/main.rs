@@ -7,7 +7,11 @@ use clap::Parser;
 // lowers both the idle cost per tunnel and allocation time on the connection path (bench/RESULTS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use proxy_config::{LogFormat, ProxyConfig};
+use tokio::sync::watch;
 use tunnelgate_proxy::cli::{self, Cli, Command, EXIT_USAGE};
+use tunnelgate_proxy::k8s_source::{self, SourceError};
+use tunnelgate_proxy::reload::Source;
 use tunnelgate_proxy::{app, telemetry};
 
 fn main() {
@@ -25,23 +29,8 @@ fn main() {
         }
         None => {}
     }
-    let (config, text) = match &args.run.config {
-        Some(path) => match cli::load(path) {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("tunnelgate-proxy: {e}");
-                std::process::exit(EXIT_USAGE);
-            }
-        },
-        None => match proxy_config::ProxyConfig::embedded_default() {
-            Ok(c) => (c, proxy_config::config::EMBEDDED_DEFAULT.to_owned()),
-            Err(e) => {
-                eprintln!("tunnelgate-proxy: embedded default is invalid: {e}");
-                std::process::exit(70);
-            }
-        },
-    };
-    telemetry::init(config.logging.format);
+    let format_override =
+        args.run.log_format.as_deref().map(|f| if f == "json" { LogFormat::Json } else { LogFormat::Text });
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.run.worker_threads {
         builder.worker_threads(n.get());
@@ -53,6 +42,40 @@ fn main() {
             std::process::exit(70);
         }
     };
+    // Where the configuration comes from: a file, a ConfigMap, or the embedded default.
+    let mut latest = None;
+    let (config, text) = if let Some(cm) = &args.run.config_map {
+        telemetry::init(format_override.unwrap_or(LogFormat::Text));
+        match rt.block_on(first_from_configmap(cm)) {
+            Ok((config, text, rx)) => {
+                latest = Some(rx);
+                (config, text)
+            }
+            Err(e) => {
+                tracing::error!(error = %tunnelgate_proxy::error::ErrorChain(&e), "cannot watch the ConfigMap");
+                std::process::exit(EXIT_USAGE);
+            }
+        }
+    } else {
+        let (config, text) = match &args.run.config {
+            Some(path) => match cli::load(path) {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("tunnelgate-proxy: {e}");
+                    std::process::exit(EXIT_USAGE);
+                }
+            },
+            None => match proxy_config::ProxyConfig::embedded_default() {
+                Ok(c) => (c, proxy_config::config::EMBEDDED_DEFAULT.to_owned()),
+                Err(e) => {
+                    eprintln!("tunnelgate-proxy: embedded default is invalid: {e}");
+                    std::process::exit(70);
+                }
+            },
+        };
+        telemetry::init(format_override.unwrap_or(config.logging.format));
+        (config, text)
+    };
     let code = rt.block_on(async move {
         let args = args;
         let handle = match app::start(config, &text).await {
@@ -62,10 +85,14 @@ fn main() {
                 return 1;
             }
         };
-        // Reload: file events, SIGHUP and a slow poll, when running from a file.
-        let trigger = args.run.config.clone().map(|path| {
-            tunnelgate_proxy::reload::spawn_file_source(handle.inner.clone(), path, args.run.reload_poll_interval)
-        });
+        // Reload: file or ConfigMap changes, TLS file events, SIGHUP and a slow poll.
+        let source = match (latest, args.run.config.clone()) {
+            (Some(rx), _) => Some(Source::Latest(rx)),
+            (None, Some(path)) => Some(Source::File(path)),
+            (None, None) => None,
+        };
+        let trigger = source
+            .map(|s| tunnelgate_proxy::reload::spawn_source(handle.inner.clone(), s, args.run.reload_poll_interval));
         tokio::spawn(async move {
             let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
             while hup.recv().await.is_some() {
@@ -94,6 +121,27 @@ fn main() {
         0
     });
     std::process::exit(code);
+}
+
+/// Waits for the first valid document from the ConfigMap; invalid ones are logged and skipped.
+async fn first_from_configmap(cm: &str) -> Result<(ProxyConfig, String, watch::Receiver<Option<String>>), SourceError> {
+    let (ns, name) = k8s_source::parse_ref(cm)?;
+    let mut rx = k8s_source::spawn(ns, name).await?;
+    tracing::info!(configmap = cm, "waiting for the first valid configuration");
+    loop {
+        let text = rx.borrow_and_update().clone();
+        if let Some(text) = text {
+            match ProxyConfig::from_yaml(&text) {
+                Ok(c) => return Ok((c, text, rx)),
+                Err(e) => {
+                    tracing::warn!(errors = %e, "configuration from the ConfigMap is invalid; waiting for a valid one")
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            return Err(SourceError::BadName(cm.to_owned()));
+        }
+    }
 }
 
 async fn signals() -> Option<&'static str> {

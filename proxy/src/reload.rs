@@ -10,7 +10,7 @@ use std::sync::Arc;
 use notify::{RecursiveMode, Watcher};
 use proxy_config::{ConfigErrors, Decision, ProxyConfig};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{interval, sleep, Duration, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
@@ -206,13 +206,33 @@ pub async fn reload_file(inner: &Arc<Inner>, path: &Path) -> Result<ReloadOutcom
     }
 }
 
-/// Directories to watch: the config file's, and those of the TLS files in force.
-fn watched_dirs(inner: &Inner, path: &Path) -> HashSet<PathBuf> {
+/// Where documents come from.
+#[derive(Clone)]
+pub enum Source {
+    /// A file, re-read on every trigger.
+    File(PathBuf),
+    /// The latest text delivered by another task (the Kubernetes ConfigMap watch).
+    Latest(watch::Receiver<Option<String>>),
+}
+
+impl Source {
+    fn file(&self) -> Option<&Path> {
+        match self {
+            Source::File(p) => Some(p),
+            Source::Latest(_) => None,
+        }
+    }
+}
+
+/// Directories to watch: the config file's (if any), and those of the TLS files in force.
+fn watched_dirs(inner: &Inner, source: &Source) -> HashSet<PathBuf> {
     let mut dirs = HashSet::new();
     let parent = |p: &Path| {
         p.parent().map(Path::to_path_buf).filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| PathBuf::from("."))
     };
-    dirs.insert(parent(path));
+    if let Some(path) = source.file() {
+        dirs.insert(parent(path));
+    }
     for l in &inner.snapshot().config.listeners {
         if let Some(t) = &l.tls {
             dirs.insert(parent(&t.cert_file));
@@ -223,8 +243,9 @@ fn watched_dirs(inner: &Inner, path: &Path) -> HashSet<PathBuf> {
 }
 
 /// File names whose changes trigger a reload: the config file's and the TLS files' in force.
-fn watched_names(inner: &Inner, path: &Path) -> HashSet<std::ffi::OsString> {
-    let mut names: HashSet<std::ffi::OsString> = path.file_name().map(ToOwned::to_owned).into_iter().collect();
+fn watched_names(inner: &Inner, source: &Source) -> HashSet<std::ffi::OsString> {
+    let mut names: HashSet<std::ffi::OsString> =
+        source.file().and_then(Path::file_name).map(ToOwned::to_owned).into_iter().collect();
     for l in &inner.snapshot().config.listeners {
         if let Some(t) = &l.tls {
             names.extend([&t.cert_file, &t.key_file].iter().filter_map(|p| p.file_name().map(ToOwned::to_owned)));
@@ -233,10 +254,11 @@ fn watched_names(inner: &Inner, path: &Path) -> HashSet<std::ffi::OsString> {
     names
 }
 
-/// Watches `path` (inotify on its directory, so the kubelet's `..data` symlink swap is seen, plus
-/// the TLS files' directories), reloads on change, on a trigger (SIGHUP) and every `poll`.
+/// Reloads from `source` on every trigger: a file event (inotify on the config file's directory,
+/// so the kubelet's `..data` symlink swap is seen, and on the TLS files' directories), a new
+/// document from the source, a trigger message (SIGHUP), and every `poll`.
 /// Returns the trigger sender; the task ends when the proxy starts draining.
-pub fn spawn_file_source(inner: Arc<Inner>, path: PathBuf, poll: Duration) -> mpsc::Sender<()> {
+pub fn spawn_source(inner: Arc<Inner>, source: Source, poll: Duration) -> mpsc::Sender<()> {
     let (trigger_tx, mut trigger_rx) = mpsc::channel::<()>(1);
     let (event_tx, mut event_rx) = mpsc::channel::<()>(1);
     let names = Arc::new(std::sync::Mutex::new(HashSet::new()));
@@ -266,14 +288,18 @@ pub fn spawn_file_source(inner: Arc<Inner>, path: PathBuf, poll: Duration) -> mp
     };
     // Watch before returning, so no change made after this call can be missed.
     let mut watching: HashSet<PathBuf> = HashSet::new();
-    *lock(&names) = watched_names(&inner, &path);
-    rewatch(watcher.as_mut(), &mut watching, watched_dirs(&inner, &path));
+    *lock(&names) = watched_names(&inner, &source);
+    rewatch(watcher.as_mut(), &mut watching, watched_dirs(&inner, &source));
+    let mut latest = match &source {
+        Source::Latest(rx) => Some(rx.clone()),
+        Source::File(_) => None,
+    };
     tokio::spawn(async move {
         let mut tick = interval(poll);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tick.tick().await;
-        // The file may have changed between the initial load and the watch.
-        let _ = reload_file(&inner, &path).await;
+        // The document may have changed between the initial load and the watch.
+        reload_from(&inner, &source).await;
         loop {
             tokio::select! {
                 Some(()) = trigger_rx.recv() => info!("reload requested"),
@@ -281,17 +307,43 @@ pub fn spawn_file_source(inner: Arc<Inner>, path: PathBuf, poll: Duration) -> mp
                     sleep(DEBOUNCE).await;
                     while event_rx.try_recv().is_ok() {}
                 }
+                r = async { match latest.as_mut() { Some(rx) => rx.changed().await, None => std::future::pending().await } } => {
+                    if r.is_err() {
+                        latest = None;
+                        continue;
+                    }
+                }
                 _ = tick.tick() => {}
             }
             if inner.is_draining() {
                 break;
             }
-            let _ = reload_file(&inner, &path).await;
-            *lock(&names) = watched_names(&inner, &path);
-            rewatch(watcher.as_mut(), &mut watching, watched_dirs(&inner, &path));
+            reload_from(&inner, &source).await;
+            *lock(&names) = watched_names(&inner, &source);
+            rewatch(watcher.as_mut(), &mut watching, watched_dirs(&inner, &source));
         }
     });
     trigger_tx
+}
+
+/// Reads the document from `source` (if there is one yet) and applies it.
+async fn reload_from(inner: &Arc<Inner>, source: &Source) {
+    match source {
+        Source::File(path) => {
+            let _ = reload_file(inner, path).await;
+        }
+        Source::Latest(rx) => {
+            let text = rx.borrow().clone();
+            if let Some(text) = text {
+                let _ = apply(inner, &text).await;
+            }
+        }
+    }
+}
+
+/// [`spawn_source`] for a file.
+pub fn spawn_file_source(inner: Arc<Inner>, path: PathBuf, poll: Duration) -> mpsc::Sender<()> {
+    spawn_source(inner, Source::File(path), poll)
 }
 
 /// Brings the set of watched directories to `want`.
