@@ -1,0 +1,348 @@
+//! Local end-to-end: the real `tunnelgate-operator` and `tunnelgate-proxy` binaries against the
+//! Kubernetes API emulator (e2e/emulator.py, kmock + shim), on loopback. Pods get 127.0.0.x
+//! addresses and the test binds its client sockets to them. A missing emulator is a failure.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, reason = "test harness")]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tunnelgate_operator::crd::TunnelPolicy;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A workspace binary built by `cargo test --workspace` (or `cargo build`).
+fn bin(name: &str) -> PathBuf {
+    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} not built: run `cargo build --workspace` (the README's test command builds it)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Emulator {
+    _child: Child,
+    port: u16,
+}
+
+async fn start_emulator(dir: &Path) -> Emulator {
+    let python =
+        std::env::var_os("TUNNELGATE_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"));
+    assert!(
+        python.is_file(),
+        "the Kubernetes API emulator needs {} with e2e/requirements.txt installed (run .ci/run, or python3 -m venv .venv && .venv/bin/pip install -r e2e/requirements.txt)",
+        python.display()
+    );
+    let port_file = dir.join("emulator.port");
+    let child = Command::new(python)
+        .arg(root().join("e2e/emulator.py"))
+        .arg("--port-file")
+        .arg(&port_file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("emulator.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(p) = std::fs::read_to_string(&port_file) {
+            return Emulator { _child: child, port: p.trim().parse().unwrap() };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the emulator did not start: {}", std::fs::read_to_string(dir.join("emulator.log")).unwrap_or_default());
+}
+
+fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emu\n  cluster: {{server: 'http://127.0.0.1:{port}'}}\nusers:\n- name: emu\n  user: {{}}\ncontexts:\n- name: emu\n  context: {{cluster: emu, user: emu, namespace: default}}\ncurrent-context: emu\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn client(path: &Path) -> Client {
+    let kc = Kubeconfig::read_from(path).unwrap();
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+    Client::try_from(cfg).unwrap()
+}
+
+fn spawn(bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
+    Command::new(bin)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("TUNNELGATE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// CONNECT from `client_ip` through the proxy; returns the status code.
+async fn connect_from(client_ip: &str, proxy: SocketAddr, target: SocketAddr) -> u16 {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{client_ip}:0").parse().unwrap()).unwrap();
+    let Ok(mut s) = sock.connect(proxy).await else { return 0 };
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(1)) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    if status == 200 {
+        s.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping", "tunnel relays data");
+    }
+    status
+}
+
+async fn until<F, Fut>(what: &str, secs: u64, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if f().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
+}
+
+fn pod(name: &str, app: &str, ip: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "labels": { "app": app } },
+        "spec": { "containers": [{ "name": "c", "image": "busybox" }] },
+        "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
+    }))
+    .unwrap()
+}
+
+fn policy(name: &str, app: &str, dest: serde_json::Value) -> TunnelPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "tunnelgate.io/v1alpha1", "kind": "TunnelPolicy",
+        "metadata": { "name": name },
+        "spec": { "podSelector": { "matchLabels": { "app": app } }, "action": "Allow", "destinations": [dest] }
+    }))
+    .unwrap()
+}
+
+fn condition(p: &TunnelPolicy, type_: &str) -> Option<(String, String, String)> {
+    p.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_and_proxy_converge_on_policy_changes() {
+    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let emu = start_emulator(&dir.0).await;
+    let kc = kubeconfig(&dir.0, emu.port);
+    let c = client(&kc).await;
+
+    // An echo upstream on 127.0.0.2, the destination the policies talk about.
+    let echo = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let target = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+
+    // The base ConfigMap the chart owns.
+    let (listen, proxy_admin, op_admin) = (free_port(), free_port(), free_port());
+    let proxy_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let base = format!(
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{proxy_admin}'}}\npolicy: {{defaultAction: deny, denyPrivateAddresses: true}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+    );
+    let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "tunnelgate-base"}, "data": {"config.yaml": base}}))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let _operator = spawn(
+        &bin("tunnelgate-operator"),
+        &[
+            "--namespace",
+            "tunnelgate",
+            "--release",
+            "tunnelgate",
+            "--admin-bind",
+            &format!("127.0.0.1:{op_admin}"),
+            "--debounce",
+            "100ms",
+            "--identity",
+            "op-0",
+        ],
+        &kc,
+        &dir.0.join("operator.log"),
+    );
+    let _proxy = spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "tunnelgate/tunnelgate-proxy"],
+        &kc,
+        &dir.0.join("proxy.log"),
+    );
+    let logs = || {
+        format!(
+            "--- operator\n{}\n--- proxy\n{}",
+            std::fs::read_to_string(dir.0.join("operator.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.0.join("proxy.log")).unwrap_or_default()
+        )
+    };
+
+    // The operator renders the base with no policy (explicit default deny); the proxy starts on it.
+    until("rendered ConfigMap", 20, || async { cms.get_opt("tunnelgate-proxy").await.unwrap().is_some() }).await;
+    let rendered = cms.get("tunnelgate-proxy").await.unwrap();
+    assert!(rendered.data.unwrap()["config.yaml"].contains("defaultAction: deny"));
+    until("proxy listening", 20, || async { tokio::net::TcpStream::connect(proxy_addr).await.is_ok() }).await;
+    assert_eq!(connect_from("127.0.0.11", proxy_addr, target).await, 403, "{}", logs());
+
+    // Pods: checkout at 127.0.0.11, other at 127.0.0.12.
+    let pods = Api::<Pod>::namespaced(c.clone(), "payments");
+    pods.create(&PostParams::default(), &pod("checkout-1", "checkout", "127.0.0.11")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("other-1", "other", "127.0.0.12")).await.unwrap();
+
+    // A policy for checkout: enforced for exactly its pods.
+    let tps = Api::<TunnelPolicy>::namespaced(c.clone(), "payments");
+    let dest = json!({ "cidrs": ["127.0.0.2/32"], "ports": [target.port()] });
+    let t0 = Instant::now();
+    tps.create(&PostParams::default(), &policy("allow-echo", "checkout", dest.clone())).await.unwrap();
+    until("checkout allowed", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 200 }).await;
+    let to_enforcement = t0.elapsed();
+    println!("API write to enforcement: {} ms", to_enforcement.as_millis());
+    assert_eq!(
+        connect_from("127.0.0.12", proxy_addr, target).await,
+        403,
+        "pods the policy does not select stay denied"
+    );
+    until("status Accepted and Ready", 10, || async {
+        let p = tps.get("allow-echo").await.unwrap();
+        condition(&p, "Accepted").map(|c| c.0) == Some("True".into())
+            && condition(&p, "Ready").map(|c| c.0) == Some("True".into())
+    })
+    .await;
+    let p = tps.get("allow-echo").await.unwrap();
+    let st = p.status.as_ref().unwrap();
+    assert_eq!(st.matched_pods, Some(1));
+    assert_eq!(st.observed_generation, p.metadata.generation);
+
+    // Change the selector: enforcement follows.
+    let t1 = Instant::now();
+    tps.patch(
+        "allow-echo",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"podSelector": {"matchLabels": {"app": "other"}}}})),
+    )
+    .await
+    .unwrap();
+    until("other allowed after update", 20, || async { connect_from("127.0.0.12", proxy_addr, target).await == 200 })
+        .await;
+    println!("API update to enforcement: {} ms", t1.elapsed().as_millis());
+    assert_eq!(connect_from("127.0.0.11", proxy_addr, target).await, 403);
+
+    // One invalid policy (past admission here: the emulator has no schema) is rejected with the
+    // bad field named, and does not block a valid one created beside it.
+    tps.create(&PostParams::default(), &policy("broken", "checkout", json!({ "hosts": ["a.*.test"] }))).await.unwrap();
+    tps.create(&PostParams::default(), &policy("allow-checkout", "checkout", dest.clone())).await.unwrap();
+    until("checkout allowed by the valid policy", 20, || async {
+        connect_from("127.0.0.11", proxy_addr, target).await == 200
+    })
+    .await;
+    until("broken rejected", 10, || async {
+        let p = tps.get("broken").await.unwrap();
+        condition(&p, "Accepted")
+            .is_some_and(|c| c.0 == "False" && c.1 == "Invalid" && c.2.contains("spec.destinations[0].hosts[0]"))
+    })
+    .await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), "payments");
+    until("InvalidSpec event", 10, || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("InvalidSpec")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
+        })
+    })
+    .await;
+
+    // Pod churn: checkout's pod goes away, so the valid policy renders no rule for it.
+    pods.delete("checkout-1", &DeleteParams::default()).await.unwrap();
+    until("deleted pod denied", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 403 }).await;
+
+    // Delete the remaining policies: default deny for everyone.
+    tps.delete("allow-echo", &DeleteParams::default()).await.unwrap();
+    until("other denied after delete", 20, || async { connect_from("127.0.0.12", proxy_addr, target).await == 403 })
+        .await;
+
+    // Operator metrics.
+    let body = reqwest_get(&format!("127.0.0.1:{op_admin}"), "/metrics").await;
+    assert!(body.contains("tunnelgate_operator_policies{state=\"rejected\"} 1"), "{body}");
+    assert!(body.contains("tunnelgate_operator_config_writes_total{result=\"applied\"}"), "{body}");
+    assert!(body.contains("tunnelgate_operator_leader 1"), "{body}");
+    // The proxy reports the generations it went through.
+    let cfg = reqwest_get(&format!("127.0.0.1:{proxy_admin}"), "/config").await;
+    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    assert!(v["generation"].as_u64().unwrap() >= 4, "{cfg}");
+    assert!(to_enforcement < Duration::from_secs(5), "enforcement took {to_enforcement:?}\n{}", logs());
+}
+
+/// A bare HTTP/1.1 GET; returns the body.
+async fn reqwest_get(addr: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+}
