@@ -4,11 +4,13 @@ kmock (PyPI, pinned in requirements.txt) serves HTTP and parses Kubernetes paths
 what kube-rs needs and kmock 0.8 lacks: resourceVersion, uid, generation and creationTimestamp on
 objects; label and field selectors on list and watch; watches that resume from a resourceVersion;
 `NotFound`/`AlreadyExists`/`Conflict` reasons; server-side apply that creates a missing object;
-PUT replace with optimistic concurrency; the status subresource changing only status (and main
+PUT replace with optimistic concurrency; field ownership just deep enough for server-side apply
+conflicts (an apply without force that changes a field another manager set gets 409 Conflict, which
+is what leader election through a Lease relies on); the status subresource changing only status (and main
 patches leaving status alone); and no watch event for a patch that changes nothing.
 
-What it does NOT emulate (covered by the kind suite): schema/CEL admission, SSA field ownership
-and conflicts, RBAC, admission webhooks, garbage collection, kubelet behaviour.
+What it does NOT emulate (covered by the kind suite): schema/CEL admission, the full SSA field
+ownership model (managedFields, list merge keys, field removal on re-apply), RBAC, admission webhooks, garbage collection, kubelet behaviour.
 
 Usage: python emulator.py --port-file PATH   (writes the bound port, serves until killed)
 """
@@ -58,6 +60,27 @@ def merge(target, patch):
         else:
             out[k] = merge(out.get(k), v)
     return out
+
+
+def leaves(obj, prefix=()):
+    """(path, value) of every leaf of a JSON object; lists are leaves."""
+    if isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            yield from leaves(v, prefix + (k,))
+    else:
+        yield prefix, obj
+
+
+def get_path(obj, path):
+    cur = obj
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+IGNORED_FIELDS = {("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "namespace"), ("metadata", "resourceVersion")}
 
 
 def parse_label_selector(s: str):
@@ -129,6 +152,7 @@ class Shim(kmock.KubernetesEmulator):
         self.rv = 0
         self.log: list = []  # (rv, (group, version, plural), type, object)
         self.changed = asyncio.Condition()
+        self.owners: dict = {}  # object key -> {field path: field manager}
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is None:
@@ -148,7 +172,9 @@ class Shim(kmock.KubernetesEmulator):
                 return await self.create(res, request.namespace, request.data or {})
             if method == "PATCH":
                 ctype = request.headers.get("Content-Type", "").split(";")[0]
-                return await self.patch(res, request.namespace, request.name, request.data, ctype, request.subresource)
+                manager = params.get("fieldManager", "unknown")
+                force = params.get("force") == "true"
+                return await self.patch(res, request.namespace, request.name, request.data, ctype, request.subresource, manager, force)
             if method == "PUT":
                 return await self.replace(res, request.namespace, request.name, request.data or {}, request.subresource)
             if method == "DELETE":
@@ -248,15 +274,47 @@ class Shim(kmock.KubernetesEmulator):
         await self.record(res, "MODIFIED", result)
         return result
 
-    async def patch(self, res, ns, name, body, ctype, subresource):
+    def own(self, key, body, manager):
+        """Records `manager` as the owner of every field `body` sets (and drops cleared ones)."""
+        owners = self.owners.setdefault(key, {})
+        for path, value in leaves(body or {}):
+            if path in IGNORED_FIELDS:
+                continue
+            if value is None:
+                owners.pop(path, None)
+            else:
+                owners[path] = manager
+
+    def conflicts(self, key, old, body, manager):
+        owners = self.owners.get(key, {})
+        out = []
+        for path, value in leaves(body or {}):
+            if path in IGNORED_FIELDS or value is None:
+                continue
+            owner = owners.get(path)
+            if owner not in (None, manager) and get_path(old, path) is not None and get_path(old, path) != value:
+                out.append((".".join(path), owner))
+        return out
+
+    async def patch(self, res, ns, name, body, ctype, subresource, manager="unknown", force=False):
         key = self.key(res, ns, name)
         old = self.store.get(key)
+        apply = ctype == "application/apply-patch+yaml"
         if old is None:
-            if ctype == "application/apply-patch+yaml" and subresource is None:
+            if apply and subresource is None:
                 body = copy.deepcopy(body or {})
                 body.setdefault("metadata", {})["name"] = name
-                return await self.create(res, ns, body)
+                resp = await self.create(res, ns, body)
+                self.own(key, body, manager)
+                return resp
             return status_error(404, "NotFound", f'{res[2]} "{name}" not found')
+        if apply and not force:
+            clash = self.conflicts(key, old, body, manager)
+            if clash:
+                what = ", ".join(f"{p} (owned by {o})" for p, o in clash)
+                return status_error(409, "Conflict", f"Apply failed with conflicts: {what}")
+        if ctype != "application/json-patch+json":
+            self.own(key, body, manager)
         if ctype == "application/json-patch+json":
             new = jsonpatch.apply_patch(old, body or [])
         else:  # merge, strategic merge (approximated) and apply (approximated as a merge)

@@ -43,7 +43,9 @@ fn free_port() -> u16 {
 struct Dir(PathBuf);
 impl Drop for Dir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::env::var_os("E2E_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -102,7 +104,7 @@ fn spawn(bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
     Command::new(bin)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
-        .env("TUNNELGATE_LOG", "info")
+        .env("TUNNELGATE_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .kill_on_drop(true)
@@ -213,7 +215,7 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     .await
     .unwrap();
 
-    let _operator = spawn(
+    let mut operator = spawn(
         &bin("tunnelgate-operator"),
         &[
             "--namespace",
@@ -229,6 +231,25 @@ async fn operator_and_proxy_converge_on_policy_changes() {
         ],
         &kc,
         &dir.0.join("operator.log"),
+    );
+    // A second replica: it must wait for the Lease and never write while the first holds it.
+    let op2_admin = free_port();
+    let mut operator2 = spawn(
+        &bin("tunnelgate-operator"),
+        &[
+            "--namespace",
+            "tunnelgate",
+            "--release",
+            "tunnelgate",
+            "--admin-bind",
+            &format!("127.0.0.1:{op2_admin}"),
+            "--debounce",
+            "100ms",
+            "--identity",
+            "op-1",
+        ],
+        &kc,
+        &dir.0.join("operator2.log"),
     );
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
@@ -326,16 +347,55 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     until("other denied after delete", 20, || async { connect_from("127.0.0.12", proxy_addr, target).await == 403 })
         .await;
 
-    // Operator metrics.
-    let body = reqwest_get(&format!("127.0.0.1:{op_admin}"), "/metrics").await;
+    // Exactly one replica leads; the standby never wrote.
+    let admins = [format!("127.0.0.1:{op_admin}"), format!("127.0.0.1:{op2_admin}")];
+    let mut leaders = Vec::new();
+    for a in &admins {
+        if reqwest_get(a, "/metrics").await.lines().any(|l| l == "tunnelgate_operator_leader 1") {
+            leaders.push(a.clone());
+        }
+    }
+    assert_eq!(leaders.len(), 1, "exactly one leader: {leaders:?}");
+    let leader_is_first = leaders[0] == admins[0];
+    let (lead_admin, standby_admin) = if leader_is_first { (&admins[0], &admins[1]) } else { (&admins[1], &admins[0]) };
+    let body = reqwest_get(lead_admin, "/metrics").await;
     assert!(body.contains("tunnelgate_operator_policies{state=\"rejected\"} 1"), "{body}");
     assert!(body.contains("tunnelgate_operator_config_writes_total{result=\"applied\"}"), "{body}");
-    assert!(body.contains("tunnelgate_operator_leader 1"), "{body}");
+    let standby = reqwest_get(standby_admin, "/metrics").await;
+    assert!(
+        !standby.contains("tunnelgate_operator_config_writes_total{result=\"applied\"}"),
+        "the standby wrote:\n{standby}"
+    );
     // The proxy reports the generations it went through.
     let cfg = reqwest_get(&format!("127.0.0.1:{proxy_admin}"), "/config").await;
     let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     assert!(v["generation"].as_u64().unwrap() >= 4, "{cfg}");
     assert!(to_enforcement < Duration::from_secs(5), "enforcement took {to_enforcement:?}\n{}", logs());
+
+    // Graceful shutdown of the leader releases the Lease; the standby takes over and reconciles.
+    let (leader_proc, standby_proc) =
+        if leader_is_first { (&mut operator, &mut operator2) } else { (&mut operator2, &mut operator) };
+    let pid = leader_proc.id().unwrap().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(10), leader_proc.wait()).await.expect("operator exits").unwrap();
+    assert_eq!(st.code(), Some(0));
+    until("standby becomes leader", 30, || async {
+        reqwest_get(standby_admin, "/metrics").await.lines().any(|l| l == "tunnelgate_operator_leader 1")
+    })
+    .await;
+    pods.create(&PostParams::default(), &pod("checkout-2", "checkout", "127.0.0.13")).await.unwrap();
+    until("new leader renders the new pod", 20, || async {
+        connect_from("127.0.0.13", proxy_addr, target).await == 200
+    })
+    .await;
+
+    // Losing the API: the proxy keeps enforcing the last good configuration.
+    drop(emu);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(connect_from("127.0.0.13", proxy_addr, target).await, 200);
+    assert_eq!(connect_from("127.0.0.12", proxy_addr, target).await, 403);
+    assert!(reqwest_get(&format!("127.0.0.1:{proxy_admin}"), "/readyz").await.starts_with("ready"));
+    let _ = standby_proc.kill().await;
 }
 
 /// A bare HTTP/1.1 GET; returns the body.

@@ -167,6 +167,7 @@ pub async fn run(
         Reporter { controller: MANAGER.into(), instance: Some(settings.identity.clone()) },
     );
     let mut state = LoopState { last_hash: None, warned: HashMap::new() };
+    metrics.leader.set(i64::from(*leader.borrow()));
     wake.notify_one();
     loop {
         tokio::select! {

@@ -96,7 +96,8 @@ async fn run(args: Args) -> i32 {
             .with_identity(identity.clone())
             .with_duration(15)
             .with_grace(5)
-            .with_field_manager(controller::MANAGER)
+            // Per replica: a shared field manager would let two replicas both "win" the apply.
+            .with_field_manager(format!("{}-{identity}", controller::MANAGER))
             .build()
             .await;
         match built {

@@ -37,7 +37,10 @@ impl Metrics {
                 Opts::new("tunnelgate_operator_policies", "TunnelPolicies by state"),
                 &["state"],
             )?,
-            leader: IntGauge::new("tunnelgate_operator_leader", "1 while this replica is the leader")?,
+            leader: IntGauge::new(
+                "tunnelgate_operator_leader",
+                "Whether this replica holds the Lease (1) or stands by (0)",
+            )?,
         };
         r.register(Box::new(m.reconciles.clone()))?;
         r.register(Box::new(m.reconcile_duration.clone()))?;
