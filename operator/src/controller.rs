@@ -458,3 +458,6 @@ async fn apply(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,101 @@
+//! API call order of a write, against kube's tower-test mock service (controller-rs pattern).
+
+use std::collections::BTreeMap;
+
+use http::{Method, Request, Response};
+use kube::client::Body;
+use prometheus::Registry;
+
+use super::*;
+
+fn settings() -> Settings {
+    Settings {
+        namespace: "tg".into(),
+        release: "tunnelgate".into(),
+        tls_dir: "/etc/tunnelgate/tls".into(),
+        debounce: Duration::from_millis(1),
+        identity: "t".into(),
+    }
+}
+
+fn rendered(tls: bool) -> render::Rendered {
+    let mut tls_data = BTreeMap::new();
+    if tls {
+        tls_data.insert("secure.crt".to_owned(), "CERT".to_owned());
+        tls_data.insert("secure.key".to_owned(), "KEY".to_owned());
+    }
+    render::Rendered { config: "version: 1\n".into(), hash: "abc123".into(), tls_data, annotations: BTreeMap::new() }
+}
+
+/// Serves the expected calls in order and records what was asked.
+async fn scenario(
+    expect: Vec<(Method, &'static str, serde_json::Value)>,
+) -> (Client, tokio::task::JoinHandle<Vec<String>>) {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for (method, path, reply) in expect {
+            let (req, send) = handle.next_request().await.expect("a request");
+            assert_eq!(req.method(), method, "call {} to {}", seen.len(), req.uri());
+            assert_eq!(req.uri().path(), path);
+            if method == Method::PATCH {
+                let q = req.uri().query().unwrap_or_default();
+                assert!(q.contains("fieldManager=tunnelgate-operator") && q.contains("force=true"), "{q}");
+                let ct = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                assert_eq!(ct, "application/apply-patch+yaml");
+            }
+            seen.push(format!("{} {}", req.method(), req.uri().path()));
+            let body = serde_json::to_vec(&reply).unwrap();
+            send.send_response(
+                Response::builder()
+                    .status(if reply["code"] == 404 { 404 } else { 200 })
+                    .body(Body::from(body))
+                    .unwrap(),
+            );
+        }
+        seen
+    });
+    (Client::new(svc, "default"), task)
+}
+
+fn not_found() -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+fn cm(hash: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tunnelgate-proxy", "namespace": "tg", "annotations": {HASH_ANNOTATION: hash}}})
+}
+
+#[tokio::test]
+async fn first_write_reads_then_applies_secret_before_configmap() {
+    let (client, calls) = scenario(vec![
+        (Method::GET, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", not_found()),
+        (
+            Method::PATCH,
+            "/api/v1/namespaces/tg/secrets/tunnelgate-proxy-tls",
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tunnelgate-proxy-tls"}}),
+        ),
+        (Method::PATCH, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", cm("abc123")),
+    ])
+    .await;
+    let metrics = Metrics::register(&Registry::new()).unwrap();
+    let mut state = LoopState { last_hash: None, warned: HashMap::new() };
+    apply(&client, &settings(), &metrics, &mut state, &rendered(true)).await.unwrap();
+    assert_eq!(calls.await.unwrap().len(), 3);
+    assert_eq!(state.last_hash.as_deref(), Some("abc123"));
+    assert_eq!(metrics.config_writes.with_label_values(&["applied"]).get(), 1);
+}
+
+#[tokio::test]
+async fn unchanged_hash_in_force_writes_nothing() {
+    // After a restart the operator learns what is in force and does not rewrite it (no reload storm).
+    let (client, calls) =
+        scenario(vec![(Method::GET, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", cm("abc123"))]).await;
+    let metrics = Metrics::register(&Registry::new()).unwrap();
+    let mut state = LoopState { last_hash: None, warned: HashMap::new() };
+    apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
+    // And with the hash known, not even a read.
+    apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
+    assert_eq!(calls.await.unwrap(), vec!["GET /api/v1/namespaces/tg/configmaps/tunnelgate-proxy".to_owned()]);
+    assert_eq!(metrics.config_writes.with_label_values(&["unchanged"]).get(), 2);
+}
