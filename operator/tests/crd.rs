@@ -7,10 +7,14 @@ use tunnelgate_operator::crd::TunnelPolicy;
 #[test]
 fn checked_in_crd_matches_the_types() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/tunnelpolicies.yaml");
+    // The chart installs the same file (charts/tests checks the copy is equal).
+    let chart_copy = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/tunnelgate/files/crds/tunnelpolicies.yaml");
     let generated = serde_yaml::to_string(&TunnelPolicy::crd()).unwrap();
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(path, &generated).unwrap();
+        std::fs::write(chart_copy, &generated).unwrap();
     }
+    assert_eq!(std::fs::read_to_string(chart_copy).unwrap(), std::fs::read_to_string(path).unwrap(), "chart copy of the CRD differs");
     let on_disk = std::fs::read_to_string(path).unwrap();
     let a: serde_json::Value = serde_yaml::from_str(&on_disk).unwrap();
     let b: serde_json::Value = serde_json::to_value(TunnelPolicy::crd()).unwrap();

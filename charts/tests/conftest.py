@@ -1,0 +1,42 @@
+"""Shared helpers for the chart's offline checks: render with the Helm Go SDK (helm-python-sdk)."""
+
+import pathlib
+
+import helm_python as helm
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "tunnelgate"
+
+# Values files the checks render with: defaults, TLS listener on, monitoring on, hostPort on.
+CASES = {
+    "defaults": {},
+    "tls": {"proxy": {"tls": {"enabled": True, "secretName": "proxy-cert"}}},
+    "monitoring": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "grafanaDashboard": {"enabled": True},
+        "networkPolicyExample": {"enabled": True, "namespace": "payments"},
+    },
+    "hostport": {"proxy": {"hostPort": {"enabled": True}, "workerThreads": 2}, "operator": {"replicas": 2}},
+}
+
+
+def render(values: dict, name: str = "tunnelgate", namespace: str = "tunnelgate") -> list[dict]:
+    chart = helm.Chart.load(str(CHART))
+    chart.validate_schema(values)
+    out = chart.render(values, name=name, namespace=namespace, is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for d in yaml.safe_load_all(text):
+            if d:
+                docs.append(d)
+    return docs
+
+
+def find(docs: list[dict], kind: str, suffix: str = "") -> dict:
+    for d in docs:
+        if d["kind"] == kind and d["metadata"]["name"].endswith(suffix):
+            return d
+    raise AssertionError(f"no {kind} *{suffix} in {[(d['kind'], d['metadata']['name']) for d in docs]}")

@@ -1,0 +1,149 @@
+"""Offline checks of the Helm chart: lint, strict schema validation of every rendered manifest
+against the oldest and newest supported Kubernetes versions, values schema, security settings,
+and the example TunnelPolicies against the CRD's OpenAPI schema."""
+
+import copy
+import json
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import CASES, CHART, ROOT, find, render
+
+# Chart.yaml says kubeVersion >=1.30; the newest is what kubernetes-validate ships.
+KUBE_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
+# Kinds whose schemas come from other projects' CRDs; checked by hand below, never silently skipped.
+FOREIGN_KINDS = {"ServiceMonitor"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lint_has_no_errors(case):
+    report = helm.lint(str(CHART), CASES[case], strict=True)
+    errors = [m for m in report["messages"] if m["severity"] >= 3] + [{"error": e} for e in report["errors"]]
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_manifests_validate_strictly(case, version):
+    docs = render(CASES[case])
+    checked = 0
+    for d in docs:
+        if d["kind"] in FOREIGN_KINDS:
+            continue
+        kubernetes_validate.validate(d, version, strict=True)
+        checked += 1
+    assert checked >= 10
+
+
+def test_servicemonitors_are_well_formed():
+    sms = [d for d in render(CASES["monitoring"]) if d["kind"] == "ServiceMonitor"]
+    assert {d["metadata"]["name"] for d in sms} == {"tunnelgate-proxy", "tunnelgate-operator"}
+    for sm in sms:
+        assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+        assert sm["metadata"]["labels"]["release"] == "prom"
+        assert sm["spec"]["endpoints"] == [{"port": "admin", "path": "/metrics", "interval": "30s"}]
+        assert sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] in ("proxy", "operator")
+
+
+def test_values_schema_rejects_unknown_and_bad_values():
+    chart = helm.Chart.load(str(CHART))
+    for bad in [{"proxi": {}}, {"proxy": {"port": 0}}, {"config": {"defaultAction": "maybe"}}, {"proxy": {"drainTimeout": "30 seconds"}}]:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(bad)
+
+
+def test_grace_period_must_exceed_the_drain():
+    with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds"):
+        render({"proxy": {"terminationGracePeriodSeconds": 30, "drainDelay": "5s", "drainTimeout": "30s"}})
+    with pytest.raises(helm.HelmError, match="secretName is required"):
+        render({"proxy": {"tls": {"enabled": True}}})
+
+
+def test_workloads_are_locked_down_and_wired():
+    docs = render(CASES["tls"])
+    text = yaml.safe_dump_all(docs)
+    assert "subPath" not in text, "ConfigMap or Secret mounts with subPath never update"
+    ds = find(docs, "DaemonSet", "-proxy")
+    dep = find(docs, "Deployment", "-operator")
+    for w in (ds, dep):
+        c = w["spec"]["template"]["spec"]["containers"][0]
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--config-map=$(POD_NAMESPACE)/tunnelgate-proxy" in args
+    vols = ds["spec"]["template"]["spec"]["volumes"]
+    assert vols == [{"name": "tls", "secret": {"secretName": "tunnelgate-proxy-tls", "optional": True}}]
+    svc = find(docs, "Service", "-proxy")
+    assert svc["spec"]["internalTrafficPolicy"] == "Local"
+    base = yaml.safe_load(find(docs, "ConfigMap", "-base")["data"]["config.yaml"])
+    assert base["policy"]["defaultAction"] == "deny"
+    assert base["listeners"][1]["tls"] == {"secretName": "proxy-cert"}
+    # RBAC: the proxy may read exactly its ConfigMap.
+    role = find(docs, "Role", "-proxy")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tunnelgate-proxy"], "verbs": ["get", "list", "watch"]}]
+
+
+def test_crd_in_chart_is_the_generated_one():
+    chart_copy = yaml.safe_load((CHART / "files/crds/tunnelpolicies.yaml").read_text())
+    source = yaml.safe_load((ROOT / "crds/tunnelpolicies.yaml").read_text())
+    assert chart_copy == source, "run: UPDATE_GOLDEN=1 cargo test -p tunnelgate-operator --test crd"
+    rendered = find(render({}), "CustomResourceDefinition")
+    assert rendered["spec"] == source["spec"]
+    assert rendered["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert not any(d["kind"] == "CustomResourceDefinition" for d in render({"crds": {"enabled": False}}))
+
+
+def to_json_schema(s):
+    """OpenAPI v3 (Kubernetes structural schema) → JSON Schema: nullable, int-or-string."""
+    if isinstance(s, list):
+        return [to_json_schema(x) for x in s]
+    if not isinstance(s, dict):
+        return s
+    s = {k: to_json_schema(v) for k, v in s.items() if k != "x-kubernetes-validations"}
+    if s.pop("x-kubernetes-int-or-string", False):
+        s = {k: v for k, v in s.items() if k not in ("type",)}
+        s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if s.pop("nullable", False) and "type" in s:
+        s["type"] = [s["type"], "null"]
+    for k in [k for k in s if k.startswith("x-kubernetes-")]:
+        s.pop(k)
+    return s
+
+
+def crd_schema():
+    crd = yaml.safe_load((ROOT / "crds/tunnelpolicies.yaml").read_text())
+    schema = to_json_schema(copy.deepcopy(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]))
+    # Structural schemas prune unknown fields; admission with strict field validation rejects them.
+    def close(s):
+        if isinstance(s, dict):
+            if s.get("type") == "object" and "properties" in s and "additionalProperties" not in s:
+                s["additionalProperties"] = False
+            for v in s.values():
+                close(v)
+        elif isinstance(s, list):
+            for v in s:
+                close(v)
+    close(schema["properties"]["spec"])
+    return schema
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples/tunnelpolicies/valid").glob("*.yaml")), ids=lambda p: p.stem)
+def test_valid_examples_pass_the_crd_schema(path):
+    jsonschema.validate(yaml.safe_load(path.read_text()), crd_schema())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples/tunnelpolicies/invalid").glob("*.yaml")), ids=lambda p: p.stem)
+def test_invalid_examples_fail_the_crd_schema(path):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(yaml.safe_load(path.read_text()), crd_schema())
+
+
+def test_dashboard_is_valid_json_with_panels():
+    dash = json.loads((CHART / "files/dashboards/tunnelgate.json").read_text())
+    assert dash["uid"] == "tunnelgate" and len(dash["panels"]) >= 10
