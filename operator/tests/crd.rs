@@ -14,7 +14,11 @@ fn checked_in_crd_matches_the_types() {
         std::fs::write(path, &generated).unwrap();
         std::fs::write(chart_copy, &generated).unwrap();
     }
-    assert_eq!(std::fs::read_to_string(chart_copy).unwrap(), std::fs::read_to_string(path).unwrap(), "chart copy of the CRD differs");
+    assert_eq!(
+        std::fs::read_to_string(chart_copy).unwrap(),
+        std::fs::read_to_string(path).unwrap(),
+        "chart copy of the CRD differs"
+    );
     let on_disk = std::fs::read_to_string(path).unwrap();
     let a: serde_json::Value = serde_yaml::from_str(&on_disk).unwrap();
     let b: serde_json::Value = serde_json::to_value(TunnelPolicy::crd()).unwrap();

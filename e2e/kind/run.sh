@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# kind end-to-end suite (needs Docker, kind, helm, kubectl, cargo): cluster → image → kind load →
+# helm install → `cargo test -p e2e --test kind -- --ignored`. Leaves the cluster for inspection
+# unless KEEP_CLUSTER is unset and the suite passed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CLUSTER=${CLUSTER:-tunnelgate-e2e}
+IMAGE=tunnelgate:e2e
+kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER" --config e2e/kind/kind-config.yaml --wait 120s
+docker build -t "$IMAGE" .
+kind load docker-image "$IMAGE" --name "$CLUSTER"
+helm upgrade --install tunnelgate charts/tunnelgate --namespace tunnelgate --create-namespace \
+  --set image.repository=tunnelgate --set image.tag=e2e --set image.pullPolicy=Never \
+  --set proxy.drainDelay=2s --set proxy.drainTimeout=20s --set proxy.terminationGracePeriodSeconds=30 \
+  --set operator.replicas=2 --wait --timeout 5m
+kubectl -n tunnelgate rollout status daemonset/tunnelgate-proxy --timeout=3m
+TUNNELGATE_KIND=1 cargo test -p e2e --test kind -- --ignored --test-threads=1
+if [ -z "${KEEP_CLUSTER:-}" ]; then kind delete cluster --name "$CLUSTER"; fi
