@@ -340,20 +340,8 @@ fn self_signed(name: &str, expired: bool) -> (String, String, CertificateDer<'st
 
 /// Handshakes (trusting any of `cas`) and returns the certificate the proxy presented.
 async fn presented(addr: SocketAddr, cas: &[CertificateDer<'static>]) -> CertificateDer<'static> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in cas {
-        roots.add(c.clone()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("proxy.test").unwrap(), tcp)
-        .await
-        .unwrap();
+    let s = crate::tls::connector(cas).connect(ServerName::try_from("proxy.test").unwrap(), tcp).await.unwrap();
     s.get_ref().1.peer_certificates().unwrap()[0].clone()
 }
 
@@ -379,15 +367,8 @@ async fn t04_certificate_rotation_mid_traffic() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut pumps = Vec::new();
     for _ in 0..20 {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(d1.clone()).unwrap();
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         let tcp = TcpStream::connect(addr(&p)).await.unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        let mut s = crate::tls::connector(std::slice::from_ref(&d1))
             .connect(ServerName::try_from("proxy.test").unwrap(), tcp)
             .await
             .unwrap();

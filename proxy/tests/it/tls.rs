@@ -59,9 +59,12 @@ async fn tls_world(extra_limits: &str) -> TlsWorld {
     TlsWorld { w, p, ca: ck.cert.der().clone(), _dir: dir }
 }
 
-fn connector(ca: &CertificateDer<'static>) -> TlsConnector {
+/// A TLS client trusting exactly `cas`.
+pub fn connector(cas: &[CertificateDer<'static>]) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone()).unwrap();
+    for ca in cas {
+        roots.add(ca.clone()).unwrap();
+    }
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -76,7 +79,7 @@ async fn tls_connect(
     name: ServerName<'static>,
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    connector(ca).connect(name, tcp).await.unwrap()
+    connector(std::slice::from_ref(ca)).connect(name, tcp).await.unwrap()
 }
 
 /// Sends raw bytes to the TLS port and returns what came back before the close.
