@@ -406,3 +406,178 @@ async fn reqwest_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
 }
+
+fn tls_secret(name: &str, cert: &str, key: &str) -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": { "name": name },
+        "data": { "tls.crt": b64(cert.as_bytes()), "tls.key": b64(key.as_bytes()) }
+    }))
+    .unwrap()
+}
+
+fn b64(data: &[u8]) -> String {
+    serde_json::to_value(k8s_openapi::ByteString(data.to_vec())).unwrap().as_str().unwrap().to_owned()
+}
+
+/// The certificate the TLS listener presents.
+async fn presented(addr: SocketAddr) -> Vec<u8> {
+    #[derive(Debug)]
+    struct AnyCert;
+    impl rustls::client::danger::ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("proxy.test").unwrap();
+    let s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    s.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec()
+}
+
+/// Writes the rendered TLS Secret's keys as files, as the kubelet does for a Secret volume.
+async fn project_secret(c: &Client, dir: &Path) -> bool {
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "tunnelgate");
+    let Some(s) = secrets.get_opt("tunnelgate-proxy-tls").await.unwrap() else { return false };
+    for (k, v) in s.data.unwrap_or_default() {
+        std::fs::write(dir.join(k), v.0).unwrap();
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_certificates_come_from_validated_secrets() {
+    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-tls-{}", std::process::id())));
+    let tls_dir = dir.0.join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let emu = start_emulator(&dir.0).await;
+    let kc = kubeconfig(&dir.0, emu.port);
+    let c = client(&kc).await;
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "tunnelgate");
+    let first = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
+    secrets
+        .create(
+            &PostParams::default(),
+            &tls_secret("proxy-cert", &first.cert.pem(), &first.signing_key.serialize_pem()),
+        )
+        .await
+        .unwrap();
+
+    let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
+    let base = format!(
+        "version: 1\nlisteners: [{{name: secure, bind: '127.0.0.1:{listen}', tls: {{secretName: proxy-cert}}}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+    );
+    Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "tunnelgate-base"}, "data": {"config.yaml": base}}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let tls_dir_s = tls_dir.to_string_lossy().into_owned();
+    let _operator = spawn(
+        &bin("tunnelgate-operator"),
+        &[
+            "--namespace",
+            "tunnelgate",
+            "--admin-bind",
+            &format!("127.0.0.1:{op_admin}"),
+            "--debounce",
+            "100ms",
+            "--tls-dir",
+            &tls_dir_s,
+            "--leader-election",
+            "false",
+        ],
+        &kc,
+        &dir.0.join("operator.log"),
+    );
+    until("rendered TLS Secret", 20, || async { project_secret(&c, &tls_dir).await }).await;
+    let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
+    let cm = cms.get("tunnelgate-proxy").await.unwrap();
+    let config = cm.data.as_ref().unwrap()["config.yaml"].clone();
+    assert!(config.contains(&format!("certFile: {tls_dir_s}/secure.crt")), "{config}");
+    assert!(!config.contains("PRIVATE KEY"), "no key material in the ConfigMap");
+    assert!(cm.metadata.annotations.unwrap().contains_key("tunnelgate.io/tls-secure-not-after"));
+
+    let _proxy = spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "tunnelgate/tunnelgate-proxy"],
+        &kc,
+        &dir.0.join("proxy.log"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    until("TLS listener up", 20, || async { tokio::net::TcpStream::connect(addr).await.is_ok() }).await;
+    assert_eq!(presented(addr).await, first.cert.der().to_vec());
+
+    // A Secret whose key does not match: Warning event, and the previous certificate stays.
+    let other = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
+    secrets
+        .replace(
+            "proxy-cert",
+            &PostParams::default(),
+            &tls_secret("proxy-cert", &first.cert.pem(), &other.signing_key.serialize_pem()),
+        )
+        .await
+        .unwrap();
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), "tunnelgate");
+    until("InvalidSecret event", 20, || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("InvalidSecret")
+                && e.note.as_deref().is_some_and(|n| n.contains("does not match"))
+        })
+    })
+    .await;
+    project_secret(&c, &tls_dir).await;
+    assert_eq!(presented(addr).await, first.cert.der().to_vec(), "the previous certificate stays in use");
+
+    // A valid rotation reaches the proxy: new handshakes present the new certificate.
+    let second = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
+    secrets
+        .replace(
+            "proxy-cert",
+            &PostParams::default(),
+            &tls_secret("proxy-cert", &second.cert.pem(), &second.signing_key.serialize_pem()),
+        )
+        .await
+        .unwrap();
+    until("rotated certificate served", 20, || async {
+        project_secret(&c, &tls_dir).await;
+        presented(addr).await == second.cert.der().to_vec()
+    })
+    .await;
+}
