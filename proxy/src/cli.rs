@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// missed inotify events), e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub reload_poll_interval: std::time::Duration,
+    /// Exit code when the drain deadline had to close tunnels (SECURITY-CASES D-02); a drain that
+    /// finishes in time always exits 0.
+    #[arg(long, default_value_t = 0)]
+    pub forced_exit_code: u8,
     /// Runtime worker threads; default: one per CPU. Match it to the pod's CPU limit.
     #[arg(long, env = "TUNNELGATE_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,

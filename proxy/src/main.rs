@@ -118,7 +118,11 @@ fn main() {
         let report = handle.wait().await;
         second.abort();
         tracing::info!(forced = report.forced, "exiting");
-        0
+        if report.forced > 0 {
+            i32::from(args.run.forced_exit_code)
+        } else {
+            0
+        }
     });
     std::process::exit(code);
 }

@@ -1,3 +1,4 @@
+//! Table tests of rendering: pods, deny over allow, determinism, TLS, limits.
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;

@@ -1,3 +1,4 @@
+//! Table tests of spec validation: every bad field is named.
 use super::*;
 use crate::crd::{Destination, RelaySpec};
 

@@ -1,3 +1,4 @@
+//! Classification tables (SECURITY-CASES S-03, S-04).
 use super::*;
 
 fn c(s: &str) -> Option<SpecialRange> {

@@ -1,3 +1,4 @@
+//! Document parsing: defaults, the ARCHITECTURE example, and errors with paths (L-01).
 use super::*;
 
 fn errors(doc: &str) -> Vec<String> {

@@ -1,3 +1,4 @@
+//! The request-target grammar (P-02…P-09, S-05) and host patterns.
 use super::*;
 
 fn auth(s: &str) -> Result<Authority, HostError> {

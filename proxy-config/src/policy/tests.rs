@@ -1,3 +1,4 @@
+//! Policy evaluation: matching, deny over allow, private addresses, strictest limits.
 use std::net::IpAddr;
 use std::time::Duration;
 

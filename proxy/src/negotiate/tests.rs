@@ -1,3 +1,4 @@
+//! Head parsing: terminators, read-boundary independence (P-19), status mapping.
 use super::*;
 
 const T: &[u8] = b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n\r\nEARLY";

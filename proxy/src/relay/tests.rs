@@ -1,3 +1,4 @@
+//! Relay timers and stops under paused time.
 use prometheus::IntCounter;
 use tokio::io::{duplex, split, AsyncReadExt, AsyncWriteExt};
 

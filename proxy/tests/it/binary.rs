@@ -31,7 +31,15 @@ impl Proc {
         Proc::start_with(w, extra, None).await
     }
 
+    async fn start_with_args(w: &World, extra: &str, args: &[&str]) -> Proc {
+        Proc::launch(w, extra, None, args).await
+    }
+
     async fn start_with(w: &World, extra: &str, ulimit_nofile: Option<u32>) -> Proc {
+        Proc::launch(w, extra, ulimit_nofile, &[]).await
+    }
+
+    async fn launch(w: &World, extra: &str, ulimit_nofile: Option<u32>, args: &[&str]) -> Proc {
         let dir = TempDir::new("bin");
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -45,7 +53,7 @@ impl Proc {
         let mut cmd = match ulimit_nofile {
             None => {
                 let mut c = Command::new(BIN);
-                c.arg("--config").arg(&path);
+                c.arg("--config").arg(&path).args(args);
                 c
             }
             Some(n) => {
@@ -268,6 +276,23 @@ async fn d02_drain_deadline_closes_remaining_tunnels() {
         assert_eq!(s.read(&mut b).await.unwrap_or(0), 0, "closed with FIN");
     }
     assert!(p.log().contains("drain deadline passed") && p.log().contains("tunnels=10"), "{}", p.log());
+}
+
+#[tokio::test]
+async fn d02_forced_drain_exit_code_is_configurable() {
+    let w = World::new().await;
+    let mut p =
+        Proc::start_with_args(&w, "limits: {drainDelay: 0s, drainTimeout: 500ms}\n", &["--forced-exit-code", "3"])
+            .await;
+    let _t = tunnel(p.listen, &w.echo.addr.to_string()).await;
+    p.signal("TERM");
+    assert_eq!(p.exit_within(10).await, 3);
+    // Without a tunnel left at the deadline, the same setting exits 0.
+    let mut q =
+        Proc::start_with_args(&w, "limits: {drainDelay: 0s, drainTimeout: 500ms}\n", &["--forced-exit-code", "3"])
+            .await;
+    q.signal("TERM");
+    assert_eq!(q.exit_within(10).await, 0);
 }
 
 #[tokio::test]
