@@ -270,3 +270,64 @@ async fn tls_accepts_pkcs8_pkcs1_rsa_and_sec1_keys() {
         roundtrip(&mut s, key.as_bytes()).await;
     }
 }
+
+/// A TLS 1.2 ClientHello carrying `sni` as its server_name, with suites rustls serves.
+fn client_hello_with_sni(sni: &[u8]) -> Vec<u8> {
+    let mut name = vec![0u8];
+    name.extend((sni.len() as u16).to_be_bytes());
+    name.extend(sni);
+    let mut list = (name.len() as u16).to_be_bytes().to_vec();
+    list.extend(name);
+    let mut ext = vec![0x00, 0x00];
+    ext.extend((list.len() as u16).to_be_bytes());
+    ext.extend(list);
+    // supported_groups (x25519, secp256r1) and signature_algorithms (ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256)
+    ext.extend([0x00, 0x0a, 0x00, 0x06, 0x00, 0x04, 0x00, 0x1d, 0x00, 0x17]);
+    ext.extend([0x00, 0x0d, 0x00, 0x06, 0x00, 0x04, 0x04, 0x03, 0x08, 0x04]);
+    ext.extend([0x00, 0x0b, 0x00, 0x02, 0x01, 0x00]); // ec_point_formats: uncompressed
+    let mut body = vec![0x03, 0x03];
+    body.extend([0x17u8; 32]);
+    body.push(0);
+    body.extend([0x00, 0x04, 0xc0, 0x2b, 0xc0, 0x2f]);
+    body.extend([0x01, 0x00]);
+    body.extend((ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let mut hs = vec![0x01, 0x00, (body.len() >> 8) as u8, body.len() as u8];
+    hs.extend(body);
+    let mut rec = vec![0x16, 0x03, 0x01, (hs.len() >> 8) as u8, hs.len() as u8];
+    rec.extend(hs);
+    rec
+}
+
+/// The first bytes the server answers with (without waiting for it to close).
+async fn first_answer(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer").unwrap_or(0);
+    buf.truncate(n);
+    buf
+}
+
+#[tokio::test]
+async fn t03_odd_sni_values_never_break_the_listener() {
+    let t = tls_world("").await;
+    let a = addr(&t.p);
+    // Sanity: a well-formed hello with an ordinary name gets a ServerHello (handshake record).
+    let ok = first_answer(a, &client_hello_with_sni(b"proxy.test")).await;
+    assert_eq!(ok.first(), Some(&0x16), "{ok:?}");
+    // Non-ASCII and over-long names: an alert, never an HTTP answer, never a crash.
+    for sni in [b"b\xc3\xbccher.test".to_vec(), vec![b'a'; 300], b"bad name.test".to_vec()] {
+        let out = raw(a, &client_hello_with_sni(&sni)).await;
+        assert_eq!(out.first(), Some(&0x15), "alert for SNI {:?}: {out:?}", String::from_utf8_lossy(&sni));
+    }
+    // A trailing dot and an IP literal are accepted and served the default certificate.
+    for sni in [b"proxy.test.".to_vec(), b"127.0.0.1".to_vec()] {
+        let out = first_answer(a, &client_hello_with_sni(&sni)).await;
+        assert_eq!(out.first(), Some(&0x16), "SNI {:?} gets a ServerHello: {out:?}", String::from_utf8_lossy(&sni));
+    }
+    // The listener is intact.
+    let mut s = tls_connect(&t.ca, a, ServerName::try_from("proxy.test").unwrap()).await;
+    s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", t.w.echo.addr).as_bytes()).await.unwrap();
+    assert_eq!(read_head(&mut s).await.0, 200);
+}
