@@ -59,3 +59,90 @@ fn error_responses_close_and_carry_retry_after_where_due() {
     assert!(error_response(&TunnelError::ClientClosed).is_none());
     assert!(!String::from_utf8_lossy(ESTABLISHED).to_ascii_lowercase().contains("content-length"));
 }
+
+/// A small deterministic PRNG (xorshift), so the property tests need no extra crate.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const SEEDS: &[&[u8]] = &[
+    b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: allowed.test:443\r\n\r\nEARLY",
+    b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT user:pass@allowed.test:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT 0x7f.1:443 HTTP/1.1\nHost: x\n\n",
+    b"GET http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+    b"CONNECT allowed.test:443 HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde",
+    b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nCONNECT a:1 HTTP/1.1\r\n\r\n",
+];
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..=rng.below(4) {
+        let at = rng.below(v.len() + 1);
+        match rng.below(4) {
+            0 if !v.is_empty() => {
+                v.remove(at.min(v.len() - 1));
+            }
+            1 => v.insert(at, (rng.next() & 0xff) as u8),
+            2 => {
+                let meta = b":@[]%.\r\n \t/\\#?,*0x";
+                v.insert(at, meta[rng.below(meta.len())]);
+            }
+            _ => {
+                let i = at.min(v.len().saturating_sub(1));
+                if let Some(b) = v.get_mut(i) {
+                    *b = (rng.next() & 0xff) as u8;
+                }
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn p19_parser_properties_hold_for_mutated_inputs() {
+    // No panic; reading is independent of how the bytes are split; every accepted target
+    // round-trips to exactly the authority that would be dialled; normalization is idempotent.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    for i in 0..3000 {
+        let input = mutate(&mut rng, SEEDS[i % SEEDS.len()]);
+        let cut = rng.below(input.len() + 1);
+        let (whole, split) = rt.block_on(async {
+            let read = |chunks: Vec<Vec<u8>>| async move {
+                let (mut a, mut b) = tokio::io::duplex(1 << 16);
+                use tokio::io::AsyncWriteExt;
+                for c in chunks {
+                    b.write_all(&c).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                drop(b);
+                read_head(&mut a, 16384, Instant::now() + Duration::from_secs(5)).await.map(|r| r.authority)
+            };
+            let whole = read(vec![input.clone()]).await;
+            let split = read(vec![input[..cut].to_vec(), input[cut..].to_vec()]).await;
+            (whole, split)
+        });
+        match (&whole, &split) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a, b, "split at {cut} changed the target: {:?}", String::from_utf8_lossy(&input));
+                let again: proxy_config::Authority = a.to_string().parse().unwrap();
+                assert_eq!(&again, a, "normalization is idempotent");
+            }
+            (Err(x), Err(y)) => assert_eq!(x.status(), y.status(), "{:?}", String::from_utf8_lossy(&input)),
+            _ => panic!(
+                "split at {cut} changed the outcome: {whole:?} vs {split:?} for {:?}",
+                String::from_utf8_lossy(&input)
+            ),
+        }
+    }
+}
