@@ -224,7 +224,10 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
 
 /// Relays between a client and an upstream until both directions end or a limit closes the
 /// tunnel. `early` is written to the upstream first (bytes the client pipelined after its head).
-#[expect(clippy::too_many_arguments, reason = "the two halves of each side, early data, limits, stops and counters are all distinct inputs")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the two halves of each side, early data, limits, stops and counters are all distinct inputs"
+)]
 pub async fn run<CR, CW, UR, UW>(
     mut client_r: CR,
     mut client_w: CW,
