@@ -228,6 +228,11 @@ async fn operator_and_proxy_converge_on_policy_changes() {
             "100ms",
             "--identity",
             "op-0",
+            // Short leases keep the failover below quick.
+            "--lease-duration",
+            "4",
+            "--lease-grace",
+            "2",
         ],
         &kc,
         &dir.0.join("operator.log"),
@@ -247,6 +252,11 @@ async fn operator_and_proxy_converge_on_policy_changes() {
             "100ms",
             "--identity",
             "op-1",
+            // Short leases keep the failover below quick.
+            "--lease-duration",
+            "4",
+            "--lease-grace",
+            "2",
         ],
         &kc,
         &dir.0.join("operator2.log"),

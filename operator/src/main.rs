@@ -37,6 +37,12 @@ struct Args {
     /// Take part in leader election through a coordination.k8s.io Lease (one writer at a time).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
+    /// How long a Lease holds without renewal (seconds); a standby takes over after at most this.
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// How long before expiry the holder renews (seconds); less than --lease-duration.
+    #[arg(long, default_value_t = 5)]
+    lease_grace: u64,
     /// Name of this replica (events, Lease holder).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -94,8 +100,8 @@ async fn run(args: Args) -> i32 {
         let built = LeaseManagerBuilder::new(client.clone(), format!("{}-operator", args.release))
             .with_namespace(args.namespace.clone())
             .with_identity(identity.clone())
-            .with_duration(15)
-            .with_grace(5)
+            .with_duration(args.lease_duration)
+            .with_grace(args.lease_grace)
             // Per replica: a shared field manager would let two replicas both "win" the apply.
             .with_field_manager(format!("{}-{identity}", controller::MANAGER))
             .build()
