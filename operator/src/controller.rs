@@ -361,6 +361,9 @@ async fn reconcile(
         (Err(_), None) => Ok(""),
     };
     let (mut accepted, mut rejected) = (0, 0);
+    // Warnings remembered for objects that are gone or fixed are forgotten, so the map stays bounded.
+    let mut live: std::collections::HashSet<String> =
+        state.warned.keys().filter(|k| k.starts_with("secret/")).cloned().collect();
     for (o, p) in outcomes.iter().zip(sorted(&policies)) {
         if o.result.is_ok() {
             accepted += 1
@@ -374,9 +377,11 @@ async fn reconcile(
         if let Err(errs) = &o.result {
             let note = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
             let key = format!("tp/{}/{}/{}", o.namespace, o.name, p.metadata.generation.unwrap_or(0));
+            live.insert(key.clone());
             warn_once(recorder, state, key, &p.object_ref(&()), "InvalidSpec", format!("rejected: {note}")).await;
         }
     }
+    state.warned.retain(|k, _| live.contains(k));
     metrics.policies.with_label_values(&["accepted"]).set(accepted);
     metrics.policies.with_label_values(&["rejected"]).set(rejected);
     applied.map(|_| ())
