@@ -104,9 +104,9 @@ fn main() {
                 }
             }
         });
-        let signals = tokio::spawn(signals());
-        if let Ok(Some(first)) = signals_first(signals).await {
-            tracing::info!(signal = first, "shutdown requested");
+        match wait_signal().await {
+            Ok(first) => tracing::info!(signal = first, "shutdown requested"),
+            Err(e) => tracing::error!(error = %e, "cannot listen for signals; shutting down"),
         }
         handle.begin_shutdown();
         // A second signal exits at once.
@@ -146,16 +146,6 @@ async fn first_from_configmap(cm: &str) -> Result<(ProxyConfig, String, watch::R
             return Err(SourceError::BadName(cm.to_owned()));
         }
     }
-}
-
-async fn signals() -> Option<&'static str> {
-    wait_signal().await.ok()
-}
-
-async fn signals_first(
-    h: tokio::task::JoinHandle<Option<&'static str>>,
-) -> Result<Option<&'static str>, tokio::task::JoinError> {
-    h.await
 }
 
 /// Waits for SIGTERM or SIGINT and names it.
