@@ -70,8 +70,14 @@ enum Plan {
 /// tunnels keep theirs (unless `policy.reevaluateOnReload` revokes them).
 pub async fn apply(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, ReloadError> {
     let result = apply_inner(inner, text).await;
+    record(inner, &result);
+    result
+}
+
+/// Counts and logs the outcome of a reload attempt.
+fn record(inner: &Inner, result: &Result<ReloadOutcome, ReloadError>) {
     let m = &inner.metrics;
-    match &result {
+    match result {
         Ok(ReloadOutcome::Applied { generation, revoked }) => {
             m.config_reloads.with_label_values(&["success"]).inc();
             m.config_generation.set(i64::try_from(*generation).unwrap_or(i64::MAX));
@@ -85,7 +91,6 @@ pub async fn apply(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Relo
             warn!(error = %ErrorChain(e), generation = inner.snapshot().generation, "reload failed, keeping the configuration in force");
         }
     }
-    result
 }
 
 async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, ReloadError> {
@@ -198,10 +203,9 @@ pub async fn reload_file(inner: &Arc<Inner>, path: &Path) -> Result<ReloadOutcom
     match tokio::fs::read_to_string(path).await {
         Ok(text) => apply(inner, &text).await,
         Err(source) => {
-            let e = ReloadError::Read { path: path.to_owned(), source };
-            inner.metrics.config_reloads.with_label_values(&["failure"]).inc();
-            warn!(error = %ErrorChain(&e), "reload failed, keeping the configuration in force");
-            Err(e)
+            let result = Err(ReloadError::Read { path: path.to_owned(), source });
+            record(inner, &result);
+            result
         }
     }
 }
