@@ -236,7 +236,6 @@ where
         up: m.relayed_bytes.with_label_values(&["upstream"]),
         down: m.relayed_bytes.with_label_values(&["downstream"]),
     };
-    let target = est.request.authority.to_string();
     let (ur, uw) = est.upstream.into_split();
     let out: RelayOutcome = relay::run(cr, cw, ur, uw, &est.request.leftover, est.limits, &stops, &counters).await;
     inner.active_tunnels.fetch_sub(1, Ordering::Relaxed);
@@ -267,7 +266,7 @@ where
             bytes_down = out.bytes_down,
             duration_ms = u64::try_from(out.duration.as_millis()).unwrap_or(u64::MAX),
             client = logging.log_client_addresses.then(|| ctx.peer.ip().to_string()),
-            destination = logging.log_targets.then_some(target.as_str()),
+            destination = logging.log_targets.then(|| est.request.authority.to_string()),
             "tunnel closed"
         );
     }
