@@ -164,15 +164,12 @@ fn relay_json(spec: &TunnelPolicySpec, err: &mut impl FnMut(String, String)) -> 
     Some(Value::Object(m))
 }
 
-/// A CIDR with host bits clear, or a single address; returned in canonical text.
+/// A CIDR with host bits clear (the proxy's own check), or a single address kept as written
+/// without a prefix; returned in canonical text.
 fn parse_cidr(s: &str) -> Result<String, String> {
-    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
-        return Ok(ip.to_string());
-    }
-    match s.parse::<ipnet::IpNet>() {
-        Ok(n) if n.trunc() == n => Ok(n.to_string()),
-        Ok(n) => Err(format!("{s:?} has host bits set; did you mean {}?", n.trunc())),
-        Err(_) => Err(format!("{s:?} is not a CIDR (like 10.0.0.0/8) or an address")),
+    match s.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(ip.to_string()),
+        Err(_) => proxy_config::config::parse_net(s).map(|n| n.to_string()),
     }
 }
 

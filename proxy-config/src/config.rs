@@ -473,7 +473,7 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Parses a CIDR, or a bare address as a host route (/32 or /128). Host bits must be zero.
-fn parse_net(s: &str) -> Result<IpNet, String> {
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
     }
