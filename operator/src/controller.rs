@@ -364,7 +364,15 @@ async fn reconcile(
     // Warnings remembered for objects that are gone or fixed are forgotten, so the map stays bounded.
     let mut live: std::collections::HashSet<String> =
         state.warned.keys().filter(|k| k.starts_with("secret/")).cloned().collect();
-    for (o, p) in outcomes.iter().zip(sorted(&policies)) {
+    // Outcomes name their policy; pair by name rather than relying on the renderer's order.
+    let by_name: HashMap<(&str, &str), &Arc<TunnelPolicy>> = policies
+        .iter()
+        .map(|p| {
+            ((p.metadata.namespace.as_deref().unwrap_or_default(), p.metadata.name.as_deref().unwrap_or_default()), p)
+        })
+        .collect();
+    for o in &outcomes {
+        let Some(p) = by_name.get(&(o.namespace.as_str(), o.name.as_str())) else { continue };
         if o.result.is_ok() {
             accepted += 1
         } else {
@@ -372,7 +380,7 @@ async fn reconcile(
         }
         let desired = status::desired(o, p.metadata.generation, &s.config_name(), in_force, p.status.as_ref(), &now);
         if p.status.as_ref() != Some(&desired) {
-            write_status(client, &p, &desired).await;
+            write_status(client, p, &desired).await;
         }
         if let Err(errs) = &o.result {
             let note = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
@@ -385,16 +393,6 @@ async fn reconcile(
     metrics.policies.with_label_values(&["accepted"]).set(accepted);
     metrics.policies.with_label_values(&["rejected"]).set(rejected);
     applied.map(|_| ())
-}
-
-/// Policies in the renderer's order (namespace, name), to pair with its outcomes.
-fn sorted(p: &[Arc<TunnelPolicy>]) -> Vec<Arc<TunnelPolicy>> {
-    let mut v = p.to_vec();
-    v.sort_by(|a, b| {
-        (a.metadata.namespace.as_deref(), a.metadata.name.as_deref())
-            .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()))
-    });
-    v
 }
 
 async fn write_status(client: &Client, p: &TunnelPolicy, status: &TunnelPolicyStatus) {
