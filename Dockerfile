@@ -5,6 +5,9 @@
 # The Helm chart sets `command` explicitly, so the default image serves both workloads.
 
 FROM rust:1.95-bookworm AS build
+# Set by BuildKit per platform; keys the target cache so that a multi-platform build never copies
+# the other platform's binaries out of a shared cache.
+ARG TARGETPLATFORM
 WORKDIR /src
 # Dependencies first: this layer only changes with the manifests and Cargo.lock.
 COPY Cargo.toml Cargo.lock ./
@@ -16,11 +19,11 @@ COPY e2e/Cargo.toml e2e/
 RUN for d in proxy-config proxy operator bench e2e; do mkdir -p $d/src/bin && echo 'fn main() {}' > $d/src/main.rs && touch $d/src/lib.rs; done \
  && echo 'fn main() {}' > operator/src/bin/crdgen.rs \
  && mkdir -p proxy-config/src && printf 'version: 1\n' > proxy-config/src/default.yaml
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo fetch --locked
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,id=tunnelgate-target-$TARGETPLATFORM,target=/src/target \
     cargo build --release --locked -p tunnelgate-proxy -p tunnelgate-operator \
  && mkdir -p /out && cp target/release/tunnelgate-proxy target/release/tunnelgate-operator /out/
 

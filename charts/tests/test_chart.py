@@ -3,6 +3,7 @@ against the oldest and newest supported Kubernetes versions, values schema, secu
 and the example TunnelPolicies against the CRD's OpenAPI schema."""
 
 import copy
+import ipaddress
 import json
 
 import helm_python as helm
@@ -11,10 +12,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import celpy
+from celpy import celtypes
 from conftest import CASES, CHART, ROOT, find, render
 
-# Chart.yaml says kubeVersion >=1.30; the newest is what kubernetes-validate ships.
-KUBE_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
+# Chart.yaml says kubeVersion >=1.31 (the CRD's CEL rules use isCIDR/isIP); the newest is what
+# kubernetes-validate ships.
+KUBE_VERSIONS = ["1.31.0", kubernetes_validate.utils.latest_version()]
 # Kinds whose schemas come from other projects' CRDs; checked by hand below, never silently skipped.
 FOREIGN_KINDS = {"ServiceMonitor"}
 
@@ -133,15 +137,85 @@ def crd_schema():
     return schema
 
 
+def crd_openapi():
+    crd = yaml.safe_load((ROOT / "crds/tunnelpolicies.yaml").read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+# The Kubernetes CEL library's network functions, as the API server defines them (net/netip parsing:
+# a prefix may have host bits set; isIP takes no prefix).
+def _is_cidr(s):
+    try:
+        ipaddress.ip_network(str(s), strict=False)
+    except ValueError:
+        return celtypes.BoolType(False)
+    return celtypes.BoolType("/" in str(s))
+
+
+def _is_ip(s):
+    try:
+        ipaddress.ip_address(str(s))
+    except ValueError:
+        return celtypes.BoolType(False)
+    return celtypes.BoolType(True)
+
+
+CEL_FUNCTIONS = {"isCIDR": _is_cidr, "isIP": _is_ip}
+
+
+def cel_rules(schema, path="$"):
+    """Every (path, schema node, rule) of the schema."""
+    for r in schema.get("x-kubernetes-validations", []):
+        yield path, schema, r
+    for k, v in schema.get("properties", {}).items():
+        yield from cel_rules(v, f"{path}.{k}")
+    if "items" in schema:
+        yield from cel_rules(schema["items"], f"{path}[]")
+
+
+def cel_violations(schema, value, path="$"):
+    """Evaluates every rule at every node that has a value, as the API server does after the schema
+    check; returns the messages of the rules that fail."""
+    out = []
+    env = celpy.Environment()
+    for r in schema.get("x-kubernetes-validations", []):
+        prg = env.program(env.compile(r["rule"]), functions=CEL_FUNCTIONS)
+        if not prg.evaluate({"self": celpy.json_to_cel(value)}):
+            out.append(f"{path}: {r['message']}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in schema.get("properties", {}):
+                out += cel_violations(schema["properties"][k], v, f"{path}.{k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            out += cel_violations(schema["items"], v, f"{path}[{i}]")
+    return out
+
+
+def test_every_cel_rule_compiles():
+    rules = list(cel_rules(crd_openapi()))
+    assert len(rules) >= 2
+    env = celpy.Environment()
+    for path, _, r in rules:
+        env.compile(r["rule"])  # raises CELParseError with the position
+        assert r.get("message"), f"{path}: a rule without a message gives users the rule's text"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "examples/tunnelpolicies/valid").glob("*.yaml")), ids=lambda p: p.stem)
 def test_valid_examples_pass_the_crd_schema(path):
-    jsonschema.validate(yaml.safe_load(path.read_text()), crd_schema())
+    doc = yaml.safe_load(path.read_text())
+    jsonschema.validate(doc, crd_schema())
+    assert cel_violations(crd_openapi(), doc) == []
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples/tunnelpolicies/invalid").glob("*.yaml")), ids=lambda p: p.stem)
 def test_invalid_examples_fail_the_crd_schema(path):
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(yaml.safe_load(path.read_text()), crd_schema())
+    doc = yaml.safe_load(path.read_text())
+    try:
+        jsonschema.validate(doc, crd_schema())
+    except jsonschema.ValidationError:
+        return
+    assert cel_violations(crd_openapi(), doc), f"{path.name} passes both the schema and the CEL rules"
 
 
 def test_dashboard_is_valid_json_with_panels():

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# kind end-to-end suite (needs Docker, kind, helm, kubectl, cargo): cluster → image → kind load →
-# helm install → `cargo test -p e2e --test kind -- --ignored`. Leaves the cluster for inspection
-# unless KEEP_CLUSTER is unset and the suite passed.
+# kind end-to-end suite (needs Docker, kind, helm, kubectl, cargo): cluster → CRD admission check →
+# image → kind load → helm install → `cargo test -p e2e --test kind -- --ignored`. Leaves the
+# cluster for inspection unless KEEP_CLUSTER is unset and the suite passed.
+#   KIND_NODE_IMAGE  node image (Kubernetes version) of the cluster; kind's default when unset.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CLUSTER=${CLUSTER:-tunnelgate-e2e}
 IMAGE=tunnelgate:e2e
-kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER" --config e2e/kind/kind-config.yaml --wait 120s
+image_args=()
+if [ -n "${KIND_NODE_IMAGE:-}" ]; then image_args=(--image "$KIND_NODE_IMAGE"); fi
+kind get clusters | grep -qx "$CLUSTER" ||
+  kind create cluster --name "$CLUSTER" --config e2e/kind/kind-config.yaml --wait 120s "${image_args[@]}"
+kubectl version
+# First: the API server must accept the CRD (schema, CEL compilation and cost). A rejected CRD
+# fails here, loudly, instead of as a helm install timeout.
+kubectl apply --server-side --dry-run=server -f crds/tunnelpolicies.yaml
 docker build -t "$IMAGE" .
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 helm upgrade --install tunnelgate charts/tunnelgate --namespace tunnelgate --create-namespace \

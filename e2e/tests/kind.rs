@@ -2,6 +2,11 @@
 //! chart. Every test is `#[ignore]` (no cluster on the development machines) and, when run with
 //! `--ignored`, fails — never skips — on any error. Each test uses a fresh namespace and waits on
 //! conditions with bounded polling, never fixed sleeps.
+//!
+//! Client pods are long-lived (`sleep`) and curl runs in them with `kubectl exec`, only after every
+//! proxy has loaded a configuration that lists the pod's IP: a pod that curls as it starts races the
+//! operator (it has to see the pod Running with an IP, render, and the proxies have to reload), and
+//! every retry in a new pod would lose the same race with a new IP.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, reason = "test harness")]
 
@@ -9,14 +14,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tunnelgate_operator::crd::TunnelPolicy;
 
 const RELEASE_NS: &str = "tunnelgate";
+const PROXY_CONFIG_MAP: &str = "tunnelgate-proxy";
 const PROXY: &str = "http://tunnelgate-proxy.tunnelgate:3128";
 const CURL: &str = "curlimages/curl:8.10.1";
 
@@ -28,10 +35,9 @@ async fn client() -> Client {
     Client::try_default().await.expect("kubeconfig for the kind cluster")
 }
 
-/// A fresh namespace, deleted when dropped.
+/// A fresh namespace, deleted when dropped (also when the test panics).
 struct TempNs {
     name: String,
-    client: Client,
 }
 
 impl TempNs {
@@ -41,16 +47,17 @@ impl TempNs {
         nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap())
             .await
             .unwrap();
-        TempNs { name, client: client.clone() }
+        TempNs { name }
     }
 }
 
 impl Drop for TempNs {
     fn drop(&mut self) {
-        let (c, n) = (self.client.clone(), self.name.clone());
-        tokio::spawn(async move {
-            let _ = Api::<Namespace>::all(c).delete(&n, &DeleteParams::default()).await;
-        });
+        // Synchronous on purpose: the test's runtime may already be shutting down, and a task
+        // spawned on it would never run.
+        let _ = std::process::Command::new("kubectl")
+            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+            .status();
     }
 }
 
@@ -64,76 +71,128 @@ where
         if f().await {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     panic!("timed out after {secs}s waiting for {what}");
+}
+
+async fn create<K>(api: &Api<K>, value: serde_json::Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    api.create(&PostParams::default(), &serde_json::from_value(value).unwrap()).await.unwrap();
 }
 
 /// An HTTP echo server and its Service in `ns`.
 async fn echo_server(client: &Client, ns: &str) {
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
-    pods.create(&PostParams::default(), &serde_json::from_value(json!({
+    create(&pods, json!({
         "metadata": {"name": "echo", "labels": {"app": "echo"}},
         "spec": {"containers": [{"name": "echo", "image": "busybox:1.36",
             "command": ["sh", "-c", "mkdir -p /www && echo hello > /www/index.html && dd if=/dev/zero of=/www/big bs=1M count=2 && httpd -f -p 8080 -h /www"],
-            "ports": [{"containerPort": 8080}]}]}
-    })).unwrap()).await.unwrap();
-    Api::<Service>::namespaced(client.clone(), ns)
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "echo"},
-                "spec": {"selector": {"app": "echo"}, "ports": [{"port": 8080}]}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    until("echo running", 120, || async {
-        pods.get("echo").await.ok().and_then(|p| p.status?.phase).as_deref() == Some("Running")
-    })
+            "ports": [{"containerPort": 8080}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}
+    })).await;
+    create(
+        &Api::<Service>::namespaced(client.clone(), ns),
+        json!({"metadata": {"name": "echo"}, "spec": {"selector": {"app": "echo"}, "ports": [{"port": 8080}]}}),
+    )
     .await;
+    until("echo ready", 120, || async { pod_ready(&pods, "echo").await }).await;
 }
 
-/// Runs curl through the proxy (CONNECT, `-p`) in a pod with `labels`; returns (exit code, output).
-async fn curl(client: &Client, ns: &str, name: &str, labels: &[(&str, &str)], args: &[&str]) -> (i32, String) {
+async fn pod_ready(pods: &Api<Pod>, name: &str) -> bool {
+    let Ok(p) = pods.get(name).await else { return false };
+    p.status.and_then(|s| s.conditions).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A long-lived client pod with `labels`; returns its IP once it is Running.
+async fn client_pod(client: &Client, ns: &str, name: &str, labels: &[(&str, &str)]) -> String {
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    let mut cmd = vec!["curl", "-sS", "-p", "-x", PROXY, "--max-time", "60"];
-    cmd.extend(args);
-    let _ = pods.delete(name, &DeleteParams::default().grace_period(0)).await;
-    until("old curl pod gone", 60, || async { pods.get_opt(name).await.unwrap().is_none() }).await;
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": labels},
-            "spec": {"restartPolicy": "Never", "containers": [{"name": "curl", "image": CURL, "command": cmd}]}
-        }))
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    let exit_code = |p: Pod| {
-        p.status
-            .and_then(|s| s.container_statuses)
-            .and_then(|c| c.first().cloned())
-            .and_then(|c| c.state)
-            .and_then(|s| s.terminated)
-            .map(|t| t.exit_code)
-    };
-    until("curl finished", 120, || async { exit_code(pods.get(name).await.unwrap()).is_some() }).await;
-    let code = exit_code(pods.get(name).await.unwrap()).unwrap_or(-1);
-    let logs = pods.logs(name, &LogParams::default()).await.unwrap_or_default();
-    (code, logs)
+    create(&pods, json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"terminationGracePeriodSeconds": 0,
+                 "containers": [{"name": "c", "image": CURL, "command": ["sleep", "3600"]}]}
+    }))
+    .await;
+    until(&format!("{name} running"), 120, || async { pod_ready(&pods, name).await }).await;
+    pods.get(name).await.unwrap().status.unwrap().pod_ip.unwrap()
 }
 
-fn policy(name: &str, app: &str, ns: &str) -> TunnelPolicy {
-    serde_json::from_value(json!({
+/// Runs curl through the proxy (CONNECT, `-p`) in pod `name`; returns (exit code, stdout + stderr).
+async fn curl(ns: &str, name: &str, args: &[&str]) -> (i32, String) {
+    let mut cmd = tokio::process::Command::new("kubectl");
+    cmd.args(["exec", "-n", ns, name, "--", "curl", "-sS", "-p", "-x", PROXY, "--max-time", "60"]).args(args);
+    let out = cmd.output().await.expect("kubectl exec");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The rendered proxy configuration as the operator last wrote it.
+async fn rendered(client: &Client) -> String {
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), RELEASE_NS);
+    let cm = cms.get(PROXY_CONFIG_MAP).await.unwrap();
+    cm.data.and_then(|mut d| d.remove("config.yaml")).unwrap_or_default()
+}
+
+/// Waits until the rendered configuration satisfies `want`, then until every proxy pod reports that
+/// exact configuration in force (its `/config` sha256, read through the API server's pod proxy).
+async fn until_enforced(client: &Client, what: &str, want: impl Fn(&str) -> bool) {
+    let start = Instant::now();
+    let text = loop {
+        let text = rendered(client).await;
+        if want(&text) {
+            break text;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for the operator to render {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let sha = hex::encode(Sha256::digest(text.as_bytes()));
+    let pods = Api::<Pod>::namespaced(client.clone(), RELEASE_NS);
+    let proxies = pods.list(&ListParams::default().labels("app.kubernetes.io/component=proxy")).await.unwrap();
+    assert!(!proxies.items.is_empty(), "no proxy pods");
+    for p in proxies.items {
+        let name = p.metadata.name.unwrap();
+        until(&format!("proxy {name} to load {what}"), 30, || async {
+            let req = http::Request::get(format!("/api/v1/namespaces/{RELEASE_NS}/pods/{name}:9090/proxy/config"))
+                .body(Vec::new())
+                .unwrap();
+            let body = client.request_text(req).await.unwrap_or_default();
+            serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["sha256"] == sha.as_str())
+        })
+        .await;
+    }
+}
+
+fn policy(name: &str, app: &str, ns: &str) -> serde_json::Value {
+    json!({
         "apiVersion": "tunnelgate.io/v1alpha1", "kind": "TunnelPolicy", "metadata": {"name": name, "namespace": ns},
         "spec": {"podSelector": {"matchLabels": {"app": app}}, "action": "Allow",
                  "destinations": [{"hosts": [format!("echo.{ns}.svc.cluster.local")], "cidrs": ["10.0.0.0/8"], "ports": [8080]}]}
-    }))
-    .unwrap()
+    })
+}
+
+/// Whether the rendered config has a rule from policy `ns/name` whose clients include `ip`.
+fn lists_client(text: &str, ns: &str, name: &str, ip: &str) -> bool {
+    let doc: serde_json::Value = serde_yaml::from_str(text).unwrap_or_default();
+    let prefix = format!("{ns}/{name}");
+    doc["policy"]["rules"].as_array().into_iter().flatten().any(|r| {
+        r["name"].as_str().is_some_and(|n| n == prefix || n.starts_with(&format!("{prefix}/")))
+            && r["clients"].as_array().into_iter().flatten().any(|c| {
+                c.as_str().is_some_and(|c| c == ip || c == format!("{ip}/32") || c == format!("{ip}/128"))
+            })
+    })
+}
+
+fn has_policy(text: &str, ns: &str, name: &str) -> bool {
+    let doc: serde_json::Value = serde_yaml::from_str(text).unwrap_or_default();
+    let prefix = format!("{ns}/{name}");
+    doc["policy"]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| r["name"].as_str().is_some_and(|n| n == prefix || n.starts_with(&format!("{prefix}/"))))
 }
 
 fn url(ns: &str, path: &str) -> String {
@@ -146,31 +205,26 @@ async fn allowed_and_denied_connects_and_status() {
     let c = client().await;
     let ns = TempNs::new(&c, "tg-allow").await;
     echo_server(&c, &ns.name).await;
+    let ip = client_pod(&c, &ns.name, "client", &[("app", "client")]).await;
+    client_pod(&c, &ns.name, "other", &[("app", "other")]).await;
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), &ns.name);
-    tps.create(&PostParams::default(), &policy("allow-echo", "client", &ns.name)).await.unwrap();
-    until("policy Ready", 60, || async {
-        let p = tps.get("allow-echo").await.unwrap();
-        p.status.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Accepted" && c.status == "True"))
-    })
-    .await;
-    // Selected pod: allowed. Bounded retries: the first pod IP reaches the rules after the pod runs.
+    create(&tps, policy("allow-echo", "client", &ns.name)).await;
+    until_enforced(&c, "allow-echo with the client's IP", |t| lists_client(t, &ns.name, "allow-echo", &ip)).await;
+
     let target = url(&ns.name, "/");
-    let mut ok = (0, String::new());
-    for i in 0..10 {
-        ok = curl(&c, &ns.name, &format!("client-{i}"), &[("app", "client")], &[&target]).await;
-        if ok.0 == 0 {
-            break;
-        }
-    }
-    assert_eq!(ok.0, 0, "allowed pod: {}", ok.1);
-    assert!(ok.1.contains("hello"));
-    let denied = curl(&c, &ns.name, "other", &[("app", "other")], &[&target]).await;
-    assert_ne!(denied.0, 0);
-    assert!(denied.1.contains("403"), "denied pod gets 403: {}", denied.1);
+    let ok = curl(&ns.name, "client", &[&target]).await;
+    assert_eq!(ok.0, 0, "selected pod is allowed: {}", ok.1);
+    assert!(ok.1.contains("hello"), "{}", ok.1);
+    let denied = curl(&ns.name, "other", &[&target]).await;
+    assert_ne!(denied.0, 0, "{}", denied.1);
+    assert!(denied.1.contains("403"), "unselected pod gets 403: {}", denied.1);
+
+    // Both pods are still running: exactly one matches.
     let p = tps.get("allow-echo").await.unwrap();
     let st = p.status.unwrap();
-    assert!(st.matched_pods.unwrap_or(0) >= 1);
+    assert_eq!(st.matched_pods, Some(1));
     assert_eq!(st.observed_generation, p.metadata.generation);
+    assert!(st.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"), "{:?}", st.conditions);
 }
 
 #[tokio::test]
@@ -179,42 +233,30 @@ async fn policy_update_and_delete_are_enforced() {
     let c = client().await;
     let ns = TempNs::new(&c, "tg-update").await;
     echo_server(&c, &ns.name).await;
+    let ip_a = client_pod(&c, &ns.name, "a", &[("app", "a")]).await;
+    let ip_b = client_pod(&c, &ns.name, "b", &[("app", "b")]).await;
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), &ns.name);
-    tps.create(&PostParams::default(), &policy("p", "a", &ns.name)).await.unwrap();
+    create(&tps, policy("p", "a", &ns.name)).await;
     let target = url(&ns.name, "/");
-    let mut last = (0, String::new());
-    for i in 0..10 {
-        last = curl(&c, &ns.name, &format!("a-{i}"), &[("app", "a")], &[&target]).await;
-        if last.0 == 0 {
-            break;
-        }
-    }
-    assert_eq!(last.0, 0, "{}", last.1);
-    tps.patch(
-        "p",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"podSelector": {"matchLabels": {"app": "b"}}}})),
-    )
-    .await
-    .unwrap();
-    let mut denied_a = false;
-    for i in 0..10 {
-        if curl(&c, &ns.name, &format!("a2-{i}"), &[("app", "a")], &[&target]).await.0 != 0 {
-            denied_a = true;
-            break;
-        }
-    }
-    assert!(denied_a, "after the update, app=a is denied");
+
+    until_enforced(&c, "p selecting a", |t| lists_client(t, &ns.name, "p", &ip_a)).await;
+    assert_eq!(curl(&ns.name, "a", &[&target]).await.0, 0, "a is allowed before the update");
+    assert!(curl(&ns.name, "b", &[&target]).await.1.contains("403"), "b is denied before the update");
+
+    tps.patch("p", &PatchParams::default(), &Patch::Merge(json!({"spec": {"podSelector": {"matchLabels": {"app": "b"}}}})))
+        .await
+        .unwrap();
+    until_enforced(&c, "p selecting b", |t| lists_client(t, &ns.name, "p", &ip_b) && !lists_client(t, &ns.name, "p", &ip_a))
+        .await;
+    let a = curl(&ns.name, "a", &[&target]).await;
+    assert!(a.1.contains("403"), "after the update, a is denied: {}", a.1);
+    let b = curl(&ns.name, "b", &[&target]).await;
+    assert_eq!(b.0, 0, "after the update, b is allowed: {}", b.1);
+
     tps.delete("p", &DeleteParams::default()).await.unwrap();
-    let mut denied_b = false;
-    for i in 0..10 {
-        let r = curl(&c, &ns.name, &format!("b-{i}"), &[("app", "b")], &[&target]).await;
-        if r.0 != 0 && r.1.contains("403") {
-            denied_b = true;
-            break;
-        }
-    }
-    assert!(denied_b, "after the delete, default deny");
+    until_enforced(&c, "no rule of p", |t| !has_policy(t, &ns.name, "p")).await;
+    let b = curl(&ns.name, "b", &[&target]).await;
+    assert!(b.0 != 0 && b.1.contains("403"), "after the delete, the default denies b: {}", b.1);
 }
 
 #[tokio::test]
@@ -223,11 +265,12 @@ async fn invalid_policy_is_rejected_by_the_api_server() {
     let c = client().await;
     let ns = TempNs::new(&c, "tg-invalid").await;
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), &ns.name);
-    for bad in [
-        json!({"hosts": ["a.*.test"]}),
-        json!({"cidrs": ["10.0.0.0/33"]}),
-        json!({"hosts": ["x.test"], "ports": [0]}),
-        json!({}),
+    for (bad, field) in [
+        (json!({"hosts": ["a.*.test"]}), "hosts"),
+        (json!({"cidrs": ["10.0.0.0/33"]}), "cidrs"),
+        (json!({"hosts": ["x.test"], "ports": [0]}), "ports"),
+        (json!({"hosts": ["x.test"], "ports": ["8000-70000"]}), "ports"),
+        (json!({"ports": [443]}), "hosts or cidrs"),
     ] {
         let p: TunnelPolicy = serde_json::from_value(json!({
             "apiVersion": "tunnelgate.io/v1alpha1", "kind": "TunnelPolicy", "metadata": {"name": "bad"},
@@ -235,31 +278,50 @@ async fn invalid_policy_is_rejected_by_the_api_server() {
         }))
         .unwrap();
         match tps.create(&PostParams::default(), &p).await {
-            Err(kube::Error::Api(e)) => assert_eq!(e.code, 422, "{e:?}"),
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "{e:?}");
+                assert!(e.message.contains(field), "the error names {field}: {}", e.message);
+            }
             other => panic!("{bad} was admitted: {other:?}"),
         }
     }
+    // The same shapes with good values are admitted (the schema is not simply refusing everything).
+    create(&tps, policy("good", "x", &ns.name)).await;
+}
+
+/// A counter's value in a Prometheus text exposition (sum over the series that contain `labels`).
+fn counter(body: &str, name: &str, labels: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test]
 #[ignore = "needs a kind cluster: e2e/kind/run.sh"]
-async fn proxy_metrics_are_scraped() {
+async fn proxy_metrics_count_this_tests_own_traffic() {
     let c = client().await;
     let ns = TempNs::new(&c, "tg-metrics").await;
-    let pods = Api::<Pod>::namespaced(c.clone(), &ns.name);
-    pods.create(&PostParams::default(), &serde_json::from_value(json!({
-        "metadata": {"name": "scrape"},
-        "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": CURL, "command": ["curl", "-sS", "--max-time", "30", "http://tunnelgate-proxy.tunnelgate:9090/metrics"]}]}
-    })).unwrap()).await.unwrap();
-    until("scrape done", 120, || async {
-        pods.get("scrape").await.ok().and_then(|p| p.status?.phase).as_deref() == Some("Succeeded")
-    })
-    .await;
-    let body = pods.logs("scrape", &LogParams::default()).await.unwrap();
-    assert!(
-        body.contains("tunnelgate_tunnel_requests_total") && body.contains("tunnelgate_config_generation"),
-        "{body}"
-    );
+    client_pod(&c, &ns.name, "scrape", &[("app", "scrape")]).await;
+    // The Service keeps traffic on the node (internalTrafficPolicy: Local), so the CONNECT and the
+    // scrape reach the same proxy.
+    let scrape = || async {
+        let mut cmd = tokio::process::Command::new("kubectl");
+        cmd.args(["exec", "-n", &ns.name, "scrape", "--", "curl", "-sS", "--max-time", "30"]);
+        let out = cmd.arg("http://tunnelgate-proxy.tunnelgate:9090/metrics").output().await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = scrape().await;
+    assert!(before.contains("tunnelgate_config_generation"), "{before}");
+    let denied_before = counter(&before, "tunnelgate_tunnel_requests_total", "result=\"denied\"");
+    for _ in 0..3 {
+        let r = curl(&ns.name, "scrape", &["https://example.invalid/"]).await;
+        assert!(r.1.contains("403"), "no policy selects this pod: {}", r.1);
+    }
+    let after = scrape().await;
+    let denied_after = counter(&after, "tunnelgate_tunnel_requests_total", "result=\"denied\"");
+    assert!(denied_after >= denied_before + 3.0, "denied {denied_before} -> {denied_after}");
 }
 
 #[tokio::test]
@@ -268,56 +330,41 @@ async fn rolling_restart_keeps_a_tunnel_in_flight() {
     let c = client().await;
     let ns = TempNs::new(&c, "tg-rollout").await;
     echo_server(&c, &ns.name).await;
+    let ip = client_pod(&c, &ns.name, "dl", &[("app", "dl")]).await;
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), &ns.name);
-    tps.create(&PostParams::default(), &policy("p", "dl", &ns.name)).await.unwrap();
-    // Warm up until the policy is enforced for this pod's labels.
-    let target = url(&ns.name, "/");
-    for i in 0..10 {
-        if curl(&c, &ns.name, &format!("warm-{i}"), &[("app", "dl")], &[&target]).await.0 == 0 {
-            break;
-        }
-    }
+    create(&tps, policy("p", "dl", &ns.name)).await;
+    until_enforced(&c, "p with the client's IP", |t| lists_client(t, &ns.name, "p", &ip)).await;
+
     // A ~10 s download, then a DaemonSet restart while it runs.
-    let pods = Api::<Pod>::namespaced(c.clone(), &ns.name);
     let big = url(&ns.name, "/big");
-    let cmd =
-        ["curl", "-sS", "-p", "-x", PROXY, "--limit-rate", "200k", "-o", "/dev/null", "-w", "%{size_download}", &big];
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": "download", "labels": {"app": "dl"}},
-            "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": CURL, "command": cmd}]}
-        }))
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    until("download running", 120, || async {
-        pods.get("download").await.ok().and_then(|p| p.status?.phase).as_deref() == Some("Running")
-    })
-    .await;
+    let download = tokio::spawn({
+        let ns = ns.name.clone();
+        async move { curl(&ns, "dl", &["--limit-rate", "200k", "-o", "/dev/null", "-w", "%{size_download}", &big]).await }
+    });
     tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!download.is_finished(), "the download must still run when the restart begins");
     let ds = Api::<DaemonSet>::namespaced(c.clone(), RELEASE_NS);
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    ds.patch(
-        "tunnelgate-proxy",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"template": {"metadata": {"annotations": {"e2e/restartedAt": now}}}}})),
-    )
-    .await
-    .unwrap();
-    until("download finished", 180, || async {
-        matches!(pods.get("download").await.ok().and_then(|p| p.status?.phase).as_deref(), Some("Succeeded" | "Failed"))
-    })
-    .await;
-    let phase = pods.get("download").await.unwrap().status.unwrap().phase.unwrap();
-    let out = pods.logs("download", &LogParams::default()).await.unwrap_or_default();
-    assert_eq!(phase, "Succeeded", "the tunnel survived the restart: {out}");
+    let patched = ds
+        .patch(
+            "tunnelgate-proxy",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"metadata": {"annotations": {"e2e/restartedAt": now}}}}})),
+        )
+        .await
+        .unwrap();
+    let (code, out) = tokio::time::timeout(Duration::from_secs(180), download).await.unwrap().unwrap();
+    assert_eq!(code, 0, "the tunnel survived the restart: {out}");
     assert_eq!(out.trim(), "2097152");
+    // The rollout of this generation (not an earlier one) has finished on every node.
+    let generation = patched.metadata.generation;
     until("rollout complete", 300, || async {
         let d = ds.get("tunnelgate-proxy").await.unwrap();
         let s = d.status.unwrap();
-        s.updated_number_scheduled == Some(s.desired_number_scheduled) && s.number_ready == s.desired_number_scheduled
+        s.observed_generation == generation
+            && s.updated_number_scheduled == Some(s.desired_number_scheduled)
+            && s.number_available == Some(s.desired_number_scheduled)
+            && s.number_ready == s.desired_number_scheduled
     })
     .await;
 }

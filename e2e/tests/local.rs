@@ -325,6 +325,45 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     println!("API update to enforcement: {} ms", t1.elapsed().as_millis());
     assert_eq!(connect_from("127.0.0.11", proxy_addr, target).await, 403);
 
+    // A pod that starts Pending with no IP (as every real pod does) is not a client yet; when the
+    // kubelet reports it Running with its IP, the proxy follows.
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": { "name": "other-late", "namespace": "payments", "labels": { "app": "other" } },
+            "spec": { "containers": [{ "name": "c", "image": "busybox" }] },
+            "status": { "phase": "Pending" }
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(connect_from("127.0.0.13", proxy_addr, target).await, 403, "an address no pod has yet");
+    until("policy status counts only the Running pod", 10, || async {
+        tps.get("allow-echo").await.unwrap().status.and_then(|s| s.matched_pods) == Some(1)
+    })
+    .await;
+    let t2 = Instant::now();
+    pods.patch_status(
+        "other-late",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "podIP": "127.0.0.13", "podIPs": [{"ip": "127.0.0.13"}]}})),
+    )
+    .await
+    .unwrap();
+    until("late pod allowed once Running", 20, || async {
+        connect_from("127.0.0.13", proxy_addr, target).await == 200
+    })
+    .await;
+    println!("pod Running to enforcement: {} ms", t2.elapsed().as_millis());
+    until("policy status counts the late pod", 10, || async {
+        tps.get("allow-echo").await.unwrap().status.and_then(|s| s.matched_pods) == Some(2)
+    })
+    .await;
+    pods.delete("other-late", &DeleteParams::default()).await.unwrap();
+    until("deleted pod denied again", 20, || async { connect_from("127.0.0.13", proxy_addr, target).await == 403 })
+        .await;
+
     // One invalid policy (past admission here: the emulator has no schema) is rejected with the
     // bad field named, and does not block a valid one created beside it.
     tps.create(&PostParams::default(), &policy("broken", "checkout", json!({ "hosts": ["a.*.test"] }))).await.unwrap();

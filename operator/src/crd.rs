@@ -6,11 +6,28 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
+use schemars::{json_schema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
 /// Host names: exact, or `*.` followed by a name; ASCII (punycode), at most 253 octets.
 pub const HOST_PATTERN: &str =
     r"^(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$";
+
+/// A port number 1-65535 (the structural schema cannot compare the two ends of a range; the operator
+/// rejects `"9000-8000"` in status).
+const PORT_NUMBER: &str = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])";
+
+// Every list and string in the schema is bounded: the API server estimates each CEL rule's worst case from
+// the `maxItems`/`maxLength` around it and refuses the CRD when a bound is missing (operator/tests/crd.rs
+// checks this).
+/// Most destinations in one policy.
+pub const MAX_DESTINATIONS: u32 = 64;
+/// Most hosts in one destination.
+pub const MAX_HOSTS: u32 = 256;
+/// Most CIDRs in one destination (each is checked by a CEL rule, so fewer than hosts).
+pub const MAX_CIDRS: u32 = 64;
+/// Most ports in one destination.
+pub const MAX_PORTS: u32 = 64;
 
 /// Egress that the pods selected in this namespace may (or may not) open through the proxy.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -32,11 +49,12 @@ pub const HOST_PATTERN: &str =
 #[serde(rename_all = "camelCase")]
 pub struct TunnelPolicySpec {
     /// Pods of this namespace the policy applies to; `{}` selects every pod in the namespace.
+    #[schemars(schema_with = "label_selector_schema")]
     pub pod_selector: LabelSelector,
     /// `Allow` or `Deny`. A matching Deny always wins over an Allow.
     pub action: PolicyAction,
     /// Where the selected pods may (or may not) connect.
-    #[x_kube(validation = kube::core::Rule::new("size(self) >= 1 && size(self) <= 64").message("between 1 and 64 destinations"))]
+    #[schemars(length(min = 1, max = MAX_DESTINATIONS))]
     pub destinations: Vec<Destination>,
     /// Per-tunnel limits for tunnels this policy allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,19 +75,15 @@ pub enum PolicyAction {
 pub struct Destination {
     /// Exact names, or `*.example.com` for any name below example.com (not the apex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 256), inner(regex(pattern = HOST_PATTERN), length(max = 253)))]
+    #[schemars(length(min = 1, max = MAX_HOSTS), inner(regex(pattern = HOST_PATTERN), length(max = 253)))]
     pub hosts: Option<Vec<String>>,
     /// Target address ranges (`203.0.113.0/24`) or single addresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 256), inner(length(max = 43)))]
-    #[x_kube(validation = kube::core::Rule::new("self.all(c, isCIDR(c) || isIP(c))").message("each entry must be a CIDR or an IP address"))]
+    #[schemars(schema_with = "cidrs_schema")]
     pub cidrs: Option<Vec<String>>,
     /// Ports (`443`) or ranges (`"8000-8099"`); omitted means any port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 64))]
-    #[x_kube(validation = kube::core::Rule::new(
-        "self.all(p, type(p) == int ? (p >= 1 && p <= 65535) : p.matches('^[1-9][0-9]{0,4}(-[1-9][0-9]{0,4})?$'))"
-    ).message("ports are 1-65535, or ranges like \"8000-8099\""))]
+    #[schemars(schema_with = "ports_schema")]
     pub ports: Option<Vec<IntOrString>>,
 }
 
@@ -79,11 +93,11 @@ pub struct Destination {
 pub struct RelaySpec {
     /// Close after this long without traffic (`60s`, `5m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"), length(max = 32))]
     pub idle_timeout: Option<String>,
     /// Close this long after the tunnel was established.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"), length(max = 32))]
     pub max_lifetime: Option<String>,
     /// Rate cap per direction, bytes per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,4 +129,81 @@ pub struct TunnelPolicyStatus {
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// CIDRs: one CEL rule per entry, so its cost is bounded by the entry's own `maxLength` (43: the longest
+/// IPv6 CIDR) and the error names the entry. `isCIDR`/`isIP` need Kubernetes 1.31 or later.
+fn cidrs_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "Target address ranges (`203.0.113.0/24`) or single addresses.",
+        "type": "array",
+        "nullable": true,
+        "minItems": 1,
+        "maxItems": MAX_CIDRS,
+        "items": {
+            "type": "string",
+            "maxLength": 43,
+            "x-kubernetes-validations": [{
+                "rule": "isCIDR(self) || isIP(self)",
+                "message": "must be a CIDR (203.0.113.0/24) or an IP address"
+            }]
+        }
+    })
+}
+
+/// Ports: integers 1-65535 or `"lo-hi"` strings, said by the structural schema alone (no CEL): `minimum`
+/// and `maximum` apply to integers, `pattern` and `maxLength` to strings (the API server's validator
+/// applies each keyword to the values of its own type, as for `resource.Quantity` fields, whose
+/// `pattern` sits beside `x-kubernetes-int-or-string` in every generated CRD).
+fn ports_schema(_: &mut SchemaGenerator) -> Schema {
+    let pattern = format!("^{PORT_NUMBER}(-{PORT_NUMBER})?$");
+    json_schema!({
+        "description": "Ports (`443`) or ranges (`\"8000-8099\"`); omitted means any port.",
+        "type": "array",
+        "nullable": true,
+        "minItems": 1,
+        "maxItems": MAX_PORTS,
+        "items": {
+            "x-kubernetes-int-or-string": true,
+            "minimum": 1,
+            "maximum": 65535,
+            "maxLength": 11,
+            "pattern": pattern
+        }
+    })
+}
+
+/// `metav1.LabelSelector` with every list and string bounded (the upstream schema has no bounds):
+/// label values are at most 63 characters, keys at most 253 + "/" + 63.
+fn label_selector_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "Pods of this namespace the policy applies to; `{}` selects every pod in the namespace.",
+        "type": "object",
+        "properties": {
+            "matchLabels": {
+                "description": "Labels a pod must all have, as key: value.",
+                "type": "object",
+                "maxProperties": 64,
+                "additionalProperties": {"type": "string", "maxLength": 63}
+            },
+            "matchExpressions": {
+                "description": "Label requirements a pod must all meet.",
+                "type": "array",
+                "maxItems": 32,
+                "items": {
+                    "type": "object",
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": {"type": "string", "minLength": 1, "maxLength": 317},
+                        "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                        "values": {
+                            "type": "array",
+                            "maxItems": 64,
+                            "items": {"type": "string", "maxLength": 63}
+                        }
+                    }
+                }
+            }
+        }
+    })
 }
