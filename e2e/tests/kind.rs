@@ -110,11 +110,14 @@ async fn pod_ready(pods: &Api<Pod>, name: &str) -> bool {
 async fn client_pod(client: &Client, ns: &str, name: &str, labels: &[(&str, &str)]) -> String {
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    create(&pods, json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"terminationGracePeriodSeconds": 0,
-                 "containers": [{"name": "c", "image": CURL, "command": ["sleep", "3600"]}]}
-    }))
+    create(
+        &pods,
+        json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"terminationGracePeriodSeconds": 0,
+                     "containers": [{"name": "c", "image": CURL, "command": ["sleep", "3600"]}]}
+        }),
+    )
     .await;
     until(&format!("{name} running"), 120, || async { pod_ready(&pods, name).await }).await;
     pods.get(name).await.unwrap().status.unwrap().pod_ip.unwrap()
@@ -179,9 +182,11 @@ fn lists_client(text: &str, ns: &str, name: &str, ip: &str) -> bool {
     let prefix = format!("{ns}/{name}");
     doc["policy"]["rules"].as_array().into_iter().flatten().any(|r| {
         r["name"].as_str().is_some_and(|n| n == prefix || n.starts_with(&format!("{prefix}/")))
-            && r["clients"].as_array().into_iter().flatten().any(|c| {
-                c.as_str().is_some_and(|c| c == ip || c == format!("{ip}/32") || c == format!("{ip}/128"))
-            })
+            && r["clients"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c.as_str().is_some_and(|c| c == ip || c == format!("{ip}/32") || c == format!("{ip}/128")))
     })
 }
 
@@ -243,11 +248,17 @@ async fn policy_update_and_delete_are_enforced() {
     assert_eq!(curl(&ns.name, "a", &[&target]).await.0, 0, "a is allowed before the update");
     assert!(curl(&ns.name, "b", &[&target]).await.1.contains("403"), "b is denied before the update");
 
-    tps.patch("p", &PatchParams::default(), &Patch::Merge(json!({"spec": {"podSelector": {"matchLabels": {"app": "b"}}}})))
-        .await
-        .unwrap();
-    until_enforced(&c, "p selecting b", |t| lists_client(t, &ns.name, "p", &ip_b) && !lists_client(t, &ns.name, "p", &ip_a))
-        .await;
+    tps.patch(
+        "p",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"podSelector": {"matchLabels": {"app": "b"}}}})),
+    )
+    .await
+    .unwrap();
+    until_enforced(&c, "p selecting b", |t| {
+        lists_client(t, &ns.name, "p", &ip_b) && !lists_client(t, &ns.name, "p", &ip_a)
+    })
+    .await;
     let a = curl(&ns.name, "a", &[&target]).await;
     assert!(a.1.contains("403"), "after the update, a is denied: {}", a.1);
     let b = curl(&ns.name, "b", &[&target]).await;

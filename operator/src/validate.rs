@@ -8,7 +8,7 @@ use kube::core::Selector;
 use proxy_config::HostPattern;
 use serde_json::{json, Map, Value};
 
-use crate::crd::{PolicyAction, TunnelPolicySpec};
+use crate::crd::{PolicyAction, TunnelPolicySpec, MAX_CIDRS, MAX_DESTINATIONS, MAX_HOSTS, MAX_PORTS};
 
 /// One problem in a spec, located by its field path (`spec.destinations[0].hosts[1]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +48,20 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
     };
     if spec.destinations.is_empty() {
         err("spec.destinations".into(), "at least one destination is required".into());
+    }
+    // The CRD's bounds, checked again: admission is not always there (an API server without the
+    // CRD's schema, an object stored before a bound was added).
+    let mut too_many = |path: String, len: usize, max: u32| {
+        if len > max as usize {
+            err(path, format!("{len} entries; at most {max}"));
+        }
+    };
+    too_many("spec.destinations".into(), spec.destinations.len(), MAX_DESTINATIONS);
+    for (i, d) in spec.destinations.iter().enumerate() {
+        let p = format!("spec.destinations[{i}]");
+        too_many(format!("{p}.hosts"), d.hosts.as_ref().map_or(0, Vec::len), MAX_HOSTS);
+        too_many(format!("{p}.cidrs"), d.cidrs.as_ref().map_or(0, Vec::len), MAX_CIDRS);
+        too_many(format!("{p}.ports"), d.ports.as_ref().map_or(0, Vec::len), MAX_PORTS);
     }
     let relay = relay_json(spec, &mut err);
     let mut destinations = Vec::new();

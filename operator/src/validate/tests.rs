@@ -73,3 +73,13 @@ fn hosts_are_normalized_and_summarized() {
     assert_eq!(v.destinations[1]["ports"], json!(["8000-8099"]));
     assert_eq!(v.summary, "allowed.test:443, *.stripe.com:443, 203.0.113.0/24:8000-8099, 10.1.2.3:8000-8099");
 }
+
+#[test]
+fn lists_longer_than_the_crd_allows_are_rejected_with_their_path() {
+    let d = Destination { cidrs: Some(vec!["203.0.113.0/24".into(); 65]), ..Default::default() };
+    let errs = validate(&spec(vec![d])).unwrap_err();
+    assert!(
+        errs.iter().any(|e| e.path == "spec.destinations[0].cidrs" && e.message.contains("at most 64")),
+        "{errs:?}"
+    );
+}
