@@ -1,5 +1,8 @@
-//! Golden test: the checked-in CRD equals what the Rust types generate.
+//! The CRD: golden test (the checked-in file equals what the Rust types generate) and the bounds
+//! and CEL cost checks a real API server applies at install.
 //! `UPDATE_GOLDEN=1 cargo test -p tunnelgate-operator --test crd` rewrites it.
+
+#![allow(clippy::unwrap_used, reason = "test helpers")]
 
 use kube::CustomResourceExt;
 use tunnelgate_operator::crd::TunnelPolicy;

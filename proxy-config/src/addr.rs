@@ -1,12 +1,18 @@
-//! Address classification for SSRF protection (ARCHITECTURE §5): which target addresses are
-//! not globally routable, after unwrapping the IPv6 forms that embed an IPv4 address.
+//! Address classification for SSRF protection: which target addresses are refused by default
+//! (not globally routable, or a cloud metadata service), after unwrapping the IPv6 forms that embed
+//! an IPv4 address; and which rule CIDRs may open them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::OnceLock;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Why an address is not a public destination. The names are stable: they appear in logs and
 /// `explain` output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpecialRange {
+    /// A cloud provider's instance metadata or host service (credentials live there).
+    Metadata,
     Unspecified,
     Loopback,
     Private,
@@ -27,6 +33,7 @@ impl SpecialRange {
     /// A short, stable name for logs.
     pub fn as_str(self) -> &'static str {
         match self {
+            SpecialRange::Metadata => "metadata",
             SpecialRange::Unspecified => "unspecified",
             SpecialRange::Loopback => "loopback",
             SpecialRange::Private => "private",
@@ -53,7 +60,25 @@ pub fn classify(ip: IpAddr) -> Option<SpecialRange> {
     }
 }
 
+/// Instance metadata and host services of the clouds Kubernetes runs on. They open only to a rule
+/// CIDR that names them exactly, never to a broader private range.
+pub const METADATA_V4: [Ipv4Addr; 6] = [
+    Ipv4Addr::new(169, 254, 169, 254), // AWS, GCP, Azure, OpenStack, DigitalOcean, Oracle, ...
+    Ipv4Addr::new(169, 254, 170, 2),   // AWS ECS task credentials
+    Ipv4Addr::new(169, 254, 170, 23),  // AWS EKS Pod Identity agent
+    Ipv4Addr::new(169, 254, 0, 23),    // Tencent Cloud
+    Ipv4Addr::new(100, 100, 100, 200), // Alibaba Cloud
+    Ipv4Addr::new(168, 63, 129, 16),   // Azure WireServer (a public address, reachable only from VMs)
+];
+
+/// IPv6 metadata endpoints (AWS Nitro IMDS and EKS Pod Identity).
+pub const METADATA_V6: [Ipv6Addr; 2] =
+    [Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254), Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)];
+
 fn classify_v4(ip: Ipv4Addr) -> Option<SpecialRange> {
+    if METADATA_V4.contains(&ip) {
+        return Some(SpecialRange::Metadata);
+    }
     let o = ip.octets();
     let r = match o {
         [0, 0, 0, 0] => SpecialRange::Unspecified,
@@ -77,6 +102,9 @@ fn classify_v4(ip: Ipv4Addr) -> Option<SpecialRange> {
 }
 
 fn classify_v6(ip: Ipv6Addr) -> Option<SpecialRange> {
+    if METADATA_V6.contains(&ip) {
+        return Some(SpecialRange::Metadata);
+    }
     let s = ip.segments();
     if ip.is_unspecified() {
         return Some(SpecialRange::Unspecified);
@@ -132,6 +160,137 @@ fn embedded_v4(hi: u16, lo: u16) -> Ipv4Addr {
 /// `10.0.0.0/8` also covers `::ffff:10.0.0.1`.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
+}
+
+/// Whether an allow rule's CIDR `net`, which contains a refused address of class `range`, opens
+/// that address. A CIDR that contains any public address (`0.0.0.0/0`, `::/0`, `8.0.0.0/5`) never
+/// does: that is how people write "the internet". Metadata, loopback and unspecified addresses
+/// (0.0.0.0 connects to the local host) open only to a CIDR that names exactly one address;
+/// every other refused address to a CIDR that lies entirely inside refused space (`10.20.0.0/16`).
+pub fn opens(net: &IpNet, range: SpecialRange) -> bool {
+    match range {
+        SpecialRange::Metadata | SpecialRange::Loopback | SpecialRange::Unspecified => {
+            net.prefix_len() == net.max_prefix_len()
+        }
+        _ => entirely_refused(net),
+    }
+}
+
+/// Whether every address of `net` is refused by default (per [`classify`]).
+pub fn entirely_refused(net: &IpNet) -> bool {
+    if net.prefix_len() == net.max_prefix_len() {
+        return classify(net.addr()).is_some();
+    }
+    covered(net, refused_blocks())
+}
+
+/// Whether `net` holds refused addresses and public ones together: such a CIDR in an allow rule
+/// opens only its public part, which `check` points out.
+pub fn mixes_public_and_refused(net: &IpNet) -> bool {
+    !entirely_refused(net) && refused_blocks().iter().any(|b| net.contains(b) || b.contains(net))
+}
+
+/// The refused metadata addresses inside `net` that it does not name exactly.
+pub fn metadata_in(net: &IpNet) -> Vec<IpAddr> {
+    if net.prefix_len() == net.max_prefix_len() {
+        return Vec::new();
+    }
+    let v4 = METADATA_V4.iter().map(|a| IpAddr::V4(*a));
+    let v6 = METADATA_V6.iter().map(|a| IpAddr::V6(*a));
+    v4.chain(v6).filter(|a| net.contains(a)).collect()
+}
+
+/// Whether the union of `blocks` covers `net`. CIDRs either nest or are disjoint, so `net` is
+/// covered when one block holds it, or when both its halves are covered; a half that holds no
+/// block at all is not. The recursion only descends towards blocks inside `net`, so it is bounded
+/// by their number times the prefix length.
+fn covered(net: &IpNet, blocks: &[IpNet]) -> bool {
+    if blocks.iter().any(|b| b.contains(net)) {
+        return true;
+    }
+    if net.prefix_len() == net.max_prefix_len() || !blocks.iter().any(|b| net.contains(b)) {
+        return false;
+    }
+    match net.subnets(net.prefix_len() + 1) {
+        Ok(halves) => halves.into_iter().all(|h| covered(&h, blocks)),
+        Err(_) => false,
+    }
+}
+
+/// Refused space as CIDR blocks (every address in each block is refused by [`classify`]; a unit
+/// test checks that). Blocks only ever narrow what a rule can open: space missing here is refused
+/// all the same, it just cannot be opened by a CIDR wider than one address.
+fn refused_blocks() -> &'static [IpNet] {
+    static BLOCKS: OnceLock<Vec<IpNet>> = OnceLock::new();
+    BLOCKS.get_or_init(|| {
+        let v4: Vec<Ipv4Net> = [
+            "0.0.0.0/8",
+            "10.0.0.0/8",
+            "100.64.0.0/10",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "172.16.0.0/12",
+            "192.0.0.0/24",
+            "192.0.2.0/24",
+            "192.88.99.0/24",
+            "192.168.0.0/16",
+            "198.18.0.0/15",
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "224.0.0.0/3",
+        ]
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .chain(METADATA_V4.iter().filter_map(|a| Ipv4Net::new(*a, 32).ok()))
+        .collect();
+        let mut out: Vec<IpNet> = v4.iter().map(|n| IpNet::V4(*n)).collect();
+        // Native IPv6 special space, and everything outside 2000::/3 that embeds no IPv4 address
+        // (4000::/2, 8000::/1; 0::/3 holds the mapped, compatible and NAT64 forms).
+        for s in [
+            "::/128",
+            "::1/128",
+            "100::/64",
+            "64:ff9b:1::/48",
+            "2001:db8::/32",
+            "2001:1::/32",
+            "2001:2::/31",
+            "2001:4::/30",
+            "2001:8::/29",
+            "2001:10::/28",
+            "2001:20::/27",
+            "2001:40::/26",
+            "2001:80::/25",
+            "2001:100::/24",
+            "3fff::/20",
+            "5f00::/16",
+            "4000::/2",
+            "8000::/1",
+        ] {
+            if let Ok(n) = s.parse::<Ipv6Net>() {
+                out.push(IpNet::V6(n));
+            }
+        }
+        out.extend(METADATA_V6.iter().filter_map(|a| Ipv6Net::new(*a, 128).ok()).map(IpNet::V6));
+        // The IPv6 forms that embed a refused IPv4 block: mapped ::ffff:0:0/96, compatible ::/96,
+        // NAT64 64:ff9b::/96 (IPv4 in the last 32 bits), 6to4 2002::/16 (bits 16..48), Teredo
+        // 2001::/32 (server in bits 32..64).
+        for n in &v4 {
+            let bits = u128::from(u32::from(n.network()));
+            let len = n.prefix_len();
+            for (prefix, shift, base_len) in [
+                (0xffff_u128 << 32, 0, 96),
+                (0, 0, 96),
+                (0x0064_ff9b_u128 << 96, 0, 96),
+                (0x2002_u128 << 112, 80, 16),
+                (0x2001_0000_u128 << 96, 64, 32),
+            ] {
+                if let Ok(net) = Ipv6Net::new(Ipv6Addr::from(prefix | (bits << shift)), base_len + len) {
+                    out.push(IpNet::V6(net));
+                }
+            }
+        }
+        out
+    })
 }
 
 #[cfg(test)]

@@ -481,6 +481,13 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
     if net.trunc() != net {
         return Err(format!("\"{s}\" has host bits set; did you mean {}?", net.trunc()));
     }
+    // Addresses are compared in canonical form (::ffff:10.0.0.1 is 10.0.0.1), so an IPv4-mapped
+    // CIDR is stored as the IPv4 CIDR it means; left as IPv6 it would never match.
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.network().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map(IpNet::V4).map_err(|e| e.to_string());
+        }
+    }
     Ok(net)
 }
 

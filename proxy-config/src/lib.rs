@@ -11,6 +11,7 @@
 //! - [`host`]: the strict `host:port` grammar and name normalization.
 //! - [`addr`]: classification of non-public addresses, unwrapping IPv6 forms that embed IPv4.
 //! - [`error`]: errors that name the path of the bad value.
+//! - [`warnings`]: what a valid configuration says that does not do what it reads like.
 #![forbid(unsafe_code)]
 
 pub mod addr;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod host;
 pub mod policy;
 mod raw;
+pub mod warnings;
 
 pub use config::{
     Admin, Dns, Limits, Listener, ListenerMode, LogFormat, Logging, ProxyConfig, RelayDefaults, TlsFiles,
@@ -26,3 +28,4 @@ pub use config::{
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};
 pub use policy::{Action, Decision, DenyReason, Policy, PreDecision, Rule, TunnelLimits};
+pub use warnings::ConfigWarning;

@@ -1,5 +1,6 @@
 //! Policy evaluation: rules matched against (client, host, port, address), deny over allow,
-//! then the default action; private addresses refused unless a matching allow rule lists them.
+//! then the default action; refused (private, metadata, ...) addresses stay refused unless a
+//! matching allow rule opts in with a CIDR that lies entirely inside refused space.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use regex::Regex;
 
-use crate::addr::{canonical, classify, SpecialRange};
+use crate::addr::{self, canonical, classify, SpecialRange};
 use crate::host::{Host, HostName, HostPattern};
 
 /// What a rule or the default does with a request.
@@ -139,6 +140,12 @@ impl Rule {
         self.cidrs.iter().any(|n| n.contains(&addr))
     }
 
+    /// Whether one of the rule's CIDRs opens the refused address `addr` (see [`addr::opens`]).
+    fn opens(&self, addr: IpAddr, range: SpecialRange) -> bool {
+        let addr = canonical(addr);
+        self.cidrs.iter().any(|n| n.contains(&addr) && addr::opens(n, range))
+    }
+
     /// Whether the rule matches; `addr` is `None` before resolution (CIDRs cannot match yet).
     fn matches(&self, client: IpAddr, host: &Host, port: u16, addr: Option<IpAddr>) -> bool {
         if !self.matches_client_port(client, port) {
@@ -156,8 +163,13 @@ pub enum DenyReason {
     Rule,
     /// No allow rule matched and the default action is deny.
     Default,
-    /// The target address is not public and no matching allow rule lists it.
-    PrivateAddress(SpecialRange),
+    /// The target address is refused by default and no matching allow rule opens it.
+    PrivateAddress {
+        range: SpecialRange,
+        /// A matching allow rule that does not open the address (it matches by name, or its CIDR
+        /// holds public space too, or is a range where an exact address was needed), for `explain`.
+        not_opened_by: Option<usize>,
+    },
 }
 
 impl DenyReason {
@@ -166,7 +178,7 @@ impl DenyReason {
         match self {
             DenyReason::Rule => "rule",
             DenyReason::Default => "default",
-            DenyReason::PrivateAddress(_) => "private_address",
+            DenyReason::PrivateAddress { .. } => "private_address",
         }
     }
 }
@@ -244,26 +256,31 @@ impl Policy {
         let mut first_allow: Option<usize> = None;
         let mut overrides: Option<RelayOverrides> = None;
         for &addr in addrs {
+            let refused = if self.deny_private_addresses { classify(addr) } else { None };
             let mut matched = false;
+            let mut opened = refused.is_none();
             for (i, r) in self.rules.iter().enumerate() {
-                if r.action == Action::Allow && r.matches(client, host, port, Some(addr)) {
-                    matched = true;
-                    first_allow = Some(first_allow.map_or(i, |f| f.min(i)));
-                    overrides = Some(overrides.map_or(r.relay, |o| o.strictest(r.relay)));
+                if r.action != Action::Allow || !r.matches(client, host, port, Some(addr)) {
+                    continue;
                 }
+                matched = true;
+                // For a refused address only the rules that open it allow it (and set its limits).
+                if refused.is_some_and(|range| !r.opens(addr, range)) {
+                    continue;
+                }
+                opened = true;
+                first_allow = Some(first_allow.map_or(i, |f| f.min(i)));
+                overrides = Some(overrides.map_or(r.relay, |o| o.strictest(r.relay)));
             }
             if !matched && self.default_action == Action::Deny {
                 return deny_default;
             }
-            if self.deny_private_addresses {
-                if let Some(range) = classify(addr) {
-                    let listed = self.rules.iter().any(|r| {
-                        r.action == Action::Allow && r.matches_client_port(client, port) && r.lists_address(addr)
-                    });
-                    if !listed {
-                        return Decision::Deny { rule: None, reason: DenyReason::PrivateAddress(range) };
-                    }
-                }
+            if let (Some(range), false) = (refused, opened) {
+                let not_opened_by = self
+                    .rules
+                    .iter()
+                    .position(|r| r.action == Action::Allow && r.matches(client, host, port, Some(addr)));
+                return Decision::Deny { rule: None, reason: DenyReason::PrivateAddress { range, not_opened_by } };
             }
         }
         Decision::Allow { rule: first_allow, limits: self.defaults.with(overrides.unwrap_or_default()) }

@@ -204,6 +204,7 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     metrics.config_generation.set(1);
     metrics.config_last_reload_success.set(unix_now());
     info!(generation = 1, sha256 = %snapshot.sha256, "configuration loaded");
+    crate::snapshot::log_warnings(&snapshot.config);
 
     let (tx, _rx) = watch::channel(snapshot);
     let inner = Arc::new(Inner {

@@ -96,15 +96,18 @@ pub fn load(path: &Path) -> Result<(ProxyConfig, String), LoadError> {
 /// `check`: returns (exit code, output).
 pub fn check(path: &Path) -> (i32, String) {
     match load(path) {
-        Ok((cfg, _)) => (
-            0,
-            format!(
+        Ok((cfg, _)) => {
+            let mut out = format!(
                 "{}: valid ({} listener(s), {} rule(s))\n",
                 path.display(),
                 cfg.listeners.len(),
                 cfg.policy.rules.len()
-            ),
-        ),
+            );
+            for w in cfg.warnings() {
+                let _ = writeln!(out, "warning: {w}");
+            }
+            (0, out)
+        }
         Err(e) => (EXIT_USAGE, format!("{e}\n")),
     }
 }
@@ -125,7 +128,7 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
         Host::Ip(ip) => vec![*ip],
         Host::Name(name) => {
             if let PreDecision::Deny(d) = policy.pre_resolve(client, name, auth.port) {
-                describe(&mut out, policy, &d, &auth);
+                describe(&mut out, policy, &d, &auth, &[]);
                 let _ = writeln!(out, "resolved: no (decided by name, no DNS query)");
                 return (0, out);
             }
@@ -137,11 +140,11 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
         }
     };
     let d = policy.decide(client, &auth.host, auth.port, &addrs);
-    describe(&mut out, policy, &d, &auth);
+    describe(&mut out, policy, &d, &auth, &addrs);
     (0, out)
 }
 
-fn describe(out: &mut String, policy: &proxy_config::Policy, d: &Decision, auth: &Authority) {
+fn describe(out: &mut String, policy: &proxy_config::Policy, d: &Decision, auth: &Authority, addrs: &[IpAddr]) {
     let _ = writeln!(out, "target: {auth}");
     match d {
         Decision::Allow { rule, limits } => {
@@ -159,19 +162,57 @@ fn describe(out: &mut String, policy: &proxy_config::Policy, d: &Decision, auth:
         }
         Decision::Deny { rule, reason } => {
             let _ = writeln!(out, "decision: deny (403)");
-            let _ = writeln!(out, "rule: {}", policy.rule_name(*rule));
+            if matches!(reason, proxy_config::DenyReason::PrivateAddress { .. }) {
+                let _ = writeln!(out, "rule: none (the address is refused by default)");
+            } else {
+                let _ = writeln!(out, "rule: {}", policy.rule_name(*rule));
+            }
             match reason {
-                proxy_config::DenyReason::PrivateAddress(r) => {
-                    let _ = writeln!(
-                        out,
-                        "reason: private_address ({}); list it in an allow rule's cidrs to permit it",
-                        r.as_str()
-                    );
+                proxy_config::DenyReason::PrivateAddress { range, not_opened_by } => {
+                    let rule = not_opened_by.and_then(|i| policy.rules.get(i));
+                    let by_cidr = rule
+                        .is_some_and(|r| addrs.iter().any(|a| r.cidrs.iter().any(|n| n.contains(&a.to_canonical()))));
+                    let hint = opt_in_hint(*range);
+                    let _ = match rule {
+                        Some(r) if by_cidr => writeln!(
+                            out,
+                            "reason: private address (rule's CIDR is not an opt-in): the address is {}; rule {} \
+                             lists it only in a CIDR that does not open it ({hint})",
+                            range.as_str(),
+                            r.name
+                        ),
+                        Some(r) => writeln!(
+                            out,
+                            "reason: private address ({}): rule {} allows the name, but a name never opens a \
+                             refused address; an allow rule must list it in cidrs ({hint})",
+                            range.as_str(),
+                            r.name
+                        ),
+                        None => writeln!(
+                            out,
+                            "reason: private address ({}); to permit it, an allow rule must list it in cidrs ({hint})",
+                            range.as_str()
+                        ),
+                    };
                 }
                 r => {
                     let _ = writeln!(out, "reason: {}", r.as_str());
                 }
             }
+        }
+    }
+}
+
+fn opt_in_hint(range: proxy_config::addr::SpecialRange) -> &'static str {
+    use proxy_config::addr::SpecialRange as R;
+    match range {
+        R::Metadata => "a metadata address opens only to a CIDR that names it exactly, as a /32 or /128",
+        R::Loopback | R::Unspecified => {
+            "a loopback address opens only to a CIDR that names it exactly, as a /32 or /128"
+        }
+        _ => {
+            "refused addresses open only to a CIDR that lies entirely inside refused space, such as 10.20.0.0/16, \
+             never to one that also holds public addresses, like 0.0.0.0/0"
         }
     }
 }

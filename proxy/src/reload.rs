@@ -104,6 +104,7 @@ async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Re
         return Ok(ReloadOutcome::Unchanged);
     }
     let snap = Arc::new(Snapshot::build(cfg, text, current.generation + 1)?);
+    crate::snapshot::log_warnings(&snap.config);
     // Process-level settings are read once at start.
     if snap.config.admin != current.config.admin {
         warn!("admin.bind changed: takes effect at the next restart");

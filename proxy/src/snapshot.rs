@@ -95,3 +95,11 @@ pub fn fingerprint(config: &ProxyConfig, text: &str) -> String {
 
 /// A shared, immutable snapshot.
 pub type SharedSnapshot = Arc<Snapshot>;
+
+/// Logs what a loaded configuration says that does not do what it reads like (the same warnings
+/// `check` prints).
+pub(crate) fn log_warnings(cfg: &ProxyConfig) {
+    for w in cfg.warnings() {
+        tracing::warn!(path = %w.path, "{}", w.message);
+    }
+}

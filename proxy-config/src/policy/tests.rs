@@ -6,6 +6,7 @@ use crate::config::ProxyConfig;
 use crate::host::Authority;
 
 use super::*;
+use crate::host::Host;
 
 fn policy(rules_yaml: &str, default: &str) -> Policy {
     let doc = format!(
@@ -132,10 +133,10 @@ fn s09_port_policy() {
 fn private_addresses_need_an_explicit_cidr() {
     let p = policy(RULES, "allow");
     let d = decide(&p, "1.2.3.4", "internal.attacker.test:443", &["10.0.0.5"]);
-    assert!(matches!(d, Decision::Deny { reason: DenyReason::PrivateAddress(_), .. }));
+    assert!(matches!(d, Decision::Deny { reason: DenyReason::PrivateAddress { .. }, .. }));
     // fail closed on mixed answers
     let d = decide(&p, "1.2.3.4", "mixed.test:443", &["93.184.216.34", "127.0.0.1"]);
-    assert!(matches!(d, Decision::Deny { reason: DenyReason::PrivateAddress(_), .. }));
+    assert!(matches!(d, Decision::Deny { reason: DenyReason::PrivateAddress { .. }, .. }));
     // 10.9.0.0/16 is listed by "nets", but only for port 5432
     assert!(allowed_by(&decide(&p, "1.2.3.4", "10.9.0.1:5432", &["10.9.0.1"]), &p).is_some());
     assert!(allowed_by(&decide(&p, "1.2.3.4", "10.9.0.1:443", &["10.9.0.1"]), &p).is_none());
@@ -188,4 +189,107 @@ fn strictest_limits_among_matching_allows() {
         }
         d => panic!("{d:?}"),
     }
+}
+
+const ANYWHERE: &str = r#"
+    - name: anyv4
+      action: allow
+      cidrs: ["0.0.0.0/0"]
+    - name: anyv6
+      action: allow
+      cidrs: ["::/0"]
+    - name: broad-halves
+      action: allow
+      cidrs: ["0.0.0.0/1", "8.0.0.0/5"]
+"#;
+
+fn private_denial(d: &Decision) -> Option<(SpecialRange, Option<usize>)> {
+    match d {
+        Decision::Deny { reason: DenyReason::PrivateAddress { range, not_opened_by }, rule: None } => {
+            Some((*range, *not_opened_by))
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn a_catch_all_allow_never_opens_refused_addresses() {
+    let p = policy(ANYWHERE, "deny");
+    for (target, range) in [
+        ("169.254.169.254:80", SpecialRange::Metadata),
+        ("10.0.0.5:443", SpecialRange::Private),
+        ("127.0.0.1:22", SpecialRange::Loopback),
+        ("[fd00:ec2::254]:80", SpecialRange::Metadata),
+        ("[::ffff:169.254.169.254]:80", SpecialRange::Metadata),
+        ("[64:ff9b::a9fe:a9fe]:80", SpecialRange::Metadata),
+        ("[64:ff9b::a00:5]:80", SpecialRange::Private),
+        ("[::ffff:10.0.0.5]:80", SpecialRange::Private),
+        ("[fd12::1]:80", SpecialRange::UniqueLocal),
+        ("[::1]:22", SpecialRange::Loopback),
+        ("100.100.100.200:80", SpecialRange::Metadata),
+    ] {
+        let a: Authority = target.parse().unwrap();
+        let Host::Ip(addr) = a.host else { panic!("{target}") };
+        let d = p.decide(ip("10.1.1.1"), &a.host, a.port, &[addr]);
+        let (got, by) = private_denial(&d).unwrap_or_else(|| panic!("{target}: {d:?}"));
+        assert_eq!(got, range, "{target}");
+        assert!(by.is_some(), "{target}: explain must name the rule whose CIDR is not an opt-in");
+    }
+    // Public addresses are still allowed by the same rules.
+    assert_eq!(
+        allowed_by(&decide(&p, "10.1.1.1", "93.184.216.34:443", &["93.184.216.34"]), &p).as_deref(),
+        Some("anyv4")
+    );
+    assert_eq!(
+        allowed_by(&decide(&p, "10.1.1.1", "[2606:2800::1]:443", &["2606:2800::1"]), &p).as_deref(),
+        Some("anyv6")
+    );
+    assert!(allowed_by(&decide(&p, "10.1.1.1", "9.9.9.9:53", &["9.9.9.9"]), &p).is_some());
+    // A name that resolves to a metadata address through the catch-all: refused (fail closed).
+    let d = decide(&p, "10.1.1.1", "metadata.attacker.test:80", &["93.184.216.34", "169.254.169.254"]);
+    assert_eq!(private_denial(&d).map(|x| x.0), Some(SpecialRange::Metadata));
+}
+
+#[test]
+fn refused_space_opens_only_to_cidrs_inside_it_and_metadata_only_when_named() {
+    let rules = r#"
+    - name: vpc
+      action: allow
+      cidrs: ["10.0.0.0/8", "fd00::/8"]
+    - name: link-local
+      action: allow
+      cidrs: ["169.254.0.0/16"]
+    - name: imds
+      action: allow
+      clients: ["10.244.9.9/32"]
+      cidrs: ["169.254.169.254/32", "fd00:ec2::254/128"]
+    - name: loopback-range
+      action: allow
+      cidrs: ["127.0.0.0/8"]
+    - name: loopback-one
+      action: allow
+      cidrs: ["127.0.0.1/32"]
+      ports: [8080]
+"#;
+    let p = policy(rules, "deny");
+    assert_eq!(allowed_by(&decide(&p, "10.1.1.1", "10.20.3.4:5432", &["10.20.3.4"]), &p).as_deref(), Some("vpc"));
+    assert_eq!(allowed_by(&decide(&p, "10.1.1.1", "[fd00:1::5]:80", &["fd00:1::5"]), &p).as_deref(), Some("vpc"));
+    assert_eq!(
+        allowed_by(&decide(&p, "10.1.1.1", "169.254.10.1:80", &["169.254.10.1"]), &p).as_deref(),
+        Some("link-local")
+    );
+    // Metadata: not through the VPC's fd00::/8 nor the link-local /16; only the named /32 and /128,
+    // for the one client that rule selects.
+    for (target, addr) in [("169.254.169.254:80", "169.254.169.254"), ("[fd00:ec2::254]:80", "fd00:ec2::254")] {
+        let d = decide(&p, "10.1.1.1", target, &[addr]);
+        assert_eq!(private_denial(&d).map(|x| x.0), Some(SpecialRange::Metadata), "{target}");
+        assert_eq!(allowed_by(&decide(&p, "10.244.9.9", target, &[addr]), &p).as_deref(), Some("imds"), "{target}");
+    }
+    // Loopback: only the exact address, and only on the rule's port.
+    assert!(private_denial(&decide(&p, "10.1.1.1", "127.0.0.2:8080", &["127.0.0.2"])).is_some());
+    assert!(private_denial(&decide(&p, "10.1.1.1", "127.0.0.1:22", &["127.0.0.1"])).is_some());
+    assert_eq!(
+        allowed_by(&decide(&p, "10.1.1.1", "127.0.0.1:8080", &["127.0.0.1"]), &p).as_deref(),
+        Some("loopback-one")
+    );
 }

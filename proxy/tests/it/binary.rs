@@ -185,9 +185,30 @@ fn cli_explain_names_the_deciding_rule() {
         "--resolve",
         "10.0.0.1",
     ]);
-    assert!(out.contains("decision: deny") && out.contains("private_address (private)"), "{out}");
+    assert!(
+        out.contains("decision: deny")
+            && out.contains("reason: private address (private): rule payments/allow-github allows the name"),
+        "{out}"
+    );
     let (_, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "10.0.0.1:5432"]);
     assert!(out.contains("decision: deny") && out.contains("rule: default"), "{out}");
+    // A catch-all allow says why it does not open a metadata address, and `check` warns about it.
+    let any = dir.0.join("any.yaml");
+    std::fs::write(&any, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\npolicy:\n  rules:\n    - {name: anyv4, action: allow, cidrs: ['0.0.0.0/0']}\n").unwrap();
+    let any = any.to_str().unwrap();
+    let (_, out) = run(&["explain", "--config", any, "--client", "10.1.1.1", "--target", "169.254.169.254:80"]);
+    assert!(
+        out.contains("decision: deny (403)")
+            && out.contains(
+                "reason: private address (rule's CIDR is not an opt-in): the address is metadata; rule anyv4"
+            ),
+        "{out}"
+    );
+    let (_, out) = run(&["explain", "--config", any, "--client", "10.1.1.1", "--target", "93.184.216.34:443"]);
+    assert!(out.contains("decision: allow") && out.contains("rule: anyv4"), "{out}");
+    let (code, out) = run(&["check", "--config", any]);
+    assert_eq!(code, 0, "a warning is not an error");
+    assert!(out.contains("warning: policy.rules[0].cidrs[0]: 0.0.0.0/0 holds public and refused addresses"), "{out}");
     let (code, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "0x7f.1:443"]);
     assert_eq!(code, 64);
     assert!(out.contains("400"), "{out}");

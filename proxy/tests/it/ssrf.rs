@@ -48,8 +48,12 @@ async fn s01_loopback_unspecified_and_self() {
         .await,
         403,
     );
-    // Even a rule that lists all of loopback must not let a client reach the proxy itself.
-    let with_self = w.proxy("    - {name: loop, action: allow, cidrs: [\"127.0.0.0/8\"]}\n").await;
+    // A loopback range opens nothing: loopback is opened only by naming the address exactly.
+    let range = w.proxy("    - {name: loop, action: allow, cidrs: [\"127.0.0.0/8\", \"::1/128\"]}\n").await;
+    all(&statuses(addr(&range), &["127.0.0.1:22", "127.0.0.3:443"].map(String::from)).await, 403);
+    assert_eq!(metric(range.admin, "tunnelgate_policy_decisions_total{decision=\"deny\",rule=\"default\"}").await, 2.0);
+    // Even a rule that names loopback exactly must not let a client reach the proxy itself.
+    let with_self = w.proxy("    - {name: loop, action: allow, cidrs: [\"127.0.0.1/32\", \"::1/128\"]}\n").await;
     let own2 = addr(&with_self).port();
     all(
         &statuses(
@@ -65,7 +69,7 @@ async fn s01_loopback_unspecified_and_self() {
     );
     assert_eq!(
         metric(with_self.admin, "tunnelgate_policy_decisions_total{decision=\"deny\",rule=\"self\"}").await,
-        2.0
+        3.0
     );
 }
 
@@ -179,6 +183,45 @@ async fn s06_dns_answer_with_private_address() {
         .collect();
     all(&statuses(addr(&p), &t).await, 403);
     assert_eq!(w.sink.count(), 0, "no SYN may reach a refused address");
+}
+
+#[tokio::test]
+async fn s02_a_catch_all_allow_opens_no_refused_address() {
+    // "Anywhere" as people write it: it must allow the internet and nothing the defaults refused,
+    // in either family and in the IPv6 forms that embed IPv4; nothing may even reach the sink.
+    let w = World::new().await;
+    w.dns.set("meta.attacker.test", Answer::Addrs(vec!["169.254.169.254".parse().unwrap()]));
+    w.dns.set("sink.attacker.test", Answer::Addrs(vec!["127.0.0.3".parse().unwrap()]));
+    let p = w
+        .proxy(
+            "    - {name: anyv4, action: allow, cidrs: [\"0.0.0.0/0\"]}\n    - {name: anyv6, action: allow, cidrs: [\"::/0\"]}\n    - {name: halves, action: allow, cidrs: [\"0.0.0.0/1\", \"8.0.0.0/5\", \"64:ff9b::/96\"]}\n",
+        )
+        .await;
+    let sink = w.sink.addr.port();
+    let targets: Vec<String> = [
+        "169.254.169.254:80".to_string(),
+        "10.0.0.5:443".to_string(),
+        "127.0.0.1:22".to_string(),
+        format!("127.0.0.3:{sink}"),
+        "[fd00:ec2::254]:80".to_string(),
+        "[::ffff:169.254.169.254]:80".to_string(),
+        "[64:ff9b::a9fe:a9fe]:80".to_string(),
+        format!("[::ffff:127.0.0.3]:{sink}"),
+        "[::1]:22".to_string(),
+        "100.100.100.200:80".to_string(),
+        format!("meta.attacker.test:{sink}"),
+        format!("sink.attacker.test:{sink}"),
+    ]
+    .to_vec();
+    all(&statuses(addr(&p), &targets).await, 403);
+    assert_eq!(w.sink.count(), 0, "no SYN may reach a refused address");
+    assert_eq!(
+        metric(p.admin, "tunnelgate_policy_decisions_total{decision=\"deny\",rule=\"default\"}").await,
+        targets.len() as f64
+    );
+    // An address that is named exactly is opened by the same kind of rule.
+    let named = w.proxy(&format!("    - {{name: anyv4, action: allow, cidrs: [\"0.0.0.0/0\"]}}\n    - {{name: sink, action: allow, cidrs: [\"127.0.0.3/32\"], ports: [{sink}]}}\n")).await;
+    let _tunnel = tunnel(addr(&named), &format!("127.0.0.3:{sink}")).await;
 }
 
 #[tokio::test]
