@@ -12,9 +12,10 @@ use tokio::time::{sleep, Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug_span, warn, Instrument};
 
-use crate::app::Inner;
-use crate::conn::{self, ConnCtx};
+use crate::conn;
+use crate::context::ConnCtx;
 use crate::error::TunnelError;
+use crate::state::Inner;
 
 /// Counts open connections, globally and per client address.
 #[derive(Default)]

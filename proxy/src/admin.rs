@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::app::Inner;
+use crate::state::Inner;
 
 /// Serves admin requests on `listener` until `stop` is cancelled.
 pub async fn run(inner: Arc<Inner>, listener: TcpListener, stop: CancellationToken) {

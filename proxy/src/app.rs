@@ -1,28 +1,22 @@
-//! Wiring: binds the listeners and the admin port, owns the shared state ([`Inner`]), and runs
+//! Wiring: binds the listeners and the admin port, creates the shared state ([`Inner`]), and runs
 //! the shutdown sequence (readiness off → accept grace → stop accepting → drain → force close).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use prometheus::Registry;
-use proxy_config::addr::{classify, SpecialRange};
-use proxy_config::{Host, ProxyConfig};
+use proxy_config::ProxyConfig;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Duration};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::accept::{self, ConnLimiter};
 use crate::admin;
+use crate::listeners;
 use crate::metrics::ProxyMetrics;
-use crate::relay::Stops;
-use crate::snapshot::{SharedSnapshot, Snapshot, SnapshotError};
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::state::{lock, unix_now, Inner, RunningListener};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,103 +38,6 @@ pub enum StartError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot register metrics")]
     Metrics(#[from] prometheus::Error),
-}
-
-/// A listener that is accepting now.
-pub(crate) struct RunningListener {
-    pub(crate) name: String,
-    /// The configured address (port may be 0).
-    pub(crate) bind: SocketAddr,
-    /// The bound address.
-    pub(crate) addr: SocketAddr,
-    pub(crate) stop: CancellationToken,
-    pub(crate) task: JoinHandle<TcpListener>,
-}
-
-/// What a reload needs to know about an established tunnel to re-decide it.
-pub(crate) struct TunnelEntry {
-    pub(crate) client: IpAddr,
-    pub(crate) host: Host,
-    pub(crate) port: u16,
-    pub(crate) addrs: Vec<IpAddr>,
-    pub(crate) revoke: CancellationToken,
-}
-
-/// State shared by every task of one proxy process.
-pub struct Inner {
-    pub metrics: ProxyMetrics,
-    pub registry: Registry,
-    snapshot: watch::Sender<SharedSnapshot>,
-    pub limiter: Arc<ConnLimiter>,
-    /// Every connection task (negotiating or relaying): the drain waits on it.
-    pub tracker: TaskTracker,
-    pub stops: Stops,
-    pub next_conn_id: AtomicU64,
-    pub active_tunnels: AtomicUsize,
-    draining: AtomicBool,
-    pub(crate) listeners: Mutex<Vec<RunningListener>>,
-    pub(crate) tunnels: Mutex<HashMap<u64, TunnelEntry>>,
-    /// Serializes reloads, so exactly one snapshot wins and listener changes never interleave.
-    pub(crate) reload_lock: tokio::sync::Mutex<()>,
-    admin_addr: SocketAddr,
-}
-
-impl Inner {
-    /// The snapshot in force now (an `Arc` clone; no borrow is held).
-    pub fn snapshot(&self) -> SharedSnapshot {
-        self.snapshot.borrow().clone()
-    }
-
-    pub(crate) fn publish(&self, s: SharedSnapshot) {
-        self.snapshot.send_replace(s);
-    }
-
-    /// Ready: serving, not draining.
-    pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// Bound address of each listener, by name.
-    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
-        lock(&self.listeners).iter().map(|l| (l.name.clone(), l.addr)).collect()
-    }
-
-    /// Whether connecting to `ip:port` would connect to this proxy (a listener or the admin port).
-    pub fn is_self(&self, ip: IpAddr, port: u16) -> bool {
-        let ip = ip.to_canonical();
-        let mut eps: Vec<SocketAddr> = lock(&self.listeners).iter().map(|l| l.addr).collect();
-        eps.push(self.admin_addr);
-        eps.iter().any(|ep| {
-            ep.port() == port
-                && (ep.ip().to_canonical() == ip
-                    || (ep.ip().is_unspecified()
-                        && matches!(classify(ip), Some(SpecialRange::Loopback | SpecialRange::Unspecified))))
-        })
-    }
-
-    /// Starts accepting on `sock` as listener `name`.
-    pub(crate) fn start_listener(
-        self: &Arc<Self>,
-        name: &str,
-        bind: SocketAddr,
-        sock: TcpListener,
-    ) -> std::io::Result<()> {
-        let addr = sock.local_addr()?;
-        let stop = CancellationToken::new();
-        info!(listener = %name, addr = %addr, "listening");
-        let task = tokio::spawn(accept::run(self.clone(), Arc::from(name), sock, stop.clone()));
-        lock(&self.listeners).push(RunningListener { name: name.to_owned(), bind, addr, stop, task });
-        Ok(())
-    }
-}
-
-/// Locks a std mutex, ignoring poisoning (no code path panics while holding one).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What the drain did.
@@ -206,24 +103,9 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     info!(generation = 1, sha256 = %snapshot.sha256, "configuration loaded");
     crate::snapshot::log_warnings(&snapshot.config);
 
-    let (tx, _rx) = watch::channel(snapshot);
-    let inner = Arc::new(Inner {
-        metrics,
-        registry,
-        snapshot: tx,
-        limiter: Arc::new(ConnLimiter::default()),
-        tracker: TaskTracker::new(),
-        stops: Stops::default(),
-        next_conn_id: AtomicU64::new(1),
-        active_tunnels: AtomicUsize::new(0),
-        draining: AtomicBool::new(false),
-        listeners: Mutex::new(Vec::new()),
-        tunnels: Mutex::new(HashMap::new()),
-        reload_lock: tokio::sync::Mutex::new(()),
-        admin_addr,
-    });
+    let inner = Arc::new(Inner::new(metrics, registry, snapshot, admin_addr));
     for (name, bind, sock) in bound {
-        inner.start_listener(&name, bind, sock).map_err(|source| StartError::Bind {
+        listeners::start(&inner, &name, bind, sock).map_err(|source| StartError::Bind {
             name: name.clone(),
             addr: bind,
             source,
@@ -238,10 +120,6 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     Ok(ProxyHandle { listeners: inner.listener_addrs(), admin: admin_addr, inner, shutdown, done })
 }
 
-pub(crate) fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// The shutdown sequence of SECURITY-CASES §10.8.
 async fn drain(
     inner: Arc<Inner>,
@@ -251,7 +129,7 @@ async fn drain(
 ) -> DrainReport {
     shutdown.cancelled().await;
     let limits = inner.snapshot().config.limits;
-    inner.draining.store(true, Ordering::Relaxed);
+    inner.set_draining();
     inner.metrics.draining.set(1);
     info!(delay_ms = limits.drain_delay.as_millis() as u64, "draining: readiness off, still accepting");
     // Keep accepting while endpoints converge, so clients that still pick this pod are served.
@@ -267,6 +145,8 @@ async fn drain(
             drop(l.task.await);
         }
     }
+    // Idle keep-alive connections close now; HTTP requests in flight finish with `Connection: close`.
+    inner.draining_connections.cancel();
     inner.tracker.close();
     let open = inner.tracker.len();
     info!(
@@ -276,7 +156,7 @@ async fn drain(
     );
     let mut forced = 0;
     if timeout(limits.drain_timeout, inner.tracker.wait()).await.is_err() {
-        forced = inner.active_tunnels.load(Ordering::Relaxed);
+        forced = inner.tunnels.active();
         warn!(tunnels = forced, connections = inner.tracker.len(), "drain deadline passed, closing what is left");
         inner.stops.shutdown.cancel();
         // Closing is quick (FIN both ways, bounded); do not wait forever on a stuck peer.

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use proxy_config::{Authority, ConfigErrors, Decision, Host, PreDecision, ProxyConfig};
 
+use crate::authorize::{self, Verdict};
+
 /// Exit code for an invalid configuration or usage (sysexits EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 
@@ -139,8 +141,20 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
             resolve.to_vec()
         }
     };
-    let d = policy.decide(client, &auth.host, auth.port, &addrs);
-    describe(&mut out, policy, &d, &auth, &addrs);
+    // The running proxy refuses its own listener and admin ports; so does `explain`.
+    let mut endpoints: Vec<std::net::SocketAddr> = cfg.listeners.iter().map(|l| l.bind).collect();
+    endpoints.push(cfg.admin.bind);
+    let own = |ip, port| authorize::is_own_endpoint(&endpoints, ip, port);
+    match authorize::decide(policy, client, &auth, &addrs, own) {
+        Verdict::Allow { rule, limits } => describe(&mut out, policy, &Decision::Allow { rule, limits }, &auth, &addrs),
+        Verdict::Deny(d) => describe(&mut out, policy, &d, &auth, &addrs),
+        Verdict::SelfConnect => {
+            let _ = writeln!(
+                out,
+                "target: {auth}\ndecision: deny (403)\nrule: self\nreason: the target is one of this proxy's own listener or admin ports"
+            );
+        }
+    }
     (0, out)
 }
 

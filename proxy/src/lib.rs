@@ -2,28 +2,42 @@
 //! metrics and graceful drain.
 //!
 //! # Layout (the path of a connection)
-//! - [`accept`]: accept loops, connection caps, one tracked task per connection.
-//! - [`conn`]: one connection: TLS handshake → [`negotiate`] (bounded head) → authorize
-//!   (`proxy_config::Policy`) → [`dial`] (resolve, check every address, connect) → 200 → [`relay`].
-//! - [`relay`]: full duplex with half-close and the tunnel's limits; one close reason per tunnel.
+//! - [`listeners`]: the running listeners (plan a new set, switch, start); [`accept`]: accept
+//!   loops, connection caps, one tracked task per connection with its [`context`].
+//! - [`conn`]: one connection: caps → TLS handshake → [`negotiate`] (first head, bounded) →
+//!   dispatch to a [`forward`] path: `connect` (CONNECT tunnels) or `http` (absolute-form HTTP,
+//!   with `upgrade` for WebSocket).
+//! - [`authorize`]: pre-decide → resolve → decide on every address → self-connection check (also
+//!   used by `explain`); [`dial`]: resolve and connect to exactly the approved addresses.
+//! - [`relay`]: full duplex with half-close and the tunnel's limits; one close reason per tunnel;
+//!   [`tunnels`]: the registry of established tunnels (active count, revocation, drain).
+//! - [`access`]: one access event per tunnel or HTTP request, with the privacy defaults.
 //! - [`snapshot`]: the configuration in force (policy, resolver, TLS), one `Arc` per connection.
 //! - [`reload`]: hot reload (file watcher, SIGHUP, poll) through one validate → diff → publish pipeline.
-//! - [`app`]: binding, shared state, and the shutdown sequence; [`admin`]: metrics, health, config.
+//! - [`state`]: the shared state; [`app`]: binding and the shutdown sequence; [`admin`]: metrics,
+//!   health, config.
 //! - [`error`], [`metrics`], [`tls`], [`telemetry`], [`cli`].
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod access;
 pub mod admin;
 pub mod app;
+pub mod authorize;
 pub mod cli;
 pub mod conn;
+pub mod context;
 pub mod dial;
 pub mod error;
+pub mod forward;
 pub mod k8s_source;
+pub mod listeners;
 pub mod metrics;
 pub mod negotiate;
 pub mod relay;
 pub mod reload;
 pub mod snapshot;
+pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod tunnels;

@@ -1,5 +1,7 @@
-//! Reads and parses the CONNECT request head (bounded in bytes and time) and writes the
-//! status line. Bytes that follow the head are handed back to be relayed, never parsed.
+//! Reads the first request head of a connection (bounded in bytes and time): a CONNECT is parsed
+//! here, strictly, and the bytes that follow its head are handed back to be relayed, never parsed;
+//! any other request is handed on, with every byte read so far, to the HTTP forward path. Also
+//! writes the error answers of the CONNECT path.
 
 use std::io;
 
@@ -25,19 +27,28 @@ pub struct ConnectRequest {
     pub leftover: Vec<u8>,
 }
 
+/// The first request of a connection.
+#[derive(Debug)]
+pub enum Head {
+    Connect(ConnectRequest),
+    /// Not a CONNECT: the bytes read so far (a complete head and whatever followed it), for the
+    /// HTTP forward path to parse.
+    Other(Vec<u8>),
+}
+
 /// Reads one request head from `io` before `deadline`, with at most `max_head` bytes.
 pub async fn read_head<S: AsyncRead + Unpin>(
     io: &mut S,
     max_head: usize,
     deadline: Instant,
-) -> Result<ConnectRequest, TunnelError> {
+) -> Result<Head, TunnelError> {
     match timeout_at(deadline, read_head_inner(io, max_head)).await {
         Ok(r) => r,
         Err(_) => Err(TunnelError::HeadTimeout),
     }
 }
 
-async fn read_head_inner<S: AsyncRead + Unpin>(io: &mut S, max_head: usize) -> Result<ConnectRequest, TunnelError> {
+async fn read_head_inner<S: AsyncRead + Unpin>(io: &mut S, max_head: usize) -> Result<Head, TunnelError> {
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK.min(max_head));
     let mut scanned = 0;
     loop {
@@ -61,8 +72,11 @@ async fn read_head_inner<S: AsyncRead + Unpin>(io: &mut S, max_head: usize) -> R
         }
         // Only parse once a blank line has arrived, so a trickling client costs linear CPU.
         if let Some(end) = find_head_end(&buf, scanned) {
-            return parse_head(&buf[..end])
-                .map(|authority| ConnectRequest { authority, leftover: buf[end..].to_vec() });
+            return match parse_head(&buf[..end]) {
+                Ok(authority) => Ok(Head::Connect(ConnectRequest { authority, leftover: buf[end..].to_vec() })),
+                Err(TunnelError::MethodNotAllowed) => Ok(Head::Other(buf)),
+                Err(e) => Err(e),
+            };
         }
         scanned = buf.len().saturating_sub(3);
         if !buf[..buf.len().min(MAX_REQUEST_LINE + 1)].contains(&b'\n')

@@ -88,6 +88,30 @@ impl<T: AsyncRead + AsyncWrite + Send> RelayRead for tokio::io::ReadHalf<T> {
     }
 }
 
+/// A client or upstream connection split for the relay: a TCP stream into owned halves (whose
+/// read half can wait without a buffer), anything else through `tokio::io::split`.
+pub trait IntoHalves: AsyncRead + AsyncWrite + Unpin + Send + Sized {
+    type Read: RelayRead;
+    type Write: AsyncWrite + Unpin + Send;
+    fn into_halves(self) -> (Self::Read, Self::Write);
+}
+
+impl IntoHalves for tokio::net::TcpStream {
+    type Read = OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> IntoHalves for tokio_rustls::server::TlsStream<T> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// External reasons to stop a tunnel.
 #[derive(Clone, Default)]
 pub struct Stops {

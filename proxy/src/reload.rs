@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use notify::{RecursiveMode, Watcher};
-use proxy_config::{ConfigErrors, Decision, ProxyConfig};
-use tokio::net::TcpListener;
+use proxy_config::{ConfigErrors, ProxyConfig};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{interval, sleep, Duration, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
-use crate::app::{lock, unix_now, Inner, RunningListener};
 use crate::error::ErrorChain;
+use crate::listeners;
 use crate::snapshot::{fingerprint, Snapshot, SnapshotError};
+use crate::state::{lock, unix_now, Inner};
 
 /// Quiet time after a file event before the file is read, so a burst of events (an editor's
 /// save, the kubelet's symlink swap) becomes one reload.
@@ -54,16 +54,6 @@ pub enum ReloadOutcome {
     Applied { generation: u64, revoked: usize },
     /// The document and its TLS files are identical to what is in force.
     Unchanged,
-}
-
-/// How each listener of the new document is served.
-enum Plan {
-    /// Same name and address: the running accept loop stays.
-    Keep(usize),
-    /// Same address, other name: the old socket is handed over (no refused-connection window).
-    Reuse(usize),
-    /// A new address: bound before anything changes.
-    Bind(TcpListener),
 }
 
 /// Applies a new document. On success the new snapshot serves every new connection; established
@@ -113,93 +103,19 @@ async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Re
         warn!("logging.format changed: takes effect at the next restart");
     }
 
-    // Plan the listeners without touching the running ones.
-    let old: Vec<(String, SocketAddr)> = lock(&inner.listeners).iter().map(|l| (l.name.clone(), l.bind)).collect();
-    let mut claimed = HashSet::new();
-    let mut plans = Vec::new();
-    for (index, l) in snap.config.listeners.iter().enumerate() {
-        let keep = old.iter().position(|(n, b)| *n == l.name && *b == l.bind);
-        let reuse = || {
-            old.iter().enumerate().position(|(i, (_, b))| *b == l.bind && l.bind.port() != 0 && !claimed.contains(&i))
-        };
-        let plan = match keep {
-            Some(i) => Plan::Keep(i),
-            None => match reuse() {
-                Some(i) => Plan::Reuse(i),
-                None => {
-                    let sock = TcpListener::bind(l.bind).await.map_err(|source| ReloadError::Bind {
-                        index,
-                        name: l.name.clone(),
-                        addr: l.bind,
-                        source,
-                    })?;
-                    Plan::Bind(sock)
-                }
-            },
-        };
-        if let Plan::Keep(i) | Plan::Reuse(i) = plan {
-            claimed.insert(i);
-        }
-        plans.push(plan);
-    }
-
+    // Plan the listeners without touching the running ones (new addresses are bound here).
+    let plans = listeners::plan(inner, &snap.config.listeners).await.map_err(
+        |listeners::BindError { index, name, addr, source }| ReloadError::Bind { index, name, addr, source },
+    )?;
     // Everything needed is in hand: switch.
     inner.publish(snap.clone());
-    let mut stopping: Vec<(usize, RunningListener)> = Vec::new();
-    {
-        let mut running = lock(&inner.listeners);
-        let all: Vec<RunningListener> = std::mem::take(&mut *running);
-        for (i, l) in all.into_iter().enumerate() {
-            let kept = plans.iter().any(|p| matches!(p, Plan::Keep(k) if *k == i));
-            if kept {
-                running.push(l);
-            } else {
-                l.stop.cancel();
-                stopping.push((i, l));
-            }
-        }
-    }
-    let mut returned = Vec::new();
-    for (i, l) in stopping {
-        match l.task.await {
-            Ok(sock) => returned.push((i, sock)),
-            Err(e) => warn!(listener = %l.name, error = %e, "accept loop ended abnormally"),
-        }
-        info!(listener = %l.name, addr = %l.addr, "listener stopped accepting");
-    }
-    for (l, plan) in snap.config.listeners.iter().zip(plans) {
-        let sock = match plan {
-            Plan::Keep(_) => continue,
-            Plan::Bind(sock) => sock,
-            Plan::Reuse(i) => match returned.iter().position(|(j, _)| *j == i) {
-                Some(pos) => returned.swap_remove(pos).1,
-                None => continue,
-            },
-        };
-        if let Err(e) = inner.start_listener(&l.name, l.bind, sock) {
-            warn!(listener = %l.name, error = %e, "cannot start listener");
-        }
-    }
-    drop(returned);
+    listeners::apply(inner, &snap.config.listeners, plans).await;
 
-    let revoked = if snap.config.policy.reevaluate_on_reload { revoke(inner, &snap.config.policy) } else { 0 };
+    let revoked =
+        if snap.config.policy.reevaluate_on_reload { inner.tunnels.revoke_denied(&snap.config.policy) } else { 0 };
     Ok(ReloadOutcome::Applied { generation: snap.generation, revoked })
 }
 
-/// Closes the tunnels the new policy no longer allows (close reason `revoked`).
-fn revoke(inner: &Inner, policy: &proxy_config::Policy) -> usize {
-    let tunnels = lock(&inner.tunnels);
-    let mut n = 0;
-    for t in tunnels.values() {
-        if let Decision::Deny { .. } = policy.decide(t.client, &t.host, t.port, &t.addrs) {
-            t.revoke.cancel();
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Reads `path` and applies it.
 pub async fn reload_file(inner: &Arc<Inner>, path: &Path) -> Result<ReloadOutcome, ReloadError> {
     match tokio::fs::read_to_string(path).await {
         Ok(text) => apply(inner, &text).await,

@@ -1,0 +1,87 @@
+//! Access events and outcome counters: one event per tunnel or per HTTP request, with the same
+//! privacy defaults everywhere (no client address, no target, no path or headers unless
+//! `logging.logClientAddresses` / `logging.logTargets` say so).
+
+use proxy_config::Authority;
+use tracing::{debug, info};
+
+use crate::context::ConnCtx;
+use crate::error::{ErrorChain, TunnelError};
+use crate::relay::RelayOutcome;
+
+/// Counts and logs a request that did not become a tunnel (or an HTTP exchange).
+pub fn rejected(ctx: &ConnCtx, err: &TunnelError, rule: Option<&str>) {
+    let m = &ctx.inner.metrics;
+    m.tunnel_requests.with_label_values(&[&ctx.listener, err.kind()]).inc();
+    debug!(conn = ctx.id, result = err.kind(), side = ?err.side(), error = %ErrorChain(err), "request rejected");
+    let logging = ctx.snapshot.config.logging;
+    if logging.access_log && !matches!(err, TunnelError::ClientClosed) {
+        info!(
+            target: "tunnelgate::access",
+            conn = ctx.id,
+            listener = &*ctx.listener,
+            rule = rule.unwrap_or(""),
+            result = err.kind(),
+            status = err.status().unwrap_or(0),
+            client = logging.log_client_addresses.then(|| ctx.peer.ip().to_string()),
+            "request rejected"
+        );
+    }
+}
+
+/// What kind of tunnel closed.
+#[derive(Debug, Clone, Copy)]
+pub enum TunnelKind {
+    /// HTTP CONNECT.
+    Connect,
+    /// An HTTP request upgraded by a 101 (WebSocket and the like).
+    Upgrade,
+}
+
+impl TunnelKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            TunnelKind::Connect => "connect",
+            TunnelKind::Upgrade => "upgrade",
+        }
+    }
+}
+
+/// Counts and logs a closed tunnel.
+pub fn tunnel_closed(ctx: &ConnCtx, kind: TunnelKind, rule: &str, authority: &Authority, out: &RelayOutcome) {
+    let m = &ctx.inner.metrics;
+    if out.reason == crate::relay::CloseReason::Shutdown {
+        m.drain_forced_closes.inc();
+    }
+    m.tunnel_duration.with_label_values(&[out.reason.as_str()]).observe(out.duration.as_secs_f64());
+    debug!(
+        conn = ctx.id,
+        kind = kind.as_str(),
+        close = out.reason.as_str(),
+        bytes_up = out.bytes_up,
+        bytes_down = out.bytes_down,
+        "tunnel closed"
+    );
+    let logging = ctx.snapshot.config.logging;
+    if logging.access_log {
+        info!(
+            target: "tunnelgate::access",
+            conn = ctx.id,
+            listener = &*ctx.listener,
+            kind = kind.as_str(),
+            rule,
+            result = "established",
+            status = match kind {
+                TunnelKind::Connect => 200u16,
+                TunnelKind::Upgrade => 101,
+            },
+            close = out.reason.as_str(),
+            bytes_up = out.bytes_up,
+            bytes_down = out.bytes_down,
+            duration_ms = u64::try_from(out.duration.as_millis()).unwrap_or(u64::MAX),
+            client = logging.log_client_addresses.then(|| ctx.peer.ip().to_string()),
+            destination = logging.log_targets.then(|| authority.to_string()),
+            "tunnel closed"
+        );
+    }
+}

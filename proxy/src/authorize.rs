@@ -1,0 +1,116 @@
+//! Authorization of one request's target, the same for CONNECT, plain HTTP and `explain`: decide
+//! what the name alone can (no DNS query for what a name denies) → resolve → decide on every
+//! address → refuse the proxy's own endpoints. Only the addresses returned here may be dialled.
+
+use std::net::{IpAddr, SocketAddr};
+
+use proxy_config::addr::{classify, SpecialRange};
+use proxy_config::{Authority, Decision, DenyReason, Host, Policy, PreDecision, TunnelLimits};
+
+use crate::error::TunnelError;
+use crate::snapshot::Snapshot;
+use crate::state::Inner;
+
+/// A target the policy allows: the exact addresses that may be dialled, the deciding rule's name
+/// and the limits of the tunnel or request.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    pub addrs: Vec<IpAddr>,
+    pub rule: String,
+    pub limits: TunnelLimits,
+}
+
+/// Why a request was not authorized, and the deciding rule when a rule decided.
+#[derive(Debug)]
+pub struct Rejection {
+    pub error: TunnelError,
+    pub rule: Option<String>,
+}
+
+impl From<TunnelError> for Rejection {
+    fn from(error: TunnelError) -> Rejection {
+        Rejection { error, rule: None }
+    }
+}
+
+/// The decision on a target once its addresses are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow {
+        rule: Option<usize>,
+        limits: TunnelLimits,
+    },
+    Deny(Decision),
+    /// Allowed by the policy, but the target is this proxy.
+    SelfConnect,
+}
+
+/// Decides `auth` from `client` on `addrs`; `is_self` says whether an address and port reach the
+/// proxy itself.
+pub fn decide(
+    policy: &Policy,
+    client: IpAddr,
+    auth: &Authority,
+    addrs: &[IpAddr],
+    is_self: impl Fn(IpAddr, u16) -> bool,
+) -> Verdict {
+    match policy.decide(client, &auth.host, auth.port, addrs) {
+        Decision::Allow { .. } if addrs.iter().any(|a| is_self(*a, auth.port)) => Verdict::SelfConnect,
+        Decision::Allow { rule, limits } => Verdict::Allow { rule, limits },
+        d => Verdict::Deny(d),
+    }
+}
+
+/// Whether `ip:port` reaches one of `endpoints` (a listener bound to 0.0.0.0 or :: is reached on
+/// every loopback and unspecified address).
+pub fn is_own_endpoint(endpoints: &[SocketAddr], ip: IpAddr, port: u16) -> bool {
+    let ip = ip.to_canonical();
+    endpoints.iter().any(|ep| {
+        ep.port() == port
+            && (ep.ip().to_canonical() == ip
+                || (ep.ip().is_unspecified()
+                    && matches!(classify(ip), Some(SpecialRange::Loopback | SpecialRange::Unspecified))))
+    })
+}
+
+/// Authorizes `auth` for `client` under `snapshot`, resolving names through its cached resolver;
+/// counts the decision.
+pub async fn authorize(
+    snapshot: &Snapshot,
+    inner: &Inner,
+    client: IpAddr,
+    auth: &Authority,
+) -> Result<Authorized, Rejection> {
+    let policy = &snapshot.config.policy;
+    let m = &inner.metrics;
+    let deny = |d: &Decision| -> Rejection {
+        let (rule, reason) = match d {
+            Decision::Deny { rule, reason } => (*rule, *reason),
+            Decision::Allow { .. } => (None, DenyReason::Default),
+        };
+        let name = policy.rule_name(rule).to_owned();
+        m.policy_decisions.with_label_values(&["deny", &name]).inc();
+        Rejection { error: TunnelError::Denied(reason), rule: Some(name) }
+    };
+    let addrs = match &auth.host {
+        Host::Ip(ip) => vec![*ip],
+        Host::Name(name) => {
+            if let PreDecision::Deny(d) = policy.pre_resolve(client, name, auth.port) {
+                return Err(deny(&d));
+            }
+            snapshot.resolver.resolve(name, m).await?
+        }
+    };
+    match decide(policy, client, auth, &addrs, |ip, port| inner.is_self(ip, port)) {
+        Verdict::Allow { rule, limits } => {
+            let name = policy.rule_name(rule).to_owned();
+            m.policy_decisions.with_label_values(&["allow", &name]).inc();
+            Ok(Authorized { addrs, rule: name, limits })
+        }
+        Verdict::SelfConnect => {
+            m.policy_decisions.with_label_values(&["deny", "self"]).inc();
+            Err(Rejection { error: TunnelError::SelfConnect, rule: Some("self".to_owned()) })
+        }
+        Verdict::Deny(d) => Err(deny(&d)),
+    }
+}

@@ -1,0 +1,121 @@
+//! The CONNECT path: authorize the target, dial exactly the addresses that passed, answer `200`
+//! only once the upstream accepted, then relay until both sides are done.
+
+use proxy_config::Authority;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::access::{self, TunnelKind};
+use crate::authorize::{self, Authorized, Rejection};
+use crate::context::ConnCtx;
+use crate::dial;
+use crate::error::{Side, TunnelError};
+use crate::negotiate::{self, ConnectRequest};
+use crate::relay::{self, ByteCounters, IntoHalves, RelayOutcome, RelayRead, Stops};
+
+/// Serves a CONNECT request whose head has been read: tunnel, or an error answer and a
+/// lingering close.
+pub async fn serve<S: IntoHalves>(mut io: S, request: ConnectRequest, ctx: &ConnCtx) {
+    match Box::pin(establish(&mut io, &request.authority, ctx)).await {
+        Ok((upstream, authorized)) => {
+            let (cr, cw) = io.into_halves();
+            let (ur, uw) = upstream.into_split();
+            tunnel(cr, cw, ur, uw, &request, authorized, ctx).await;
+        }
+        Err(r) => Box::pin(reject(ctx, &mut io, r)).await,
+    }
+}
+
+/// Answers a rejected request with its status and closes, never parsing what follows.
+pub async fn reject<S: AsyncRead + AsyncWrite + Unpin>(ctx: &ConnCtx, io: &mut S, r: Rejection) {
+    access::rejected(ctx, &r.error, r.rule.as_deref());
+    if let Some(resp) = negotiate::error_response(&r.error) {
+        let _ = negotiate::reject(io, &resp).await;
+    }
+}
+
+/// Authorizes and dials; writes the 200 on success.
+async fn establish<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    authority: &Authority,
+    ctx: &ConnCtx,
+) -> Result<(TcpStream, Authorized), Rejection> {
+    let (upstream, authorized) = open(authority, ctx).await?;
+    io.write_all(negotiate::ESTABLISHED)
+        .await
+        .map_err(|e| Rejection::from(TunnelError::Io { side: Side::Client, source: e }))?;
+    Ok((upstream, authorized))
+}
+
+/// Authorizes `authority` and connects to one of the approved addresses. At the drain deadline a
+/// request still being authorized or dialled gets 503 instead of hanging on.
+pub async fn open(authority: &Authority, ctx: &ConnCtx) -> Result<(TcpStream, Authorized), Rejection> {
+    let snapshot = &ctx.snapshot;
+    let work = async {
+        let authorized = authorize::authorize(snapshot, &ctx.inner, ctx.peer.ip(), authority).await?;
+        let upstream =
+            dial::connect(&authorized.addrs, authority.port, snapshot.config.relay.connect_timeout, &ctx.inner.metrics)
+                .await
+                .map_err(|error| Rejection { error, rule: Some(authorized.rule.clone()) })?;
+        Ok((upstream, authorized))
+    };
+    tokio::select! {
+        r = work => r,
+        () = ctx.inner.stops.shutdown.cancelled() => Err(TunnelError::Draining.into()),
+    }
+}
+
+/// Relays an established tunnel (CONNECT, or an upgraded HTTP connection) under the tunnel
+/// registry: counted as active, revocable by a reload, closed at the drain deadline.
+pub(crate) async fn tunnel<CR, CW, UR, UW>(
+    cr: CR,
+    cw: CW,
+    ur: UR,
+    uw: UW,
+    request: &ConnectRequest,
+    authorized: Authorized,
+    ctx: &ConnCtx,
+) where
+    CR: RelayRead,
+    CW: AsyncWrite + Unpin + Send,
+    UR: RelayRead,
+    UW: AsyncWrite + Unpin + Send,
+{
+    ctx.inner.metrics.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
+    let out = relay_registered(cr, cw, ur, uw, &request.leftover, &request.authority, &authorized, ctx).await;
+    access::tunnel_closed(ctx, TunnelKind::Connect, &authorized.rule, &request.authority, &out);
+}
+
+/// The relay of one registered tunnel.
+#[expect(clippy::too_many_arguments, reason = "both halves of both sides, early data and the decision")]
+pub(crate) async fn relay_registered<CR, CW, UR, UW>(
+    cr: CR,
+    cw: CW,
+    ur: UR,
+    uw: UW,
+    early: &[u8],
+    authority: &Authority,
+    authorized: &Authorized,
+    ctx: &ConnCtx,
+) -> RelayOutcome
+where
+    CR: RelayRead,
+    CW: AsyncWrite + Unpin + Send,
+    UR: RelayRead,
+    UW: AsyncWrite + Unpin + Send,
+{
+    let m = &ctx.inner.metrics;
+    let registration = ctx.inner.tunnels.register(
+        &ctx.listener,
+        ctx.peer.ip(),
+        authority.host.clone(),
+        authority.port,
+        authorized.addrs.clone(),
+    );
+    let stops = Stops { shutdown: ctx.inner.stops.shutdown.clone(), revoke: registration.revoke.clone() };
+    let counters = ByteCounters {
+        up: m.relayed_bytes.with_label_values(&["upstream"]),
+        down: m.relayed_bytes.with_label_values(&["downstream"]),
+    };
+    relay::run(cr, cw, ur, uw, early, authorized.limits, &stops, &counters).await
+}

@@ -1,0 +1,124 @@
+//! The state shared by every task of one proxy process ([`Inner`]): a leaf module that the
+//! connection path, reload, admin and the shutdown sequence all read, and that imports none of them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::accept::ConnLimiter;
+use crate::authorize;
+use crate::metrics::ProxyMetrics;
+use crate::relay::Stops;
+use crate::snapshot::SharedSnapshot;
+use crate::tunnels::Tunnels;
+
+/// A listener that is accepting now.
+pub(crate) struct RunningListener {
+    pub(crate) name: String,
+    /// The configured address (port may be 0).
+    pub(crate) bind: SocketAddr,
+    /// The bound address.
+    pub(crate) addr: SocketAddr,
+    pub(crate) stop: CancellationToken,
+    pub(crate) task: JoinHandle<TcpListener>,
+}
+
+/// State shared by every task of one proxy process.
+pub struct Inner {
+    pub metrics: ProxyMetrics,
+    pub registry: Registry,
+    snapshot: watch::Sender<SharedSnapshot>,
+    pub limiter: Arc<ConnLimiter>,
+    /// Every connection task (negotiating, serving HTTP or relaying): the drain waits on it.
+    pub tracker: TaskTracker,
+    /// `shutdown`: the drain deadline passed, close everything.
+    pub stops: Stops,
+    /// Listeners stopped accepting: keep-alive HTTP connections finish their request and close.
+    pub draining_connections: CancellationToken,
+    pub next_conn_id: AtomicU64,
+    /// Established tunnels (CONNECT and upgraded HTTP), for the drain and for revocation.
+    pub tunnels: Tunnels,
+    draining: AtomicBool,
+    pub(crate) listeners: Mutex<Vec<RunningListener>>,
+    /// Serializes reloads, so exactly one snapshot wins and listener changes never interleave.
+    pub(crate) reload_lock: tokio::sync::Mutex<()>,
+    admin_addr: SocketAddr,
+}
+
+impl Inner {
+    pub(crate) fn new(
+        metrics: ProxyMetrics,
+        registry: Registry,
+        snapshot: SharedSnapshot,
+        admin_addr: SocketAddr,
+    ) -> Inner {
+        let tunnels = Tunnels::new(metrics.tunnels_active.clone());
+        let (tx, _rx) = watch::channel(snapshot);
+        Inner {
+            metrics,
+            registry,
+            snapshot: tx,
+            limiter: Arc::new(ConnLimiter::default()),
+            tracker: TaskTracker::new(),
+            stops: Stops::default(),
+            draining_connections: CancellationToken::new(),
+            next_conn_id: AtomicU64::new(1),
+            tunnels,
+            draining: AtomicBool::new(false),
+            listeners: Mutex::new(Vec::new()),
+            reload_lock: tokio::sync::Mutex::new(()),
+            admin_addr,
+        }
+    }
+
+    /// The snapshot in force now (an `Arc` clone; no borrow is held).
+    pub fn snapshot(&self) -> SharedSnapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    pub(crate) fn publish(&self, s: SharedSnapshot) {
+        self.snapshot.send_replace(s);
+    }
+
+    /// Ready: serving, not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Bound address of each listener, by name.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        lock(&self.listeners).iter().map(|l| (l.name.clone(), l.addr)).collect()
+    }
+
+    /// Whether connecting to `ip:port` would connect to this proxy (a listener or the admin port).
+    pub fn is_self(&self, ip: IpAddr, port: u16) -> bool {
+        let mut eps: Vec<SocketAddr> = lock(&self.listeners).iter().map(|l| l.addr).collect();
+        eps.push(self.admin_addr);
+        authorize::is_own_endpoint(&eps, ip, port)
+    }
+}
+
+/// Locks a std mutex, ignoring poisoning (no code path panics while holding one).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
