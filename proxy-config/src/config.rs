@@ -30,12 +30,14 @@ pub struct ProxyConfig {
     pub dns: Dns,
     pub limits: Limits,
     pub logging: Logging,
+    pub http: HttpSettings,
 }
 
 /// What a listener does with its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerMode {
-    /// HTTP CONNECT forward proxy.
+    /// Forward proxy: HTTP CONNECT, and absolute-form plain HTTP (with upgrades) unless
+    /// `http.enabled` is false.
     Forward,
 }
 
@@ -57,6 +59,39 @@ pub struct Listener {
     pub mode: ListenerMode,
     /// When set, clients speak TLS to the proxy.
     pub tls: Option<TlsFiles>,
+    /// Plain-HTTP forwarding on a forward listener.
+    pub http: ListenerHttp,
+}
+
+/// Plain-HTTP forwarding settings of one forward listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerHttp {
+    /// Serve absolute-form `http://` requests (and upgrades); when false, only CONNECT (405).
+    pub enabled: bool,
+    /// Opt-in: tell upstreams the client's address (`X-Forwarded-For`, `Forwarded: for=`). Off by
+    /// default: an egress proxy must not hand workload addresses to the internet.
+    pub forwarded_for: bool,
+    /// The pseudonym in the `Via` header added to requests and responses (`1.1 <via>`).
+    pub via: String,
+}
+
+impl Default for ListenerHttp {
+    fn default() -> ListenerHttp {
+        ListenerHttp { enabled: true, forwarded_for: false, via: "tunnelgate".to_owned() }
+    }
+}
+
+/// Process-wide settings of the plain-HTTP forward path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// The upstream must send its response head within this, after the request was sent.
+    pub response_head_timeout: Duration,
+    /// An idle pooled upstream connection is closed after this.
+    pub upstream_idle_timeout: Duration,
+    /// Idle pooled connections kept per (address, host); 0 disables reuse.
+    pub max_idle_per_upstream: usize,
+    /// Idle pooled connections kept in all.
+    pub max_idle_upstreams: usize,
 }
 
 /// PEM files of a TLS listener.
@@ -107,6 +142,10 @@ pub struct Limits {
     pub drain_delay: Duration,
     /// Then established tunnels get this long before they are closed.
     pub drain_timeout: Duration,
+    /// Requests (HTTP requests and CONNECTs) per second per client address; `None`: no limit.
+    pub requests_per_second: Option<u32>,
+    /// Requests a client may send at once before the rate applies (default: one second's worth).
+    pub request_burst: Option<u32>,
 }
 
 /// Log output settings.
@@ -235,8 +274,20 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             }
             ok.then(|| TlsFiles { cert_file: t.cert_file.into(), key_file: t.key_file.into() })
         });
+        let http = l.http.map_or_else(ListenerHttp::default, |h| {
+            let d = ListenerHttp::default();
+            let via = h.via.unwrap_or(d.via);
+            if !valid_pseudonym(&via) {
+                errs.push(format!("{p}.http.via"), "must be 1-64 characters of A-Z a-z 0-9 . - _");
+            }
+            ListenerHttp {
+                enabled: h.enabled.unwrap_or(d.enabled),
+                forwarded_for: h.forwarded_for.unwrap_or(false),
+                via,
+            }
+        });
         if let (Some(bind), Some(mode)) = (bind, mode) {
-            listeners.push(Listener { name: l.name, bind, mode, tls });
+            listeners.push(Listener { name: l.name, bind, mode, tls, http });
         }
     }
 
@@ -355,7 +406,12 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             l.drain_timeout.as_deref(),
             Duration::from_secs(30),
         ),
+        requests_per_second: rate(&mut errs, "limits.requestsPerSecond", l.requests_per_second),
+        request_burst: rate(&mut errs, "limits.requestBurst", l.request_burst),
     };
+    if l.request_burst.is_some() && limits.requests_per_second.is_none() {
+        errs.push("limits.requestBurst", "needs limits.requestsPerSecond");
+    }
     if !(256..=1 << 20).contains(&limits.max_request_head_bytes) {
         errs.push("limits.maxRequestHeadBytes", "must be between 256 and 1048576");
     }
@@ -380,6 +436,25 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         log_targets: g.log_targets.unwrap_or(false),
     };
 
+    // http
+    let h = raw.http;
+    let http = HttpSettings {
+        response_head_timeout: duration(
+            &mut errs,
+            "http.responseHeadTimeout",
+            h.response_head_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
+        upstream_idle_timeout: duration(
+            &mut errs,
+            "http.upstreamIdleTimeout",
+            h.upstream_idle_timeout.as_deref(),
+            Duration::from_secs(90),
+        ),
+        max_idle_per_upstream: count_or_zero(&mut errs, "http.maxIdlePerUpstream", h.max_idle_per_upstream, 8),
+        max_idle_upstreams: count_or_zero(&mut errs, "http.maxIdleUpstreams", h.max_idle_upstreams, 512),
+    };
+
     let admin = Admin { bind: admin_bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090))) };
     errs.finish(ProxyConfig {
         listeners,
@@ -389,7 +464,37 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         dns,
         limits,
         logging,
+        http,
     })
+}
+
+/// A positive requests-per-second style value that fits in a u32.
+fn rate(errs: &mut Errors, p: &str, v: Option<u64>) -> Option<u32> {
+    let v = v?;
+    match u32::try_from(v) {
+        Ok(n) if n > 0 => Some(n),
+        _ => {
+            errs.push(p, "must be between 1 and 4294967295");
+            None
+        }
+    }
+}
+
+/// A count that may be 0 (0 turns the feature off), at most 1,000,000.
+fn count_or_zero(errs: &mut Errors, p: &str, v: Option<u64>, default: usize) -> usize {
+    match v {
+        None => default,
+        Some(n) if n <= 1_000_000 => usize::try_from(n).unwrap_or(default),
+        Some(_) => {
+            errs.push(p, "must be at most 1000000");
+            default
+        }
+    }
+}
+
+/// A `Via` pseudonym (RFC 9110 §7.6.3: a token).
+fn valid_pseudonym(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 fn rule_relay(errs: &mut Errors, p: &str, r: RawRuleRelay) -> RelayOverrides {

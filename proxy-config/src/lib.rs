@@ -23,7 +23,8 @@ mod raw;
 pub mod warnings;
 
 pub use config::{
-    Admin, Dns, Limits, Listener, ListenerMode, LogFormat, Logging, ProxyConfig, RelayDefaults, TlsFiles,
+    Admin, Dns, HttpSettings, Limits, Listener, ListenerHttp, ListenerMode, LogFormat, Logging, ProxyConfig,
+    RelayDefaults, TlsFiles,
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};

@@ -21,6 +21,8 @@ pub(crate) struct RawConfig {
     pub(crate) limits: RawLimits,
     #[serde(default)]
     pub(crate) logging: RawLogging,
+    #[serde(default)]
+    pub(crate) http: RawHttp,
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +35,24 @@ pub(crate) struct RawListener {
     pub(crate) tls: Option<RawTls>,
     pub(crate) upstream: Option<String>,
     pub(crate) send_proxy_protocol: Option<String>,
+    pub(crate) http: Option<RawListenerHttp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawListenerHttp {
+    pub(crate) enabled: Option<bool>,
+    pub(crate) forwarded_for: Option<bool>,
+    pub(crate) via: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawHttp {
+    pub(crate) response_head_timeout: Option<String>,
+    pub(crate) upstream_idle_timeout: Option<String>,
+    pub(crate) max_idle_per_upstream: Option<u64>,
+    pub(crate) max_idle_upstreams: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +139,8 @@ pub(crate) struct RawLimits {
     pub(crate) tls_handshake_timeout: Option<String>,
     pub(crate) drain_delay: Option<String>,
     pub(crate) drain_timeout: Option<String>,
+    pub(crate) requests_per_second: Option<u64>,
+    pub(crate) request_burst: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -10,7 +10,7 @@ use crate::accept::Permit;
 use crate::access;
 use crate::context::ConnCtx;
 use crate::error::TunnelError;
-use crate::forward::connect;
+use crate::forward::{self, connect};
 use crate::metrics::GaugeGuard;
 use crate::negotiate::{self, Head};
 use crate::relay::IntoHalves;
@@ -76,7 +76,16 @@ async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, _permit: Pe
     };
     match head {
         Ok(Head::Connect(request)) => connect::serve(io, request, ctx).await,
-        Ok(Head::Other(_)) => Box::pin(connect::reject(ctx, &mut io, TunnelError::MethodNotAllowed.into())).await,
+        Ok(Head::Other(buffered)) => match listener_http(ctx) {
+            Some(http) => Box::pin(forward::http::serve(io, buffered, ctx, http)).await,
+            None => Box::pin(connect::reject(ctx, &mut io, TunnelError::MethodNotAllowed.into())).await,
+        },
         Err(e) => Box::pin(connect::reject(ctx, &mut io, e.into())).await,
     }
+}
+
+/// The listener's plain-HTTP settings, when it forwards plain HTTP.
+fn listener_http(ctx: &ConnCtx) -> Option<proxy_config::ListenerHttp> {
+    let l = ctx.snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener)?;
+    l.http.enabled.then(|| l.http.clone())
 }

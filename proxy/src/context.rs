@@ -10,7 +10,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::snapshot::SharedSnapshot;
 use crate::state::Inner;
 
-/// One accepted connection's context.
+/// One accepted connection's context (cheap to clone: what outlives the connection task, such as
+/// an upgraded tunnel, takes a copy).
+#[derive(Clone)]
 pub struct ConnCtx {
     pub inner: Arc<Inner>,
     pub listener: Arc<str>,

@@ -40,6 +40,9 @@ pub enum TunnelError {
     /// The per-client connection cap was reached.
     #[error("too many connections from this client")]
     ClientLimit,
+    /// The per-client request rate was exceeded; retry after this many seconds.
+    #[error("too many requests from this client")]
+    RateLimited(u64),
     /// The global connection cap was reached.
     #[error("proxy overloaded")]
     Overloaded,
@@ -61,6 +64,12 @@ pub enum TunnelError {
     /// The connect budget ran out.
     #[error("upstream connection timed out")]
     UpstreamTimeout,
+    /// The upstream's HTTP response was invalid, or the exchange failed (plain-HTTP path).
+    #[error("invalid or failed upstream response")]
+    UpstreamResponse(#[source] hyper::Error),
+    /// The upstream sent no response head within `http.responseHeadTimeout`.
+    #[error("upstream response timed out")]
+    UpstreamResponseTimeout,
     /// The TLS handshake with the client failed or timed out.
     #[error("TLS handshake failed")]
     TlsHandshake(#[source] io::Error),
@@ -87,12 +96,15 @@ impl TunnelError {
             TunnelError::MethodNotAllowed => "method_not_allowed",
             TunnelError::Denied(_) | TunnelError::SelfConnect => "denied",
             TunnelError::ClientLimit => "client_limited",
+            TunnelError::RateLimited(_) => "rate_limited",
             TunnelError::Overloaded => "overloaded",
             TunnelError::Draining => "draining",
             TunnelError::ResolveNotFound | TunnelError::ResolveFailed => "dns_failed",
             TunnelError::ResolveTimeout => "dns_timeout",
             TunnelError::UpstreamRefused(_) => "upstream_unreachable",
             TunnelError::UpstreamTimeout => "upstream_timeout",
+            TunnelError::UpstreamResponse(_) => "upstream_bad_response",
+            TunnelError::UpstreamResponseTimeout => "upstream_response_timeout",
             TunnelError::TlsHandshake(_) => "tls_handshake_failed",
             TunnelError::ClientClosed => "client_closed",
             TunnelError::Io { .. } => "io_error",
@@ -106,7 +118,9 @@ impl TunnelError {
             | TunnelError::ResolveFailed
             | TunnelError::ResolveTimeout
             | TunnelError::UpstreamRefused(_)
-            | TunnelError::UpstreamTimeout => Side::Upstream,
+            | TunnelError::UpstreamTimeout
+            | TunnelError::UpstreamResponse(_)
+            | TunnelError::UpstreamResponseTimeout => Side::Upstream,
             TunnelError::Overloaded | TunnelError::Draining => Side::Internal,
             TunnelError::Io { side, .. } => *side,
             _ => Side::Client,
@@ -122,12 +136,26 @@ impl TunnelError {
             TunnelError::MalformedRequest(_) => 400,
             TunnelError::MethodNotAllowed => 405,
             TunnelError::Denied(_) | TunnelError::SelfConnect => 403,
-            TunnelError::ClientLimit => 429,
+            TunnelError::ClientLimit | TunnelError::RateLimited(_) => 429,
             TunnelError::Overloaded | TunnelError::Draining => 503,
-            TunnelError::ResolveNotFound | TunnelError::ResolveFailed | TunnelError::UpstreamRefused(_) => 502,
-            TunnelError::ResolveTimeout | TunnelError::UpstreamTimeout => 504,
+            TunnelError::ResolveNotFound
+            | TunnelError::ResolveFailed
+            | TunnelError::UpstreamRefused(_)
+            | TunnelError::UpstreamResponse(_) => 502,
+            TunnelError::ResolveTimeout | TunnelError::UpstreamTimeout | TunnelError::UpstreamResponseTimeout => 504,
             TunnelError::TlsHandshake(_) | TunnelError::ClientClosed | TunnelError::Io { .. } => return None,
         })
+    }
+}
+
+impl TunnelError {
+    /// Seconds for `Retry-After`, where the client should come back later.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            TunnelError::RateLimited(secs) => Some((*secs).max(1)),
+            TunnelError::ClientLimit | TunnelError::Overloaded | TunnelError::Draining => Some(1),
+            _ => None,
+        }
     }
 }
 

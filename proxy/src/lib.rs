@@ -34,6 +34,7 @@ pub mod k8s_source;
 pub mod listeners;
 pub mod metrics;
 pub mod negotiate;
+pub mod ratelimit;
 pub mod relay;
 pub mod reload;
 pub mod snapshot;

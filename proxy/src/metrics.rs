@@ -38,6 +38,15 @@ pub struct ProxyMetrics {
     pub draining: IntGauge,
     /// Tunnels closed by the drain deadline.
     pub drain_forced_closes: IntCounter,
+    /// Plain-HTTP requests by `listener`, `method` (GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS,
+    /// other) and `code_class` (1xx .. 5xx).
+    pub http_requests: IntCounterVec,
+    /// Plain-HTTP request duration (until the response body ended) by `listener`.
+    pub http_request_duration: HistogramVec,
+    /// Idle pooled upstream connections.
+    pub upstream_pool_idle: IntGauge,
+    /// Upstream connections used by plain-HTTP requests, `result` = new | reused.
+    pub upstream_connections: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -97,7 +106,28 @@ impl ProxyMetrics {
                 "tunnelgate_drain_forced_closes_total",
                 "Tunnels closed because the drain deadline passed",
             )?,
+            http_requests: IntCounterVec::new(
+                Opts::new("tunnelgate_http_requests_total", "Plain-HTTP forwarded requests by method and status class"),
+                &["listener", "method", "code_class"],
+            )?,
+            http_request_duration: HistogramVec::new(
+                HistogramOpts::new("tunnelgate_http_request_duration_seconds", "Plain-HTTP request duration")
+                    .buckets(exponential_buckets(0.0005, 2.5, 16)?),
+                &["listener"],
+            )?,
+            upstream_pool_idle: IntGauge::new(
+                "tunnelgate_upstream_pool_idle_connections",
+                "Idle upstream connections kept for reuse",
+            )?,
+            upstream_connections: IntCounterVec::new(
+                Opts::new("tunnelgate_upstream_connections_total", "Upstream connections used by plain-HTTP requests"),
+                &["result"],
+            )?,
         };
+        registry.register(Box::new(m.http_requests.clone()))?;
+        registry.register(Box::new(m.http_request_duration.clone()))?;
+        registry.register(Box::new(m.upstream_pool_idle.clone()))?;
+        registry.register(Box::new(m.upstream_connections.clone()))?;
         registry.register(Box::new(m.tunnel_requests.clone()))?;
         registry.register(Box::new(m.tunnels_active.clone()))?;
         registry.register(Box::new(m.connections_open.clone()))?;

@@ -160,7 +160,8 @@ pub fn parse_head(head: &[u8]) -> Result<Authority, TunnelError> {
     Ok(authority)
 }
 
-fn reason(status: u16) -> &'static str {
+/// The reason phrase of an error status.
+pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -180,18 +181,18 @@ fn reason(status: u16) -> &'static str {
 /// Every error response closes the connection (RFC 9110 §9.3.6: no tunnel was formed).
 pub fn error_response(err: &TunnelError) -> Option<Vec<u8>> {
     let status = err.status()?;
-    let body = format!("{status} {}: {err}\n", reason(status));
+    let body = format!("{status} {}: {err}\n", reason_phrase(status));
     let mut extra = String::new();
     if status == 405 {
         extra.push_str("Allow: CONNECT\r\n");
     }
-    if status == 429 || status == 503 {
-        extra.push_str("Retry-After: 1\r\n");
+    if let Some(secs) = err.retry_after() {
+        extra.push_str(&format!("Retry-After: {secs}\r\n"));
     }
     Some(
         format!(
             "HTTP/1.1 {status} {}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}\r\n{body}",
-            reason(status),
+            reason_phrase(status),
             body.len()
         )
         .into_bytes(),

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
 
 use crate::dial::{Resolver, ResolverError};
+use crate::ratelimit::RequestLimiter;
 use crate::tls::{self, TlsError};
 
 /// Why a configuration could not be made into a snapshot.
@@ -39,6 +40,9 @@ pub struct Snapshot {
     pub resolver: Resolver,
     /// TLS acceptors by listener name.
     pub tls: HashMap<String, TlsAcceptor>,
+    /// Per-client request rate limit, when `limits.requestsPerSecond` is set. A new generation
+    /// starts with full buckets.
+    pub request_limiter: Option<RequestLimiter>,
 }
 
 impl Snapshot {
@@ -56,6 +60,7 @@ impl Snapshot {
             }
         }
         let resolver = Resolver::new(&config.dns).map_err(SnapshotError::Resolver)?;
+        let request_limiter = RequestLimiter::new(&config.limits);
         Ok(Snapshot {
             fingerprint: fingerprint(&config, text),
             config,
@@ -64,6 +69,7 @@ impl Snapshot {
             loaded_at: SystemTime::now(),
             resolver,
             tls: acceptors,
+            request_limiter,
         })
     }
 

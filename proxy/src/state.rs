@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept::ConnLimiter;
 use crate::authorize;
+use crate::forward::pool::UpstreamPool;
 use crate::metrics::ProxyMetrics;
 use crate::relay::Stops;
 use crate::snapshot::SharedSnapshot;
@@ -46,6 +47,8 @@ pub struct Inner {
     pub next_conn_id: AtomicU64,
     /// Established tunnels (CONNECT and upgraded HTTP), for the drain and for revocation.
     pub tunnels: Tunnels,
+    /// Idle upstream connections of the plain-HTTP path.
+    pub upstream_pool: UpstreamPool,
     draining: AtomicBool,
     pub(crate) listeners: Mutex<Vec<RunningListener>>,
     /// Serializes reloads, so exactly one snapshot wins and listener changes never interleave.
@@ -61,6 +64,7 @@ impl Inner {
         admin_addr: SocketAddr,
     ) -> Inner {
         let tunnels = Tunnels::new(metrics.tunnels_active.clone());
+        let upstream_pool = UpstreamPool::new(metrics.upstream_pool_idle.clone());
         let (tx, _rx) = watch::channel(snapshot);
         Inner {
             metrics,
@@ -72,6 +76,7 @@ impl Inner {
             draining_connections: CancellationToken::new(),
             next_conn_id: AtomicU64::new(1),
             tunnels,
+            upstream_pool,
             draining: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),

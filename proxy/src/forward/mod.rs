@@ -1,3 +1,9 @@
-//! The paths of a forward listener: CONNECT tunnels, and absolute-form plain HTTP with upgrades.
+//! The paths of a forward listener: CONNECT tunnels, and absolute-form plain HTTP (through hyper)
+//! with upgrades, over a pool of upstream connections.
 
 pub mod connect;
+pub mod headers;
+pub mod http;
+pub mod pool;
+mod prefixed;
+pub mod upgrade;

@@ -1,0 +1,104 @@
+//! Idle upstream HTTP/1.1 connections for reuse, keyed by the exact address dialled and the
+//! `Host` sent: a request reuses a connection only to an address its own policy decision
+//! approved. Bounded per key and in all; idle connections expire.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http_body_util::combinators::BoxBody;
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use prometheus::IntGauge;
+use tokio::time::{timeout, Instant};
+
+use crate::state::lock;
+
+/// The body type of every request sent upstream.
+pub type UpstreamBody = BoxBody<Bytes, hyper::Error>;
+
+/// Which idle connections a request may use.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub addr: SocketAddr,
+    /// The `Host` value the requests on it carry.
+    pub host: String,
+}
+
+struct Idle {
+    sender: SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+/// The pool; one per process.
+pub struct UpstreamPool {
+    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    /// Idle connections now (the `tunnelgate_upstream_pool_idle` gauge).
+    gauge: IntGauge,
+}
+
+/// How long a checkout waits for a returned connection's driver to mark it ready.
+const READY_WAIT: Duration = Duration::from_millis(50);
+
+impl UpstreamPool {
+    pub(crate) fn new(gauge: IntGauge) -> UpstreamPool {
+        UpstreamPool { idle: Mutex::default(), gauge }
+    }
+
+    /// An idle connection for `key` that is open, younger than `max_idle` and ready.
+    pub async fn checkout(&self, key: &PoolKey, max_idle: Duration) -> Option<SendRequest<UpstreamBody>> {
+        loop {
+            let candidate = {
+                let mut idle = lock(&self.idle);
+                let list = idle.get_mut(key)?;
+                let c = list.pop();
+                if list.is_empty() {
+                    idle.remove(key);
+                }
+                c
+            };
+            let Idle { mut sender, since } = candidate?;
+            self.gauge.dec();
+            if sender.is_closed() || since.elapsed() > max_idle {
+                continue;
+            }
+            if timeout(READY_WAIT, sender.ready()).await.is_ok_and(|r| r.is_ok()) {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Keeps `sender` for reuse unless the bounds say no (then it is dropped, which closes it).
+    pub fn checkin(&self, key: PoolKey, sender: SendRequest<UpstreamBody>, per_key: usize, total: usize) {
+        if sender.is_closed() || per_key == 0 {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        let count: usize = idle.values().map(Vec::len).sum();
+        let list = idle.entry(key).or_default();
+        if list.len() >= per_key || count >= total {
+            return;
+        }
+        list.push(Idle { sender, since: Instant::now() });
+        self.gauge.inc();
+    }
+
+    /// Drops connections idle for longer than `max_idle` or closed by the upstream.
+    pub fn sweep(&self, max_idle: Duration) {
+        let mut idle = lock(&self.idle);
+        let mut removed = 0;
+        idle.retain(|_, list| {
+            let before = list.len();
+            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() <= max_idle);
+            removed += before - list.len();
+            !list.is_empty()
+        });
+        self.gauge.sub(i64::try_from(removed).unwrap_or(0));
+    }
+
+    /// Idle connections now.
+    pub fn idle(&self) -> usize {
+        lock(&self.idle).values().map(Vec::len).sum()
+    }
+}
