@@ -74,6 +74,11 @@ async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, _permit: Pe
         // At the drain deadline a connection still sending its head gets 503.
         () = ctx.inner.stops.shutdown.cancelled() => Err(TunnelError::Draining),
     };
+    // Every request draws from its client's bucket, CONNECT and plain HTTP alike.
+    let head = head.and_then(|h| match (&h, &ctx.snapshot.request_limiter) {
+        (Head::Connect(_), Some(limiter)) => limiter.check(ctx.peer.ip()).map(|()| h),
+        _ => Ok(h),
+    });
     match head {
         Ok(Head::Connect(request)) => connect::serve(io, request, ctx).await,
         Ok(Head::Other(buffered)) => match listener_http(ctx) {

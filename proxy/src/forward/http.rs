@@ -55,6 +55,8 @@ where
         .max_buf_size(limits.max_request_head_bytes.max(8192))
         .max_headers(MAX_HEADERS)
         .title_case_headers(true)
+        // A client that shuts its write side after the request still gets the response.
+        .half_close(true)
         .keep_alive(true);
     let handler = Arc::new(Handler { ctx: ctx.clone(), http });
     let service = service_fn(move |req| {
@@ -277,6 +279,8 @@ impl Handler {
         let limit = self.ctx.snapshot.config.http.response_head_timeout;
         match timeout(limit, sender.send_request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
+            // The client's own body was malformed (bad chunk size, oversized extensions, ...).
+            Ok(Err(e)) if e.is_user() => Err(TunnelError::MalformedRequest("invalid request body")),
             Ok(Err(e)) => Err(TunnelError::UpstreamResponse(e)),
             Err(_) => Err(TunnelError::UpstreamResponseTimeout),
         }

@@ -19,27 +19,27 @@ fn free_port() -> u16 {
 }
 
 /// A proxy process with fixed ports read back from its config.
-struct Proc {
-    child: Child,
-    listen: SocketAddr,
-    admin: SocketAddr,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
+    pub(crate) listen: SocketAddr,
+    pub(crate) admin: SocketAddr,
     dir: TempDir,
 }
 
 impl Proc {
-    async fn start(w: &World, extra: &str) -> Proc {
+    pub(crate) async fn start(w: &World, extra: &str) -> Proc {
         Proc::start_with(w, extra, None).await
     }
 
-    async fn start_with_args(w: &World, extra: &str, args: &[&str]) -> Proc {
+    pub(crate) async fn start_with_args(w: &World, extra: &str, args: &[&str]) -> Proc {
         Proc::launch(w, extra, None, args).await
     }
 
-    async fn start_with(w: &World, extra: &str, ulimit_nofile: Option<u32>) -> Proc {
+    pub(crate) async fn start_with(w: &World, extra: &str, ulimit_nofile: Option<u32>) -> Proc {
         Proc::launch(w, extra, ulimit_nofile, &[]).await
     }
 
-    async fn launch(w: &World, extra: &str, ulimit_nofile: Option<u32>, args: &[&str]) -> Proc {
+    pub(crate) async fn launch(w: &World, extra: &str, ulimit_nofile: Option<u32>, args: &[&str]) -> Proc {
         let dir = TempDir::new("bin");
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -72,20 +72,20 @@ impl Proc {
         p
     }
 
-    fn pid(&self) -> String {
+    pub(crate) fn pid(&self) -> String {
         self.child.id().unwrap().to_string()
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid()).status().unwrap().success();
         assert!(ok);
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.0.join("stderr.log")).unwrap_or_default()
     }
 
-    async fn exit_within(&mut self, secs: u64) -> i32 {
+    pub(crate) async fn exit_within(&mut self, secs: u64) -> i32 {
         match tokio::time::timeout(Duration::from_secs(secs), self.child.wait()).await {
             Ok(Ok(st)) => st.code().unwrap_or(-1),
             _ => panic!("did not exit within {secs}s; log:\n{}", self.log()),

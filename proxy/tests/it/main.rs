@@ -4,6 +4,7 @@
 mod support;
 
 mod binary;
+mod http;
 mod parsing;
 mod reload;
 mod resources;

@@ -296,8 +296,13 @@ async fn p17_bytes_after_rejected_connect_are_never_parsed() {
 
 #[tokio::test]
 async fn p18_non_connect_methods_get_405() {
+    // A listener kept CONNECT-only (`http.enabled: false`); on others these are plain-HTTP requests.
     let w = World::new().await;
-    let p = w.proxy("").await;
+    let yaml = w.config("").replace(
+        r#"{name: forward, bind: "127.0.0.1:0"}"#,
+        r#"{name: forward, bind: "127.0.0.1:0", http: {enabled: false}}"#,
+    );
+    let p = start_proxy(&yaml).await;
     for input in [
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         b"GET http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n".to_vec(),
