@@ -66,7 +66,7 @@ pub enum Command {
         /// Client (source) address.
         #[arg(long)]
         client: IpAddr,
-        /// Target as host:port (CONNECT authority form).
+        /// Target as host:port (a CONNECT target) or http://host[:port]/path (plain HTTP).
         #[arg(long)]
         target: String,
         /// Addresses the target name resolves to (repeatable); needed to decide CIDR rules.
@@ -120,9 +120,9 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
         Ok((c, _)) => c,
         Err(e) => return (EXIT_USAGE, format!("{e}\n")),
     };
-    let auth: Authority = match target.parse() {
+    let auth: Authority = match parse_target(target) {
         Ok(a) => a,
-        Err(e) => return (EXIT_USAGE, format!("target {target:?}: {e} (a CONNECT request would get 400)\n")),
+        Err(e) => return (EXIT_USAGE, format!("target {target:?}: {e} (the request would get 400)\n")),
     };
     let policy = &cfg.policy;
     let mut out = String::new();
@@ -156,6 +156,25 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
         }
     }
     (0, out)
+}
+
+/// `host:port` (a CONNECT target) or `http://host[:port][/path]` (a plain-HTTP target, port 80
+/// by default), with the strict grammar of the running proxy.
+fn parse_target(target: &str) -> Result<Authority, String> {
+    let Some(rest) = target.strip_prefix("http://") else {
+        if target.contains("://") {
+            return Err("only http:// URLs (or host:port) can be forwarded".to_owned());
+        }
+        return target.parse::<Authority>().map_err(|e| e.to_string());
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err("userinfo in the target".to_owned());
+    }
+    let has_port =
+        authority.rsplit_once(':').is_some_and(|(h, p)| !p.is_empty() && !h.ends_with('[') && !p.contains(']'));
+    let with_port = if has_port { authority.to_owned() } else { format!("{authority}:80") };
+    with_port.parse::<Authority>().map_err(|e| e.to_string())
 }
 
 fn describe(out: &mut String, policy: &proxy_config::Policy, d: &Decision, auth: &Authority, addrs: &[IpAddr]) {

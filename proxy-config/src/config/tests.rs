@@ -151,3 +151,33 @@ fn unicode_policy_names_become_punycode_and_bare_ips_become_host_routes() {
     assert_eq!(c.policy.rules[0].clients[0].to_string(), "10.1.2.3/32");
     assert_eq!(c.policy.rules[0].clients[1].to_string(), "::1/128");
 }
+
+#[test]
+fn http_settings_default_and_are_validated_with_their_paths() {
+    let cfg = ProxyConfig::from_yaml("version: 1\nlisteners: [{name: f, bind: '127.0.0.1:0'}]\n").unwrap();
+    let l = &cfg.listeners[0];
+    assert!(
+        l.http.enabled && !l.http.forwarded_for && l.http.via == "tunnelgate",
+        "plain HTTP on, client addresses private"
+    );
+    assert_eq!(cfg.http.response_head_timeout, std::time::Duration::from_secs(60));
+    assert_eq!(cfg.limits.requests_per_second, None);
+    let doc = "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:0', http: {via: 'bad via', colour: red}}]\nlimits: {requestBurst: 5, requestsPerSecond: 0}\nhttp: {maxIdlePerUpstream: 2000000, responseHeadTimeout: soon}\n";
+    let errs = ProxyConfig::from_yaml(doc).unwrap_err().to_string();
+    assert!(errs.contains("listeners[0].http"), "{errs}");
+    let doc = "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:0', http: {via: 'bad via'}}]\nlimits: {requestBurst: 5, requestsPerSecond: 0}\nhttp: {maxIdlePerUpstream: 2000000, responseHeadTimeout: soon}\n";
+    let errs = ProxyConfig::from_yaml(doc).unwrap_err().to_string();
+    for want in [
+        "listeners[0].http.via",
+        "limits.requestsPerSecond",
+        "limits.requestBurst: needs limits.requestsPerSecond",
+        "http.maxIdlePerUpstream",
+        "http.responseHeadTimeout",
+    ] {
+        assert!(errs.contains(want), "{want} in {errs}");
+    }
+    let ok = "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:0', http: {enabled: false, forwardedFor: true, via: egress-1}}]\nlimits: {requestsPerSecond: 50, requestBurst: 100}\n";
+    let cfg = ProxyConfig::from_yaml(ok).unwrap();
+    assert!(!cfg.listeners[0].http.enabled && cfg.listeners[0].http.forwarded_for);
+    assert_eq!((cfg.limits.requests_per_second, cfg.limits.request_burst), (Some(50), Some(100)));
+}

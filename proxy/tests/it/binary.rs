@@ -204,6 +204,11 @@ fn cli_explain_names_the_deciding_rule() {
             ),
         "{out}"
     );
+    let (_, out) =
+        run(&["explain", "--config", any, "--client", "10.1.1.1", "--target", "http://169.254.169.254/latest/"]);
+    assert!(out.contains("target: 169.254.169.254:80") && out.contains("decision: deny (403)"), "{out}");
+    let (code, out) = run(&["explain", "--config", any, "--client", "10.1.1.1", "--target", "https://example.com/"]);
+    assert_eq!(code, 64, "{out}");
     let (_, out) = run(&["explain", "--config", any, "--client", "10.1.1.1", "--target", "93.184.216.34:443"]);
     assert!(out.contains("decision: allow") && out.contains("rule: anyv4"), "{out}");
     let (code, out) = run(&["check", "--config", any]);
