@@ -1,6 +1,8 @@
 //! `tunnelgate-bench`: runs each scenario directly and through each proxy in turn (Tunnelgate,
 //! Squid, tinyproxy, http-tunnel) against loopback upstreams it starts itself, and prints medians
-//! over rounds with the ratio of each proxy to the direct connection. It measures; it never asserts.
+//! over rounds with the ratio of each proxy to the direct connection: CONNECT tunnels (bulk,
+//! setup, round trips, idle memory) and plain-HTTP forwarding (keep-alive and per-request
+//! connections, with proxy CPU per request). It measures; it never asserts.
 
 use std::error::Error;
 use std::net::SocketAddr;
@@ -109,7 +111,7 @@ async fn start_tunnelgate(bin: &Path, extra: &[String]) -> Res<Target> {
     let dir = TempDir::new("tunnelgate")?;
     let (port, admin) = (free_port()?, free_port()?);
     let cfg = format!(
-        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{port}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.0/8']}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n"
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{port}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.1/32']}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n"
     );
     let path = dir.0.join("config.yaml");
     std::fs::write(&path, cfg)?;
@@ -210,6 +212,8 @@ struct Upstreams {
     hello: SocketAddr,
     /// Accepts and holds connections.
     hold: SocketAddr,
+    /// HTTP/1.1 keep-alive server: `/10` answers 10 bytes, `/100k` 100 KiB.
+    http: SocketAddr,
 }
 
 async fn serve<F, Fut>(f: F) -> Res<SocketAddr>
@@ -263,7 +267,137 @@ async fn upstreams() -> Res<Upstreams> {
         let _ = s.read(&mut b).await;
     })
     .await?;
-    Ok(Upstreams { sink, echo, hello, hold })
+    let http = serve(|s| async move {
+        let _ = http_server(s).await;
+    })
+    .await?;
+    Ok(Upstreams { sink, echo, hello, hold, http })
+}
+
+/// A minimal keep-alive HTTP/1.1 server for requests without a body.
+async fn http_server(mut s: TcpStream) -> std::io::Result<()> {
+    let small = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789".to_vec();
+    let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 102400\r\n\r\n".to_vec();
+    big.resize(big.len() + 102_400, b'x');
+    let mut buf = Vec::with_capacity(4096);
+    let mut tmp = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut tmp).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        };
+        let wants_big = buf[..end].windows(5).any(|w| w == b"/100k");
+        buf.drain(..end);
+        s.write_all(if wants_big { &big } else { &small }).await?;
+    }
+}
+
+/// One HTTP GET of `path` on `s` (absolute-form through a proxy, origin-form direct); reads the
+/// whole response. `buf` is reused across calls.
+async fn http_get(s: &mut TcpStream, proxied: bool, upstream: SocketAddr, path: &str, buf: &mut Vec<u8>) -> Res<()> {
+    let req = if proxied {
+        format!("GET http://{upstream}{path} HTTP/1.1\r\nHost: {upstream}\r\n\r\n")
+    } else {
+        format!("GET {path} HTTP/1.1\r\nHost: {upstream}\r\n\r\n")
+    };
+    s.write_all(req.as_bytes()).await?;
+    buf.clear();
+    let mut tmp = [0u8; 16384];
+    let (end, len) = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            if !head.starts_with("http/1.1 200") && !head.starts_with("http/1.0 200") {
+                return Err(head.lines().next().unwrap_or("").to_owned().into());
+            }
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()))
+                .ok_or("no content-length")?;
+            break (i + 4, len);
+        }
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    while buf.len() < end + len {
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Err("closed mid-body".into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    Ok(())
+}
+
+/// Requests per second of plain-HTTP GETs of `path` from `conc` clients, each on one keep-alive
+/// connection (`keep_alive`) or a new connection per request; and the proxy's CPU time (user +
+/// system) per request in microseconds, when the target is a process.
+async fn http_requests(
+    t: &Arc<Target>,
+    up: &Upstreams,
+    conc: usize,
+    path: &'static str,
+    keep_alive: bool,
+    secs: f64,
+) -> Res<(f64, f64)> {
+    let connect = |t: Arc<Target>, upstream: SocketAddr| async move {
+        let s = TcpStream::connect(t.proxy.unwrap_or(upstream)).await?;
+        s.set_nodelay(true)?;
+        Ok::<TcpStream, Box<dyn Error + Send + Sync>>(s)
+    };
+    let cpu_before = t.child.as_ref().map(|c| cpu_us(c.id())).transpose()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (t, stop, count, upstream) = (t.clone(), stop.clone(), count.clone(), up.http);
+        tasks.push(tokio::spawn(async move {
+            let proxied = t.proxy.is_some();
+            let mut buf = Vec::with_capacity(128 * 1024);
+            let mut s = connect(t.clone(), upstream).await?;
+            while !stop.load(Ordering::Relaxed) {
+                if !keep_alive {
+                    #[allow(deprecated)]
+                    let _ = s.set_linger(Some(Duration::ZERO));
+                    s = connect(t.clone(), upstream).await?;
+                }
+                http_get(&mut s, proxied, upstream, path, &mut buf).await?;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), Box<dyn Error + Send + Sync>>(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await??;
+    }
+    let n = count.load(Ordering::Relaxed) as f64;
+    let rate = n / start.elapsed().as_secs_f64();
+    let cpu = match (cpu_before, t.child.as_ref()) {
+        (Some(b), Some(c)) => (cpu_us(c.id())? - b) as f64 / n.max(1.0),
+        _ => f64::NAN,
+    };
+    Ok((rate, cpu))
+}
+
+/// User + system CPU time of process `pid`, in microseconds.
+fn cpu_us(pid: u32) -> Res<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').ok_or("bad stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11).ok_or("bad stat")?.parse::<u64>()? + f.get(12).ok_or("bad stat")?.parse::<u64>()?;
+    // Clock ticks are 100 Hz on Linux (USER_HZ).
+    Ok(ticks * 10_000)
 }
 
 /// MB/s (10^6 bytes) moved by `n` tunnels of `bytes` each.
@@ -527,6 +661,33 @@ async fn main() -> Res<()> {
         }
         add("round trips, 64 tunnels (req/s)".to_owned(), true, rate);
         add("round trips, 64 tunnels p99 (us)".to_owned(), false, p99);
+    }
+    for (path, keep_alive, label) in [
+        ("/10", true, "http keep-alive GET 10 B"),
+        ("/100k", true, "http keep-alive GET 100 KiB"),
+        ("/10", false, "http new connection per GET 10 B"),
+    ] {
+        let conc = 16;
+        let (mut rate, mut cpu) = (Vec::new(), Vec::new());
+        for t in &targets {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..r {
+                match http_requests(t, &up, conc, path, keep_alive, args.seconds).await {
+                    Ok((x, y)) => {
+                        a.push(x);
+                        b.push(y);
+                    }
+                    Err(e) => {
+                        report(t.name, &*e);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            rate.push(median(a));
+            cpu.push(median(b));
+        }
+        add(format!("{label}, {conc} clients (req/s)"), true, rate);
+        add(format!("{label}, proxy CPU per request (us)"), false, cpu);
     }
     {
         let mut vals = Vec::new();
