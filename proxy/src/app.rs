@@ -111,7 +111,7 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
             source,
         })?;
     }
-    tokio::spawn(sweep_upstream_pool(inner.clone()));
+    tokio::spawn(housekeeping(inner.clone()));
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::run(inner.clone(), admin_sock, admin_stop.clone()));
     info!(addr = %admin_addr, "admin listening");
@@ -121,13 +121,16 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     Ok(ProxyHandle { listeners: inner.listener_addrs(), admin: admin_addr, inner, shutdown, done })
 }
 
-/// Closes idle pooled upstream connections past `http.upstreamIdleTimeout`, and all of them once
-/// the proxy drains.
-async fn sweep_upstream_pool(inner: Arc<Inner>) {
+/// Periodic upkeep: closes idle pooled upstream connections past `http.upstreamIdleTimeout` (all of
+/// them once the proxy drains), and re-reads the host's addresses for the self-connection check.
+async fn housekeeping(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
-            _ = tick.tick() => inner.upstream_pool.sweep(inner.snapshot().config.http.upstream_idle_timeout),
+            _ = tick.tick() => {
+                inner.upstream_pool.sweep(inner.snapshot().config.http.upstream_idle_timeout);
+                inner.refresh_host_addrs();
+            }
             () = inner.draining_connections.cancelled() => {
                 inner.upstream_pool.sweep(Duration::ZERO);
                 return;

@@ -144,7 +144,8 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
     // The running proxy refuses its own listener and admin ports; so does `explain`.
     let mut endpoints: Vec<std::net::SocketAddr> = cfg.listeners.iter().map(|l| l.bind).collect();
     endpoints.push(cfg.admin.bind);
-    let own = |ip, port| authorize::is_own_endpoint(&endpoints, ip, port);
+    let host = authorize::host_addresses();
+    let own = |ip, port| authorize::is_own_endpoint(&endpoints, &host, ip, port);
     match authorize::decide(policy, client, &auth, &addrs, own) {
         Verdict::Allow { rule, limits } => describe(&mut out, policy, &Decision::Allow { rule, limits }, &auth, &addrs),
         Verdict::Deny(d) => describe(&mut out, policy, &d, &auth, &addrs),

@@ -49,6 +49,9 @@ pub struct Inner {
     pub tunnels: Tunnels,
     /// Idle upstream connections of the plain-HTTP path.
     pub upstream_pool: UpstreamPool,
+    /// This host's addresses (all interfaces), refreshed periodically: a listener bound to 0.0.0.0
+    /// is reachable on each of them, so each is the proxy itself on its ports.
+    host_addrs: Mutex<Arc<Vec<IpAddr>>>,
     draining: AtomicBool,
     pub(crate) listeners: Mutex<Vec<RunningListener>>,
     /// Serializes reloads, so exactly one snapshot wins and listener changes never interleave.
@@ -77,6 +80,7 @@ impl Inner {
             next_conn_id: AtomicU64::new(1),
             tunnels,
             upstream_pool,
+            host_addrs: Mutex::new(Arc::new(authorize::host_addresses())),
             draining: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -111,11 +115,18 @@ impl Inner {
         lock(&self.listeners).iter().map(|l| (l.name.clone(), l.addr)).collect()
     }
 
-    /// Whether connecting to `ip:port` would connect to this proxy (a listener or the admin port).
+    /// Whether connecting to `ip:port` would connect to this proxy (a listener or the admin port,
+    /// on any address of the host).
     pub fn is_self(&self, ip: IpAddr, port: u16) -> bool {
         let mut eps: Vec<SocketAddr> = lock(&self.listeners).iter().map(|l| l.addr).collect();
         eps.push(self.admin_addr);
-        authorize::is_own_endpoint(&eps, ip, port)
+        let host = lock(&self.host_addrs).clone();
+        authorize::is_own_endpoint(&eps, &host, ip, port)
+    }
+
+    /// Reads the host's addresses again (interfaces come and go).
+    pub(crate) fn refresh_host_addrs(&self) {
+        *lock(&self.host_addrs) = Arc::new(authorize::host_addresses());
     }
 }
 

@@ -219,6 +219,28 @@ fn cli_explain_names_the_deciding_rule() {
     assert!(out.contains("400"), "{out}");
 }
 
+#[test]
+fn s01_explain_agrees_with_the_proxy_on_every_address_of_the_host() {
+    // A listener bound to 0.0.0.0 is the proxy itself on every address of the host, not only on
+    // loopback. explain dials nothing, so a real interface address is safe to use here.
+    let host = tunnelgate_proxy::authorize::host_addresses()
+        .into_iter()
+        .find(|a| !a.is_loopback())
+        .unwrap_or_else(|| "127.0.0.5".parse().unwrap());
+    let net = if host.is_ipv4() { format!("{host}/32") } else { format!("{host}/128") };
+    let dir = TempDir::new("explain-self");
+    let f = dir.0.join("c.yaml");
+    std::fs::write(&f, format!("version: 1\nlisteners: [{{name: f, bind: '0.0.0.0:3128'}}]\nadmin: {{bind: '0.0.0.0:9090'}}\npolicy:\n  rules:\n    - {{name: host, action: allow, cidrs: ['{net}']}}\n")).unwrap();
+    let f = f.to_str().unwrap();
+    let target = |port: u16| if host.is_ipv4() { format!("{host}:{port}") } else { format!("[{host}]:{port}") };
+    for port in [3128, 9090] {
+        let (_, out) = run(&["explain", "--config", f, "--client", "10.1.1.1", "--target", &target(port)]);
+        assert!(out.contains("decision: deny (403)") && out.contains("rule: self"), "{host}:{port}: {out}");
+    }
+    let (_, out) = run(&["explain", "--config", f, "--client", "10.1.1.1", "--target", &target(8443)]);
+    assert!(out.contains("decision: allow") && out.contains("rule: host"), "{out}");
+}
+
 #[tokio::test]
 async fn invalid_config_exits_64_before_binding() {
     let dir = TempDir::new("invalid");
