@@ -146,6 +146,9 @@ pub struct Limits {
     pub requests_per_second: Option<u32>,
     /// Requests a client may send at once before the rate applies (default: one second's worth).
     pub request_burst: Option<u32>,
+    /// Heap bytes in use above which new requests get 503; `None`: 85% of the cgroup memory
+    /// limit when there is one; `Some(0)`: never shed.
+    pub memory_budget: Option<u64>,
 }
 
 /// Log output settings.
@@ -408,6 +411,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         ),
         requests_per_second: rate(&mut errs, "limits.requestsPerSecond", l.requests_per_second),
         request_burst: rate(&mut errs, "limits.requestBurst", l.request_burst),
+        memory_budget: l.memory_budget,
     };
     if l.request_burst.is_some() && limits.requests_per_second.is_none() {
         errs.push("limits.requestBurst", "needs limits.requestsPerSecond");

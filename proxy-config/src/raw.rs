@@ -140,6 +140,7 @@ pub(crate) struct RawLimits {
     pub(crate) drain_delay: Option<String>,
     pub(crate) drain_timeout: Option<String>,
     pub(crate) requests_per_second: Option<u64>,
+    pub(crate) memory_budget: Option<u64>,
     pub(crate) request_burst: Option<u64>,
 }
 

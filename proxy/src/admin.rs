@@ -69,10 +69,17 @@ fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
         "/readyz" => {
-            if inner.is_ready() {
-                text(StatusCode::OK, "ready\n", "text/plain")
+            if !inner.is_ready() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n", "text/plain")
+            } else if inner.memory.is_overloaded() {
+                // Clients on this node see it, and a load balancer can steer new connections away.
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: memory over budget, shedding new requests\n",
+                    "text/plain",
+                )
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n", "text/plain")
+                text(StatusCode::OK, "ready\n", "text/plain")
             }
         }
         "/config" => text(StatusCode::OK, inner.snapshot().describe().to_string(), "application/json"),

@@ -112,6 +112,7 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
         })?;
     }
     tokio::spawn(housekeeping(inner.clone()));
+    tokio::spawn(crate::memory::watch(inner.clone()));
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::run(inner.clone(), admin_sock, admin_stop.clone()));
     info!(addr = %admin_addr, "admin listening");

@@ -74,8 +74,10 @@ async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, _permit: Pe
         // At the drain deadline a connection still sending its head gets 503.
         () = ctx.inner.stops.shutdown.cancelled() => Err(TunnelError::Draining),
     };
-    // Every request draws from its client's bucket, CONNECT and plain HTTP alike.
+    // Every request draws from its client's bucket, CONNECT and plain HTTP alike; under memory
+    // pressure new tunnels are refused (established ones keep flowing).
     let head = head.and_then(|h| match (&h, &ctx.snapshot.request_limiter) {
+        (Head::Connect(_), _) if ctx.inner.shed_for_memory() => Err(TunnelError::Overloaded),
         (Head::Connect(_), Some(limiter)) => limiter.check(ctx.peer.ip()).map(|()| h),
         _ => Ok(h),
     });

@@ -32,6 +32,7 @@ pub mod error;
 pub mod forward;
 pub mod k8s_source;
 pub mod listeners;
+pub mod memory;
 pub mod metrics;
 pub mod negotiate;
 pub mod ratelimit;

@@ -47,6 +47,14 @@ pub struct ProxyMetrics {
     pub upstream_pool_idle: IntGauge,
     /// Upstream connections used by plain-HTTP requests, `result` = new | reused.
     pub upstream_connections: IntCounterVec,
+    /// Heap bytes the proxy holds (resident memory when embedded as a library), every 100 ms.
+    pub memory_in_use: IntGauge,
+    /// The memory budget in force, bytes (0: none).
+    pub memory_budget: IntGauge,
+    /// 1 while new requests are refused because memory is over budget.
+    pub memory_overloaded: IntGauge,
+    /// Requests refused (503) because memory was over budget.
+    pub memory_shed: IntCounter,
 }
 
 impl ProxyMetrics {
@@ -123,7 +131,21 @@ impl ProxyMetrics {
                 Opts::new("tunnelgate_upstream_connections_total", "Upstream connections used by plain-HTTP requests"),
                 &["result"],
             )?,
+            memory_in_use: IntGauge::new("tunnelgate_memory_in_use_bytes", "Heap bytes the proxy holds")?,
+            memory_budget: IntGauge::new("tunnelgate_memory_budget_bytes", "Memory budget in force (0: none)")?,
+            memory_overloaded: IntGauge::new(
+                "tunnelgate_memory_overloaded",
+                "1 while new requests are refused because memory is over budget",
+            )?,
+            memory_shed: IntCounter::new(
+                "tunnelgate_memory_shed_requests_total",
+                "Requests refused with 503 because memory was over budget",
+            )?,
         };
+        registry.register(Box::new(m.memory_in_use.clone()))?;
+        registry.register(Box::new(m.memory_budget.clone()))?;
+        registry.register(Box::new(m.memory_overloaded.clone()))?;
+        registry.register(Box::new(m.memory_shed.clone()))?;
         registry.register(Box::new(m.http_requests.clone()))?;
         registry.register(Box::new(m.http_request_duration.clone()))?;
         registry.register(Box::new(m.upstream_pool_idle.clone()))?;

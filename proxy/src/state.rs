@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::accept::ConnLimiter;
 use crate::authorize;
 use crate::forward::pool::UpstreamPool;
+use crate::memory::MemoryPressure;
 use crate::metrics::ProxyMetrics;
 use crate::relay::Stops;
 use crate::snapshot::SharedSnapshot;
@@ -49,6 +50,8 @@ pub struct Inner {
     pub tunnels: Tunnels,
     /// Idle upstream connections of the plain-HTTP path.
     pub upstream_pool: UpstreamPool,
+    /// Memory-pressure load shedding.
+    pub memory: MemoryPressure,
     /// This host's addresses (all interfaces), refreshed periodically: a listener bound to 0.0.0.0
     /// is reachable on each of them, so each is the proxy itself on its ports.
     host_addrs: Mutex<Arc<Vec<IpAddr>>>,
@@ -80,6 +83,7 @@ impl Inner {
             next_conn_id: AtomicU64::new(1),
             tunnels,
             upstream_pool,
+            memory: MemoryPressure::default(),
             host_addrs: Mutex::new(Arc::new(authorize::host_addresses())),
             draining: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
@@ -122,6 +126,15 @@ impl Inner {
         eps.push(self.admin_addr);
         let host = lock(&self.host_addrs).clone();
         authorize::is_own_endpoint(&eps, &host, ip, port)
+    }
+
+    /// Whether a new request must be refused for memory (counted when it is).
+    pub fn shed_for_memory(&self) -> bool {
+        let shed = self.memory.is_overloaded();
+        if shed {
+            self.metrics.memory_shed.inc();
+        }
+        shed
     }
 
     /// Reads the host's addresses again (interfaces come and go).

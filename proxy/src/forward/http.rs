@@ -126,6 +126,9 @@ impl Handler {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         let mut ex =
             Exchange { method: method_label(req.method()), started: Instant::now(), rule: None, authority: None };
+        if self.ctx.inner.shed_for_memory() {
+            return self.error(&ex, TunnelError::Overloaded.into());
+        }
         if let Some(limiter) = &self.ctx.snapshot.request_limiter {
             if let Err(e) = limiter.check(self.ctx.peer.ip()) {
                 return self.error(&ex, e.into());

@@ -81,6 +81,10 @@ impl Proc {
         assert!(ok);
     }
 
+    pub(crate) fn config_path(&self) -> std::path::PathBuf {
+        self.dir.0.join("config.yaml")
+    }
+
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.0.join("stderr.log")).unwrap_or_default()
     }
@@ -564,4 +568,73 @@ async fn file_changes_and_sighup_reload_the_running_binary() {
     p.signal("HUP");
     assert_eq!(p.exit_within(15).await, 0);
     assert!(!p.log().contains("panicked"), "{}", p.log());
+}
+
+#[tokio::test]
+async fn r09_memory_pressure_sheds_new_requests_keeps_tunnels_and_recovers() {
+    let w = World::new().await;
+    // Upstreams that push without end: each tunnel whose client does not read holds a buffer.
+    let firehose = Upstream::start("127.0.0.2", |mut s| async move {
+        let chunk = vec![5u8; 1 << 16];
+        while s.write_all(&chunk).await.is_ok() {}
+    })
+    .await;
+    let p = Proc::start(&w, "limits: {drainDelay: 0s, drainTimeout: 1s, memoryBudget: 1073741824}\n").await;
+    let mut live = tunnel(p.listen, &w.echo.addr.to_string()).await;
+    roundtrip(&mut live, b"before").await;
+    // A budget a few MiB above what the proxy uses now, applied by a reload.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_use = metric(p.admin, "tunnelgate_memory_in_use_bytes").await as u64;
+    assert!(in_use > 0);
+    let budget = in_use + (4 << 20);
+    let cfg = std::fs::read_to_string(p.config_path())
+        .unwrap()
+        .replace("memoryBudget: 1073741824", &format!("memoryBudget: {budget}"));
+    std::fs::write(p.config_path(), cfg).unwrap();
+    p.signal("HUP");
+    assert!(eventually(5, || async { metric(p.admin, "tunnelgate_memory_budget_bytes").await == budget as f64 }).await);
+    // Stalled tunnels until the proxy refuses new ones (bounded in count and time).
+    let mut held = Vec::new();
+    let mut refused = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while held.len() < 2000 && tokio::time::Instant::now() < deadline {
+        let mut s = TcpStream::connect(p.listen).await.unwrap();
+        s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", firehose.addr).as_bytes()).await.unwrap();
+        let (status, head) = read_head(&mut s).await;
+        if status == 503 {
+            refused = Some(head);
+            break;
+        }
+        assert_eq!(status, 200, "{head}");
+        held.push(s);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let head = refused.unwrap_or_else(|| panic!("no 503 after {} stalled tunnels; log:\n{}", held.len(), p.log()));
+    assert!(head.contains("Retry-After: 1\r\n"), "{head}");
+    assert_eq!(metric(p.admin, "tunnelgate_memory_overloaded").await, 1.0);
+    assert_eq!(admin_get(p.admin, "/readyz").await.0, 503, "the node's clients see the overload");
+    // Plain HTTP is shed too; established tunnels keep flowing.
+    let (status, _) =
+        exchange(p.listen, b"GET http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
+            .await;
+    assert_eq!(status, 503);
+    roundtrip(&mut live, b"still flowing").await;
+    assert!(metric(p.admin, "tunnelgate_memory_shed_requests_total").await >= 2.0);
+    // Pressure falls: shedding stops by itself. Traffic goes on meanwhile (the allocator returns
+    // freed memory to the system as it works).
+    drop(held);
+    let mut recovered = false;
+    for _ in 0..200 {
+        roundtrip(&mut live, b"tick").await;
+        if metric(p.admin, "tunnelgate_memory_overloaded").await == 0.0 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = metric(p.admin, "tunnelgate_memory_in_use_bytes").await;
+    assert!(recovered, "still shedding at {now} bytes in use (budget {budget})");
+    let mut again = tunnel(p.listen, &w.echo.addr.to_string()).await;
+    roundtrip(&mut again, b"accepted again").await;
+    assert_eq!(admin_get(p.admin, "/readyz").await.0, 200);
 }
