@@ -31,6 +31,17 @@ pub struct ProxyConfig {
     pub limits: Limits,
     pub logging: Logging,
     pub http: HttpSettings,
+    /// Proxy authentication (`Proxy-Authorization: Basic`), when set.
+    pub auth: Option<Auth>,
+}
+
+/// Proxy authentication: every request on a forward listener must carry credentials that match
+/// the htpasswd file (bcrypt hashes only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    pub htpasswd_file: PathBuf,
+    /// The realm of `Proxy-Authenticate: Basic realm="..."`.
+    pub realm: String,
 }
 
 /// What a listener does with its connections.
@@ -161,6 +172,8 @@ pub struct Logging {
     pub log_client_addresses: bool,
     /// Opt-in: access events carry the target host and port.
     pub log_targets: bool,
+    /// Opt-in: access events carry the authenticated proxy user.
+    pub log_users: bool,
 }
 
 /// Log line format.
@@ -328,6 +341,16 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         }
         let action = errs.take(&format!("{p}.action"), parse_action(&rr.action));
         let clients = list(&mut errs, &format!("{p}.clients"), rr.clients, parse_net);
+        let users = list(&mut errs, &format!("{p}.users"), rr.users, |u| {
+            if valid_user(u) {
+                Ok(u.to_owned())
+            } else {
+                Err(format!("{u:?} is not a user name (1-128 printable characters, no ':')"))
+            }
+        });
+        if !users.is_empty() && raw.auth.is_none() {
+            errs.push(format!("{p}.users"), "needs auth (proxy authentication) to be configured");
+        }
         let hosts =
             list(&mut errs, &format!("{p}.hosts"), rr.hosts, |s| s.parse::<HostPattern>().map_err(|e| e.to_string()));
         let cidrs = list(&mut errs, &format!("{p}.cidrs"), rr.cidrs, parse_net);
@@ -352,7 +375,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         }
         let relay = rule_relay(&mut errs, &format!("{p}.relay"), rr.relay.unwrap_or_default());
         if let Some(action) = action {
-            rules.push(Rule { name: rr.name, action, clients, hosts, host_regex, cidrs, ports, relay });
+            rules.push(Rule { name: rr.name, action, clients, users, hosts, host_regex, cidrs, ports, relay });
         }
     }
     let policy = Policy {
@@ -438,6 +461,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         access_log: g.access_log.unwrap_or(false),
         log_client_addresses: g.log_client_addresses.unwrap_or(false),
         log_targets: g.log_targets.unwrap_or(false),
+        log_users: g.log_users.unwrap_or(false),
     };
 
     // http
@@ -459,6 +483,21 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         max_idle_upstreams: count_or_zero(&mut errs, "http.maxIdleUpstreams", h.max_idle_upstreams, 512),
     };
 
+    // auth
+    let auth = raw.auth.as_ref().and_then(|a| {
+        let realm = a.realm.clone().unwrap_or_else(|| "tunnelgate".to_owned());
+        if !(1..=64).contains(&realm.len())
+            || !realm.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        {
+            errs.push("auth.realm", "must be 1-64 printable ASCII characters without \" or \\");
+        }
+        if a.htpasswd_file.is_empty() {
+            errs.push("auth.htpasswdFile", "must not be empty");
+            return None;
+        }
+        Some(Auth { htpasswd_file: a.htpasswd_file.clone().into(), realm })
+    });
+
     let admin = Admin { bind: admin_bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090))) };
     errs.finish(ProxyConfig {
         listeners,
@@ -469,7 +508,13 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         limits,
         logging,
         http,
+        auth,
     })
+}
+
+/// A proxy user name as htpasswd files hold them.
+fn valid_user(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
 /// A positive requests-per-second style value that fits in a u32.

@@ -23,7 +23,7 @@ mod raw;
 pub mod warnings;
 
 pub use config::{
-    Admin, Dns, HttpSettings, Limits, Listener, ListenerHttp, ListenerMode, LogFormat, Logging, ProxyConfig,
+    Admin, Auth, Dns, HttpSettings, Limits, Listener, ListenerHttp, ListenerMode, LogFormat, Logging, ProxyConfig,
     RelayDefaults, TlsFiles,
 };
 pub use error::{ConfigError, ConfigErrors};

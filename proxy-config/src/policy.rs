@@ -113,6 +113,8 @@ pub struct Rule {
     pub action: Action,
     /// Source networks; empty means any client.
     pub clients: Vec<IpNet>,
+    /// Authenticated proxy users; empty means any (or no) user.
+    pub users: Vec<String>,
     pub hosts: Vec<HostPattern>,
     /// Anchored to the whole name at load time.
     pub host_regex: Option<Regex>,
@@ -124,9 +126,10 @@ pub struct Rule {
 }
 
 impl Rule {
-    fn matches_client_port(&self, client: IpAddr, port: u16) -> bool {
+    fn matches_client_port(&self, client: IpAddr, user: Option<&str>, port: u16) -> bool {
         let client = canonical(client);
-        (self.clients.is_empty() || self.clients.iter().any(|n| n.contains(&client)))
+        (self.users.is_empty() || user.is_some_and(|u| self.users.iter().any(|x| x == u)))
+            && (self.clients.is_empty() || self.clients.iter().any(|n| n.contains(&client)))
             && (self.ports.is_empty() || self.ports.iter().any(|p| p.contains(port)))
     }
 
@@ -147,8 +150,8 @@ impl Rule {
     }
 
     /// Whether the rule matches; `addr` is `None` before resolution (CIDRs cannot match yet).
-    fn matches(&self, client: IpAddr, host: &Host, port: u16, addr: Option<IpAddr>) -> bool {
-        if !self.matches_client_port(client, port) {
+    fn matches(&self, client: IpAddr, user: Option<&str>, host: &Host, port: u16, addr: Option<IpAddr>) -> bool {
+        if !self.matches_client_port(client, user, port) {
             return false;
         }
         let by_name = matches!(host, Host::Name(n) if self.matches_name(n));
@@ -224,14 +227,19 @@ impl Policy {
 
     /// Decides what can be decided from the name alone, so a denied name never causes a DNS query.
     pub fn pre_resolve(&self, client: IpAddr, name: &HostName, port: u16) -> PreDecision {
+        self.pre_resolve_as(client, None, name, port)
+    }
+
+    /// [`Policy::pre_resolve`] for a request made as proxy user `user`.
+    pub fn pre_resolve_as(&self, client: IpAddr, user: Option<&str>, name: &HostName, port: u16) -> PreDecision {
         let host = Host::Name(name.clone());
-        if let Some(i) = self.first(Action::Deny, |r| r.matches(client, &host, port, None)) {
+        if let Some(i) = self.first(Action::Deny, |r| r.matches(client, user, &host, port, None)) {
             return PreDecision::Deny(Decision::Deny { rule: Some(i), reason: DenyReason::Rule });
         }
         let could_allow = self.default_action == Action::Allow
             || self.rules.iter().any(|r| {
                 r.action == Action::Allow
-                    && r.matches_client_port(client, port)
+                    && r.matches_client_port(client, user, port)
                     && (!r.cidrs.is_empty() || r.matches_name(name))
             });
         if could_allow {
@@ -244,12 +252,18 @@ impl Policy {
     /// Decides a request given every address the target resolved to (or its literal address).
     /// Fails closed: the request is allowed only if every address is allowed.
     pub fn decide(&self, client: IpAddr, host: &Host, port: u16, addrs: &[IpAddr]) -> Decision {
+        self.decide_as(client, None, host, port, addrs)
+    }
+
+    /// [`Policy::decide`] for a request made as proxy user `user` (rules with `users` match only
+    /// those users).
+    pub fn decide_as(&self, client: IpAddr, user: Option<&str>, host: &Host, port: u16, addrs: &[IpAddr]) -> Decision {
         let deny_default = Decision::Deny { rule: None, reason: DenyReason::Default };
         if addrs.is_empty() {
             return deny_default;
         }
         for &addr in addrs {
-            if let Some(i) = self.first(Action::Deny, |r| r.matches(client, host, port, Some(addr))) {
+            if let Some(i) = self.first(Action::Deny, |r| r.matches(client, user, host, port, Some(addr))) {
                 return Decision::Deny { rule: Some(i), reason: DenyReason::Rule };
             }
         }
@@ -260,7 +274,7 @@ impl Policy {
             let mut matched = false;
             let mut opened = refused.is_none();
             for (i, r) in self.rules.iter().enumerate() {
-                if r.action != Action::Allow || !r.matches(client, host, port, Some(addr)) {
+                if r.action != Action::Allow || !r.matches(client, user, host, port, Some(addr)) {
                     continue;
                 }
                 matched = true;
@@ -279,7 +293,7 @@ impl Policy {
                 let not_opened_by = self
                     .rules
                     .iter()
-                    .position(|r| r.action == Action::Allow && r.matches(client, host, port, Some(addr)));
+                    .position(|r| r.action == Action::Allow && r.matches(client, user, host, port, Some(addr)));
                 return Decision::Deny { rule: None, reason: DenyReason::PrivateAddress { range, not_opened_by } };
             }
         }

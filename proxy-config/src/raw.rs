@@ -23,6 +23,14 @@ pub(crate) struct RawConfig {
     pub(crate) logging: RawLogging,
     #[serde(default)]
     pub(crate) http: RawHttp,
+    pub(crate) auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawAuth {
+    pub(crate) htpasswd_file: String,
+    pub(crate) realm: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +92,7 @@ pub(crate) struct RawRule {
     pub(crate) name: String,
     pub(crate) action: String,
     pub(crate) clients: Option<Vec<String>>,
+    pub(crate) users: Option<Vec<String>>,
     pub(crate) hosts: Option<Vec<String>>,
     pub(crate) host_regex: Option<String>,
     pub(crate) cidrs: Option<Vec<String>>,
@@ -151,4 +160,5 @@ pub(crate) struct RawLogging {
     pub(crate) access_log: Option<bool>,
     pub(crate) log_client_addresses: Option<bool>,
     pub(crate) log_targets: Option<bool>,
+    pub(crate) log_users: Option<bool>,
 }

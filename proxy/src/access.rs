@@ -48,7 +48,14 @@ impl TunnelKind {
 }
 
 /// Counts and logs a closed tunnel.
-pub fn tunnel_closed(ctx: &ConnCtx, kind: TunnelKind, rule: &str, authority: &Authority, out: &RelayOutcome) {
+pub fn tunnel_closed(
+    ctx: &ConnCtx,
+    kind: TunnelKind,
+    rule: &str,
+    user: Option<&str>,
+    authority: &Authority,
+    out: &RelayOutcome,
+) {
     let m = &ctx.inner.metrics;
     if out.reason == crate::relay::CloseReason::Shutdown {
         m.drain_forced_closes.inc();
@@ -81,6 +88,7 @@ pub fn tunnel_closed(ctx: &ConnCtx, kind: TunnelKind, rule: &str, authority: &Au
             duration_ms = u64::try_from(out.duration.as_millis()).unwrap_or(u64::MAX),
             client = logging.log_client_addresses.then(|| ctx.peer.ip().to_string()),
             destination = logging.log_targets.then(|| authority.to_string()),
+            user = logging.log_users.then_some(user).flatten(),
             "tunnel closed"
         );
     }

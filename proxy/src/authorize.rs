@@ -19,6 +19,8 @@ pub struct Authorized {
     pub addrs: Vec<IpAddr>,
     pub rule: String,
     pub limits: TunnelLimits,
+    /// The authenticated proxy user the decision was made for.
+    pub user: Option<String>,
 }
 
 /// Why a request was not authorized, and the deciding rule when a rule decided.
@@ -51,11 +53,12 @@ pub enum Verdict {
 pub fn decide(
     policy: &Policy,
     client: IpAddr,
+    user: Option<&str>,
     auth: &Authority,
     addrs: &[IpAddr],
     is_self: impl Fn(IpAddr, u16) -> bool,
 ) -> Verdict {
-    match policy.decide(client, &auth.host, auth.port, addrs) {
+    match policy.decide_as(client, user, &auth.host, auth.port, addrs) {
         Decision::Allow { .. } if addrs.iter().any(|a| is_self(*a, auth.port)) => Verdict::SelfConnect,
         Decision::Allow { rule, limits } => Verdict::Allow { rule, limits },
         d => Verdict::Deny(d),
@@ -93,6 +96,7 @@ pub async fn authorize(
     snapshot: &Snapshot,
     inner: &Inner,
     client: IpAddr,
+    user: Option<String>,
     auth: &Authority,
 ) -> Result<Authorized, Rejection> {
     let policy = &snapshot.config.policy;
@@ -109,17 +113,17 @@ pub async fn authorize(
     let addrs = match &auth.host {
         Host::Ip(ip) => vec![*ip],
         Host::Name(name) => {
-            if let PreDecision::Deny(d) = policy.pre_resolve(client, name, auth.port) {
+            if let PreDecision::Deny(d) = policy.pre_resolve_as(client, user.as_deref(), name, auth.port) {
                 return Err(deny(&d));
             }
             snapshot.resolver.resolve(name, m).await?
         }
     };
-    match decide(policy, client, auth, &addrs, |ip, port| inner.is_self(ip, port)) {
+    match decide(policy, client, user.as_deref(), auth, &addrs, |ip, port| inner.is_self(ip, port)) {
         Verdict::Allow { rule, limits } => {
             let name = policy.rule_name(rule).to_owned();
             m.policy_decisions.with_label_values(&["allow", &name]).inc();
-            Ok(Authorized { addrs, rule: name, limits })
+            Ok(Authorized { addrs, rule: name, limits, user })
         }
         Verdict::SelfConnect => {
             m.policy_decisions.with_label_values(&["deny", "self"]).inc();

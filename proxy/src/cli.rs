@@ -72,6 +72,9 @@ pub enum Command {
         /// Addresses the target name resolves to (repeatable); needed to decide CIDR rules.
         #[arg(long)]
         resolve: Vec<IpAddr>,
+        /// The authenticated proxy user (for rules with `users`).
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -115,7 +118,7 @@ pub fn check(path: &Path) -> (i32, String) {
 }
 
 /// `explain`: returns (exit code, output).
-pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) -> (i32, String) {
+pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, resolve: &[IpAddr]) -> (i32, String) {
     let cfg = match load(path) {
         Ok((c, _)) => c,
         Err(e) => return (EXIT_USAGE, format!("{e}\n")),
@@ -129,7 +132,7 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
     let addrs: Vec<IpAddr> = match &auth.host {
         Host::Ip(ip) => vec![*ip],
         Host::Name(name) => {
-            if let PreDecision::Deny(d) = policy.pre_resolve(client, name, auth.port) {
+            if let PreDecision::Deny(d) = policy.pre_resolve_as(client, user, name, auth.port) {
                 describe(&mut out, policy, &d, &auth, &[]);
                 let _ = writeln!(out, "resolved: no (decided by name, no DNS query)");
                 return (0, out);
@@ -146,7 +149,7 @@ pub fn explain(path: &Path, client: IpAddr, target: &str, resolve: &[IpAddr]) ->
     endpoints.push(cfg.admin.bind);
     let host = authorize::host_addresses();
     let own = |ip, port| authorize::is_own_endpoint(&endpoints, &host, ip, port);
-    match authorize::decide(policy, client, &auth, &addrs, own) {
+    match authorize::decide(policy, client, user, &auth, &addrs, own) {
         Verdict::Allow { rule, limits } => describe(&mut out, policy, &Decision::Allow { rule, limits }, &auth, &addrs),
         Verdict::Deny(d) => describe(&mut out, policy, &d, &auth, &addrs),
         Verdict::SelfConnect => {

@@ -40,6 +40,10 @@ pub enum TunnelError {
     /// The per-client connection cap was reached.
     #[error("too many connections from this client")]
     ClientLimit,
+    /// Proxy authentication is configured and the request's credentials are missing or wrong;
+    /// carries the realm.
+    #[error("proxy authentication required")]
+    AuthRequired(String),
     /// The per-client request rate was exceeded; retry after this many seconds.
     #[error("too many requests from this client")]
     RateLimited(u64),
@@ -97,6 +101,7 @@ impl TunnelError {
             TunnelError::Denied(_) | TunnelError::SelfConnect => "denied",
             TunnelError::ClientLimit => "client_limited",
             TunnelError::RateLimited(_) => "rate_limited",
+            TunnelError::AuthRequired(_) => "auth_required",
             TunnelError::Overloaded => "overloaded",
             TunnelError::Draining => "draining",
             TunnelError::ResolveNotFound | TunnelError::ResolveFailed => "dns_failed",
@@ -135,6 +140,7 @@ impl TunnelError {
             TunnelError::UriTooLong => 414,
             TunnelError::MalformedRequest(_) => 400,
             TunnelError::MethodNotAllowed => 405,
+            TunnelError::AuthRequired(_) => 407,
             TunnelError::Denied(_) | TunnelError::SelfConnect => 403,
             TunnelError::ClientLimit | TunnelError::RateLimited(_) => 429,
             TunnelError::Overloaded | TunnelError::Draining => 503,

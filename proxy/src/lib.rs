@@ -23,6 +23,7 @@ pub mod accept;
 pub mod access;
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod authorize;
 pub mod cli;
 pub mod conn;

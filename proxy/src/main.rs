@@ -25,8 +25,8 @@ fn main() {
             print!("{out}");
             std::process::exit(code);
         }
-        Some(Command::Explain { config, client, target, resolve }) => {
-            let (code, out) = cli::explain(&config, client, &target, &resolve);
+        Some(Command::Explain { config, client, target, resolve, user }) => {
+            let (code, out) = cli::explain(&config, client, user.as_deref(), &target, &resolve);
             print!("{out}");
             std::process::exit(code);
         }

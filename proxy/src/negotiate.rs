@@ -25,6 +25,8 @@ pub struct ConnectRequest {
     pub authority: Authority,
     /// Early data: pipelined after the head, to be forwarded to the upstream first.
     pub leftover: Vec<u8>,
+    /// The `Proxy-Authorization` value, if any (never logged, never forwarded).
+    pub credentials: Option<Vec<u8>>,
 }
 
 /// The first request of a connection.
@@ -73,7 +75,11 @@ async fn read_head_inner<S: AsyncRead + Unpin>(io: &mut S, max_head: usize) -> R
         // Only parse once a blank line has arrived, so a trickling client costs linear CPU.
         if let Some(end) = find_head_end(&buf, scanned) {
             return match parse_head(&buf[..end]) {
-                Ok(authority) => Ok(Head::Connect(ConnectRequest { authority, leftover: buf[end..].to_vec() })),
+                Ok(authority) => Ok(Head::Connect(ConnectRequest {
+                    authority,
+                    leftover: buf[end..].to_vec(),
+                    credentials: proxy_credentials(&buf[..end]),
+                })),
                 Err(TunnelError::MethodNotAllowed) => Ok(Head::Other(buf)),
                 Err(e) => Err(e),
             };
@@ -113,6 +119,14 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
         i += 1;
     }
     None
+}
+
+/// The `Proxy-Authorization` value of a complete, already validated head.
+fn proxy_credentials(head: &[u8]) -> Option<Vec<u8>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("proxy-authorization")).map(|h| h.value.to_vec())
 }
 
 /// Parses a complete head (ending in a blank line) into the CONNECT target. Pure.
@@ -166,6 +180,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         400 => "Bad Request",
         403 => "Forbidden",
         405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
         408 => "Request Timeout",
         414 => "URI Too Long",
         429 => "Too Many Requests",
@@ -185,6 +200,9 @@ pub fn error_response(err: &TunnelError) -> Option<Vec<u8>> {
     let mut extra = String::new();
     if status == 405 {
         extra.push_str("Allow: CONNECT\r\n");
+    }
+    if let TunnelError::AuthRequired(realm) = err {
+        extra.push_str(&format!("Proxy-Authenticate: Basic realm=\"{realm}\"\r\n"));
     }
     if let Some(secs) = err.retry_after() {
         extra.push_str(&format!("Retry-After: {secs}\r\n"));

@@ -154,11 +154,8 @@ fn watched_dirs(inner: &Inner, source: &Source) -> HashSet<PathBuf> {
     if let Some(path) = source.file() {
         dirs.insert(parent(path));
     }
-    for l in &inner.snapshot().config.listeners {
-        if let Some(t) = &l.tls {
-            dirs.insert(parent(&t.cert_file));
-            dirs.insert(parent(&t.key_file));
-        }
+    for f in crate::snapshot::watched_files(&inner.snapshot().config) {
+        dirs.insert(parent(f));
     }
     dirs
 }
@@ -167,11 +164,11 @@ fn watched_dirs(inner: &Inner, source: &Source) -> HashSet<PathBuf> {
 fn watched_names(inner: &Inner, source: &Source) -> HashSet<std::ffi::OsString> {
     let mut names: HashSet<std::ffi::OsString> =
         source.file().and_then(Path::file_name).map(ToOwned::to_owned).into_iter().collect();
-    for l in &inner.snapshot().config.listeners {
-        if let Some(t) = &l.tls {
-            names.extend([&t.cert_file, &t.key_file].iter().filter_map(|p| p.file_name().map(ToOwned::to_owned)));
-        }
-    }
+    names.extend(
+        crate::snapshot::watched_files(&inner.snapshot().config)
+            .iter()
+            .filter_map(|p| p.file_name().map(ToOwned::to_owned)),
+    );
     names
 }
 

@@ -9,6 +9,7 @@ use proxy_config::ProxyConfig;
 use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth::{AuthFileError, Authenticator};
 use crate::dial::{Resolver, ResolverError};
 use crate::ratelimit::RequestLimiter;
 use crate::tls::{self, TlsError};
@@ -25,6 +26,8 @@ pub enum SnapshotError {
     },
     #[error("dns")]
     Resolver(#[source] ResolverError),
+    #[error("auth.htpasswdFile")]
+    Auth(#[source] AuthFileError),
 }
 
 /// A compiled configuration.
@@ -40,6 +43,8 @@ pub struct Snapshot {
     pub resolver: Resolver,
     /// TLS acceptors by listener name.
     pub tls: HashMap<String, TlsAcceptor>,
+    /// Proxy authentication, when `auth` is configured (the users of this generation).
+    pub auth: Option<Authenticator>,
     /// Per-client request rate limit, when `limits.requestsPerSecond` is set. A new generation
     /// starts with full buckets.
     pub request_limiter: Option<RequestLimiter>,
@@ -61,6 +66,10 @@ impl Snapshot {
         }
         let resolver = Resolver::new(&config.dns).map_err(SnapshotError::Resolver)?;
         let request_limiter = RequestLimiter::new(&config.limits);
+        let auth = match &config.auth {
+            Some(a) => Some(Authenticator::load(&a.htpasswd_file, &a.realm).map_err(SnapshotError::Auth)?),
+            None => None,
+        };
         Ok(Snapshot {
             fingerprint: fingerprint(&config, text),
             config,
@@ -70,6 +79,7 @@ impl Snapshot {
             resolver,
             tls: acceptors,
             request_limiter,
+            auth,
         })
     }
 
@@ -88,15 +98,20 @@ impl Snapshot {
 pub fn fingerprint(config: &ProxyConfig, text: &str) -> String {
     let mut h = Sha256::new();
     h.update(text.as_bytes());
-    for l in &config.listeners {
-        if let Some(t) = &l.tls {
-            for path in [&t.cert_file, &t.key_file] {
-                h.update([0u8]);
-                h.update(std::fs::read(path).unwrap_or_default());
-            }
-        }
+    for path in watched_files(config) {
+        h.update([0u8]);
+        h.update(std::fs::read(path).unwrap_or_default());
     }
     hex::encode(h.finalize())
+}
+
+/// The files a configuration names besides itself (TLS certificates and keys, the htpasswd
+/// file): a change to any of them is a reload.
+pub fn watched_files(config: &ProxyConfig) -> Vec<&std::path::Path> {
+    let tls = config.listeners.iter().filter_map(|l| l.tls.as_ref());
+    let mut files: Vec<&std::path::Path> = tls.flat_map(|t| [t.cert_file.as_path(), t.key_file.as_path()]).collect();
+    files.extend(config.auth.as_ref().map(|a| a.htpasswd_file.as_path()));
+    files
 }
 
 /// A shared, immutable snapshot.

@@ -19,6 +19,7 @@ struct Entry {
     host: Host,
     port: u16,
     addrs: Vec<IpAddr>,
+    user: Option<String>,
     revoke: CancellationToken,
 }
 
@@ -46,10 +47,18 @@ impl Tunnels {
     }
 
     /// Registers a tunnel of `listener` from `client` to `host:port`, admitted on `addrs`.
-    pub fn register(&self, listener: &str, client: IpAddr, host: Host, port: u16, addrs: Vec<IpAddr>) -> Registration {
+    pub fn register(
+        &self,
+        listener: &str,
+        client: IpAddr,
+        host: Host,
+        port: u16,
+        addrs: Vec<IpAddr>,
+        user: Option<String>,
+    ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let revoke = CancellationToken::new();
-        lock(&self.entries).insert(id, Entry { client, host, port, addrs, revoke: revoke.clone() });
+        lock(&self.entries).insert(id, Entry { client, host, port, addrs, user, revoke: revoke.clone() });
         self.active.fetch_add(1, Ordering::Relaxed);
         let gauge = self.gauge.with_label_values(&[listener]);
         gauge.inc();
@@ -66,7 +75,7 @@ impl Tunnels {
         let entries = lock(&self.entries);
         let mut n = 0;
         for t in entries.values() {
-            if let Decision::Deny { .. } = policy.decide(t.client, &t.host, t.port, &t.addrs) {
+            if let Decision::Deny { .. } = policy.decide_as(t.client, t.user.as_deref(), &t.host, t.port, &t.addrs) {
                 t.revoke.cancel();
                 n += 1;
             }

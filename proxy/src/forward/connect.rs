@@ -16,7 +16,14 @@ use crate::relay::{self, ByteCounters, IntoHalves, RelayOutcome, RelayRead, Stop
 /// Serves a CONNECT request whose head has been read: tunnel, or an error answer and a
 /// lingering close.
 pub async fn serve<S: IntoHalves>(mut io: S, request: ConnectRequest, ctx: &ConnCtx) {
-    match Box::pin(establish(&mut io, &request.authority, ctx)).await {
+    let user = match &ctx.snapshot.auth {
+        Some(a) => match Box::pin(a.authenticate(ctx.peer.ip(), request.credentials.as_deref())).await {
+            Ok(user) => Some(user),
+            Err(e) => return Box::pin(reject(ctx, &mut io, e.into())).await,
+        },
+        None => None,
+    };
+    match Box::pin(establish(&mut io, &request.authority, ctx, user)).await {
         Ok((upstream, authorized)) => {
             let (cr, cw) = io.into_halves();
             let (ur, uw) = upstream.into_split();
@@ -39,8 +46,9 @@ async fn establish<S: AsyncWrite + Unpin>(
     io: &mut S,
     authority: &Authority,
     ctx: &ConnCtx,
+    user: Option<String>,
 ) -> Result<(TcpStream, Authorized), Rejection> {
-    let (upstream, authorized) = open(authority, ctx).await?;
+    let (upstream, authorized) = open(authority, ctx, user).await?;
     io.write_all(negotiate::ESTABLISHED)
         .await
         .map_err(|e| Rejection::from(TunnelError::Io { side: Side::Client, source: e }))?;
@@ -49,10 +57,14 @@ async fn establish<S: AsyncWrite + Unpin>(
 
 /// Authorizes `authority` and connects to one of the approved addresses. At the drain deadline a
 /// request still being authorized or dialled gets 503 instead of hanging on.
-pub async fn open(authority: &Authority, ctx: &ConnCtx) -> Result<(TcpStream, Authorized), Rejection> {
+pub async fn open(
+    authority: &Authority,
+    ctx: &ConnCtx,
+    user: Option<String>,
+) -> Result<(TcpStream, Authorized), Rejection> {
     let snapshot = &ctx.snapshot;
     let work = async {
-        let authorized = authorize::authorize(snapshot, &ctx.inner, ctx.peer.ip(), authority).await?;
+        let authorized = authorize::authorize(snapshot, &ctx.inner, ctx.peer.ip(), user, authority).await?;
         let upstream =
             dial::connect(&authorized.addrs, authority.port, snapshot.config.relay.connect_timeout, &ctx.inner.metrics)
                 .await
@@ -83,7 +95,14 @@ pub(crate) async fn tunnel<CR, CW, UR, UW>(
 {
     ctx.inner.metrics.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
     let out = relay_registered(cr, cw, ur, uw, &request.leftover, &request.authority, &authorized, ctx).await;
-    access::tunnel_closed(ctx, TunnelKind::Connect, &authorized.rule, &request.authority, &out);
+    access::tunnel_closed(
+        ctx,
+        TunnelKind::Connect,
+        &authorized.rule,
+        authorized.user.as_deref(),
+        &request.authority,
+        &out,
+    );
 }
 
 /// The relay of one registered tunnel.
@@ -111,6 +130,7 @@ where
         authority.host.clone(),
         authority.port,
         authorized.addrs.clone(),
+        authorized.user.clone(),
     );
     let stops = Stops { shutdown: ctx.inner.stops.shutdown.clone(), revoke: registration.revoke.clone() };
     let counters = ByteCounters {

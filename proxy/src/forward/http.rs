@@ -134,8 +134,21 @@ impl Handler {
                 return self.error(&ex, e.into());
             }
         }
-        let result =
-            if req.method() == Method::CONNECT { self.connect(req).await } else { self.forward(req, &mut ex).await };
+        let user = match &self.ctx.snapshot.auth {
+            Some(a) => {
+                let header = req.headers().get(header::PROXY_AUTHORIZATION).map(HeaderValue::as_bytes);
+                match a.authenticate(self.ctx.peer.ip(), header).await {
+                    Ok(user) => Some(user),
+                    Err(e) => return self.error(&ex, e.into()),
+                }
+            }
+            None => None,
+        };
+        let result = if req.method() == Method::CONNECT {
+            self.connect(req, user).await
+        } else {
+            self.forward(req, &mut ex, user).await
+        };
         result.unwrap_or_else(|r| {
             ex.rule = ex.rule.take().or(r.rule.clone());
             self.error(&ex, r)
@@ -144,11 +157,15 @@ impl Handler {
 
     /// A CONNECT on a connection that started with plain HTTP: the same authorization and dial as
     /// a first-request CONNECT, then a tunnel over the upgraded connection.
-    async fn connect(&self, mut req: Request<Incoming>) -> Result<Response<ResponseBody>, Rejection> {
+    async fn connect(
+        &self,
+        mut req: Request<Incoming>,
+        user: Option<String>,
+    ) -> Result<Response<ResponseBody>, Rejection> {
         let text = req.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
         let authority: Authority =
             text.parse().map_err(|_| Rejection::from(TunnelError::MalformedRequest("invalid CONNECT target")))?;
-        let (upstream, authorized) = connect::open(&authority, &self.ctx).await?;
+        let (upstream, authorized) = connect::open(&authority, &self.ctx, user).await?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let ctx = self.ctx.clone();
         self.ctx.inner.tracker.spawn(async move {
@@ -156,7 +173,7 @@ impl Handler {
                 Ok(upgraded) => {
                     let (cr, cw) = tokio::io::split(TokioIo::new(upgraded));
                     let (ur, uw) = upstream.into_split();
-                    let request = ConnectRequest { authority, leftover: Vec::new() };
+                    let request = ConnectRequest { authority, leftover: Vec::new(), credentials: None };
                     connect::tunnel(cr, cw, ur, uw, &request, authorized, &ctx).await;
                 }
                 Err(e) => debug!(conn = ctx.id, error = %e, "CONNECT upgrade failed"),
@@ -170,6 +187,7 @@ impl Handler {
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         ex: &mut Exchange,
+        user: Option<String>,
     ) -> Result<Response<ResponseBody>, Rejection> {
         let (authority, host) = target(req.uri())?;
         ex.authority = Some(authority.clone());
@@ -178,7 +196,7 @@ impl Handler {
         }
         headers::check_request_framing(req.version(), req.headers()).map_err(TunnelError::MalformedRequest)?;
         let authorized =
-            authorize::authorize(&self.ctx.snapshot, &self.ctx.inner, self.ctx.peer.ip(), &authority).await?;
+            authorize::authorize(&self.ctx.snapshot, &self.ctx.inner, self.ctx.peer.ip(), user, &authority).await?;
         ex.rule = Some(authorized.rule.clone());
         let client_upgrade = headers::wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -320,6 +338,11 @@ impl Handler {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         if let Some(secs) = retry_after {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let (StatusCode::PROXY_AUTHENTICATION_REQUIRED, Some(a)) = (status, &self.ctx.snapshot.auth) {
+            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", a.realm)) {
+                h.insert(header::PROXY_AUTHENTICATE, v);
+            }
         }
         if status == StatusCode::BAD_REQUEST {
             // The framing of what follows cannot be trusted: never read another request.

@@ -63,7 +63,14 @@ pub(crate) async fn forward(
         let (ur, uw) = tokio::io::split(TokioIo::new(upstream));
         ctx.inner.metrics.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
         let out = connect::relay_registered(cr, cw, ur, uw, &[], &authority, &authorized, &ctx).await;
-        access::tunnel_closed(&ctx, TunnelKind::Upgrade, &authorized.rule, &authority, &out);
+        access::tunnel_closed(
+            &ctx,
+            TunnelKind::Upgrade,
+            &authorized.rule,
+            authorized.user.as_deref(),
+            &authority,
+            &out,
+        );
     });
     Ok(Response::from_parts(parts, http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()))
 }

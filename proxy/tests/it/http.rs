@@ -579,7 +579,7 @@ async fn per_client_request_rate_limit_answers_429_with_retry_after() {
 
 /// A hyper upstream on 127.0.0.2: `/small` (5 bytes), `/chunked` (streamed, no length), `/sha`
 /// (SHA-256 of the request body, streamed through), `/slow` (answers after 1.5 s).
-async fn hyper_upstream() -> Upstream {
+pub(crate) async fn hyper_upstream() -> Upstream {
     Upstream::start("127.0.0.2", |s| async move {
         let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
             let path = req.uri().path().to_owned();

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod auth;
 mod binary;
 mod http;
 mod parsing;

@@ -1,0 +1,149 @@
+//! Proxy authentication (`Proxy-Authorization: Basic`, RFC 7617) against an htpasswd file of
+//! bcrypt hashes (as `htpasswd -B` writes them, the format Squid's basic_ncsa_auth and nginx read).
+//! Verified credentials are remembered briefly (bcrypt is slow on purpose); every verification that
+//! is not remembered draws from a per-client bucket, so guessing is rate-limited.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use crate::error::TunnelError;
+use crate::state::lock;
+
+/// How long verified credentials are remembered (Squid's `credentialsttl` is 2 h by default).
+const REMEMBER: Duration = Duration::from_secs(300);
+/// Verifications a client may run per minute (each is one bcrypt computation).
+const VERIFICATIONS_PER_MINUTE: u32 = 10;
+
+/// Why the htpasswd file cannot be used; the configuration in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFileError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Invalid { path: PathBuf, line: usize, message: &'static str },
+}
+
+/// The users of one configuration generation, and what they verified.
+pub struct Authenticator {
+    /// User name → bcrypt hash.
+    users: HashMap<String, String>,
+    pub realm: String,
+    /// SHA-256 of a verified `Proxy-Authorization` value → (user, until).
+    remembered: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    verifications: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl Authenticator {
+    /// Reads and checks `path`: `user:hash` lines, bcrypt (`$2a$`, `$2b$`, `$2y$`) only; blank
+    /// lines and `#` comments are skipped.
+    pub fn load(path: &Path, realm: &str) -> Result<Authenticator, AuthFileError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| AuthFileError::Read { path: path.to_owned(), source })?;
+        let mut users = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let invalid = |message| AuthFileError::Invalid { path: path.to_owned(), line: i + 1, message };
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (user, hash) = line.split_once(':').ok_or_else(|| invalid("expected user:hash"))?;
+            if user.is_empty() {
+                return Err(invalid("empty user name"));
+            }
+            if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+                return Err(invalid("not a bcrypt hash (write it with htpasswd -B); other formats are too weak"));
+            }
+            if users.insert(user.to_owned(), hash.to_owned()).is_some() {
+                return Err(invalid("user listed twice"));
+            }
+        }
+        let per_minute = NonZeroU32::new(VERIFICATIONS_PER_MINUTE).unwrap_or(NonZeroU32::MIN);
+        Ok(Authenticator {
+            users,
+            realm: realm.to_owned(),
+            remembered: Mutex::default(),
+            verifications: RateLimiter::keyed(Quota::per_minute(per_minute)),
+        })
+    }
+
+    /// The user `header` (a `Proxy-Authorization` value) authenticates, or why not: 407 for
+    /// missing or wrong credentials, 429 when `client` verified too often.
+    pub async fn authenticate(&self, client: IpAddr, header: Option<&[u8]>) -> Result<String, TunnelError> {
+        let required = || TunnelError::AuthRequired(self.realm.clone());
+        let header = header.ok_or_else(required)?;
+        let key: [u8; 32] = Sha256::digest(header).into();
+        if let Some((user, until)) = lock(&self.remembered).get(&key) {
+            if *until > Instant::now() {
+                return Ok(user.clone());
+            }
+        }
+        let (user, password) = parse_basic(header).ok_or_else(required)?;
+        if let Err(not_until) = self.verifications.check_key(&client.to_canonical()) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(TunnelError::RateLimited(wait.as_secs().max(1)));
+        }
+        // Unknown users cost a verification too, so timing does not tell which names exist.
+        let hash = self.users.get(&user).cloned().unwrap_or_else(|| dummy_hash().to_owned());
+        let known = self.users.contains_key(&user);
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+            .await
+            .unwrap_or(false);
+        if !(ok && known) {
+            return Err(required());
+        }
+        let mut remembered = lock(&self.remembered);
+        let now = Instant::now();
+        remembered.retain(|_, (_, until)| *until > now);
+        remembered.insert(key, (user.clone(), now + REMEMBER));
+        Ok(user)
+    }
+}
+
+/// `Basic base64(user:password)` → (user, password).
+fn parse_basic(header: &[u8]) -> Option<(String, String)> {
+    let text = std::str::from_utf8(header).ok()?.trim();
+    let (scheme, b64) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = STANDARD.decode(b64.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// A bcrypt hash of a random-looking string, computed once, to verify unknown users against.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| bcrypt::hash("tunnelgate unknown user", 10).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_parse_strictly() {
+        assert_eq!(parse_basic(b"Basic YWxpY2U6czNjcmV0"), Some(("alice".into(), "s3cret".into())));
+        assert_eq!(parse_basic(b"basic YWxpY2U6czNjcmV0"), Some(("alice".into(), "s3cret".into())));
+        assert_eq!(parse_basic(b"Basic YTo="), Some(("a".into(), "".into())));
+        for bad in [&b"Bearer YWxpY2U6czNjcmV0"[..], b"Basic YWxpY2U", b"Basic ====", b"Basic YWxp*2U6", b"Basic"] {
+            assert_eq!(parse_basic(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
