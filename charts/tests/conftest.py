@@ -17,6 +17,7 @@ CASES = {
         "grafanaDashboard": {"enabled": True},
         "networkPolicyExample": {"enabled": True, "namespace": "payments"},
     },
+    "auth": {"proxy": {"auth": {"secretName": "proxy-users", "realm": "corp egress"}}},
     "hostport": {"proxy": {"hostPort": {"enabled": True}, "workerThreads": 2}, "operator": {"replicas": 2}},
 }
 

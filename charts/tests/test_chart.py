@@ -221,3 +221,13 @@ def test_invalid_examples_fail_the_crd_schema(path):
 def test_dashboard_is_valid_json_with_panels():
     dash = json.loads((CHART / "files/dashboards/tunnelgate.json").read_text())
     assert dash["uid"] == "tunnelgate" and len(dash["panels"]) >= 10
+
+
+def test_proxy_authentication_names_its_secret_in_the_base():
+    base = find(render(CASES["auth"]), "ConfigMap", "tunnelgate-base")
+    doc = yaml.safe_load(base["data"]["config.yaml"])
+    assert doc["auth"] == {"secretName": "proxy-users", "realm": "corp egress"}
+    plain = yaml.safe_load(find(render({}), "ConfigMap", "tunnelgate-base")["data"]["config.yaml"])
+    assert "auth" not in plain
+    with pytest.raises(Exception):
+        render({"proxy": {"auth": {"secretName": "x", "realm": 'bad"realm'}}})

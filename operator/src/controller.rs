@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use crate::crd::{TunnelPolicy, TunnelPolicyStatus};
 use crate::metrics::Metrics;
 use crate::render::{self, Input, PodIn, PolicyIn, RenderError, TlsIn};
-use crate::secrets::tls_from_secret;
+use crate::secrets::{htpasswd_from_secret, tls_from_secret};
 use crate::status::{self, NotInForce};
 
 /// Field manager of every write (server-side apply).
@@ -335,6 +335,42 @@ async fn reconcile(
         }
     }
 
+    // Proxy users: a validated htpasswd Secret; an invalid one keeps the users the proxy has.
+    let mut htpasswd = None;
+    if let Some(secret_name) = base.as_deref().and_then(render::auth_ref) {
+        let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
+        match secret.as_ref().map(|sec| htpasswd_from_secret(sec)) {
+            Some(Ok(text)) => {
+                state.warned.remove(&format!("secret/{secret_name}"));
+                htpasswd = Some(text);
+            }
+            other => {
+                let msg = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "not found".to_owned(),
+                };
+                if let Some(sec) = &secret {
+                    let note = format!("htpasswd Secret is invalid: {msg}; the previous users stay in force");
+                    warn_once(
+                        recorder,
+                        state,
+                        format!("secret/{secret_name}"),
+                        &sec.object_ref(&()),
+                        "InvalidSecret",
+                        note,
+                    )
+                    .await;
+                }
+                warn!(secret = %secret_name, error = %msg, "htpasswd Secret unusable; keeping the previous users");
+                let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
+                htpasswd = previous
+                    .as_ref()
+                    .and_then(|p| p.data.as_ref()?.get("htpasswd"))
+                    .and_then(|b| String::from_utf8(b.0.clone()).ok());
+            }
+        }
+    }
+
     let inputs: Vec<PolicyIn<'_>> = policies
         .iter()
         .map(|p| PolicyIn {
@@ -344,8 +380,14 @@ async fn reconcile(
         })
         .collect();
     let base_text = base.clone().unwrap_or_default();
-    let (outcomes, rendered) =
-        render::render(&Input { base: &base_text, policies: inputs, pods: &pods, tls: &tls, tls_dir: &s.tls_dir });
+    let (outcomes, rendered) = render::render(&Input {
+        base: &base_text,
+        policies: inputs,
+        pods: &pods,
+        tls: &tls,
+        tls_dir: &s.tls_dir,
+        htpasswd: htpasswd.as_deref(),
+    });
     let applied: Result<String, Error> = match (base.is_some(), rendered) {
         (false, _) => Err(Error::BaseMissing(format!("{ns}/{}", s.base_name()))),
         (true, Err(e)) => Err(Error::Render(e)),

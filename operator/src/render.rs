@@ -56,6 +56,8 @@ pub struct Input<'a> {
     pub tls: &'a BTreeMap<String, TlsIn>,
     /// Where the proxy mounts the rendered TLS Secret.
     pub tls_dir: &'a str,
+    /// The validated htpasswd file that the base's `auth.secretName` names.
+    pub htpasswd: Option<&'a str>,
 }
 
 /// What happened to one policy.
@@ -96,6 +98,8 @@ pub enum RenderError {
         "base ConfigMap: listeners[{index}] ({listener}) names TLS Secret {secret:?}, which is missing or invalid"
     )]
     MissingTls { index: usize, listener: String, secret: String },
+    #[error("base ConfigMap: auth names Secret {secret:?}, which is missing or holds no valid htpasswd")]
+    MissingAuth { secret: String },
     #[error("the rendered configuration is refused by the proxy's parser:\n{0}")]
     Invalid(ConfigErrors),
     #[error("the rendered configuration is {bytes} bytes, over the {MAX_CONFIG_BYTES}-byte limit")]
@@ -115,6 +119,11 @@ pub fn tls_refs(base: &str) -> Result<Vec<(usize, String, String)>, RenderError>
         }
     }
     Ok(out)
+}
+
+/// The Secret the base's `auth.secretName` names (its key `htpasswd`: bcrypt lines).
+pub fn auth_ref(base: &str) -> Option<String> {
+    parse_base(base).ok()?.get("auth")?.get("secretName")?.as_str().map(str::to_owned)
 }
 
 fn parse_base(base: &str) -> Result<Map<String, Value>, RenderError> {
@@ -200,6 +209,17 @@ fn document(input: &Input<'_>, rules: Vec<Value>) -> Result<Rendered, RenderErro
             annotations.insert(format!("tunnelgate.io/tls-{listener}-not-after"), t.not_after.clone());
         }
     }
+    // Proxy users: the validated file goes into the proxy's Secret, never into the ConfigMap.
+    let mut auth_sha = None;
+    if let Some(auth) = doc.get_mut("auth").and_then(Value::as_object_mut) {
+        if let Some(secret) = auth.remove("secretName").and_then(|v| v.as_str().map(str::to_owned)) {
+            let Some(htpasswd) = input.htpasswd else { return Err(RenderError::MissingAuth { secret }) };
+            let dir = input.tls_dir.trim_end_matches('/');
+            auth.insert("htpasswdFile".into(), Value::String(format!("{dir}/htpasswd")));
+            tls_data.insert("htpasswd".to_owned(), htpasswd.to_owned());
+            auth_sha = Some(hex::encode(Sha256::digest(htpasswd.as_bytes())));
+        }
+    }
     let policy = doc.entry("policy").or_insert_with(|| json!({}));
     let Some(policy) = policy.as_object_mut() else { return Err(RenderError::Base("policy must be a mapping".into())) };
     if policy.get("rules").is_some_and(|r| !r.as_array().is_some_and(Vec::is_empty)) {
@@ -217,6 +237,10 @@ fn document(input: &Input<'_>, rules: Vec<Value>) -> Result<Rendered, RenderErro
             // proxy as a config change (a reload re-reads the mounted files).
             config.push_str(&format!("# tls {listener}: sha256={} notAfter={}\n", t.sha256, t.not_after));
         }
+    }
+    if let Some(sha) = auth_sha {
+        // As for certificates: a change of users reaches every proxy as a config change.
+        config.push_str(&format!("# auth htpasswd: sha256={sha}\n"));
     }
     if config.len() > MAX_CONFIG_BYTES {
         return Err(RenderError::TooLarge { bytes: config.len() });

@@ -28,6 +28,8 @@ pub enum SecretError {
     NotValidNow { not_before: String, not_after: String },
     #[error("cannot parse the certificate")]
     Unparsable,
+    #[error("htpasswd line {0} is not user:bcrypt-hash (write it with htpasswd -B)")]
+    NotBcrypt(usize),
 }
 
 fn field<'a>(data: &'a BTreeMap<String, ByteString>, key: &'static str) -> Result<&'a [u8], SecretError> {
@@ -41,6 +43,26 @@ fn rfc3339(ts: i64) -> String {
         SystemTime::UNIX_EPOCH - Duration::from_secs(ts.unsigned_abs())
     };
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Checks the `htpasswd` key of a Secret: `user:hash` lines, bcrypt only (what the proxy accepts).
+pub fn htpasswd_from_secret(secret: &Secret) -> Result<String, SecretError> {
+    let empty = BTreeMap::new();
+    let data = secret.data.as_ref().unwrap_or(&empty);
+    let text = String::from_utf8(field(data, "htpasswd")?.to_vec()).map_err(|_| SecretError::NotBcrypt(1))?;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let ok = line.split_once(':').is_some_and(|(user, hash)| {
+            !user.is_empty() && ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
+        });
+        if !ok {
+            return Err(SecretError::NotBcrypt(i + 1));
+        }
+    }
+    Ok(text)
 }
 
 /// Checks a `kubernetes.io/tls` Secret and returns its material with public facts.

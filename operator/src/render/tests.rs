@@ -40,7 +40,7 @@ fn run(
 ) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
     let tls = BTreeMap::new();
     let policies = specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect();
-    render(&Input { base: BASE, policies, pods, tls: &tls, tls_dir: "/etc/tunnelgate/tls" })
+    render(&Input { base: BASE, policies, pods, tls: &tls, tls_dir: "/etc/tunnelgate/tls", htpasswd: None })
 }
 
 fn rules(r: &Rendered) -> Vec<Value> {
@@ -137,7 +137,7 @@ fn o02_one_bad_policy_does_not_block_the_rest_and_output_is_deterministic() {
     let mk = |order: &[usize]| {
         let policies =
             order.iter().map(|&i| PolicyIn { namespace: "ns", name: &specs[i].0, spec: &specs[i].1 }).collect();
-        render(&Input { base: BASE, policies, pods: &pods, tls: &tls, tls_dir: "/t" })
+        render(&Input { base: BASE, policies, pods: &pods, tls: &tls, tls_dir: "/t", htpasswd: None })
     };
     let forward: Vec<usize> = (0..specs.len()).collect();
     let (out, r) = mk(&forward);
@@ -160,7 +160,9 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
     let base = "version: 1\nlisteners:\n  - {name: secure, bind: '0.0.0.0:3129', tls: {secretName: proxy-cert}}\n";
     assert_eq!(tls_refs(base).unwrap(), vec![(0, "secure".to_owned(), "proxy-cert".to_owned())]);
     let mut tls = BTreeMap::new();
-    let missing = render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls" }).1;
+    let missing =
+        render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls", htpasswd: None })
+            .1;
     assert!(matches!(missing, Err(RenderError::MissingTls { .. })));
     tls.insert(
         "secure".to_owned(),
@@ -171,7 +173,10 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
             not_after: "2030-01-01T00:00:00Z".into(),
         },
     );
-    let r = render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls" }).1.unwrap();
+    let r =
+        render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls", htpasswd: None })
+            .1
+            .unwrap();
     assert!(
         r.config.contains("certFile: /etc/tunnelgate/tls/secure.crt")
             && r.config.contains("keyFile: /etc/tunnelgate/tls/secure.key")
@@ -192,12 +197,12 @@ fn o03_too_large_and_base_errors_write_nothing() {
     let tls = BTreeMap::new();
     let with_rules = "version: 1\nlisteners: [{name: f, bind: '0.0.0.0:1'}]\npolicy: {rules: [{name: x, action: allow, hosts: [a.test]}]}\n";
     assert!(matches!(
-        render(&Input { base: with_rules, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t" }).1,
+        render(&Input { base: with_rules, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: None }).1,
         Err(RenderError::Base(_))
     ));
     let bad_field = "version: 1\nlisteners: [{name: f, bind: '0.0.0.0:1'}]\nlimitz: {}\n";
     assert!(matches!(
-        render(&Input { base: bad_field, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t" }).1,
+        render(&Input { base: bad_field, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: None }).1,
         Err(RenderError::Invalid(_))
     ));
 }
@@ -211,4 +216,20 @@ fn ipv6_pods_and_multi_destination_names() {
     assert_eq!(rs[0]["name"], "ns/p/0");
     assert_eq!(rs[1]["name"], "ns/p/1");
     assert_eq!(rs[1]["clients"], json!(["fd00::1"]));
+}
+
+#[test]
+fn auth_secret_is_rendered_into_the_proxy_secret_never_the_configmap() {
+    let tls = BTreeMap::new();
+    let base = "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\nauth: {secretName: proxy-users, realm: corp}\n";
+    let missing = render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: None }).1;
+    assert!(matches!(missing, Err(RenderError::MissingAuth { ref secret }) if secret == "proxy-users"));
+    let file = "alice:$2y$05$abcdefghijklmnopqrstuu0123456789012345678901234567890\n";
+    let r =
+        render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: Some(file) }).1.unwrap();
+    assert!(r.config.contains("htpasswdFile: /t/htpasswd") && r.config.contains("realm: corp"), "{}", r.config);
+    assert!(!r.config.contains("$2y$") && !r.config.contains("secretName"), "{}", r.config);
+    assert_eq!(r.tls_data.get("htpasswd").map(String::as_str), Some(file));
+    assert!(r.config.contains("# auth htpasswd: sha256="));
+    assert_eq!(crate::render::auth_ref(base).as_deref(), Some("proxy-users"));
 }

@@ -120,12 +120,19 @@ pub(crate) struct Exchange {
     pub(crate) started: Instant,
     pub(crate) rule: Option<String>,
     pub(crate) authority: Option<Authority>,
+    /// The authenticated proxy user (logged only with `logging.logUsers`).
+    pub(crate) user: Option<String>,
 }
 
 impl Handler {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        let mut ex =
-            Exchange { method: method_label(req.method()), started: Instant::now(), rule: None, authority: None };
+        let mut ex = Exchange {
+            method: method_label(req.method()),
+            started: Instant::now(),
+            rule: None,
+            authority: None,
+            user: None,
+        };
         if self.ctx.inner.shed_for_memory() {
             return self.error(&ex, TunnelError::Overloaded.into());
         }
@@ -138,7 +145,10 @@ impl Handler {
             Some(a) => {
                 let header = req.headers().get(header::PROXY_AUTHORIZATION).map(HeaderValue::as_bytes);
                 match a.authenticate(self.ctx.peer.ip(), header).await {
-                    Ok(user) => Some(user),
+                    Ok(user) => {
+                        ex.user = Some(user.clone());
+                        Some(user)
+                    }
                     Err(e) => return self.error(&ex, e.into()),
                 }
             }
@@ -372,6 +382,7 @@ impl Handler {
                 duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                 client = logging.log_client_addresses.then(|| self.ctx.peer.ip().to_string()),
                 destination = logging.log_targets.then(|| ex.authority.as_ref().map(ToString::to_string)).flatten(),
+                user = logging.log_users.then(|| ex.user.clone()).flatten(),
                 "http request"
             );
         }
@@ -430,8 +441,13 @@ impl Finish {
         status: StatusCode,
         reuse: Option<(PoolKey, SendRequest<UpstreamBody>)>,
     ) -> Finish {
-        let ex =
-            Exchange { method: ex.method, started: ex.started, rule: ex.rule.take(), authority: ex.authority.take() };
+        let ex = Exchange {
+            method: ex.method,
+            started: ex.started,
+            rule: ex.rule.take(),
+            authority: ex.authority.take(),
+            user: ex.user.take(),
+        };
         Finish { handler: handler.clone(), ex, status, reuse, bytes: 0 }
     }
 
