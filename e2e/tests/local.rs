@@ -630,3 +630,106 @@ async fn tls_listener_certificates_come_from_validated_secrets() {
     })
     .await;
 }
+
+fn htpasswd_secret(text: &str) -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": { "name": "proxy-users" },
+        "data": { "htpasswd": b64(text.as_bytes()) }
+    }))
+    .unwrap()
+}
+
+/// CONNECT with optional credentials; returns the status.
+async fn connect_with(proxy: SocketAddr, target: SocketAddr, credentials: Option<&str>) -> u16 {
+    use base64::Engine;
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let header = credentials
+        .map(|c| format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(c)))
+        .unwrap_or_default();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\n{header}\r\n").as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&buf[..n]).split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_users_come_from_a_validated_htpasswd_secret() {
+    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-auth-{}", std::process::id())));
+    let tls_dir = dir.0.join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let emu = start_emulator(&dir.0).await;
+    let kc = kubeconfig(&dir.0, emu.port);
+    let c = client(&kc).await;
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "tunnelgate");
+    let alice = format!("alice:{}\n", bcrypt::hash("wonderland", 4).unwrap());
+    secrets.create(&PostParams::default(), &htpasswd_secret(&alice)).await.unwrap();
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
+    let base = format!(
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\nauth: {{secretName: proxy-users}}\npolicy: {{defaultAction: allow, denyPrivateAddresses: false}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+    );
+    Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "tunnelgate-base"}, "data": {"config.yaml": base}}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let tls_dir_s = tls_dir.to_string_lossy().into_owned();
+    let _operator = spawn(
+        &bin("tunnelgate-operator"),
+        &[
+            "--namespace",
+            "tunnelgate",
+            "--admin-bind",
+            &format!("127.0.0.1:{op_admin}"),
+            "--debounce",
+            "100ms",
+            "--tls-dir",
+            &tls_dir_s,
+            "--leader-election",
+            "false",
+        ],
+        &kc,
+        &dir.0.join("operator.log"),
+    );
+    until("rendered proxy Secret", 20, || async { project_secret(&c, &tls_dir).await }).await;
+    let cm = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate").get("tunnelgate-proxy").await.unwrap();
+    let config = cm.data.as_ref().unwrap()["config.yaml"].clone();
+    assert!(config.contains(&format!("htpasswdFile: {tls_dir_s}/htpasswd")), "{config}");
+    assert!(!config.contains("$2b$"), "no password hashes in the ConfigMap");
+    let _proxy = spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "tunnelgate/tunnelgate-proxy"],
+        &kc,
+        &dir.0.join("proxy.log"),
+    );
+    let proxy: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    until("proxy listening", 20, || async { tokio::net::TcpStream::connect(proxy).await.is_ok() }).await;
+    assert_eq!(connect_with(proxy, target, None).await, 407);
+    assert_eq!(connect_with(proxy, target, Some("alice:wrong")).await, 407);
+    assert_eq!(connect_with(proxy, target, Some("alice:wonderland")).await, 200);
+
+    // A weak hash: Warning event, and alice keeps working.
+    secrets.replace("proxy-users", &PostParams::default(), &htpasswd_secret("alice:$apr1$x$y\n")).await.unwrap();
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), "tunnelgate");
+    until("InvalidSecret event", 20, || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("InvalidSecret") && e.note.as_deref().is_some_and(|n| n.contains("htpasswd"))
+        })
+    })
+    .await;
+    project_secret(&c, &tls_dir).await;
+    assert_eq!(connect_with(proxy, target, Some("alice:wonderland")).await, 200);
+}
