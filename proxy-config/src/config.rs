@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use regex::RegexBuilder;
 
 use crate::error::{ConfigErrors, Errors};
-use crate::host::HostPattern;
+use crate::host::{Authority, HostPattern};
 use crate::policy::{Action, Policy, PortRange, RelayOverrides, Rule, TunnelLimits};
 use crate::raw::{RawConfig, RawPort, RawRuleRelay};
 
@@ -50,6 +50,9 @@ pub enum ListenerMode {
     /// Forward proxy: HTTP CONNECT, and absolute-form plain HTTP (with upgrades) unless
     /// `http.enabled` is false.
     Forward,
+    /// Every connection goes to one fixed upstream, after the TLS handshake when `tls` is set
+    /// (TLS termination); no HTTP parsing.
+    Tunnel,
 }
 
 impl ListenerMode {
@@ -57,6 +60,7 @@ impl ListenerMode {
     pub fn as_str(self) -> &'static str {
         match self {
             ListenerMode::Forward => "forward",
+            ListenerMode::Tunnel => "tunnel",
         }
     }
 }
@@ -72,6 +76,19 @@ pub struct Listener {
     pub tls: Option<TlsFiles>,
     /// Plain-HTTP forwarding on a forward listener.
     pub http: ListenerHttp,
+    /// The fixed upstream of a tunnel listener (`None` on forward listeners).
+    pub upstream: Option<TunnelUpstream>,
+}
+
+/// Where a tunnel listener sends its connections. A configured upstream is trusted: the policy's
+/// destination rules (and private-address refusal) are for targets that clients choose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelUpstream {
+    /// `host:port`, resolved through the proxy's resolver; every address is tried within
+    /// `relay.connectTimeout`.
+    Tcp(Authority),
+    /// `unix:/absolute/path.sock`.
+    Unix(PathBuf),
 }
 
 /// Plain-HTTP forwarding settings of one forward listener.
@@ -263,20 +280,36 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         }
         let mode = match l.mode.as_deref() {
             None | Some("forward") => Some(ListenerMode::Forward),
-            Some("tunnel") => {
-                errs.push(format!("{p}.mode"), "tunnel mode is not supported by this version of the proxy");
-                None
-            }
+            Some("tunnel") => Some(ListenerMode::Tunnel),
             Some(other) => {
-                errs.push(format!("{p}.mode"), format!("unknown mode \"{other}\" (expected forward)"));
+                errs.push(format!("{p}.mode"), format!("unknown mode \"{other}\" (expected forward or tunnel)"));
                 None
             }
         };
-        if l.upstream.is_some() {
-            errs.push(format!("{p}.upstream"), "only valid with mode: tunnel");
+        let upstream = match (mode, l.upstream.as_deref()) {
+            (Some(ListenerMode::Tunnel), None) => {
+                errs.push(format!("{p}.upstream"), "required with mode: tunnel (host:port or unix:/path.sock)");
+                None
+            }
+            (Some(ListenerMode::Tunnel), Some(u)) => errs.take(&format!("{p}.upstream"), parse_upstream(u)),
+            (_, Some(_)) => {
+                errs.push(format!("{p}.upstream"), "only valid with mode: tunnel");
+                None
+            }
+            (_, None) => None,
+        };
+        match (mode, l.send_proxy_protocol.as_deref()) {
+            (_, None | Some("none")) => {}
+            (Some(ListenerMode::Tunnel), Some("v1" | "v2")) => {
+                errs.push(format!("{p}.sendProxyProtocol"), "PROXY protocol is not supported by this version yet");
+            }
+            (Some(ListenerMode::Tunnel), Some(other)) => {
+                errs.push(format!("{p}.sendProxyProtocol"), format!("\"{other}\": expected none, v1 or v2"));
+            }
+            (_, Some(_)) => errs.push(format!("{p}.sendProxyProtocol"), "only valid with mode: tunnel"),
         }
-        if l.send_proxy_protocol.is_some() {
-            errs.push(format!("{p}.sendProxyProtocol"), "only valid with mode: tunnel");
+        if mode == Some(ListenerMode::Tunnel) && l.http.is_some() {
+            errs.push(format!("{p}.http"), "only valid with mode: forward (tunnel listeners parse no HTTP)");
         }
         let tls = l.tls.and_then(|t| {
             let mut ok = true;
@@ -303,7 +336,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             }
         });
         if let (Some(bind), Some(mode)) = (bind, mode) {
-            listeners.push(Listener { name: l.name, bind, mode, tls, http });
+            listeners.push(Listener { name: l.name, bind, mode, tls, http, upstream });
         }
     }
 
@@ -539,6 +572,18 @@ fn count_or_zero(errs: &mut Errors, p: &str, v: Option<u64>, default: usize) -> 
             default
         }
     }
+}
+
+/// `host:port` or `unix:/absolute/path`.
+fn parse_upstream(s: &str) -> Result<TunnelUpstream, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(format!("\"{s}\": the socket path must be absolute (unix:/run/app.sock)"));
+        }
+        return Ok(TunnelUpstream::Unix(path));
+    }
+    s.parse::<Authority>().map(TunnelUpstream::Tcp).map_err(|e| format!("\"{s}\": {e} (host:port or unix:/path.sock)"))
 }
 
 /// A `Via` pseudonym (RFC 9110 §7.6.3: a token).

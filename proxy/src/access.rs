@@ -36,6 +36,8 @@ pub enum TunnelKind {
     Connect,
     /// An HTTP request upgraded by a 101 (WebSocket and the like).
     Upgrade,
+    /// A connection to a tunnel listener's fixed upstream.
+    Fixed,
 }
 
 impl TunnelKind {
@@ -43,6 +45,7 @@ impl TunnelKind {
         match self {
             TunnelKind::Connect => "connect",
             TunnelKind::Upgrade => "upgrade",
+            TunnelKind::Fixed => "tunnel",
         }
     }
 }
@@ -81,6 +84,7 @@ pub fn tunnel_closed(
             status = match kind {
                 TunnelKind::Connect => 200u16,
                 TunnelKind::Upgrade => 101,
+                TunnelKind::Fixed => 0,
             },
             close = out.reason.as_str(),
             bytes_up = out.bytes_up,

@@ -21,6 +21,9 @@ pub struct Authorized {
     pub limits: TunnelLimits,
     /// The authenticated proxy user the decision was made for.
     pub user: Option<String>,
+    /// Whether a policy decision admitted it, so a reload with `reevaluateOnReload` re-decides it
+    /// (false for a tunnel listener's configured upstream).
+    pub revocable: bool,
 }
 
 /// Why a request was not authorized, and the deciding rule when a rule decided.
@@ -123,7 +126,7 @@ pub async fn authorize(
         Verdict::Allow { rule, limits } => {
             let name = policy.rule_name(rule).to_owned();
             m.policy_decisions.with_label_values(&["allow", &name]).inc();
-            Ok(Authorized { addrs, rule: name, limits, user })
+            Ok(Authorized { addrs, rule: name, limits, user, revocable: true })
         }
         Verdict::SelfConnect => {
             m.policy_decisions.with_label_values(&["deny", "self"]).inc();

@@ -1,5 +1,6 @@
-//! One client connection: admission (connection caps) → optional TLS handshake → the first request
-//! head → dispatch on what the listener serves. Errors before a tunnel or an HTTP exchange become a
+//! One client connection: admission (connection caps) → optional TLS handshake → on a tunnel
+//! listener, the fixed upstream; on a forward listener, the first request head → dispatch on what
+//! the listener serves. Errors before a tunnel or an HTTP exchange become a
 //! status answer and a lingering close.
 
 use tokio::net::TcpStream;
@@ -14,6 +15,7 @@ use crate::forward::{self, connect};
 use crate::metrics::GaugeGuard;
 use crate::negotiate::{self, Head};
 use crate::relay::IntoHalves;
+use crate::terminate;
 
 /// Serves one accepted connection to completion.
 pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
@@ -27,9 +29,12 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
     match ctx.tls.clone() {
         None => {
             let deadline = ctx.accepted + limits.request_head_timeout;
-            match permit {
-                Ok(p) => dispatch(stream, &ctx, p, deadline).await,
-                Err(e) => Box::pin(reject(stream, &ctx, e)).await,
+            match (permit, tunnel_upstream(&ctx)) {
+                (Ok(_p), Some(upstream)) => Box::pin(terminate::serve(stream, &ctx, &upstream)).await,
+                (Ok(p), None) => dispatch(stream, &ctx, p, deadline).await,
+                // A tunnel listener's clients speak no HTTP: just close.
+                (Err(e), Some(_)) => access::rejected(&ctx, &e, None),
+                (Err(e), None) => Box::pin(reject(stream, &ctx, e)).await,
             }
         }
         Some(acceptor) => Box::pin(serve_tls(stream, acceptor, &ctx, permit)).await,
@@ -63,7 +68,10 @@ async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, ctx: &ConnCtx, perm
             return;
         }
     };
-    dispatch(tls, ctx, permit, Instant::now() + limits.request_head_timeout).await;
+    match tunnel_upstream(ctx) {
+        Some(upstream) => terminate::serve(tls, ctx, &upstream).await,
+        None => dispatch(tls, ctx, permit, Instant::now() + limits.request_head_timeout).await,
+    }
 }
 
 /// Reads the first request head and hands the connection to the path that serves it.
@@ -89,6 +97,11 @@ async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, _permit: Pe
         },
         Err(e) => Box::pin(connect::reject(ctx, &mut io, e.into())).await,
     }
+}
+
+/// The fixed upstream, when the connection's listener is a tunnel listener.
+fn tunnel_upstream(ctx: &ConnCtx) -> Option<proxy_config::TunnelUpstream> {
+    ctx.snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener)?.upstream.clone()
 }
 
 /// The listener's plain-HTTP settings, when it forwards plain HTTP.

@@ -42,5 +42,6 @@ pub mod reload;
 pub mod snapshot;
 pub mod state;
 pub mod telemetry;
+pub mod terminate;
 pub mod tls;
 pub mod tunnels;

@@ -14,12 +14,19 @@ use tokio_util::sync::CancellationToken;
 use crate::state::lock;
 
 /// What a reload needs to know about an established tunnel to re-decide it.
+pub struct Admitted {
+    pub client: IpAddr,
+    pub host: Host,
+    pub port: u16,
+    /// The addresses the decision was made on.
+    pub addrs: Vec<IpAddr>,
+    pub user: Option<String>,
+    /// Whether a policy decision admitted it (false for a tunnel listener's fixed upstream).
+    pub revocable: bool,
+}
+
 struct Entry {
-    client: IpAddr,
-    host: Host,
-    port: u16,
-    addrs: Vec<IpAddr>,
-    user: Option<String>,
+    admitted: Admitted,
     revoke: CancellationToken,
 }
 
@@ -46,19 +53,11 @@ impl Tunnels {
         Tunnels { entries: Arc::default(), active: Arc::default(), next_id: AtomicU64::new(1), gauge }
     }
 
-    /// Registers a tunnel of `listener` from `client` to `host:port`, admitted on `addrs`.
-    pub fn register(
-        &self,
-        listener: &str,
-        client: IpAddr,
-        host: Host,
-        port: u16,
-        addrs: Vec<IpAddr>,
-        user: Option<String>,
-    ) -> Registration {
+    /// Registers a tunnel of `listener`.
+    pub fn register(&self, listener: &str, admitted: Admitted) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let revoke = CancellationToken::new();
-        lock(&self.entries).insert(id, Entry { client, host, port, addrs, user, revoke: revoke.clone() });
+        lock(&self.entries).insert(id, Entry { admitted, revoke: revoke.clone() });
         self.active.fetch_add(1, Ordering::Relaxed);
         let gauge = self.gauge.with_label_values(&[listener]);
         gauge.inc();
@@ -74,9 +73,10 @@ impl Tunnels {
     pub(crate) fn revoke_denied(&self, policy: &Policy) -> usize {
         let entries = lock(&self.entries);
         let mut n = 0;
-        for t in entries.values() {
+        for e in entries.values().filter(|e| e.admitted.revocable) {
+            let t = &e.admitted;
             if let Decision::Deny { .. } = policy.decide_as(t.client, t.user.as_deref(), &t.host, t.port, &t.addrs) {
-                t.revoke.cancel();
+                e.revoke.cancel();
                 n += 1;
             }
         }

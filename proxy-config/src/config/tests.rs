@@ -115,7 +115,7 @@ fn all_semantic_errors_are_reported_at_once() {
     for want in [
         "listeners[0].name",
         "listeners[0].bind",
-        "listeners[1].mode",
+        "listeners[1].upstream: required with mode: tunnel",
         "policy.rules[0].hosts[0]",
         "policy.rules[0].cidrs[0]: \"10.0.0.1/8\" has host bits set",
     ] {
@@ -180,4 +180,26 @@ fn http_settings_default_and_are_validated_with_their_paths() {
     let cfg = ProxyConfig::from_yaml(ok).unwrap();
     assert!(!cfg.listeners[0].http.enabled && cfg.listeners[0].http.forwarded_for);
     assert_eq!((cfg.limits.requests_per_second, cfg.limits.request_burst), (Some(50), Some(100)));
+}
+
+#[test]
+fn tunnel_listeners_need_a_valid_upstream_and_take_no_http_settings() {
+    let doc = "version: 1\nlisteners:\n  - {name: a, bind: '127.0.0.1:1', mode: tunnel, upstream: 'unix:relative.sock'}\n  - {name: b, bind: '127.0.0.1:2', mode: tunnel, upstream: 'db.internal', http: {enabled: false}, sendProxyProtocol: v3}\n  - {name: c, bind: '127.0.0.1:3', upstream: 'db.internal:5432'}\n  - {name: d, bind: '127.0.0.1:4', mode: sideways}\n";
+    let errs = errors(doc);
+    for want in [
+        "listeners[0].upstream: \"unix:relative.sock\": the socket path must be absolute",
+        "listeners[1].upstream: \"db.internal\"",
+        "listeners[1].http: only valid with mode: forward",
+        "listeners[1].sendProxyProtocol: \"v3\"",
+        "listeners[2].upstream: only valid with mode: tunnel",
+        "listeners[3].mode: unknown mode \"sideways\" (expected forward or tunnel)",
+    ] {
+        assert!(errs.iter().any(|e| e.starts_with(want)), "want {want} in {errs:?}");
+    }
+    let ok = "version: 1\nlisteners:\n  - {name: a, bind: '127.0.0.1:1', mode: tunnel, upstream: 'unix:/run/app.sock'}\n  - {name: b, bind: '127.0.0.1:2', mode: tunnel, upstream: 'db.internal:5432', sendProxyProtocol: none}\n";
+    let cfg = ProxyConfig::from_yaml(ok).unwrap();
+    assert_eq!(cfg.listeners[0].upstream, Some(TunnelUpstream::Unix("/run/app.sock".into())));
+    assert!(
+        matches!(cfg.listeners[1].upstream, Some(TunnelUpstream::Tcp(ref a)) if a.to_string() == "db.internal:5432")
+    );
 }

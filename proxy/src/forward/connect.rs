@@ -12,6 +12,7 @@ use crate::dial;
 use crate::error::{Side, TunnelError};
 use crate::negotiate::{self, ConnectRequest};
 use crate::relay::{self, ByteCounters, IntoHalves, RelayOutcome, RelayRead, Stops};
+use crate::tunnels::Admitted;
 
 /// Serves a CONNECT request whose head has been read: tunnel, or an error answer and a
 /// lingering close.
@@ -126,11 +127,14 @@ where
     let m = &ctx.inner.metrics;
     let registration = ctx.inner.tunnels.register(
         &ctx.listener,
-        ctx.peer.ip(),
-        authority.host.clone(),
-        authority.port,
-        authorized.addrs.clone(),
-        authorized.user.clone(),
+        Admitted {
+            client: ctx.peer.ip(),
+            host: authority.host.clone(),
+            port: authority.port,
+            addrs: authorized.addrs.clone(),
+            user: authorized.user.clone(),
+            revocable: authorized.revocable,
+        },
     );
     let stops = Stops { shutdown: ctx.inner.stops.shutdown.clone(), revoke: registration.revoke.clone() };
     let counters = ByteCounters {

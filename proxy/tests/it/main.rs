@@ -11,3 +11,4 @@ mod reload;
 mod resources;
 mod ssrf;
 mod tls;
+mod tunnel;
