@@ -78,6 +78,19 @@ pub struct Listener {
     pub http: ListenerHttp,
     /// The fixed upstream of a tunnel listener (`None` on forward listeners).
     pub upstream: Option<TunnelUpstream>,
+    /// PROXY protocol header sent to a tunnel listener's upstream before any payload.
+    pub send_proxy_protocol: ProxyProtocol,
+}
+
+/// Which PROXY protocol header a tunnel listener announces its client with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyProtocol {
+    #[default]
+    None,
+    /// Text: `PROXY TCP4 <client> <listener> <cport> <lport>\r\n`.
+    V1,
+    /// Binary, with ALPN and SNI (authority) TLVs on TLS listeners.
+    V2,
 }
 
 /// Where a tunnel listener sends its connections. A configured upstream is trusted: the policy's
@@ -298,16 +311,19 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             }
             (_, None) => None,
         };
-        match (mode, l.send_proxy_protocol.as_deref()) {
-            (_, None | Some("none")) => {}
-            (Some(ListenerMode::Tunnel), Some("v1" | "v2")) => {
-                errs.push(format!("{p}.sendProxyProtocol"), "PROXY protocol is not supported by this version yet");
-            }
+        let send_proxy_protocol = match (mode, l.send_proxy_protocol.as_deref()) {
+            (_, None | Some("none")) => ProxyProtocol::None,
+            (Some(ListenerMode::Tunnel), Some("v1")) => ProxyProtocol::V1,
+            (Some(ListenerMode::Tunnel), Some("v2")) => ProxyProtocol::V2,
             (Some(ListenerMode::Tunnel), Some(other)) => {
                 errs.push(format!("{p}.sendProxyProtocol"), format!("\"{other}\": expected none, v1 or v2"));
+                ProxyProtocol::None
             }
-            (_, Some(_)) => errs.push(format!("{p}.sendProxyProtocol"), "only valid with mode: tunnel"),
-        }
+            (_, Some(_)) => {
+                errs.push(format!("{p}.sendProxyProtocol"), "only valid with mode: tunnel");
+                ProxyProtocol::None
+            }
+        };
         if mode == Some(ListenerMode::Tunnel) && l.http.is_some() {
             errs.push(format!("{p}.http"), "only valid with mode: forward (tunnel listeners parse no HTTP)");
         }
@@ -336,7 +352,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             }
         });
         if let (Some(bind), Some(mode)) = (bind, mode) {
-            listeners.push(Listener { name: l.name, bind, mode, tls, http, upstream });
+            listeners.push(Listener { name: l.name, bind, mode, tls, http, upstream, send_proxy_protocol });
         }
     }
 

@@ -24,7 +24,7 @@ pub mod warnings;
 
 pub use config::{
     Admin, Auth, Dns, HttpSettings, Limits, Listener, ListenerHttp, ListenerMode, LogFormat, Logging, ProxyConfig,
-    RelayDefaults, TlsFiles, TunnelUpstream,
+    ProxyProtocol, RelayDefaults, TlsFiles, TunnelUpstream,
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};

@@ -92,6 +92,7 @@ pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop:
                     tls,
                     id,
                     peer,
+                    local: stream.local_addr().ok(),
                     accepted: Instant::now(),
                 };
                 let span = debug_span!("conn", id, listener = &*name);

@@ -14,6 +14,7 @@ use crate::error::TunnelError;
 use crate::forward::{self, connect};
 use crate::metrics::GaugeGuard;
 use crate::negotiate::{self, Head};
+use crate::proxy_protocol::TlsFacts;
 use crate::relay::IntoHalves;
 use crate::terminate;
 
@@ -30,7 +31,7 @@ pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
         None => {
             let deadline = ctx.accepted + limits.request_head_timeout;
             match (permit, tunnel_upstream(&ctx)) {
-                (Ok(_p), Some(upstream)) => Box::pin(terminate::serve(stream, &ctx, &upstream)).await,
+                (Ok(_p), Some(t)) => Box::pin(terminate::serve(stream, &ctx, &t, None)).await,
                 (Ok(p), None) => dispatch(stream, &ctx, p, deadline).await,
                 // A tunnel listener's clients speak no HTTP: just close.
                 (Err(e), Some(_)) => access::rejected(&ctx, &e, None),
@@ -69,7 +70,14 @@ async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, ctx: &ConnCtx, perm
         }
     };
     match tunnel_upstream(ctx) {
-        Some(upstream) => terminate::serve(tls, ctx, &upstream).await,
+        Some(t) => {
+            let (_, session) = tls.get_ref();
+            let facts = TlsFacts {
+                sni: session.server_name().map(str::to_owned),
+                alpn: session.alpn_protocol().map(<[u8]>::to_vec),
+            };
+            terminate::serve(tls, ctx, &t, Some(facts)).await;
+        }
         None => dispatch(tls, ctx, permit, Instant::now() + limits.request_head_timeout).await,
     }
 }
@@ -99,9 +107,10 @@ async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, _permit: Pe
     }
 }
 
-/// The fixed upstream, when the connection's listener is a tunnel listener.
-fn tunnel_upstream(ctx: &ConnCtx) -> Option<proxy_config::TunnelUpstream> {
-    ctx.snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener)?.upstream.clone()
+/// The fixed upstream and PROXY protocol, when the connection's listener is a tunnel listener.
+fn tunnel_upstream(ctx: &ConnCtx) -> Option<terminate::Fixed> {
+    let l = ctx.snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener)?;
+    Some(terminate::Fixed { upstream: l.upstream.clone()?, proxy_protocol: l.send_proxy_protocol })
 }
 
 /// The listener's plain-HTTP settings, when it forwards plain HTTP.

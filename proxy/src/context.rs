@@ -20,5 +20,7 @@ pub struct ConnCtx {
     pub tls: Option<TlsAcceptor>,
     pub id: u64,
     pub peer: SocketAddr,
+    /// The listener-side address of the connection (the PROXY protocol's destination).
+    pub local: Option<SocketAddr>,
     pub accepted: Instant,
 }

@@ -36,6 +36,7 @@ pub mod listeners;
 pub mod memory;
 pub mod metrics;
 pub mod negotiate;
+pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod relay;
 pub mod reload;

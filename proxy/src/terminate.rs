@@ -2,7 +2,8 @@
 //! listener terminates TLS) goes to the listener's one configured upstream, over TCP or a Unix
 //! socket, through the same relay as CONNECT tunnels. No HTTP is parsed on this path.
 
-use proxy_config::{Authority, Host, TunnelUpstream};
+use proxy_config::{Authority, Host, ProxyProtocol, TunnelUpstream};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::timeout;
 
@@ -12,11 +13,27 @@ use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::TunnelError;
 use crate::forward::connect::relay_registered;
+use crate::proxy_protocol::{self, TlsFacts};
 use crate::relay::IntoHalves;
+
+/// A tunnel listener's upstream and what it announces to it.
+pub struct Fixed {
+    pub upstream: TunnelUpstream,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// Writes the PROXY header, in one write, before any payload (the backend may speak first).
+async fn announce<W: AsyncWrite + Unpin>(w: &mut W, header: Option<&[u8]>) -> Result<(), TunnelError> {
+    match header {
+        Some(h) => w.write_all(h).await.map_err(|e| TunnelError::Io { side: crate::error::Side::Upstream, source: e }),
+        None => Ok(()),
+    }
+}
 
 /// Connects `io` to `upstream` and relays until both sides are done. A failure to reach the
 /// upstream closes the client at once (counted and logged); the next connection tries again.
-pub async fn serve<S: IntoHalves>(io: S, ctx: &ConnCtx, upstream: &TunnelUpstream) {
+pub async fn serve<S: IntoHalves>(io: S, ctx: &ConnCtx, fixed: &Fixed, tls: Option<TlsFacts>) {
+    let header = proxy_protocol::header(fixed.proxy_protocol, ctx.peer, ctx.local, tls.as_ref());
     if ctx.inner.shed_for_memory() {
         return access::rejected(ctx, &TunnelError::Overloaded, None);
     }
@@ -25,7 +42,7 @@ pub async fn serve<S: IntoHalves>(io: S, ctx: &ConnCtx, upstream: &TunnelUpstrea
     let (cr, cw) = io.into_halves();
     let authorized =
         |addrs| Authorized { addrs, rule: String::new(), limits: cfg.policy.defaults, user: None, revocable: false };
-    match upstream {
+    match &fixed.upstream {
         TunnelUpstream::Tcp(authority) => {
             let addrs = match &authority.host {
                 Host::Ip(ip) => vec![*ip],
@@ -38,7 +55,10 @@ pub async fn serve<S: IntoHalves>(io: S, ctx: &ConnCtx, upstream: &TunnelUpstrea
                 Ok(s) => s,
                 Err(e) => return access::rejected(ctx, &e, None),
             };
-            let (ur, uw) = stream.into_split();
+            let (ur, mut uw) = stream.into_split();
+            if let Err(e) = announce(&mut uw, header.as_deref()).await {
+                return access::rejected(ctx, &e, None);
+            }
             let a = authorized(addrs);
             m.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
             let out = relay_registered(cr, cw, ur, uw, &[], authority, &a, ctx).await;
@@ -50,7 +70,10 @@ pub async fn serve<S: IntoHalves>(io: S, ctx: &ConnCtx, upstream: &TunnelUpstrea
                 Ok(Err(e)) => return access::rejected(ctx, &TunnelError::UpstreamRefused(e), None),
                 Err(_) => return access::rejected(ctx, &TunnelError::UpstreamTimeout, None),
             };
-            let (ur, uw) = tokio::io::split(stream);
+            let (ur, mut uw) = tokio::io::split(stream);
+            if let Err(e) = announce(&mut uw, header.as_deref()).await {
+                return access::rejected(ctx, &e, None);
+            }
             // Access events and the tunnel registry name an authority; a socket has none.
             let local = Authority { host: Host::Ip(std::net::Ipv4Addr::LOCALHOST.into()), port: 0 };
             m.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();

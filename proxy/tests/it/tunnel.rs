@@ -104,3 +104,108 @@ async fn tls_termination_in_front_of_a_unix_socket() {
     let r = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await.unwrap();
     assert!(r.is_ok(), "a clean TLS close: {r:?}");
 }
+
+/// T-09: the backend is server-speaks-first and records the header, which must arrive although
+/// the client sends nothing.
+#[tokio::test]
+async fn t09_proxy_v1_is_sent_at_once_before_any_payload_ipv4_and_ipv6() {
+    let w = World::new().await;
+    for (bind, family) in [("127.0.0.1:0", "TCP4"), ("[::1]:0", "TCP6")] {
+        let probe = format!("PROXY {family} ");
+        // The header's length depends on the ports: read up to CRLF instead.
+        let (tx, mut lines) = tokio::sync::mpsc::channel::<String>(2);
+        let backend = Upstream::start("127.0.0.2", move |mut s| {
+            let tx = tx.clone();
+            async move {
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while !line.ends_with(b"\r\n") && line.len() < 120 {
+                    if s.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    line.push(b[0]);
+                }
+                let _ = tx.send(String::from_utf8_lossy(&line).into_owned()).await;
+                let _ = s.write_all(b"220 hello\r\n").await;
+            }
+        })
+        .await;
+        let listener = format!(
+            "{{name: pp, bind: '{bind}', mode: tunnel, upstream: '127.0.0.2:{}', sendProxyProtocol: v1}}",
+            backend.addr.port()
+        );
+        let p = start_proxy(&config(&w, &listener)).await;
+        let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+        let client = s.local_addr().unwrap();
+        // The client sends nothing: the header still arrives, and the backend's greeting comes back.
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.recv()).await.unwrap().unwrap();
+        let want = format!("{probe}{} {} {} {}\r\n", client.ip(), addr(&p).ip(), client.port(), addr(&p).port());
+        assert_eq!(line, want);
+        assert!(line.len() <= 107);
+        let mut greet = [0u8; 11];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greet)).await.unwrap().unwrap();
+        assert_eq!(&greet, b"220 hello\r\n");
+    }
+}
+
+#[tokio::test]
+async fn t10_proxy_v2_to_a_unix_socket_carries_tcp_addresses_and_the_sni() {
+    let w = World::new().await;
+    let dir = TempDir::new("ppv2");
+    let sock = dir.0.join("app.sock");
+    let l = UnixListener::bind(&sock).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                // Signature and fixed part, then exactly the announced length.
+                let mut fixed = [0u8; 16];
+                if s.read_exact(&mut fixed).await.is_err() {
+                    return;
+                }
+                let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
+                let mut rest = vec![0u8; len];
+                if s.read_exact(&mut rest).await.is_err() {
+                    return;
+                }
+                let _ = tx.send([fixed.to_vec(), rest].concat()).await;
+                let _ = s.write_all(b"ok").await;
+            });
+        }
+    });
+    let ck = rcgen::generate_simple_self_signed(vec!["app.test".into()]).unwrap();
+    std::fs::write(dir.0.join("tls.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.0.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    let d = dir.0.display();
+    let p = start_proxy(&config(
+        &w,
+        &format!("{{name: plain, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2}}, {{name: secure, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2, tls: {{certFile: '{d}/tls.crt', keyFile: '{d}/tls.key'}}}}"),
+    ))
+    .await;
+    let signature = b"\r\n\r\n\x00\r\nQUIT\n";
+    // Plain: v2, PROXY over TCP/IPv4, 12 address bytes, in network order.
+    let s = TcpStream::connect(p.listener("plain").unwrap()).await.unwrap();
+    let client = s.local_addr().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    let mut want = signature.to_vec();
+    want.extend_from_slice(&[0x21, 0x11, 0x00, 0x0C, 127, 0, 0, 1, 127, 0, 0, 1]);
+    want.extend_from_slice(&client.port().to_be_bytes());
+    want.extend_from_slice(&p.listener("plain").unwrap().port().to_be_bytes());
+    assert_eq!(got, want);
+    // TLS: the same, plus an authority TLV (0x02) with the SNI the client sent.
+    let tcp = TcpStream::connect(p.listener("secure").unwrap()).await.unwrap();
+    let mut tls = connector(std::slice::from_ref(ck.cert.der()))
+        .connect(ServerName::try_from("app.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&got[..13], &[signature.as_slice(), &[0x21]].concat()[..]);
+    assert_eq!(got[13], 0x11);
+    let tlvs = &got[16 + 12..];
+    assert_eq!(tlvs, &[&[0x02, 0x00, 0x08][..], b"app.test"].concat()[..], "{tlvs:?}");
+    assert_eq!(u16::from_be_bytes([got[14], got[15]]) as usize, got.len() - 16, "the length is exact");
+    let mut ok = [0u8; 2];
+    tls.read_exact(&mut ok).await.unwrap();
+    assert_eq!(&ok, b"ok");
+}
