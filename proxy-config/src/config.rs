@@ -80,6 +80,9 @@ pub struct Listener {
     pub upstream: Option<TunnelUpstream>,
     /// PROXY protocol header sent to a tunnel listener's upstream before any payload.
     pub send_proxy_protocol: ProxyProtocol,
+    /// Peers (a load balancer in front) that must open each connection with a PROXY protocol
+    /// header (v1 or v2), whose source is then the client address; empty: never read one.
+    pub accept_proxy_protocol_from: Vec<IpNet>,
 }
 
 /// Which PROXY protocol header a tunnel listener announces its client with.
@@ -311,6 +314,8 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             }
             (_, None) => None,
         };
+        let accept_proxy_protocol_from =
+            list(&mut errs, &format!("{p}.acceptProxyProtocolFrom"), l.accept_proxy_protocol_from, parse_net);
         let send_proxy_protocol = match (mode, l.send_proxy_protocol.as_deref()) {
             (_, None | Some("none")) => ProxyProtocol::None,
             (Some(ListenerMode::Tunnel), Some("v1")) => ProxyProtocol::V1,
@@ -352,7 +357,16 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             }
         });
         if let (Some(bind), Some(mode)) = (bind, mode) {
-            listeners.push(Listener { name: l.name, bind, mode, tls, http, upstream, send_proxy_protocol });
+            listeners.push(Listener {
+                name: l.name,
+                bind,
+                mode,
+                tls,
+                http,
+                upstream,
+                send_proxy_protocol,
+                accept_proxy_protocol_from,
+            });
         }
     }
 

@@ -44,6 +44,7 @@ pub(crate) struct RawListener {
     pub(crate) upstream: Option<String>,
     pub(crate) send_proxy_protocol: Option<String>,
     pub(crate) http: Option<RawListenerHttp>,
+    pub(crate) accept_proxy_protocol_from: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

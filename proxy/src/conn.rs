@@ -12,6 +12,7 @@ use crate::access;
 use crate::context::ConnCtx;
 use crate::error::TunnelError;
 use crate::forward::{self, connect};
+use crate::inbound_proxy;
 use crate::metrics::GaugeGuard;
 use crate::negotiate::{self, Head};
 use crate::proxy_protocol::TlsFacts;
@@ -19,10 +20,21 @@ use crate::relay::IntoHalves;
 use crate::terminate;
 
 /// Serves one accepted connection to completion.
-pub async fn serve(stream: TcpStream, ctx: ConnCtx) {
+pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
     let inner = ctx.inner.clone();
     let _open = GaugeGuard::new(inner.metrics.connections_open.clone());
     let limits = ctx.snapshot.config.limits;
+    // A trusted load balancer in front names the real client first; from any other peer no
+    // header is ever read (a forward listener's parser refuses one with 400).
+    if trusts_proxy_header(&ctx) {
+        let read = Box::pin(timeout(limits.request_head_timeout, inbound_proxy::read(&mut stream)));
+        match read.await {
+            Ok(Ok(Some(client))) => ctx.peer = client,
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => return access::rejected(&ctx, &e, None),
+            Err(_) => return access::rejected(&ctx, &TunnelError::HeadTimeout, None),
+        }
+    }
     let permit = inner.limiter.acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client);
     let _ = stream.set_nodelay(true);
     // The task's size is the largest state of this future, held for the tunnel's whole life:
@@ -105,6 +117,17 @@ async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, _permit: Pe
         },
         Err(e) => Box::pin(connect::reject(ctx, &mut io, e.into())).await,
     }
+}
+
+/// Whether the connection's peer is one the listener takes PROXY protocol headers from.
+fn trusts_proxy_header(ctx: &ConnCtx) -> bool {
+    let peer = ctx.peer.ip().to_canonical();
+    ctx.snapshot
+        .config
+        .listeners
+        .iter()
+        .find(|l| *l.name == *ctx.listener)
+        .is_some_and(|l| l.accept_proxy_protocol_from.iter().any(|n| n.contains(&peer)))
 }
 
 /// The fixed upstream and PROXY protocol, when the connection's listener is a tunnel listener.

@@ -31,6 +31,7 @@ pub mod context;
 pub mod dial;
 pub mod error;
 pub mod forward;
+pub mod inbound_proxy;
 pub mod k8s_source;
 pub mod listeners;
 pub mod memory;

@@ -338,3 +338,34 @@ async fn t11_inbound_proxy_protocol_header_is_not_trusted() {
     assert_eq!(status, 400);
     assert_eq!(w.echo.count(), 0);
 }
+
+#[tokio::test]
+async fn t11_a_trusted_load_balancer_names_the_client_in_v1_or_v2() {
+    let w = World::new().await;
+    let backend = Upstream::echo("127.0.0.4").await;
+    w.dns.set("lbonly.test", Answer::Addrs(vec!["127.0.0.4".parse().unwrap()]));
+    let yaml = w
+        .config("    - {name: lb-client, action: allow, clients: ['10.244.1.17/32'], hosts: [lbonly.test], cidrs: ['127.0.0.4/32']}\n")
+        .replace(
+            r#"{name: forward, bind: "127.0.0.1:0"}"#,
+            r#"{name: forward, bind: "127.0.0.1:0", acceptProxyProtocolFrom: ['127.0.0.1/32']}"#,
+        );
+    let p = start_proxy(&yaml).await;
+    let t = format!("lbonly.test:{}", backend.addr.port());
+    // v1 naming the allowed client: the policy sees 10.244.1.17.
+    let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+    s.write_all(format!("PROXY TCP4 10.244.1.17 127.0.0.1 5555 3128\r\nCONNECT {t} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (status, head) = read_head(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    roundtrip(&mut s, b"as 10.244.1.17").await;
+    // v2 naming another client: that client is denied.
+    let mut v2 = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[10, 9, 9, 9, 127, 0, 0, 1, 0x15, 0xb3, 0x0c, 0x38]);
+    v2.extend_from_slice(format!("CONNECT {t} HTTP/1.1\r\n\r\n").as_bytes());
+    assert_eq!(exchange(addr(&p), &v2).await.0, 403);
+    // From the trusted peer, a connection without a header is closed unanswered.
+    let (status, text) = exchange(addr(&p), format!("CONNECT {t} HTTP/1.1\r\n\r\n").as_bytes()).await;
+    assert_eq!((status, text.as_str()), (0, ""));
+}
