@@ -74,12 +74,10 @@ async fn read_head_inner<S: AsyncRead + Unpin>(io: &mut S, max_head: usize) -> R
         }
         // Only parse once a blank line has arrived, so a trickling client costs linear CPU.
         if let Some(end) = find_head_end(&buf, scanned) {
-            return match parse_head(&buf[..end]) {
-                Ok(authority) => Ok(Head::Connect(ConnectRequest {
-                    authority,
-                    leftover: buf[end..].to_vec(),
-                    credentials: proxy_credentials(&buf[..end]),
-                })),
+            return match parse_connect(&buf[..end]) {
+                Ok((authority, credentials)) => {
+                    Ok(Head::Connect(ConnectRequest { authority, leftover: buf[end..].to_vec(), credentials }))
+                }
                 Err(TunnelError::MethodNotAllowed) => Ok(Head::Other(buf)),
                 Err(e) => Err(e),
             };
@@ -121,16 +119,13 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-/// The `Proxy-Authorization` value of a complete, already validated head.
-fn proxy_credentials(head: &[u8]) -> Option<Vec<u8>> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    req.parse(head).ok()?;
-    req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("proxy-authorization")).map(|h| h.value.to_vec())
-}
-
 /// Parses a complete head (ending in a blank line) into the CONNECT target. Pure.
 pub fn parse_head(head: &[u8]) -> Result<Authority, TunnelError> {
+    parse_connect(head).map(|(authority, _)| authority)
+}
+
+/// [`parse_head`], also returning the (first) `Proxy-Authorization` value, read in the same pass.
+fn parse_connect(head: &[u8]) -> Result<(Authority, Option<Vec<u8>>), TunnelError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -149,8 +144,11 @@ pub fn parse_head(head: &[u8]) -> Result<Authority, TunnelError> {
     let target = req.path.unwrap_or_default();
     let authority: Authority = target.parse().map_err(|_| TunnelError::MalformedRequest("invalid CONNECT target"))?;
     let mut hosts = 0;
+    let mut credentials = None;
     for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("host") {
+        if h.name.eq_ignore_ascii_case("proxy-authorization") {
+            credentials = credentials.or_else(|| Some(h.value.to_vec()));
+        } else if h.name.eq_ignore_ascii_case("host") {
             hosts += 1;
             if hosts > 1 {
                 return Err(TunnelError::MalformedRequest("more than one Host header"));
@@ -171,7 +169,7 @@ pub fn parse_head(head: &[u8]) -> Result<Authority, TunnelError> {
             return Err(TunnelError::MalformedRequest("CONNECT with a body"));
         }
     }
-    Ok(authority)
+    Ok((authority, credentials))
 }
 
 /// The reason phrase of an error status.
