@@ -26,14 +26,21 @@ pub struct PoolKey {
     pub host: String,
 }
 
-struct Idle {
+struct Parked {
     sender: SendRequest<UpstreamBody>,
     since: Instant,
 }
 
+#[derive(Default)]
+struct Idle {
+    by_key: HashMap<PoolKey, Vec<Parked>>,
+    /// Connections in `by_key`, counted as they come and go (checked on every checkin).
+    total: usize,
+}
+
 /// The pool; one per process.
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
+    idle: Mutex<Idle>,
     /// Idle connections now (the `tunnelgate_upstream_pool_idle` gauge).
     gauge: IntGauge,
 }
@@ -51,14 +58,15 @@ impl UpstreamPool {
         loop {
             let candidate = {
                 let mut idle = lock(&self.idle);
-                let list = idle.get_mut(key)?;
+                let list = idle.by_key.get_mut(key)?;
                 let c = list.pop();
                 if list.is_empty() {
-                    idle.remove(key);
+                    idle.by_key.remove(key);
                 }
+                idle.total -= usize::from(c.is_some());
                 c
             };
-            let Idle { mut sender, since } = candidate?;
+            let Parked { mut sender, since } = candidate?;
             self.gauge.dec();
             if sender.is_closed() || since.elapsed() > max_idle {
                 continue;
@@ -75,12 +83,15 @@ impl UpstreamPool {
             return;
         }
         let mut idle = lock(&self.idle);
-        let count: usize = idle.values().map(Vec::len).sum();
-        let list = idle.entry(key).or_default();
-        if list.len() >= per_key || count >= total {
+        if idle.total >= total {
             return;
         }
-        list.push(Idle { sender, since: Instant::now() });
+        let list = idle.by_key.entry(key).or_default();
+        if list.len() >= per_key {
+            return;
+        }
+        list.push(Parked { sender, since: Instant::now() });
+        idle.total += 1;
         self.gauge.inc();
     }
 
@@ -88,17 +99,13 @@ impl UpstreamPool {
     pub fn sweep(&self, max_idle: Duration) {
         let mut idle = lock(&self.idle);
         let mut removed = 0;
-        idle.retain(|_, list| {
+        idle.by_key.retain(|_, list| {
             let before = list.len();
             list.retain(|c| !c.sender.is_closed() && c.since.elapsed() <= max_idle);
             removed += before - list.len();
             !list.is_empty()
         });
+        idle.total -= removed;
         self.gauge.sub(i64::try_from(removed).unwrap_or(0));
-    }
-
-    /// Idle connections now.
-    pub fn idle(&self) -> usize {
-        lock(&self.idle).values().map(Vec::len).sum()
     }
 }
