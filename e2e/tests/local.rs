@@ -189,16 +189,7 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     let c = client(&kc).await;
 
     // An echo upstream on 127.0.0.2, the destination the policies talk about.
-    let echo = TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let target = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let target = echo_upstream("127.0.0.2").await;
 
     // The base ConfigMap the chart owns.
     let (listen, proxy_admin, op_admin) = (free_port(), free_port(), free_port());
@@ -519,6 +510,21 @@ async fn presented(addr: SocketAddr) -> Vec<u8> {
 }
 
 /// Writes the rendered TLS Secret's keys as files, as the kubelet does for a Secret volume.
+/// An echo server on `ip`:0; returns its address.
+async fn echo_upstream(ip: &str) -> SocketAddr {
+    let echo = TcpListener::bind((ip.parse::<std::net::IpAddr>().unwrap(), 0)).await.unwrap();
+    let addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
 /// Creates the base ConfigMap and starts one operator (no leader election) rendering Secrets for
 /// `tls_dir`.
 async fn single_operator(c: &Client, kc: &Path, dir: &Path, base: &str, tls_dir: &str, admin: u16) -> Child {
@@ -668,16 +674,7 @@ async fn proxy_users_come_from_a_validated_htpasswd_secret() {
     let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "tunnelgate");
     let alice = format!("alice:{}\n", bcrypt::hash("wonderland", 4).unwrap());
     secrets.create(&PostParams::default(), &htpasswd_secret(&alice)).await.unwrap();
-    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let target = echo_upstream("127.0.0.1").await;
     let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
     let base = format!(
         "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\nauth: {{secretName: proxy-users}}\npolicy: {{defaultAction: allow, denyPrivateAddresses: false}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
