@@ -3,6 +3,7 @@
 //! the listener serves. Errors before a tunnel or an HTTP exchange become a
 //! status answer and a lingering close.
 
+use proxy_config::Listener;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
@@ -23,10 +24,14 @@ use crate::terminate;
 pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
     let inner = ctx.inner.clone();
     let _open = GaugeGuard::new(inner.metrics.connections_open.clone());
-    let limits = ctx.snapshot.config.limits;
+    // This connection's listener, looked up once in the snapshot it was accepted under.
+    let snapshot = ctx.snapshot.clone();
+    let listener = snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener);
+    let limits = snapshot.config.limits;
     // A trusted load balancer in front names the real client first; from any other peer no
     // header is ever read (a forward listener's parser refuses one with 400).
-    if trusts_proxy_header(&ctx) {
+    let peer = ctx.peer.ip().to_canonical();
+    if listener.is_some_and(|l| l.accept_proxy_protocol_from.iter().any(|n| n.contains(&peer))) {
         let read = Box::pin(timeout(limits.request_head_timeout, inbound_proxy::read(&mut stream)));
         match read.await {
             Ok(Ok(Some(client))) => ctx.peer = client,
@@ -42,15 +47,17 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
     match ctx.tls.clone() {
         None => {
             let deadline = ctx.accepted + limits.request_head_timeout;
-            match (permit, tunnel_upstream(&ctx)) {
-                (Ok(_p), Some(t)) => Box::pin(terminate::serve(stream, &ctx, &t, None)).await,
-                (Ok(p), None) => dispatch(stream, &ctx, p, deadline).await,
+            match (permit, listener.and_then(|l| l.upstream.as_ref().map(|u| (u, l)))) {
+                (Ok(_p), Some((upstream, l))) => {
+                    Box::pin(terminate::serve(stream, &ctx, upstream, l.send_proxy_protocol, None)).await
+                }
+                (Ok(p), None) => dispatch(stream, &ctx, p, deadline, listener).await,
                 // A tunnel listener's clients speak no HTTP: just close.
                 (Err(e), Some(_)) => access::rejected(&ctx, &e, None),
                 (Err(e), None) => Box::pin(reject(stream, &ctx, e)).await,
             }
         }
-        Some(acceptor) => Box::pin(serve_tls(stream, acceptor, &ctx, permit)).await,
+        Some(acceptor) => Box::pin(serve_tls(stream, acceptor, &ctx, permit, listener)).await,
     }
 }
 
@@ -58,7 +65,13 @@ async fn reject(mut stream: TcpStream, ctx: &ConnCtx, e: TunnelError) {
     connect::reject(ctx, &mut stream, e.into()).await;
 }
 
-async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, ctx: &ConnCtx, permit: Result<Permit, TunnelError>) {
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    ctx: &ConnCtx,
+    permit: Result<Permit, TunnelError>,
+    listener: Option<&Listener>,
+) {
     let Ok(permit) = permit else {
         // Answering in plain text would be noise to a TLS client: just close.
         return;
@@ -81,63 +94,45 @@ async fn serve_tls(stream: TcpStream, acceptor: TlsAcceptor, ctx: &ConnCtx, perm
             return;
         }
     };
-    match tunnel_upstream(ctx) {
-        Some(t) => {
+    match listener.and_then(|l| l.upstream.as_ref().map(|u| (u, l))) {
+        Some((upstream, l)) => {
             let (_, session) = tls.get_ref();
             let facts = TlsFacts {
                 sni: session.server_name().map(str::to_owned),
                 alpn: session.alpn_protocol().map(<[u8]>::to_vec),
             };
-            terminate::serve(tls, ctx, &t, Some(facts)).await;
+            terminate::serve(tls, ctx, upstream, l.send_proxy_protocol, Some(facts)).await;
         }
-        None => dispatch(tls, ctx, permit, Instant::now() + limits.request_head_timeout).await,
+        None => dispatch(tls, ctx, permit, Instant::now() + limits.request_head_timeout, listener).await,
     }
 }
 
 /// Reads the first request head and hands the connection to the path that serves it.
-async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, _permit: Permit, deadline: Instant) {
+async fn dispatch<S: IntoHalves + 'static>(
+    mut io: S,
+    ctx: &ConnCtx,
+    _permit: Permit,
+    deadline: Instant,
+    listener: Option<&Listener>,
+) {
     let max_head = ctx.snapshot.config.limits.max_request_head_bytes;
     let head = tokio::select! {
         r = Box::pin(negotiate::read_head(&mut io, max_head, deadline)) => r,
         // At the drain deadline a connection still sending its head gets 503.
         () = ctx.inner.stops.shutdown.cancelled() => Err(TunnelError::Draining),
     };
-    // Every request draws from its client's bucket, CONNECT and plain HTTP alike; under memory
-    // pressure new tunnels are refused (established ones keep flowing).
-    let head = head.and_then(|h| match (&h, &ctx.snapshot.request_limiter) {
-        (Head::Connect(_), _) if ctx.inner.shed_for_memory() => Err(TunnelError::Overloaded),
-        (Head::Connect(_), Some(limiter)) => limiter.check(ctx.peer.ip()).map(|()| h),
-        _ => Ok(h),
+    // Every request is admitted (memory pressure, the client's rate bucket), CONNECT here and each
+    // HTTP request as it arrives; established tunnels are never touched.
+    let head = head.and_then(|h| match h {
+        Head::Connect(_) => ctx.admit_request().map(|()| h),
+        Head::Other(_) => Ok(h),
     });
     match head {
         Ok(Head::Connect(request)) => connect::serve(io, request, ctx).await,
-        Ok(Head::Other(buffered)) => match listener_http(ctx) {
-            Some(http) => Box::pin(forward::http::serve(io, buffered, ctx, http)).await,
+        Ok(Head::Other(buffered)) => match listener.map(|l| &l.http).filter(|h| h.enabled) {
+            Some(http) => Box::pin(forward::http::serve(io, buffered, ctx, http.clone())).await,
             None => Box::pin(connect::reject(ctx, &mut io, TunnelError::MethodNotAllowed.into())).await,
         },
         Err(e) => Box::pin(connect::reject(ctx, &mut io, e.into())).await,
     }
-}
-
-/// Whether the connection's peer is one the listener takes PROXY protocol headers from.
-fn trusts_proxy_header(ctx: &ConnCtx) -> bool {
-    let peer = ctx.peer.ip().to_canonical();
-    ctx.snapshot
-        .config
-        .listeners
-        .iter()
-        .find(|l| *l.name == *ctx.listener)
-        .is_some_and(|l| l.accept_proxy_protocol_from.iter().any(|n| n.contains(&peer)))
-}
-
-/// The fixed upstream and PROXY protocol, when the connection's listener is a tunnel listener.
-fn tunnel_upstream(ctx: &ConnCtx) -> Option<terminate::Fixed> {
-    let l = ctx.snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener)?;
-    Some(terminate::Fixed { upstream: l.upstream.clone()?, proxy_protocol: l.send_proxy_protocol })
-}
-
-/// The listener's plain-HTTP settings, when it forwards plain HTTP.
-fn listener_http(ctx: &ConnCtx) -> Option<proxy_config::ListenerHttp> {
-    let l = ctx.snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener)?;
-    l.http.enabled.then(|| l.http.clone())
 }

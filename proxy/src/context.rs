@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use crate::error::TunnelError;
 use crate::snapshot::SharedSnapshot;
 use crate::state::Inner;
 
@@ -23,4 +24,27 @@ pub struct ConnCtx {
     /// The listener-side address of the connection (the PROXY protocol's destination).
     pub local: Option<SocketAddr>,
     pub accepted: Instant,
+}
+
+impl ConnCtx {
+    /// Admits one request (a CONNECT or an HTTP request): refused under memory pressure, then it
+    /// draws from its client's rate bucket.
+    pub fn admit_request(&self) -> Result<(), TunnelError> {
+        if self.inner.shed_for_memory() {
+            return Err(TunnelError::Overloaded);
+        }
+        match &self.snapshot.request_limiter {
+            Some(limiter) => limiter.check(self.peer.ip()),
+            None => Ok(()),
+        }
+    }
+
+    /// The proxy user that a request's `Proxy-Authorization` value authenticates; `None` when
+    /// the configuration has no `auth`.
+    pub async fn authenticate(&self, credentials: Option<&[u8]>) -> Result<Option<String>, TunnelError> {
+        match &self.snapshot.auth {
+            Some(a) => a.authenticate(self.peer.ip(), credentials).await.map(Some),
+            None => Ok(None),
+        }
+    }
 }

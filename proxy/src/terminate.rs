@@ -16,12 +16,6 @@ use crate::forward::connect::relay_registered;
 use crate::proxy_protocol::{self, TlsFacts};
 use crate::relay::IntoHalves;
 
-/// A tunnel listener's upstream and what it announces to it.
-pub struct Fixed {
-    pub upstream: TunnelUpstream,
-    pub proxy_protocol: ProxyProtocol,
-}
-
 /// Writes the PROXY header, in one write, before any payload (the backend may speak first).
 async fn announce<W: AsyncWrite + Unpin>(w: &mut W, header: Option<&[u8]>) -> Result<(), TunnelError> {
     match header {
@@ -32,8 +26,14 @@ async fn announce<W: AsyncWrite + Unpin>(w: &mut W, header: Option<&[u8]>) -> Re
 
 /// Connects `io` to `upstream` and relays until both sides are done. A failure to reach the
 /// upstream closes the client at once (counted and logged); the next connection tries again.
-pub async fn serve<S: IntoHalves>(io: S, ctx: &ConnCtx, fixed: &Fixed, tls: Option<TlsFacts>) {
-    let header = proxy_protocol::header(fixed.proxy_protocol, ctx.peer, ctx.local, tls.as_ref());
+pub async fn serve<S: IntoHalves>(
+    io: S,
+    ctx: &ConnCtx,
+    upstream: &TunnelUpstream,
+    announce_as: ProxyProtocol,
+    tls: Option<TlsFacts>,
+) {
+    let header = proxy_protocol::header(announce_as, ctx.peer, ctx.local, tls.as_ref());
     if ctx.inner.shed_for_memory() {
         return access::rejected(ctx, &TunnelError::Overloaded, None);
     }
@@ -42,7 +42,7 @@ pub async fn serve<S: IntoHalves>(io: S, ctx: &ConnCtx, fixed: &Fixed, tls: Opti
     let (cr, cw) = io.into_halves();
     let authorized =
         |addrs| Authorized { addrs, rule: String::new(), limits: cfg.policy.defaults, user: None, revocable: false };
-    match &fixed.upstream {
+    match upstream {
         TunnelUpstream::Tcp(authority) => {
             let addrs = match &authority.host {
                 Host::Ip(ip) => vec![*ip],

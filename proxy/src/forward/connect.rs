@@ -17,12 +17,9 @@ use crate::tunnels::Admitted;
 /// Serves a CONNECT request whose head has been read: tunnel, or an error answer and a
 /// lingering close.
 pub async fn serve<S: IntoHalves>(mut io: S, request: ConnectRequest, ctx: &ConnCtx) {
-    let user = match &ctx.snapshot.auth {
-        Some(a) => match Box::pin(a.authenticate(ctx.peer.ip(), request.credentials.as_deref())).await {
-            Ok(user) => Some(user),
-            Err(e) => return Box::pin(reject(ctx, &mut io, e.into())).await,
-        },
-        None => None,
+    let user = match Box::pin(ctx.authenticate(request.credentials.as_deref())).await {
+        Ok(user) => user,
+        Err(e) => return Box::pin(reject(ctx, &mut io, e.into())).await,
     };
     match Box::pin(establish(&mut io, &request.authority, ctx, user)).await {
         Ok((upstream, authorized)) => {

@@ -133,27 +133,15 @@ impl Handler {
             authority: None,
             user: None,
         };
-        if self.ctx.inner.shed_for_memory() {
-            return self.error(&ex, TunnelError::Overloaded.into());
+        if let Err(e) = self.ctx.admit_request() {
+            return self.error(&ex, e.into());
         }
-        if let Some(limiter) = &self.ctx.snapshot.request_limiter {
-            if let Err(e) = limiter.check(self.ctx.peer.ip()) {
-                return self.error(&ex, e.into());
-            }
-        }
-        let user = match &self.ctx.snapshot.auth {
-            Some(a) => {
-                let header = req.headers().get(header::PROXY_AUTHORIZATION).map(HeaderValue::as_bytes);
-                match a.authenticate(self.ctx.peer.ip(), header).await {
-                    Ok(user) => {
-                        ex.user = Some(user.clone());
-                        Some(user)
-                    }
-                    Err(e) => return self.error(&ex, e.into()),
-                }
-            }
-            None => None,
+        let credentials = req.headers().get(header::PROXY_AUTHORIZATION).map(HeaderValue::as_bytes);
+        let user = match self.ctx.authenticate(credentials).await {
+            Ok(user) => user,
+            Err(e) => return self.error(&ex, e.into()),
         };
+        ex.user.clone_from(&user);
         let result = if req.method() == Method::CONNECT {
             self.connect(req, user).await
         } else {
@@ -420,7 +408,7 @@ fn target(uri: &Uri) -> Result<(Authority, String), TunnelError> {
     Ok((authority, host))
 }
 
-fn empty() -> ResponseBody {
+pub(crate) fn empty() -> ResponseBody {
     Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync()
 }
 

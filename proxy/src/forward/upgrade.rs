@@ -16,7 +16,7 @@ use tracing::debug;
 
 use super::connect;
 use super::headers;
-use super::http::{Exchange, Finish, Handler, ResponseBody, TrackedBody};
+use super::http::{empty, Exchange, Finish, Handler, ResponseBody, TrackedBody};
 use super::pool::UpstreamBody;
 use crate::access::{self, TunnelKind};
 use crate::authorize::{Authorized, Rejection};
@@ -72,5 +72,5 @@ pub(crate) async fn forward(
             &out,
         );
     });
-    Ok(Response::from_parts(parts, http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()))
+    Ok(Response::from_parts(parts, empty()))
 }
