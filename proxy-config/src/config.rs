@@ -13,6 +13,7 @@ use crate::error::{ConfigErrors, Errors};
 use crate::host::{Authority, HostPattern};
 use crate::policy::{Action, Policy, PortRange, RelayOverrides, Rule, TunnelLimits};
 use crate::raw::{RawConfig, RawPort, RawRuleRelay};
+use crate::tls::ListenerTls;
 
 /// The only format version this build reads.
 pub const VERSION: u32 = 1;
@@ -73,7 +74,7 @@ pub struct Listener {
     pub bind: SocketAddr,
     pub mode: ListenerMode,
     /// When set, clients speak TLS to the proxy.
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<ListenerTls>,
     /// Plain-HTTP forwarding on a forward listener.
     pub http: ListenerHttp,
     /// The fixed upstream of a tunnel listener (`None` on forward listeners).
@@ -136,15 +137,6 @@ pub struct HttpSettings {
     pub max_idle_per_upstream: usize,
     /// Idle pooled connections kept in all.
     pub max_idle_upstreams: usize,
-}
-
-/// PEM files of a TLS listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// Certificate chain, leaf first.
-    pub cert_file: PathBuf,
-    /// PKCS#8, PKCS#1 (RSA) or SEC1 private key.
-    pub key_file: PathBuf,
 }
 
 /// The admin HTTP server (metrics, health, config).
@@ -332,18 +324,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         if mode == Some(ListenerMode::Tunnel) && l.http.is_some() {
             errs.push(format!("{p}.http"), "only valid with mode: forward (tunnel listeners parse no HTTP)");
         }
-        let tls = l.tls.and_then(|t| {
-            let mut ok = true;
-            if t.cert_file.is_empty() {
-                errs.push(format!("{p}.tls.certFile"), "must not be empty");
-                ok = false;
-            }
-            if t.key_file.is_empty() {
-                errs.push(format!("{p}.tls.keyFile"), "must not be empty");
-                ok = false;
-            }
-            ok.then(|| TlsFiles { cert_file: t.cert_file.into(), key_file: t.key_file.into() })
-        });
+        let tls = l.tls.and_then(|t| crate::tls::convert(&mut errs, &format!("{p}.tls"), t, mode));
         let http = l.http.map_or_else(ListenerHttp::default, |h| {
             let d = ListenerHttp::default();
             let via = h.via.unwrap_or(d.via);

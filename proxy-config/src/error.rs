@@ -56,6 +56,11 @@ impl fmt::Display for ConfigErrors {
 pub(crate) struct Errors(Vec<ConfigError>);
 
 impl Errors {
+    /// How many errors so far (a helper compares before and after a block).
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigError::new(path, message));
     }

@@ -10,6 +10,7 @@
 //!   addresses refused unless listed).
 //! - [`host`]: the strict `host:port` grammar and name normalization.
 //! - [`addr`]: classification of non-public addresses, unwrapping IPv6 forms that embed IPv4.
+//! - [`tls`]: a listener's certificates (files by SNI, or ACME), protocol floor, ALPN, mTLS.
 //! - [`error`]: errors that name the path of the bad value.
 //! - [`warnings`]: what a valid configuration says that does not do what it reads like.
 #![forbid(unsafe_code)]
@@ -20,13 +21,15 @@ pub mod error;
 pub mod host;
 pub mod policy;
 mod raw;
+pub mod tls;
 pub mod warnings;
 
 pub use config::{
     Admin, Auth, Dns, HttpSettings, Limits, Listener, ListenerHttp, ListenerMode, LogFormat, Logging, ProxyConfig,
-    ProxyProtocol, RelayDefaults, TlsFiles, TunnelUpstream,
+    ProxyProtocol, RelayDefaults, TunnelUpstream,
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};
 pub use policy::{Action, Decision, DenyReason, Policy, PreDecision, Rule, TunnelLimits};
+pub use tls::{Acme, ClientAuth, ListenerTls, TlsFiles, TlsVersion};
 pub use warnings::ConfigWarning;

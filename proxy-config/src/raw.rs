@@ -67,8 +67,39 @@ pub(crate) struct RawHttp {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct RawTls {
+    pub(crate) cert_file: Option<String>,
+    pub(crate) key_file: Option<String>,
+    pub(crate) certificates: Option<Vec<RawCertPair>>,
+    pub(crate) strict_sni: Option<bool>,
+    pub(crate) alpn: Option<Vec<String>>,
+    pub(crate) min_version: Option<String>,
+    pub(crate) client_auth: Option<RawClientAuth>,
+    pub(crate) acme: Option<RawAcme>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawCertPair {
     pub(crate) cert_file: String,
     pub(crate) key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawClientAuth {
+    pub(crate) ca_file: String,
+    pub(crate) mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawAcme {
+    pub(crate) directory: String,
+    pub(crate) domains: Vec<String>,
+    #[serde(default)]
+    pub(crate) contact: Vec<String>,
+    pub(crate) cache_dir: String,
+    pub(crate) directory_ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

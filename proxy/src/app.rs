@@ -78,7 +78,8 @@ impl ProxyHandle {
 pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, StartError> {
     let registry = Registry::new();
     let metrics = ProxyMetrics::register(&registry)?;
-    let snapshot = Arc::new(Snapshot::build(config, text, 1)?);
+    let acme = crate::acme::AcmeCerts::new(metrics.clone());
+    let snapshot = Arc::new(Snapshot::build(config, text, 1, &acme)?);
     let cfg = &snapshot.config;
 
     // Bind everything before serving anything, so a failure leaves nothing half-started.
@@ -103,7 +104,7 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     info!(generation = 1, sha256 = %snapshot.sha256, "configuration loaded");
     crate::snapshot::log_warnings(&snapshot.config);
 
-    let inner = Arc::new(Inner::new(metrics, registry, snapshot, admin_addr));
+    let inner = Arc::new(Inner::new(metrics, registry, snapshot, admin_addr, acme));
     for (name, bind, sock) in bound {
         listeners::start(&inner, &name, bind, sock).map_err(|source| StartError::Bind {
             name: name.clone(),

@@ -3,10 +3,11 @@
 //! the listener serves. Errors before a tunnel or an HTTP exchange become a
 //! status answer and a lingering close.
 
+use std::sync::Arc;
+
 use proxy_config::Listener;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
-use tokio_rustls::TlsAcceptor;
 
 use crate::accept::Permit;
 use crate::access;
@@ -16,9 +17,10 @@ use crate::forward::{self, connect};
 use crate::inbound_proxy;
 use crate::metrics::GaugeGuard;
 use crate::negotiate::{self, Head};
-use crate::proxy_protocol::TlsFacts;
 use crate::relay::IntoHalves;
 use crate::terminate;
+use crate::tls::handshake::{HandshakeError, TlsFacts};
+use crate::tls::TlsServer;
 
 /// Serves one accepted connection to completion.
 pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
@@ -57,7 +59,7 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
                 (Err(e), None) => Box::pin(reject(stream, &ctx, e)).await,
             }
         }
-        Some(acceptor) => Box::pin(serve_tls(stream, acceptor, &ctx, permit, listener)).await,
+        Some(server) => Box::pin(serve_tls(stream, server, &ctx, permit, listener)).await,
     }
 }
 
@@ -67,7 +69,7 @@ async fn reject(mut stream: TcpStream, ctx: &ConnCtx, e: TunnelError) {
 
 async fn serve_tls(
     stream: TcpStream,
-    acceptor: TlsAcceptor,
+    server: Arc<TlsServer>,
     ctx: &ConnCtx,
     permit: Result<Permit, TunnelError>,
     listener: Option<&Listener>,
@@ -78,29 +80,26 @@ async fn serve_tls(
     };
     let m = &ctx.inner.metrics;
     let limits = ctx.snapshot.config.limits;
-    let tls = match timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(s)) => {
-            m.tls_handshakes.with_label_values(&[&ctx.listener, "success"]).inc();
-            s
-        }
-        Ok(Err(e)) => {
-            m.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
-            access::rejected(ctx, &TunnelError::TlsHandshake(e), None);
-            return;
-        }
-        Err(_) => {
-            m.tls_handshakes.with_label_values(&[&ctx.listener, "failure"]).inc();
-            access::rejected(ctx, &TunnelError::TlsHandshake(std::io::ErrorKind::TimedOut.into()), None);
+    let started = Instant::now();
+    let outcome = match timeout(limits.tls_handshake_timeout, server.accept(stream)).await {
+        Ok(r) => r,
+        Err(_) => Err(HandshakeError::Io(std::io::ErrorKind::TimedOut.into())),
+    };
+    m.tls_handshake_duration.with_label_values(&[&ctx.listener]).observe(started.elapsed().as_secs_f64());
+    let tls = match outcome {
+        Ok(s) => s,
+        Err(e) => {
+            m.tls_handshakes.with_label_values(&[&ctx.listener, e.label(), "unknown"]).inc();
+            if !matches!(e, HandshakeError::AcmeChallenge) {
+                access::rejected(ctx, &TunnelError::TlsHandshake(e), None);
+            }
             return;
         }
     };
+    let facts = TlsFacts::of(tls.get_ref().1);
+    m.tls_handshakes.with_label_values(&[&ctx.listener, "success", facts.version]).inc();
     match listener.and_then(|l| l.upstream.as_ref().map(|u| (u, l))) {
         Some((upstream, l)) => {
-            let (_, session) = tls.get_ref();
-            let facts = TlsFacts {
-                sni: session.server_name().map(str::to_owned),
-                alpn: session.alpn_protocol().map(<[u8]>::to_vec),
-            };
             terminate::serve(tls, ctx, upstream, l.send_proxy_protocol, Some(facts)).await;
         }
         None => dispatch(tls, ctx, permit, Instant::now() + limits.request_head_timeout, listener).await,

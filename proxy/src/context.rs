@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 
 use crate::error::TunnelError;
 use crate::snapshot::SharedSnapshot;
 use crate::state::Inner;
+use crate::tls::TlsServer;
 
 /// One accepted connection's context (cheap to clone: what outlives the connection task, such as
 /// an upgraded tunnel, takes a copy).
@@ -18,7 +18,7 @@ pub struct ConnCtx {
     pub inner: Arc<Inner>,
     pub listener: Arc<str>,
     pub snapshot: SharedSnapshot,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<TlsServer>>,
     pub id: u64,
     pub peer: SocketAddr,
     /// The listener-side address of the connection (the PROXY protocol's destination).

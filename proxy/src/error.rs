@@ -76,7 +76,7 @@ pub enum TunnelError {
     UpstreamResponseTimeout,
     /// The TLS handshake with the client failed or timed out.
     #[error("TLS handshake failed")]
-    TlsHandshake(#[source] io::Error),
+    TlsHandshake(#[source] crate::tls::HandshakeError),
     /// The client went away before the tunnel was established.
     #[error("client closed the connection")]
     ClientClosed,

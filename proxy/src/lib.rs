@@ -16,11 +16,15 @@
 //! - [`reload`]: hot reload (file watcher, SIGHUP, poll) through one validate → diff → publish pipeline.
 //! - [`state`]: the shared state; [`app`]: binding and the shutdown sequence; [`admin`]: metrics,
 //!   health, config.
-//! - [`error`], [`metrics`], [`tls`], [`telemetry`], [`cli`].
+//! - [`terminate`]: tunnel listeners (one fixed upstream, optional TLS termination), with
+//!   [`proxy_protocol`] out and [`inbound_proxy`] in; [`tls`]: certificates by SNI, mTLS, the
+//!   handshake; [`acme`]: certificates from an ACME directory.
+//! - [`error`], [`metrics`], [`telemetry`], [`cli`].
 #![forbid(unsafe_code)]
 
 pub mod accept;
 pub mod access;
+pub mod acme;
 pub mod admin;
 pub mod app;
 pub mod auth;

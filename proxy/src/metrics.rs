@@ -16,7 +16,7 @@ pub struct ProxyMetrics {
     pub connections_open: IntGauge,
     /// Tunnel lifetime by `close` reason. Buckets 0.01 s .. ~11 h (×4).
     pub tunnel_duration: HistogramVec,
-    /// `direction` = upstream (client → target) or downstream.
+    /// `listener`, `direction` = upstream (client → target) or downstream.
     pub relayed_bytes: IntCounterVec,
     /// Time to connect to the upstream. Buckets 0.5 ms .. ~16 s (×2).
     pub upstream_connect_duration: HistogramVec,
@@ -24,8 +24,13 @@ pub struct ProxyMetrics {
     pub dns_lookups: IntCounterVec,
     /// `decision` = allow | deny, `rule` = rule name, `default` or `self`.
     pub policy_decisions: IntCounterVec,
-    /// `listener`, `result` = success | failure.
+    /// `listener`, `result` (success, failure, timeout, unrecognized_name, acme_challenge) and
+    /// `version` (TLSv1.2, TLSv1.3; `unknown` unless the handshake succeeded).
     pub tls_handshakes: IntCounterVec,
+    /// Time from accept to the end of the TLS handshake, by `listener`. Buckets 0.5 ms .. ~16 s.
+    pub tls_handshake_duration: HistogramVec,
+    /// ACME certificate events by `listener`, `result` = issued | cached | error.
+    pub acme_events: IntCounterVec,
     /// Errors from accept(2) (EMFILE and the like); the loop backs off and continues.
     pub accept_errors: IntCounter,
     /// `result` = success | failure.
@@ -77,7 +82,7 @@ impl ProxyMetrics {
             )?,
             relayed_bytes: IntCounterVec::new(
                 Opts::new("tunnelgate_relayed_bytes_total", "Bytes relayed through tunnels"),
-                &["direction"],
+                &["listener", "direction"],
             )?,
             upstream_connect_duration: HistogramVec::new(
                 HistogramOpts::new("tunnelgate_upstream_connect_duration_seconds", "Time to connect to the upstream")
@@ -94,6 +99,15 @@ impl ProxyMetrics {
             )?,
             tls_handshakes: IntCounterVec::new(
                 Opts::new("tunnelgate_tls_handshakes_total", "TLS handshakes with clients"),
+                &["listener", "result", "version"],
+            )?,
+            tls_handshake_duration: HistogramVec::new(
+                HistogramOpts::new("tunnelgate_tls_handshake_duration_seconds", "TLS handshake duration")
+                    .buckets(exponential_buckets(0.0005, 2.0, 16)?),
+                &["listener"],
+            )?,
+            acme_events: IntCounterVec::new(
+                Opts::new("tunnelgate_acme_events_total", "ACME certificate events (issued, cached, error)"),
                 &["listener", "result"],
             )?,
             accept_errors: IntCounter::new("tunnelgate_accept_errors_total", "Errors from accept")?,
@@ -159,6 +173,8 @@ impl ProxyMetrics {
         registry.register(Box::new(m.dns_lookups.clone()))?;
         registry.register(Box::new(m.policy_decisions.clone()))?;
         registry.register(Box::new(m.tls_handshakes.clone()))?;
+        registry.register(Box::new(m.tls_handshake_duration.clone()))?;
+        registry.register(Box::new(m.acme_events.clone()))?;
         registry.register(Box::new(m.accept_errors.clone()))?;
         registry.register(Box::new(m.config_reloads.clone()))?;
         registry.register(Box::new(m.config_generation.clone()))?;

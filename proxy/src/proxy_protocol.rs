@@ -1,19 +1,18 @@
 //! PROXY protocol headers a tunnel listener sends its upstream (HAProxy's proxy-protocol.txt), built
 //! with the `ppp` crate: the client's and the listener's TCP addresses in one family (an
 //! IPv4-mapped address counts as IPv4; mixed families are both written as IPv6), LOCAL / UNKNOWN
-//! when an address is not known, and in v2 the ALPN and authority (SNI) TLVs of a TLS client.
+//! when an address is not known, and in v2 the ALPN, authority (SNI) and SSL TLVs of a TLS client.
 
 use std::net::{IpAddr, SocketAddr};
 
 use ppp::v2::{Builder, Command, Protocol, Type, Version};
 use proxy_config::ProxyProtocol;
 
-/// What the TLS handshake told about the client, for v2 TLVs.
-#[derive(Debug, Clone, Default)]
-pub struct TlsFacts {
-    pub sni: Option<String>,
-    pub alpn: Option<Vec<u8>>,
-}
+use crate::tls::handshake::TlsFacts;
+
+/// `PP2_CLIENT_SSL`, `PP2_CLIENT_CERT_CONN`: bits of the SSL TLV's client field.
+const CLIENT_SSL: u8 = 0x01;
+const CLIENT_CERT_CONN: u8 = 0x02;
 
 /// The header to write before any payload, or `None` when the listener sends none.
 pub fn header(
@@ -47,10 +46,35 @@ pub fn header(
                 if let Some(sni) = &t.sni {
                     builder = builder.and_then(|b| b.write_tlv(Type::Authority, sni.as_bytes()).ok());
                 }
+                builder = builder.and_then(|b| b.write_tlv(Type::SSL, &ssl_tlv(t)).ok());
             }
             builder.and_then(|b| b.build().ok())
         }
     }
+}
+
+/// The value of the SSL TLV (proxy-protocol.txt §2.2.5): client flags, the verify result (0 only
+/// for a verified client certificate) and the version, cipher and client CN sub-TLVs.
+fn ssl_tlv(t: &TlsFacts) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.push(if t.client_cert { CLIENT_SSL | CLIENT_CERT_CONN } else { CLIENT_SSL });
+    v.extend_from_slice(&u32::from(!t.client_cert).to_be_bytes());
+    let mut sub = |kind: Type, value: &[u8]| {
+        // Sub-TLV values are short by construction (a version name, a cipher name, a CN of at
+        // most 64 characters by RFC 5280), far below the u16 length.
+        let len = u16::try_from(value.len()).unwrap_or(u16::MAX);
+        v.push(kind as u8);
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(&value[..usize::from(len)]);
+    };
+    sub(Type::SSLVersion, t.version.as_bytes());
+    if let Some(c) = t.cipher {
+        sub(Type::SSLCipher, c.as_bytes());
+    }
+    if let Some(cn) = &t.client_cn {
+        sub(Type::SSLCommonName, cn.as_bytes());
+    }
+    v
 }
 
 /// Both addresses in one family: IPv4 when both are (or map to) IPv4, else both IPv6.

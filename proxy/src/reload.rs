@@ -93,7 +93,7 @@ async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Re
     if fingerprint(&cfg, text) == current.fingerprint {
         return Ok(ReloadOutcome::Unchanged);
     }
-    let snap = Arc::new(Snapshot::build(cfg, text, current.generation + 1)?);
+    let snap = Arc::new(Snapshot::build(cfg, text, current.generation + 1, &inner.acme)?);
     crate::snapshot::log_warnings(&snap.config);
     // Process-level settings are read once at start.
     if snap.config.admin != current.config.admin {
@@ -110,6 +110,7 @@ async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Re
     // Everything needed is in hand: switch.
     inner.publish(snap.clone());
     listeners::apply(inner, &snap.config.listeners, plans).await;
+    inner.acme.retain(&snap.config);
 
     let revoked =
         if snap.config.policy.reevaluate_on_reload { inner.tunnels.revoke_denied(&snap.config.policy) } else { 0 };

@@ -7,12 +7,12 @@ use std::time::SystemTime;
 
 use proxy_config::ProxyConfig;
 use sha2::{Digest, Sha256};
-use tokio_rustls::TlsAcceptor;
 
+use crate::acme::AcmeCerts;
 use crate::auth::{AuthFileError, Authenticator};
 use crate::dial::{Resolver, ResolverError};
 use crate::ratelimit::RequestLimiter;
-use crate::tls::{self, TlsError};
+use crate::tls::{self, TlsError, TlsServer};
 
 /// Why a configuration could not be made into a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +41,8 @@ pub struct Snapshot {
     pub fingerprint: String,
     pub loaded_at: SystemTime,
     pub resolver: Resolver,
-    /// TLS acceptors by listener name.
-    pub tls: HashMap<String, TlsAcceptor>,
+    /// TLS servers by listener name.
+    pub tls: HashMap<String, Arc<TlsServer>>,
     /// Proxy authentication, when `auth` is configured (the users of this generation).
     pub auth: Option<Authenticator>,
     /// Per-client request rate limit, when `limits.requestsPerSecond` is set. A new generation
@@ -51,17 +51,23 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Compiles `config` (parsed from `text`) into generation `generation`.
-    pub fn build(config: ProxyConfig, text: &str, generation: u64) -> Result<Snapshot, SnapshotError> {
+    /// Compiles `config` (parsed from `text`) into generation `generation`. ACME listeners take
+    /// their certificates from `acme`, which outlives generations.
+    pub fn build(
+        config: ProxyConfig,
+        text: &str,
+        generation: u64,
+        acme: &AcmeCerts,
+    ) -> Result<Snapshot, SnapshotError> {
         let mut acceptors = HashMap::new();
         for (index, l) in config.listeners.iter().enumerate() {
-            if let Some(files) = &l.tls {
-                let cfg = tls::load(files).map_err(|source| SnapshotError::Tls {
-                    index,
-                    name: l.name.clone(),
-                    source: Box::new(source),
-                })?;
-                acceptors.insert(l.name.clone(), TlsAcceptor::from(cfg));
+            if let Some(t) = &l.tls {
+                let err = |source| SnapshotError::Tls { index, name: l.name.clone(), source: Box::new(source) };
+                let acme_certs = match &t.acme {
+                    Some(a) => Some(acme.resolver(&l.name, a).map_err(|e| err(TlsError::Acme(e)))?),
+                    None => None,
+                };
+                acceptors.insert(l.name.clone(), Arc::new(tls::load(t, acme_certs).map_err(err)?));
             }
         }
         let resolver = Resolver::new(&config.dns).map_err(SnapshotError::Resolver)?;
@@ -109,7 +115,7 @@ pub fn fingerprint(config: &ProxyConfig, text: &str) -> String {
 /// file): a change to any of them is a reload.
 pub fn watched_files(config: &ProxyConfig) -> Vec<&std::path::Path> {
     let tls = config.listeners.iter().filter_map(|l| l.tls.as_ref());
-    let mut files: Vec<&std::path::Path> = tls.flat_map(|t| [t.cert_file.as_path(), t.key_file.as_path()]).collect();
+    let mut files: Vec<&std::path::Path> = tls.flat_map(|t| t.files()).collect();
     files.extend(config.auth.as_ref().map(|a| a.htpasswd_file.as_path()));
     files
 }

@@ -60,6 +60,8 @@ pub struct Inner {
     /// Serializes reloads, so exactly one snapshot wins and listener changes never interleave.
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
     admin_addr: SocketAddr,
+    /// ACME certificate sources, which outlive configuration generations.
+    pub acme: crate::acme::AcmeCerts,
 }
 
 impl Inner {
@@ -68,6 +70,7 @@ impl Inner {
         registry: Registry,
         snapshot: SharedSnapshot,
         admin_addr: SocketAddr,
+        acme: crate::acme::AcmeCerts,
     ) -> Inner {
         let tunnels = Tunnels::new(metrics.tunnels_active.clone());
         let upstream_pool = UpstreamPool::new(metrics.upstream_pool_idle.clone());
@@ -89,6 +92,7 @@ impl Inner {
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             admin_addr,
+            acme,
         }
     }
 

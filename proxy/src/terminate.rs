@@ -13,8 +13,9 @@ use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::TunnelError;
 use crate::forward::connect::relay_registered;
-use crate::proxy_protocol::{self, TlsFacts};
+use crate::proxy_protocol;
 use crate::relay::IntoHalves;
+use crate::tls::handshake::TlsFacts;
 
 /// Writes the PROXY header, in one write, before any payload (the backend may speak first).
 async fn announce<W: AsyncWrite + Unpin>(w: &mut W, header: Option<&[u8]>) -> Result<(), TunnelError> {

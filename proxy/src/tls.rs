@@ -1,15 +1,24 @@
-//! TLS server configuration for listeners whose clients speak TLS to the proxy: PEM chain and
-//! key (PKCS#8, PKCS#1 or SEC1) loaded from files, key checked against the certificate.
+//! TLS server side of a listener: certificates loaded from PEM files (chosen by SNI, see
+//! [`sni`]) or obtained by ACME, the protocol floor, ALPN and client-certificate checks, compiled
+//! into one [`TlsServer`] per listener and generation; [`handshake`] runs the handshake.
+
+pub mod handshake;
+pub mod sni;
 
 use std::fs::File;
 use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use proxy_config::TlsFiles;
+use proxy_config::{ListenerTls, TlsFiles, TlsVersion};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
-/// Why a certificate or key could not be used. Never includes key material.
+pub use handshake::{HandshakeError, TlsServer};
+
+/// Why a certificate, key or CA bundle could not be used. Never includes key material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}")]
@@ -33,54 +42,147 @@ pub enum TlsError {
     #[error("{path}: cannot parse the leaf certificate")]
     Parse { path: PathBuf },
     #[error("certificate {cert} and key {key} cannot be used together")]
-    Rustls {
+    Key {
         cert: PathBuf,
         key: PathBuf,
         #[source]
         source: rustls::Error,
     },
+    #[error("{path}: CA bundle cannot be used to verify client certificates")]
+    ClientCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("{path}: a CA certificate cannot be used")]
+    CaCert {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("ACME")]
+    Acme(#[source] crate::acme::AcmeError),
+    #[error("TLS settings")]
+    Settings(#[source] rustls::Error),
+}
+
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn open(path: &Path) -> Result<BufReader<File>, TlsError> {
     File::open(path).map(BufReader::new).map_err(|source| TlsError::Read { path: path.to_owned(), source })
 }
 
-/// Refuses a leaf certificate outside its validity period: serving it would only fail every
-/// handshake, and on reload the previous certificate is better.
-fn check_validity(path: &Path, leaf: &rustls::pki_types::CertificateDer<'_>) -> Result<(), TlsError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|_| TlsError::Parse { path: path.to_owned() })?;
-    let v = cert.validity();
-    if v.is_valid() {
-        Ok(())
-    } else {
-        Err(TlsError::NotValidNow {
-            path: path.to_owned(),
-            not_before: v.not_before.to_string(),
-            not_after: v.not_after.to_string(),
-        })
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut open(path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem { path: path.to_owned(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { path: path.to_owned() });
     }
+    Ok(certs)
 }
 
-/// Loads `files` into a rustls server configuration (TLS 1.2 and 1.3 only; ALPN http/1.1).
-pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = rustls_pemfile::certs(&mut open(&files.cert_file)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem { path: files.cert_file.clone(), source })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: files.cert_file.clone() });
-    }
-    check_validity(&files.cert_file, &certs[0])?;
+/// A certificate pair ready to serve, with the DNS names its leaf is valid for.
+pub struct LoadedCert {
+    pub key: Arc<CertifiedKey>,
+    /// Lower-case SAN dNSName entries (the subject CN when there are none), `*.` kept.
+    pub names: Vec<String>,
+}
+
+/// Loads one pair: refuses a leaf outside its validity period (serving it would only fail every
+/// handshake, and on reload the previous certificate is better) and a key that does not match.
+pub fn load_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<LoadedCert, TlsError> {
+    let chain = read_certs(&files.cert_file)?;
+    let names = leaf_names(&files.cert_file, &chain[0])?;
     let key = rustls_pemfile::private_key(&mut open(&files.key_file)?)
         .map_err(|source| TlsError::Pem { path: files.key_file.clone(), source })?
         .ok_or_else(|| TlsError::NoKey { path: files.key_file.clone() })?;
-    let rustls_err = |source| TlsError::Rustls { cert: files.cert_file.clone(), key: files.key_file.clone(), source };
-    let mut cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(rustls_err)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(rustls_err)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    let key_err = |source| TlsError::Key { cert: files.cert_file.clone(), key: files.key_file.clone(), source };
+    let signing = provider.key_provider.load_private_key(key).map_err(key_err)?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(key_err)?;
+    Ok(LoadedCert { key: Arc::new(certified), names })
+}
+
+fn leaf_names(path: &Path, leaf: &rustls::pki_types::CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|_| TlsError::Parse { path: path.to_owned() })?;
+    let v = cert.validity();
+    if !v.is_valid() {
+        return Err(TlsError::NotValidNow {
+            path: path.to_owned(),
+            not_before: v.not_before.to_string(),
+            not_after: v.not_after.to_string(),
+        });
+    }
+    let mut names: Vec<String> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if names.is_empty() {
+        names.extend(cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_ascii_lowercase));
+    }
+    Ok(names)
+}
+
+/// Compiles a listener's `tls` block. `acme` is the certificate source when the block names an
+/// ACME directory (kept across generations by the caller, so a reload never re-orders).
+pub fn load(t: &ListenerTls, acme: Option<Arc<dyn ResolvesServerCert>>) -> Result<TlsServer, TlsError> {
+    let provider = provider();
+    let certs = t.certificates.iter().map(|f| load_pair(f, &provider)).collect::<Result<Vec<_>, _>>()?;
+    let sni = Arc::new(sni::SniCerts::new(certs));
+    let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
+        TlsVersion::V1_2 => rustls::DEFAULT_VERSIONS,
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(TlsError::Settings)?;
+    let builder = match &t.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(c) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in read_certs(&c.ca_file)? {
+                roots.add(cert).map_err(|source| TlsError::CaCert { path: c.ca_file.clone(), source })?;
+            }
+            let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            if !c.required {
+                v = v.allow_unauthenticated();
+            }
+            let verifier = v.build().map_err(|source| TlsError::ClientCa { path: c.ca_file.clone(), source })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let is_acme = acme.is_some();
+    let resolver: Arc<dyn ResolvesServerCert> = match acme {
+        Some(a) => a,
+        None => sni.clone(),
+    };
+    let mut cfg = builder.with_cert_resolver(resolver.clone());
+    cfg.alpn_protocols = t.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    // TLS-ALPN-01 validation connections get a configuration of their own: offering
+    // acme-tls/1 to every client would refuse those whose ALPN lists nothing else we speak.
+    let challenge = if is_acme {
+        let mut c = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .map_err(TlsError::Settings)?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver);
+        c.alpn_protocols = vec![handshake::ACME_TLS_ALPN.to_vec()];
+        Some(Arc::new(c))
+    } else {
+        None
+    };
+    Ok(TlsServer::new(Arc::new(cfg), sni, t.strict_sni && !is_acme, challenge))
 }

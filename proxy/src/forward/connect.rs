@@ -135,8 +135,8 @@ where
     );
     let stops = Stops { shutdown: ctx.inner.stops.shutdown.clone(), revoke: registration.revoke.clone() };
     let counters = ByteCounters {
-        up: m.relayed_bytes.with_label_values(&["upstream"]),
-        down: m.relayed_bytes.with_label_values(&["downstream"]),
+        up: m.relayed_bytes.with_label_values(&[&ctx.listener, "upstream"]),
+        down: m.relayed_bytes.with_label_values(&[&ctx.listener, "downstream"]),
     };
     relay::run(cr, cw, ur, uw, early, authorized.limits, &stops, &counters).await
 }

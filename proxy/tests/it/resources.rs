@@ -251,7 +251,7 @@ async fn relay_100_mib_arrives_byte_identical() {
     assert_eq!(h.finalize(), send.await.unwrap());
     assert!(
         eventually(5, || async {
-            metric(p.admin, "tunnelgate_relayed_bytes_total{direction=\"upstream\"}").await == TOTAL as f64
+            metric(p.admin, "tunnelgate_relayed_bytes_total{direction=\"upstream\"").await == TOTAL as f64
         })
         .await
     );

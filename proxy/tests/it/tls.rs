@@ -120,7 +120,7 @@ async fn t01_handshake_garbage_and_old_versions() {
     // TLS 1.0 only: a fatal alert (record type 21), then close.
     let out = raw(a, &tls10_client_hello()).await;
     assert_eq!(out.first(), Some(&0x15), "alert expected, got {out:?}");
-    assert!(metric(t.p.admin, "tunnelgate_tls_handshakes_total{listener=\"secure\",result=\"failure\"}").await >= 5.0);
+    assert!(metric(t.p.admin, "tunnelgate_tls_handshakes_total{listener=\"secure\",result=\"failure\"").await >= 5.0);
     // A good client still gets through.
     let mut s = tls_connect(&t.ca, a, ServerName::try_from("proxy.test").unwrap()).await;
     s.write_all(format!("CONNECT {} HTTP/1.1\r\n\r\n", t.w.echo.addr).as_bytes()).await.unwrap();

@@ -97,7 +97,11 @@ async fn tls_termination_in_front_of_a_unix_socket() {
     let name = ServerName::try_from("app.test").unwrap();
     let mut tls = connector(std::slice::from_ref(ck.cert.der())).connect(name, tcp).await.unwrap();
     roundtrip(&mut tls, b"GET / HTTP/1.1\r\n\r\n is just bytes here").await;
-    assert_eq!(metric(p.admin, "tunnelgate_tls_handshakes_total{listener=\"app\",result=\"success\"}").await, 1.0);
+    assert_eq!(
+        metric(p.admin, "tunnelgate_tls_handshakes_total{listener=\"app\",result=\"success\",version=\"TLSv1.3\"}")
+            .await,
+        1.0
+    );
     // close_notify from the client ends the upstream's input; its FIN comes back as close_notify.
     tls.shutdown().await.unwrap();
     let mut rest = Vec::new();
