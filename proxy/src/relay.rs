@@ -28,6 +28,9 @@ pub enum CloseReason {
     ClientClosed,
     /// The upstream finished first.
     UpstreamClosed,
+    /// The TLS client's connection ended without `close_notify` (a truncation: an attacker or a
+    /// broken client can cut a TLS stream at any point). Still propagated as a FIN.
+    ClientTruncated,
     IdleTimeout,
     Lifetime,
     ByteLimit,
@@ -43,6 +46,7 @@ impl CloseReason {
         match self {
             CloseReason::ClientClosed => "client_closed",
             CloseReason::UpstreamClosed => "upstream_closed",
+            CloseReason::ClientTruncated => "client_truncated",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Lifetime => "lifetime",
             CloseReason::ByteLimit => "byte_limit",
@@ -155,6 +159,12 @@ enum PumpEnd {
     Io,
 }
 
+/// How a direction's data ended.
+enum Eof {
+    Clean,
+    Truncated,
+}
+
 /// A token bucket for one direction: refills at `rate` bytes/s up to `capacity`.
 struct Bucket {
     rate: f64,
@@ -199,7 +209,7 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
     mine: &AtomicU64,
     counter: &IntCounter,
     rate: Option<u64>,
-) -> Result<(), PumpEnd> {
+) -> Result<Eof, PumpEnd> {
     let mut bucket = rate.map(Bucket::new);
     // Empty (no allocation) while the tunnel is idle; never zero-filled (read_buf uses spare capacity).
     let mut buf: Vec<u8> = Vec::new();
@@ -213,11 +223,19 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
             buf.reserve_exact(BUF_SIZE);
         }
         buf.clear();
-        let n = (&mut *r).take(allowance as u64).read_buf(&mut buf).await.map_err(|_| PumpEnd::Io)?;
+        let n = match (&mut *r).take(allowance as u64).read_buf(&mut buf).await {
+            Ok(n) => n,
+            // A TLS stream cut without close_notify: the end of the data all the same.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                let _ = w.shutdown().await;
+                return Ok(Eof::Truncated);
+            }
+            Err(_) => return Err(PumpEnd::Io),
+        };
         if n == 0 {
             // EOF: propagate the half-close and let the other direction go on.
             let _ = w.shutdown().await;
-            return Ok(());
+            return Ok(Eof::Clean);
         }
         let b = &buf;
         if let Some(bk) = bucket.as_mut() {
@@ -309,16 +327,19 @@ where
         loop {
             tokio::select! {
                 r = &mut up, if !up_done => match r {
-                    Ok(()) => {
+                    Ok(eof) => {
                         up_done = true;
-                        first_done.get_or_insert(CloseReason::ClientClosed);
+                        first_done.get_or_insert(match eof {
+                            Eof::Clean => CloseReason::ClientClosed,
+                            Eof::Truncated => CloseReason::ClientTruncated,
+                        });
                         if down_done { break first_done.unwrap_or(CloseReason::ClientClosed); }
                     }
                     Err(PumpEnd::ByteLimit) => break CloseReason::ByteLimit,
                     Err(PumpEnd::Io) => break CloseReason::IoError,
                 },
                 r = &mut down, if !down_done => match r {
-                    Ok(()) => {
+                    Ok(_) => {
                         down_done = true;
                         first_done.get_or_insert(CloseReason::UpstreamClosed);
                         if up_done { break first_done.unwrap_or(CloseReason::UpstreamClosed); }
@@ -344,7 +365,10 @@ where
             }
         }
     };
-    if !matches!(reason, CloseReason::ClientClosed | CloseReason::UpstreamClosed | CloseReason::IoError) {
+    if !matches!(
+        reason,
+        CloseReason::ClientClosed | CloseReason::ClientTruncated | CloseReason::UpstreamClosed | CloseReason::IoError
+    ) {
         // Closed by us: send FIN (or close_notify) both ways rather than just dropping.
         let _ = timeout(CLOSE_GRACE, async {
             let _ = client_w.shutdown().await;

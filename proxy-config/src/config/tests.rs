@@ -203,3 +203,63 @@ fn tunnel_listeners_need_a_valid_upstream_and_take_no_http_settings() {
         matches!(cfg.listeners[1].upstream, Some(TunnelUpstream::Tcp(ref a)) if a.to_string() == "db.internal:5432")
     );
 }
+
+#[test]
+fn tls_blocks_are_checked_with_their_paths() {
+    let t = |tls: &str| {
+        format!("version: 1\nlisteners: [{{name: a, bind: '127.0.0.1:1', mode: tunnel, upstream: 'b.test:1', tls: {tls}}}]\n")
+    };
+    let cases: &[(&str, &str)] = &[
+        ("{}", "listeners[0].tls: needs a certificate: certFile and keyFile, certificates, or acme"),
+        ("{certFile: a.crt}", "listeners[0].tls.keyFile: required"),
+        ("{certificates: []}", "listeners[0].tls.certificates: must hold 1 to 64 entries"),
+        ("{certificates: [{certFile: '', keyFile: k}]}", "listeners[0].tls.certificates[0].certFile"),
+        (
+            "{certFile: c, keyFile: k, minVersion: '1.1'}",
+            "listeners[0].tls.minVersion: \"1.1\": expected \"1.2\" or \"1.3\"",
+        ),
+        ("{certFile: c, keyFile: k, alpn: ['']}", "listeners[0].tls.alpn[0]: must be 1-255"),
+        ("{certFile: c, keyFile: k, alpn: [acme-tls/1]}", "listeners[0].tls.alpn[0]: acme-tls/1 is reserved"),
+        ("{certFile: c, keyFile: k, clientAuth: {caFile: ca, mode: maybe}}", "listeners[0].tls.clientAuth.mode"),
+        (
+            "{acme: {directory: 'http://x', domains: [a.test], cacheDir: /c}}",
+            "listeners[0].tls.acme.directory: must be an https:// URL",
+        ),
+        (
+            "{acme: {directory: 'https://x', domains: ['*.a.test'], cacheDir: /c}}",
+            "listeners[0].tls.acme.domains[0]: wildcards need DNS-01",
+        ),
+        (
+            "{acme: {directory: 'https://x', domains: [a.test], contact: [me@x], cacheDir: /c}}",
+            "listeners[0].tls.acme.contact[0]: must be a mailto: URL",
+        ),
+        (
+            "{certFile: c, keyFile: k, acme: {directory: 'https://x', domains: [a.test], cacheDir: /c}}",
+            "listeners[0].tls.acme: cannot be combined",
+        ),
+    ];
+    for (tls, want) in cases {
+        let errs = errors(&t(tls));
+        assert!(errs.iter().any(|e| e.contains(want)), "want {want:?} in {errs:?}");
+    }
+    let forward =
+        "version: 1\nlisteners: [{name: a, bind: '127.0.0.1:1', tls: {certFile: c, keyFile: k, alpn: [h2]}}]\n";
+    assert!(errors(forward)
+        .iter()
+        .any(|e| e.contains("listeners[0].tls.alpn: a forward listener speaks only http/1.1")));
+    // Both forms together: the single pair is the default (first) certificate.
+    let c = ProxyConfig::from_yaml(&t("{certFile: one.crt, keyFile: one.key, certificates: [{certFile: two.crt, keyFile: two.key}], strictSni: true, minVersion: '1.3', alpn: [h2], clientAuth: {caFile: ca.pem, mode: optional}}")).unwrap();
+    let tls = c.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(
+        tls.certificates.iter().map(|p| p.cert_file.to_str().unwrap()).collect::<Vec<_>>(),
+        ["one.crt", "two.crt"]
+    );
+    assert!(tls.strict_sni);
+    assert_eq!(tls.min_version, crate::TlsVersion::V1_3);
+    assert_eq!(tls.alpn, ["h2"]);
+    assert!(!tls.client_auth.as_ref().unwrap().required);
+    assert_eq!(tls.files().count(), 5);
+    // A tunnel advertises no ALPN unless told; a forward listener advertises http/1.1.
+    let plain = ProxyConfig::from_yaml(&t("{certFile: c, keyFile: k}")).unwrap();
+    assert!(plain.listeners[0].tls.as_ref().unwrap().alpn.is_empty());
+}

@@ -10,5 +10,6 @@ mod parsing;
 mod reload;
 mod resources;
 mod ssrf;
+mod termination;
 mod tls;
 mod tunnel;
