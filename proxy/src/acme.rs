@@ -73,6 +73,11 @@ impl AcmeCerts {
         self.sources.lock().unwrap_or_else(PoisonError::into_inner).retain(|k, _| wanted.contains(k));
     }
 
+    /// Stops every source (at the end of the drain).
+    pub fn stop_all(&self) {
+        self.sources.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
     fn start(&self, listener: &str, acme: &Acme) -> Result<Source, AcmeError> {
         let provider = tls::provider();
         let config = match &acme.directory_ca_file {

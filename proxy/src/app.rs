@@ -184,6 +184,8 @@ async fn drain(
         let _ = timeout(Duration::from_secs(5), inner.tracker.wait()).await;
     }
     info!(forced, "drained");
+    // No listener serves a certificate any more: stop ordering and renewing.
+    inner.acme.stop_all();
     admin_stop.cancel();
     let _ = admin_task.await;
     DrainReport { forced }
