@@ -18,6 +18,15 @@ CASES = {
         "networkPolicyExample": {"enabled": True, "namespace": "payments"},
     },
     "auth": {"proxy": {"auth": {"secretName": "proxy-users", "realm": "corp egress"}}},
+    "tunnels": {
+        "proxy": {
+            "hostPort": {"enabled": True},
+            "tunnels": [
+                {"name": "app-tls", "port": 8443, "upstream": "app.payments.svc:8080", "secretName": "app-cert",
+                 "sendProxyProtocol": "v2", "alpn": ["http/1.1"], "minVersion": "1.3"},
+            ],
+        }
+    },
     "hostport": {"proxy": {"hostPort": {"enabled": True}, "workerThreads": 2}, "operator": {"replicas": 2}},
 }
 

@@ -231,3 +231,35 @@ def test_proxy_authentication_names_its_secret_in_the_base():
     assert "auth" not in plain
     with pytest.raises(Exception):
         render({"proxy": {"auth": {"secretName": "x", "realm": 'bad"realm'}}})
+
+
+def test_tunnel_listeners_are_declared_in_values():
+    docs = render(CASES["tunnels"])
+    base = yaml.safe_load(find(docs, "ConfigMap", "-base")["data"]["config.yaml"])
+    assert base["listeners"][-1] == {
+        "name": "app-tls", "bind": "0.0.0.0:8443", "mode": "tunnel", "upstream": "app.payments.svc:8080",
+        "sendProxyProtocol": "v2", "tls": {"secretName": "app-cert", "alpn": ["http/1.1"], "minVersion": "1.3"},
+    }
+    ports = find(docs, "DaemonSet", "-proxy")["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "app-tls", "containerPort": 8443, "hostPort": 8443} in ports
+    svc = find(docs, "Service", "-proxy")
+    assert {"name": "app-tls", "port": 8443, "targetPort": "app-tls"} in svc["spec"]["ports"]
+    for bad in (
+        [{"name": "admin", "port": 1, "upstream": "a:1", "secretName": "s"}],
+        [{"name": "much-too-long-name", "port": 1, "upstream": "a:1", "secretName": "s"}],
+        [{"name": "ok", "port": 1, "upstream": "a:1"}],
+        [{"name": "ok", "port": 1, "upstream": "a:1", "secretName": "s", "sendProxyProtocol": "v3"}],
+    ):
+        with pytest.raises(helm.HelmError):
+            render({"proxy": {"tunnels": bad}})
+
+
+def test_tls_termination_example_renders_and_names_the_certificate_secret():
+    example = ROOT / "examples" / "tls-termination"
+    cert = yaml.safe_load((example / "certificate.yaml").read_text())
+    values = yaml.safe_load((example / "values.yaml").read_text())
+    assert cert["kind"] == "Certificate" and cert["apiVersion"] == "cert-manager.io/v1"
+    assert cert["spec"]["secretName"] == values["proxy"]["tunnels"][0]["secretName"]
+    docs = render(values)
+    base = yaml.safe_load(find(docs, "ConfigMap", "-base")["data"]["config.yaml"])
+    assert base["listeners"][-1]["tls"]["secretName"] == cert["spec"]["secretName"]

@@ -201,8 +201,12 @@ fn document(input: &Input<'_>, rules: Vec<Value>) -> Result<Rendered, RenderErro
                 return Err(RenderError::MissingTls { index, listener, secret });
             };
             let dir = input.tls_dir.trim_end_matches('/');
-            l["tls"] =
-                json!({ "certFile": format!("{dir}/{listener}.crt"), "keyFile": format!("{dir}/{listener}.key") });
+            // The Secret becomes files; the listener's other TLS settings (ALPN, floor) stay.
+            if let Some(tls) = l.get_mut("tls").and_then(Value::as_object_mut) {
+                tls.remove("secretName");
+                tls.insert("certFile".into(), json!(format!("{dir}/{listener}.crt")));
+                tls.insert("keyFile".into(), json!(format!("{dir}/{listener}.key")));
+            }
             tls_data.insert(format!("{listener}.crt"), t.cert_pem.clone());
             tls_data.insert(format!("{listener}.key"), t.key_pem.clone());
             annotations.insert(format!("tunnelgate.io/tls-{listener}-sha256"), t.sha256.clone());

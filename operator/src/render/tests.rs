@@ -185,6 +185,19 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
     assert!(r.config.contains("sha256=ab12"));
     assert_eq!(r.tls_data["secure.key"], "-----BEGIN PRIVATE KEY-----SECRET");
     assert_eq!(r.annotations["tunnelgate.io/tls-secure-not-after"], "2030-01-01T00:00:00Z");
+
+    // A tunnel listener keeps its other TLS settings; only the Secret becomes files.
+    let base = "version: 1\nlisteners:\n  - {name: secure, bind: '0.0.0.0:8443', mode: tunnel, upstream: 'app.test:80', sendProxyProtocol: v2, tls: {secretName: proxy-cert, alpn: [h2], minVersion: '1.3'}}\n";
+    let r =
+        render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls", htpasswd: None })
+            .1
+            .unwrap();
+    let cfg = proxy_config::ProxyConfig::from_yaml(&r.config).unwrap();
+    let t = cfg.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(t.alpn, ["h2"]);
+    assert_eq!(t.min_version, proxy_config::TlsVersion::V1_3);
+    assert_eq!(t.certificates[0].key_file, std::path::Path::new("/etc/tunnelgate/tls/secure.key"));
+    assert!(!r.config.contains("secretName"));
 }
 
 #[test]
