@@ -2,7 +2,8 @@
 //! Squid, tinyproxy, http-tunnel) against loopback upstreams it starts itself, and prints medians
 //! over rounds with the ratio of each proxy to the direct connection: CONNECT tunnels (bulk,
 //! setup, round trips, idle memory) and plain-HTTP forwarding (keep-alive and per-request
-//! connections, with proxy CPU per request). It measures; it never asserts.
+//! connections, with proxy CPU per request); and TLS termination against hitch, stunnel, HAProxy
+//! and nginx ([`termination`]). It measures; it never asserts.
 
 use std::error::Error;
 use std::net::SocketAddr;
@@ -16,6 +17,8 @@ use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+
+mod termination;
 
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
@@ -40,9 +43,13 @@ struct Args {
     /// Extra arguments for tunnelgate-proxy (repeatable), e.g. `--proxy-arg=--worker-threads=1`.
     #[arg(long = "proxy-arg", allow_hyphen_values = true)]
     proxy_args: Vec<String>,
-    /// Only these targets (comma-separated: direct,tunnelgate,squid,tinyproxy,http-tunnel).
+    /// Only these targets (comma-separated: direct,tunnelgate,squid,tinyproxy,http-tunnel for the
+    /// forward suite; plain,tunnelgate,hitch,stunnel,haproxy,nginx for termination).
     #[arg(long)]
     only: Option<String>,
+    /// Which suites: forward (CONNECT and plain HTTP), termination (TLS in front of a backend), all.
+    #[arg(long, default_value = "all", value_parser = ["forward", "termination", "all"])]
+    suite: String,
 }
 
 /// Something a client connects through.
@@ -274,11 +281,19 @@ async fn upstreams() -> Res<Upstreams> {
     Ok(Upstreams { sink, echo, hello, hold, http })
 }
 
-/// A minimal keep-alive HTTP/1.1 server for requests without a body.
-async fn http_server(mut s: TcpStream) -> std::io::Result<()> {
-    let small = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789".to_vec();
-    let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 102400\r\n\r\n".to_vec();
-    big.resize(big.len() + 102_400, b'x');
+/// A minimal keep-alive HTTP/1.1 server for requests without a body: `/10`, `/1k` and `/100k`
+/// answer that many bytes; a request with `Connection: close` is answered and the connection closed.
+async fn http_server<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) -> std::io::Result<()> {
+    let body = |n: usize, close: bool| {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        )
+        .into_bytes();
+        r.resize(r.len() + n, b'x');
+        r
+    };
+    let answers: Vec<[Vec<u8>; 2]> = [10, 1024, 102_400].iter().map(|&n| [body(n, false), body(n, true)]).collect();
     let mut buf = Vec::with_capacity(4096);
     let mut tmp = [0u8; 4096];
     loop {
@@ -292,9 +307,15 @@ async fn http_server(mut s: TcpStream) -> std::io::Result<()> {
             }
             buf.extend_from_slice(&tmp[..n]);
         };
-        let wants_big = buf[..end].windows(5).any(|w| w == b"/100k");
+        let head = &buf[..end];
+        let size =
+            if head.windows(5).any(|w| w == b"/100k") { 2 } else { usize::from(head.windows(3).any(|w| w == b"/1k")) };
+        let close = head.to_ascii_lowercase().windows(17).any(|w| w == b"connection: close");
         buf.drain(..end);
-        s.write_all(if wants_big { &big } else { &small }).await?;
+        s.write_all(&answers[size][usize::from(close)]).await?;
+        if close {
+            return s.shutdown().await;
+        }
     }
 }
 
@@ -560,6 +581,9 @@ struct Row {
 async fn main() -> Res<()> {
     let args = Args::parse();
     let _ = rlimit::increase_nofile_limit(200_000);
+    if args.suite == "termination" {
+        return termination::run(&args.proxy_bin, args.rounds, args.seconds, args.only.as_deref()).await;
+    }
     let up = upstreams().await?;
     let wanted = |n: &str| args.only.as_deref().is_none_or(|o| o.split(',').any(|x| x.trim() == n));
 
@@ -730,6 +754,10 @@ async fn main() -> Res<()> {
         println!();
     }
     println!("\nratios are proxy / direct; ↑ higher is better, ↓ lower is better; idle memory has no direct baseline");
+    drop(targets);
+    if args.suite == "all" {
+        termination::run(&args.proxy_bin, args.rounds, args.seconds, args.only.as_deref()).await?;
+    }
     Ok(())
 }
 
