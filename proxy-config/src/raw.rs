@@ -88,6 +88,7 @@ pub(crate) struct RawCertPair {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct RawClientAuth {
     pub(crate) ca_file: String,
+    pub(crate) crl_file: Option<String>,
     pub(crate) mode: Option<String>,
 }
 

@@ -33,7 +33,9 @@ impl ListenerTls {
     /// Every file this block names (a change to any of them is a reload).
     pub fn files(&self) -> impl Iterator<Item = &std::path::Path> {
         let pairs = self.certificates.iter().flat_map(|c| [c.cert_file.as_path(), c.key_file.as_path()]);
-        pairs.chain(self.client_auth.iter().map(|c| c.ca_file.as_path()))
+        let client =
+            self.client_auth.iter().flat_map(|c| std::iter::once(c.ca_file.as_path()).chain(c.crl_file.as_deref()));
+        pairs.chain(client)
     }
 }
 
@@ -59,6 +61,8 @@ pub enum TlsVersion {
 pub struct ClientAuth {
     /// PEM bundle of the CAs whose client certificates are accepted.
     pub ca_file: PathBuf,
+    /// PEM certificate revocation lists of those CAs: a revoked client certificate is refused.
+    pub crl_file: Option<PathBuf>,
     /// `required`: no certificate, no handshake. `optional`: a client without one is served,
     /// a client with a bad one is refused.
     pub required: bool,
@@ -161,7 +165,10 @@ pub(crate) fn convert(errs: &mut Errors, p: &str, t: RawTls, mode: Option<Listen
             errs.push(format!("{q}.caFile"), "must not be empty");
             return None;
         }
-        Some(ClientAuth { ca_file: c.ca_file.into(), required })
+        if c.crl_file.as_deref() == Some("") {
+            errs.push(format!("{q}.crlFile"), "must not be empty (omit the field instead)");
+        }
+        Some(ClientAuth { ca_file: c.ca_file.into(), crl_file: c.crl_file.map(PathBuf::from), required })
     });
     (errs.len() == before).then_some(ListenerTls {
         certificates,

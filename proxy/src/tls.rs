@@ -54,6 +54,8 @@ pub enum TlsError {
         #[source]
         source: rustls::server::VerifierBuilderError,
     },
+    #[error("{path}: no PEM certificate revocation list found")]
+    NoCrl { path: PathBuf },
     #[error("{path}: a CA certificate cannot be used")]
     CaCert {
         path: PathBuf,
@@ -157,6 +159,15 @@ pub fn load(t: &ListenerTls, acme: Option<Arc<dyn ResolvesServerCert>>) -> Resul
                 roots.add(cert).map_err(|source| TlsError::CaCert { path: c.ca_file.clone(), source })?;
             }
             let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            if let Some(path) = &c.crl_file {
+                let crls = rustls_pemfile::crls(&mut open(path)?)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| TlsError::Pem { path: path.clone(), source })?;
+                if crls.is_empty() {
+                    return Err(TlsError::NoCrl { path: path.clone() });
+                }
+                v = v.with_crls(crls);
+            }
             if !c.required {
                 v = v.allow_unauthenticated();
             }

@@ -45,11 +45,37 @@ impl Ca {
         self.issuer.pem()
     }
 
+    /// A CRL revoking `serials`.
+    fn crl(&self, serials: &[u64]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*s),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer).unwrap().pem().unwrap()
+    }
+
     /// A leaf for `names` (the first is also the CN); `expired` puts it in 2019.
     fn leaf(&self, names: &[&str], expired: bool) -> Leaf {
+        self.leaf_with_serial(names, expired, None)
+    }
+
+    fn leaf_with_serial(&self, names: &[&str], expired: bool, serial: Option<u64>) -> Leaf {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
         if expired {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
@@ -282,10 +308,11 @@ async fn t06_client_certificates_required_optional_and_ca_reload() {
     let (server_ca, client_ca, rogue_ca) = (Ca::new("server ca"), Ca::new("client ca"), Ca::new("rogue ca"));
     let pair = write_pair(&dir.0, "srv", &server_ca.leaf(&["app.test"], false));
     std::fs::write(dir.0.join("clients.pem"), client_ca.pem()).unwrap();
+    std::fs::write(dir.0.join("clients.crl"), client_ca.crl(&[666])).unwrap();
     let mut rx = ppv2_recorder(&dir.0.join("app.sock")).await;
     let d = dir.0.display();
     let listeners = format!(
-        "{{name: required, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2, tls: {{certificates: [{pair}], clientAuth: {{caFile: '{d}/clients.pem'}}}}}}, {{name: optional, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2, tls: {{certificates: [{pair}], clientAuth: {{caFile: '{d}/clients.pem', mode: optional}}}}}}"
+        "{{name: required, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2, tls: {{certificates: [{pair}], clientAuth: {{caFile: '{d}/clients.pem', crlFile: '{d}/clients.crl'}}}}}}, {{name: optional, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2, tls: {{certificates: [{pair}], clientAuth: {{caFile: '{d}/clients.pem', mode: optional}}}}}}"
     );
     let cfg = dir.0.join("proxy.yaml");
     std::fs::write(&cfg, doc(&w, &listeners)).unwrap();
@@ -306,7 +333,14 @@ async fn t06_client_certificates_required_optional_and_ca_reload() {
     assert_eq!(subs[1].0, 0x23, "cipher sub-TLV");
     assert!(subs.contains(&(0x22, b"workload-a".to_vec())), "CN sub-TLV: {subs:?}");
 
-    // Refused: no certificate, an unknown CA, an expired certificate.
+    // Refused: no certificate, an unknown CA, an expired certificate, a revoked one.
+    let revoked = client_ca.leaf_with_serial(&["stolen"], false, Some(666));
+    assert!(handshake(&with(Some(&revoked)), required, "app.test").await.is_err());
+    let fine = client_ca.leaf_with_serial(&["fine"], false, Some(667));
+    assert!(handshake(&with(Some(&fine)), required, "app.test").await.is_ok());
+    let header = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    assert!(tlvs(&tlvs(&header[12..]).into_iter().find(|(t, _)| *t == 0x20).unwrap().1[5..])
+        .contains(&(0x22, b"fine".to_vec())));
     assert!(handshake(&with(None), required, "app.test").await.is_err());
     assert!(handshake(&with(Some(&rogue_ca.leaf(&["rogue"], false))), required, "app.test").await.is_err());
     assert!(handshake(&with(Some(&client_ca.leaf(&["old"], true))), required, "app.test").await.is_err());
@@ -321,6 +355,8 @@ async fn t06_client_certificates_required_optional_and_ca_reload() {
 
     // The CA bundle now names only the rogue CA: new handshakes from the old CA fail, the
     // session that was verified before goes on.
+    // (With a CRL file, every CA needs its list: an unknown revocation status is refused.)
+    std::fs::write(dir.0.join("clients.crl"), rogue_ca.crl(&[])).unwrap();
     std::fs::write(dir.0.join("clients.pem"), rogue_ca.pem()).unwrap();
     assert!(
         eventually(10, || async { handshake(&with(Some(&good)), required, "app.test").await.is_err() }).await,

@@ -72,7 +72,18 @@ async fn unix_socket_upstream_missing_closes_promptly_and_recovers() {
         metric(p.admin, "tunnelgate_tunnel_requests_total{listener=\"app\",result=\"upstream_unreachable\"}").await,
         1.0
     );
+    // A stale socket (the file is left, nobody listens): the same, one attempt per client.
+    drop(UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await.expect("closed promptly");
+    assert!(matches!(r, Ok(0) | Err(_)));
+    assert_eq!(
+        metric(p.admin, "tunnelgate_tunnel_requests_total{listener=\"app\",result=\"upstream_unreachable\"}").await,
+        2.0
+    );
     // The backend appears: the next connection goes through.
+    std::fs::remove_file(&sock).unwrap();
     unix_echo(&sock).await;
     let mut s = TcpStream::connect(addr(&p)).await.unwrap();
     roundtrip(&mut s, b"over a unix socket").await;
