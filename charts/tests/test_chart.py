@@ -263,3 +263,12 @@ def test_tls_termination_example_renders_and_names_the_certificate_secret():
     docs = render(values)
     base = yaml.safe_load(find(docs, "ConfigMap", "-base")["data"]["config.yaml"])
     assert base["listeners"][-1]["tls"]["secretName"] == cert["spec"]["secretName"]
+
+
+def test_address_grants_reach_the_operator_through_the_base():
+    grants = [{"namespaces": ["payments"], "cidrs": ["10.96.0.0/12"]}]
+    base = yaml.safe_load(find(render({"config": {"addressGrants": grants}}), "ConfigMap", "-base")["data"]["config.yaml"])
+    assert base["addressGrants"] == grants
+    assert "addressGrants" not in yaml.safe_load(find(render({}), "ConfigMap", "-base")["data"]["config.yaml"])
+    with pytest.raises(helm.HelmError):
+        render({"config": {"addressGrants": [{"namespaces": ["Bad_NS"], "cidrs": ["10.0.0.0/8"]}]}})

@@ -145,6 +145,8 @@ def test_chart_wired_binaries_enforce_a_policy(world):
     values = {
         "proxy": {"port": p_port, "adminPort": p_admin, "drainDelay": "0s", "drainTimeout": "1s", "terminationGracePeriodSeconds": 5},
         "operator": {"adminPort": o_admin, "debounce": "100ms"},
+        # The echo server is on loopback: refused space, opened for this namespace only.
+        "config": {"addressGrants": [{"namespaces": ["shop"], "cidrs": ["127.0.0.2/32"]}]},
     }
     docs = render(values, name="tg", namespace=NS)
     api = world["api"]

@@ -20,7 +20,8 @@ kind load docker-image "$IMAGE" --name "$CLUSTER"
 helm upgrade --install tunnelgate charts/tunnelgate --namespace tunnelgate --create-namespace \
   --set image.repository=tunnelgate --set image.tag=e2e --set image.pullPolicy=Never \
   --set proxy.drainDelay=2s --set proxy.drainTimeout=20s --set proxy.terminationGracePeriodSeconds=30 \
-  --set operator.replicas=2 --wait --timeout 5m
+  --set operator.replicas=2 --wait --timeout 5m \
+  --set-json 'config.addressGrants=[{"namespaces":["*"],"cidrs":["10.0.0.0/8"]}]'
 kubectl -n tunnelgate rollout status daemonset/tunnelgate-proxy --timeout=3m
 TUNNELGATE_KIND=1 cargo test -p e2e --test kind -- --ignored --test-threads=1
 if [ -z "${KEEP_CLUSTER:-}" ]; then kind delete cluster --name "$CLUSTER"; fi

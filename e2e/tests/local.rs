@@ -195,7 +195,7 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     let (listen, proxy_admin, op_admin) = (free_port(), free_port(), free_port());
     let proxy_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     let base = format!(
-        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{proxy_admin}'}}\npolicy: {{defaultAction: deny, denyPrivateAddresses: true}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{proxy_admin}'}}\npolicy: {{defaultAction: deny, denyPrivateAddresses: true}}\naddressGrants: [{{namespaces: [payments], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
     );
     let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
     cms.create(
@@ -302,6 +302,17 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     let st = p.status.as_ref().unwrap();
     assert_eq!(st.matched_pods, Some(1));
     assert_eq!(st.observed_generation, p.metadata.generation);
+
+    // Loopback space the base grants nobody: accepted, left out, and said so in the status.
+    let ungranted = json!({ "cidrs": ["127.0.0.3/32"], "ports": [target.port()] });
+    tps.create(&PostParams::default(), &policy("allow-ungranted", "checkout", ungranted)).await.unwrap();
+    until("status Restricted", 10, || async {
+        let p = tps.get("allow-ungranted").await.unwrap();
+        condition(&p, "Restricted").is_some_and(|c| c.0 == "True" && c.2.contains("127.0.0.3/32"))
+            && condition(&p, "Accepted").map(|c| c.0) == Some("True".into())
+    })
+    .await;
+    tps.delete("allow-ungranted", &Default::default()).await.unwrap();
 
     // Change the selector: enforcement follows.
     let t1 = Instant::now();

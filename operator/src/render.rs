@@ -75,6 +75,71 @@ pub struct Accepted {
     pub summary: String,
     /// Rule names rendered for it (empty when it selects no pod).
     pub rules: Vec<String>,
+    /// Allow destinations left out because they would open address space the proxy refuses by
+    /// default (private, loopback, link-local, metadata): one line per CIDR, with its path.
+    pub restricted: Vec<String>,
+}
+
+/// A grant of the base's `addressGrants`: namespaces whose policies may open refused address
+/// space inside these CIDRs (the platform's decision, made where namespaces cannot write).
+#[derive(Debug, Clone, PartialEq)]
+struct Grant {
+    /// Namespace names; `*` is every namespace.
+    namespaces: Vec<String>,
+    cidrs: Vec<ipnet::IpNet>,
+}
+
+impl Grant {
+    fn covers(&self, namespace: &str, net: &ipnet::IpNet) -> bool {
+        self.namespaces.iter().any(|n| n == "*" || n == namespace) && self.cidrs.iter().any(|g| g.contains(net))
+    }
+}
+
+fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    text.parse().or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from)).ok()
+}
+
+/// Reads and removes the operator-only `addressGrants` of the base document.
+fn take_grants(doc: &mut Map<String, Value>) -> Result<Vec<Grant>, RenderError> {
+    let Some(v) = doc.remove("addressGrants") else { return Ok(Vec::new()) };
+    let bad = |i: usize, what: &str| RenderError::Base(format!("addressGrants[{i}]: {what}"));
+    let list = v.as_array().ok_or_else(|| RenderError::Base("addressGrants must be a list".into()))?;
+    let mut grants = Vec::new();
+    for (i, g) in list.iter().enumerate() {
+        let strings = |key: &str| -> Result<Vec<String>, RenderError> {
+            let items = g.get(key).and_then(Value::as_array).filter(|a| !a.is_empty());
+            let items = items.ok_or_else(|| bad(i, &format!("{key} must be a non-empty list")))?;
+            items
+                .iter()
+                .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| bad(i, &format!("{key}: strings only"))))
+                .collect()
+        };
+        let namespaces = strings("namespaces")?;
+        let cidrs = strings("cidrs")?
+            .iter()
+            .map(|c| parse_net(c).ok_or_else(|| bad(i, &format!("cidrs: {c:?} is not a CIDR or an address"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        grants.push(Grant { namespaces, cidrs });
+    }
+    Ok(grants)
+}
+
+/// The CIDRs of an Allow destination that would open refused address space (the proxy's opt-in
+/// rule: a CIDR entirely inside refused space) and that no grant gives `namespace`. A namespace
+/// must not grant itself the node network or the cloud metadata service.
+fn restricted_cidrs(path: &str, namespace: &str, grants: &[Grant], destination: &Map<String, Value>) -> Vec<String> {
+    let Some(cidrs) = destination.get("cidrs").and_then(Value::as_array) else { return Vec::new() };
+    cidrs
+        .iter()
+        .enumerate()
+        .filter_map(|(j, c)| {
+            let text = c.as_str()?;
+            let net = parse_net(text)?;
+            let restricted =
+                proxy_config::addr::entirely_refused(&net) && !grants.iter().any(|g| g.covers(namespace, &net));
+            restricted.then(|| format!("{path}.cidrs[{j}] {text}"))
+        })
+        .collect()
 }
 
 /// A rendered document.
@@ -136,6 +201,8 @@ fn parse_base(base: &str) -> Result<Map<String, Value>, RenderError> {
 
 /// Renders the policies; returns each policy's outcome and the document (or why there is none).
 pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
+    // Without a readable base nothing is written; policies are then judged without grants.
+    let grants = parse_base(input.base).and_then(|mut d| take_grants(&mut d)).unwrap_or_default();
     let mut policies = input.policies.clone();
     policies.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
     let mut outcomes = Vec::new();
@@ -161,11 +228,25 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                 })
                 .count();
             let mut names = Vec::new();
+            let mut restricted = Vec::new();
+            let mut left_out = Vec::new();
+            if v.action == "allow" {
+                for (i, d) in v.destinations.iter().enumerate() {
+                    let r = restricted_cidrs(&format!("spec.destinations[{i}]"), p.namespace, &grants, d);
+                    if !r.is_empty() {
+                        restricted.extend(r);
+                        left_out.push(i);
+                    }
+                }
+            }
             // A policy that selects no pod renders nothing: an empty `clients` would mean any client.
             if !ips.is_empty() {
                 let clients: Vec<Value> = ips.iter().map(|ip| Value::String(ip.to_string())).collect();
                 let many = v.destinations.len() > 1;
                 for (i, d) in v.destinations.iter().enumerate() {
+                    if left_out.contains(&i) {
+                        continue;
+                    }
                     let name = if many {
                         format!("{}/{}/{i}", p.namespace, p.name)
                     } else {
@@ -180,7 +261,7 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                     names.push(name);
                 }
             }
-            Accepted { matched_pods: matched, summary: v.summary.clone(), rules: names }
+            Accepted { matched_pods: matched, summary: v.summary.clone(), rules: names, restricted }
         });
         outcomes.push(PolicyOutcome { namespace: p.namespace.to_owned(), name: p.name.to_owned(), result });
     }
@@ -189,6 +270,8 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
 
 fn document(input: &Input<'_>, rules: Vec<Value>) -> Result<Rendered, RenderError> {
     let mut doc = parse_base(input.base)?;
+    // Checked here, so a bad grant list stops the write with its path.
+    take_grants(&mut doc)?;
     let mut tls_data = BTreeMap::new();
     let mut annotations = BTreeMap::new();
     if let Some(ls) = doc.get_mut("listeners").and_then(Value::as_array_mut) {

@@ -49,6 +49,7 @@ pub fn desired(
     now: &Time,
 ) -> TunnelPolicyStatus {
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let mut extra = Vec::new();
     let (accepted, ready, matched, summary) = match &outcome.result {
         Err(errors) => {
             let msg = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
@@ -70,8 +71,31 @@ pub fn desired(
         Ok(a) => {
             let accepted =
                 condition("Accepted", true, "Valid", "the spec is valid".into(), generation, old_conditions, now);
+            if !a.restricted.is_empty() {
+                extra.push(condition(
+                    "Restricted",
+                    true,
+                    "RefusedAddressSpace",
+                    format!(
+                        "not rendered: {} (private, loopback, link-local or metadata space, which a namespaced policy opens only where the base's addressGrants allow its namespace)",
+                        a.restricted.join(", ")
+                    ),
+                    generation,
+                    old_conditions,
+                    now,
+                ));
+            }
             let ready = match in_force {
                 Err(e) => condition("Ready", false, e.reason, e.message.clone(), generation, old_conditions, now),
+                Ok(_) if a.rules.is_empty() && a.matched_pods > 0 && !a.restricted.is_empty() => condition(
+                    "Ready",
+                    false,
+                    "Restricted",
+                    "every destination is restricted (see the Restricted condition); no rule is rendered".into(),
+                    generation,
+                    old_conditions,
+                    now,
+                ),
                 Ok(_) if a.rules.is_empty() => condition(
                     "Ready",
                     false,
@@ -102,7 +126,7 @@ pub fn desired(
         observed_generation: generation,
         matched_pods: matched,
         destinations: summary,
-        conditions: vec![accepted, ready],
+        conditions: [accepted, ready].into_iter().chain(extra).collect(),
     }
 }
 
@@ -121,7 +145,12 @@ mod tests {
         let ok = PolicyOutcome {
             namespace: "a".into(),
             name: "p".into(),
-            result: Ok(Accepted { matched_pods: 2, summary: "x.test:443".into(), rules: vec!["a/p".into()] }),
+            result: Ok(Accepted {
+                matched_pods: 2,
+                summary: "x.test:443".into(),
+                rules: vec!["a/p".into()],
+                restricted: vec![],
+            }),
         };
         let s1 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), None, &t("2026-01-01T00:00:00Z"));
         assert_eq!(s1.observed_generation, Some(3));

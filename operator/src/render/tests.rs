@@ -223,7 +223,7 @@ fn o03_too_large_and_base_errors_write_nothing() {
 #[test]
 fn ipv6_pods_and_multi_destination_names() {
     let mut s = spec(PolicyAction::Allow, "a", &["x.test"]);
-    s.destinations.push(Destination { cidrs: Some(vec!["2001:db8::/32".into()]), ..Default::default() });
+    s.destinations.push(Destination { cidrs: Some(vec!["2606:4700::/32".into()]), ..Default::default() });
     let (_, r) = run(&[("ns", "p", s)], &[pod("ns", "a", "fd00::1")]);
     let rs = rules(&r.unwrap());
     assert_eq!(rs[0]["name"], "ns/p/0");
@@ -245,4 +245,82 @@ fn auth_secret_is_rendered_into_the_proxy_secret_never_the_configmap() {
     assert_eq!(r.tls_data.get("htpasswd").map(String::as_str), Some(file));
     assert!(r.config.contains("# auth htpasswd: sha256="));
     assert_eq!(crate::render::auth_ref(base).as_deref(), Some("proxy-users"));
+}
+
+#[test]
+fn namespaced_allows_never_open_refused_address_space() {
+    let cidr_dest = |cidrs: &[&str]| Destination {
+        cidrs: Some(cidrs.iter().map(|s| s.to_string()).collect()),
+        ports: Some(vec![IntOrString::Int(80)]),
+        ..Default::default()
+    };
+    let mut s = spec(PolicyAction::Allow, "a", &["x.test"]);
+    s.destinations.push(cidr_dest(&["169.254.169.254/32"])); // metadata
+    s.destinations.push(cidr_dest(&["10.0.0.0/8", "8.8.8.0/24"])); // node network + public
+    s.destinations.push(cidr_dest(&["0.0.0.0/0"])); // the internet: opens only public space
+    s.destinations.push(cidr_dest(&["fd00::/8"])); // IPv6 unique local
+    let pods = [pod("ns", "a", "10.1.0.1")];
+    let (out, r) = run(&[("ns", "p", s.clone())], &pods);
+    let a = out[0].result.as_ref().unwrap();
+    assert_eq!(
+        a.restricted,
+        [
+            "spec.destinations[1].cidrs[0] 169.254.169.254/32",
+            "spec.destinations[2].cidrs[0] 10.0.0.0/8",
+            "spec.destinations[4].cidrs[0] fd00::/8"
+        ]
+    );
+    let names: Vec<Value> = rules(&r.unwrap()).iter().map(|r| r["name"].clone()).collect();
+    assert_eq!(names, [json!("ns/p/0"), json!("ns/p/3")], "restricted destinations are not rendered");
+    // A Deny may name any space; a policy that selects no pod still reports what it would leave out.
+    let mut d = s.clone();
+    d.action = PolicyAction::Deny;
+    let (out, r) = run(&[("ns", "p", d)], &pods);
+    assert!(out[0].result.as_ref().unwrap().restricted.is_empty());
+    assert_eq!(rules(&r.unwrap()).len(), 5);
+    let (out, _) = run(&[("ns", "p", s)], &[]);
+    assert_eq!(out[0].result.as_ref().unwrap().restricted.len(), 3);
+    // The status says so, with the paths.
+    let st = crate::status::desired(
+        &out[0],
+        Some(1),
+        "tunnelgate-proxy",
+        Ok("abc"),
+        None,
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:00:00Z".parse().unwrap()),
+    );
+    let restricted = st.conditions.iter().find(|c| c.type_ == "Restricted").unwrap();
+    assert_eq!((restricted.status.as_str(), restricted.reason.as_str()), ("True", "RefusedAddressSpace"));
+    assert!(restricted.message.contains("spec.destinations[1].cidrs[0] 169.254.169.254/32"));
+}
+
+#[test]
+fn address_grants_let_named_namespaces_open_refused_space() {
+    let mut s = spec(PolicyAction::Allow, "a", &["x.test"]);
+    s.destinations = vec![Destination {
+        cidrs: Some(vec!["10.96.0.0/16".into(), "169.254.169.254/32".into()]),
+        ..Default::default()
+    }];
+    let base =
+        format!("{BASE}addressGrants:\n  - {{namespaces: [payments], cidrs: ['10.96.0.0/12', '169.254.169.254']}}\n");
+    let tls = BTreeMap::new();
+    let pods = [pod("payments", "a", "10.1.0.1"), pod("shop", "a", "10.1.0.2")];
+    let input = |policies| Input { base: &base, policies, pods: &pods, tls: &tls, tls_dir: "/t", htpasswd: None };
+    let (out, r) = render(&input(vec![
+        PolicyIn { namespace: "payments", name: "p", spec: &s },
+        PolicyIn { namespace: "shop", name: "p", spec: &s },
+    ]));
+    let r = r.unwrap();
+    assert!(out[0].result.as_ref().unwrap().restricted.is_empty(), "granted to payments");
+    assert_eq!(out[1].result.as_ref().unwrap().restricted.len(), 2, "not to shop");
+    let names: Vec<Value> = rules(&r).iter().map(|r| r["name"].clone()).collect();
+    assert_eq!(names, [json!("payments/p")]);
+    assert!(!r.config.contains("addressGrants"), "the grants are the operator's, not the proxy's");
+    // A broad grant does not cover a wider CIDR; a bad grant list stops the write.
+    let wider = format!("{BASE}addressGrants:\n  - {{namespaces: ['*'], cidrs: ['10.96.0.0/24']}}\n");
+    let (out, _) = render(&Input { base: &wider, ..input(vec![PolicyIn { namespace: "shop", name: "p", spec: &s }]) });
+    assert_eq!(out[0].result.as_ref().unwrap().restricted.len(), 2);
+    let bad = format!("{BASE}addressGrants:\n  - {{namespaces: [a], cidrs: ['10.0.0.0/33']}}\n");
+    let (_, r) = render(&Input { base: &bad, ..input(vec![]) });
+    assert!(matches!(r, Err(RenderError::Base(m)) if m.contains("addressGrants[0]: cidrs")));
 }
