@@ -18,6 +18,9 @@ use crate::tls::ListenerTls;
 /// The only format version this build reads.
 pub const VERSION: u32 = 1;
 
+/// Largest rule `priority`.
+pub const MAX_PRIORITY: u32 = 1_000_000;
+
 /// Largest compiled size of a `hostRegex`, so a policy cannot make matching expensive.
 const MAX_REGEX_SIZE: usize = 1 << 20;
 
@@ -419,7 +422,22 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         }
         let relay = rule_relay(&mut errs, &format!("{p}.relay"), rr.relay.unwrap_or_default());
         if let Some(action) = action {
-            rules.push(Rule { name: rr.name, action, clients, users, hosts, host_regex, cidrs, ports, relay });
+            if rr.priority.is_some_and(|p| p > MAX_PRIORITY) {
+                errs.push(format!("{p}.priority"), format!("must be between 0 and {MAX_PRIORITY}"));
+            }
+            let priority = rr.priority;
+            rules.push(Rule {
+                name: rr.name,
+                action,
+                clients,
+                users,
+                hosts,
+                host_regex,
+                cidrs,
+                ports,
+                relay,
+                priority,
+            });
         }
     }
     let policy = Policy {

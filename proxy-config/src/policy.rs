@@ -1,6 +1,12 @@
 //! Policy evaluation: rules matched against (client, host, port, address), deny over allow,
 //! then the default action; refused (private, metadata, ...) addresses stay refused unless a
 //! matching allow rule opts in with a CIDR that lies entirely inside refused space.
+//!
+//! Rules with a `priority` form the platform's tier (the operator renders ClusterTunnelPolicies
+//! there): among the tier's rules that match, the lowest priority number decides, a deny winning
+//! a tie. A tier deny that a better tier allow outranks does not apply; every other deny does, so
+//! a deny without priority still narrows a tier allow, and a tier deny beats any allow without
+//! priority.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -123,6 +129,8 @@ pub struct Rule {
     /// Empty means any port.
     pub ports: Vec<PortRange>,
     pub relay: RelayOverrides,
+    /// Set on the platform's tier (lower decides first); `None` for ordinary rules.
+    pub priority: Option<u32>,
 }
 
 impl Rule {
@@ -233,7 +241,21 @@ impl Policy {
     /// [`Policy::pre_resolve`] for a request made as proxy user `user`.
     pub fn pre_resolve_as(&self, client: IpAddr, user: Option<&str>, name: &HostName, port: u16) -> PreDecision {
         let host = Host::Name(name.clone());
-        if let Some(i) = self.first(Action::Deny, |r| r.matches(client, user, &host, port, None)) {
+        // A tier allow that could still match once the name is resolved (by name now, or by a
+        // CIDR later) may outrank a tier deny: that deny must wait for the addresses.
+        let best_possible_allow = self
+            .rules
+            .iter()
+            .filter(|r| {
+                r.action == Action::Allow
+                    && r.matches_client_port(client, user, port)
+                    && (!r.cidrs.is_empty() || r.matches_name(name))
+            })
+            .filter_map(|r| r.priority)
+            .min();
+        if let Some(i) = self.first(Action::Deny, |r| {
+            r.matches(client, user, &host, port, None) && applies(r.priority, best_possible_allow)
+        }) {
             return PreDecision::Deny(Decision::Deny { rule: Some(i), reason: DenyReason::Rule });
         }
         let could_allow = self.default_action == Action::Allow
@@ -263,7 +285,15 @@ impl Policy {
             return deny_default;
         }
         for &addr in addrs {
-            if let Some(i) = self.first(Action::Deny, |r| r.matches(client, user, host, port, Some(addr))) {
+            let best_allow = self
+                .rules
+                .iter()
+                .filter(|r| r.action == Action::Allow && r.matches(client, user, host, port, Some(addr)))
+                .filter_map(|r| r.priority)
+                .min();
+            if let Some(i) = self.first(Action::Deny, |r| {
+                r.matches(client, user, host, port, Some(addr)) && applies(r.priority, best_allow)
+            }) {
                 return Decision::Deny { rule: Some(i), reason: DenyReason::Rule };
             }
         }
@@ -302,6 +332,16 @@ impl Policy {
 
     fn first(&self, action: Action, f: impl Fn(&Rule) -> bool) -> Option<usize> {
         self.rules.iter().position(|r| r.action == action && f(r))
+    }
+}
+
+/// Whether a matching deny of `priority` applies when the best matching tier allow has
+/// `best_allow`: a deny without priority always does; a tier deny unless a tier allow with a
+/// strictly lower number matches.
+fn applies(priority: Option<u32>, best_allow: Option<u32>) -> bool {
+    match (priority, best_allow) {
+        (Some(d), Some(a)) => d <= a,
+        _ => true,
     }
 }
 

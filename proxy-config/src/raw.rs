@@ -131,6 +131,7 @@ pub(crate) struct RawRule {
     pub(crate) cidrs: Option<Vec<String>>,
     pub(crate) ports: Option<Vec<RawPort>>,
     pub(crate) relay: Option<RawRuleRelay>,
+    pub(crate) priority: Option<u32>,
 }
 
 /// A port is written as a number (`443`) or a range string (`"8000-8099"`).

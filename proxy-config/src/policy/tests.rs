@@ -293,3 +293,42 @@ fn refused_space_opens_only_to_cidrs_inside_it_and_metadata_only_when_named() {
         Some("loopback-one")
     );
 }
+
+/// The precedence table of the platform tier (rules with `priority`) against ordinary rules.
+#[test]
+fn tier_precedence_table() {
+    let rules = r#"
+    - {name: cluster/deny-nodes, action: deny, priority: 100, cidrs: ["10.0.0.0/8"]}
+    - {name: cluster/allow-db, action: allow, priority: 10, clients: ["10.244.1.0/24"], cidrs: ["10.1.2.3/32"]}
+    - {name: cluster/allow-web, action: allow, priority: 100, hosts: [web.test]}
+    - {name: cluster/deny-web-tie, action: deny, priority: 100, clients: ["10.244.9.0/24"], hosts: [web.test]}
+    - {name: ns/allow-nodes, action: allow, clients: ["10.244.2.0/24"], cidrs: ["10.0.0.0/8"]}
+    - {name: ns/deny-db, action: deny, clients: ["10.244.1.7/32"], cidrs: ["10.1.2.3/32"]}
+"#;
+    let p = policy(rules, "deny");
+    let cases: &[(&str, &str, &str, Option<&str>, &str)] = &[
+        // A better-priority tier allow outranks a tier deny, and opens the private address.
+        ("10.244.1.5", "db.test:5432", "10.1.2.3", Some("cluster/allow-db"), "tier allow over tier deny"),
+        // An ordinary deny still narrows a tier allow.
+        ("10.244.1.7", "db.test:5432", "10.1.2.3", None, "ordinary deny narrows tier allow"),
+        // A tier deny beats an ordinary allow.
+        ("10.244.2.5", "node.test:22", "10.9.9.9", None, "tier deny over ordinary allow"),
+        // Same priority: the deny wins.
+        ("10.244.9.5", "web.test:443", "93.184.216.34", None, "deny wins a tie"),
+        ("10.244.8.5", "web.test:443", "93.184.216.34", Some("cluster/allow-web"), "tier allow"),
+        // Clients the better allow does not select stay under the tier deny.
+        ("10.244.3.5", "db.test:5432", "10.1.2.3", None, "tier deny for others"),
+    ];
+    for (client, target, addr, want, why) in cases {
+        let d = decide(&p, client, target, &[addr]);
+        assert_eq!(allowed_by(&d, &p).as_deref(), *want, "{why}: {d:?}");
+    }
+    // Before DNS: a tier deny by name waits when a better tier allow could still match by CIDR.
+    let name = crate::host::normalize_name("web.test").unwrap();
+    assert!(matches!(p.pre_resolve(ip("10.244.9.5"), &name, 443), PreDecision::Deny(_)), "a tie is decided by name");
+    let strict = policy("    - {name: d, action: deny, priority: 5, hosts: [web.test]}\n    - {name: a, action: allow, priority: 9, cidrs: ['0.0.0.0/0']}\n", "allow");
+    assert!(matches!(strict.pre_resolve(ip("10.0.0.1"), &name, 443), PreDecision::Deny(_)));
+    let outranked = policy("    - {name: d, action: deny, priority: 9, hosts: [web.test]}\n    - {name: a, action: allow, priority: 5, cidrs: ['0.0.0.0/0']}\n", "allow");
+    assert_eq!(outranked.pre_resolve(ip("10.0.0.1"), &name, 443), PreDecision::Resolve);
+    assert!(matches!(decide(&outranked, "10.0.0.1", "web.test:443", &["93.184.216.34"]), Decision::Allow { .. }));
+}
