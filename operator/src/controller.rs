@@ -1,4 +1,5 @@
-//! The reconcile loop: watches TunnelPolicies, Pods, the base ConfigMap and Secrets into caches;
+//! The reconcile loop: watches TunnelPolicies, ClusterTunnelPolicies, Namespaces (their labels),
+//! Pods, the base ConfigMap and Secrets into caches;
 //! any change wakes one debounced, single-writer reconcile (leader only) that renders, checks with
 //! the proxy's parser, applies the ConfigMap and Secret by server-side apply when their hash
 //! changes, and writes each policy's status and events.
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::ByteString;
 use kube::api::{Patch, PatchParams};
@@ -22,9 +23,9 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::crd::{TunnelPolicy, TunnelPolicyStatus};
+use crate::crd::{ClusterTunnelPolicy, TunnelPolicy, TunnelPolicyStatus};
 use crate::metrics::Metrics;
-use crate::render::{self, Input, PodIn, PolicyIn, RenderError, TlsIn};
+use crate::render::{self, Cluster, ClusterPolicyIn, Input, PodIn, PolicyIn, RenderError, TlsIn};
 use crate::secrets::{htpasswd_from_secret, tls_from_secret};
 use crate::status::{self, NotInForce};
 
@@ -97,6 +98,8 @@ impl Settings {
 
 struct Caches {
     policies: Store<TunnelPolicy>,
+    cluster_policies: Store<ClusterTunnelPolicy>,
+    namespaces: Store<Namespace>,
     pods: Store<Pod>,
     base: Store<ConfigMap>,
     secrets: Store<Secret>,
@@ -117,6 +120,28 @@ pub async fn run(
     let (pod_store, pod_w) = reflector::store();
     let (base_store, base_w) = reflector::store();
     let (sec_store, sec_w) = reflector::store();
+    let (cpol_store, cpol_w) = reflector::store();
+    let (ns_store, ns_w) = reflector::store();
+    let cluster_policies =
+        reflector(cpol_w, watcher(Api::<ClusterTunnelPolicy>::all(client.clone()), watcher::Config::default()))
+            .default_backoff()
+            .touched_objects()
+            .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+            .boxed();
+    // Only the labels of a namespace matter (namespaceSelector).
+    let namespaces = reflector(
+        ns_w,
+        watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()).modify(|n: &mut Namespace| {
+            n.metadata.managed_fields = None;
+            n.metadata.annotations = None;
+            n.spec = None;
+            n.status = None;
+        }),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+    .boxed();
     let policies = reflector(pol_w, watcher(Api::<TunnelPolicy>::all(client.clone()), watcher::Config::default()))
         .default_backoff()
         .touched_objects()
@@ -139,7 +164,7 @@ pub async fn run(
         .touched_objects()
         .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
         .boxed();
-    let mut events = stream::select_all([policies, pods, base, secrets]);
+    let mut events = stream::select_all([policies, cluster_policies, namespaces, pods, base, secrets]);
     let w = wake.clone();
     let stop = shutdown.clone();
     // Deletions arrive as watch events too, so a deleted object also wakes the loop.
@@ -155,7 +180,14 @@ pub async fn run(
             }
         }
     });
-    let caches = Caches { policies: pol_store, pods: pod_store, base: base_store, secrets: sec_store };
+    let caches = Caches {
+        policies: pol_store,
+        cluster_policies: cpol_store,
+        namespaces: ns_store,
+        pods: pod_store,
+        base: base_store,
+        secrets: sec_store,
+    };
     tokio::select! {
         () = shutdown.cancelled() => return,
         () = wait_synced(&caches) => {}
@@ -209,6 +241,8 @@ pub async fn run(
 
 async fn wait_synced(c: &Caches) {
     let _ = c.policies.wait_until_ready().await;
+    let _ = c.cluster_policies.wait_until_ready().await;
+    let _ = c.namespaces.wait_until_ready().await;
     let _ = c.pods.wait_until_ready().await;
     let _ = c.base.wait_until_ready().await;
     let _ = c.secrets.wait_until_ready().await;
@@ -379,6 +413,18 @@ async fn reconcile(
             spec: &p.spec,
         })
         .collect();
+    let cluster_policies = c.cluster_policies.state();
+    let namespaces = c.namespaces.state();
+    let cluster = Cluster {
+        policies: cluster_policies
+            .iter()
+            .map(|p| ClusterPolicyIn { name: p.metadata.name.as_deref().unwrap_or_default(), spec: &p.spec })
+            .collect(),
+        namespaces: namespaces
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
+            .collect(),
+    };
     let base_text = base.clone().unwrap_or_default();
     let (outcomes, rendered) = render::render(&Input {
         base: &base_text,
@@ -387,6 +433,7 @@ async fn reconcile(
         tls: &tls,
         tls_dir: &s.tls_dir,
         htpasswd: htpasswd.as_deref(),
+        cluster,
     });
     let applied: Result<String, Error> = match (base.is_some(), rendered) {
         (false, _) => Err(Error::BaseMissing(format!("{ns}/{}", s.base_name()))),
@@ -413,7 +460,30 @@ async fn reconcile(
             ((p.metadata.namespace.as_deref().unwrap_or_default(), p.metadata.name.as_deref().unwrap_or_default()), p)
         })
         .collect();
+    let cluster_by_name: HashMap<&str, &Arc<ClusterTunnelPolicy>> =
+        cluster_policies.iter().map(|p| (p.metadata.name.as_deref().unwrap_or_default(), p)).collect();
     for o in &outcomes {
+        // Cluster policies' outcomes have no namespace.
+        if o.namespace.is_empty() {
+            let Some(p) = cluster_by_name.get(o.name.as_str()) else { continue };
+            if o.result.is_ok() {
+                accepted += 1
+            } else {
+                rejected += 1
+            }
+            let desired =
+                status::desired(o, p.metadata.generation, &s.config_name(), in_force, p.status.as_ref(), &now);
+            if p.status.as_ref() != Some(&desired) {
+                write_cluster_status(client, p, &desired).await;
+            }
+            if let Err(errs) = &o.result {
+                let note = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                let key = format!("ctp/{}/{}", o.name, p.metadata.generation.unwrap_or(0));
+                live.insert(key.clone());
+                warn_once(recorder, state, key, &p.object_ref(&()), "InvalidSpec", format!("rejected: {note}")).await;
+            }
+            continue;
+        }
         let Some(p) = by_name.get(&(o.namespace.as_str(), o.name.as_str())) else { continue };
         if o.result.is_ok() {
             accepted += 1
@@ -442,6 +512,14 @@ async fn write_status(client: &Client, p: &TunnelPolicy, status: &TunnelPolicySt
     let api = Api::<TunnelPolicy>::namespaced(client.clone(), ns);
     if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await {
         warn!(policy = %format!("{ns}/{name}"), error = %e, "cannot write status");
+    }
+}
+
+async fn write_cluster_status(client: &Client, p: &ClusterTunnelPolicy, status: &TunnelPolicyStatus) {
+    let Some(name) = p.metadata.name.as_deref() else { return };
+    let api = Api::<ClusterTunnelPolicy>::all(client.clone());
+    if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await {
+        warn!(policy = %name, error = %e, "cannot write status");
     }
 }
 

@@ -1,5 +1,6 @@
-//! The `TunnelPolicy` custom resource (tunnelgate.io/v1alpha1): spec, status, and the schema and
-//! CEL rules that reject bad input at admission where the API server can.
+//! The custom resources (tunnelgate.io/v1alpha1): the namespaced `TunnelPolicy` and the
+//! cluster-scoped `ClusterTunnelPolicy` of platform admins; spec, status, and the schema and CEL
+//! rules that reject bad input at admission where the API server can.
 #![allow(unreachable_pub, reason = "the KubeSchema derive wraps these types; the lint misreads them as unreachable")]
 #![allow(clippy::duplicated_attributes, reason = "repeated printcolumn(...) arguments are distinct columns")]
 
@@ -59,6 +60,72 @@ pub struct TunnelPolicySpec {
     /// Per-tunnel limits for tunnels this policy allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelaySpec>,
+}
+
+/// The priority of a ClusterTunnelPolicy that does not set one: the weakest.
+pub const DEFAULT_PRIORITY: u32 = 1000;
+
+/// Egress bounds a platform admin sets for the pods of the namespaces it selects: a cluster Deny
+/// beats every TunnelPolicy Allow; a cluster Allow is a default that a TunnelPolicy Deny can
+/// narrow; among cluster policies the lowest `priority` decides, a Deny winning a tie. Only
+/// cluster policies open private, loopback, link-local and metadata space, or grant it to
+/// namespaces (`delegate: true`).
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tunnelgate.io",
+    version = "v1alpha1",
+    kind = "ClusterTunnelPolicy",
+    plural = "clustertunnelpolicies",
+    shortname = "ctp",
+    status = "TunnelPolicyStatus",
+    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
+    printcolumn(name = "Delegate", type_ = "boolean", json_path = ".spec.delegate"),
+    printcolumn(name = "Destinations", type_ = "string", json_path = ".status.destinations"),
+    printcolumn(name = "Pods", type_ = "integer", json_path = ".status.matchedPods"),
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.delegate) || !self.delegate || self.action == 'Allow'").message("only an Allow can delegate"))]
+pub struct ClusterTunnelPolicySpec {
+    /// Namespaces the policy applies to, by their labels (`kubernetes.io/metadata.name` holds the
+    /// name); `{}` selects every namespace.
+    #[schemars(schema_with = "namespace_selector_schema")]
+    pub namespace_selector: LabelSelector,
+    /// Pods of those namespaces; omitted or `{}` selects every pod.
+    #[serde(default)]
+    #[schemars(schema_with = "label_selector_schema")]
+    pub pod_selector: LabelSelector,
+    /// `Allow` or `Deny`.
+    pub action: PolicyAction,
+    /// 0 to 1000; the lowest number that matches decides among cluster policies (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub priority: Option<u32>,
+    /// With `Allow`: enforce nothing itself, but let the TunnelPolicies of the selected namespaces
+    /// open the private, loopback, link-local or metadata space inside these destinations' CIDRs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<bool>,
+    /// Where the selected pods may (or may not) connect.
+    #[schemars(length(min = 1, max = MAX_DESTINATIONS))]
+    pub destinations: Vec<Destination>,
+    /// Per-tunnel limits for tunnels this policy allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelaySpec>,
+}
+
+impl ClusterTunnelPolicySpec {
+    /// The parts a TunnelPolicy also has, for the shared validation.
+    pub fn as_namespaced(&self) -> TunnelPolicySpec {
+        TunnelPolicySpec {
+            pod_selector: self.pod_selector.clone(),
+            action: self.action,
+            destinations: self.destinations.clone(),
+            relay: self.relay.clone(),
+        }
+    }
 }
 
 /// What a policy does.
@@ -175,9 +242,17 @@ fn ports_schema(_: &mut SchemaGenerator) -> Schema {
 
 /// `metav1.LabelSelector` with every list and string bounded (the upstream schema has no bounds):
 /// label values are at most 63 characters, keys at most 253 + "/" + 63.
-fn label_selector_schema(_: &mut SchemaGenerator) -> Schema {
+fn label_selector_schema(g: &mut SchemaGenerator) -> Schema {
+    selector_schema(g, "Pods of this namespace the policy applies to; `{}` selects every pod in the namespace.")
+}
+
+fn namespace_selector_schema(g: &mut SchemaGenerator) -> Schema {
+    selector_schema(g, "Namespaces the policy applies to, by their labels; `{}` selects every namespace.")
+}
+
+fn selector_schema(_: &mut SchemaGenerator, description: &str) -> Schema {
     json_schema!({
-        "description": "Pods of this namespace the policy applies to; `{}` selects every pod in the namespace.",
+        "description": description,
         "type": "object",
         "properties": {
             "matchLabels": {

@@ -10,8 +10,10 @@ use proxy_config::{ConfigErrors, ProxyConfig};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::crd::TunnelPolicySpec;
-use crate::validate::{validate, FieldError};
+use kube::core::Selector;
+
+use crate::crd::{ClusterTunnelPolicySpec, TunnelPolicySpec, DEFAULT_PRIORITY};
+use crate::validate::{validate, validate_cluster, FieldError, ValidPolicy};
 
 /// Largest rendered document written (a ConfigMap holds at most 1 MiB in all).
 pub const MAX_CONFIG_BYTES: usize = 900 * 1024;
@@ -58,6 +60,36 @@ pub struct Input<'a> {
     pub tls_dir: &'a str,
     /// The validated htpasswd file that the base's `auth.secretName` names.
     pub htpasswd: Option<&'a str>,
+    /// ClusterTunnelPolicies and the namespaces' labels.
+    pub cluster: Cluster<'a>,
+}
+
+/// A ClusterTunnelPolicy as the renderer sees it.
+#[derive(Debug, Clone)]
+pub struct ClusterPolicyIn<'a> {
+    pub name: &'a str,
+    pub spec: &'a ClusterTunnelPolicySpec,
+}
+
+/// The cluster-scoped inputs.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster<'a> {
+    pub policies: Vec<ClusterPolicyIn<'a>>,
+    /// Labels by namespace name (namespaces not listed have only their name label).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Cluster<'_> {
+    /// A namespace's labels, with `kubernetes.io/metadata.name` always set (as the API server does).
+    fn labels_of(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut labels = self.namespaces.get(ns).cloned().unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), ns.to_owned());
+        labels
+    }
+
+    fn namespace_names(&self) -> impl Iterator<Item = &str> {
+        self.namespaces.keys().map(String::as_str)
+    }
 }
 
 /// What happened to one policy.
@@ -78,20 +110,34 @@ pub struct Accepted {
     /// Allow destinations left out because they would open address space the proxy refuses by
     /// default (private, loopback, link-local, metadata): one line per CIDR, with its path.
     pub restricted: Vec<String>,
+    /// For a delegating ClusterTunnelPolicy: how many namespaces it grants to now.
+    pub delegated_to: Option<usize>,
 }
 
 /// A grant of the base's `addressGrants`: namespaces whose policies may open refused address
 /// space inside these CIDRs (the platform's decision, made where namespaces cannot write).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct Grant {
-    /// Namespace names; `*` is every namespace.
-    namespaces: Vec<String>,
+    namespaces: GrantScope,
     cidrs: Vec<ipnet::IpNet>,
 }
 
+/// Which namespaces a grant is for.
+#[derive(Debug, Clone)]
+enum GrantScope {
+    /// Namespace names from the base; `*` is every namespace.
+    Names(Vec<String>),
+    /// A delegating ClusterTunnelPolicy's namespaceSelector.
+    Selector(Selector),
+}
+
 impl Grant {
-    fn covers(&self, namespace: &str, net: &ipnet::IpNet) -> bool {
-        self.namespaces.iter().any(|n| n == "*" || n == namespace) && self.cidrs.iter().any(|g| g.contains(net))
+    fn covers(&self, namespace: &str, labels: &BTreeMap<String, String>, net: &ipnet::IpNet) -> bool {
+        let in_scope = match &self.namespaces {
+            GrantScope::Names(names) => names.iter().any(|n| n == "*" || n == namespace),
+            GrantScope::Selector(sel) => sel.matches(labels),
+        };
+        in_scope && self.cidrs.iter().any(|g| g.contains(net))
     }
 }
 
@@ -119,7 +165,7 @@ fn take_grants(doc: &mut Map<String, Value>) -> Result<Vec<Grant>, RenderError> 
             .iter()
             .map(|c| parse_net(c).ok_or_else(|| bad(i, &format!("cidrs: {c:?} is not a CIDR or an address"))))
             .collect::<Result<Vec<_>, _>>()?;
-        grants.push(Grant { namespaces, cidrs });
+        grants.push(Grant { namespaces: GrantScope::Names(namespaces), cidrs });
     }
     Ok(grants)
 }
@@ -127,7 +173,13 @@ fn take_grants(doc: &mut Map<String, Value>) -> Result<Vec<Grant>, RenderError> 
 /// The CIDRs of an Allow destination that would open refused address space (the proxy's opt-in
 /// rule: a CIDR entirely inside refused space) and that no grant gives `namespace`. A namespace
 /// must not grant itself the node network or the cloud metadata service.
-fn restricted_cidrs(path: &str, namespace: &str, grants: &[Grant], destination: &Map<String, Value>) -> Vec<String> {
+fn restricted_cidrs(
+    path: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    grants: &[Grant],
+    destination: &Map<String, Value>,
+) -> Vec<String> {
     let Some(cidrs) = destination.get("cidrs").and_then(Value::as_array) else { return Vec::new() };
     cidrs
         .iter()
@@ -136,7 +188,7 @@ fn restricted_cidrs(path: &str, namespace: &str, grants: &[Grant], destination: 
             let text = c.as_str()?;
             let net = parse_net(text)?;
             let restricted =
-                proxy_config::addr::entirely_refused(&net) && !grants.iter().any(|g| g.covers(namespace, &net));
+                proxy_config::addr::entirely_refused(&net) && !grants.iter().any(|g| g.covers(namespace, labels, &net));
             restricted.then(|| format!("{path}.cidrs[{j}] {text}"))
         })
         .collect()
@@ -199,69 +251,117 @@ fn parse_base(base: &str) -> Result<Map<String, Value>, RenderError> {
     }
 }
 
+/// The pods' IPs and how many pods `selects` picks (Running pods with an IP only).
+fn clients_of(pods: &[PodIn], selects: impl Fn(&PodIn) -> bool) -> (Vec<IpAddr>, usize) {
+    let chosen: Vec<&PodIn> = pods.iter().filter(|pod| pod.eligible && selects(pod)).collect();
+    let mut ips: Vec<IpAddr> = chosen.iter().flat_map(|pod| pod.ips.iter().copied()).collect();
+    ips.sort();
+    ips.dedup();
+    (ips, chosen.iter().filter(|pod| !pod.ips.is_empty()).count())
+}
+
+/// One rule per rendered destination, named `<prefix>` or `<prefix>/<index>`.
+fn push_rules(
+    rules: &mut Vec<Value>,
+    prefix: &str,
+    v: &ValidPolicy,
+    ips: &[IpAddr],
+    priority: Option<u32>,
+    skip: &[usize],
+) -> Vec<String> {
+    let mut names = Vec::new();
+    // A policy that selects no pod renders nothing: an empty `clients` would mean any client.
+    if ips.is_empty() {
+        return names;
+    }
+    let clients: Vec<Value> = ips.iter().map(|ip| Value::String(ip.to_string())).collect();
+    let many = v.destinations.len() > 1;
+    for (i, d) in v.destinations.iter().enumerate() {
+        if skip.contains(&i) {
+            continue;
+        }
+        let name = if many { format!("{prefix}/{i}") } else { prefix.to_owned() };
+        let mut rule = Map::new();
+        rule.insert("name".into(), Value::String(name.clone()));
+        rule.insert("action".into(), Value::String(v.action.into()));
+        rule.insert("clients".into(), Value::Array(clients.clone()));
+        if let Some(p) = priority {
+            rule.insert("priority".into(), json!(p));
+        }
+        rule.extend(d.clone());
+        rules.push(Value::Object(rule));
+        names.push(name);
+    }
+    names
+}
+
 /// Renders the policies; returns each policy's outcome and the document (or why there is none).
 pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
     // Without a readable base nothing is written; policies are then judged without grants.
-    let grants = parse_base(input.base).and_then(|mut d| take_grants(&mut d)).unwrap_or_default();
-    let mut policies = input.policies.clone();
-    policies.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
+    let mut grants = parse_base(input.base).and_then(|mut d| take_grants(&mut d)).unwrap_or_default();
+    let ns_labels = |ns: &str| input.cluster.labels_of(ns);
     let mut outcomes = Vec::new();
     let mut rules = Vec::new();
+
+    // Cluster policies first: their delegations are grants for the namespaced ones.
+    let mut cluster = input.cluster.policies.clone();
+    cluster.sort_by(|a, b| a.name.cmp(b.name));
+    for cp in &cluster {
+        let result = validate_cluster(cp.spec).map(|(v, namespaces)| {
+            let in_scope = |ns: &str| namespaces.matches(&ns_labels(ns));
+            if cp.spec.delegate == Some(true) {
+                let cidrs = v
+                    .destinations
+                    .iter()
+                    .filter_map(|d| d.get("cidrs").and_then(Value::as_array))
+                    .flatten()
+                    .filter_map(|c| parse_net(c.as_str()?))
+                    .collect();
+                grants.push(Grant { namespaces: GrantScope::Selector(namespaces.clone()), cidrs });
+                let scope = input.cluster.namespace_names().filter(|ns| in_scope(ns)).count();
+                return Accepted {
+                    matched_pods: 0,
+                    summary: v.summary.clone(),
+                    rules: Vec::new(),
+                    restricted: Vec::new(),
+                    delegated_to: Some(scope),
+                };
+            }
+            let (ips, matched) =
+                clients_of(input.pods, |pod| in_scope(&pod.namespace) && v.selector.matches(&pod.labels));
+            let priority = cp.spec.priority.unwrap_or(DEFAULT_PRIORITY);
+            let names = push_rules(&mut rules, &format!("cluster:{}", cp.name), &v, &ips, Some(priority), &[]);
+            Accepted {
+                matched_pods: matched,
+                summary: v.summary.clone(),
+                rules: names,
+                restricted: Vec::new(),
+                delegated_to: None,
+            }
+        });
+        outcomes.push(PolicyOutcome { namespace: String::new(), name: cp.name.to_owned(), result });
+    }
+
+    let mut policies = input.policies.clone();
+    policies.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
     for p in &policies {
         let result = validate(p.spec).map(|v| {
-            let mut ips: Vec<IpAddr> = input
-                .pods
-                .iter()
-                .filter(|pod| pod.eligible && pod.namespace == p.namespace && v.selector.matches(&pod.labels))
-                .flat_map(|pod| pod.ips.iter().copied())
-                .collect();
-            ips.sort();
-            ips.dedup();
-            let matched = input
-                .pods
-                .iter()
-                .filter(|pod| {
-                    pod.eligible
-                        && !pod.ips.is_empty()
-                        && pod.namespace == p.namespace
-                        && v.selector.matches(&pod.labels)
-                })
-                .count();
-            let mut names = Vec::new();
+            let (ips, matched) =
+                clients_of(input.pods, |pod| pod.namespace == p.namespace && v.selector.matches(&pod.labels));
             let mut restricted = Vec::new();
             let mut left_out = Vec::new();
             if v.action == "allow" {
+                let labels = ns_labels(p.namespace);
                 for (i, d) in v.destinations.iter().enumerate() {
-                    let r = restricted_cidrs(&format!("spec.destinations[{i}]"), p.namespace, &grants, d);
+                    let r = restricted_cidrs(&format!("spec.destinations[{i}]"), p.namespace, &labels, &grants, d);
                     if !r.is_empty() {
                         restricted.extend(r);
                         left_out.push(i);
                     }
                 }
             }
-            // A policy that selects no pod renders nothing: an empty `clients` would mean any client.
-            if !ips.is_empty() {
-                let clients: Vec<Value> = ips.iter().map(|ip| Value::String(ip.to_string())).collect();
-                let many = v.destinations.len() > 1;
-                for (i, d) in v.destinations.iter().enumerate() {
-                    if left_out.contains(&i) {
-                        continue;
-                    }
-                    let name = if many {
-                        format!("{}/{}/{i}", p.namespace, p.name)
-                    } else {
-                        format!("{}/{}", p.namespace, p.name)
-                    };
-                    let mut rule = Map::new();
-                    rule.insert("name".into(), Value::String(name.clone()));
-                    rule.insert("action".into(), Value::String(v.action.into()));
-                    rule.insert("clients".into(), Value::Array(clients.clone()));
-                    rule.extend(d.clone());
-                    rules.push(Value::Object(rule));
-                    names.push(name);
-                }
-            }
-            Accepted { matched_pods: matched, summary: v.summary.clone(), rules: names, restricted }
+            let names = push_rules(&mut rules, &format!("{}/{}", p.namespace, p.name), &v, &ips, None, &left_out);
+            Accepted { matched_pods: matched, summary: v.summary.clone(), rules: names, restricted, delegated_to: None }
         });
         outcomes.push(PolicyOutcome { namespace: p.namespace.to_owned(), name: p.name.to_owned(), result });
     }

@@ -87,6 +87,18 @@ pub fn desired(
             }
             let ready = match in_force {
                 Err(e) => condition("Ready", false, e.reason, e.message.clone(), generation, old_conditions, now),
+                Ok(_) if a.delegated_to.is_some() => condition(
+                    "Ready",
+                    true,
+                    "Delegated",
+                    format!(
+                        "TunnelPolicies of the {} namespace(s) it selects may open refused space inside its CIDRs",
+                        a.delegated_to.unwrap_or(0)
+                    ),
+                    generation,
+                    old_conditions,
+                    now,
+                ),
                 Ok(_) if a.rules.is_empty() && a.matched_pods > 0 && !a.restricted.is_empty() => condition(
                     "Ready",
                     false,
@@ -150,6 +162,7 @@ mod tests {
                 summary: "x.test:443".into(),
                 rules: vec!["a/p".into()],
                 restricted: vec![],
+                delegated_to: None,
             }),
         };
         let s1 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), None, &t("2026-01-01T00:00:00Z"));

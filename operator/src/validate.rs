@@ -8,7 +8,10 @@ use kube::core::Selector;
 use proxy_config::HostPattern;
 use serde_json::{json, Map, Value};
 
-use crate::crd::{PolicyAction, TunnelPolicySpec, MAX_CIDRS, MAX_DESTINATIONS, MAX_HOSTS, MAX_PORTS};
+use crate::crd::{
+    ClusterTunnelPolicySpec, PolicyAction, TunnelPolicySpec, DEFAULT_PRIORITY, MAX_CIDRS, MAX_DESTINATIONS, MAX_HOSTS,
+    MAX_PORTS,
+};
 
 /// One problem in a spec, located by its field path (`spec.destinations[0].hosts[1]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +133,37 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
     };
     match (errs.is_empty(), selector) {
         (true, Some(selector)) => Ok(ValidPolicy { selector, action, destinations, summary: summarize(&summary) }),
+        _ => Err(errs),
+    }
+}
+
+/// Validates a ClusterTunnelPolicy: the parts it shares with a TunnelPolicy, then its namespace
+/// selector, priority and delegation. Returns the shared result and the namespace selector.
+pub fn validate_cluster(spec: &ClusterTunnelPolicySpec) -> Result<(ValidPolicy, Selector), Vec<FieldError>> {
+    let shared = validate(&spec.as_namespaced());
+    let mut errs = shared.as_ref().err().cloned().unwrap_or_default();
+    let namespaces = Selector::try_from(spec.namespace_selector.clone())
+        .map_err(|e| errs.push(FieldError { path: "spec.namespaceSelector".into(), message: e.to_string() }))
+        .ok();
+    if spec.priority.is_some_and(|p| p > DEFAULT_PRIORITY) {
+        errs.push(FieldError {
+            path: "spec.priority".into(),
+            message: format!("must be between 0 and {DEFAULT_PRIORITY}"),
+        });
+    }
+    if spec.delegate == Some(true) {
+        if spec.action != PolicyAction::Allow {
+            errs.push(FieldError { path: "spec.delegate".into(), message: "only an Allow can delegate".into() });
+        }
+        if spec.destinations.iter().all(|d| d.cidrs.is_none()) {
+            errs.push(FieldError {
+                path: "spec.destinations".into(),
+                message: "a delegating policy grants CIDRs: at least one destination needs cidrs".into(),
+            });
+        }
+    }
+    match (shared, namespaces) {
+        (Ok(v), Some(ns)) if errs.is_empty() => Ok((v, ns)),
         _ => Err(errs),
     }
 }

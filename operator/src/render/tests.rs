@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::*;
-use crate::crd::{Destination, PolicyAction};
+use crate::crd::{ClusterTunnelPolicySpec, Destination, PolicyAction};
 
 const BASE: &str = "version: 1\nlisteners:\n  - {name: forward, bind: '0.0.0.0:3128'}\nadmin: {bind: '0.0.0.0:9090'}\npolicy: {denyPrivateAddresses: true}\n";
 
@@ -40,7 +40,15 @@ fn run(
 ) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
     let tls = BTreeMap::new();
     let policies = specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect();
-    render(&Input { base: BASE, policies, pods, tls: &tls, tls_dir: "/etc/tunnelgate/tls", htpasswd: None })
+    render(&Input {
+        base: BASE,
+        policies,
+        pods,
+        tls: &tls,
+        tls_dir: "/etc/tunnelgate/tls",
+        htpasswd: None,
+        cluster: Default::default(),
+    })
 }
 
 fn rules(r: &Rendered) -> Vec<Value> {
@@ -137,7 +145,15 @@ fn o02_one_bad_policy_does_not_block_the_rest_and_output_is_deterministic() {
     let mk = |order: &[usize]| {
         let policies =
             order.iter().map(|&i| PolicyIn { namespace: "ns", name: &specs[i].0, spec: &specs[i].1 }).collect();
-        render(&Input { base: BASE, policies, pods: &pods, tls: &tls, tls_dir: "/t", htpasswd: None })
+        render(&Input {
+            base: BASE,
+            policies,
+            pods: &pods,
+            tls: &tls,
+            tls_dir: "/t",
+            htpasswd: None,
+            cluster: Default::default(),
+        })
     };
     let forward: Vec<usize> = (0..specs.len()).collect();
     let (out, r) = mk(&forward);
@@ -160,9 +176,16 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
     let base = "version: 1\nlisteners:\n  - {name: secure, bind: '0.0.0.0:3129', tls: {secretName: proxy-cert}}\n";
     assert_eq!(tls_refs(base).unwrap(), vec![(0, "secure".to_owned(), "proxy-cert".to_owned())]);
     let mut tls = BTreeMap::new();
-    let missing =
-        render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls", htpasswd: None })
-            .1;
+    let missing = render(&Input {
+        base,
+        policies: vec![],
+        pods: &[],
+        tls: &tls,
+        tls_dir: "/etc/tunnelgate/tls",
+        htpasswd: None,
+        cluster: Default::default(),
+    })
+    .1;
     assert!(matches!(missing, Err(RenderError::MissingTls { .. })));
     tls.insert(
         "secure".to_owned(),
@@ -173,10 +196,17 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
             not_after: "2030-01-01T00:00:00Z".into(),
         },
     );
-    let r =
-        render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls", htpasswd: None })
-            .1
-            .unwrap();
+    let r = render(&Input {
+        base,
+        policies: vec![],
+        pods: &[],
+        tls: &tls,
+        tls_dir: "/etc/tunnelgate/tls",
+        htpasswd: None,
+        cluster: Default::default(),
+    })
+    .1
+    .unwrap();
     assert!(
         r.config.contains("certFile: /etc/tunnelgate/tls/secure.crt")
             && r.config.contains("keyFile: /etc/tunnelgate/tls/secure.key")
@@ -188,10 +218,17 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
 
     // A tunnel listener keeps its other TLS settings; only the Secret becomes files.
     let base = "version: 1\nlisteners:\n  - {name: secure, bind: '0.0.0.0:8443', mode: tunnel, upstream: 'app.test:80', sendProxyProtocol: v2, tls: {secretName: proxy-cert, alpn: [h2], minVersion: '1.3'}}\n";
-    let r =
-        render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/etc/tunnelgate/tls", htpasswd: None })
-            .1
-            .unwrap();
+    let r = render(&Input {
+        base,
+        policies: vec![],
+        pods: &[],
+        tls: &tls,
+        tls_dir: "/etc/tunnelgate/tls",
+        htpasswd: None,
+        cluster: Default::default(),
+    })
+    .1
+    .unwrap();
     let cfg = proxy_config::ProxyConfig::from_yaml(&r.config).unwrap();
     let t = cfg.listeners[0].tls.as_ref().unwrap();
     assert_eq!(t.alpn, ["h2"]);
@@ -210,12 +247,30 @@ fn o03_too_large_and_base_errors_write_nothing() {
     let tls = BTreeMap::new();
     let with_rules = "version: 1\nlisteners: [{name: f, bind: '0.0.0.0:1'}]\npolicy: {rules: [{name: x, action: allow, hosts: [a.test]}]}\n";
     assert!(matches!(
-        render(&Input { base: with_rules, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: None }).1,
+        render(&Input {
+            base: with_rules,
+            policies: vec![],
+            pods: &[],
+            tls: &tls,
+            tls_dir: "/t",
+            htpasswd: None,
+            cluster: Default::default()
+        })
+        .1,
         Err(RenderError::Base(_))
     ));
     let bad_field = "version: 1\nlisteners: [{name: f, bind: '0.0.0.0:1'}]\nlimitz: {}\n";
     assert!(matches!(
-        render(&Input { base: bad_field, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: None }).1,
+        render(&Input {
+            base: bad_field,
+            policies: vec![],
+            pods: &[],
+            tls: &tls,
+            tls_dir: "/t",
+            htpasswd: None,
+            cluster: Default::default()
+        })
+        .1,
         Err(RenderError::Invalid(_))
     ));
 }
@@ -235,11 +290,29 @@ fn ipv6_pods_and_multi_destination_names() {
 fn auth_secret_is_rendered_into_the_proxy_secret_never_the_configmap() {
     let tls = BTreeMap::new();
     let base = "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\nauth: {secretName: proxy-users, realm: corp}\n";
-    let missing = render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: None }).1;
+    let missing = render(&Input {
+        base,
+        policies: vec![],
+        pods: &[],
+        tls: &tls,
+        tls_dir: "/t",
+        htpasswd: None,
+        cluster: Default::default(),
+    })
+    .1;
     assert!(matches!(missing, Err(RenderError::MissingAuth { ref secret }) if secret == "proxy-users"));
     let file = "alice:$2y$05$abcdefghijklmnopqrstuu0123456789012345678901234567890\n";
-    let r =
-        render(&Input { base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: Some(file) }).1.unwrap();
+    let r = render(&Input {
+        base,
+        policies: vec![],
+        pods: &[],
+        tls: &tls,
+        tls_dir: "/t",
+        htpasswd: Some(file),
+        cluster: Default::default(),
+    })
+    .1
+    .unwrap();
     assert!(r.config.contains("htpasswdFile: /t/htpasswd") && r.config.contains("realm: corp"), "{}", r.config);
     assert!(!r.config.contains("$2y$") && !r.config.contains("secretName"), "{}", r.config);
     assert_eq!(r.tls_data.get("htpasswd").map(String::as_str), Some(file));
@@ -305,7 +378,15 @@ fn address_grants_let_named_namespaces_open_refused_space() {
         format!("{BASE}addressGrants:\n  - {{namespaces: [payments], cidrs: ['10.96.0.0/12', '169.254.169.254']}}\n");
     let tls = BTreeMap::new();
     let pods = [pod("payments", "a", "10.1.0.1"), pod("shop", "a", "10.1.0.2")];
-    let input = |policies| Input { base: &base, policies, pods: &pods, tls: &tls, tls_dir: "/t", htpasswd: None };
+    let input = |policies| Input {
+        base: &base,
+        policies,
+        pods: &pods,
+        tls: &tls,
+        tls_dir: "/t",
+        htpasswd: None,
+        cluster: Default::default(),
+    };
     let (out, r) = render(&input(vec![
         PolicyIn { namespace: "payments", name: "p", spec: &s },
         PolicyIn { namespace: "shop", name: "p", spec: &s },
@@ -323,4 +404,142 @@ fn address_grants_let_named_namespaces_open_refused_space() {
     let bad = format!("{BASE}addressGrants:\n  - {{namespaces: [a], cidrs: ['10.0.0.0/33']}}\n");
     let (_, r) = render(&Input { base: &bad, ..input(vec![]) });
     assert!(matches!(r, Err(RenderError::Base(m)) if m.contains("addressGrants[0]: cidrs")));
+}
+
+fn cluster_spec(
+    action: PolicyAction,
+    ns: LabelSelector,
+    cidrs: &[&str],
+    priority: Option<u32>,
+) -> ClusterTunnelPolicySpec {
+    ClusterTunnelPolicySpec {
+        namespace_selector: ns,
+        pod_selector: LabelSelector::default(),
+        action,
+        priority,
+        delegate: None,
+        destinations: vec![Destination {
+            cidrs: Some(cidrs.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        }],
+        relay: None,
+    }
+}
+
+fn ns_named(name: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), name.to_owned())])),
+        ..Default::default()
+    }
+}
+
+/// Cluster policies against namespaced ones, decided by the proxy's own policy on the rendered
+/// document: cluster Deny beats a namespaced Allow, a namespaced Deny narrows a cluster Allow,
+/// priority orders cluster policies, only cluster policies (or their delegation) open refused space.
+#[test]
+fn cluster_policies_precedence_and_delegation_table() {
+    let tenant = LabelSelector {
+        match_labels: Some(BTreeMap::from([("tier".to_owned(), "tenant".to_owned())])),
+        ..Default::default()
+    };
+    let deny_public = cluster_spec(PolicyAction::Deny, tenant.clone(), &["8.8.0.0/16"], Some(100));
+    let allow_dns = cluster_spec(PolicyAction::Allow, ns_named("payments"), &["8.8.8.8/32"], Some(10));
+    let open_metadata = cluster_spec(PolicyAction::Allow, ns_named("ops"), &["169.254.169.254/32"], None);
+    let mut delegate = cluster_spec(PolicyAction::Allow, ns_named("payments"), &["10.20.0.0/16"], None);
+    delegate.delegate = Some(true);
+    let mut bad = cluster_spec(PolicyAction::Deny, LabelSelector::default(), &["8.8.4.4/32"], None);
+    bad.delegate = Some(true);
+    let cidr_spec = |action, cidrs: &[&str]| {
+        let mut s = spec(action, "a", &["x.test"]);
+        s.destinations =
+            vec![Destination { cidrs: Some(cidrs.iter().map(|c| c.to_string()).collect()), ..Default::default() }];
+        s
+    };
+    let ns_allow_public = cidr_spec(PolicyAction::Allow, &["8.8.0.0/16"]);
+    let ns_allow_db = cidr_spec(PolicyAction::Allow, &["10.20.5.0/24"]);
+    let ns_deny_dns = cidr_spec(PolicyAction::Deny, &["8.8.8.8/32"]);
+    let pods = [pod("payments", "a", "10.1.0.1"), pod("shop", "a", "10.1.0.2"), pod("ops", "a", "10.1.0.3")];
+    let tls = BTreeMap::new();
+    let namespaces = BTreeMap::from([
+        ("payments".to_owned(), BTreeMap::from([("tier".to_owned(), "tenant".to_owned())])),
+        ("shop".to_owned(), BTreeMap::from([("tier".to_owned(), "tenant".to_owned())])),
+        ("ops".to_owned(), BTreeMap::new()),
+    ]);
+    let input = |policies: Vec<PolicyIn<'static>>, cluster: Vec<ClusterPolicyIn<'static>>| -> Input<'static> {
+        Input {
+            base: BASE,
+            policies,
+            pods: Box::leak(Box::new(pods.clone())),
+            tls: Box::leak(Box::new(tls.clone())),
+            tls_dir: "/t",
+            htpasswd: None,
+            cluster: Cluster { policies: cluster, namespaces: namespaces.clone() },
+        }
+    };
+    let leak = |s: ClusterTunnelPolicySpec| -> &'static ClusterTunnelPolicySpec { Box::leak(Box::new(s)) };
+    let leak_ns = |s: TunnelPolicySpec| -> &'static TunnelPolicySpec { Box::leak(Box::new(s)) };
+    let (out, r) = render(&input(
+        vec![
+            PolicyIn { namespace: "shop", name: "public", spec: leak_ns(ns_allow_public) },
+            PolicyIn { namespace: "payments", name: "db", spec: leak_ns(ns_allow_db.clone()) },
+            PolicyIn { namespace: "shop", name: "db", spec: leak_ns(ns_allow_db) },
+            PolicyIn { namespace: "payments", name: "no-dns", spec: leak_ns(ns_deny_dns) },
+        ],
+        vec![
+            ClusterPolicyIn { name: "deny-public", spec: leak(deny_public) },
+            ClusterPolicyIn { name: "allow-dns", spec: leak(allow_dns) },
+            ClusterPolicyIn { name: "open-metadata", spec: leak(open_metadata) },
+            ClusterPolicyIn { name: "delegate-db", spec: leak(delegate) },
+            ClusterPolicyIn { name: "bad", spec: leak(bad) },
+        ],
+    ));
+    let r = r.unwrap();
+    let outcome =
+        |ns: &str, name: &str| out.iter().find(|o| o.namespace == ns && o.name == name).unwrap().result.clone();
+    assert!(outcome("", "bad").unwrap_err().iter().any(|e| e.path == "spec.delegate"));
+    assert_eq!(outcome("", "delegate-db").unwrap().delegated_to, Some(1));
+    assert!(outcome("payments", "db").unwrap().restricted.is_empty(), "delegated to payments");
+    assert_eq!(outcome("shop", "db").unwrap().restricted.len(), 1, "not to shop");
+    let text = r.config.clone();
+    assert!(text.contains("cluster:deny-public") && text.contains("priority: 100"));
+    let policy = proxy_config::ProxyConfig::from_yaml(&text).unwrap().policy;
+    let decide = |client: &str, addr: &str| {
+        let a: std::net::IpAddr = addr.parse().unwrap();
+        match policy.decide(client.parse().unwrap(), &proxy_config::Host::Ip(a), 443, &[a]) {
+            proxy_config::Decision::Allow { rule, .. } => Some(policy.rule_name(rule).to_owned()),
+            proxy_config::Decision::Deny { .. } => None,
+        }
+    };
+    let table: &[(&str, &str, Option<&str>, &str)] = &[
+        ("10.1.0.2", "8.8.4.4", None, "cluster Deny beats the shop's Allow"),
+        ("10.1.0.1", "8.8.8.8", None, "payments' Deny narrows the cluster Allow"),
+        ("10.1.0.3", "169.254.169.254", Some("cluster:open-metadata"), "a cluster Allow opens metadata"),
+        ("10.1.0.1", "169.254.169.254", None, "for the namespaces it selects only"),
+        ("10.1.0.1", "10.20.5.9", Some("payments/db"), "delegated private space"),
+        ("10.1.0.2", "10.20.5.9", None, "not delegated to shop"),
+    ];
+    for (client, addr, want, why) in table {
+        assert_eq!(decide(client, addr).as_deref(), *want, "{why}");
+    }
+    // Priority: without the namespaced Deny, payments' better-priority cluster Allow beats the
+    // tenants' cluster Deny.
+    let (_, r) = render(&input(
+        vec![],
+        vec![
+            ClusterPolicyIn {
+                name: "deny-public",
+                spec: leak(cluster_spec(PolicyAction::Deny, tenant, &["8.8.0.0/16"], Some(100))),
+            },
+            ClusterPolicyIn {
+                name: "allow-dns",
+                spec: leak(cluster_spec(PolicyAction::Allow, ns_named("payments"), &["8.8.8.8/32"], Some(10))),
+            },
+        ],
+    ));
+    let policy = proxy_config::ProxyConfig::from_yaml(&r.unwrap().config).unwrap().policy;
+    let a: std::net::IpAddr = "8.8.8.8".parse().unwrap();
+    let d = policy.decide("10.1.0.1".parse().unwrap(), &proxy_config::Host::Ip(a), 443, &[a]);
+    assert!(matches!(d, proxy_config::Decision::Allow { .. }), "{d:?}");
+    let d = policy.decide("10.1.0.2".parse().unwrap(), &proxy_config::Host::Ip(a), 443, &[a]);
+    assert!(matches!(d, proxy_config::Decision::Deny { .. }), "shop is not selected by the allow: {d:?}");
 }
