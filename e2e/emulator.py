@@ -27,14 +27,29 @@ import uuid
 import aiohttp.web
 import jsonpatch
 import kmock
-from kmock._internal import rendering
+from kmock._internal import parsing, rendering
+
+# kmock 0.8 reads /api/v1/namespaces[/NAME] as a namespace prefix with no resource and fails;
+# those paths are the cluster-scoped Namespace resource.
+_parse_path = parsing.parse_path
+
+
+def parse_path(path: str) -> parsing.ParsedPath:
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _parse_path(path)
+
+
+parsing.parse_path = parse_path
 
 # Resources whose status is a subresource: a main-resource write never changes their status.
-STATUS_SUBRESOURCE = {("tunnelgate.io", "tunnelpolicies"), ("", "pods"), ("apps", "deployments"), ("apps", "daemonsets")}
+STATUS_SUBRESOURCE = {("tunnelgate.io", "tunnelpolicies"), ("tunnelgate.io", "clustertunnelpolicies"), ("", "pods"), ("apps", "deployments"), ("apps", "daemonsets")}
 
 KINDS = {
     "configmaps": "ConfigMap", "secrets": "Secret", "pods": "Pod", "namespaces": "Namespace",
     "leases": "Lease", "events": "Event", "tunnelpolicies": "TunnelPolicy", "services": "Service",
+    "clustertunnelpolicies": "ClusterTunnelPolicy",
 }
 
 
@@ -155,30 +170,31 @@ class Shim(kmock.KubernetesEmulator):
         self.owners: dict = {}  # object key -> {field path: field manager}
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        raw = request._raw_request
         if request.resource is None:
             return await super()._handle(request)
         res = (request.resource.group or "", request.resource.version, request.resource.plural)
-        raw = request._raw_request
+        ns, name, subresource, data = request.namespace, request.name, request.subresource, request.data
         method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
         params = dict(request.params)
         try:
-            if method == "GET" and request.name is None:
+            if method == "GET" and name is None:
                 if params.get("watch") in ("true", "1"):
-                    return await self.watch(res, request.namespace, params, raw)
-                return self.list(res, request.namespace, params)
+                    return await self.watch(res, ns, params, raw)
+                return self.list(res, ns, params)
             if method == "GET":
-                return self.get(res, request.namespace, request.name)
+                return self.get(res, ns, name)
             if method == "POST":
-                return await self.create(res, request.namespace, request.data or {})
+                return await self.create(res, ns, data or {})
             if method == "PATCH":
                 ctype = request.headers.get("Content-Type", "").split(";")[0]
                 manager = params.get("fieldManager", "unknown")
                 force = params.get("force") == "true"
-                return await self.patch(res, request.namespace, request.name, request.data, ctype, request.subresource, manager, force)
+                return await self.patch(res, ns, name, data, ctype, subresource, manager, force)
             if method == "PUT":
-                return await self.replace(res, request.namespace, request.name, request.data or {}, request.subresource)
+                return await self.replace(res, ns, name, data or {}, subresource)
             if method == "DELETE":
-                return await self.delete(res, request.namespace, request.name)
+                return await self.delete(res, ns, name)
         except Exception as e:  # surfaced to the client as a 500 Status, like a real server bug would be
             return status_error(500, "InternalError", repr(e))
         return status_error(405, "MethodNotAllowed", f"{method} is not supported")

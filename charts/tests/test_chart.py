@@ -97,7 +97,7 @@ def test_crd_in_chart_is_the_generated_one():
     chart_copy = yaml.safe_load((CHART / "files/crds/tunnelpolicies.yaml").read_text())
     source = yaml.safe_load((ROOT / "crds/tunnelpolicies.yaml").read_text())
     assert chart_copy == source, "run: UPDATE_GOLDEN=1 cargo test -p tunnelgate-operator --test crd"
-    rendered = find(render({}), "CustomResourceDefinition")
+    rendered = next(d for d in render({}) if d["metadata"]["name"] == "tunnelpolicies.tunnelgate.io")
     assert rendered["spec"] == source["spec"]
     assert rendered["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert not any(d["kind"] == "CustomResourceDefinition" for d in render({"crds": {"enabled": False}}))
@@ -272,3 +272,21 @@ def test_address_grants_reach_the_operator_through_the_base():
     assert "addressGrants" not in yaml.safe_load(find(render({}), "ConfigMap", "-base")["data"]["config.yaml"])
     with pytest.raises(helm.HelmError):
         render({"config": {"addressGrants": [{"namespaces": ["Bad_NS"], "cidrs": ["10.0.0.0/8"]}]}})
+
+
+def test_cluster_policies_crd_and_roles():
+    docs = render({})
+    crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+    assert set(crds) == {"tunnelpolicies.tunnelgate.io", "clustertunnelpolicies.tunnelgate.io"}
+    chart_copy = yaml.safe_load((CHART / "files/crds/clustertunnelpolicies.yaml").read_text())
+    assert chart_copy == yaml.safe_load((ROOT / "crds/clustertunnelpolicies.yaml").read_text())
+    assert crds["clustertunnelpolicies.tunnelgate.io"]["spec"]["scope"] == "Cluster"
+    op = find(docs, "ClusterRole", "-operator")
+    assert {"apiGroups": ["tunnelgate.io"], "resources": ["tunnelpolicies/status", "clustertunnelpolicies/status"], "verbs": ["patch"]} in op["rules"]
+    assert {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]} in op["rules"]
+    view, edit, admin = (find(docs, "ClusterRole", s) for s in ("-view", "-edit", "-platform-admin"))
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-edit" not in admin["metadata"]["labels"], "namespace editors never get cluster policies"
+    assert all("clustertunnelpolicies" not in r["resources"] for r in view["rules"] + edit["rules"])
+    assert not any(d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-view") for d in render({"rbac": {"userRoles": False}}))

@@ -88,7 +88,6 @@ pub const DEFAULT_PRIORITY: u32 = 1000;
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("!has(self.delegate) || !self.delegate || self.action == 'Allow'").message("only an Allow can delegate"))]
 pub struct ClusterTunnelPolicySpec {
     /// Namespaces the policy applies to, by their labels (`kubernetes.io/metadata.name` holds the
     /// name); `{}` selects every namespace.
@@ -104,7 +103,7 @@ pub struct ClusterTunnelPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub priority: Option<u32>,
-    /// With `Allow`: enforce nothing itself, but let the TunnelPolicies of the selected namespaces
+    /// With `Allow` (a Deny that delegates is refused in status): enforce nothing itself, but let the TunnelPolicies of the selected namespaces
     /// open the private, loopback, link-local or metadata space inside these destinations' CIDRs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegate: Option<bool>,

@@ -5,30 +5,47 @@
 #![allow(clippy::unwrap_used, reason = "test helpers")]
 
 use kube::CustomResourceExt;
-use tunnelgate_operator::crd::TunnelPolicy;
+use tunnelgate_operator::crd::{ClusterTunnelPolicy, TunnelPolicy};
+
+/// Every CRD with the file it is checked in as.
+fn crds(
+) -> [(&'static str, k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition); 2] {
+    [("tunnelpolicies.yaml", TunnelPolicy::crd()), ("clustertunnelpolicies.yaml", ClusterTunnelPolicy::crd())]
+}
 
 #[test]
 fn checked_in_crd_matches_the_types() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/tunnelpolicies.yaml");
-    // The chart installs the same file (charts/tests checks the copy is equal).
-    let chart_copy = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/tunnelgate/files/crds/tunnelpolicies.yaml");
-    let generated = serde_yaml::to_string(&TunnelPolicy::crd()).unwrap();
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(path, &generated).unwrap();
-        std::fs::write(chart_copy, &generated).unwrap();
+    for (file, crd) in crds() {
+        let path = format!("{}/../crds/{file}", env!("CARGO_MANIFEST_DIR"));
+        // The chart installs the same file (charts/tests checks the copy is equal).
+        let chart_copy = format!("{}/../charts/tunnelgate/files/crds/{file}", env!("CARGO_MANIFEST_DIR"));
+        let generated = serde_yaml::to_string(&crd).unwrap();
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+            std::fs::write(&chart_copy, &generated).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(&chart_copy).unwrap(),
+            std::fs::read_to_string(&path).unwrap(),
+            "chart copy of {file} differs"
+        );
+        let on_disk = std::fs::read_to_string(&path).unwrap();
+        let a: serde_json::Value = serde_yaml::from_str(&on_disk).unwrap();
+        let b: serde_json::Value = serde_json::to_value(&crd).unwrap();
+        assert!(a == b, "crds/{file} is stale: run UPDATE_GOLDEN=1 cargo test -p tunnelgate-operator --test crd");
     }
-    assert_eq!(
-        std::fs::read_to_string(chart_copy).unwrap(),
-        std::fs::read_to_string(path).unwrap(),
-        "chart copy of the CRD differs"
-    );
-    let on_disk = std::fs::read_to_string(path).unwrap();
-    let a: serde_json::Value = serde_yaml::from_str(&on_disk).unwrap();
-    let b: serde_json::Value = serde_json::to_value(TunnelPolicy::crd()).unwrap();
-    assert!(
-        a == b,
-        "crds/tunnelpolicies.yaml is stale: run UPDATE_GOLDEN=1 cargo test -p tunnelgate-operator --test crd"
-    );
+}
+
+#[test]
+fn cluster_crd_names_scope_and_columns() {
+    let crd = serde_json::to_value(ClusterTunnelPolicy::crd()).unwrap();
+    assert_eq!(crd["spec"]["names"]["shortNames"][0], "ctp");
+    assert_eq!(crd["spec"]["scope"], "Cluster");
+    let v = &crd["spec"]["versions"][0];
+    assert!(v["subresources"]["status"].is_object());
+    let cols: Vec<&str> =
+        v["additionalPrinterColumns"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(cols, ["Action", "Priority", "Delegate", "Destinations", "Pods", "Accepted", "Ready", "Age"]);
 }
 
 #[test]
@@ -159,15 +176,26 @@ fn has_rules(s: &serde_json::Value) -> bool {
     }
 }
 
-fn spec_schema() -> serde_json::Value {
-    let crd = serde_json::to_value(TunnelPolicy::crd()).unwrap();
-    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+fn spec_schemas() -> Vec<serde_json::Value> {
+    crds()
+        .into_iter()
+        .map(|(_, crd)| {
+            let crd = serde_json::to_value(crd).unwrap();
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+        })
+        .collect()
 }
 
 #[test]
 fn every_cel_rule_is_within_the_api_servers_cost_budget_with_a_wide_margin() {
+    for schema in spec_schemas() {
+        check_costs(&schema);
+    }
+}
+
+fn check_costs(schema: &serde_json::Value) {
     let mut costs = Vec::new();
-    rule_costs(&spec_schema(), "spec", 1, &mut costs).unwrap();
+    rule_costs(schema, "spec", 1, &mut costs).unwrap();
     assert!(!costs.is_empty(), "the walk found no CEL rule at all: it is not reading the schema");
     let total: u64 = costs.iter().map(|c| c.cost).sum();
     for c in &costs {
@@ -211,7 +239,9 @@ fn every_list_and_string_of_the_spec_is_bounded() {
         }
     }
     let mut errors = Vec::new();
-    walk(&spec_schema(), "spec", &mut errors);
+    for schema in spec_schemas() {
+        walk(&schema, "spec", &mut errors);
+    }
     assert!(errors.is_empty(), "unbounded: {errors:#?}");
 }
 

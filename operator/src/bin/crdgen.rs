@@ -1,9 +1,20 @@
-//! Prints the TunnelPolicy CRD as YAML (`cargo run -p tunnelgate-operator --bin crdgen > crds/tunnelpolicies.yaml`).
+//! Prints a CRD as YAML: `cargo run -p tunnelgate-operator --bin crdgen -- tunnelpolicies > crds/tunnelpolicies.yaml`
+//! (or `clustertunnelpolicies`).
 
 use kube::CustomResourceExt;
+use tunnelgate_operator::crd::{ClusterTunnelPolicy, TunnelPolicy};
 
 fn main() {
-    match serde_yaml::to_string(&tunnelgate_operator::crd::TunnelPolicy::crd()) {
+    let which = std::env::args().nth(1).unwrap_or_else(|| "tunnelpolicies".into());
+    let crd = match which.as_str() {
+        "tunnelpolicies" => TunnelPolicy::crd(),
+        "clustertunnelpolicies" => ClusterTunnelPolicy::crd(),
+        other => {
+            eprintln!("crdgen: unknown CRD {other:?} (tunnelpolicies or clustertunnelpolicies)");
+            std::process::exit(2);
+        }
+    };
+    match serde_yaml::to_string(&crd) {
         Ok(y) => print!("{y}"),
         Err(e) => {
             eprintln!("crdgen: {e}");
