@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
-use tunnelgate_operator::crd::TunnelPolicy;
+use tunnelgate_operator::crd::{ClusterTunnelPolicy, TunnelPolicy};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -720,4 +720,106 @@ async fn proxy_users_come_from_a_validated_htpasswd_secret() {
     .await;
     project_secret(&c, &tls_dir).await;
     assert_eq!(connect_with(proxy, target, Some("alice:wonderland")).await, 200);
+}
+
+/// A namespace cannot open refused space (loopback stands in for the node network here) until a
+/// ClusterTunnelPolicy delegates it; a cluster Deny then overrides the namespaced Allow within a
+/// second, and a better-priority cluster Allow carves an exception out of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_policies_bound_what_namespaces_may_open() {
+    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-ctp-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let emu = start_emulator(&dir.0).await;
+    let kc = kubeconfig(&dir.0, emu.port);
+    let c = client(&kc).await;
+    let target = echo_upstream("127.0.0.2").await;
+    let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
+    let proxy_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let base = format!(
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy: {{defaultAction: deny, denyPrivateAddresses: true}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+    );
+    let _operator = single_operator(&c, &kc, &dir.0, &base, "/unused", op_admin).await;
+    let _proxy = spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "tunnelgate/tunnelgate-proxy"],
+        &kc,
+        &dir.0.join("proxy.log"),
+    );
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop", "labels": {"tier": "tenant"}}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod("web-1", "web", "127.0.0.13"))
+        .await
+        .unwrap();
+    let tps = Api::<TunnelPolicy>::namespaced(c.clone(), "shop");
+    let dest = json!({ "cidrs": ["127.0.0.2/32"], "ports": [target.port()] });
+    tps.create(&PostParams::default(), &policy("echo", "web", dest)).await.unwrap();
+    until("Restricted", 20, || async {
+        condition(&tps.get("echo").await.unwrap(), "Restricted").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    until("proxy up, refusing", 20, || async { connect_from("127.0.0.13", proxy_addr, target).await == 403 }).await;
+
+    // Delegation: the platform lets tenant namespaces open this address.
+    let ctps = Api::<ClusterTunnelPolicy>::all(c.clone());
+    let ctp = |name: &str, spec: serde_json::Value| -> ClusterTunnelPolicy {
+        serde_json::from_value(json!({"apiVersion": "tunnelgate.io/v1alpha1", "kind": "ClusterTunnelPolicy", "metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    let tenants = json!({"matchLabels": {"tier": "tenant"}});
+    ctps.create(
+        &PostParams::default(),
+        &ctp("tenant-loopback", json!({"namespaceSelector": tenants, "action": "Allow", "delegate": true, "destinations": [{"cidrs": ["127.0.0.0/24"]}]})),
+    )
+    .await
+    .unwrap();
+    until("delegated", 20, || async { connect_from("127.0.0.13", proxy_addr, target).await == 200 }).await;
+    assert!(condition(&tps.get("echo").await.unwrap(), "Restricted").is_none(), "the condition is gone");
+    until("delegating policy Ready", 10, || async {
+        ctps.get("tenant-loopback").await.unwrap().status.is_some_and(|s| {
+            s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True" && c.reason == "Delegated")
+        })
+    })
+    .await;
+
+    // A cluster Deny overrides the namespaced Allow.
+    let t0 = Instant::now();
+    ctps.create(
+        &PostParams::default(),
+        &ctp("no-echo", json!({"namespaceSelector": tenants, "action": "Deny", "priority": 100, "destinations": [{"cidrs": ["127.0.0.2/32"]}]})),
+    )
+    .await
+    .unwrap();
+    let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
+    if tokio::time::timeout(Duration::from_secs(10), async {
+        while connect_from("127.0.0.13", proxy_addr, target).await != 403 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_err()
+    {
+        let cm = cms.get("tunnelgate-proxy").await.unwrap();
+        panic!(
+            "cluster Deny not enforced:\n{}\n{:?}",
+            cm.data.unwrap()["config.yaml"],
+            ctps.get("no-echo").await.unwrap().status
+        );
+    }
+    println!("cluster Deny: API write to enforcement {} ms", t0.elapsed().as_millis());
+    // A better-priority cluster Allow for the web pods carves the exception back out.
+    ctps.create(
+        &PostParams::default(),
+        &ctp("web-echo", json!({"namespaceSelector": tenants, "podSelector": {"matchLabels": {"app": "web"}}, "action": "Allow", "priority": 10, "destinations": [{"cidrs": ["127.0.0.2/32"], "ports": [target.port()]}]})),
+    )
+    .await
+    .unwrap();
+    until("cluster Allow outranks", 20, || async { connect_from("127.0.0.13", proxy_addr, target).await == 200 }).await;
+    let st = ctps.get("web-echo").await.unwrap().status.unwrap();
+    assert_eq!(st.matched_pods, Some(1));
 }
