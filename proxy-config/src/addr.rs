@@ -27,6 +27,9 @@ pub enum SpecialRange {
     /// Any other range that is not global unicast (IETF protocol assignments, discard-only,
     /// site-local, outside 2000::/3, ...).
     NotGlobal,
+    /// Inside `policy.clusterNetworks`: the cluster's own nodes, pods, Services or API server,
+    /// which may use any address (global IPv6, public IPv4 ranges used internally).
+    ClusterNetwork,
 }
 
 impl SpecialRange {
@@ -46,6 +49,7 @@ impl SpecialRange {
             SpecialRange::Reserved => "reserved",
             SpecialRange::UniqueLocal => "unique-local",
             SpecialRange::NotGlobal => "not-global",
+            SpecialRange::ClusterNetwork => "cluster-network",
         }
     }
 }

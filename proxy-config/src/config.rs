@@ -18,6 +18,9 @@ use crate::tls::ListenerTls;
 /// The only format version this build reads.
 pub const VERSION: u32 = 1;
 
+/// Most `policy.clusterNetworks` entries (a node address each, plus pod and Service ranges).
+pub const MAX_CLUSTER_NETWORKS: usize = 20_000;
+
 /// Largest rule `priority`.
 pub const MAX_PRIORITY: u32 = 1_000_000;
 
@@ -440,10 +443,15 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
             });
         }
     }
+    let cluster_networks = list(&mut errs, "policy.clusterNetworks", pol.cluster_networks, parse_net);
+    if cluster_networks.len() > MAX_CLUSTER_NETWORKS {
+        errs.push("policy.clusterNetworks", format!("at most {MAX_CLUSTER_NETWORKS} entries"));
+    }
     let policy = Policy {
         default_action,
         deny_private_addresses: pol.deny_private_addresses.unwrap_or(true),
         reevaluate_on_reload: pol.reevaluate_on_reload.unwrap_or(false),
+        cluster_networks,
         rules,
         defaults,
     };

@@ -157,6 +157,15 @@ impl Rule {
         self.cidrs.iter().any(|n| n.contains(&addr) && addr::opens(n, range))
     }
 
+    /// Whether one of the rule's CIDRs opens `addr` inside a cluster network: a CIDR that lies
+    /// entirely inside one of `networks` (or inside refused space), the same opt-in as above.
+    fn opens_cluster(&self, addr: IpAddr, networks: &[IpNet]) -> bool {
+        let addr = canonical(addr);
+        self.cidrs
+            .iter()
+            .any(|n| n.contains(&addr) && (networks.iter().any(|c| c.contains(n)) || addr::entirely_refused(n)))
+    }
+
     /// Whether the rule matches; `addr` is `None` before resolution (CIDRs cannot match yet).
     fn matches(&self, client: IpAddr, user: Option<&str>, host: &Host, port: u16, addr: Option<IpAddr>) -> bool {
         if !self.matches_client_port(client, user, port) {
@@ -189,6 +198,7 @@ impl DenyReason {
         match self {
             DenyReason::Rule => "rule",
             DenyReason::Default => "default",
+            DenyReason::PrivateAddress { range: SpecialRange::ClusterNetwork, .. } => "cluster_network",
             DenyReason::PrivateAddress { .. } => "private_address",
         }
     }
@@ -222,6 +232,9 @@ pub struct Policy {
     pub default_action: Action,
     pub deny_private_addresses: bool,
     pub reevaluate_on_reload: bool,
+    /// The cluster's own networks (nodes, pods, Services, API server): refused like private
+    /// space, whatever `deny_private_addresses` says, unless an allow rule opens them.
+    pub cluster_networks: Vec<IpNet>,
     pub rules: Vec<Rule>,
     /// Limits for tunnels whose rules leave a field unset.
     pub defaults: TunnelLimits,
@@ -300,7 +313,7 @@ impl Policy {
         let mut first_allow: Option<usize> = None;
         let mut overrides: Option<RelayOverrides> = None;
         for &addr in addrs {
-            let refused = if self.deny_private_addresses { classify(addr) } else { None };
+            let refused = self.refused(addr);
             let mut matched = false;
             let mut opened = refused.is_none();
             for (i, r) in self.rules.iter().enumerate() {
@@ -309,7 +322,7 @@ impl Policy {
                 }
                 matched = true;
                 // For a refused address only the rules that open it allow it (and set its limits).
-                if refused.is_some_and(|range| !r.opens(addr, range)) {
+                if refused.is_some_and(|range| !self.rule_opens(r, addr, range)) {
                     continue;
                 }
                 opened = true;
@@ -328,6 +341,28 @@ impl Policy {
             }
         }
         Decision::Allow { rule: first_allow, limits: self.defaults.with(overrides.unwrap_or_default()) }
+    }
+
+    /// Why `addr` is refused unless an allow rule opens it, if it is.
+    pub fn refused(&self, addr: IpAddr) -> Option<SpecialRange> {
+        let special = if self.deny_private_addresses { classify(addr) } else { None };
+        // Metadata, loopback and unspecified keep their stricter opt-in; otherwise the cluster's
+        // own networks name the reason (and open to a CIDR inside them).
+        if matches!(special, Some(SpecialRange::Metadata | SpecialRange::Loopback | SpecialRange::Unspecified)) {
+            return special;
+        }
+        let a = canonical(addr);
+        if self.cluster_networks.iter().any(|n| n.contains(&a)) {
+            return Some(SpecialRange::ClusterNetwork);
+        }
+        special
+    }
+
+    fn rule_opens(&self, r: &Rule, addr: IpAddr, range: SpecialRange) -> bool {
+        match range {
+            SpecialRange::ClusterNetwork => r.opens_cluster(addr, &self.cluster_networks),
+            _ => r.opens(addr, range),
+        }
     }
 
     fn first(&self, action: Action, f: impl Fn(&Rule) -> bool) -> Option<usize> {

@@ -115,6 +115,7 @@ pub(crate) struct RawPolicy {
     pub(crate) default_action: Option<String>,
     pub(crate) deny_private_addresses: Option<bool>,
     pub(crate) reevaluate_on_reload: Option<bool>,
+    pub(crate) cluster_networks: Option<Vec<String>>,
     #[serde(default)]
     pub(crate) rules: Vec<RawRule>,
 }

@@ -247,6 +247,10 @@ fn opt_in_hint(range: proxy_config::addr::SpecialRange) -> &'static str {
         R::Loopback | R::Unspecified => {
             "a loopback address opens only to a CIDR that names it exactly, as a /32 or /128"
         }
+        R::ClusterNetwork => {
+            "the cluster's own networks (policy.clusterNetworks) open only to a CIDR that lies entirely inside one \
+             of them, never to one that also holds addresses outside, like 0.0.0.0/0"
+        }
         _ => {
             "refused addresses open only to a CIDR that lies entirely inside refused space, such as 10.20.0.0/16, \
              never to one that also holds public addresses, like 0.0.0.0/0"

@@ -332,3 +332,35 @@ fn tier_precedence_table() {
     assert_eq!(outranked.pre_resolve(ip("10.0.0.1"), &name, 443), PreDecision::Resolve);
     assert!(matches!(decide(&outranked, "10.0.0.1", "web.test:443", &["93.184.216.34"]), Decision::Allow { .. }));
 }
+
+/// The cluster's own networks are refused with their own reason whatever range they use (global
+/// IPv6 pod and Service ranges, public IPv4 used internally), and open like private space.
+#[test]
+fn cluster_networks_are_refused_unless_a_contained_cidr_opens_them() {
+    let doc = "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:0'}]\npolicy:\n  defaultAction: allow\n  clusterNetworks: ['2600:1f18:aaaa::/56', '100.96.0.0/12', '34.118.224.0/20', '192.0.2.7']\n  rules:\n    - {name: everything, action: allow, cidrs: ['0.0.0.0/0', '::/0']}\n    - {name: svc-db, action: allow, clients: ['10.0.0.9'], cidrs: ['34.118.230.0/24']}\n";
+    let p = ProxyConfig::from_yaml(doc).unwrap().policy;
+    for (target, addr) in
+        [("pod.test:443", "2600:1f18:aaaa:1::5"), ("svc.test:443", "34.118.224.10"), ("node.test:22", "192.0.2.7")]
+    {
+        let d = decide(&p, "10.0.0.1", target, &[addr]);
+        match d {
+            Decision::Deny { reason, .. } => assert_eq!(reason.as_str(), "cluster_network", "{target}"),
+            other => panic!("{target} {addr}: {other:?}"),
+        }
+    }
+    // Outside them, the catch-all works; inside, a contained CIDR opens for its client only.
+    assert!(matches!(decide(&p, "10.0.0.1", "example.test:443", &["34.118.240.1"]), Decision::Allow { .. }));
+    assert_eq!(allowed_by(&decide(&p, "10.0.0.9", "db.test:5432", &["34.118.230.4"]), &p).as_deref(), Some("svc-db"));
+    assert!(matches!(decide(&p, "10.0.0.1", "db.test:5432", &["34.118.230.4"]), Decision::Deny { .. }));
+    // Refused even with denyPrivateAddresses off: they were listed on purpose.
+    let off = ProxyConfig::from_yaml(
+        &doc.replace("defaultAction: allow", "defaultAction: allow\n  denyPrivateAddresses: false"),
+    )
+    .unwrap()
+    .policy;
+    assert!(matches!(decide(&off, "10.0.0.1", "svc.test:443", &["34.118.224.10"]), Decision::Deny { .. }));
+    assert!(ProxyConfig::from_yaml(&doc.replace("'192.0.2.7'", "'300.0.0.0/8'"))
+        .unwrap_err()
+        .to_string()
+        .contains("policy.clusterNetworks[3]"));
+}
