@@ -283,10 +283,22 @@ def test_cluster_policies_crd_and_roles():
     assert crds["clustertunnelpolicies.tunnelgate.io"]["spec"]["scope"] == "Cluster"
     op = find(docs, "ClusterRole", "-operator")
     assert {"apiGroups": ["tunnelgate.io"], "resources": ["tunnelpolicies/status", "clustertunnelpolicies/status"], "verbs": ["patch"]} in op["rules"]
-    assert {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]} in op["rules"]
+    assert {"apiGroups": [""], "resources": ["pods", "namespaces", "nodes"], "verbs": ["get", "list", "watch"]} in op["rules"]
     view, edit, admin = (find(docs, "ClusterRole", s) for s in ("-view", "-edit", "-platform-admin"))
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert "rbac.authorization.k8s.io/aggregate-to-edit" not in admin["metadata"]["labels"], "namespace editors never get cluster policies"
     assert all("clustertunnelpolicies" not in r["resources"] for r in view["rules"] + edit["rules"])
     assert not any(d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-view") for d in render({"rbac": {"userRoles": False}}))
+
+
+def test_cluster_networks_and_the_rbac_that_learns_them():
+    docs = render({"config": {"clusterNetworks": ["10.96.0.0/12"]}})
+    base = yaml.safe_load(find(docs, "ConfigMap", "-base")["data"]["config.yaml"])
+    assert base["policy"]["clusterNetworks"] == ["10.96.0.0/12"]
+    op = find(docs, "ClusterRole", "-operator")
+    assert {"apiGroups": [""], "resources": ["pods", "namespaces", "nodes"], "verbs": ["get", "list", "watch"]} in op["rules"]
+    role = find(docs, "Role", "-operator-apiserver")
+    assert role["metadata"]["namespace"] == "default"
+    assert all(v in ("get", "list", "watch") for r in role["rules"] for v in r["verbs"]), "read-only"
+    assert find(docs, "RoleBinding", "-operator-apiserver")["roleRef"]["name"] == role["metadata"]["name"]

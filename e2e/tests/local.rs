@@ -822,4 +822,30 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
     until("cluster Allow outranks", 20, || async { connect_from("127.0.0.13", proxy_addr, target).await == 200 }).await;
     let st = ctps.get("web-echo").await.unwrap().status.unwrap();
     assert_eq!(st.matched_pods, Some(1));
+
+    // The cluster's own networks follow the API: a node joins, the API server's Service exists.
+    Api::<k8s_openapi::api::core::v1::Node>::all(c.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "node-1"}, "spec": {"podCIDRs": ["10.250.0.0/24", "fd00:250::/64"]},
+                "status": {"addresses": [{"type": "InternalIP", "address": "10.0.5.1"}, {"type": "Hostname", "address": "node-1"}]}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(c.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "kubernetes"}, "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"]}}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    until("clusterNetworks rendered", 20, || async {
+        let cm = cms.get("tunnelgate-proxy").await.unwrap();
+        let policy = proxy_config::ProxyConfig::from_yaml(&cm.data.unwrap()["config.yaml"]).unwrap().policy;
+        let nets: Vec<String> = policy.cluster_networks.iter().map(ToString::to_string).collect();
+        nets == ["10.0.5.1/32", "10.96.0.1/32", "10.250.0.0/24", "fd00:250::/64"]
+    })
+    .await;
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodSpec, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, PodSpec, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::ByteString;
 use kube::api::{Patch, PatchParams};
@@ -100,6 +101,10 @@ struct Caches {
     policies: Store<TunnelPolicy>,
     cluster_policies: Store<ClusterTunnelPolicy>,
     namespaces: Store<Namespace>,
+    nodes: Store<Node>,
+    /// The `kubernetes` Service and its EndpointSlices in `default`: the API server's addresses.
+    api_service: Store<Service>,
+    api_endpoints: Store<EndpointSlice>,
     pods: Store<Pod>,
     base: Store<ConfigMap>,
     secrets: Store<Secret>,
@@ -121,6 +126,50 @@ pub async fn run(
     let (base_store, base_w) = reflector::store();
     let (sec_store, sec_w) = reflector::store();
     let (cpol_store, cpol_w) = reflector::store();
+    let (node_store, node_w) = reflector::store();
+    let (apisvc_store, apisvc_w) = reflector::store();
+    let (apiep_store, apiep_w) = reflector::store();
+    // Nodes: only their addresses and pod ranges matter (clusterNetworks).
+    let nodes = reflector(
+        node_w,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n: &mut Node| {
+            n.metadata.managed_fields = None;
+            n.metadata.annotations = None;
+            n.metadata.labels = None;
+            if let Some(st) = n.status.as_mut() {
+                st.images = None;
+                st.conditions = None;
+                st.volumes_attached = None;
+                st.volumes_in_use = None;
+            }
+        }),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+    .boxed();
+    let api_service = reflector(
+        apisvc_w,
+        watcher(
+            Api::<Service>::namespaced(client.clone(), "default"),
+            watcher::Config::default().fields("metadata.name=kubernetes"),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+    .boxed();
+    let api_endpoints = reflector(
+        apiep_w,
+        watcher(
+            Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+            watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+    .boxed();
     let (ns_store, ns_w) = reflector::store();
     let cluster_policies =
         reflector(cpol_w, watcher(Api::<ClusterTunnelPolicy>::all(client.clone()), watcher::Config::default()))
@@ -164,7 +213,17 @@ pub async fn run(
         .touched_objects()
         .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
         .boxed();
-    let mut events = stream::select_all([policies, cluster_policies, namespaces, pods, base, secrets]);
+    let mut events = stream::select_all([
+        policies,
+        cluster_policies,
+        namespaces,
+        nodes,
+        api_service,
+        api_endpoints,
+        pods,
+        base,
+        secrets,
+    ]);
     let w = wake.clone();
     let stop = shutdown.clone();
     // Deletions arrive as watch events too, so a deleted object also wakes the loop.
@@ -184,6 +243,9 @@ pub async fn run(
         policies: pol_store,
         cluster_policies: cpol_store,
         namespaces: ns_store,
+        nodes: node_store,
+        api_service: apisvc_store,
+        api_endpoints: apiep_store,
         pods: pod_store,
         base: base_store,
         secrets: sec_store,
@@ -243,9 +305,36 @@ async fn wait_synced(c: &Caches) {
     let _ = c.policies.wait_until_ready().await;
     let _ = c.cluster_policies.wait_until_ready().await;
     let _ = c.namespaces.wait_until_ready().await;
+    let _ = c.nodes.wait_until_ready().await;
+    let _ = c.api_service.wait_until_ready().await;
+    let _ = c.api_endpoints.wait_until_ready().await;
     let _ = c.pods.wait_until_ready().await;
     let _ = c.base.wait_until_ready().await;
     let _ = c.secrets.wait_until_ready().await;
+}
+
+/// What the cluster says its own networks are: every node address (internal and external) and
+/// pod range, the `kubernetes` Service's ClusterIPs and the API server's endpoint addresses.
+fn cluster_networks(c: &Caches) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in c.nodes.state() {
+        if let Some(st) = &n.status {
+            out.extend(st.addresses.iter().flatten().filter(|a| a.type_.ends_with("IP")).map(|a| a.address.clone()));
+        }
+        if let Some(spec) = &n.spec {
+            out.extend(spec.pod_cidrs.iter().flatten().cloned());
+            out.extend(spec.pod_cidr.iter().cloned());
+        }
+    }
+    for s in c.api_service.state() {
+        if let Some(spec) = &s.spec {
+            out.extend(spec.cluster_ips.iter().flatten().filter(|ip| ip.as_str() != "None").cloned());
+        }
+    }
+    for e in c.api_endpoints.state() {
+        out.extend(e.endpoints.iter().flatten().flat_map(|ep| ep.addresses.iter().cloned()));
+    }
+    out
 }
 
 fn slim_pod(p: &mut Pod) {
@@ -424,6 +513,7 @@ async fn reconcile(
             .iter()
             .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
             .collect(),
+        networks: cluster_networks(c),
     };
     let base_text = base.clone().unwrap_or_default();
     let (outcomes, rendered) = render::render(&Input {

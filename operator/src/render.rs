@@ -77,6 +77,9 @@ pub struct Cluster<'a> {
     pub policies: Vec<ClusterPolicyIn<'a>>,
     /// Labels by namespace name (namespaces not listed have only their name label).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// The cluster's own addresses and ranges as the API tells them (nodes, pod ranges, the API
+    /// server), added to the base's `policy.clusterNetworks`. Unparseable entries are skipped.
+    pub networks: Vec<String>,
 }
 
 impl Cluster<'_> {
@@ -414,6 +417,26 @@ fn document(input: &Input<'_>, rules: Vec<Value>) -> Result<Rendered, RenderErro
     }
     // Written out even when the base leaves it implicit: no policy must never mean allow-all.
     policy.entry("defaultAction").or_insert_with(|| json!("deny"));
+    // The cluster's own networks: what the base lists (the Service range, from the chart) plus
+    // what the API says now; sorted and without duplicates, so the same cluster renders the same bytes.
+    let base_networks: Vec<Value> =
+        policy.get("clusterNetworks").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut networks: Vec<ipnet::IpNet> = input.cluster.networks.iter().filter_map(|s| parse_net(s)).collect();
+    // A bad entry of the base stays as written, so the proxy's parser names it.
+    let mut unparsed = Vec::new();
+    for v in base_networks {
+        match v.as_str().and_then(parse_net) {
+            Some(n) => networks.push(n),
+            None => unparsed.push(v),
+        }
+    }
+    networks.sort();
+    networks.dedup();
+    if !networks.is_empty() || !unparsed.is_empty() {
+        let mut list: Vec<Value> = networks.iter().map(|n| Value::String(n.to_string())).collect();
+        list.extend(unparsed);
+        policy.insert("clusterNetworks".into(), Value::Array(list));
+    }
     policy.insert("rules".into(), Value::Array(rules));
     let mut config =
         String::from("# Rendered by tunnelgate-operator from the base ConfigMap and TunnelPolicies. Do not edit.\n");

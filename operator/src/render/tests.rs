@@ -473,7 +473,7 @@ fn cluster_policies_precedence_and_delegation_table() {
             tls: Box::leak(Box::new(tls.clone())),
             tls_dir: "/t",
             htpasswd: None,
-            cluster: Cluster { policies: cluster, namespaces: namespaces.clone() },
+            cluster: Cluster { policies: cluster, namespaces: namespaces.clone(), networks: Vec::new() },
         }
     };
     let leak = |s: ClusterTunnelPolicySpec| -> &'static ClusterTunnelPolicySpec { Box::leak(Box::new(s)) };
@@ -542,4 +542,33 @@ fn cluster_policies_precedence_and_delegation_table() {
     assert!(matches!(d, proxy_config::Decision::Allow { .. }), "{d:?}");
     let d = policy.decide("10.1.0.2".parse().unwrap(), &proxy_config::Host::Ip(a), 443, &[a]);
     assert!(matches!(d, proxy_config::Decision::Deny { .. }), "shop is not selected by the allow: {d:?}");
+}
+
+#[test]
+fn cluster_networks_join_the_bases_sorted_and_deduplicated() {
+    let base = format!("{BASE}").replace(
+        "policy: {denyPrivateAddresses: true}",
+        "policy: {defaultAction: allow, denyPrivateAddresses: true, clusterNetworks: ['10.96.0.0/12']}",
+    );
+    let tls = BTreeMap::new();
+    let networks =
+        ["2600:1f18::10", "10.244.1.0/24", "10.96.0.1", "not-an-address", "10.244.1.0/24"].map(String::from).to_vec();
+    let cluster = Cluster { networks, ..Default::default() };
+    let input = Input { base: &base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: None, cluster };
+    let r = render(&input).1.unwrap();
+    let v: Value = serde_yaml::from_str(&r.config).unwrap();
+    assert_eq!(
+        v["policy"]["clusterNetworks"],
+        json!(["10.96.0.0/12", "10.96.0.1/32", "10.244.1.0/24", "2600:1f18::10/128"])
+    );
+    let policy = proxy_config::ProxyConfig::from_yaml(&r.config).unwrap().policy;
+    let a: std::net::IpAddr = "2600:1f18::10".parse().unwrap();
+    match policy.decide("10.0.0.1".parse().unwrap(), &proxy_config::Host::Ip(a), 443, &[a]) {
+        proxy_config::Decision::Deny { reason, .. } => assert_eq!(reason.as_str(), "cluster_network"),
+        d => panic!("{d:?}"),
+    }
+    // A typo in the base is not dropped: the proxy's parser names it.
+    let bad = BASE.replace("policy: {denyPrivateAddresses: true}", "policy: {clusterNetworks: ['10.96.0.0/33']}");
+    let r = render(&Input { base: &bad, ..input }).1;
+    assert!(matches!(r, Err(RenderError::Invalid(e)) if e.to_string().contains("policy.clusterNetworks")));
 }
