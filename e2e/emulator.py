@@ -171,6 +171,13 @@ class Shim(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         raw = request._raw_request
+        if raw.path.rstrip("/") == "/apis/networking.k8s.io/v1":
+            # Discovery, as a Kubernetes 1.33+ API server answers it (ServiceCIDR is GA there).
+            return aiohttp.web.json_response({
+                "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "networking.k8s.io/v1",
+                "resources": [{"name": "servicecidrs", "singularName": "servicecidr", "namespaced": False,
+                               "kind": "ServiceCIDR", "verbs": ["get", "list", "watch", "create", "delete"]}],
+            })
         if request.resource is None:
             return await super()._handle(request)
         res = (request.resource.group or "", request.resource.version, request.resource.plural)

@@ -841,11 +841,21 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
         )
         .await
         .unwrap();
+    Api::<k8s_openapi::api::networking::v1::ServiceCIDR>::all(c.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/16", "fd00:96::/108"]}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
     until("clusterNetworks rendered", 20, || async {
         let cm = cms.get("tunnelgate-proxy").await.unwrap();
         let policy = proxy_config::ProxyConfig::from_yaml(&cm.data.unwrap()["config.yaml"]).unwrap().policy;
         let nets: Vec<String> = policy.cluster_networks.iter().map(ToString::to_string).collect();
-        nets == ["10.0.5.1/32", "10.96.0.1/32", "10.250.0.0/24", "fd00:250::/64"]
+        nets == ["10.0.5.1/32", "10.96.0.0/16", "10.96.0.1/32", "10.250.0.0/24", "fd00:96::/108", "fd00:250::/64"]
     })
     .await;
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::{stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, PodSpec, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::ByteString;
 use kube::api::{Patch, PatchParams};
@@ -105,6 +106,8 @@ struct Caches {
     /// The `kubernetes` Service and its EndpointSlices in `default`: the API server's addresses.
     api_service: Store<Service>,
     api_endpoints: Store<EndpointSlice>,
+    /// ServiceCIDRs, when the API server has them (Kubernetes 1.33 and later).
+    service_cidrs: Option<Store<ServiceCIDR>>,
     pods: Store<Pod>,
     base: Store<ConfigMap>,
     secrets: Store<Secret>,
@@ -213,6 +216,24 @@ pub async fn run(
         .touched_objects()
         .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
         .boxed();
+    // ServiceCIDR is GA from Kubernetes 1.33; on older clusters the Service range comes from the
+    // chart's config.clusterNetworks only (a watch of a missing API would never sync).
+    let has_service_cidrs = client
+        .list_api_group_resources("networking.k8s.io/v1")
+        .await
+        .is_ok_and(|l| l.resources.iter().any(|r| r.name == "servicecidrs"));
+    let (svc_cidr_store, service_cidrs) = if has_service_cidrs {
+        let (store, w) = reflector::store();
+        let s = reflector(w, watcher(Api::<ServiceCIDR>::all(client.clone()), watcher::Config::default()))
+            .default_backoff()
+            .touched_objects()
+            .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+            .boxed();
+        (Some(store), s)
+    } else {
+        info!("the API has no networking.k8s.io/v1 ServiceCIDR: the Service range comes from config.clusterNetworks");
+        (None, stream::empty().boxed())
+    };
     let mut events = stream::select_all([
         policies,
         cluster_policies,
@@ -220,6 +241,7 @@ pub async fn run(
         nodes,
         api_service,
         api_endpoints,
+        service_cidrs,
         pods,
         base,
         secrets,
@@ -246,6 +268,7 @@ pub async fn run(
         nodes: node_store,
         api_service: apisvc_store,
         api_endpoints: apiep_store,
+        service_cidrs: svc_cidr_store,
         pods: pod_store,
         base: base_store,
         secrets: sec_store,
@@ -308,13 +331,17 @@ async fn wait_synced(c: &Caches) {
     let _ = c.nodes.wait_until_ready().await;
     let _ = c.api_service.wait_until_ready().await;
     let _ = c.api_endpoints.wait_until_ready().await;
+    if let Some(s) = &c.service_cidrs {
+        let _ = s.wait_until_ready().await;
+    }
     let _ = c.pods.wait_until_ready().await;
     let _ = c.base.wait_until_ready().await;
     let _ = c.secrets.wait_until_ready().await;
 }
 
 /// What the cluster says its own networks are: every node address (internal and external) and
-/// pod range, the `kubernetes` Service's ClusterIPs and the API server's endpoint addresses.
+/// pod range, the Service ranges (ServiceCIDRs), the `kubernetes` Service's ClusterIPs and the API
+/// server's endpoint addresses.
 fn cluster_networks(c: &Caches) -> Vec<String> {
     let mut out = Vec::new();
     for n in c.nodes.state() {
@@ -330,6 +357,9 @@ fn cluster_networks(c: &Caches) -> Vec<String> {
         if let Some(spec) = &s.spec {
             out.extend(spec.cluster_ips.iter().flatten().filter(|ip| ip.as_str() != "None").cloned());
         }
+    }
+    for s in c.service_cidrs.iter().flat_map(Store::state) {
+        out.extend(s.spec.iter().flat_map(|spec| spec.cidrs.iter().flatten().cloned()));
     }
     for e in c.api_endpoints.state() {
         out.extend(e.endpoints.iter().flatten().flat_map(|ep| ep.addresses.iter().cloned()));
