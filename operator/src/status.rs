@@ -77,7 +77,7 @@ pub fn desired(
                     true,
                     "RefusedAddressSpace",
                     format!(
-                        "not rendered: {} (private, loopback, link-local or metadata space, which a namespaced policy opens only where the base's addressGrants allow its namespace)",
+                        "not rendered: {} (private, loopback, link-local or metadata space, which a namespaced policy opens only where a ClusterTunnelPolicy with delegate: true, or the chart's config.addressGrants, grants it to its namespace)",
                         a.restricted.join(", ")
                     ),
                     generation,
