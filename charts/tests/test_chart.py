@@ -120,8 +120,12 @@ def to_json_schema(s):
     return s
 
 
-def crd_schema():
-    crd = yaml.safe_load((ROOT / "crds/tunnelpolicies.yaml").read_text())
+# Each example directory with the CRD its manifests are checked against.
+EXAMPLE_CRDS = {"tunnelpolicies": "tunnelpolicies.yaml", "clustertunnelpolicies": "clustertunnelpolicies.yaml"}
+
+
+def crd_schema(crd_file="tunnelpolicies.yaml"):
+    crd = yaml.safe_load((ROOT / "crds" / crd_file).read_text())
     schema = to_json_schema(copy.deepcopy(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]))
     # Structural schemas prune unknown fields; admission with strict field validation rejects them.
     def close(s):
@@ -137,8 +141,8 @@ def crd_schema():
     return schema
 
 
-def crd_openapi():
-    crd = yaml.safe_load((ROOT / "crds/tunnelpolicies.yaml").read_text())
+def crd_openapi(crd_file="tunnelpolicies.yaml"):
+    crd = yaml.safe_load((ROOT / "crds" / crd_file).read_text())
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
@@ -192,8 +196,9 @@ def cel_violations(schema, value, path="$"):
     return out
 
 
-def test_every_cel_rule_compiles():
-    rules = list(cel_rules(crd_openapi()))
+@pytest.mark.parametrize("crd_file", sorted(EXAMPLE_CRDS.values()))
+def test_every_cel_rule_compiles(crd_file):
+    rules = list(cel_rules(crd_openapi(crd_file)))
     assert len(rules) >= 2
     env = celpy.Environment()
     for path, _, r in rules:
@@ -201,21 +206,27 @@ def test_every_cel_rule_compiles():
         assert r.get("message"), f"{path}: a rule without a message gives users the rule's text"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples/tunnelpolicies/valid").glob("*.yaml")), ids=lambda p: p.stem)
-def test_valid_examples_pass_the_crd_schema(path):
-    doc = yaml.safe_load(path.read_text())
-    jsonschema.validate(doc, crd_schema())
-    assert cel_violations(crd_openapi(), doc) == []
+def examples(kind):
+    return [(d, p) for d, f in EXAMPLE_CRDS.items() for p in sorted((ROOT / "examples" / d / kind).glob("*.yaml"))]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples/tunnelpolicies/invalid").glob("*.yaml")), ids=lambda p: p.stem)
-def test_invalid_examples_fail_the_crd_schema(path):
+@pytest.mark.parametrize("kind_dir,path", examples("valid"), ids=lambda x: getattr(x, "stem", x))
+def test_valid_examples_pass_the_crd_schema(kind_dir, path):
+    crd_file = EXAMPLE_CRDS[kind_dir]
+    for doc in yaml.safe_load_all(path.read_text()):
+        jsonschema.validate(doc, crd_schema(crd_file))
+        assert cel_violations(crd_openapi(crd_file), doc) == []
+
+
+@pytest.mark.parametrize("kind_dir,path", examples("invalid"), ids=lambda x: getattr(x, "stem", x))
+def test_invalid_examples_fail_the_crd_schema(kind_dir, path):
+    crd_file = EXAMPLE_CRDS[kind_dir]
     doc = yaml.safe_load(path.read_text())
     try:
-        jsonschema.validate(doc, crd_schema())
+        jsonschema.validate(doc, crd_schema(crd_file))
     except jsonschema.ValidationError:
         return
-    assert cel_violations(crd_openapi(), doc), f"{path.name} passes both the schema and the CEL rules"
+    assert cel_violations(crd_openapi(crd_file), doc), f"{path.name} passes both the schema and the CEL rules"
 
 
 def test_dashboard_is_valid_json_with_panels():

@@ -779,7 +779,10 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
     .await
     .unwrap();
     until("delegated", 20, || async { connect_from("127.0.0.13", proxy_addr, target).await == 200 }).await;
-    assert!(condition(&tps.get("echo").await.unwrap(), "Restricted").is_none(), "the condition is gone");
+    until("Restricted condition gone", 10, || async {
+        condition(&tps.get("echo").await.unwrap(), "Restricted").is_none()
+    })
+    .await;
     until("delegating policy Ready", 10, || async {
         ctps.get("tenant-loopback").await.unwrap().status.is_some_and(|s| {
             s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True" && c.reason == "Delegated")
@@ -820,8 +823,11 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
     .await
     .unwrap();
     until("cluster Allow outranks", 20, || async { connect_from("127.0.0.13", proxy_addr, target).await == 200 }).await;
-    let st = ctps.get("web-echo").await.unwrap().status.unwrap();
-    assert_eq!(st.matched_pods, Some(1));
+    // The status is written after the configuration: wait for it.
+    until("cluster policy status", 10, || async {
+        ctps.get("web-echo").await.unwrap().status.is_some_and(|st| st.matched_pods == Some(1))
+    })
+    .await;
 
     // The cluster's own networks follow the API: a node joins, the API server's Service exists.
     Api::<k8s_openapi::api::core::v1::Node>::all(c.clone())

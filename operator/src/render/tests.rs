@@ -546,7 +546,7 @@ fn cluster_policies_precedence_and_delegation_table() {
 
 #[test]
 fn cluster_networks_join_the_bases_sorted_and_deduplicated() {
-    let base = format!("{BASE}").replace(
+    let base = BASE.replace(
         "policy: {denyPrivateAddresses: true}",
         "policy: {defaultAction: allow, denyPrivateAddresses: true, clusterNetworks: ['10.96.0.0/12']}",
     );

@@ -1,6 +1,7 @@
 //! Table tests of spec validation: every bad field is named.
 use super::*;
 use crate::crd::{Destination, RelaySpec};
+use serde::Deserialize;
 
 fn spec(dests: Vec<Destination>) -> TunnelPolicySpec {
     TunnelPolicySpec { pod_selector: Default::default(), action: PolicyAction::Allow, destinations: dests, relay: None }
@@ -82,4 +83,32 @@ fn lists_longer_than_the_crd_allows_are_rejected_with_their_path() {
         errs.iter().any(|e| e.path == "spec.destinations[0].cidrs" && e.message.contains("at most 64")),
         "{errs:?}"
     );
+}
+
+/// The examples users copy pass the operator's own validation too (not only the CRD schema).
+#[test]
+fn example_manifests_pass_the_operators_validation() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let docs = |dir: &str| -> Vec<serde_yaml::Value> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(format!("{root}/{dir}/valid")).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                out.push(serde_yaml::Value::deserialize(doc).unwrap());
+            }
+        }
+        out
+    };
+    let tps = docs("tunnelpolicies");
+    assert!(!tps.is_empty());
+    for d in tps {
+        let spec: crate::crd::TunnelPolicySpec = serde_yaml::from_value(d["spec"].clone()).unwrap();
+        assert!(validate(&spec).is_ok(), "{d:?}");
+    }
+    let ctps = docs("clustertunnelpolicies");
+    assert_eq!(ctps.len(), 3);
+    for d in ctps {
+        let spec: crate::crd::ClusterTunnelPolicySpec = serde_yaml::from_value(d["spec"].clone()).unwrap();
+        assert!(validate_cluster(&spec).is_ok(), "{d:?}");
+    }
 }
