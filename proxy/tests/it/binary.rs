@@ -196,6 +196,24 @@ fn cli_explain_names_the_deciding_rule() {
     );
     let (_, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "10.0.0.1:5432"]);
     assert!(out.contains("decision: deny") && out.contains("rule: default"), "{out}");
+    // The cluster's own networks: refused with their reason and the way to open them.
+    let cluster = dir.0.join("cluster.yaml");
+    std::fs::write(&cluster, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\npolicy:\n  defaultAction: allow\n  clusterNetworks: ['34.118.224.0/20']\n  rules:\n    - {name: anywhere, action: allow, cidrs: ['0.0.0.0/0']}\n").unwrap();
+    let (_, out) = run(&[
+        "explain",
+        "--config",
+        cluster.to_str().unwrap(),
+        "--client",
+        "10.0.0.1",
+        "--target",
+        "34.118.224.10:443",
+    ]);
+    assert!(
+        out.contains("decision: deny (403)")
+            && out.contains("cluster-network")
+            && out.contains("lies entirely inside one of them"),
+        "{out}"
+    );
     // A catch-all allow says why it does not open a metadata address, and `check` warns about it.
     let any = dir.0.join("any.yaml");
     std::fs::write(&any, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\npolicy:\n  rules:\n    - {name: anyv4, action: allow, cidrs: ['0.0.0.0/0']}\n").unwrap();
