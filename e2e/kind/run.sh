@@ -14,7 +14,7 @@ kind get clusters | grep -qx "$CLUSTER" ||
 kubectl version
 # First: the API server must accept the CRD (schema, CEL compilation and cost). A rejected CRD
 # fails here, loudly, instead of as a helm install timeout.
-kubectl apply --server-side --dry-run=server -f crds/tunnelpolicies.yaml
+kubectl apply --server-side --dry-run=server -f crds/tunnelpolicies.yaml -f crds/clustertunnelpolicies.yaml
 docker build -t "$IMAGE" .
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 helm upgrade --install tunnelgate charts/tunnelgate --namespace tunnelgate --create-namespace \

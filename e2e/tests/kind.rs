@@ -20,7 +20,7 @@ use kube::Client;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
-use tunnelgate_operator::crd::TunnelPolicy;
+use tunnelgate_operator::crd::{ClusterTunnelPolicy, TunnelPolicy};
 
 const RELEASE_NS: &str = "tunnelgate";
 const PROXY_CONFIG_MAP: &str = "tunnelgate-proxy";
@@ -378,4 +378,47 @@ async fn rolling_restart_keeps_a_tunnel_in_flight() {
             && s.number_ready == s.desired_number_scheduled
     })
     .await;
+}
+
+#[tokio::test]
+#[ignore = "needs a kind cluster: e2e/kind/run.sh"]
+async fn cluster_deny_beats_a_namespaced_allow_and_the_api_admits_cluster_policies() {
+    let c = client().await;
+    let ns = TempNs::new(&c, "tg-ctp").await;
+    echo_server(&c, &ns.name).await;
+    let ip = client_pod(&c, &ns.name, "client", &[("app", "client")]).await;
+    let tps = Api::<TunnelPolicy>::namespaced(c.clone(), &ns.name);
+    create(&tps, policy("allow-echo", "client", &ns.name)).await;
+    until_enforced(&c, "allow-echo", |t| lists_client(t, &ns.name, "allow-echo", &ip)).await;
+    let target = url(&ns.name, "/");
+    assert_eq!(curl(&ns.name, "client", &[&target]).await.0, 0);
+
+    // The API server admits the cluster-scoped CRD; a cluster Deny for this namespace wins.
+    let ctps = Api::<ClusterTunnelPolicy>::all(c.clone());
+    let name = format!("{}-deny", ns.name);
+    create(
+        &ctps,
+        json!({"apiVersion": "tunnelgate.io/v1alpha1", "kind": "ClusterTunnelPolicy", "metadata": {"name": name},
+               "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}}, "action": "Deny",
+                        "destinations": [{"hosts": [format!("echo.{}.svc.cluster.local", ns.name)]}]}}),
+    )
+    .await;
+    let rule = format!("cluster:{name}");
+    until_enforced(&c, "the cluster Deny", |t| t.contains(&rule)).await;
+    let denied = curl(&ns.name, "client", &[&target]).await;
+    assert!(denied.1.contains("403"), "{}", denied.1);
+    // The API server refuses a priority out of range (schema), before the operator sees it.
+    let bad = ctps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"apiVersion": "tunnelgate.io/v1alpha1", "kind": "ClusterTunnelPolicy",
+                "metadata": {"name": format!("{}-bad", ns.name)},
+                "spec": {"namespaceSelector": {}, "action": "Deny", "priority": 5000, "destinations": [{"hosts": ["x.test"]}]}}))
+            .unwrap(),
+        )
+        .await;
+    assert!(bad.is_err(), "priority 5000 must be refused at admission");
+    ctps.delete(&name, &DeleteParams::default()).await.unwrap();
+    until_enforced(&c, "the cluster Deny removed", |t| !t.contains(&rule)).await;
+    assert_eq!(curl(&ns.name, "client", &[&target]).await.0, 0);
 }
