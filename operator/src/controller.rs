@@ -1,35 +1,32 @@
-//! The reconcile loop: watches TunnelPolicies, ClusterTunnelPolicies, Namespaces (their labels),
-//! Pods, the base ConfigMap and Secrets into caches;
-//! any change wakes one debounced, single-writer reconcile (leader only) that renders, checks with
-//! the proxy's parser, applies the ConfigMap and Secret by server-side apply when their hash
-//! changes, and writes each policy's status and events.
+//! The reconcile loop: any change the watches ([`watches`]) see wakes one debounced,
+//! single-writer reconcile (leader only) that picks the usable TLS and htpasswd Secrets, renders,
+//! checks with the proxy's parser, writes through [`apply`] when the hash changed, and sets each
+//! policy's status and events.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, PodSpec, Secret, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::ByteString;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, reflector, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::crd::{ClusterTunnelPolicy, TunnelPolicy, TunnelPolicyStatus};
+use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
 use crate::metrics::Metrics;
 use crate::render::{self, Cluster, ClusterPolicyIn, Input, PodIn, PolicyIn, RenderError, TlsIn};
 use crate::secrets::{htpasswd_from_secret, tls_from_secret};
 use crate::status::{self, NotInForce};
+
+mod apply;
+mod watches;
+
+use apply::{apply, write_cluster_status, write_status};
+use watches::{cluster_networks, pod_in, wait_synced, Caches};
 
 /// Field manager of every write (server-side apply).
 pub const MANAGER: &str = "tunnelgate-operator";
@@ -98,21 +95,6 @@ impl Settings {
     }
 }
 
-struct Caches {
-    policies: Store<TunnelPolicy>,
-    cluster_policies: Store<ClusterTunnelPolicy>,
-    namespaces: Store<Namespace>,
-    nodes: Store<Node>,
-    /// The `kubernetes` Service and its EndpointSlices in `default`: the API server's addresses.
-    api_service: Store<Service>,
-    api_endpoints: Store<EndpointSlice>,
-    /// ServiceCIDRs, when the API server has them (Kubernetes 1.33 and later).
-    service_cidrs: Option<Store<ServiceCIDR>>,
-    pods: Store<Pod>,
-    base: Store<ConfigMap>,
-    secrets: Store<Secret>,
-}
-
 /// Runs until `shutdown`. Writes only while `leader` is true.
 pub async fn run(
     client: Client,
@@ -124,155 +106,7 @@ pub async fn run(
 ) {
     let ns = settings.namespace.clone();
     let wake = Arc::new(Notify::new());
-    let (pol_store, pol_w) = reflector::store();
-    let (pod_store, pod_w) = reflector::store();
-    let (base_store, base_w) = reflector::store();
-    let (sec_store, sec_w) = reflector::store();
-    let (cpol_store, cpol_w) = reflector::store();
-    let (node_store, node_w) = reflector::store();
-    let (apisvc_store, apisvc_w) = reflector::store();
-    let (apiep_store, apiep_w) = reflector::store();
-    // Nodes: only their addresses and pod ranges matter (clusterNetworks).
-    let nodes = reflector(
-        node_w,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n: &mut Node| {
-            n.metadata.managed_fields = None;
-            n.metadata.annotations = None;
-            n.metadata.labels = None;
-            if let Some(st) = n.status.as_mut() {
-                st.images = None;
-                st.conditions = None;
-                st.volumes_attached = None;
-                st.volumes_in_use = None;
-            }
-        }),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-    .boxed();
-    let api_service = reflector(
-        apisvc_w,
-        watcher(
-            Api::<Service>::namespaced(client.clone(), "default"),
-            watcher::Config::default().fields("metadata.name=kubernetes"),
-        ),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-    .boxed();
-    let api_endpoints = reflector(
-        apiep_w,
-        watcher(
-            Api::<EndpointSlice>::namespaced(client.clone(), "default"),
-            watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
-        ),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-    .boxed();
-    let (ns_store, ns_w) = reflector::store();
-    let cluster_policies =
-        reflector(cpol_w, watcher(Api::<ClusterTunnelPolicy>::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .touched_objects()
-            .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-            .boxed();
-    // Only the labels of a namespace matter (namespaceSelector).
-    let namespaces = reflector(
-        ns_w,
-        watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()).modify(|n: &mut Namespace| {
-            n.metadata.managed_fields = None;
-            n.metadata.annotations = None;
-            n.spec = None;
-            n.status = None;
-        }),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-    .boxed();
-    let policies = reflector(pol_w, watcher(Api::<TunnelPolicy>::all(client.clone()), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-        .boxed();
-    // Only what rendering needs is kept of each pod.
-    let pods = reflector(pod_w, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim_pod))
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-        .boxed();
-    let base_cfg = watcher::Config::default().fields(&format!("metadata.name={}", settings.base_name()));
-    let base = reflector(base_w, watcher(Api::<ConfigMap>::namespaced(client.clone(), &ns), base_cfg))
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-        .boxed();
-    let secrets = reflector(sec_w, watcher(Api::<Secret>::namespaced(client.clone(), &ns), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-        .boxed();
-    // ServiceCIDR is GA from Kubernetes 1.33; on older clusters the Service range comes from the
-    // chart's config.clusterNetworks only (a watch of a missing API would never sync).
-    let has_service_cidrs = client
-        .list_api_group_resources("networking.k8s.io/v1")
-        .await
-        .is_ok_and(|l| l.resources.iter().any(|r| r.name == "servicecidrs"));
-    let (svc_cidr_store, service_cidrs) = if has_service_cidrs {
-        let (store, w) = reflector::store();
-        let s = reflector(w, watcher(Api::<ServiceCIDR>::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .touched_objects()
-            .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-            .boxed();
-        (Some(store), s)
-    } else {
-        info!("the API has no networking.k8s.io/v1 ServiceCIDR: the Service range comes from config.clusterNetworks");
-        (None, stream::empty().boxed())
-    };
-    let mut events = stream::select_all([
-        policies,
-        cluster_policies,
-        namespaces,
-        nodes,
-        api_service,
-        api_endpoints,
-        service_cidrs,
-        pods,
-        base,
-        secrets,
-    ]);
-    let w = wake.clone();
-    let stop = shutdown.clone();
-    // Deletions arrive as watch events too, so a deleted object also wakes the loop.
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                e = events.next() => match e {
-                    Some(Ok(())) => w.notify_one(),
-                    Some(Err(e)) => warn!(error = %e, "watch error; retrying with backoff"),
-                    None => return,
-                },
-            }
-        }
-    });
-    let caches = Caches {
-        policies: pol_store,
-        cluster_policies: cpol_store,
-        namespaces: ns_store,
-        nodes: node_store,
-        api_service: apisvc_store,
-        api_endpoints: apiep_store,
-        service_cidrs: svc_cidr_store,
-        pods: pod_store,
-        base: base_store,
-        secrets: sec_store,
-    };
+    let caches = watches::start(&client, &ns, &settings.base_name(), wake.clone(), shutdown.clone()).await;
     tokio::select! {
         () = shutdown.cancelled() => return,
         () = wait_synced(&caches) => {}
@@ -324,88 +158,11 @@ pub async fn run(
     }
 }
 
-async fn wait_synced(c: &Caches) {
-    let _ = c.policies.wait_until_ready().await;
-    let _ = c.cluster_policies.wait_until_ready().await;
-    let _ = c.namespaces.wait_until_ready().await;
-    let _ = c.nodes.wait_until_ready().await;
-    let _ = c.api_service.wait_until_ready().await;
-    let _ = c.api_endpoints.wait_until_ready().await;
-    if let Some(s) = &c.service_cidrs {
-        let _ = s.wait_until_ready().await;
-    }
-    let _ = c.pods.wait_until_ready().await;
-    let _ = c.base.wait_until_ready().await;
-    let _ = c.secrets.wait_until_ready().await;
-}
-
-/// What the cluster says its own networks are: every node address (internal and external) and
-/// pod range, the Service ranges (ServiceCIDRs), the `kubernetes` Service's ClusterIPs and the API
-/// server's endpoint addresses.
-fn cluster_networks(c: &Caches) -> Vec<String> {
-    let mut out = Vec::new();
-    for n in c.nodes.state() {
-        if let Some(st) = &n.status {
-            out.extend(st.addresses.iter().flatten().filter(|a| a.type_.ends_with("IP")).map(|a| a.address.clone()));
-        }
-        if let Some(spec) = &n.spec {
-            out.extend(spec.pod_cidrs.iter().flatten().cloned());
-            out.extend(spec.pod_cidr.iter().cloned());
-        }
-    }
-    for s in c.api_service.state() {
-        if let Some(spec) = &s.spec {
-            out.extend(spec.cluster_ips.iter().flatten().filter(|ip| ip.as_str() != "None").cloned());
-        }
-    }
-    for s in c.service_cidrs.iter().flat_map(Store::state) {
-        out.extend(s.spec.iter().flat_map(|spec| spec.cidrs.iter().flatten().cloned()));
-    }
-    for e in c.api_endpoints.state() {
-        out.extend(e.endpoints.iter().flatten().flat_map(|ep| ep.addresses.iter().cloned()));
-    }
-    out
-}
-
-fn slim_pod(p: &mut Pod) {
-    p.metadata.managed_fields = None;
-    p.metadata.annotations = None;
-    p.spec =
-        p.spec.take().map(|s| PodSpec { host_network: s.host_network, containers: Vec::new(), ..Default::default() });
-    if let Some(st) = p.status.as_mut() {
-        st.conditions = None;
-        st.container_statuses = None;
-        st.init_container_statuses = None;
-    }
-}
-
 struct LoopState {
     /// Hash of the last document written or found in force.
     last_hash: Option<String>,
     /// Last warning published per object, so an unchanged problem is not re-announced.
     warned: HashMap<String, String>,
-}
-
-fn pod_in(p: &Pod) -> PodIn {
-    let status = p.status.as_ref();
-    let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
-    let host_network = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
-    let terminating = p.metadata.deletion_timestamp.is_some();
-    let mut ips: Vec<std::net::IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|v| v.iter().filter_map(|i| i.ip.parse().ok()).collect())
-        .unwrap_or_default();
-    if let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|i| i.parse().ok()) {
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
-    }
-    PodIn {
-        namespace: p.namespace().unwrap_or_default(),
-        labels: p.labels().clone(),
-        ips,
-        eligible: running && !host_network && !terminating,
-    }
 }
 
 async fn warn_once(
@@ -625,81 +382,6 @@ async fn reconcile(
     metrics.policies.with_label_values(&["accepted"]).set(accepted);
     metrics.policies.with_label_values(&["rejected"]).set(rejected);
     applied.map(|_| ())
-}
-
-async fn write_status(client: &Client, p: &TunnelPolicy, status: &TunnelPolicyStatus) {
-    let (Some(ns), Some(name)) = (p.metadata.namespace.as_deref(), p.metadata.name.as_deref()) else { return };
-    let api = Api::<TunnelPolicy>::namespaced(client.clone(), ns);
-    if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await {
-        warn!(policy = %format!("{ns}/{name}"), error = %e, "cannot write status");
-    }
-}
-
-async fn write_cluster_status(client: &Client, p: &ClusterTunnelPolicy, status: &TunnelPolicyStatus) {
-    let Some(name) = p.metadata.name.as_deref() else { return };
-    let api = Api::<ClusterTunnelPolicy>::all(client.clone());
-    if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await {
-        warn!(policy = %name, error = %e, "cannot write status");
-    }
-}
-
-/// Server-side applies the Secret (first, so the files exist) and the ConfigMap when the hash changed.
-async fn apply(
-    client: &Client,
-    s: &Settings,
-    metrics: &Metrics,
-    state: &mut LoopState,
-    r: &render::Rendered,
-) -> Result<(), Error> {
-    let cms = Api::<ConfigMap>::namespaced(client.clone(), &s.namespace);
-    if state.last_hash.is_none() {
-        // After a start or a leadership change: what is in force?
-        match cms.get_opt(&s.config_name()).await {
-            Ok(Some(cm)) => state.last_hash = cm.annotations().get(HASH_ANNOTATION).cloned(),
-            Ok(None) => {}
-            Err(e) => return Err(Error::Apply(format!("ConfigMap {}", s.config_name()), e)),
-        }
-    }
-    if state.last_hash.as_deref() == Some(r.hash.as_str()) {
-        metrics.config_writes.with_label_values(&["unchanged"]).inc();
-        return Ok(());
-    }
-    let labels = json!({ "app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/part-of": "tunnelgate" });
-    let pp = PatchParams::apply(MANAGER).force();
-    if !r.tls_data.is_empty() {
-        let data: BTreeMap<String, ByteString> =
-            r.tls_data.iter().map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes()))).collect();
-        let secret = json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": { "name": s.tls_name(), "namespace": s.namespace, "labels": labels },
-            "type": "Opaque",
-            "data": data,
-        });
-        let secrets = Api::<Secret>::namespaced(client.clone(), &s.namespace);
-        if let Err(e) = secrets.patch(&s.tls_name(), &pp, &Patch::Apply(&secret)).await {
-            metrics.config_writes.with_label_values(&["failed"]).inc();
-            return Err(Error::Apply(format!("Secret {}", s.tls_name()), e));
-        }
-    }
-    let mut annotations = r.annotations.clone();
-    annotations.insert(HASH_ANNOTATION.into(), r.hash.clone());
-    let cm = json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": { "name": s.config_name(), "namespace": s.namespace, "labels": labels, "annotations": annotations },
-        "data": { "config.yaml": r.config },
-    });
-    match cms.patch(&s.config_name(), &pp, &Patch::Apply(&cm)).await {
-        Ok(_) => {
-            metrics.config_writes.with_label_values(&["applied"]).inc();
-            info!(configmap = %s.config_name(), sha256 = %r.hash, "proxy configuration applied");
-            state.last_hash = Some(r.hash.clone());
-            Ok(())
-        }
-        Err(e) => {
-            metrics.config_writes.with_label_values(&["failed"]).inc();
-            Err(Error::Apply(format!("ConfigMap {}", s.config_name()), e))
-        }
-    }
 }
 
 #[cfg(test)]

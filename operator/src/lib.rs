@@ -1,5 +1,6 @@
-//! `tunnelgate-operator`: watches TunnelPolicies, the pods they select, the base ConfigMap and
-//! the TLS Secrets it names; renders them into the proxy's ConfigMap and TLS Secret.
+//! `tunnelgate-operator`: watches TunnelPolicies and ClusterTunnelPolicies, the pods and
+//! namespaces they select, the cluster's own networks, the base ConfigMap and the Secrets it
+//! names; renders them into the proxy's ConfigMap and Secret.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -6,6 +6,8 @@ use http::{Method, Request, Response};
 use kube::client::Body;
 use prometheus::Registry;
 
+use serde_json::json;
+
 use super::*;
 
 fn settings() -> Settings {

@@ -1,0 +1,91 @@
+//! The operator's writes: the rendered ConfigMap and Secret (server-side apply, only when the
+//! hash changed) and policy statuses.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::ByteString;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{Error, LoopState, Settings, HASH_ANNOTATION, MANAGER};
+use crate::crd::{ClusterTunnelPolicy, TunnelPolicy, TunnelPolicyStatus};
+use crate::metrics::Metrics;
+use crate::render;
+
+pub(super) async fn write_status(client: &Client, p: &TunnelPolicy, status: &TunnelPolicyStatus) {
+    let (Some(ns), Some(name)) = (p.metadata.namespace.as_deref(), p.metadata.name.as_deref()) else { return };
+    let api = Api::<TunnelPolicy>::namespaced(client.clone(), ns);
+    if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await {
+        warn!(policy = %format!("{ns}/{name}"), error = %e, "cannot write status");
+    }
+}
+
+pub(super) async fn write_cluster_status(client: &Client, p: &ClusterTunnelPolicy, status: &TunnelPolicyStatus) {
+    let Some(name) = p.metadata.name.as_deref() else { return };
+    let api = Api::<ClusterTunnelPolicy>::all(client.clone());
+    if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await {
+        warn!(policy = %name, error = %e, "cannot write status");
+    }
+}
+
+/// Server-side applies the Secret (first, so the files exist) and the ConfigMap when the hash changed.
+pub(super) async fn apply(
+    client: &Client,
+    s: &Settings,
+    metrics: &Metrics,
+    state: &mut LoopState,
+    r: &render::Rendered,
+) -> Result<(), Error> {
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &s.namespace);
+    if state.last_hash.is_none() {
+        // After a start or a leadership change: what is in force?
+        match cms.get_opt(&s.config_name()).await {
+            Ok(Some(cm)) => state.last_hash = cm.annotations().get(HASH_ANNOTATION).cloned(),
+            Ok(None) => {}
+            Err(e) => return Err(Error::Apply(format!("ConfigMap {}", s.config_name()), e)),
+        }
+    }
+    if state.last_hash.as_deref() == Some(r.hash.as_str()) {
+        metrics.config_writes.with_label_values(&["unchanged"]).inc();
+        return Ok(());
+    }
+    let labels = json!({ "app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/part-of": "tunnelgate" });
+    let pp = PatchParams::apply(MANAGER).force();
+    if !r.tls_data.is_empty() {
+        let data: BTreeMap<String, ByteString> =
+            r.tls_data.iter().map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes()))).collect();
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": { "name": s.tls_name(), "namespace": s.namespace, "labels": labels },
+            "type": "Opaque",
+            "data": data,
+        });
+        let secrets = Api::<Secret>::namespaced(client.clone(), &s.namespace);
+        if let Err(e) = secrets.patch(&s.tls_name(), &pp, &Patch::Apply(&secret)).await {
+            metrics.config_writes.with_label_values(&["failed"]).inc();
+            return Err(Error::Apply(format!("Secret {}", s.tls_name()), e));
+        }
+    }
+    let mut annotations = r.annotations.clone();
+    annotations.insert(HASH_ANNOTATION.into(), r.hash.clone());
+    let cm = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": s.config_name(), "namespace": s.namespace, "labels": labels, "annotations": annotations },
+        "data": { "config.yaml": r.config },
+    });
+    match cms.patch(&s.config_name(), &pp, &Patch::Apply(&cm)).await {
+        Ok(_) => {
+            metrics.config_writes.with_label_values(&["applied"]).inc();
+            info!(configmap = %s.config_name(), sha256 = %r.hash, "proxy configuration applied");
+            state.last_hash = Some(r.hash.clone());
+            Ok(())
+        }
+        Err(e) => {
+            metrics.config_writes.with_label_values(&["failed"]).inc();
+            Err(Error::Apply(format!("ConfigMap {}", s.config_name()), e))
+        }
+    }
+}
