@@ -42,6 +42,9 @@ pub enum Error {
     Render(#[from] RenderError),
     #[error("cannot apply {0}")]
     Apply(String, #[source] kube::Error),
+    /// Status writes stopped at the first failure (the rest wait for the retry).
+    #[error("cannot write policy status")]
+    Status(#[source] kube::Error),
 }
 
 impl Error {
@@ -52,6 +55,7 @@ impl Error {
             Error::Render(RenderError::TooLarge { .. }) => "too_large",
             Error::Render(_) => "render",
             Error::Apply(..) => "apply",
+            Error::Status(_) => "status",
         }
     }
 
@@ -61,6 +65,7 @@ impl Error {
             Error::Render(RenderError::TooLarge { .. }) => "TooLarge",
             Error::Render(_) => "RenderFailed",
             Error::Apply(..) => "ApplyFailed",
+            Error::Status(_) => "StatusFailed",
         };
         NotInForce { reason, message: crate::error_chain(self) }
     }
@@ -77,6 +82,8 @@ pub struct Settings {
     pub tls_dir: String,
     /// Quiet time before a reconcile, so a burst of changes causes one write.
     pub debounce: Duration,
+    /// Longest wait from the first change to the reconcile, however busy the cluster is.
+    pub debounce_max: Duration,
     /// This replica's name, for events.
     pub identity: String,
 }
@@ -132,9 +139,8 @@ pub async fn run(
                 state.last_hash = None;
             }
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(settings.debounce) => {}
+        if !settle(&wake, settings.debounce, settings.debounce_max, &shutdown).await {
+            return;
         }
         if !*leader.borrow() {
             continue;
@@ -187,6 +193,26 @@ async fn warn_once(
         debug!(error = %e, "cannot publish event");
     }
     state.warned.insert(key, note);
+}
+
+/// Waits until `quiet` passes without a new change, or `max` after the first one, whichever comes
+/// first (a quiet period, not a fixed sleep: a change that lands during the wait extends it, up to
+/// `max`). Returns false on shutdown.
+async fn settle(wake: &Notify, quiet: Duration, max: Duration, shutdown: &CancellationToken) -> bool {
+    let deadline = tokio::time::Instant::now() + max;
+    loop {
+        let until = (tokio::time::Instant::now() + quiet).min(deadline);
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep_until(until) => return true,
+            () = wake.notified() => {
+                if tokio::time::Instant::now() >= deadline {
+                    // This change is covered by the reconcile about to run.
+                    return true;
+                }
+            }
+        }
+    }
 }
 
 async fn reconcile(
@@ -339,6 +365,9 @@ async fn reconcile(
         .collect();
     let cluster_by_name: HashMap<&str, &Arc<ClusterTunnelPolicy>> =
         cluster_policies.iter().map(|p| (p.metadata.name.as_deref().unwrap_or_default(), p)).collect();
+    // The first failed status write stops the others (an API outage gives one error, not one per
+    // policy); the loop retries with backoff.
+    let mut status_error: Option<kube::Error> = None;
     for o in &outcomes {
         // Cluster policies' outcomes have no namespace.
         if o.namespace.is_empty() {
@@ -350,8 +379,8 @@ async fn reconcile(
             }
             let desired =
                 status::desired(o, p.metadata.generation, &s.config_name(), in_force, p.status.as_ref(), &now);
-            if p.status.as_ref() != Some(&desired) {
-                write_cluster_status(client, p, &desired).await;
+            if p.status.as_ref() != Some(&desired) && status_error.is_none() {
+                status_error = write_cluster_status(client, p, &desired).await.err();
             }
             if let Err(errs) = &o.result {
                 let note = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
@@ -368,8 +397,8 @@ async fn reconcile(
             rejected += 1
         }
         let desired = status::desired(o, p.metadata.generation, &s.config_name(), in_force, p.status.as_ref(), &now);
-        if p.status.as_ref() != Some(&desired) {
-            write_status(client, p, &desired).await;
+        if p.status.as_ref() != Some(&desired) && status_error.is_none() {
+            status_error = write_status(client, p, &desired).await.err();
         }
         if let Err(errs) = &o.result {
             let note = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
@@ -381,7 +410,8 @@ async fn reconcile(
     state.warned.retain(|k, _| live.contains(k));
     metrics.policies.with_label_values(&["accepted"]).set(accepted);
     metrics.policies.with_label_values(&["rejected"]).set(rejected);
-    applied.map(|_| ())
+    applied?;
+    status_error.map_or(Ok(()), |e| Err(Error::Status(e)))
 }
 
 #[cfg(test)]

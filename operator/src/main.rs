@@ -31,9 +31,12 @@ struct Args {
     /// Admin server (metrics, health).
     #[arg(long, default_value = "0.0.0.0:8080")]
     admin_bind: SocketAddr,
-    /// Quiet time before a reconcile, so bursts of changes become one write.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// Quiet time before a reconcile: a change within it restarts it, so bursts become one write.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     debounce: Duration,
+    /// Longest wait from the first change to the reconcile, however long changes keep coming.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    debounce_max: Duration,
     /// Take part in leader election through a coordination.k8s.io Lease (one writer at a time).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
@@ -127,6 +130,7 @@ async fn run(args: Args) -> i32 {
         release: args.release,
         tls_dir: args.tls_dir,
         debounce: args.debounce,
+        debounce_max: args.debounce_max.max(args.debounce),
         identity,
     };
     info!(namespace = %settings.namespace, release = %settings.release, "starting");

@@ -117,15 +117,13 @@ pub fn desired(
                     old_conditions,
                     now,
                 ),
-                Ok(hash) => condition(
+                // No document hash here: a change elsewhere must not rewrite every policy's status
+                // (one write and one watch event per policy per change, at any scale).
+                Ok(_) => condition(
                     "Ready",
                     true,
                     "Applied",
-                    format!(
-                        "rules {} are in ConfigMap {config_name} (sha256 {})",
-                        a.rules.join(", "),
-                        hash.get(..12).unwrap_or(hash)
-                    ),
+                    format!("rules {} are in ConfigMap {config_name}", a.rules.join(", ")),
                     generation,
                     old_conditions,
                     now,
@@ -176,8 +174,8 @@ mod tests {
             (s1.conditions[1].type_.as_str(), s1.conditions[1].status.as_str(), s1.conditions[1].reason.as_str()),
             ("Ready", "True", "Applied")
         );
-        // Same status later: the transition time does not move, so nothing needs writing.
-        let s2 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), Some(&s1), &t("2026-01-02T00:00:00Z"));
+        // Same status later, after other policies changed the document: nothing needs writing.
+        let s2 = desired(&ok, Some(3), "tg-proxy", Ok("0123456789abcdef"), Some(&s1), &t("2026-01-02T00:00:00Z"));
         assert_eq!(s1, s2);
         // Invalid: both conditions False, the message names the field.
         let bad = PolicyOutcome {

@@ -8,27 +8,40 @@ use k8s_openapi::ByteString;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{Error, LoopState, Settings, HASH_ANNOTATION, MANAGER};
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy, TunnelPolicyStatus};
 use crate::metrics::Metrics;
 use crate::render;
 
-pub(super) async fn write_status(client: &Client, p: &TunnelPolicy, status: &TunnelPolicyStatus) {
-    let (Some(ns), Some(name)) = (p.metadata.namespace.as_deref(), p.metadata.name.as_deref()) else { return };
+/// Writes a policy's status. A policy deleted meanwhile is not an error (the write raced the delete).
+pub(super) async fn write_status(
+    client: &Client,
+    p: &TunnelPolicy,
+    status: &TunnelPolicyStatus,
+) -> Result<(), kube::Error> {
+    let (Some(ns), Some(name)) = (p.metadata.namespace.as_deref(), p.metadata.name.as_deref()) else { return Ok(()) };
     let api = Api::<TunnelPolicy>::namespaced(client.clone(), ns);
-    if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await {
-        warn!(policy = %format!("{ns}/{name}"), error = %e, "cannot write status");
+    not_found_is_ok(api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await)
+}
+
+fn not_found_is_ok<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
-pub(super) async fn write_cluster_status(client: &Client, p: &ClusterTunnelPolicy, status: &TunnelPolicyStatus) {
-    let Some(name) = p.metadata.name.as_deref() else { return };
+pub(super) async fn write_cluster_status(
+    client: &Client,
+    p: &ClusterTunnelPolicy,
+    status: &TunnelPolicyStatus,
+) -> Result<(), kube::Error> {
+    let Some(name) = p.metadata.name.as_deref() else { return Ok(()) };
     let api = Api::<ClusterTunnelPolicy>::all(client.clone());
-    if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await {
-        warn!(policy = %name, error = %e, "cannot write status");
-    }
+    not_found_is_ok(api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await)
 }
 
 /// Server-side applies the Secret (first, so the files exist) and the ConfigMap when the hash changed.

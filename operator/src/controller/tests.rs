@@ -16,6 +16,7 @@ fn settings() -> Settings {
         release: "tunnelgate".into(),
         tls_dir: "/etc/tunnelgate/tls".into(),
         debounce: Duration::from_millis(1),
+        debounce_max: Duration::from_millis(1),
         identity: "t".into(),
     }
 }
@@ -100,4 +101,31 @@ async fn unchanged_hash_in_force_writes_nothing() {
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
     assert_eq!(calls.await.unwrap(), vec!["GET /api/v1/namespaces/tg/configmaps/tunnelgate-proxy".to_owned()]);
     assert_eq!(metrics.config_writes.with_label_values(&["unchanged"]).get(), 2);
+}
+
+/// The debounce is a quiet period bounded by a maximum wait: a lone change waits `quiet`, a
+/// stream of changes never delays the reconcile past `max`.
+#[tokio::test(start_paused = true)]
+async fn settle_is_a_quiet_period_with_a_maximum_wait() {
+    let wake = Arc::new(Notify::new());
+    let stop = CancellationToken::new();
+    let (quiet, max) = (Duration::from_millis(50), Duration::from_millis(250));
+    let t0 = tokio::time::Instant::now();
+    assert!(settle(&wake, quiet, max, &stop).await);
+    assert_eq!(t0.elapsed(), quiet);
+    // Changes every 30 ms, for a second: the reconcile still runs at 250 ms.
+    let w = wake.clone();
+    let churn = tokio::spawn(async move {
+        for _ in 0..33 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            w.notify_one();
+        }
+    });
+    let t1 = tokio::time::Instant::now();
+    assert!(settle(&wake, quiet, max, &stop).await);
+    let waited = t1.elapsed();
+    assert!(waited >= max && waited < max + Duration::from_millis(30), "{waited:?}");
+    churn.abort();
+    stop.cancel();
+    assert!(!settle(&wake, quiet, max, &stop).await, "shutdown ends the wait");
 }
