@@ -313,3 +313,19 @@ def test_cluster_networks_and_the_rbac_that_learns_them():
     assert role["metadata"]["namespace"] == "default"
     assert all(v in ("get", "list", "watch") for r in role["rules"] for v in r["verbs"]), "read-only"
     assert find(docs, "RoleBinding", "-operator-apiserver")["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_node_egress_survives_rollouts_and_taints():
+    ds = find(render({}), "DaemonSet", "-proxy")
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    spec = ds["spec"]["template"]["spec"]
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    # A hostPort cannot be shared by two pods on a node: replaced in place instead.
+    hp = find(render(CASES["hostport"]), "DaemonSet", "-proxy")
+    assert hp["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    with pytest.raises(helm.HelmError, match="cannot both be 0"):
+        render({"proxy": {"updateStrategy": {"maxSurge": 0, "maxUnavailable": 0}}})
+    pdb = find(render({}), "PodDisruptionBudget", "-operator")
+    dep = find(render({}), "Deployment", "-operator")
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
