@@ -829,6 +829,24 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
     })
     .await;
 
+    // A DryRun Deny counts what it would refuse, and refuses nothing.
+    let mut dry = policy("would-block", "web", json!({ "cidrs": ["127.0.0.2/32"] }));
+    dry.spec.action = tunnelgate_operator::crd::PolicyAction::Deny;
+    dry.spec.enforcement = Some(tunnelgate_operator::crd::Enforcement::DryRun);
+    tps.create(&PostParams::default(), &dry).await.unwrap();
+    until("dry-run rule rendered", 20, || async {
+        cms.get("tunnelgate-proxy").await.unwrap().data.unwrap()["config.yaml"].contains("dryRun: true")
+    })
+    .await;
+    let metrics_addr = format!("127.0.0.1:{admin}");
+    until("would_deny counted, nothing refused", 20, || async {
+        connect_from("127.0.0.13", proxy_addr, target).await == 200
+            && reqwest_get(&metrics_addr, "/metrics").await.lines().any(|l| {
+                l.starts_with("tunnelgate_policy_dry_run_total{rule=\"shop/would-block\",verdict=\"would_deny\"}")
+            })
+    })
+    .await;
+
     // The cluster's own networks follow the API: a node joins, the API server's Service exists.
     Api::<k8s_openapi::api::core::v1::Node>::all(c.clone())
         .create(

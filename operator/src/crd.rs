@@ -60,6 +60,18 @@ pub struct TunnelPolicySpec {
     /// Per-tunnel limits for tunnels this policy allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelaySpec>,
+    /// `Enforce` (default) or `DryRun`: a DryRun policy refuses and allows nothing; the proxies
+    /// count what it would have changed (`tunnelgate_policy_dry_run_total{rule,verdict}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
+}
+
+/// Whether a policy's rules decide, or only report what they would decide.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Enforcement {
+    #[default]
+    Enforce,
+    DryRun,
 }
 
 /// The priority of a ClusterTunnelPolicy that does not set one: the weakest.
@@ -113,6 +125,9 @@ pub struct ClusterTunnelPolicySpec {
     /// Per-tunnel limits for tunnels this policy allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelaySpec>,
+    /// `Enforce` (default) or `DryRun` (see TunnelPolicy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
 }
 
 impl ClusterTunnelPolicySpec {
@@ -123,6 +138,7 @@ impl ClusterTunnelPolicySpec {
             action: self.action,
             destinations: self.destinations.clone(),
             relay: self.relay.clone(),
+            enforcement: self.enforcement,
         }
     }
 }

@@ -291,6 +291,9 @@ fn push_rules(
         if let Some(p) = priority {
             rule.insert("priority".into(), json!(p));
         }
+        if v.dry_run {
+            rule.insert("dryRun".into(), json!(true));
+        }
         rule.extend(d.clone());
         rules.push(Value::Object(rule));
         names.push(name);

@@ -36,6 +36,8 @@ pub struct ValidPolicy {
     pub destinations: Vec<Map<String, Value>>,
     /// For `kubectl get`: `api.github.com:443, 203.0.113.0/24:5432`.
     pub summary: String,
+    /// `enforcement: DryRun`: the rules are rendered with `dryRun: true`.
+    pub dry_run: bool,
 }
 
 /// Validates `spec`; every problem found is returned, not just the first.
@@ -132,7 +134,13 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
         PolicyAction::Deny => "deny",
     };
     match (errs.is_empty(), selector) {
-        (true, Some(selector)) => Ok(ValidPolicy { selector, action, destinations, summary: summarize(&summary) }),
+        (true, Some(selector)) => Ok(ValidPolicy {
+            selector,
+            action,
+            destinations,
+            summary: summarize(&summary),
+            dry_run: spec.enforcement == Some(crate::crd::Enforcement::DryRun),
+        }),
         _ => Err(errs),
     }
 }

@@ -381,6 +381,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         Some(s) => errs.take("policy.defaultAction", parse_action(s)).unwrap_or(Action::Deny),
     };
     let mut rules = Vec::new();
+    let mut dry_run = Vec::new();
     let mut rule_names = HashSet::new();
     for (i, rr) in pol.rules.into_iter().enumerate() {
         let p = format!("policy.rules[{i}]");
@@ -429,7 +430,8 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
                 errs.push(format!("{p}.priority"), format!("must be between 0 and {MAX_PRIORITY}"));
             }
             let priority = rr.priority;
-            rules.push(Rule {
+            let target = if rr.dry_run == Some(true) { &mut dry_run } else { &mut rules };
+            target.push(Rule {
                 name: rr.name,
                 action,
                 clients,
@@ -444,6 +446,24 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         }
     }
     let cluster_networks = list(&mut errs, "policy.clusterNetworks", pol.cluster_networks, parse_net);
+    // Dry-run rules decide nothing; a shadow policy that enforces them too tells what they would do.
+    let shadow = (!dry_run.is_empty()).then(|| {
+        let mut all = rules.clone();
+        let first_dry_run = all.len();
+        all.extend(dry_run);
+        crate::policy::Shadow {
+            policy: Box::new(Policy {
+                default_action,
+                deny_private_addresses: pol.deny_private_addresses.unwrap_or(true),
+                reevaluate_on_reload: false,
+                cluster_networks: cluster_networks.clone(),
+                rules: all,
+                defaults,
+                shadow: None,
+            }),
+            first_dry_run,
+        }
+    });
     if cluster_networks.len() > MAX_CLUSTER_NETWORKS {
         errs.push("policy.clusterNetworks", format!("at most {MAX_CLUSTER_NETWORKS} entries"));
     }
@@ -454,6 +474,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         cluster_networks,
         rules,
         defaults,
+        shadow,
     };
 
     // dns

@@ -30,6 +30,6 @@ pub use config::{
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};
-pub use policy::{Action, Decision, DenyReason, Policy, PreDecision, Rule, TunnelLimits};
+pub use policy::{Action, Decision, DenyReason, DryRunVerdict, Policy, PreDecision, Rule, TunnelLimits};
 pub use tls::{Acme, ClientAuth, ListenerTls, TlsFiles, TlsVersion};
 pub use warnings::ConfigWarning;

@@ -238,6 +238,42 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Limits for tunnels whose rules leave a field unset.
     pub defaults: TunnelLimits,
+    /// When some rules are dry-run: the policy that also enforces them (see [`Policy::dry_run`]).
+    pub shadow: Option<Shadow>,
+}
+
+/// The policy with the dry-run rules enforced too; its rules from `first_dry_run` on are the
+/// dry-run ones.
+#[derive(Debug, Clone)]
+pub struct Shadow {
+    pub policy: Box<Policy>,
+    pub first_dry_run: usize,
+}
+
+/// What a dry-run rule would have changed about a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DryRunVerdict {
+    /// The request was allowed; this dry-run rule would have refused it.
+    WouldDeny(String),
+    /// The request was refused; this dry-run rule would have allowed it.
+    WouldAllow(String),
+}
+
+impl DryRunVerdict {
+    /// `would_deny` or `would_allow` (a metric label).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DryRunVerdict::WouldDeny(_) => "would_deny",
+            DryRunVerdict::WouldAllow(_) => "would_allow",
+        }
+    }
+
+    /// The dry-run rule's name.
+    pub fn rule(&self) -> &str {
+        match self {
+            DryRunVerdict::WouldDeny(r) | DryRunVerdict::WouldAllow(r) => r,
+        }
+    }
 }
 
 impl Policy {
@@ -341,6 +377,53 @@ impl Policy {
             }
         }
         Decision::Allow { rule: first_allow, limits: self.defaults.with(overrides.unwrap_or_default()) }
+    }
+
+    /// What the dry-run rules would have changed about `enforced`, the decision this policy made
+    /// for the same request: decided again with them enforced (one evaluation, the same code), and
+    /// reported when the outcome flips because of a dry-run rule.
+    pub fn dry_run(
+        &self,
+        client: IpAddr,
+        user: Option<&str>,
+        host: &Host,
+        port: u16,
+        addrs: &[IpAddr],
+        enforced: &Decision,
+    ) -> Option<DryRunVerdict> {
+        let shadow = self.shadow.as_ref()?;
+        let is_dry = |rule: Option<usize>| rule.filter(|i| *i >= shadow.first_dry_run);
+        let name = |i: usize| shadow.policy.rules[i].name.clone();
+        match (enforced, shadow.policy.decide_as(client, user, host, port, addrs)) {
+            (Decision::Allow { .. }, Decision::Deny { rule, .. }) => {
+                is_dry(rule).map(|i| DryRunVerdict::WouldDeny(name(i)))
+            }
+            (Decision::Deny { .. }, Decision::Allow { rule, .. }) => {
+                is_dry(rule).map(|i| DryRunVerdict::WouldAllow(name(i)))
+            }
+            _ => None,
+        }
+    }
+
+    /// [`Policy::dry_run`] for a request the name alone denied (no DNS query was made): only a
+    /// dry-run allow that names the host can be judged, and only against the default deny.
+    pub fn dry_run_by_name(
+        &self,
+        client: IpAddr,
+        user: Option<&str>,
+        name: &HostName,
+        port: u16,
+        enforced: &Decision,
+    ) -> Option<DryRunVerdict> {
+        let shadow = self.shadow.as_ref()?;
+        if !matches!(enforced, Decision::Deny { reason: DenyReason::Default, .. }) {
+            return None;
+        }
+        let host = Host::Name(name.clone());
+        shadow.policy.rules[shadow.first_dry_run..]
+            .iter()
+            .find(|r| r.action == Action::Allow && r.matches(client, user, &host, port, None))
+            .map(|r| DryRunVerdict::WouldAllow(r.name.clone()))
     }
 
     /// Why `addr` is refused unless an allow rule opens it, if it is.

@@ -133,6 +133,7 @@ pub(crate) struct RawRule {
     pub(crate) ports: Option<Vec<RawPort>>,
     pub(crate) relay: Option<RawRuleRelay>,
     pub(crate) priority: Option<u32>,
+    pub(crate) dry_run: Option<bool>,
 }
 
 /// A port is written as a number (`443`) or a range string (`"8000-8099"`).

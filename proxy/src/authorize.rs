@@ -93,6 +93,15 @@ pub fn host_addresses() -> Vec<IpAddr> {
     }
 }
 
+/// Counts a dry-run verdict and, with the access log on, logs it: the rule's name and the verdict
+/// only (no client, no target).
+fn dry_run_seen(snapshot: &Snapshot, inner: &Inner, v: &proxy_config::DryRunVerdict) {
+    inner.metrics.policy_dry_run.with_label_values(&[v.rule(), v.as_str()]).inc();
+    if snapshot.config.logging.access_log {
+        tracing::info!(target: "tunnelgate::access", rule = v.rule(), verdict = v.as_str(), "dry-run rule");
+    }
+}
+
 /// Authorizes `auth` for `client` under `snapshot`, resolving names through its cached resolver;
 /// counts the decision.
 pub async fn authorize(
@@ -117,12 +126,24 @@ pub async fn authorize(
         Host::Ip(ip) => vec![*ip],
         Host::Name(name) => {
             if let PreDecision::Deny(d) = policy.pre_resolve_as(client, user.as_deref(), name, auth.port) {
+                if let Some(v) = policy.dry_run_by_name(client, user.as_deref(), name, auth.port, &d) {
+                    dry_run_seen(snapshot, inner, &v);
+                }
                 return Err(deny(&d));
             }
             snapshot.resolver.resolve(name, m).await?
         }
     };
-    match decide(policy, client, user.as_deref(), auth, &addrs, |ip, port| inner.is_self(ip, port)) {
+    let verdict = decide(policy, client, user.as_deref(), auth, &addrs, |ip, port| inner.is_self(ip, port));
+    let decision = match &verdict {
+        Verdict::Allow { rule, limits } => Some(Decision::Allow { rule: *rule, limits: *limits }),
+        Verdict::Deny(d) => Some(d.clone()),
+        Verdict::SelfConnect => None,
+    };
+    if let Some(v) = decision.and_then(|d| policy.dry_run(client, user.as_deref(), &auth.host, auth.port, &addrs, &d)) {
+        dry_run_seen(snapshot, inner, &v);
+    }
+    match verdict {
         Verdict::Allow { rule, limits } => {
             let name = policy.rule_name(rule).to_owned();
             m.policy_decisions.with_label_values(&["allow", &name]).inc();

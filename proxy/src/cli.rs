@@ -135,6 +135,7 @@ pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, re
             if let PreDecision::Deny(d) = policy.pre_resolve_as(client, user, name, auth.port) {
                 describe(&mut out, policy, &d, &auth, &[]);
                 let _ = writeln!(out, "resolved: no (decided by name, no DNS query)");
+                dry_run_line(&mut out, policy.dry_run_by_name(client, user, name, auth.port, &d));
                 return (0, out);
             }
             if resolve.is_empty() {
@@ -150,8 +151,15 @@ pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, re
     let host = authorize::host_addresses();
     let own = |ip, port| authorize::is_own_endpoint(&endpoints, &host, ip, port);
     match authorize::decide(policy, client, user, &auth, &addrs, own) {
-        Verdict::Allow { rule, limits } => describe(&mut out, policy, &Decision::Allow { rule, limits }, &auth, &addrs),
-        Verdict::Deny(d) => describe(&mut out, policy, &d, &auth, &addrs),
+        Verdict::Allow { rule, limits } => {
+            let d = Decision::Allow { rule, limits };
+            describe(&mut out, policy, &d, &auth, &addrs);
+            dry_run_line(&mut out, policy.dry_run(client, user, &auth.host, auth.port, &addrs, &d));
+        }
+        Verdict::Deny(d) => {
+            describe(&mut out, policy, &d, &auth, &addrs);
+            dry_run_line(&mut out, policy.dry_run(client, user, &auth.host, auth.port, &addrs, &d));
+        }
         Verdict::SelfConnect => {
             let _ = writeln!(
                 out,
@@ -160,6 +168,17 @@ pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, re
         }
     }
     (0, out)
+}
+
+/// The dry-run verdict, apart from the enforced decision.
+fn dry_run_line(out: &mut String, v: Option<proxy_config::DryRunVerdict>) {
+    if let Some(v) = v {
+        let what = match v {
+            proxy_config::DryRunVerdict::WouldDeny(_) => "would deny it",
+            proxy_config::DryRunVerdict::WouldAllow(_) => "would allow it",
+        };
+        let _ = writeln!(out, "dry run: rule {} {what} (not enforced)", v.rule());
+    }
 }
 
 /// `host:port` (a CONNECT target) or `http://host[:port][/path]` (a plain-HTTP target, port 80

@@ -24,6 +24,8 @@ pub struct ProxyMetrics {
     pub dns_lookups: IntCounterVec,
     /// `decision` = allow | deny, `rule` = rule name, `default` or `self`.
     pub policy_decisions: IntCounterVec,
+    /// Dry-run rules' verdicts by `rule` and `verdict` (would_deny, would_allow).
+    pub policy_dry_run: IntCounterVec,
     /// `listener`, `result` (success, failure, timeout, unrecognized_name, acme_challenge) and
     /// `version` (TLSv1.2, TLSv1.3; `unknown` unless the handshake succeeded).
     pub tls_handshakes: IntCounterVec,
@@ -96,6 +98,10 @@ impl ProxyMetrics {
             policy_decisions: IntCounterVec::new(
                 Opts::new("tunnelgate_policy_decisions_total", "Policy decisions by deciding rule"),
                 &["decision", "rule"],
+            )?,
+            policy_dry_run: IntCounterVec::new(
+                Opts::new("tunnelgate_policy_dry_run_total", "What dry-run rules would have changed"),
+                &["rule", "verdict"],
             )?,
             tls_handshakes: IntCounterVec::new(
                 Opts::new("tunnelgate_tls_handshakes_total", "TLS handshakes with clients"),
@@ -173,6 +179,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.dns_lookups.clone()))?;
         registry.register(Box::new(m.policy_decisions.clone()))?;
         registry.register(Box::new(m.tls_handshakes.clone()))?;
+        registry.register(Box::new(m.policy_dry_run.clone()))?;
         registry.register(Box::new(m.tls_handshake_duration.clone()))?;
         registry.register(Box::new(m.acme_events.clone()))?;
         registry.register(Box::new(m.accept_errors.clone()))?;

@@ -22,6 +22,7 @@ fn spec(action: PolicyAction, app: &str, hosts: &[&str]) -> TunnelPolicySpec {
             ..Default::default()
         }],
         relay: None,
+        enforcement: None,
     }
 }
 
@@ -423,6 +424,7 @@ fn cluster_spec(
             ..Default::default()
         }],
         relay: None,
+        enforcement: None,
     }
 }
 
@@ -571,4 +573,15 @@ fn cluster_networks_join_the_bases_sorted_and_deduplicated() {
     let bad = BASE.replace("policy: {denyPrivateAddresses: true}", "policy: {clusterNetworks: ['10.96.0.0/33']}");
     let r = render(&Input { base: &bad, ..input }).1;
     assert!(matches!(r, Err(RenderError::Invalid(e)) if e.to_string().contains("policy.clusterNetworks")));
+}
+
+#[test]
+fn dry_run_policies_render_rules_the_proxy_does_not_enforce() {
+    let mut s = spec(PolicyAction::Deny, "a", &["x.test"]);
+    s.enforcement = Some(crate::crd::Enforcement::DryRun);
+    let (_, r) = run(&[("ns", "p", s)], &[pod("ns", "a", "10.0.0.1")]);
+    let r = r.unwrap();
+    assert_eq!(rules(&r)[0]["dryRun"], json!(true));
+    let policy = proxy_config::ProxyConfig::from_yaml(&r.config).unwrap().policy;
+    assert!(policy.rules.is_empty() && policy.shadow.is_some(), "counted, never enforced");
 }

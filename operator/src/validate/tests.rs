@@ -4,7 +4,13 @@ use crate::crd::{Destination, RelaySpec};
 use serde::Deserialize;
 
 fn spec(dests: Vec<Destination>) -> TunnelPolicySpec {
-    TunnelPolicySpec { pod_selector: Default::default(), action: PolicyAction::Allow, destinations: dests, relay: None }
+    TunnelPolicySpec {
+        pod_selector: Default::default(),
+        action: PolicyAction::Allow,
+        destinations: dests,
+        relay: None,
+        enforcement: None,
+    }
 }
 
 fn hosts(h: &[&str]) -> Destination {

@@ -364,3 +364,40 @@ fn cluster_networks_are_refused_unless_a_contained_cidr_opens_them() {
         .to_string()
         .contains("policy.clusterNetworks[3]"));
 }
+
+/// Dry-run rules decide nothing; the verdict says what they would have changed.
+#[test]
+fn dry_run_rules_only_report_what_they_would_change() {
+    let rules = r#"
+    - {name: web, action: allow, clients: ["10.0.0.0/24"], hosts: [api.test]}
+    - {name: ns/p-deny, action: deny, dryRun: true, clients: ["10.0.0.5/32"], hosts: [api.test]}
+    - {name: ns/p-allow, action: allow, dryRun: true, clients: ["10.0.0.9/32"], hosts: [new.test]}
+"#;
+    let p = policy(rules, "deny");
+    assert_eq!(p.rules.len(), 1, "dry-run rules are not enforced");
+    let host = |n: &str| Host::Name(crate::host::normalize_name(n).unwrap());
+    let a = [ip("93.184.216.34")];
+    let run = |client: &str, name: &str| {
+        let d = p.decide(ip(client), &host(name), 443, &a);
+        let v = p.dry_run(ip(client), None, &host(name), 443, &a, &d);
+        (matches!(d, Decision::Allow { .. }), v)
+    };
+    assert_eq!(run("10.0.0.5", "api.test"), (true, Some(DryRunVerdict::WouldDeny("ns/p-deny".into()))));
+    assert_eq!(run("10.0.0.6", "api.test"), (true, None), "the dry-run deny does not select this client");
+    assert_eq!(run("10.0.0.9", "new.test"), (false, Some(DryRunVerdict::WouldAllow("ns/p-allow".into()))));
+    assert_eq!(run("10.0.0.8", "new.test"), (false, None));
+    assert!(policy("    - {name: a, action: allow, hosts: [x.test]}\n", "deny").shadow.is_none());
+}
+
+#[test]
+fn a_dry_run_allow_is_judged_when_the_name_alone_was_denied() {
+    let p = policy("    - {name: ns/new, action: allow, dryRun: true, hosts: [new.test]}\n", "deny");
+    let name = crate::host::normalize_name("new.test").unwrap();
+    let PreDecision::Deny(d) = p.pre_resolve(ip("10.0.0.1"), &name, 443) else { panic!("denied without DNS") };
+    assert_eq!(
+        p.dry_run_by_name(ip("10.0.0.1"), None, &name, 443, &d),
+        Some(DryRunVerdict::WouldAllow("ns/new".into()))
+    );
+    let other = crate::host::normalize_name("other.test").unwrap();
+    assert_eq!(p.dry_run_by_name(ip("10.0.0.1"), None, &other, 443, &d), None);
+}

@@ -196,6 +196,24 @@ fn cli_explain_names_the_deciding_rule() {
     );
     let (_, out) = run(&["explain", "--config", f, "--client", "1.2.3.4", "--target", "10.0.0.1:5432"]);
     assert!(out.contains("decision: deny") && out.contains("rule: default"), "{out}");
+    // A dry-run rule is shown apart from the decision.
+    let dry = dir.0.join("dry.yaml");
+    std::fs::write(&dry, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\npolicy:\n  rules:\n    - {name: gh, action: allow, hosts: [api.github.com]}\n    - {name: ns/tighten, action: deny, dryRun: true, hosts: [api.github.com]}\n").unwrap();
+    let (_, out) = run(&[
+        "explain",
+        "--config",
+        dry.to_str().unwrap(),
+        "--client",
+        "10.0.0.1",
+        "--target",
+        "api.github.com:443",
+        "--resolve",
+        "140.82.112.5",
+    ]);
+    assert!(
+        out.contains("decision: allow") && out.contains("dry run: rule ns/tighten would deny it (not enforced)"),
+        "{out}"
+    );
     // The cluster's own networks: refused with their reason and the way to open them.
     let cluster = dir.0.join("cluster.yaml");
     std::fs::write(&cluster, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\npolicy:\n  defaultAction: allow\n  clusterNetworks: ['34.118.224.0/20']\n  rules:\n    - {name: anywhere, action: allow, cidrs: ['0.0.0.0/0']}\n").unwrap();

@@ -6,6 +6,7 @@ mod support;
 mod acme;
 mod auth;
 mod binary;
+mod dryrun;
 mod http;
 mod parsing;
 mod reload;
