@@ -1,5 +1,7 @@
 //! The admin HTTP server on its own port, exempt from the connection caps: `/metrics`,
-//! `/healthz` (alive), `/readyz` (serving and not draining), `/config` (what is in force).
+//! `/healthz` (alive), `/readyz` (serving and not draining), `/config` (what is in force;
+//! `?since=N&timeout=S` long-polls until it changes, so the operator's rollout view costs one idle
+//! connection per proxy, not a polling storm).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -35,15 +37,40 @@ pub async fn run(inner: Arc<Inner>, listener: TcpListener, stop: CancellationTok
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let inner = inner.clone();
-                async move { Ok::<_, Infallible>(route(&inner, &req)) }
+                async move {
+                    if req.uri().path() == "/config" && req.method() == Method::GET {
+                        return Ok::<_, Infallible>(config(&inner, req.uri().query()).await);
+                    }
+                    Ok::<_, Infallible>(route(&inner, &req))
+                }
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(5))
                 .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+            // Long enough for a long-polled /config (at most LONG_POLL_MAX) plus the request.
+            let _ = tokio::time::timeout(LONG_POLL_MAX + std::time::Duration::from_secs(30), conn).await;
         });
     }
+}
+
+/// Longest `/config` long-poll.
+const LONG_POLL_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `/config`; with `since=N`, waits (up to `timeout` seconds, at most 60) until the change counter
+/// differs from N.
+async fn config(inner: &Inner, query: Option<&str>) -> Response<Full<Bytes>> {
+    let param =
+        |name: &str| query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok());
+    let mut changes = inner.watch_changes();
+    if let Some(since) = param("since") {
+        let wait = std::time::Duration::from_secs(param("timeout").unwrap_or(30)).min(LONG_POLL_MAX);
+        let _ = tokio::time::timeout(wait, changes.wait_for(|n| *n != since)).await;
+    }
+    let counter = *changes.borrow();
+    let mut doc = inner.snapshot().describe(inner.reload_failure());
+    doc["changes"] = serde_json::json!(counter);
+    text(StatusCode::OK, doc.to_string(), "application/json")
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &str) -> Response<Full<Bytes>> {
@@ -82,7 +109,9 @@ fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, "ready\n", "text/plain")
             }
         }
-        "/config" => text(StatusCode::OK, inner.snapshot().describe().to_string(), "application/json"),
+        "/config" => {
+            text(StatusCode::OK, inner.snapshot().describe(inner.reload_failure()).to_string(), "application/json")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
     }
 }

@@ -39,6 +39,8 @@ pub struct ProxyMetrics {
     pub config_reloads: IntCounterVec,
     /// Generation of the config in force (1 at start).
     pub config_generation: IntGauge,
+    /// The operator's render number of the config in force (0 when it has none).
+    pub config_render: IntGauge,
     /// Unix time of the last successful (re)load.
     pub config_last_reload_success: IntGauge,
     /// 1 while draining after SIGTERM.
@@ -125,6 +127,10 @@ impl ProxyMetrics {
                 "tunnelgate_config_generation",
                 "Generation of the configuration in force",
             )?,
+            config_render: IntGauge::new(
+                "tunnelgate_config_render",
+                "The operator's render number of the configuration in force (0: none)",
+            )?,
             config_last_reload_success: IntGauge::new(
                 "tunnelgate_config_last_reload_success_timestamp_seconds",
                 "Unix time of the last successful configuration load",
@@ -185,6 +191,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.accept_errors.clone()))?;
         registry.register(Box::new(m.config_reloads.clone()))?;
         registry.register(Box::new(m.config_generation.clone()))?;
+        registry.register(Box::new(m.config_render.clone()))?;
         registry.register(Box::new(m.config_last_reload_success.clone()))?;
         registry.register(Box::new(m.draining.clone()))?;
         registry.register(Box::new(m.drain_forced_closes.clone()))?;

@@ -47,6 +47,21 @@ pub enum ReloadError {
     Draining,
 }
 
+impl ReloadError {
+    /// A closed-set reason, for `/config` and the operator's rollout report.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReloadError::Read { .. } => "read",
+            ReloadError::Invalid(_) => "invalid",
+            ReloadError::Snapshot(SnapshotError::Tls { .. }) => "tls",
+            ReloadError::Snapshot(SnapshotError::Resolver(_)) => "dns",
+            ReloadError::Snapshot(SnapshotError::Auth(_)) => "auth",
+            ReloadError::Bind { .. } => "bind",
+            ReloadError::Draining => "draining",
+        }
+    }
+}
+
 /// What a successful reload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadOutcome {
@@ -69,6 +84,7 @@ fn record(inner: &Inner, result: &Result<ReloadOutcome, ReloadError>) {
     let m = &inner.metrics;
     match result {
         Ok(ReloadOutcome::Applied { generation, revoked }) => {
+            inner.set_reload_failure(None);
             m.config_reloads.with_label_values(&["success"]).inc();
             m.config_generation.set(i64::try_from(*generation).unwrap_or(i64::MAX));
             m.config_last_reload_success.set(unix_now());
@@ -77,6 +93,7 @@ fn record(inner: &Inner, result: &Result<ReloadOutcome, ReloadError>) {
         Ok(ReloadOutcome::Unchanged) => debug!("configuration unchanged"),
         Err(ReloadError::Draining) => info!("reload ignored: draining"),
         Err(e) => {
+            inner.set_reload_failure(Some(e.reason()));
             m.config_reloads.with_label_values(&["failure"]).inc();
             warn!(error = %ErrorChain(e), generation = inner.snapshot().generation, "reload failed, keeping the configuration in force");
         }

@@ -40,6 +40,8 @@ pub struct Snapshot {
     /// Hex SHA-256 of the text and of every TLS file it names: equal means nothing to reload.
     pub fingerprint: String,
     pub loaded_at: SystemTime,
+    /// The operator's render number (`# tunnelgate-render: N` in the document), when it has one.
+    pub render: Option<u64>,
     pub resolver: Resolver,
     /// TLS servers by listener name.
     pub tls: HashMap<String, Arc<TlsServer>>,
@@ -82,6 +84,7 @@ impl Snapshot {
             generation,
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
             loaded_at: SystemTime::now(),
+            render: render_number(text),
             resolver,
             tls: acceptors,
             request_limiter,
@@ -89,14 +92,22 @@ impl Snapshot {
         })
     }
 
-    /// The `/config` document: what is in force, without any secret.
-    pub fn describe(&self) -> serde_json::Value {
+    /// The `/config` document: what is in force, without any secret, and whether the last reload
+    /// failed (with a closed-set reason).
+    pub fn describe(&self, reload_failure: Option<&str>) -> serde_json::Value {
         serde_json::json!({
             "generation": self.generation,
             "sha256": self.sha256,
+            "render": self.render,
             "loadedAt": humantime::format_rfc3339_seconds(self.loaded_at).to_string(),
+            "lastReload": {"failed": reload_failure.is_some(), "reason": reload_failure},
         })
     }
+}
+
+/// The render number the operator stamps on the first lines of what it renders.
+fn render_number(text: &str) -> Option<u64> {
+    text.lines().take(4).find_map(|l| l.strip_prefix("# tunnelgate-render: ")?.trim().parse().ok())
 }
 
 /// Digest of `text` and of the TLS files `config` names (unreadable files count as empty, so

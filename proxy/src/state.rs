@@ -62,6 +62,10 @@ pub struct Inner {
     admin_addr: SocketAddr,
     /// ACME certificate sources, which outlive configuration generations.
     pub acme: crate::acme::AcmeCerts,
+    /// Why the last reload failed (`None`: it succeeded, or none was tried).
+    last_reload_failure: Mutex<Option<&'static str>>,
+    /// Bumped on every new snapshot and every reload outcome: `/config` long-polls wait on it.
+    changes: watch::Sender<u64>,
 }
 
 impl Inner {
@@ -74,6 +78,7 @@ impl Inner {
     ) -> Inner {
         let tunnels = Tunnels::new(metrics.tunnels_active.clone());
         let upstream_pool = UpstreamPool::new(metrics.upstream_pool_idle.clone());
+        metrics.config_render.set(snapshot.render.and_then(|r| i64::try_from(r).ok()).unwrap_or(0));
         let (tx, _rx) = watch::channel(snapshot);
         Inner {
             metrics,
@@ -93,6 +98,8 @@ impl Inner {
             reload_lock: tokio::sync::Mutex::new(()),
             admin_addr,
             acme,
+            last_reload_failure: Mutex::new(None),
+            changes: watch::channel(0).0,
         }
     }
 
@@ -102,7 +109,27 @@ impl Inner {
     }
 
     pub(crate) fn publish(&self, s: SharedSnapshot) {
+        self.metrics.config_render.set(s.render.and_then(|r| i64::try_from(r).ok()).unwrap_or(0));
         self.snapshot.send_replace(s);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn set_reload_failure(&self, reason: Option<&'static str>) {
+        let mut f = self.last_reload_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *f != reason {
+            *f = reason;
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Why the last reload failed, if it did.
+    pub fn reload_failure(&self) -> Option<&'static str> {
+        *self.last_reload_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A receiver that sees every change of what `/config` reports.
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Ready: serving, not draining.

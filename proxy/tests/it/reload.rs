@@ -431,3 +431,33 @@ async fn t05_broken_certificate_on_reload_keeps_the_last_good_one() {
     proj.swap(&[("tls.crt", c2.as_bytes()), ("tls.key", k2.as_bytes())]);
     assert!(eventually(5, || async { presented(addr(&p), &[d1.clone(), d2.clone()]).await == d2 }).await);
 }
+
+/// `/config` reports the operator's render number and the last reload's failure, and long-polls
+/// until either changes (the operator's rollout view).
+#[tokio::test]
+async fn config_reports_the_render_and_long_polls_for_changes() {
+    let w = World::new().await;
+    let good = format!("# tunnelgate-render: 7\n{}", w.config(""));
+    let p = start_proxy(&good).await;
+    let doc = |body: String| serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    let (_, body) = admin_get(p.admin, "/config").await;
+    let first = doc(body);
+    assert_eq!(first["render"], 7);
+    assert_eq!(first["lastReload"]["failed"], false);
+    assert_eq!(metric(p.admin, "tunnelgate_config_render").await, 7.0);
+    let since = first["changes"].as_u64().unwrap();
+    // A long-poll returns as soon as a reload fails, with the reason.
+    let admin = p.admin;
+    let poll = tokio::spawn(async move { admin_get(admin, &format!("/config?since={since}&timeout=20")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!poll.is_finished(), "nothing changed yet: the poll waits");
+    let _ = reload::apply(&p.inner, "version: 1\nlisteners: []\n").await;
+    let failed = doc(tokio::time::timeout(Duration::from_secs(5), poll).await.unwrap().unwrap().1);
+    assert_eq!(failed["lastReload"], serde_json::json!({"failed": true, "reason": "invalid"}));
+    assert_eq!(failed["render"], 7, "the last good configuration stays in force");
+    let next = good.replace("render: 7", "render: 8");
+    reload::apply(&p.inner, &next).await.unwrap();
+    let (_, body) = admin_get(p.admin, "/config").await;
+    let now = doc(body);
+    assert_eq!((now["render"].as_u64(), now["lastReload"]["failed"].as_bool()), (Some(8), Some(false)));
+}
