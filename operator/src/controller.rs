@@ -23,15 +23,18 @@ use crate::secrets::{htpasswd_from_secret, tls_from_secret};
 use crate::status::{self, NotInForce};
 
 mod apply;
+mod rollout;
 mod watches;
 
 use apply::{apply, write_cluster_status, write_status};
-use watches::{cluster_networks, pod_in, wait_synced, Caches};
+use watches::{cluster_networks, pod_in, proxy_endpoints, wait_synced, Caches};
 
 /// Field manager of every write (server-side apply).
 pub const MANAGER: &str = "tunnelgate-operator";
 /// Annotation holding the hash of what the operator wrote.
 pub const HASH_ANNOTATION: &str = "tunnelgate.io/config-sha256";
+/// Annotation holding the render number of what the operator wrote (it only grows).
+pub const RENDER_ANNOTATION: &str = "tunnelgate.io/render";
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,8 @@ pub struct Settings {
     pub debounce: Duration,
     /// Longest wait from the first change to the reconcile, however busy the cluster is.
     pub debounce_max: Duration,
+    /// The proxies' admin port, for the rollout view (`None`: not reported).
+    pub proxy_admin_port: Option<u16>,
     /// This replica's name, for events.
     pub identity: String,
 }
@@ -124,7 +129,13 @@ pub async fn run(
         client.clone(),
         Reporter { controller: MANAGER.into(), instance: Some(settings.identity.clone()) },
     );
-    let mut state = LoopState { last_hash: None, warned: HashMap::new() };
+    let mut state = LoopState {
+        last_hash: None,
+        render: 0,
+        policy_renders: HashMap::new(),
+        proxies: settings.proxy_admin_port.map(|port| rollout::Proxies::new(port, wake.clone())),
+        warned: HashMap::new(),
+    };
     metrics.leader.set(i64::from(*leader.borrow()));
     wake.notify_one();
     loop {
@@ -167,6 +178,13 @@ pub async fn run(
 struct LoopState {
     /// Hash of the last document written or found in force.
     last_hash: Option<String>,
+    /// Render number of the last document written or found in force.
+    render: u64,
+    /// Per policy (`ns/name`, `:name` for cluster policies): its generation and rules, and the
+    /// first render that carried them.
+    policy_renders: HashMap<String, (Option<i64>, Vec<String>, u64)>,
+    /// Long-polls of the proxies' `/config`, when the admin port is known.
+    proxies: Option<rollout::Proxies>,
     /// Last warning published per object, so an unchanged problem is not re-announced.
     warned: HashMap<String, String>,
 }
@@ -344,6 +362,50 @@ async fn reconcile(
         (true, Ok(r)) => apply(client, s, metrics, state, &r).await.map(|()| r.hash.clone()),
     };
 
+    // Rollout view: the release's proxy pods and the render each has in force.
+    let view = state.proxies.as_mut().map(|proxies| {
+        let endpoints = proxy_endpoints(&c.pods.state(), ns, &s.release);
+        proxies.sync(&endpoints);
+        proxies.view(&endpoints)
+    });
+    if let Some(v) = &view {
+        for (label, n) in rollout::proxy_states(state.render, v) {
+            metrics.proxies.with_label_values(&[label]).set(n);
+        }
+    }
+    // The render that first carried each policy's current rules (a policy unchanged keeps its own).
+    let mut renders: HashMap<String, u64> = HashMap::new();
+    for o in &outcomes {
+        let Ok(a) = &o.result else { continue };
+        let key = format!("{}/{}", o.namespace, o.name);
+        let generation = if o.namespace.is_empty() {
+            cluster_policies
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(o.name.as_str()))
+                .and_then(|p| p.metadata.generation)
+        } else {
+            policies
+                .iter()
+                .find(|p| {
+                    p.metadata.namespace.as_deref() == Some(o.namespace.as_str())
+                        && p.metadata.name.as_deref() == Some(o.name.as_str())
+                })
+                .and_then(|p| p.metadata.generation)
+        };
+        let current = state.render;
+        let entry = state.policy_renders.entry(key.clone()).or_insert((generation, a.rules.clone(), current));
+        if entry.0 != generation || entry.1 != a.rules {
+            *entry = (generation, a.rules.clone(), current);
+        }
+        renders.insert(key, entry.2);
+    }
+    state.policy_renders.retain(|k, _| renders.contains_key(k));
+    let rollout_of = |o: &render::PolicyOutcome| -> Option<status::Rollout> {
+        let v = view.as_ref()?;
+        applied.as_ref().ok()?;
+        Some(rollout::policy_rollout(*renders.get(&format!("{}/{}", o.namespace, o.name))?, v))
+    };
+
     // Statuses and events.
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let not_in_force = applied.as_ref().err().map(Error::not_in_force);
@@ -377,8 +439,15 @@ async fn reconcile(
             } else {
                 rejected += 1
             }
-            let desired =
-                status::desired(o, p.metadata.generation, &s.config_name(), in_force, p.status.as_ref(), &now);
+            let desired = status::desired(
+                o,
+                p.metadata.generation,
+                &s.config_name(),
+                in_force,
+                p.status.as_ref(),
+                rollout_of(o).as_ref(),
+                &now,
+            );
             if p.status.as_ref() != Some(&desired) && status_error.is_none() {
                 status_error = write_cluster_status(client, p, &desired).await.err();
             }
@@ -396,7 +465,15 @@ async fn reconcile(
         } else {
             rejected += 1
         }
-        let desired = status::desired(o, p.metadata.generation, &s.config_name(), in_force, p.status.as_ref(), &now);
+        let desired = status::desired(
+            o,
+            p.metadata.generation,
+            &s.config_name(),
+            in_force,
+            p.status.as_ref(),
+            rollout_of(o).as_ref(),
+            &now,
+        );
         if p.status.as_ref() != Some(&desired) && status_error.is_none() {
             status_error = write_status(client, p, &desired).await.err();
         }

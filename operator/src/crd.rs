@@ -43,6 +43,7 @@ pub const MAX_PORTS: u32 = 64;
     printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
     printcolumn(name = "Destinations", type_ = "string", json_path = ".status.destinations"),
     printcolumn(name = "Pods", type_ = "integer", json_path = ".status.matchedPods"),
+    printcolumn(name = "Loaded", type_ = "string", json_path = ".status.loaded"),
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -95,6 +96,7 @@ pub const DEFAULT_PRIORITY: u32 = 1000;
     printcolumn(name = "Delegate", type_ = "boolean", json_path = ".spec.delegate"),
     printcolumn(name = "Destinations", type_ = "string", json_path = ".status.destinations"),
     printcolumn(name = "Pods", type_ = "integer", json_path = ".status.matchedPods"),
+    printcolumn(name = "Loaded", type_ = "string", json_path = ".status.loaded"),
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -207,10 +209,25 @@ pub struct TunnelPolicyStatus {
     /// A one-line summary of the destinations, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destinations: Option<String>,
+    /// Proxies of the release that have loaded a configuration carrying this policy's current
+    /// rules, out of all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxies: Option<ProxyCount>,
+    /// `loaded/total` of `proxies`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded: Option<String>,
     /// `Accepted` (the spec is valid) and `Ready` (its rules are in the configuration in force).
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// How many proxies enforce a policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyCount {
+    pub loaded: i32,
+    pub total: i32,
 }
 
 /// CIDRs: one CEL rule per entry, so its cost is bounded by the entry's own `maxLength` (43: the longest

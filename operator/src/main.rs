@@ -19,6 +19,10 @@ use tunnelgate_operator::{admin, error_chain};
 #[derive(Debug, Parser)]
 #[command(name = "tunnelgate-operator", version)]
 struct Args {
+    /// The proxies' admin port: the operator long-polls each proxy pod's `/config` there to report
+    /// which render every proxy has loaded (`status.loaded`, condition `Enforced`). Omit to skip.
+    #[arg(long)]
+    proxy_admin_port: Option<u16>,
     /// Namespace of the release (base ConfigMap, TLS Secrets, outputs, Lease).
     #[arg(long, env = "POD_NAMESPACE", default_value = "tunnelgate")]
     namespace: String,
@@ -131,6 +135,7 @@ async fn run(args: Args) -> i32 {
         tls_dir: args.tls_dir,
         debounce: args.debounce,
         debounce_max: args.debounce_max.max(args.debounce),
+        proxy_admin_port: args.proxy_admin_port,
         identity,
     };
     info!(namespace = %settings.namespace, release = %settings.release, "starting");

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub policies: IntGaugeVec,
     /// 1 while this replica holds the Lease.
     pub leader: IntGauge,
+    /// Proxies of the release by `state` = current (the latest render) | behind | failing.
+    pub proxies: IntGaugeVec,
 }
 
 impl Metrics {
@@ -28,6 +30,10 @@ impl Metrics {
             reconcile_duration: Histogram::with_opts(
                 HistogramOpts::new("tunnelgate_operator_reconcile_duration_seconds", "Time per reconcile")
                     .buckets(exponential_buckets(0.001, 2.0, 15)?),
+            )?,
+            proxies: IntGaugeVec::new(
+                Opts::new("tunnelgate_operator_proxies", "Proxies by the render they have in force"),
+                &["state"],
             )?,
             config_writes: IntCounterVec::new(
                 Opts::new("tunnelgate_operator_config_writes_total", "Writes of the rendered ConfigMap"),
@@ -47,6 +53,7 @@ impl Metrics {
         r.register(Box::new(m.config_writes.clone()))?;
         r.register(Box::new(m.policies.clone()))?;
         r.register(Box::new(m.leader.clone()))?;
+        r.register(Box::new(m.proxies.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"),
             &["version", "git_sha"],

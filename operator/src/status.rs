@@ -39,6 +39,38 @@ fn condition(
     }
 }
 
+/// How far the render carrying a policy's current rules has spread over the proxies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    pub loaded: usize,
+    pub total: usize,
+    /// Nodes whose proxy is behind and reports a failed reload.
+    pub stuck_nodes: Vec<String>,
+}
+
+/// The `Enforced` condition for `r`.
+fn enforced(r: &Rollout, generation: Option<i64>, old: &[Condition], now: &Time) -> Condition {
+    let (status, reason, message) = if r.total == 0 {
+        (false, "NoProxies", "no proxy pod of the release is running".to_owned())
+    } else if r.loaded == r.total {
+        (true, "Loaded", format!("loaded on {} of {} proxies", r.loaded, r.total))
+    } else if !r.stuck_nodes.is_empty() {
+        (
+            false,
+            "Stuck",
+            format!(
+                "loaded on {} of {} proxies; the proxies on {} fail to reload (their logs say why)",
+                r.loaded,
+                r.total,
+                r.stuck_nodes.join(", ")
+            ),
+        )
+    } else {
+        (false, "Rolling", format!("loaded on {} of {} proxies", r.loaded, r.total))
+    };
+    condition("Enforced", status, reason, message, generation, old, now)
+}
+
 /// The desired status of a policy.
 pub fn desired(
     outcome: &PolicyOutcome,
@@ -46,6 +78,7 @@ pub fn desired(
     config_name: &str,
     in_force: Result<&str, &NotInForce>,
     old: Option<&TunnelPolicyStatus>,
+    rollout: Option<&Rollout>,
     now: &Time,
 ) -> TunnelPolicyStatus {
     let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
@@ -129,13 +162,23 @@ pub fn desired(
                     now,
                 ),
             };
+            // Rollout truth for policies whose rules are in the configuration in force.
+            if let (Some(r), true) = (rollout, ready.status == "True" && !a.rules.is_empty()) {
+                extra.push(enforced(r, generation, old_conditions, now));
+            }
             (accepted, ready, i32::try_from(a.matched_pods).ok(), Some(a.summary.clone()))
         }
     };
+    let counted = rollout.filter(|_| extra.iter().any(|c| c.type_ == "Enforced"));
     TunnelPolicyStatus {
         observed_generation: generation,
         matched_pods: matched,
         destinations: summary,
+        proxies: counted.map(|r| crate::crd::ProxyCount {
+            loaded: i32::try_from(r.loaded).unwrap_or(i32::MAX),
+            total: i32::try_from(r.total).unwrap_or(i32::MAX),
+        }),
+        loaded: counted.map(|r| format!("{}/{}", r.loaded, r.total)),
         conditions: [accepted, ready].into_iter().chain(extra).collect(),
     }
 }
@@ -163,7 +206,7 @@ mod tests {
                 delegated_to: None,
             }),
         };
-        let s1 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), None, &t("2026-01-01T00:00:00Z"));
+        let s1 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), None, None, &t("2026-01-01T00:00:00Z"));
         assert_eq!(s1.observed_generation, Some(3));
         assert_eq!(s1.matched_pods, Some(2));
         assert_eq!(
@@ -175,7 +218,7 @@ mod tests {
             ("Ready", "True", "Applied")
         );
         // Same status later, after other policies changed the document: nothing needs writing.
-        let s2 = desired(&ok, Some(3), "tg-proxy", Ok("0123456789abcdef"), Some(&s1), &t("2026-01-02T00:00:00Z"));
+        let s2 = desired(&ok, Some(3), "tg-proxy", Ok("0123456789abcdef"), Some(&s1), None, &t("2026-01-02T00:00:00Z"));
         assert_eq!(s1, s2);
         // Invalid: both conditions False, the message names the field.
         let bad = PolicyOutcome {
@@ -183,14 +226,48 @@ mod tests {
             name: "p".into(),
             result: Err(vec![FieldError { path: "spec.destinations[0].hosts[0]".into(), message: "bad".into() }]),
         };
-        let s3 = desired(&bad, Some(4), "tg-proxy", Ok("abc"), Some(&s2), &t("2026-01-03T00:00:00Z"));
+        let s3 = desired(&bad, Some(4), "tg-proxy", Ok("abc"), Some(&s2), None, &t("2026-01-03T00:00:00Z"));
         assert_eq!(s3.conditions[0].status, "False");
         assert_eq!(s3.conditions[0].reason, "Invalid");
         assert!(s3.conditions[0].message.contains("spec.destinations[0].hosts[0]"));
         assert_eq!(s3.conditions[0].last_transition_time, t("2026-01-03T00:00:00Z"));
         // Valid but the document could not be written.
         let nf = NotInForce { reason: "TooLarge", message: "too big".into() };
-        let s4 = desired(&ok, Some(5), "tg-proxy", Err(&nf), None, &t("2026-01-04T00:00:00Z"));
+        let s4 = desired(&ok, Some(5), "tg-proxy", Err(&nf), None, None, &t("2026-01-04T00:00:00Z"));
         assert_eq!((s4.conditions[1].status.as_str(), s4.conditions[1].reason.as_str()), ("False", "TooLarge"));
+    }
+
+    #[test]
+    fn enforced_says_how_far_the_rollout_went() {
+        let ok = PolicyOutcome {
+            namespace: "a".into(),
+            name: "p".into(),
+            result: Ok(Accepted {
+                matched_pods: 1,
+                summary: "x.test:443".into(),
+                rules: vec!["a/p".into()],
+                restricted: vec![],
+                delegated_to: None,
+            }),
+        };
+        let now = t("2026-01-01T00:00:00Z");
+        let at = |loaded, total, stuck: &[&str]| {
+            let r = Rollout { loaded, total, stuck_nodes: stuck.iter().map(|s| s.to_string()).collect() };
+            let st = desired(&ok, Some(1), "tg-proxy", Ok("h"), None, Some(&r), &now);
+            let c = st.conditions.iter().find(|c| c.type_ == "Enforced").cloned().unwrap();
+            (st.loaded.unwrap(), c.status, c.reason, c.message)
+        };
+        assert_eq!(at(3, 3, &[]).0, "3/3");
+        assert_eq!((at(3, 3, &[]).1.as_str(), at(3, 3, &[]).2.as_str()), ("True", "Loaded"));
+        assert_eq!(at(1, 3, &[]).2, "Rolling");
+        let stuck = at(1, 3, &["node-b"]);
+        assert_eq!((stuck.1.as_str(), stuck.2.as_str()), ("False", "Stuck"));
+        assert!(stuck.3.contains("node-b"), "{}", stuck.3);
+        assert_eq!(at(0, 0, &[]).2, "NoProxies");
+        // Not in force: no Enforced condition and no count.
+        let nf = NotInForce { reason: "TooLarge", message: "too big".into() };
+        let r = Rollout { loaded: 1, total: 1, stuck_nodes: vec![] };
+        let st = desired(&ok, Some(1), "tg-proxy", Err(&nf), None, Some(&r), &now);
+        assert!(st.loaded.is_none() && !st.conditions.iter().any(|c| c.type_ == "Enforced"));
     }
 }

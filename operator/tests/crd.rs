@@ -45,7 +45,7 @@ fn cluster_crd_names_scope_and_columns() {
     assert!(v["subresources"]["status"].is_object());
     let cols: Vec<&str> =
         v["additionalPrinterColumns"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
-    assert_eq!(cols, ["Action", "Priority", "Delegate", "Destinations", "Pods", "Accepted", "Ready", "Age"]);
+    assert_eq!(cols, ["Action", "Priority", "Delegate", "Destinations", "Pods", "Loaded", "Accepted", "Ready", "Age"]);
 }
 
 #[test]
@@ -59,7 +59,7 @@ fn crd_names_and_subresources() {
     assert!(v["subresources"]["status"].is_object());
     let cols: Vec<&str> =
         v["additionalPrinterColumns"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
-    assert_eq!(cols, ["Action", "Destinations", "Pods", "Accepted", "Ready", "Age"]);
+    assert_eq!(cols, ["Action", "Destinations", "Pods", "Loaded", "Accepted", "Ready", "Age"]);
 }
 
 // ---- CEL cost: the API server refuses a CRD whose rules may cost too much in the worst case ----

@@ -10,7 +10,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use super::{Error, LoopState, Settings, HASH_ANNOTATION, MANAGER};
+use super::{Error, LoopState, Settings, HASH_ANNOTATION, MANAGER, RENDER_ANNOTATION};
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy, TunnelPolicyStatus};
 use crate::metrics::Metrics;
 use crate::render;
@@ -56,7 +56,12 @@ pub(super) async fn apply(
     if state.last_hash.is_none() {
         // After a start or a leadership change: what is in force?
         match cms.get_opt(&s.config_name()).await {
-            Ok(Some(cm)) => state.last_hash = cm.annotations().get(HASH_ANNOTATION).cloned(),
+            Ok(Some(cm)) => {
+                state.last_hash = cm.annotations().get(HASH_ANNOTATION).cloned();
+                // Render numbers continue across restarts and leaders: they only grow.
+                let written = cm.annotations().get(RENDER_ANNOTATION).and_then(|n| n.parse().ok()).unwrap_or(0);
+                state.render = state.render.max(written);
+            }
             Ok(None) => {}
             Err(e) => return Err(Error::Apply(format!("ConfigMap {}", s.config_name()), e)),
         }
@@ -82,18 +87,23 @@ pub(super) async fn apply(
             return Err(Error::Apply(format!("Secret {}", s.tls_name()), e));
         }
     }
+    let render = state.render + 1;
     let mut annotations = r.annotations.clone();
     annotations.insert(HASH_ANNOTATION.into(), r.hash.clone());
+    annotations.insert(RENDER_ANNOTATION.into(), render.to_string());
+    // The proxies report the render number they have in force (`/config`): the first line says it.
+    let text = format!("# tunnelgate-render: {render}\n{}", r.config);
     let cm = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": { "name": s.config_name(), "namespace": s.namespace, "labels": labels, "annotations": annotations },
-        "data": { "config.yaml": r.config },
+        "data": { "config.yaml": text },
     });
     match cms.patch(&s.config_name(), &pp, &Patch::Apply(&cm)).await {
         Ok(_) => {
             metrics.config_writes.with_label_values(&["applied"]).inc();
-            info!(configmap = %s.config_name(), sha256 = %r.hash, "proxy configuration applied");
+            info!(configmap = %s.config_name(), sha256 = %r.hash, render, "proxy configuration applied");
             state.last_hash = Some(r.hash.clone());
+            state.render = render;
             Ok(())
         }
         Err(e) => {

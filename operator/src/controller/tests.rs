@@ -17,6 +17,7 @@ fn settings() -> Settings {
         tls_dir: "/etc/tunnelgate/tls".into(),
         debounce: Duration::from_millis(1),
         debounce_max: Duration::from_millis(1),
+        proxy_admin_port: None,
         identity: "t".into(),
     }
 }
@@ -82,7 +83,8 @@ async fn first_write_reads_then_applies_secret_before_configmap() {
     ])
     .await;
     let metrics = Metrics::register(&Registry::new()).unwrap();
-    let mut state = LoopState { last_hash: None, warned: HashMap::new() };
+    let mut state =
+        LoopState { last_hash: None, render: 0, policy_renders: HashMap::new(), proxies: None, warned: HashMap::new() };
     apply(&client, &settings(), &metrics, &mut state, &rendered(true)).await.unwrap();
     assert_eq!(calls.await.unwrap().len(), 3);
     assert_eq!(state.last_hash.as_deref(), Some("abc123"));
@@ -95,7 +97,8 @@ async fn unchanged_hash_in_force_writes_nothing() {
     let (client, calls) =
         scenario(vec![(Method::GET, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", cm("abc123"))]).await;
     let metrics = Metrics::register(&Registry::new()).unwrap();
-    let mut state = LoopState { last_hash: None, warned: HashMap::new() };
+    let mut state =
+        LoopState { last_hash: None, render: 0, policy_renders: HashMap::new(), proxies: None, warned: HashMap::new() };
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
     // And with the hash known, not even a read.
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();

@@ -241,13 +241,43 @@ pub(super) fn cluster_networks(c: &Caches) -> Vec<String> {
 fn slim_pod(p: &mut Pod) {
     p.metadata.managed_fields = None;
     p.metadata.annotations = None;
-    p.spec =
-        p.spec.take().map(|s| PodSpec { host_network: s.host_network, containers: Vec::new(), ..Default::default() });
+    p.spec = p.spec.take().map(|s| PodSpec {
+        host_network: s.host_network,
+        node_name: s.node_name,
+        containers: Vec::new(),
+        ..Default::default()
+    });
     if let Some(st) = p.status.as_mut() {
         st.conditions = None;
         st.container_statuses = None;
         st.init_container_statuses = None;
     }
+}
+
+/// The release's running proxy pods with an IP, for the rollout view.
+pub(super) fn proxy_endpoints(pods: &[Arc<Pod>], namespace: &str, release: &str) -> Vec<super::rollout::Endpoint> {
+    let mut out: Vec<super::rollout::Endpoint> = pods
+        .iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace) && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            let l = p.labels();
+            l.get("app.kubernetes.io/instance").map(String::as_str) == Some(release)
+                && l.get("app.kubernetes.io/component").map(String::as_str) == Some("proxy")
+        })
+        .filter_map(|p| {
+            let st = p.status.as_ref()?;
+            if st.phase.as_deref() != Some("Running") {
+                return None;
+            }
+            Some(super::rollout::Endpoint {
+                pod: p.metadata.name.clone()?,
+                node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+                ip: st.pod_ip.as_deref()?.parse().ok()?,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.pod.cmp(&b.pod));
+    out
 }
 
 pub(super) fn pod_in(p: &Pod) -> PodIn {

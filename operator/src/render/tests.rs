@@ -361,6 +361,7 @@ fn namespaced_allows_never_open_refused_address_space() {
         "tunnelgate-proxy",
         Ok("abc"),
         None,
+        None,
         &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:00:00Z".parse().unwrap()),
     );
     let restricted = st.conditions.iter().find(|c| c.type_ == "Restricted").unwrap();

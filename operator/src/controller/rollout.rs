@@ -1,0 +1,190 @@
+//! Rollout truth: which render each proxy of the release has in force. One long-poll per proxy pod
+//! on its admin `/config` (it answers when its render or reload outcome changes, or after 30 s), so
+//! the cost at 1,000 nodes is 1,000 idle connections, not a polling storm; a pod that goes away
+//! stops counting. The aggregation per policy is pure ([`policy_rollout`]).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::status::Rollout;
+
+/// What one proxy said last.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Report {
+    /// Render number in force (`None`: not reachable yet, or a document without one).
+    pub(super) render: Option<u64>,
+    /// Closed-set reason of its last failed reload.
+    pub(super) failed: Option<String>,
+}
+
+/// A proxy pod to watch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Endpoint {
+    pub(super) pod: String,
+    pub(super) node: String,
+    pub(super) ip: IpAddr,
+}
+
+/// The running long-polls and what they learned.
+pub(super) struct Proxies {
+    port: u16,
+    wake: Arc<Notify>,
+    reports: Arc<Mutex<HashMap<String, Report>>>,
+    polls: HashMap<Endpoint, JoinHandle<()>>,
+}
+
+impl Drop for Proxies {
+    fn drop(&mut self) {
+        for h in self.polls.values() {
+            h.abort();
+        }
+    }
+}
+
+impl Proxies {
+    pub(super) fn new(port: u16, wake: Arc<Notify>) -> Proxies {
+        Proxies { port, wake, reports: Arc::default(), polls: HashMap::new() }
+    }
+
+    /// Polls exactly `endpoints` from now on.
+    pub(super) fn sync(&mut self, endpoints: &[Endpoint]) {
+        self.polls.retain(|ep, h| {
+            let keep = endpoints.contains(ep);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        let mut reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
+        reports.retain(|pod, _| endpoints.iter().any(|e| &e.pod == pod));
+        drop(reports);
+        for ep in endpoints {
+            if !self.polls.contains_key(ep) {
+                let task = tokio::spawn(poll(
+                    ep.pod.clone(),
+                    SocketAddr::new(ep.ip, self.port),
+                    self.reports.clone(),
+                    self.wake.clone(),
+                ));
+                self.polls.insert(ep.clone(), task);
+            }
+        }
+    }
+
+    /// Each endpoint with its last report.
+    pub(super) fn view(&self, endpoints: &[Endpoint]) -> Vec<(Endpoint, Report)> {
+        let reports = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
+        endpoints.iter().map(|e| (e.clone(), reports.get(&e.pod).cloned().unwrap_or_default())).collect()
+    }
+}
+
+async fn poll(pod: String, addr: SocketAddr, reports: Arc<Mutex<HashMap<String, Report>>>, wake: Arc<Notify>) {
+    let mut since: Option<u64> = None;
+    let mut failures = 0u32;
+    loop {
+        match fetch(addr, since).await {
+            Some((report, counter)) => {
+                failures = 0;
+                since = Some(counter);
+                let mut all = reports.lock().unwrap_or_else(PoisonError::into_inner);
+                if all.get(&pod) != Some(&report) {
+                    all.insert(pod.clone(), report);
+                    drop(all);
+                    wake.notify_one();
+                }
+            }
+            None => {
+                // Unreachable (starting, or gone and not yet out of the pod list): back off, with
+                // jitter so a thousand proxies restarting together are not polled in step.
+                failures = failures.saturating_add(1);
+                since = None;
+                let base = Duration::from_millis(500 * u64::from(failures.min(10)));
+                let seed = pod.bytes().fold(u64::from(failures), |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+                let jitter = Duration::from_millis(seed % 500);
+                tokio::time::sleep(base + jitter).await;
+            }
+        }
+    }
+}
+
+/// One `/config` request (long-polled when `since` is known): the report and the change counter.
+async fn fetch(addr: SocketAddr, since: Option<u64>) -> Option<(Report, u64)> {
+    let path = match since {
+        Some(n) => format!("/config?since={n}&timeout=30"),
+        None => "/config".to_owned(),
+    };
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut raw = Vec::with_capacity(1024);
+        // A /config document is a few hundred bytes; anything much larger is not a proxy.
+        (&mut s).take(64 * 1024).read_to_end(&mut raw).await.ok()?;
+        Some(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(45), exchange).await.ok()??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    let doc: serde_json::Value = serde_json::from_str(body).ok()?;
+    let report =
+        Report { render: doc["render"].as_u64(), failed: doc["lastReload"]["reason"].as_str().map(str::to_owned) };
+    Some((report, doc["changes"].as_u64()?))
+}
+
+/// The proxies that have a render at least `needed` loaded, out of all of them.
+pub(super) fn policy_rollout(needed: u64, proxies: &[(Endpoint, Report)]) -> Rollout {
+    let loaded = proxies.iter().filter(|(_, r)| r.render.is_some_and(|n| n >= needed)).count();
+    let mut stuck_nodes: Vec<String> = proxies
+        .iter()
+        .filter(|(_, r)| r.render.is_none_or(|n| n < needed) && r.failed.is_some())
+        .map(|(e, _)| e.node.clone())
+        .collect();
+    stuck_nodes.sort();
+    Rollout { loaded, total: proxies.len(), stuck_nodes }
+}
+
+/// Counts for `tunnelgate_operator_proxies{state}`: current (the latest render), behind, failing.
+pub(super) fn proxy_states(current: u64, proxies: &[(Endpoint, Report)]) -> [(&'static str, i64); 3] {
+    let mut n = [0i64; 3];
+    for (_, r) in proxies {
+        let i = match (r.render.is_some_and(|x| x >= current), r.failed.is_some()) {
+            (true, _) => 0,
+            (false, false) => 1,
+            (false, true) => 2,
+        };
+        n[i] += 1;
+    }
+    [("current", n[0]), ("behind", n[1]), ("failing", n[2])]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(node: &str, render: Option<u64>, failed: Option<&str>) -> (Endpoint, Report) {
+        (
+            Endpoint { pod: format!("proxy-{node}"), node: node.into(), ip: [10, 0, 0, 1].into() },
+            Report { render, failed: failed.map(Into::into) },
+        )
+    }
+
+    #[test]
+    fn rollout_table() {
+        let proxies = [p("a", Some(7), None), p("b", Some(6), None), p("c", Some(5), Some("tls")), p("d", None, None)];
+        assert_eq!(policy_rollout(5, &proxies), Rollout { loaded: 3, total: 4, stuck_nodes: vec![] });
+        assert_eq!(policy_rollout(6, &proxies), Rollout { loaded: 2, total: 4, stuck_nodes: vec!["c".into()] });
+        assert_eq!(policy_rollout(8, &proxies).loaded, 0);
+        assert_eq!(policy_rollout(1, &[]), Rollout { loaded: 0, total: 0, stuck_nodes: vec![] });
+        assert_eq!(proxy_states(7, &proxies), [("current", 1), ("behind", 2), ("failing", 1)]);
+    }
+}
