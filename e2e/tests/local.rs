@@ -539,6 +539,19 @@ async fn echo_upstream(ip: &str) -> SocketAddr {
 /// Creates the base ConfigMap and starts one operator (no leader election) rendering Secrets for
 /// `tls_dir`.
 async fn single_operator(c: &Client, kc: &Path, dir: &Path, base: &str, tls_dir: &str, admin: u16) -> Child {
+    operator_with(c, kc, dir, base, tls_dir, admin, &[]).await
+}
+
+/// [`single_operator`] with extra arguments.
+async fn operator_with(
+    c: &Client,
+    kc: &Path,
+    dir: &Path,
+    base: &str,
+    tls_dir: &str,
+    admin: u16,
+    extra: &[&str],
+) -> Child {
     Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate")
         .create(
             &PostParams::default(),
@@ -560,6 +573,7 @@ async fn single_operator(c: &Client, kc: &Path, dir: &Path, base: &str, tls_dir:
         "--leader-election",
         "false",
     ];
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
     spawn(&bin("tunnelgate-operator"), &args, kc, &dir.join("operator.log"))
 }
 
@@ -880,6 +894,91 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
         let policy = proxy_config::ProxyConfig::from_yaml(&cm.data.unwrap()["config.yaml"]).unwrap().policy;
         let nets: Vec<String> = policy.cluster_networks.iter().map(ToString::to_string).collect();
         nets == ["10.0.5.1/32", "10.96.0.0/16", "10.96.0.1/32", "10.250.0.0/24", "fd00:96::/108", "fd00:250::/64"]
+    })
+    .await;
+}
+
+/// Rollout truth against the emulator: one real proxy and one that keeps failing its reloads (a
+/// stand-in answering `/config` like a proxy stuck on an old render); the policy's status says
+/// `1/2`, `Stuck` on that node, and `1/1`, `Loaded` once that proxy pod is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
+    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-rollout-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let emu = start_emulator(&dir.0).await;
+    let kc = kubeconfig(&dir.0, emu.port);
+    let c = client(&kc).await;
+    let target = echo_upstream("127.0.0.2").await;
+    let (listen, admin_port, op_admin) = (free_port(), free_port(), free_port());
+    // A stuck proxy on another loopback address, same admin port as the real one.
+    let stuck = TcpListener::bind(("127.0.0.32", admin_port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = stuck.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if String::from_utf8_lossy(&buf[..n]).contains("since=") {
+                    // A long-poll: nothing changes on this proxy.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                let body = r#"{"generation": 1, "sha256": "old", "render": 0, "lastReload": {"failed": true, "reason": "tls"}, "changes": 3}"#;
+                let _ = s
+                    .write_all(
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                            .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    let base = format!(
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.31:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+    );
+    let port_arg = admin_port.to_string();
+    let _operator =
+        operator_with(&c, &kc, &dir.0, &base, "/unused", op_admin, &["--proxy-admin-port", &port_arg]).await;
+    let _proxy = spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "tunnelgate/tunnelgate-proxy"],
+        &kc,
+        &dir.0.join("proxy.log"),
+    );
+    let proxy_pod = |name: &str, node: &str, ip: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/instance": "tunnelgate", "app.kubernetes.io/component": "proxy"}},
+            "spec": {"nodeName": node, "containers": [{"name": "proxy", "image": "tunnelgate"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        }))
+        .unwrap()
+    };
+    let system = Api::<Pod>::namespaced(c.clone(), "tunnelgate");
+    system.create(&PostParams::default(), &proxy_pod("proxy-a", "node-a", "127.0.0.31")).await.unwrap();
+    system.create(&PostParams::default(), &proxy_pod("proxy-b", "node-b", "127.0.0.32")).await.unwrap();
+    Api::<Pod>::namespaced(c.clone(), "payments")
+        .create(&PostParams::default(), &pod("checkout-1", "checkout", "127.0.0.11"))
+        .await
+        .unwrap();
+    let tps = Api::<TunnelPolicy>::namespaced(c.clone(), "payments");
+    tps.create(
+        &PostParams::default(),
+        &policy("allow-echo", "checkout", json!({"cidrs": ["127.0.0.2/32"], "ports": [target.port()]})),
+    )
+    .await
+    .unwrap();
+    let enforced = || async {
+        let p = tps.get("allow-echo").await.unwrap();
+        let st = p.status.clone().unwrap_or_default();
+        (st.loaded, condition(&p, "Enforced"))
+    };
+    until("1/2, stuck on node-b", 20, || async {
+        let (loaded, c) = enforced().await;
+        loaded.as_deref() == Some("1/2") && c.is_some_and(|c| c.1 == "Stuck" && c.2.contains("node-b"))
+    })
+    .await;
+    system.delete("proxy-b", &DeleteParams::default()).await.unwrap();
+    until("1/1, Loaded", 20, || async {
+        let (loaded, c) = enforced().await;
+        loaded.as_deref() == Some("1/1") && c.is_some_and(|c| c.0 == "True" && c.1 == "Loaded")
     })
     .await;
 }
