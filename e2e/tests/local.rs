@@ -975,6 +975,14 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         loaded.as_deref() == Some("1/2") && c.is_some_and(|c| c.1 == "Stuck" && c.2.contains("node-b"))
     })
     .await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), "tunnelgate");
+    until("ReloadFailing event on the stuck proxy", 20, || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("ReloadFailing")
+                && e.note.as_deref().is_some_and(|n| n.contains("node-b") && n.contains("tls"))
+        })
+    })
+    .await;
     system.delete("proxy-b", &DeleteParams::default()).await.unwrap();
     until("1/1, Loaded", 20, || async {
         let (loaded, c) = enforced().await;

@@ -484,6 +484,16 @@ async fn reconcile(
             warn_once(recorder, state, key, &p.object_ref(&()), "InvalidSpec", format!("rejected: {note}")).await;
         }
     }
+    // A proxy that fails its reloads gets one Warning event per failure reason (its logs say more).
+    for (ep, report) in view.iter().flatten() {
+        let (Some(reason), Some(pod)) = (&report.failed, c.pods.get(&ObjectRef::new(&ep.pod).within(ns))) else {
+            continue;
+        };
+        let key = format!("proxy/{}/{reason}", ep.pod);
+        live.insert(key.clone());
+        let note = format!("the proxy on node {} cannot load the latest configuration (reason: {reason}); it keeps enforcing the previous one", ep.node);
+        warn_once(recorder, state, key, &pod.object_ref(&()), "ReloadFailing", note).await;
+    }
     state.warned.retain(|k, _| live.contains(k));
     metrics.policies.with_label_values(&["accepted"]).set(accepted);
     metrics.policies.with_label_values(&["rejected"]).set(rejected);
