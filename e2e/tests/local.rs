@@ -983,10 +983,34 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         })
     })
     .await;
+    // The kubectl plugin: status names the proxies and the policy not yet everywhere.
+    let plugin = |args: &[&str]| {
+        let out = std::process::Command::new(bin("kubectl-tunnelgate"))
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, out) = plugin(&["status"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("proxy-a") && out.contains("node-b") && out.contains("payments/allow-echo: Stuck"), "{out}");
     system.delete("proxy-b", &DeleteParams::default()).await.unwrap();
     until("1/1, Loaded", 20, || async {
         let (loaded, c) = enforced().await;
         loaded.as_deref() == Some("1/1") && c.is_some_and(|c| c.0 == "True" && c.1 == "Loaded")
     })
     .await;
+    // explain: the decision for the pod, by the rule the proxies have, and its rollout.
+    let target_arg = target.to_string();
+    let (code, out) = plugin(&["explain", "-n", "payments", "pod/checkout-1", &target_arg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("decision: allow") && out.contains("rule: payments/allow-echo") && out.contains("loaded on: 1/1"),
+        "{out}"
+    );
+    let (code, out) = plugin(&["explain", "-n", "payments", "checkout-1", "127.0.0.3:22"]);
+    assert_eq!(code, 1, "denied: {out}");
+    assert!(out.contains("decision: deny (403)"), "{out}");
 }

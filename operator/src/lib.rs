@@ -7,6 +7,7 @@ pub mod admin;
 pub mod controller;
 pub mod crd;
 pub mod metrics;
+pub mod plugin;
 pub mod render;
 pub mod secrets;
 pub mod status;

@@ -1,0 +1,264 @@
+//! `kubectl tunnelgate`: offline `check` of policy manifests with the operator's own validation,
+//! `explain` of one pod's request against the configuration the proxies enforce (decided by
+//! `proxy-config`'s policy, never a second implementation), and `status` of the rollout.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::{Api, Client};
+use proxy_config::{Authority, Decision, Host, PreDecision, ProxyConfig};
+use serde::Deserialize;
+
+use crate::crd::{ClusterTunnelPolicy, ClusterTunnelPolicySpec, TunnelPolicy, TunnelPolicySpec};
+use crate::validate::{validate, validate_cluster};
+
+/// Exit code for invalid input (as `tunnelgate-proxy check`).
+pub const EXIT_INVALID: i32 = 64;
+
+/// Validates every TunnelPolicy and ClusterTunnelPolicy in the YAML `docs` (named `source`);
+/// returns the exit code and the report (one line per error, with the field path).
+pub fn check(source: &str, docs: &str) -> (i32, String) {
+    let mut out = String::new();
+    let mut errors = 0;
+    let mut seen = 0;
+    for (i, doc) in serde_yaml::Deserializer::from_str(docs).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(v) if v.is_null() => continue,
+            Ok(v) => v,
+            Err(e) => {
+                errors += 1;
+                let _ = writeln!(out, "{source}: document {}: invalid YAML: {e}", i + 1);
+                break;
+            }
+        };
+        let kind = value.get("kind").and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+        let name = value.get("metadata").and_then(|m| m.get("name")).and_then(serde_yaml::Value::as_str);
+        let label = format!("{source}: {kind}/{}", name.unwrap_or("?"));
+        let spec = value.get("spec").cloned().unwrap_or_default();
+        let result = match kind.as_str() {
+            "TunnelPolicy" => serde_yaml::from_value::<TunnelPolicySpec>(spec)
+                .map_err(|e| vec![format!("spec: {e}")])
+                .and_then(|s| validate(&s).map(|_| ()).map_err(|e| e.iter().map(ToString::to_string).collect())),
+            "ClusterTunnelPolicy" => serde_yaml::from_value::<ClusterTunnelPolicySpec>(spec)
+                .map_err(|e| vec![format!("spec: {e}")])
+                .and_then(|s| {
+                    validate_cluster(&s).map(|_| ()).map_err(|e| e.iter().map(ToString::to_string).collect())
+                }),
+            _ => continue,
+        };
+        seen += 1;
+        match result {
+            Ok(()) => {
+                let _ = writeln!(out, "{label}: valid");
+            }
+            Err(errs) => {
+                errors += errs.len();
+                for e in errs {
+                    let _ = writeln!(out, "{label}: {e}");
+                }
+            }
+        }
+    }
+    if seen == 0 && errors == 0 {
+        let _ = writeln!(out, "{source}: no TunnelPolicy or ClusterTunnelPolicy found");
+        return (EXIT_INVALID, out);
+    }
+    (if errors > 0 { EXIT_INVALID } else { 0 }, out)
+}
+
+/// Where the release lives.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Why a cluster command could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("Kubernetes API")]
+    Api(#[from] kube::Error),
+    #[error("the rendered configuration {0} cannot be read: {1}")]
+    Config(String, String),
+}
+
+/// The decision for a request from `namespace/pod` to `target`, against the configuration the
+/// proxies are told to enforce (`<release>-proxy`), and how far the deciding policy has rolled out.
+pub async fn explain(
+    client: &Client,
+    release: &Release,
+    namespace: &str,
+    pod: &str,
+    target: &str,
+    resolve: &[IpAddr],
+) -> Result<(i32, String), PluginError> {
+    let pod_name = pod.strip_prefix("pod/").unwrap_or(pod);
+    let p = Api::<Pod>::namespaced(client.clone(), namespace).get(pod_name).await?;
+    let ip: IpAddr = p
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| PluginError::Usage(format!("pod {namespace}/{pod_name} has no IP (not running?)")))?;
+    let auth: Authority = target.parse().map_err(|e| PluginError::Usage(format!("target {target:?}: {e}")))?;
+    let cm_name = format!("{}-proxy", release.name);
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &release.namespace).get(&cm_name).await?;
+    let text = cm.data.and_then(|mut d| d.remove("config.yaml")).unwrap_or_default();
+    let cfg = ProxyConfig::from_yaml(&text)
+        .map_err(|e| PluginError::Config(format!("{}/{cm_name}", release.namespace), e.to_string()))?;
+    let policy = &cfg.policy;
+    let mut out = String::new();
+    let _ = writeln!(out, "client: pod {namespace}/{pod_name} ({ip})\ntarget: {auth}");
+    let addrs: Vec<IpAddr> = match &auth.host {
+        Host::Ip(a) => vec![*a],
+        Host::Name(name) => {
+            if let PreDecision::Deny(d) = policy.pre_resolve(ip, name, auth.port) {
+                describe(&mut out, policy, &d);
+                let _ = writeln!(out, "resolved: no (decided by name)");
+                if let Some(v) = policy.dry_run_by_name(ip, None, name, auth.port, &d) {
+                    let _ = writeln!(out, "dry run: rule {} {}", v.rule(), v.as_str().replace('_', " "));
+                }
+                return Ok((1, out));
+            }
+            if resolve.is_empty() {
+                let _ = writeln!(out, "decision: needs resolution (pass --resolve IP for each address the name has)");
+                return Ok((2, out));
+            }
+            resolve.to_vec()
+        }
+    };
+    let d = policy.decide(ip, &auth.host, auth.port, &addrs);
+    describe(&mut out, policy, &d);
+    if let Some(v) = policy.dry_run(ip, None, &auth.host, auth.port, &addrs, &d) {
+        let _ = writeln!(out, "dry run: rule {} {}", v.rule(), v.as_str().replace('_', " "));
+    }
+    // The deciding policy's rollout, from its status.
+    let rule = match &d {
+        Decision::Allow { rule, .. } | Decision::Deny { rule, .. } => policy.rule_name(*rule).to_owned(),
+    };
+    if let Some(loaded) = rollout_of(client, &rule).await? {
+        let _ = writeln!(out, "loaded on: {loaded} proxies");
+    }
+    Ok((if matches!(d, Decision::Allow { .. }) { 0 } else { 1 }, out))
+}
+
+fn describe(out: &mut String, policy: &proxy_config::Policy, d: &Decision) {
+    match d {
+        Decision::Allow { rule, limits } => {
+            let _ = writeln!(
+                out,
+                "decision: allow\nrule: {}\nlimits: idleTimeout={} maxLifetime={}",
+                policy.rule_name(*rule),
+                humantime::format_duration(limits.idle_timeout),
+                humantime::format_duration(limits.max_lifetime)
+            );
+        }
+        Decision::Deny { rule, reason } => {
+            let _ =
+                writeln!(out, "decision: deny (403)\nrule: {}\nreason: {}", policy.rule_name(*rule), reason.as_str());
+        }
+    }
+}
+
+/// `loaded/total` of the policy behind a rendered rule name (`ns/name[/i]`, `cluster:name[/i]`).
+async fn rollout_of(client: &Client, rule: &str) -> Result<Option<String>, PluginError> {
+    let status = if let Some(rest) = rule.strip_prefix("cluster:") {
+        let name = rest.split('/').next().unwrap_or(rest);
+        Api::<ClusterTunnelPolicy>::all(client.clone()).get_opt(name).await?.and_then(|p| p.status)
+    } else {
+        let mut parts = rule.split('/');
+        let (Some(ns), Some(name)) = (parts.next(), parts.next()) else { return Ok(None) };
+        Api::<TunnelPolicy>::namespaced(client.clone(), ns).get_opt(name).await?.and_then(|p| p.status)
+    };
+    Ok(status.and_then(|s| s.loaded))
+}
+
+/// Proxies of the release with the render they report (through the API server's pod proxy), and
+/// the policies whose rules are not yet on every proxy.
+pub async fn status(client: &Client, release: &Release, admin_port: u16) -> Result<(i32, String), PluginError> {
+    let mut out = String::new();
+    let pods = Api::<Pod>::namespaced(client.clone(), &release.namespace);
+    let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component=proxy", release.name);
+    let proxies = pods.list(&kube::api::ListParams::default().labels(&selector)).await?;
+    let _ = writeln!(out, "{:<40} {:<24} {:>7}  LAST RELOAD", "PROXY", "NODE", "RENDER");
+    for p in &proxies.items {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+        let req = http::Request::get(format!(
+            "/api/v1/namespaces/{}/pods/{name}:{admin_port}/proxy/config",
+            release.namespace
+        ))
+        .body(Vec::new())
+        .map_err(|e| PluginError::Usage(e.to_string()))?;
+        let (render, reload) = match client.request_text(req).await {
+            Ok(body) => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                (
+                    v["render"].as_u64().map_or("-".to_owned(), |n| n.to_string()),
+                    v["lastReload"]["reason"].as_str().map_or("ok".to_owned(), |r| format!("failed ({r})")),
+                )
+            }
+            Err(_) => ("?".to_owned(), "unreachable".to_owned()),
+        };
+        let _ = writeln!(out, "{name:<40} {node:<24} {render:>7}  {reload}");
+    }
+    let mut behind = Vec::new();
+    for p in Api::<TunnelPolicy>::all(client.clone()).list(&Default::default()).await?.items {
+        if let Some(reason) = not_enforced(p.status.as_ref()) {
+            behind.push(format!(
+                "{}/{}: {reason}",
+                p.metadata.namespace.unwrap_or_default(),
+                p.metadata.name.unwrap_or_default()
+            ));
+        }
+    }
+    for p in Api::<ClusterTunnelPolicy>::all(client.clone()).list(&Default::default()).await?.items {
+        if let Some(reason) = not_enforced(p.status.as_ref()) {
+            behind.push(format!("cluster:{}: {reason}", p.metadata.name.unwrap_or_default()));
+        }
+    }
+    if behind.is_empty() {
+        let _ = writeln!(out, "\nevery policy with rules is loaded on every proxy");
+        Ok((0, out))
+    } else {
+        let _ = writeln!(out, "\nnot yet enforced everywhere:");
+        for b in &behind {
+            let _ = writeln!(out, "  {b}");
+        }
+        Ok((1, out))
+    }
+}
+
+fn not_enforced(status: Option<&crate::crd::TunnelPolicyStatus>) -> Option<String> {
+    let c = status?.conditions.iter().find(|c| c.type_ == "Enforced")?;
+    (c.status != "True").then(|| format!("{} ({})", c.reason, c.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(path: &str) -> String {
+        std::fs::read_to_string(format!("{}/../examples/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap_or_default()
+    }
+
+    #[test]
+    fn check_reports_every_error_with_its_path_and_exit_64() {
+        let (code, out) = check("guardrails.yaml", &example("clustertunnelpolicies/valid/tenant-guardrails.yaml"));
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(out.matches(": valid").count(), 3, "{out}");
+        let (code, out) = check("priority.yaml", &example("clustertunnelpolicies/invalid/priority-out-of-range.yaml"));
+        assert_eq!(code, EXIT_INVALID);
+        assert!(out.contains("priority.yaml: ClusterTunnelPolicy/too-important: spec.priority"), "{out}");
+        let two = "kind: TunnelPolicy\nmetadata: {name: a}\nspec: {podSelector: {}, action: Allow, destinations: [{hosts: ['a.*.test', ok.test], ports: [0]}]}\n---\nkind: ConfigMap\n";
+        let (code, out) = check("p.yaml", two);
+        assert_eq!(code, EXIT_INVALID);
+        assert!(out.contains("p.yaml: TunnelPolicy/a: spec.destinations[0].hosts[0]"), "{out}");
+        assert!(out.contains("spec.destinations[0].ports[0]"), "every error, not just the first: {out}");
+        assert_eq!(check("x.yaml", "kind: ConfigMap\n").0, EXIT_INVALID, "nothing to check is an error");
+        assert_eq!(check("x.yaml", "kind: [").0, EXIT_INVALID);
+    }
+}
