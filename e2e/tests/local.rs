@@ -1002,6 +1002,17 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         loaded.as_deref() == Some("1/1") && c.is_some_and(|c| c.0 == "True" && c.1 == "Loaded")
     })
     .await;
+    // A DryRun Deny: nothing refused, and its status counts what it would have refused.
+    let mut dry = policy("would-block", "checkout", json!({ "cidrs": ["127.0.0.2/32"] }));
+    dry.spec.action = tunnelgate_operator::crd::PolicyAction::Deny;
+    dry.spec.enforcement = Some(tunnelgate_operator::crd::Enforcement::DryRun);
+    tps.create(&PostParams::default(), &dry).await.unwrap();
+    let proxy_addr: std::net::SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    until("dry-run counted in the policy's status", 20, || async {
+        connect_from("127.0.0.11", proxy_addr, target).await == 200
+            && tps.get("would-block").await.unwrap().status.and_then(|s| s.dry_run).is_some_and(|d| d.would_deny >= 1)
+    })
+    .await;
     // explain: the decision for the pod, by the rule the proxies have, and its rollout.
     let target_arg = target.to_string();
     let (code, out) = plugin(&["explain", "-n", "payments", "pod/checkout-1", &target_arg]);

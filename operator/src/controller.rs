@@ -403,7 +403,16 @@ async fn reconcile(
     let rollout_of = |o: &render::PolicyOutcome| -> Option<status::Rollout> {
         let v = view.as_ref()?;
         applied.as_ref().ok()?;
-        Some(rollout::policy_rollout(*renders.get(&format!("{}/{}", o.namespace, o.name))?, v))
+        let mut r = rollout::policy_rollout(*renders.get(&format!("{}/{}", o.namespace, o.name))?, v);
+        if o.result.as_ref().is_ok_and(|a| a.dry_run) {
+            let prefix = if o.namespace.is_empty() {
+                format!("cluster:{}", o.name)
+            } else {
+                format!("{}/{}", o.namespace, o.name)
+            };
+            r.dry_run = Some(rollout::dry_run_totals(&prefix, v));
+        }
+        Some(r)
     };
 
     // Statuses and events.

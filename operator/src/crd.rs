@@ -216,10 +216,22 @@ pub struct TunnelPolicyStatus {
     /// `loaded/total` of `proxies`, for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded: Option<String>,
+    /// For `enforcement: DryRun`: what its rules would have changed, summed over the proxies
+    /// (each proxy counts since it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<DryRunCounts>,
     /// `Accepted` (the spec is valid) and `Ready` (its rules are in the configuration in force).
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A dry-run policy's verdicts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DryRunCounts {
+    pub would_deny: i64,
+    pub would_allow: i64,
 }
 
 /// How many proxies enforce a policy.

@@ -115,6 +115,8 @@ pub struct Accepted {
     pub restricted: Vec<String>,
     /// For a delegating ClusterTunnelPolicy: how many namespaces it grants to now.
     pub delegated_to: Option<usize>,
+    /// `enforcement: DryRun`: its rules are rendered but not enforced.
+    pub dry_run: bool,
 }
 
 /// A grant of the base's `addressGrants`: namespaces whose policies may open refused address
@@ -331,6 +333,7 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                     rules: Vec::new(),
                     restricted: Vec::new(),
                     delegated_to: Some(scope),
+                    dry_run: false,
                 };
             }
             let (ips, matched) =
@@ -343,6 +346,7 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                 rules: names,
                 restricted: Vec::new(),
                 delegated_to: None,
+                dry_run: v.dry_run,
             }
         });
         outcomes.push(PolicyOutcome { namespace: String::new(), name: cp.name.to_owned(), result });
@@ -367,7 +371,14 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                 }
             }
             let names = push_rules(&mut rules, &format!("{}/{}", p.namespace, p.name), &v, &ips, None, &left_out);
-            Accepted { matched_pods: matched, summary: v.summary.clone(), rules: names, restricted, delegated_to: None }
+            Accepted {
+                matched_pods: matched,
+                summary: v.summary.clone(),
+                rules: names,
+                restricted,
+                delegated_to: None,
+                dry_run: v.dry_run,
+            }
         });
         outcomes.push(PolicyOutcome { namespace: p.namespace.to_owned(), name: p.name.to_owned(), result });
     }

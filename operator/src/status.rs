@@ -46,6 +46,8 @@ pub struct Rollout {
     pub total: usize,
     /// Nodes whose proxy is behind and reports a failed reload.
     pub stuck_nodes: Vec<String>,
+    /// For a dry-run policy: (would deny, would allow) summed over the proxies.
+    pub dry_run: Option<(u64, u64)>,
 }
 
 /// The `Enforced` condition for `r`.
@@ -179,6 +181,10 @@ pub fn desired(
             total: i32::try_from(r.total).unwrap_or(i32::MAX),
         }),
         loaded: counted.map(|r| format!("{}/{}", r.loaded, r.total)),
+        dry_run: rollout.and_then(|r| r.dry_run).map(|(d, a)| crate::crd::DryRunCounts {
+            would_deny: i64::try_from(d).unwrap_or(i64::MAX),
+            would_allow: i64::try_from(a).unwrap_or(i64::MAX),
+        }),
         conditions: [accepted, ready].into_iter().chain(extra).collect(),
     }
 }
@@ -204,6 +210,7 @@ mod tests {
                 rules: vec!["a/p".into()],
                 restricted: vec![],
                 delegated_to: None,
+                dry_run: false,
             }),
         };
         let s1 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), None, None, &t("2026-01-01T00:00:00Z"));
@@ -248,11 +255,13 @@ mod tests {
                 rules: vec!["a/p".into()],
                 restricted: vec![],
                 delegated_to: None,
+                dry_run: false,
             }),
         };
         let now = t("2026-01-01T00:00:00Z");
         let at = |loaded, total, stuck: &[&str]| {
-            let r = Rollout { loaded, total, stuck_nodes: stuck.iter().map(|s| s.to_string()).collect() };
+            let r =
+                Rollout { loaded, total, stuck_nodes: stuck.iter().map(|s| s.to_string()).collect(), dry_run: None };
             let st = desired(&ok, Some(1), "tg-proxy", Ok("h"), None, Some(&r), &now);
             let c = st.conditions.iter().find(|c| c.type_ == "Enforced").cloned().unwrap();
             (st.loaded.unwrap(), c.status, c.reason, c.message)
@@ -266,7 +275,7 @@ mod tests {
         assert_eq!(at(0, 0, &[]).2, "NoProxies");
         // Not in force: no Enforced condition and no count.
         let nf = NotInForce { reason: "TooLarge", message: "too big".into() };
-        let r = Rollout { loaded: 1, total: 1, stuck_nodes: vec![] };
+        let r = Rollout { loaded: 1, total: 1, stuck_nodes: vec![], dry_run: None };
         let st = desired(&ok, Some(1), "tg-proxy", Err(&nf), None, Some(&r), &now);
         assert!(st.loaded.is_none() && !st.conditions.iter().any(|c| c.type_ == "Enforced"));
     }

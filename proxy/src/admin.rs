@@ -70,6 +70,7 @@ async fn config(inner: &Inner, query: Option<&str>) -> Response<Full<Bytes>> {
     let counter = *changes.borrow();
     let mut doc = inner.snapshot().describe(inner.reload_failure());
     doc["changes"] = serde_json::json!(counter);
+    doc["dryRun"] = inner.dry_run_counts();
     text(StatusCode::OK, doc.to_string(), "application/json")
 }
 

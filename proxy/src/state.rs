@@ -66,6 +66,11 @@ pub struct Inner {
     last_reload_failure: Mutex<Option<&'static str>>,
     /// Bumped on every new snapshot and every reload outcome: `/config` long-polls wait on it.
     changes: watch::Sender<u64>,
+    /// Dry-run verdicts by rule since the start: [would deny, would allow], for `/config`.
+    dry_run_counts: Mutex<std::collections::BTreeMap<String, [u64; 2]>>,
+    /// When dry-run counts last woke the `/config` long-polls (at most every 5 s, so traffic never
+    /// turns the operator's long-polls into a storm).
+    dry_run_announced: Mutex<Option<std::time::Instant>>,
 }
 
 impl Inner {
@@ -99,6 +104,8 @@ impl Inner {
             admin_addr,
             acme,
             last_reload_failure: Mutex::new(None),
+            dry_run_counts: Mutex::new(std::collections::BTreeMap::new()),
+            dry_run_announced: Mutex::new(None),
             changes: watch::channel(0).0,
         }
     }
@@ -120,6 +127,26 @@ impl Inner {
             *f = reason;
             self.changes.send_modify(|n| *n += 1);
         }
+    }
+
+    pub(crate) fn count_dry_run(&self, rule: &str, would_deny: bool) {
+        let mut counts = self.dry_run_counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Rule names come from the configuration (bounded); a rule that left the configuration
+        // keeps its count until the process restarts.
+        let c = counts.entry(rule.to_owned()).or_default();
+        c[usize::from(!would_deny)] += 1;
+        drop(counts);
+        let mut announced = self.dry_run_announced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if announced.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
+            *announced = Some(std::time::Instant::now());
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Dry-run verdicts by rule since the start, as `/config` reports them.
+    pub fn dry_run_counts(&self) -> serde_json::Value {
+        let counts = self.dry_run_counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        counts.iter().map(|(r, c)| (r.clone(), serde_json::json!({"wouldDeny": c[0], "wouldAllow": c[1]}))).collect()
     }
 
     /// Why the last reload failed, if it did.

@@ -21,6 +21,8 @@ pub(super) struct Report {
     pub(super) render: Option<u64>,
     /// Closed-set reason of its last failed reload.
     pub(super) failed: Option<String>,
+    /// Dry-run verdicts by rule name since the proxy started: (would deny, would allow).
+    pub(super) dry_run: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 /// A proxy pod to watch.
@@ -136,8 +138,17 @@ async fn fetch(addr: SocketAddr, since: Option<u64>) -> Option<(Report, u64)> {
         return None;
     }
     let doc: serde_json::Value = serde_json::from_str(body).ok()?;
-    let report =
-        Report { render: doc["render"].as_u64(), failed: doc["lastReload"]["reason"].as_str().map(str::to_owned) };
+    let dry_run = doc["dryRun"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(rule, c)| (rule.clone(), (c["wouldDeny"].as_u64().unwrap_or(0), c["wouldAllow"].as_u64().unwrap_or(0))))
+        .collect();
+    let report = Report {
+        render: doc["render"].as_u64(),
+        failed: doc["lastReload"]["reason"].as_str().map(str::to_owned),
+        dry_run,
+    };
     Some((report, doc["changes"].as_u64()?))
 }
 
@@ -150,7 +161,18 @@ pub(super) fn policy_rollout(needed: u64, proxies: &[(Endpoint, Report)]) -> Rol
         .map(|(e, _)| e.node.clone())
         .collect();
     stuck_nodes.sort();
-    Rollout { loaded, total: proxies.len(), stuck_nodes }
+    Rollout { loaded, total: proxies.len(), stuck_nodes, dry_run: None }
+}
+
+/// Dry-run verdicts of the rules rendered for one policy (`prefix` or `prefix/<i>`), summed over
+/// the proxies: (would deny, would allow).
+pub(super) fn dry_run_totals(prefix: &str, proxies: &[(Endpoint, Report)]) -> (u64, u64) {
+    let nested = format!("{prefix}/");
+    proxies
+        .iter()
+        .flat_map(|(_, r)| r.dry_run.iter())
+        .filter(|(rule, _)| *rule == prefix || rule.starts_with(&nested))
+        .fold((0, 0), |(d, a), (_, (dd, aa))| (d + dd, a + aa))
 }
 
 /// Counts for `tunnelgate_operator_proxies{state}`: current (the latest render), behind, failing.
@@ -174,17 +196,30 @@ mod tests {
     fn p(node: &str, render: Option<u64>, failed: Option<&str>) -> (Endpoint, Report) {
         (
             Endpoint { pod: format!("proxy-{node}"), node: node.into(), ip: [10, 0, 0, 1].into() },
-            Report { render, failed: failed.map(Into::into) },
+            Report { render, failed: failed.map(Into::into), dry_run: Default::default() },
         )
     }
 
     #[test]
     fn rollout_table() {
         let proxies = [p("a", Some(7), None), p("b", Some(6), None), p("c", Some(5), Some("tls")), p("d", None, None)];
-        assert_eq!(policy_rollout(5, &proxies), Rollout { loaded: 3, total: 4, stuck_nodes: vec![] });
-        assert_eq!(policy_rollout(6, &proxies), Rollout { loaded: 2, total: 4, stuck_nodes: vec!["c".into()] });
+        assert_eq!(policy_rollout(5, &proxies), Rollout { loaded: 3, total: 4, stuck_nodes: vec![], dry_run: None });
+        assert_eq!(
+            policy_rollout(6, &proxies),
+            Rollout { loaded: 2, total: 4, stuck_nodes: vec!["c".into()], dry_run: None }
+        );
         assert_eq!(policy_rollout(8, &proxies).loaded, 0);
-        assert_eq!(policy_rollout(1, &[]), Rollout { loaded: 0, total: 0, stuck_nodes: vec![] });
+        assert_eq!(policy_rollout(1, &[]), Rollout { loaded: 0, total: 0, stuck_nodes: vec![], dry_run: None });
         assert_eq!(proxy_states(7, &proxies), [("current", 1), ("behind", 2), ("failing", 1)]);
+    }
+
+    #[test]
+    fn dry_run_counts_add_up_over_proxies_and_destinations() {
+        let mut a = p("a", Some(1), None);
+        a.1.dry_run =
+            [("ns/p/0".to_owned(), (2, 0)), ("ns/p/1".to_owned(), (1, 0)), ("ns/pq".to_owned(), (9, 9))].into();
+        let mut b = p("b", Some(1), None);
+        b.1.dry_run = [("ns/p".to_owned(), (0, 4))].into();
+        assert_eq!(dry_run_totals("ns/p", &[a, b]), (3, 4), "ns/pq is another policy");
     }
 }
