@@ -70,7 +70,7 @@ pub struct Inner {
     dry_run_counts: Mutex<std::collections::BTreeMap<String, [u64; 2]>>,
     /// When dry-run counts last woke the `/config` long-polls (at most every 5 s, so traffic never
     /// turns the operator's long-polls into a storm).
-    dry_run_announced: Mutex<Option<std::time::Instant>>,
+    dry_run_announced: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Inner {
@@ -138,7 +138,7 @@ impl Inner {
         drop(counts);
         let mut announced = self.dry_run_announced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if announced.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
-            *announced = Some(std::time::Instant::now());
+            *announced = Some(tokio::time::Instant::now());
             self.changes.send_modify(|n| *n += 1);
         }
     }
