@@ -1021,6 +1021,12 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         out.contains("decision: allow") && out.contains("rule: payments/allow-echo") && out.contains("loaded on: 1/1"),
         "{out}"
     );
+    let (_, out) = plugin(&["explain", "-n", "payments", "pod/checkout-1", &target_arg, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        (v["decision"].as_str(), v["rule"].as_str(), v["loaded"].as_str()),
+        (Some("allow"), Some("payments/allow-echo"), Some("1/1"))
+    );
     let (code, out) = plugin(&["explain", "-n", "payments", "checkout-1", "127.0.0.3:22"]);
     assert_eq!(code, 1, "denied: {out}");
     assert!(out.contains("decision: deny (403)"), "{out}");

@@ -85,6 +85,98 @@ pub enum PluginError {
     Config(String, String),
 }
 
+/// How to print an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+impl std::str::FromStr for Output {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Output, String> {
+        match s {
+            "table" | "" => Ok(Output::Table),
+            "json" => Ok(Output::Json),
+            "yaml" => Ok(Output::Yaml),
+            other => Err(format!("unknown output {other:?}: table, json or yaml")),
+        }
+    }
+}
+
+fn render<T: serde::Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) -> String {
+    match output {
+        Output::Table => table(value),
+        Output::Json => serde_json::to_string_pretty(value).map(|s| s + "\n").unwrap_or_default(),
+        Output::Yaml => serde_yaml::to_string(value).unwrap_or_default(),
+    }
+}
+
+/// What `explain` found.
+#[derive(Debug, Clone, serde::Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Explanation {
+    pub pod: String,
+    pub client: String,
+    pub target: String,
+    /// `allow`, `deny` or `needs-resolution`.
+    pub decision: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_lifetime: Option<String>,
+    /// Whether DNS was needed (false: decided by the name alone).
+    pub resolved: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loaded: Option<String>,
+}
+
+impl Explanation {
+    fn table(&self) -> String {
+        let mut out = format!("client: pod {} ({})\ntarget: {}\n", self.pod, self.client, self.target);
+        match self.decision.as_str() {
+            "allow" => {
+                let _ = writeln!(out, "decision: allow\nrule: {}", self.rule.as_deref().unwrap_or("default"));
+                let _ = writeln!(
+                    out,
+                    "limits: idleTimeout={} maxLifetime={}",
+                    self.idle_timeout.as_deref().unwrap_or("-"),
+                    self.max_lifetime.as_deref().unwrap_or("-")
+                );
+            }
+            "deny" => {
+                let _ = writeln!(
+                    out,
+                    "decision: deny (403)\nrule: {}\nreason: {}",
+                    self.rule.as_deref().unwrap_or("default"),
+                    self.reason.as_deref().unwrap_or("")
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "decision: needs resolution (pass --resolve IP for each address the name has)");
+            }
+        }
+        if !self.resolved && self.decision == "deny" {
+            let _ = writeln!(out, "resolved: no (decided by name)");
+        }
+        if let Some(d) = &self.dry_run {
+            let _ = writeln!(out, "dry run: {d}");
+        }
+        if let Some(l) = &self.loaded {
+            let _ = writeln!(out, "loaded on: {l} proxies");
+        }
+        out
+    }
+}
+
 /// The decision for a request from `namespace/pod` to `target`, against the configuration the
 /// proxies are told to enforce (`<release>-proxy`), and how far the deciding policy has rolled out.
 pub async fn explain(
@@ -94,6 +186,7 @@ pub async fn explain(
     pod: &str,
     target: &str,
     resolve: &[IpAddr],
+    output: Output,
 ) -> Result<(i32, String), PluginError> {
     let pod_name = pod.strip_prefix("pod/").unwrap_or(pod);
     let p = Api::<Pod>::namespaced(client.clone(), namespace).get(pod_name).await?;
@@ -110,57 +203,57 @@ pub async fn explain(
     let cfg = ProxyConfig::from_yaml(&text)
         .map_err(|e| PluginError::Config(format!("{}/{cm_name}", release.namespace), e.to_string()))?;
     let policy = &cfg.policy;
-    let mut out = String::new();
-    let _ = writeln!(out, "client: pod {namespace}/{pod_name} ({ip})\ntarget: {auth}");
-    let addrs: Vec<IpAddr> = match &auth.host {
-        Host::Ip(a) => vec![*a],
-        Host::Name(name) => {
-            if let PreDecision::Deny(d) = policy.pre_resolve(ip, name, auth.port) {
-                describe(&mut out, policy, &d);
-                let _ = writeln!(out, "resolved: no (decided by name)");
-                if let Some(v) = policy.dry_run_by_name(ip, None, name, auth.port, &d) {
-                    let _ = writeln!(out, "dry run: rule {} {}", v.rule(), v.as_str().replace('_', " "));
-                }
-                return Ok((1, out));
-            }
-            if resolve.is_empty() {
-                let _ = writeln!(out, "decision: needs resolution (pass --resolve IP for each address the name has)");
-                return Ok((2, out));
-            }
-            resolve.to_vec()
+    let mut e = Explanation {
+        pod: format!("{namespace}/{pod_name}"),
+        client: ip.to_string(),
+        target: auth.to_string(),
+        resolved: true,
+        ..Default::default()
+    };
+    let verdict = |v: proxy_config::DryRunVerdict| format!("rule {} {}", v.rule(), v.as_str().replace('_', " "));
+    let decision = match &auth.host {
+        Host::Ip(a) => {
+            let d = policy.decide(ip, &auth.host, auth.port, &[*a]);
+            e.dry_run = policy.dry_run(ip, None, &auth.host, auth.port, &[*a], &d).map(verdict);
+            d
         }
+        Host::Name(name) => match policy.pre_resolve(ip, name, auth.port) {
+            PreDecision::Deny(d) => {
+                e.resolved = false;
+                e.dry_run = policy.dry_run_by_name(ip, None, name, auth.port, &d).map(verdict);
+                d
+            }
+            PreDecision::Resolve if resolve.is_empty() => {
+                e.decision = "needs-resolution".into();
+                return Ok((2, render(output, &e, Explanation::table)));
+            }
+            PreDecision::Resolve => {
+                let d = policy.decide(ip, &auth.host, auth.port, resolve);
+                e.dry_run = policy.dry_run(ip, None, &auth.host, auth.port, resolve, &d).map(verdict);
+                d
+            }
+        },
     };
-    let d = policy.decide(ip, &auth.host, auth.port, &addrs);
-    describe(&mut out, policy, &d);
-    if let Some(v) = policy.dry_run(ip, None, &auth.host, auth.port, &addrs, &d) {
-        let _ = writeln!(out, "dry run: rule {} {}", v.rule(), v.as_str().replace('_', " "));
-    }
-    // The deciding policy's rollout, from its status.
-    let rule = match &d {
-        Decision::Allow { rule, .. } | Decision::Deny { rule, .. } => policy.rule_name(*rule).to_owned(),
-    };
-    if let Some(loaded) = rollout_of(client, &rule).await? {
-        let _ = writeln!(out, "loaded on: {loaded} proxies");
-    }
-    Ok((if matches!(d, Decision::Allow { .. }) { 0 } else { 1 }, out))
-}
-
-fn describe(out: &mut String, policy: &proxy_config::Policy, d: &Decision) {
-    match d {
+    let code = match &decision {
         Decision::Allow { rule, limits } => {
-            let _ = writeln!(
-                out,
-                "decision: allow\nrule: {}\nlimits: idleTimeout={} maxLifetime={}",
-                policy.rule_name(*rule),
-                humantime::format_duration(limits.idle_timeout),
-                humantime::format_duration(limits.max_lifetime)
-            );
+            e.decision = "allow".into();
+            e.rule = Some(policy.rule_name(*rule).to_owned());
+            e.idle_timeout = Some(humantime::format_duration(limits.idle_timeout).to_string());
+            e.max_lifetime = Some(humantime::format_duration(limits.max_lifetime).to_string());
+            0
         }
         Decision::Deny { rule, reason } => {
-            let _ =
-                writeln!(out, "decision: deny (403)\nrule: {}\nreason: {}", policy.rule_name(*rule), reason.as_str());
+            e.decision = "deny".into();
+            e.rule = Some(policy.rule_name(*rule).to_owned());
+            e.reason = Some(reason.as_str().to_owned());
+            1
         }
+    };
+    // The deciding policy's rollout, from its status.
+    if let Some(rule) = &e.rule {
+        e.loaded = rollout_of(client, rule).await?;
     }
+    Ok((code, render(output, &e, Explanation::table)))
 }
 
 /// `loaded/total` of the policy behind a rendered rule name (`ns/name[/i]`, `cluster:name[/i]`).
@@ -176,14 +269,62 @@ async fn rollout_of(client: &Client, rule: &str) -> Result<Option<String>, Plugi
     Ok(status.and_then(|s| s.loaded))
 }
 
+/// What `status` found.
+#[derive(Debug, Clone, serde::Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    pub proxies: Vec<ProxyStatus>,
+    /// Policies whose rules are not on every proxy yet: `ns/name` or `cluster:name`, and why.
+    pub not_enforced: Vec<NotEnforced>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub pod: String,
+    pub node: String,
+    pub render: Option<u64>,
+    /// `ok`, `failed (<reason>)` or `unreachable`.
+    pub last_reload: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NotEnforced {
+    pub policy: String,
+    pub reason: String,
+}
+
+impl RolloutStatus {
+    fn table(&self) -> String {
+        let mut out = format!("{:<40} {:<24} {:>7}  LAST RELOAD\n", "PROXY", "NODE", "RENDER");
+        for p in &self.proxies {
+            let render = p.render.map_or("-".to_owned(), |n| n.to_string());
+            let _ = writeln!(out, "{:<40} {:<24} {render:>7}  {}", p.pod, p.node, p.last_reload);
+        }
+        if self.not_enforced.is_empty() {
+            let _ = writeln!(out, "\nevery policy with rules is loaded on every proxy");
+        } else {
+            let _ = writeln!(out, "\nnot yet enforced everywhere:");
+            for n in &self.not_enforced {
+                let _ = writeln!(out, "  {}: {}", n.policy, n.reason);
+            }
+        }
+        out
+    }
+}
+
 /// Proxies of the release with the render they report (through the API server's pod proxy), and
 /// the policies whose rules are not yet on every proxy.
-pub async fn status(client: &Client, release: &Release, admin_port: u16) -> Result<(i32, String), PluginError> {
-    let mut out = String::new();
+pub async fn status(
+    client: &Client,
+    release: &Release,
+    admin_port: u16,
+    output: Output,
+) -> Result<(i32, String), PluginError> {
     let pods = Api::<Pod>::namespaced(client.clone(), &release.namespace);
     let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component=proxy", release.name);
     let proxies = pods.list(&kube::api::ListParams::default().labels(&selector)).await?;
-    let _ = writeln!(out, "{:<40} {:<24} {:>7}  LAST RELOAD", "PROXY", "NODE", "RENDER");
+    let mut st = RolloutStatus::default();
     for p in &proxies.items {
         let name = p.metadata.name.clone().unwrap_or_default();
         let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
@@ -193,43 +334,33 @@ pub async fn status(client: &Client, release: &Release, admin_port: u16) -> Resu
         ))
         .body(Vec::new())
         .map_err(|e| PluginError::Usage(e.to_string()))?;
-        let (render, reload) = match client.request_text(req).await {
+        let (render, last_reload) = match client.request_text(req).await {
             Ok(body) => {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 (
-                    v["render"].as_u64().map_or("-".to_owned(), |n| n.to_string()),
+                    v["render"].as_u64(),
                     v["lastReload"]["reason"].as_str().map_or("ok".to_owned(), |r| format!("failed ({r})")),
                 )
             }
-            Err(_) => ("?".to_owned(), "unreachable".to_owned()),
+            Err(_) => (None, "unreachable".to_owned()),
         };
-        let _ = writeln!(out, "{name:<40} {node:<24} {render:>7}  {reload}");
+        st.proxies.push(ProxyStatus { pod: name, node, render, last_reload });
     }
-    let mut behind = Vec::new();
     for p in Api::<TunnelPolicy>::all(client.clone()).list(&Default::default()).await?.items {
         if let Some(reason) = not_enforced(p.status.as_ref()) {
-            behind.push(format!(
-                "{}/{}: {reason}",
-                p.metadata.namespace.unwrap_or_default(),
-                p.metadata.name.unwrap_or_default()
-            ));
+            let policy =
+                format!("{}/{}", p.metadata.namespace.unwrap_or_default(), p.metadata.name.unwrap_or_default());
+            st.not_enforced.push(NotEnforced { policy, reason });
         }
     }
     for p in Api::<ClusterTunnelPolicy>::all(client.clone()).list(&Default::default()).await?.items {
         if let Some(reason) = not_enforced(p.status.as_ref()) {
-            behind.push(format!("cluster:{}: {reason}", p.metadata.name.unwrap_or_default()));
+            st.not_enforced
+                .push(NotEnforced { policy: format!("cluster:{}", p.metadata.name.unwrap_or_default()), reason });
         }
     }
-    if behind.is_empty() {
-        let _ = writeln!(out, "\nevery policy with rules is loaded on every proxy");
-        Ok((0, out))
-    } else {
-        let _ = writeln!(out, "\nnot yet enforced everywhere:");
-        for b in &behind {
-            let _ = writeln!(out, "  {b}");
-        }
-        Ok((1, out))
-    }
+    let code = i32::from(!st.not_enforced.is_empty());
+    Ok((code, render(output, &st, RolloutStatus::table)))
 }
 
 fn not_enforced(status: Option<&crate::crd::TunnelPolicyStatus>) -> Option<String> {

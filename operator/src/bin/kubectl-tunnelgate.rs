@@ -27,6 +27,9 @@ struct Cli {
     /// Namespace of that release.
     #[arg(long, global = true, default_value = "tunnelgate")]
     release_namespace: String,
+    /// `table` (default), `json` or `yaml` (explain and status).
+    #[arg(short, long, global = true, default_value = "table")]
+    output: plugin::Output,
     #[command(subcommand)]
     command: Command,
 }
@@ -103,11 +106,11 @@ async fn main() -> ExitCode {
             worst
         }
         Command::Explain { namespace, pod, target, resolve } => match client(&cli).await {
-            Ok(c) => report(plugin::explain(&c, &release, namespace, pod, target, resolve).await),
+            Ok(c) => report(plugin::explain(&c, &release, namespace, pod, target, resolve, cli.output).await),
             Err(e) => unreachable_cluster(&e),
         },
         Command::Status { proxy_admin_port } => match client(&cli).await {
-            Ok(c) => report(plugin::status(&c, &release, *proxy_admin_port).await),
+            Ok(c) => report(plugin::status(&c, &release, *proxy_admin_port, cli.output).await),
             Err(e) => unreachable_cluster(&e),
         },
     };
