@@ -1027,6 +1027,8 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         (v["decision"].as_str(), v["rule"].as_str(), v["loaded"].as_str()),
         (Some("allow"), Some("payments/allow-echo"), Some("1/1"))
     );
+    let (code, out) = plugin(&["explain", "-n", "payments", "-l", "app=checkout", &target_arg]);
+    assert!(code == 0 && out.contains("pod payments/checkout-1"), "a selector names a running pod: {out}");
     let (code, out) = plugin(&["explain", "-n", "payments", "checkout-1", "127.0.0.3:22"]);
     assert_eq!(code, 1, "denied: {out}");
     assert!(out.contains("decision: deny (403)"), "{out}");

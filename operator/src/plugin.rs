@@ -188,8 +188,8 @@ pub async fn explain(
     resolve: &[IpAddr],
     output: Output,
 ) -> Result<(i32, String), PluginError> {
-    let pod_name = pod.strip_prefix("pod/").unwrap_or(pod);
-    let p = Api::<Pod>::namespaced(client.clone(), namespace).get(pod_name).await?;
+    let p = find_pod(client, namespace, pod).await?;
+    let pod_name = p.metadata.name.clone().unwrap_or_default();
     let ip: IpAddr = p
         .status
         .as_ref()
@@ -254,6 +254,30 @@ pub async fn explain(
         e.loaded = rollout_of(client, rule).await?;
     }
     Ok((code, render(output, &e, Explanation::table)))
+}
+
+/// The pod a workload reference names: `pod/NAME` or `NAME`, `deploy/NAME` (a running pod of the
+/// Deployment: its pods share labels, so policies treat them alike), or `-l key=value` (a running
+/// pod the selector matches).
+async fn find_pod(client: &Client, namespace: &str, reference: &str) -> Result<Pod, PluginError> {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    let selector = if let Some(sel) = reference.strip_prefix("-l=").or_else(|| reference.strip_prefix("selector=")) {
+        sel.to_owned()
+    } else if let Some(name) = reference.strip_prefix("deploy/").or_else(|| reference.strip_prefix("deployment/")) {
+        let d = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), namespace).get(name).await?;
+        let labels = d.spec.selector.match_labels.unwrap_or_default();
+        if labels.is_empty() {
+            return Err(PluginError::Usage(format!("deployment {namespace}/{name} has no matchLabels selector")));
+        }
+        labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    } else {
+        return Ok(pods.get(reference.strip_prefix("pod/").unwrap_or(reference)).await?);
+    };
+    let list = pods.list(&kube::api::ListParams::default().labels(&selector)).await?;
+    list.items
+        .into_iter()
+        .find(|p| p.status.as_ref().is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()))
+        .ok_or_else(|| PluginError::Usage(format!("no running pod in {namespace} matches {reference}")))
 }
 
 /// `loaded/total` of the policy behind a rendered rule name (`ns/name[/i]`, `cluster:name[/i]`).

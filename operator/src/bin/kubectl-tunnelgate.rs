@@ -48,13 +48,15 @@ enum Command {
         /// The pod's namespace.
         #[arg(short, long, default_value = "default")]
         namespace: String,
-        /// `pod/NAME` or `NAME`.
-        pod: String,
-        /// `host:port`.
-        target: String,
+        /// `[pod/NAME | NAME | deploy/NAME] host:port` (the workload is left out with --selector).
+        #[arg(required = true, num_args = 1..=2, value_names = ["WORKLOAD", "TARGET"])]
+        args: Vec<String>,
         /// The addresses the name resolves to (the decision covers every one).
         #[arg(long)]
         resolve: Vec<IpAddr>,
+        /// Instead of a pod: a running pod this label selector matches (`app=checkout`).
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
     },
     /// The proxies, the render each has loaded, and the policies not yet loaded everywhere.
     Status {
@@ -105,10 +107,22 @@ async fn main() -> ExitCode {
             }
             worst
         }
-        Command::Explain { namespace, pod, target, resolve } => match client(&cli).await {
-            Ok(c) => report(plugin::explain(&c, &release, namespace, pod, target, resolve, cli.output).await),
-            Err(e) => unreachable_cluster(&e),
-        },
+        Command::Explain { namespace, args, resolve, selector } => {
+            let (reference, target) = match (selector, args.as_slice()) {
+                (Some(sel), [target]) => (format!("-l={sel}"), target.clone()),
+                (None, [pod, target]) => (pod.clone(), target.clone()),
+                _ => {
+                    eprintln!("explain takes a workload and a target (host:port), or --selector and a target");
+                    return ExitCode::from(64);
+                }
+            };
+            match client(&cli).await {
+                Ok(c) => {
+                    report(plugin::explain(&c, &release, namespace, &reference, &target, resolve, cli.output).await)
+                }
+                Err(e) => unreachable_cluster(&e),
+            }
+        }
         Command::Status { proxy_admin_port } => match client(&cli).await {
             Ok(c) => report(plugin::status(&c, &release, *proxy_admin_port, cli.output).await),
             Err(e) => unreachable_cluster(&e),
