@@ -233,6 +233,47 @@ async fn settle(wake: &Notify, quiet: Duration, max: Duration, shutdown: &Cancel
     }
 }
 
+/// A policy of either kind, for the status and event pass.
+enum Policy<'a> {
+    Namespaced(&'a TunnelPolicy),
+    Cluster(&'a ClusterTunnelPolicy),
+}
+
+impl Policy<'_> {
+    fn generation_and_status(&self) -> (Option<i64>, Option<&crate::crd::TunnelPolicyStatus>) {
+        match self {
+            Policy::Namespaced(p) => (p.metadata.generation, p.status.as_ref()),
+            Policy::Cluster(p) => (p.metadata.generation, p.status.as_ref()),
+        }
+    }
+
+    /// Warning-event key (`tp/ns/name`, `ctp/name`).
+    fn key(&self) -> String {
+        match self {
+            Policy::Namespaced(p) => format!(
+                "tp/{}/{}",
+                p.metadata.namespace.as_deref().unwrap_or_default(),
+                p.metadata.name.as_deref().unwrap_or_default()
+            ),
+            Policy::Cluster(p) => format!("ctp/{}", p.metadata.name.as_deref().unwrap_or_default()),
+        }
+    }
+
+    fn object_ref(&self) -> k8s_openapi::api::core::v1::ObjectReference {
+        match self {
+            Policy::Namespaced(p) => p.object_ref(&()),
+            Policy::Cluster(p) => p.object_ref(&()),
+        }
+    }
+
+    async fn write_status(&self, client: &Client, status: &crate::crd::TunnelPolicyStatus) -> Result<(), kube::Error> {
+        match self {
+            Policy::Namespaced(p) => write_status(client, p, status).await,
+            Policy::Cluster(p) => write_cluster_status(client, p, status).await,
+        }
+    }
+}
+
 async fn reconcile(
     client: &Client,
     s: &Settings,
@@ -441,56 +482,27 @@ async fn reconcile(
     let mut status_error: Option<kube::Error> = None;
     for o in &outcomes {
         // Cluster policies' outcomes have no namespace.
-        if o.namespace.is_empty() {
-            let Some(p) = cluster_by_name.get(o.name.as_str()) else { continue };
-            if o.result.is_ok() {
-                accepted += 1
-            } else {
-                rejected += 1
-            }
-            let desired = status::desired(
-                o,
-                p.metadata.generation,
-                &s.config_name(),
-                in_force,
-                p.status.as_ref(),
-                rollout_of(o).as_ref(),
-                &now,
-            );
-            if p.status.as_ref() != Some(&desired) && status_error.is_none() {
-                status_error = write_cluster_status(client, p, &desired).await.err();
-            }
-            if let Err(errs) = &o.result {
-                let note = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-                let key = format!("ctp/{}/{}", o.name, p.metadata.generation.unwrap_or(0));
-                live.insert(key.clone());
-                warn_once(recorder, state, key, &p.object_ref(&()), "InvalidSpec", format!("rejected: {note}")).await;
-            }
-            continue;
-        }
-        let Some(p) = by_name.get(&(o.namespace.as_str(), o.name.as_str())) else { continue };
+        let target = if o.namespace.is_empty() {
+            cluster_by_name.get(o.name.as_str()).map(|p| Policy::Cluster(p))
+        } else {
+            by_name.get(&(o.namespace.as_str(), o.name.as_str())).map(|p| Policy::Namespaced(p))
+        };
+        let Some(p) = target else { continue };
         if o.result.is_ok() {
             accepted += 1
         } else {
             rejected += 1
         }
-        let desired = status::desired(
-            o,
-            p.metadata.generation,
-            &s.config_name(),
-            in_force,
-            p.status.as_ref(),
-            rollout_of(o).as_ref(),
-            &now,
-        );
-        if p.status.as_ref() != Some(&desired) && status_error.is_none() {
-            status_error = write_status(client, p, &desired).await.err();
+        let (generation, current) = p.generation_and_status();
+        let desired = status::desired(o, generation, &s.config_name(), in_force, current, rollout_of(o).as_ref(), &now);
+        if current != Some(&desired) && status_error.is_none() {
+            status_error = p.write_status(client, &desired).await.err();
         }
         if let Err(errs) = &o.result {
             let note = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-            let key = format!("tp/{}/{}/{}", o.namespace, o.name, p.metadata.generation.unwrap_or(0));
+            let key = format!("{}/{}", p.key(), generation.unwrap_or(0));
             live.insert(key.clone());
-            warn_once(recorder, state, key, &p.object_ref(&()), "InvalidSpec", format!("rejected: {note}")).await;
+            warn_once(recorder, state, key, &p.object_ref(), "InvalidSpec", format!("rejected: {note}")).await;
         }
     }
     // A proxy that fails its reloads gets one Warning event per failure reason (its logs say more).

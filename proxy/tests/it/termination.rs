@@ -263,8 +263,9 @@ async fn alpn_is_negotiated_and_a_tls13_floor_refuses_tls12() {
     );
 }
 
-/// A backend that records the PROXY v2 header it receives, then echoes.
-async fn ppv2_recorder(path: &Path) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+/// A backend that records the whole PROXY v2 header it receives (signature, fixed part and exactly
+/// the announced length), then echoes.
+pub(crate) async fn ppv2_recorder(path: &Path) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
     let l = UnixListener::bind(path).unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     tokio::spawn(async move {
@@ -279,7 +280,7 @@ async fn ppv2_recorder(path: &Path) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
                 if s.read_exact(&mut rest).await.is_err() {
                     return;
                 }
-                let _ = tx.send(rest).await;
+                let _ = tx.send([fixed.to_vec(), rest].concat()).await;
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
@@ -325,7 +326,7 @@ async fn t06_client_certificates_required_optional_and_ca_reload() {
     // A verified certificate: the session stands and the backend learns the CN and verify = 0.
     let mut kept = handshake(&with(Some(&good)), required, "app.test").await.unwrap();
     let header = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
-    let ssl = tlvs(&header[12..]).into_iter().find(|(t, _)| *t == 0x20).expect("an SSL TLV").1;
+    let ssl = tlvs(&header[16 + 12..]).into_iter().find(|(t, _)| *t == 0x20).expect("an SSL TLV").1;
     assert_eq!(ssl[0], 0x01 | 0x02, "client flags: SSL and a certificate on this connection");
     assert_eq!(&ssl[1..5], &[0, 0, 0, 0], "verify: 0, the certificate was verified");
     let subs = tlvs(&ssl[5..]);
@@ -339,7 +340,7 @@ async fn t06_client_certificates_required_optional_and_ca_reload() {
     let fine = client_ca.leaf_with_serial(&["fine"], false, Some(667));
     assert!(handshake(&with(Some(&fine)), required, "app.test").await.is_ok());
     let header = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
-    assert!(tlvs(&tlvs(&header[12..]).into_iter().find(|(t, _)| *t == 0x20).unwrap().1[5..])
+    assert!(tlvs(&tlvs(&header[16 + 12..]).into_iter().find(|(t, _)| *t == 0x20).unwrap().1[5..])
         .contains(&(0x22, b"fine".to_vec())));
     assert!(handshake(&with(None), required, "app.test").await.is_err());
     assert!(handshake(&with(Some(&rogue_ca.leaf(&["rogue"], false))), required, "app.test").await.is_err());
@@ -347,7 +348,7 @@ async fn t06_client_certificates_required_optional_and_ca_reload() {
     // Optional: no certificate is served (verify != 0, no CN), a bad one still refused.
     handshake(&with(None), optional, "app.test").await.unwrap();
     let header = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
-    let ssl = tlvs(&header[12..]).into_iter().find(|(t, _)| *t == 0x20).unwrap().1;
+    let ssl = tlvs(&header[16 + 12..]).into_iter().find(|(t, _)| *t == 0x20).unwrap().1;
     assert_eq!(ssl[0], 0x01);
     assert_ne!(&ssl[1..5], &[0, 0, 0, 0]);
     assert!(!tlvs(&ssl[5..]).iter().any(|(t, _)| *t == 0x22));

@@ -168,27 +168,7 @@ async fn t10_proxy_v2_to_a_unix_socket_carries_tcp_addresses_and_the_sni() {
     let w = World::new().await;
     let dir = TempDir::new("ppv2");
     let sock = dir.0.join("app.sock");
-    let l = UnixListener::bind(&sock).unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                // Signature and fixed part, then exactly the announced length.
-                let mut fixed = [0u8; 16];
-                if s.read_exact(&mut fixed).await.is_err() {
-                    return;
-                }
-                let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
-                let mut rest = vec![0u8; len];
-                if s.read_exact(&mut rest).await.is_err() {
-                    return;
-                }
-                let _ = tx.send([fixed.to_vec(), rest].concat()).await;
-                let _ = s.write_all(b"ok").await;
-            });
-        }
-    });
+    let mut rx = crate::termination::ppv2_recorder(&sock).await;
     let ck = rcgen::generate_simple_self_signed(vec!["app.test".into()]).unwrap();
     std::fs::write(dir.0.join("tls.crt"), ck.cert.pem()).unwrap();
     std::fs::write(dir.0.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
@@ -222,7 +202,5 @@ async fn t10_proxy_v2_to_a_unix_socket_carries_tcp_addresses_and_the_sni() {
     assert!(tlvs.starts_with(&authority), "{tlvs:?}");
     assert_eq!(tlvs[authority.len()], 0x20, "then the SSL TLV (its content: the termination tests)");
     assert_eq!(u16::from_be_bytes([got[14], got[15]]) as usize, got.len() - 16, "the length is exact");
-    let mut ok = [0u8; 2];
-    tls.read_exact(&mut ok).await.unwrap();
-    assert_eq!(&ok, b"ok");
+    roundtrip(&mut tls, b"the backend answers after the header").await;
 }
