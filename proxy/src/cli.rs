@@ -12,6 +12,10 @@ use crate::authorize::{self, Verdict};
 
 /// Exit code for an invalid configuration or usage (sysexits EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
+/// `explain`: the request would be refused (like `kubectl auth can-i`, which exits 1 for "no").
+pub const EXIT_DENIED: i32 = 1;
+/// `explain`: the name must be resolved to decide (`--resolve`).
+pub const EXIT_NEEDS_RESOLUTION: i32 = 2;
 
 /// Tunnelgate egress proxy: HTTP CONNECT with allow/deny policy, limits and metrics.
 #[derive(Debug, Parser)]
@@ -59,7 +63,8 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Print the policy decision for one request and the rule that made it.
+    /// Print the policy decision for one request and the rule that made it (exit 0 allow, 1 deny,
+    /// 2 when the name must be resolved to decide).
     Explain {
         #[arg(long)]
         config: PathBuf,
@@ -136,11 +141,11 @@ pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, re
                 describe(&mut out, policy, &d, &auth, &[]);
                 let _ = writeln!(out, "resolved: no (decided by name, no DNS query)");
                 dry_run_line(&mut out, policy.dry_run_by_name(client, user, name, auth.port, &d));
-                return (0, out);
+                return (EXIT_DENIED, out);
             }
             if resolve.is_empty() {
                 let _ = writeln!(out, "decision: needs resolution\nthe name must be resolved to decide; pass --resolve IP for each address it resolves to");
-                return (0, out);
+                return (EXIT_NEEDS_RESOLUTION, out);
             }
             resolve.to_vec()
         }
@@ -150,24 +155,27 @@ pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, re
     endpoints.push(cfg.admin.bind);
     let host = authorize::host_addresses();
     let own = |ip, port| authorize::is_own_endpoint(&endpoints, &host, ip, port);
-    match authorize::decide(policy, client, user, &auth, &addrs, own) {
+    let code = match authorize::decide(policy, client, user, &auth, &addrs, own) {
         Verdict::Allow { rule, limits } => {
             let d = Decision::Allow { rule, limits };
             describe(&mut out, policy, &d, &auth, &addrs);
             dry_run_line(&mut out, policy.dry_run(client, user, &auth.host, auth.port, &addrs, &d));
+            0
         }
         Verdict::Deny(d) => {
             describe(&mut out, policy, &d, &auth, &addrs);
             dry_run_line(&mut out, policy.dry_run(client, user, &auth.host, auth.port, &addrs, &d));
+            EXIT_DENIED
         }
         Verdict::SelfConnect => {
             let _ = writeln!(
                 out,
                 "target: {auth}\ndecision: deny (403)\nrule: self\nreason: the target is one of this proxy's own listener or admin ports"
             );
+            EXIT_DENIED
         }
-    }
-    (0, out)
+    };
+    (code, out)
 }
 
 /// The dry-run verdict, apart from the enforced decision.

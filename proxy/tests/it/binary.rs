@@ -171,7 +171,10 @@ fn cli_explain_names_the_deciding_rule() {
             && out.contains("idleTimeout=1m"),
         "{out}"
     );
-    let (_, out) = run(&["explain", "--config", f, "--client", "10.244.1.17", "--target", "x.evil.test:443"]);
+    let (code, out) = run(&["explain", "--config", f, "--client", "10.244.1.17", "--target", "x.evil.test:443"]);
+    assert_eq!(code, 1, "deny exits 1, as kubectl auth can-i");
+    let (code, _) = run(&["explain", "--config", f, "--client", "10.244.1.17", "--target", "api.github.com:443"]);
+    assert_eq!(code, 2, "needs resolution");
     assert!(
         out.contains("decision: deny (403)") && out.contains("rule: no-evil") && out.contains("no DNS query"),
         "{out}"
