@@ -141,7 +141,8 @@ async fn housekeeping(inner: Arc<Inner>) {
     }
 }
 
-/// The shutdown sequence of SECURITY-CASES §10.8.
+/// The shutdown sequence: readiness off, keep accepting for `drainDelay`, stop accepting, give
+/// tunnels `drainTimeout`, then close what is left.
 async fn drain(
     inner: Arc<Inner>,
     shutdown: CancellationToken,

@@ -47,8 +47,8 @@ pub struct RunArgs {
     /// missed inotify events), e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub reload_poll_interval: std::time::Duration,
-    /// Exit code when the drain deadline had to close tunnels (SECURITY-CASES D-02); a drain that
-    /// finishes in time always exits 0.
+    /// Exit code when the drain deadline had to close tunnels (so an orchestrator can tell a
+    /// forced drain); a drain that finishes in time always exits 0.
     #[arg(long, default_value_t = 0)]
     pub forced_exit_code: u8,
     /// Runtime worker threads; default: one per CPU. Match it to the pod's CPU limit.
@@ -118,7 +118,7 @@ pub fn check(path: &Path) -> (i32, String) {
             }
             (0, out)
         }
-        Err(e) => (EXIT_USAGE, format!("{e}\n")),
+        Err(e) => (EXIT_USAGE, format!("{}\n", crate::error::ErrorChain(&e))),
     }
 }
 
@@ -126,7 +126,7 @@ pub fn check(path: &Path) -> (i32, String) {
 pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, resolve: &[IpAddr]) -> (i32, String) {
     let cfg = match load(path) {
         Ok((c, _)) => c,
-        Err(e) => return (EXIT_USAGE, format!("{e}\n")),
+        Err(e) => return (EXIT_USAGE, format!("{}\n", crate::error::ErrorChain(&e))),
     };
     let auth: Authority = match parse_target(target) {
         Ok(a) => a,

@@ -6,6 +6,10 @@ use tunnelgate_operator::crd::{ClusterTunnelPolicy, TunnelPolicy};
 
 fn main() {
     let which = std::env::args().nth(1).unwrap_or_else(|| "tunnelpolicies".into());
+    if which == "-h" || which == "--help" {
+        println!("Prints a Tunnelgate CRD as YAML.\n\nUsage: crdgen [tunnelpolicies|clustertunnelpolicies]");
+        return;
+    }
     let crd = match which.as_str() {
         "tunnelpolicies" => TunnelPolicy::crd(),
         "clustertunnelpolicies" => ClusterTunnelPolicy::crd(),
