@@ -155,6 +155,34 @@ impl TunnelError {
 }
 
 impl TunnelError {
+    /// The `Proxy-Status` header value of a response generated for this error (RFC 9209): a
+    /// machine-readable reason a client can act on, naming no host or address.
+    pub fn proxy_status(&self) -> String {
+        let error = match self {
+            TunnelError::HeadTimeout
+            | TunnelError::HeadTooLarge
+            | TunnelError::UriTooLong
+            | TunnelError::MalformedRequest(_)
+            | TunnelError::MethodNotAllowed => "http_request_error",
+            TunnelError::Denied(DenyReason::PrivateAddress { .. }) => "destination_ip_prohibited",
+            TunnelError::Denied(_)
+            | TunnelError::ClientLimit
+            | TunnelError::RateLimited(_)
+            | TunnelError::AuthRequired(_) => "http_request_denied",
+            TunnelError::SelfConnect => "proxy_loop_detected",
+            TunnelError::Overloaded | TunnelError::Draining => "proxy_internal_response",
+            TunnelError::ResolveNotFound => return "tunnelgate; error=dns_error; rcode=\"NXDOMAIN\"".to_owned(),
+            TunnelError::ResolveFailed => "dns_error",
+            TunnelError::ResolveTimeout => "dns_timeout",
+            TunnelError::UpstreamRefused(_) => "connection_refused",
+            TunnelError::UpstreamTimeout => "connection_timeout",
+            TunnelError::UpstreamResponse(_) => "http_protocol_error",
+            TunnelError::UpstreamResponseTimeout => "http_response_timeout",
+            TunnelError::TlsHandshake(_) | TunnelError::ClientClosed | TunnelError::Io { .. } => "proxy_internal_error",
+        };
+        format!("tunnelgate; error={error}")
+    }
+
     /// Seconds for `Retry-After`, where the client should come back later.
     pub fn retry_after(&self) -> Option<u64> {
         match self {

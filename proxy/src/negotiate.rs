@@ -205,6 +205,7 @@ pub fn error_response(err: &TunnelError) -> Option<Vec<u8>> {
     if let Some(secs) = err.retry_after() {
         extra.push_str(&format!("Retry-After: {secs}\r\n"));
     }
+    extra.push_str(&format!("Proxy-Status: {}\r\n", err.proxy_status()));
     Some(
         format!(
             "HTTP/1.1 {status} {}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}\r\n{body}",

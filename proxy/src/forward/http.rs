@@ -306,19 +306,25 @@ impl Handler {
     }
 
     fn bad_gateway(&self, ex: &Exchange) -> Response<ResponseBody> {
-        self.respond_error(
+        let mut resp = self.respond_error(
             ex,
             StatusCode::BAD_GATEWAY,
             "upstream answered 101 to a request that asked for no upgrade",
             None,
-        )
+        );
+        resp.headers_mut().insert("proxy-status", HeaderValue::from_static("tunnelgate; error=http_upgrade_failed"));
+        resp
     }
 
     /// The answer to a rejected request; counted and logged.
     fn error(&self, ex: &Exchange, r: Rejection) -> Response<ResponseBody> {
         let status = r.error.status().and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_GATEWAY);
         debug!(conn = self.ctx.id, result = r.error.kind(), error = %ErrorChain(&r.error), "HTTP request rejected");
-        self.respond_error(ex, status, &r.error.to_string(), r.error.retry_after())
+        let mut resp = self.respond_error(ex, status, &r.error.to_string(), r.error.retry_after());
+        if let Ok(v) = HeaderValue::from_str(&r.error.proxy_status()) {
+            resp.headers_mut().insert("proxy-status", v);
+        }
+        resp
     }
 
     fn respond_error(

@@ -60,6 +60,23 @@ fn error_responses_close_and_carry_retry_after_where_due() {
     assert!(!String::from_utf8_lossy(ESTABLISHED).to_ascii_lowercase().contains("content-length"));
 }
 
+/// Every generated error says why in RFC 9209 terms, without naming a host or an address.
+#[test]
+fn error_responses_carry_a_proxy_status() {
+    use proxy_config::{addr::SpecialRange, DenyReason};
+    let status = |e: TunnelError| {
+        let r = String::from_utf8(error_response(&e).unwrap()).unwrap();
+        r.lines().find_map(|l| l.strip_prefix("Proxy-Status: ").map(str::to_owned)).unwrap()
+    };
+    let private = DenyReason::PrivateAddress { range: SpecialRange::Metadata, not_opened_by: None };
+    assert_eq!(status(TunnelError::Denied(private)), "tunnelgate; error=destination_ip_prohibited");
+    assert_eq!(status(TunnelError::Denied(DenyReason::Rule)), "tunnelgate; error=http_request_denied");
+    assert_eq!(status(TunnelError::ResolveNotFound), "tunnelgate; error=dns_error; rcode=\"NXDOMAIN\"");
+    assert_eq!(status(TunnelError::UpstreamTimeout), "tunnelgate; error=connection_timeout");
+    assert_eq!(status(TunnelError::SelfConnect), "tunnelgate; error=proxy_loop_detected");
+    assert_eq!(status(TunnelError::HeadTooLarge), "tunnelgate; error=http_request_error");
+}
+
 /// A small deterministic PRNG (xorshift), so the property tests need no extra crate.
 struct Rng(u64);
 impl Rng {

@@ -521,10 +521,14 @@ async fn denied_and_private_targets_get_403_and_nothing_is_dialled() {
         let (status, text) =
             raw(&p, format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await;
         assert_eq!(status, 403, "{target}: {text}");
+        // Refused by the policy (default deny here): the client learns that, nothing about the target.
+        let lower = text.to_ascii_lowercase();
+        assert!(lower.contains("proxy-status: tunnelgate; error=http_request_denied"), "{target}: {text}");
     }
     assert_eq!(w.sink.count(), 0);
-    let (status, _) = raw(&p, b"GET http://nxdomain.test/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let (status, text) = raw(&p, b"GET http://nxdomain.test/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert_eq!(status, 502, "a name that does not resolve, as for CONNECT");
+    assert!(text.to_ascii_lowercase().contains("proxy-status: tunnelgate; error=dns_error"), "{text}");
 }
 
 #[tokio::test]
