@@ -48,7 +48,8 @@ fn main() {
     // Where the configuration comes from: a file, a ConfigMap, or the embedded default.
     let mut latest = None;
     let (config, text) = if let Some(cm) = &args.run.config_map {
-        telemetry::init(format_override.unwrap_or(LogFormat::Text));
+        // Before the configuration arrives nothing says targets may be logged.
+        telemetry::init(format_override.unwrap_or(LogFormat::Text), false);
         match rt.block_on(first_from_configmap(cm)) {
             Ok((config, text, rx)) => {
                 latest = Some(rx);
@@ -76,7 +77,7 @@ fn main() {
                 }
             },
         };
-        telemetry::init(format_override.unwrap_or(config.logging.format));
+        telemetry::init(format_override.unwrap_or(config.logging.format), config.logging.log_targets);
         (config, text)
     };
     let code = rt.block_on(async move {

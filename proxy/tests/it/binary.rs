@@ -32,14 +32,20 @@ impl Proc {
     }
 
     pub(crate) async fn start_with_args(w: &World, extra: &str, args: &[&str]) -> Proc {
-        Proc::launch(w, extra, None, args).await
+        Proc::launch(w, extra, None, args, &[]).await
     }
 
     pub(crate) async fn start_with(w: &World, extra: &str, ulimit_nofile: Option<u32>) -> Proc {
-        Proc::launch(w, extra, ulimit_nofile, &[]).await
+        Proc::launch(w, extra, ulimit_nofile, &[], &[]).await
     }
 
-    pub(crate) async fn launch(w: &World, extra: &str, ulimit_nofile: Option<u32>, args: &[&str]) -> Proc {
+    pub(crate) async fn launch(
+        w: &World,
+        extra: &str,
+        ulimit_nofile: Option<u32>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let dir = TempDir::new("bin");
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -62,7 +68,7 @@ impl Proc {
                 c
             }
         };
-        let child = cmd.stdout(Stdio::null()).stderr(log).kill_on_drop(true).spawn().unwrap();
+        let child = cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(log).kill_on_drop(true).spawn().unwrap();
         let p = Proc { child, listen, admin, dir };
         assert!(
             eventually(10, || async { TcpStream::connect(admin).await.is_ok() }).await,
@@ -676,4 +682,17 @@ async fn r09_memory_pressure_sheds_new_requests_keeps_tunnels_and_recovers() {
     let mut again = tunnel(p.listen, &w.echo.addr.to_string()).await;
     roundtrip(&mut again, b"accepted again").await;
     assert_eq!(admin_get(p.admin, "/readyz").await.0, 200);
+}
+
+/// Debug logs of dependencies (the resolver's queries, the client's connects) never name targets
+/// unless `logTargets` says so.
+#[tokio::test]
+async fn debug_logs_of_dependencies_do_not_name_targets() {
+    let w = World::new().await;
+    let p = Proc::launch(&w, "", None, &[], &[("TUNNELGATE_LOG", "debug")]).await;
+    let mut s = tunnel(p.listen, &w.echo_target("allowed.test")).await;
+    roundtrip(&mut s, b"hi").await;
+    let log = p.log();
+    assert!(log.contains("DEBUG"), "debug logging is on: {log}");
+    assert!(!log.contains("allowed.test"), "the target's name leaked into the log:\n{log}");
 }
