@@ -61,6 +61,10 @@ impl Snapshot {
         generation: u64,
         acme: &AcmeCerts,
     ) -> Result<Snapshot, SnapshotError> {
+        // The digest is taken before the files are loaded: a file that changes while this runs
+        // then differs from the digest, and the next check reloads it. (Taken after, it could
+        // record the new content while the old one was loaded, and the change would be missed.)
+        let fingerprint = fingerprint(&config, text);
         let mut acceptors = HashMap::new();
         for (index, l) in config.listeners.iter().enumerate() {
             if let Some(t) = &l.tls {
@@ -79,7 +83,7 @@ impl Snapshot {
             None => None,
         };
         Ok(Snapshot {
-            fingerprint: fingerprint(&config, text),
+            fingerprint,
             config,
             generation,
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
