@@ -280,6 +280,24 @@ async fn find_pod(client: &Client, namespace: &str, reference: &str) -> Result<P
         .ok_or_else(|| PluginError::Usage(format!("no running pod in {namespace} matches {reference}")))
 }
 
+/// The addresses `target` (`host:port`) resolves to with this machine's resolver (empty for an IP
+/// literal, which needs none).
+pub async fn resolve_here(target: &str) -> Result<Vec<IpAddr>, String> {
+    let auth: Authority = target.parse().map_err(|e| format!("target {target:?}: {e}"))?;
+    match &auth.host {
+        Host::Ip(_) => Ok(Vec::new()),
+        Host::Name(name) => {
+            let addrs = tokio::net::lookup_host((name.as_str(), auth.port))
+                .await
+                .map_err(|e| format!("cannot resolve {name} here: {e}"))?;
+            let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+            ips.sort();
+            ips.dedup();
+            Ok(ips)
+        }
+    }
+}
+
 /// `loaded/total` of the policy behind a rendered rule name (`ns/name[/i]`, `cluster:name[/i]`).
 async fn rollout_of(client: &Client, rule: &str) -> Result<Option<String>, PluginError> {
     let status = if let Some(rest) = rule.strip_prefix("cluster:") {
@@ -415,5 +433,13 @@ mod tests {
         assert!(out.contains("spec.destinations[0].ports[0]"), "every error, not just the first: {out}");
         assert_eq!(check("x.yaml", "kind: ConfigMap\n").0, EXIT_INVALID, "nothing to check is an error");
         assert_eq!(check("x.yaml", "kind: [").0, EXIT_INVALID);
+    }
+
+    #[tokio::test]
+    async fn resolve_here_uses_this_machines_resolver() {
+        let ips = resolve_here("localhost:80").await.unwrap();
+        assert!(ips.iter().all(|ip| ip.is_loopback()) && !ips.is_empty(), "{ips:?}");
+        assert!(resolve_here("127.0.0.1:80").await.unwrap().is_empty(), "a literal needs no resolution");
+        assert!(resolve_here("no port").await.is_err());
     }
 }

@@ -54,6 +54,10 @@ enum Command {
         /// The addresses the name resolves to (the decision covers every one).
         #[arg(long)]
         resolve: Vec<IpAddr>,
+        /// Resolve the name here, with this machine's resolver, instead of `--resolve` (the
+        /// proxies' resolver may answer differently).
+        #[arg(long, conflicts_with = "resolve")]
+        resolve_here: bool,
         /// Instead of a pod: a running pod this label selector matches (`app=checkout`).
         #[arg(short = 'l', long)]
         selector: Option<String>,
@@ -107,7 +111,7 @@ async fn main() -> ExitCode {
             }
             worst
         }
-        Command::Explain { namespace, args, resolve, selector } => {
+        Command::Explain { namespace, args, resolve, selector, resolve_here } => {
             let (reference, target) = match (selector, args.as_slice()) {
                 (Some(sel), [target]) => (format!("-l={sel}"), target.clone()),
                 (None, [pod, target]) => (pod.clone(), target.clone()),
@@ -116,9 +120,19 @@ async fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
+            let mut resolve = resolve.clone();
+            if *resolve_here {
+                match plugin::resolve_here(&target).await {
+                    Ok(addrs) => resolve = addrs,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(64);
+                    }
+                }
+            }
             match client(&cli).await {
                 Ok(c) => {
-                    report(plugin::explain(&c, &release, namespace, &reference, &target, resolve, cli.output).await)
+                    report(plugin::explain(&c, &release, namespace, &reference, &target, &resolve, cli.output).await)
                 }
                 Err(e) => unreachable_cluster(&e),
             }
