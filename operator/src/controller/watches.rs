@@ -44,127 +44,54 @@ pub(super) async fn start(
     shutdown: CancellationToken,
 ) -> Caches {
     let client = client.clone();
-    let (pol_store, pol_w) = reflector::store();
-    let (pod_store, pod_w) = reflector::store();
-    let (base_store, base_w) = reflector::store();
-    let (sec_store, sec_w) = reflector::store();
-    let (cpol_store, cpol_w) = reflector::store();
-    let (node_store, node_w) = reflector::store();
-    let (apisvc_store, apisvc_w) = reflector::store();
-    let (apiep_store, apiep_w) = reflector::store();
-    // Nodes: only their addresses and pod ranges matter (clusterNetworks).
-    let nodes = reflector(
-        node_w,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n: &mut Node| {
-            n.metadata.managed_fields = None;
-            n.metadata.annotations = None;
-            n.metadata.labels = None;
-            if let Some(st) = n.status.as_mut() {
-                st.images = None;
-                st.conditions = None;
-                st.volumes_attached = None;
-                st.volumes_in_use = None;
-            }
-        }),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-    .boxed();
-    let api_service = reflector(
-        apisvc_w,
-        watcher(
-            Api::<Service>::namespaced(client.clone(), "default"),
-            watcher::Config::default().fields("metadata.name=kubernetes"),
-        ),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-    .boxed();
-    let api_endpoints = reflector(
-        apiep_w,
-        watcher(
-            Api::<EndpointSlice>::namespaced(client.clone(), "default"),
-            watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
-        ),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-    .boxed();
-    let (ns_store, ns_w) = reflector::store();
-    let cluster_policies =
-        reflector(cpol_w, watcher(Api::<ClusterTunnelPolicy>::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .touched_objects()
-            .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-            .boxed();
-    // Only the labels of a namespace matter (namespaceSelector).
-    let namespaces = reflector(
-        ns_w,
-        watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()).modify(|n: &mut Namespace| {
-            n.metadata.managed_fields = None;
-            n.metadata.annotations = None;
-            n.spec = None;
-            n.status = None;
-        }),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-    .boxed();
-    let policies = reflector(pol_w, watcher(Api::<TunnelPolicy>::all(client.clone()), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-        .boxed();
-    // Only what rendering needs is kept of each pod.
-    let pods = reflector(pod_w, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim_pod))
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-        .boxed();
-    let base_cfg = watcher::Config::default().fields(&format!("metadata.name={}", base_name));
-    let base = reflector(base_w, watcher(Api::<ConfigMap>::namespaced(client.clone(), ns), base_cfg))
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-        .boxed();
-    let secrets = reflector(sec_w, watcher(Api::<Secret>::namespaced(client.clone(), ns), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects()
-        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-        .boxed();
+    let (policies, policy_changes) = cache(Api::<TunnelPolicy>::all(client.clone()), watcher::Config::default(), keep);
+    let (cluster_policies, cluster_policy_changes) =
+        cache(Api::<ClusterTunnelPolicy>::all(client.clone()), watcher::Config::default(), keep);
+    let (namespaces, namespace_changes) =
+        cache(Api::<Namespace>::all(client.clone()), watcher::Config::default(), slim_namespace);
+    let (nodes, node_changes) = cache(Api::<Node>::all(client.clone()), watcher::Config::default(), slim_node);
+    let (api_service, api_service_changes) = cache(
+        Api::<Service>::namespaced(client.clone(), "default"),
+        watcher::Config::default().fields("metadata.name=kubernetes"),
+        keep,
+    );
+    let (api_endpoints, api_endpoint_changes) = cache(
+        Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+        watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
+        keep,
+    );
+    let (pods, pod_changes) = cache(Api::<Pod>::all(client.clone()), watcher::Config::default(), slim_pod);
+    let (base, base_changes) = cache(
+        Api::<ConfigMap>::namespaced(client.clone(), ns),
+        watcher::Config::default().fields(&format!("metadata.name={base_name}")),
+        keep,
+    );
+    let (secrets, secret_changes) =
+        cache(Api::<Secret>::namespaced(client.clone(), ns), watcher::Config::default(), keep);
     // ServiceCIDR is GA from Kubernetes 1.33; on older clusters the Service range comes from the
     // chart's config.clusterNetworks only (a watch of a missing API would never sync).
     let has_service_cidrs = client
         .list_api_group_resources("networking.k8s.io/v1")
         .await
         .is_ok_and(|l| l.resources.iter().any(|r| r.name == "servicecidrs"));
-    let (svc_cidr_store, service_cidrs) = if has_service_cidrs {
-        let (store, w) = reflector::store();
-        let s = reflector(w, watcher(Api::<ServiceCIDR>::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
-            .touched_objects()
-            .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-            .boxed();
-        (Some(store), s)
+    let (service_cidrs, service_cidr_changes) = if has_service_cidrs {
+        let (store, changes) = cache(Api::<ServiceCIDR>::all(client.clone()), watcher::Config::default(), keep);
+        (Some(store), changes)
     } else {
         info!("the API has no networking.k8s.io/v1 ServiceCIDR: the Service range comes from config.clusterNetworks");
         (None, stream::empty().boxed())
     };
     let mut events = stream::select_all([
-        policies,
-        cluster_policies,
-        namespaces,
-        nodes,
-        api_service,
-        api_endpoints,
-        service_cidrs,
-        pods,
-        base,
-        secrets,
+        policy_changes,
+        cluster_policy_changes,
+        namespace_changes,
+        node_changes,
+        api_service_changes,
+        api_endpoint_changes,
+        service_cidr_changes,
+        pod_changes,
+        base_changes,
+        secret_changes,
     ]);
     let w = wake.clone();
     let stop = shutdown.clone();
@@ -182,17 +109,60 @@ pub(super) async fn start(
         }
     });
     Caches {
-        policies: pol_store,
-        cluster_policies: cpol_store,
-        namespaces: ns_store,
-        nodes: node_store,
-        api_service: apisvc_store,
-        api_endpoints: apiep_store,
-        service_cidrs: svc_cidr_store,
-        pods: pod_store,
-        base: base_store,
-        secrets: sec_store,
+        policies,
+        cluster_policies,
+        namespaces,
+        nodes,
+        api_service,
+        api_endpoints,
+        service_cidrs,
+        pods,
+        base,
+        secrets,
     }
+}
+
+/// A reflector's change notifications (errors as text, for the log).
+type Changes = futures::stream::BoxStream<'static, Result<(), String>>;
+
+/// A cache of `api` (as `config` selects, each object trimmed by `slim` to what rendering reads)
+/// and the stream of its changes, with the watcher's default backoff.
+fn cache<K>(api: Api<K>, config: watcher::Config, slim: fn(&mut K)) -> (Store<K>, Changes)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let changes = reflector(writer, watcher(api, config).modify(slim))
+        .default_backoff()
+        .touched_objects()
+        .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+        .boxed();
+    (store, changes)
+}
+
+/// Keeps an object whole.
+fn keep<K>(_: &mut K) {}
+
+/// Nodes: only their addresses and pod ranges matter (clusterNetworks).
+fn slim_node(n: &mut Node) {
+    n.metadata.managed_fields = None;
+    n.metadata.annotations = None;
+    n.metadata.labels = None;
+    if let Some(st) = n.status.as_mut() {
+        st.images = None;
+        st.conditions = None;
+        st.volumes_attached = None;
+        st.volumes_in_use = None;
+    }
+}
+
+/// Only the labels of a namespace matter (namespaceSelector).
+fn slim_namespace(n: &mut Namespace) {
+    n.metadata.managed_fields = None;
+    n.metadata.annotations = None;
+    n.spec = None;
+    n.status = None;
 }
 
 pub(super) async fn wait_synced(c: &Caches) {
@@ -238,6 +208,7 @@ pub(super) fn cluster_networks(c: &Caches) -> Vec<String> {
     out
 }
 
+/// Only what rendering (and the rollout view) needs is kept of each pod.
 fn slim_pod(p: &mut Pod) {
     p.metadata.managed_fields = None;
     p.metadata.annotations = None;
