@@ -414,25 +414,29 @@ async fn reconcile(
             metrics.proxies.with_label_values(&[label]).set(n);
         }
     }
+    // Outcomes name their policy; pair by name rather than relying on the renderer's order.
+    let by_name: HashMap<(&str, &str), &Arc<TunnelPolicy>> = policies
+        .iter()
+        .map(|p| {
+            ((p.metadata.namespace.as_deref().unwrap_or_default(), p.metadata.name.as_deref().unwrap_or_default()), p)
+        })
+        .collect();
+    let cluster_by_name: HashMap<&str, &Arc<ClusterTunnelPolicy>> =
+        cluster_policies.iter().map(|p| (p.metadata.name.as_deref().unwrap_or_default(), p)).collect();
+    // Cluster policies' outcomes have no namespace.
+    let policy_of = |o: &render::PolicyOutcome| {
+        if o.namespace.is_empty() {
+            cluster_by_name.get(o.name.as_str()).map(|p| Policy::Cluster(p))
+        } else {
+            by_name.get(&(o.namespace.as_str(), o.name.as_str())).map(|p| Policy::Namespaced(p))
+        }
+    };
     // The render that first carried each policy's current rules (a policy unchanged keeps its own).
     let mut renders: HashMap<String, u64> = HashMap::new();
     for o in &outcomes {
         let Ok(a) = &o.result else { continue };
         let key = format!("{}/{}", o.namespace, o.name);
-        let generation = if o.namespace.is_empty() {
-            cluster_policies
-                .iter()
-                .find(|p| p.metadata.name.as_deref() == Some(o.name.as_str()))
-                .and_then(|p| p.metadata.generation)
-        } else {
-            policies
-                .iter()
-                .find(|p| {
-                    p.metadata.namespace.as_deref() == Some(o.namespace.as_str())
-                        && p.metadata.name.as_deref() == Some(o.name.as_str())
-                })
-                .and_then(|p| p.metadata.generation)
-        };
+        let generation = policy_of(o).and_then(|p| p.generation_and_status().0);
         let current = state.render;
         let entry = state.policy_renders.entry(key.clone()).or_insert((generation, a.rules.clone(), current));
         if entry.0 != generation || entry.1 != a.rules {
@@ -468,26 +472,11 @@ async fn reconcile(
     // Warnings remembered for objects that are gone or fixed are forgotten, so the map stays bounded.
     let mut live: std::collections::HashSet<String> =
         state.warned.keys().filter(|k| k.starts_with("secret/")).cloned().collect();
-    // Outcomes name their policy; pair by name rather than relying on the renderer's order.
-    let by_name: HashMap<(&str, &str), &Arc<TunnelPolicy>> = policies
-        .iter()
-        .map(|p| {
-            ((p.metadata.namespace.as_deref().unwrap_or_default(), p.metadata.name.as_deref().unwrap_or_default()), p)
-        })
-        .collect();
-    let cluster_by_name: HashMap<&str, &Arc<ClusterTunnelPolicy>> =
-        cluster_policies.iter().map(|p| (p.metadata.name.as_deref().unwrap_or_default(), p)).collect();
     // The first failed status write stops the others (an API outage gives one error, not one per
     // policy); the loop retries with backoff.
     let mut status_error: Option<kube::Error> = None;
     for o in &outcomes {
-        // Cluster policies' outcomes have no namespace.
-        let target = if o.namespace.is_empty() {
-            cluster_by_name.get(o.name.as_str()).map(|p| Policy::Cluster(p))
-        } else {
-            by_name.get(&(o.namespace.as_str(), o.name.as_str())).map(|p| Policy::Namespaced(p))
-        };
-        let Some(p) = target else { continue };
+        let Some(p) = policy_of(o) else { continue };
         if o.result.is_ok() {
             accepted += 1
         } else {
