@@ -136,13 +136,18 @@ pub async fn authorize(
         }
     };
     let verdict = decide(policy, client, user.as_deref(), auth, &addrs, |ip, port| inner.is_self(ip, port));
-    let decision = match &verdict {
-        Verdict::Allow { rule, limits } => Some(Decision::Allow { rule: *rule, limits: *limits }),
-        Verdict::Deny(d) => Some(d.clone()),
-        Verdict::SelfConnect => None,
-    };
-    if let Some(v) = decision.and_then(|d| policy.dry_run(client, user.as_deref(), &auth.host, auth.port, &addrs, &d)) {
-        dry_run_seen(snapshot, inner, &v);
+    // Only a policy with dry-run rules has anything to report: no work on the common path.
+    if policy.shadow.is_some() {
+        let decision = match &verdict {
+            Verdict::Allow { rule, limits } => Some(Decision::Allow { rule: *rule, limits: *limits }),
+            Verdict::Deny(d) => Some(d.clone()),
+            Verdict::SelfConnect => None,
+        };
+        if let Some(v) =
+            decision.and_then(|d| policy.dry_run(client, user.as_deref(), &auth.host, auth.port, &addrs, &d))
+        {
+            dry_run_seen(snapshot, inner, &v);
+        }
     }
     match verdict {
         Verdict::Allow { rule, limits } => {
