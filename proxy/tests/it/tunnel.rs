@@ -17,6 +17,16 @@ fn config(w: &World, listener: &str) -> String {
     )
 }
 
+/// A self-signed certificate for `app.test`, written as `tls.crt` and `tls.key` in `dir`: its DER,
+/// and the listener's `tls` block naming the files.
+fn app_cert(dir: &std::path::Path) -> (rustls::pki_types::CertificateDer<'static>, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["app.test".into()]).unwrap();
+    std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    let d = dir.display();
+    (ck.cert.der().clone(), format!("{{certFile: '{d}/tls.crt', keyFile: '{d}/tls.key'}}"))
+}
+
 async fn unix_echo(path: &std::path::Path) {
     let l = UnixListener::bind(path).unwrap();
     tokio::spawn(async move {
@@ -95,18 +105,16 @@ async fn tls_termination_in_front_of_a_unix_socket() {
     let dir = TempDir::new("term");
     let sock = dir.0.join("app.sock");
     unix_echo(&sock).await;
-    let ck = rcgen::generate_simple_self_signed(vec!["app.test".into()]).unwrap();
-    std::fs::write(dir.0.join("tls.crt"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.0.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    let (cert, tls) = app_cert(&dir.0);
     let d = dir.0.display();
     let p = start_proxy(&config(
         &w,
-        &format!("{{name: app, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', tls: {{certFile: '{d}/tls.crt', keyFile: '{d}/tls.key'}}}}"),
+        &format!("{{name: app, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', tls: {tls}}}"),
     ))
     .await;
     let tcp = TcpStream::connect(addr(&p)).await.unwrap();
     let name = ServerName::try_from("app.test").unwrap();
-    let mut tls = connector(std::slice::from_ref(ck.cert.der())).connect(name, tcp).await.unwrap();
+    let mut tls = connector(std::slice::from_ref(&cert)).connect(name, tcp).await.unwrap();
     roundtrip(&mut tls, b"GET / HTTP/1.1\r\n\r\n is just bytes here").await;
     assert_eq!(
         metric(p.admin, "tunnelgate_tls_handshakes_total{listener=\"app\",result=\"success\",version=\"TLSv1.3\"}")
@@ -169,13 +177,11 @@ async fn t10_proxy_v2_to_a_unix_socket_carries_tcp_addresses_and_the_sni() {
     let dir = TempDir::new("ppv2");
     let sock = dir.0.join("app.sock");
     let mut rx = crate::termination::ppv2_recorder(&sock).await;
-    let ck = rcgen::generate_simple_self_signed(vec!["app.test".into()]).unwrap();
-    std::fs::write(dir.0.join("tls.crt"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.0.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    let (cert, tls) = app_cert(&dir.0);
     let d = dir.0.display();
     let p = start_proxy(&config(
         &w,
-        &format!("{{name: plain, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2}}, {{name: secure, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2, tls: {{certFile: '{d}/tls.crt', keyFile: '{d}/tls.key'}}}}"),
+        &format!("{{name: plain, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2}}, {{name: secure, bind: '127.0.0.1:0', mode: tunnel, upstream: 'unix:{d}/app.sock', sendProxyProtocol: v2, tls: {tls}}}"),
     ))
     .await;
     let signature = b"\r\n\r\n\x00\r\nQUIT\n";
@@ -190,10 +196,8 @@ async fn t10_proxy_v2_to_a_unix_socket_carries_tcp_addresses_and_the_sni() {
     assert_eq!(got, want);
     // TLS: the same, plus an authority TLV (0x02) with the SNI the client sent.
     let tcp = TcpStream::connect(p.listener("secure").unwrap()).await.unwrap();
-    let mut tls = connector(std::slice::from_ref(ck.cert.der()))
-        .connect(ServerName::try_from("app.test").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls =
+        connector(std::slice::from_ref(&cert)).connect(ServerName::try_from("app.test").unwrap(), tcp).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
     assert_eq!(&got[..13], &[signature.as_slice(), &[0x21]].concat()[..]);
     assert_eq!(got[13], 0x11);
