@@ -292,16 +292,17 @@ impl Policy {
         let host = Host::Name(name.clone());
         // A tier allow that could still match once the name is resolved (by name now, or by a
         // CIDR later) may outrank a tier deny: that deny must wait for the addresses.
-        let best_possible_allow = self
-            .rules
-            .iter()
-            .filter(|r| {
-                r.action == Action::Allow
-                    && r.matches_client_port(client, user, port)
-                    && (!r.cidrs.is_empty() || r.matches_name(name))
-            })
-            .filter_map(|r| r.priority)
-            .min();
+        let best_possible_allow = || {
+            self.rules
+                .iter()
+                .filter(|r| {
+                    r.action == Action::Allow
+                        && r.matches_client_port(client, user, port)
+                        && (!r.cidrs.is_empty() || r.matches_name(name))
+                })
+                .filter_map(|r| r.priority)
+                .min()
+        };
         if let Some(i) = self.first(Action::Deny, |r| {
             r.matches(client, user, &host, port, None) && applies(r.priority, best_possible_allow)
         }) {
@@ -334,12 +335,13 @@ impl Policy {
             return deny_default;
         }
         for &addr in addrs {
-            let best_allow = self
-                .rules
-                .iter()
-                .filter(|r| r.action == Action::Allow && r.matches(client, user, host, port, Some(addr)))
-                .filter_map(|r| r.priority)
-                .min();
+            let best_allow = || {
+                self.rules
+                    .iter()
+                    .filter(|r| r.action == Action::Allow && r.matches(client, user, host, port, Some(addr)))
+                    .filter_map(|r| r.priority)
+                    .min()
+            };
             if let Some(i) = self.first(Action::Deny, |r| {
                 r.matches(client, user, host, port, Some(addr)) && applies(r.priority, best_allow)
             }) {
@@ -453,13 +455,14 @@ impl Policy {
     }
 }
 
-/// Whether a matching deny of `priority` applies when the best matching tier allow has
-/// `best_allow`: a deny without priority always does; a tier deny unless a tier allow with a
+/// Whether a matching deny of `priority` applies when the best matching tier allow has the
+/// priority `best_allow` returns: a deny without priority always does (and the allows are then
+/// not looked at, so policies without a tier pay nothing); a tier deny unless a tier allow with a
 /// strictly lower number matches.
-fn applies(priority: Option<u32>, best_allow: Option<u32>) -> bool {
-    match (priority, best_allow) {
-        (Some(d), Some(a)) => d <= a,
-        _ => true,
+fn applies(priority: Option<u32>, best_allow: impl Fn() -> Option<u32>) -> bool {
+    match priority {
+        None => true,
+        Some(d) => best_allow().is_none_or(|a| d <= a),
     }
 }
 
