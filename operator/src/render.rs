@@ -305,8 +305,10 @@ fn push_rules(
 
 /// Renders the policies; returns each policy's outcome and the document (or why there is none).
 pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
-    // Without a readable base nothing is written; policies are then judged without grants.
-    let mut grants = parse_base(input.base).and_then(|mut d| take_grants(&mut d)).unwrap_or_default();
+    // The base is parsed once; its operator-only grants are taken out of it here. A bad base (or
+    // bad grants) writes nothing, and policies are then judged without grants.
+    let base = parse_base(input.base).and_then(|mut doc| take_grants(&mut doc).map(|grants| (doc, grants)));
+    let mut grants = base.as_ref().map(|(_, g)| g.clone()).unwrap_or_default();
     let ns_labels = |ns: &str| input.cluster.labels_of(ns);
     let mut outcomes = Vec::new();
     let mut rules = Vec::new();
@@ -382,13 +384,11 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
         });
         outcomes.push(PolicyOutcome { namespace: p.namespace.to_owned(), name: p.name.to_owned(), result });
     }
-    (outcomes, document(input, rules))
+    (outcomes, base.and_then(|(doc, _)| document(input, doc, rules)))
 }
 
-fn document(input: &Input<'_>, rules: Vec<Value>) -> Result<Rendered, RenderError> {
-    let mut doc = parse_base(input.base)?;
-    // Checked here, so a bad grant list stops the write with its path.
-    take_grants(&mut doc)?;
+/// The document: `doc` (the base without its grants) with the rules, TLS files and users.
+fn document(input: &Input<'_>, mut doc: Map<String, Value>, rules: Vec<Value>) -> Result<Rendered, RenderError> {
     let mut tls_data = BTreeMap::new();
     let mut annotations = BTreeMap::new();
     if let Some(ls) = doc.get_mut("listeners").and_then(Value::as_array_mut) {
