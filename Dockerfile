@@ -8,6 +8,10 @@ FROM rust:1.95-bookworm AS build
 # Set by BuildKit per platform; keys the target cache so that a multi-platform build never copies
 # the other platform's binaries out of a shared cache.
 ARG TARGETPLATFORM
+# The commit stamped into build_info (the build context has no .git):
+#   docker build --build-arg GIT_SHA=$(git rev-parse --short=12 HEAD) .
+ARG GIT_SHA=""
+ENV TUNNELGATE_GIT_SHA=$GIT_SHA
 WORKDIR /src
 # Dependencies first: this layer only changes with the manifests and Cargo.lock.
 COPY Cargo.toml Cargo.lock ./
@@ -16,8 +20,10 @@ COPY proxy/Cargo.toml proxy/
 COPY operator/Cargo.toml operator/
 COPY bench/Cargo.toml bench/
 COPY e2e/Cargo.toml e2e/
+COPY build/ build/
 RUN for d in proxy-config proxy operator bench e2e; do mkdir -p $d/src/bin && echo 'fn main() {}' > $d/src/main.rs && touch $d/src/lib.rs; done \
  && echo 'fn main() {}' > operator/src/bin/crdgen.rs \
+ && echo 'fn main() {}' > operator/src/bin/kubectl-tunnelgate.rs \
  && mkdir -p proxy-config/src && printf 'version: 1\n' > proxy-config/src/default.yaml
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo fetch --locked

@@ -15,7 +15,7 @@ kubectl version
 # First: the API server must accept the CRD (schema, CEL compilation and cost). A rejected CRD
 # fails here, loudly, instead of as a helm install timeout.
 kubectl apply --server-side --dry-run=server -f crds/tunnelpolicies.yaml -f crds/clustertunnelpolicies.yaml
-docker build -t "$IMAGE" .
+docker build --build-arg GIT_SHA="$(git rev-parse --short=12 HEAD 2>/dev/null)" -t "$IMAGE" .
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 helm upgrade --install tunnelgate charts/tunnelgate --namespace tunnelgate --create-namespace \
   --set image.repository=tunnelgate --set image.tag=e2e --set image.pullPolicy=Never \

@@ -58,10 +58,23 @@ impl Metrics {
             Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"),
             &["version", "git_sha"],
         )?;
-        build
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("TUNNELGATE_GIT_SHA").unwrap_or("unknown")])
-            .set(1);
+        build.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("TUNNELGATE_GIT_SHA")]).set(1);
         r.register(Box::new(build))?;
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        // Series exist from the start, so rates and alerts see them before the first event.
+        for result in ["success", "error"] {
+            m.reconciles.with_label_values(&[result]);
+        }
+        for result in ["applied", "unchanged", "failed"] {
+            m.config_writes.with_label_values(&[result]);
+        }
+        for state in ["current", "behind", "failing"] {
+            m.proxies.with_label_values(&[state]);
+        }
+        for state in ["accepted", "rejected"] {
+            m.policies.with_label_values(&[state]);
+        }
         Ok(m)
     }
 }

@@ -549,7 +549,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
     };
     let logging = Logging {
         format,
-        access_log: g.access_log.unwrap_or(false),
+        access_log: g.access_log.unwrap_or(true),
         log_client_addresses: g.log_client_addresses.unwrap_or(false),
         log_targets: g.log_targets.unwrap_or(false),
         log_users: g.log_users.unwrap_or(false),

@@ -9,21 +9,35 @@ use crate::context::ConnCtx;
 use crate::error::{ErrorChain, TunnelError};
 use crate::relay::RelayOutcome;
 
-/// Counts and logs a request that did not become a tunnel (or an HTTP exchange).
-pub fn rejected(ctx: &ConnCtx, err: &TunnelError, rule: Option<&str>) {
+/// The `reason` of an allowed request: the rule that allowed it, or the default action.
+pub fn allow_reason(rule: &str) -> &'static str {
+    match rule {
+        "default" => "default",
+        "" => "listener",
+        _ => "policy",
+    }
+}
+
+/// Counts and logs a request that did not become a tunnel (or an HTTP exchange). `authority` is
+/// the requested target when it was parsed (logged only with `logTargets`).
+pub fn rejected(ctx: &ConnCtx, err: &TunnelError, rule: Option<&str>, authority: Option<&Authority>) {
     let m = &ctx.inner.metrics;
     m.tunnel_requests.with_label_values(&[&ctx.listener, err.kind()]).inc();
     debug!(conn = ctx.id, result = err.kind(), side = ?err.side(), error = %ErrorChain(err), "request rejected");
     let logging = ctx.snapshot.config.logging;
     if logging.access_log && !matches!(err, TunnelError::ClientClosed) {
+        let (decision, reason) = err.decision();
         info!(
             target: "tunnelgate::access",
             conn = ctx.id,
             listener = &*ctx.listener,
+            decision,
+            reason,
             rule = rule.unwrap_or(""),
             result = err.kind(),
             status = err.status().unwrap_or(0),
             client = logging.log_client_addresses.then(|| ctx.peer.ip().to_string()),
+            destination = logging.log_targets.then(|| authority.map(ToString::to_string)).flatten(),
             "request rejected"
         );
     }
@@ -79,6 +93,8 @@ pub fn tunnel_closed(
             conn = ctx.id,
             listener = &*ctx.listener,
             kind = kind.as_str(),
+            decision = "allow",
+            reason = allow_reason(rule),
             rule,
             result = "established",
             status = match kind {

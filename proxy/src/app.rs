@@ -100,7 +100,8 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
 
     metrics.config_reloads.with_label_values(&["success"]).inc();
     metrics.config_generation.set(1);
-    metrics.config_last_reload_success.set(unix_now());
+    metrics.config_last_reload_success_timestamp.set(unix_now());
+    metrics.config_last_reload_success.set(1);
     info!(generation = 1, sha256 = %snapshot.sha256, "configuration loaded");
     crate::snapshot::log_warnings(&snapshot.config);
 

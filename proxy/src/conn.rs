@@ -38,8 +38,8 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
         match read.await {
             Ok(Ok(Some(client))) => ctx.peer = client,
             Ok(Ok(None)) => {}
-            Ok(Err(e)) => return access::rejected(&ctx, &e, None),
-            Err(_) => return access::rejected(&ctx, &TunnelError::HeadTimeout, None),
+            Ok(Err(e)) => return access::rejected(&ctx, &e, None, None),
+            Err(_) => return access::rejected(&ctx, &TunnelError::HeadTimeout, None, None),
         }
     }
     let permit = inner.limiter.acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client);
@@ -55,7 +55,7 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
                 }
                 (Ok(p), None) => dispatch(stream, &ctx, p, deadline, listener).await,
                 // A tunnel listener's clients speak no HTTP: just close.
-                (Err(e), Some(_)) => access::rejected(&ctx, &e, None),
+                (Err(e), Some(_)) => access::rejected(&ctx, &e, None, None),
                 (Err(e), None) => Box::pin(reject(stream, &ctx, e)).await,
             }
         }
@@ -64,7 +64,7 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
 }
 
 async fn reject(mut stream: TcpStream, ctx: &ConnCtx, e: TunnelError) {
-    connect::reject(ctx, &mut stream, e.into()).await;
+    connect::reject(ctx, &mut stream, e.into(), None).await;
 }
 
 async fn serve_tls(
@@ -91,7 +91,7 @@ async fn serve_tls(
         Err(e) => {
             m.tls_handshakes.with_label_values(&[&ctx.listener, e.label(), "unknown"]).inc();
             if !matches!(e, HandshakeError::AcmeChallenge) {
-                access::rejected(ctx, &TunnelError::TlsHandshake(e), None);
+                access::rejected(ctx, &TunnelError::TlsHandshake(e), None, None);
             }
             return;
         }
@@ -130,8 +130,8 @@ async fn dispatch<S: IntoHalves + 'static>(
         Ok(Head::Connect(request)) => connect::serve(io, request, ctx).await,
         Ok(Head::Other(buffered)) => match listener.map(|l| &l.http).filter(|h| h.enabled) {
             Some(http) => Box::pin(forward::http::serve(io, buffered, ctx, http.clone())).await,
-            None => Box::pin(connect::reject(ctx, &mut io, TunnelError::MethodNotAllowed.into())).await,
+            None => Box::pin(connect::reject(ctx, &mut io, TunnelError::MethodNotAllowed.into(), None)).await,
         },
-        Err(e) => Box::pin(connect::reject(ctx, &mut io, e.into())).await,
+        Err(e) => Box::pin(connect::reject(ctx, &mut io, e.into(), None)).await,
     }
 }

@@ -116,6 +116,21 @@ impl TunnelError {
         }
     }
 
+    /// The access event's `decision` (deny: the policy, a limit or authentication refused it;
+    /// error: it could not be served) and `reason`; both closed sets.
+    pub fn decision(&self) -> (&'static str, &'static str) {
+        match self {
+            TunnelError::Denied(DenyReason::Rule) => ("deny", "policy"),
+            TunnelError::Denied(r) => ("deny", r.as_str()),
+            TunnelError::SelfConnect => ("deny", "self"),
+            TunnelError::ClientLimit | TunnelError::RateLimited(_) => ("deny", "limit"),
+            TunnelError::Overloaded => ("deny", "overload"),
+            TunnelError::Draining => ("deny", "draining"),
+            TunnelError::AuthRequired(_) => ("deny", "auth"),
+            other => ("error", other.kind()),
+        }
+    }
+
     /// Which side caused it.
     pub fn side(&self) -> Side {
         match self {

@@ -110,6 +110,7 @@ pub(crate) fn start(inner: &Arc<Inner>, name: &str, bind: SocketAddr, sock: TcpL
     let addr = sock.local_addr()?;
     let stop = CancellationToken::new();
     info!(listener = %name, addr = %addr, "listening");
+    inner.metrics.init_listener(name);
     let task = tokio::spawn(accept::run(inner.clone(), Arc::from(name), sock, stop.clone()));
     lock(&inner.listeners).push(RunningListener { name: name.to_owned(), bind, addr, stop, task });
     Ok(())

@@ -42,7 +42,13 @@ pub struct ProxyMetrics {
     /// The operator's render number of the config in force (0 when it has none).
     pub config_render: IntGauge,
     /// Unix time of the last successful (re)load.
+    pub config_last_reload_success_timestamp: IntGauge,
+    /// 1 when the last (re)load attempt succeeded, 0 when it failed (the previous config serves).
     pub config_last_reload_success: IntGauge,
+    /// Always 1, labelled with the `sha256` (first 12 hex digits) of the config in force.
+    pub config_info: IntGaugeVec,
+    /// The earliest notAfter (Unix time) of the certificates a TLS listener serves, by `listener`.
+    pub tls_certificate_expiry: IntGaugeVec,
     /// 1 while draining after SIGTERM.
     pub draining: IntGauge,
     /// Tunnels closed by the drain deadline.
@@ -131,9 +137,24 @@ impl ProxyMetrics {
                 "tunnelgate_config_render",
                 "The operator's render number of the configuration in force (0: none)",
             )?,
-            config_last_reload_success: IntGauge::new(
+            config_last_reload_success_timestamp: IntGauge::new(
                 "tunnelgate_config_last_reload_success_timestamp_seconds",
                 "Unix time of the last successful configuration load",
+            )?,
+            config_last_reload_success: IntGauge::new(
+                "tunnelgate_config_last_reload_success",
+                "1 when the last configuration load succeeded, 0 when it failed",
+            )?,
+            config_info: IntGaugeVec::new(
+                Opts::new("tunnelgate_config_info", "The configuration in force (sha256 prefix); always 1"),
+                &["sha256"],
+            )?,
+            tls_certificate_expiry: IntGaugeVec::new(
+                Opts::new(
+                    "tunnelgate_tls_certificate_expiry_timestamp_seconds",
+                    "Earliest notAfter of the certificates a TLS listener serves",
+                ),
+                &["listener"],
             )?,
             draining: IntGauge::new("tunnelgate_draining", "1 while the proxy drains after SIGTERM")?,
             drain_forced_closes: IntCounter::new(
@@ -193,19 +214,51 @@ impl ProxyMetrics {
         registry.register(Box::new(m.config_generation.clone()))?;
         registry.register(Box::new(m.config_render.clone()))?;
         registry.register(Box::new(m.config_last_reload_success.clone()))?;
+        registry.register(Box::new(m.config_last_reload_success_timestamp.clone()))?;
+        registry.register(Box::new(m.config_info.clone()))?;
+        registry.register(Box::new(m.tls_certificate_expiry.clone()))?;
         registry.register(Box::new(m.draining.clone()))?;
         registry.register(Box::new(m.drain_forced_closes.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tunnelgate_build_info", "Build of this proxy; always 1"),
             &["version", "git_sha"],
         )?;
-        build
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("TUNNELGATE_GIT_SHA").unwrap_or("unknown")])
-            .set(1);
+        build.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("TUNNELGATE_GIT_SHA")]).set(1);
         registry.register(Box::new(build))?;
+        // CPU, memory and file descriptors of this process (Linux /proc), as every exporter has.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        for result in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
+        for result in ["success", "not_found", "error", "timeout", "cached_local"] {
+            m.dns_lookups.with_label_values(&[result]);
+        }
+        for decision in ["allow", "deny"] {
+            m.policy_decisions.with_label_values(&[decision, "default"]);
+        }
+        for result in ["new", "reused"] {
+            m.upstream_connections.with_label_values(&[result]);
+        }
         Ok(m)
     }
+
+    /// Creates the per-listener series at zero, so rates and alerts see them before the first
+    /// event (a listener's counters only appear with its first connection otherwise).
+    pub fn init_listener(&self, listener: &str) {
+        for result in TUNNEL_RESULTS {
+            self.tunnel_requests.with_label_values(&[listener, result]);
+        }
+        self.tunnels_active.with_label_values(&[listener]);
+        for direction in ["upstream", "downstream"] {
+            self.relayed_bytes.with_label_values(&[listener, direction]);
+        }
+    }
 }
+
+/// The `result` values of `tunnelgate_tunnel_requests_total` alerts and dashboards rely on.
+const TUNNEL_RESULTS: [&str; 7] =
+    ["established", "denied", "dns_failed", "upstream_unreachable", "upstream_timeout", "overloaded", "client_limited"];
 
 /// Increments a gauge now and decrements it when dropped, so no path can forget to.
 pub struct GaugeGuard(IntGauge);

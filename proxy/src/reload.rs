@@ -87,7 +87,8 @@ fn record(inner: &Inner, result: &Result<ReloadOutcome, ReloadError>) {
             inner.set_reload_failure(None);
             m.config_reloads.with_label_values(&["success"]).inc();
             m.config_generation.set(i64::try_from(*generation).unwrap_or(i64::MAX));
-            m.config_last_reload_success.set(unix_now());
+            m.config_last_reload_success_timestamp.set(unix_now());
+            m.config_last_reload_success.set(1);
             info!(generation, sha256 = %inner.snapshot().sha256, revoked, "configuration reloaded");
         }
         Ok(ReloadOutcome::Unchanged) => debug!("configuration unchanged"),
@@ -95,6 +96,7 @@ fn record(inner: &Inner, result: &Result<ReloadOutcome, ReloadError>) {
         Err(e) => {
             inner.set_reload_failure(Some(e.reason()));
             m.config_reloads.with_label_values(&["failure"]).inc();
+            m.config_last_reload_success.set(0);
             warn!(error = %ErrorChain(e), generation = inner.snapshot().generation, "reload failed, keeping the configuration in force");
         }
     }

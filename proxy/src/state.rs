@@ -73,6 +73,20 @@ pub struct Inner {
     dry_run_announced: Mutex<Option<tokio::time::Instant>>,
 }
 
+/// Sets the gauges that describe the config in force: its render number, its digest and the
+/// expiry of its listeners' certificates.
+fn describe(metrics: &ProxyMetrics, s: &crate::snapshot::Snapshot) {
+    metrics.config_render.set(s.render.and_then(|r| i64::try_from(r).ok()).unwrap_or(0));
+    metrics.config_info.reset();
+    metrics.config_info.with_label_values(&[s.sha256.get(..12).unwrap_or(&s.sha256)]).set(1);
+    metrics.tls_certificate_expiry.reset();
+    for (listener, tls) in &s.tls {
+        if let Some(t) = tls.expires {
+            metrics.tls_certificate_expiry.with_label_values(&[listener]).set(t);
+        }
+    }
+}
+
 impl Inner {
     pub(crate) fn new(
         metrics: ProxyMetrics,
@@ -83,7 +97,7 @@ impl Inner {
     ) -> Inner {
         let tunnels = Tunnels::new(metrics.tunnels_active.clone());
         let upstream_pool = UpstreamPool::new(metrics.upstream_pool_idle.clone());
-        metrics.config_render.set(snapshot.render.and_then(|r| i64::try_from(r).ok()).unwrap_or(0));
+        describe(&metrics, &snapshot);
         let (tx, _rx) = watch::channel(snapshot);
         Inner {
             metrics,
@@ -116,7 +130,7 @@ impl Inner {
     }
 
     pub(crate) fn publish(&self, s: SharedSnapshot) {
-        self.metrics.config_render.set(s.render.and_then(|r| i64::try_from(r).ok()).unwrap_or(0));
+        describe(&self.metrics, &s);
         self.snapshot.send_replace(s);
         self.changes.send_modify(|n| *n += 1);
     }

@@ -36,7 +36,7 @@ pub async fn serve<S: IntoHalves>(
 ) {
     let header = proxy_protocol::header(announce_as, ctx.peer, ctx.local, tls.as_ref());
     if ctx.inner.shed_for_memory() {
-        return access::rejected(ctx, &TunnelError::Overloaded, None);
+        return access::rejected(ctx, &TunnelError::Overloaded, None, None);
     }
     let cfg = &ctx.snapshot.config;
     let m = &ctx.inner.metrics;
@@ -49,16 +49,16 @@ pub async fn serve<S: IntoHalves>(
                 Host::Ip(ip) => vec![*ip],
                 Host::Name(name) => match ctx.snapshot.resolver.resolve(name, m).await {
                     Ok(a) => a,
-                    Err(e) => return access::rejected(ctx, &e, None),
+                    Err(e) => return access::rejected(ctx, &e, None, None),
                 },
             };
             let stream = match dial::connect(&addrs, authority.port, cfg.relay.connect_timeout, m).await {
                 Ok(s) => s,
-                Err(e) => return access::rejected(ctx, &e, None),
+                Err(e) => return access::rejected(ctx, &e, None, None),
             };
             let (ur, mut uw) = stream.into_split();
             if let Err(e) = announce(&mut uw, header.as_deref()).await {
-                return access::rejected(ctx, &e, None);
+                return access::rejected(ctx, &e, None, None);
             }
             let a = authorized(addrs);
             m.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
@@ -68,12 +68,12 @@ pub async fn serve<S: IntoHalves>(
         TunnelUpstream::Unix(path) => {
             let stream = match timeout(cfg.relay.connect_timeout, UnixStream::connect(path)).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => return access::rejected(ctx, &TunnelError::UpstreamRefused(e), None),
-                Err(_) => return access::rejected(ctx, &TunnelError::UpstreamTimeout, None),
+                Ok(Err(e)) => return access::rejected(ctx, &TunnelError::UpstreamRefused(e), None, None),
+                Err(_) => return access::rejected(ctx, &TunnelError::UpstreamTimeout, None, None),
             };
             let (ur, mut uw) = tokio::io::split(stream);
             if let Err(e) = announce(&mut uw, header.as_deref()).await {
-                return access::rejected(ctx, &e, None);
+                return access::rejected(ctx, &e, None, None);
             }
             // Access events and the tunnel registry name an authority; a socket has none.
             let local = Authority { host: Host::Ip(std::net::Ipv4Addr::LOCALHOST.into()), port: 0 };

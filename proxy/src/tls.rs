@@ -91,13 +91,15 @@ pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,
     /// Lower-case SAN dNSName entries (the subject CN when there are none), `*.` kept.
     pub names: Vec<String>,
+    /// The leaf's notAfter, Unix time.
+    pub not_after: i64,
 }
 
 /// Loads one pair: refuses a leaf outside its validity period (serving it would only fail every
 /// handshake, and on reload the previous certificate is better) and a key that does not match.
 pub fn load_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<LoadedCert, TlsError> {
     let chain = read_certs(&files.cert_file)?;
-    let names = leaf_names(&files.cert_file, &chain[0])?;
+    let (names, not_after) = leaf_names(&files.cert_file, &chain[0])?;
     let key = rustls_pemfile::private_key(&mut open(&files.key_file)?)
         .map_err(|source| TlsError::Pem { path: files.key_file.clone(), source })?
         .ok_or_else(|| TlsError::NoKey { path: files.key_file.clone() })?;
@@ -105,10 +107,11 @@ pub fn load_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<LoadedCe
     let signing = provider.key_provider.load_private_key(key).map_err(key_err)?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(key_err)?;
-    Ok(LoadedCert { key: Arc::new(certified), names })
+    Ok(LoadedCert { key: Arc::new(certified), names, not_after })
 }
 
-fn leaf_names(path: &Path, leaf: &rustls::pki_types::CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
+/// The leaf's names and notAfter; refuses one that is not valid now.
+fn leaf_names(path: &Path, leaf: &rustls::pki_types::CertificateDer<'_>) -> Result<(Vec<String>, i64), TlsError> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) =
         x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|_| TlsError::Parse { path: path.to_owned() })?;
@@ -135,7 +138,7 @@ fn leaf_names(path: &Path, leaf: &rustls::pki_types::CertificateDer<'_>) -> Resu
     if names.is_empty() {
         names.extend(cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_ascii_lowercase));
     }
-    Ok(names)
+    Ok((names, v.not_after.timestamp()))
 }
 
 /// Compiles a listener's `tls` block. `acme` is the certificate source when the block names an
@@ -143,6 +146,7 @@ fn leaf_names(path: &Path, leaf: &rustls::pki_types::CertificateDer<'_>) -> Resu
 pub fn load(t: &ListenerTls, acme: Option<Arc<dyn ResolvesServerCert>>) -> Result<TlsServer, TlsError> {
     let provider = provider();
     let certs = t.certificates.iter().map(|f| load_pair(f, &provider)).collect::<Result<Vec<_>, _>>()?;
+    let expires = certs.iter().map(|c| c.not_after).min();
     let sni = Arc::new(sni::SniCerts::new(certs));
     let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
         TlsVersion::V1_2 => rustls::DEFAULT_VERSIONS,
@@ -195,5 +199,8 @@ pub fn load(t: &ListenerTls, acme: Option<Arc<dyn ResolvesServerCert>>) -> Resul
     } else {
         None
     };
-    Ok(TlsServer::new(Arc::new(cfg), sni, t.strict_sni && !is_acme, challenge))
+    let mut server = TlsServer::new(Arc::new(cfg), sni, t.strict_sni && !is_acme, challenge);
+    // ACME renews its own certificates (and counts them in acme_events); only files can lapse.
+    server.expires = expires.filter(|_| !is_acme);
+    Ok(server)
 }

@@ -19,7 +19,7 @@ use crate::tunnels::Admitted;
 pub async fn serve<S: IntoHalves>(mut io: S, request: ConnectRequest, ctx: &ConnCtx) {
     let user = match Box::pin(ctx.authenticate(request.credentials.as_deref())).await {
         Ok(user) => user,
-        Err(e) => return Box::pin(reject(ctx, &mut io, e.into())).await,
+        Err(e) => return Box::pin(reject(ctx, &mut io, e.into(), Some(&request.authority))).await,
     };
     match Box::pin(establish(&mut io, &request.authority, ctx, user)).await {
         Ok((upstream, authorized)) => {
@@ -27,13 +27,19 @@ pub async fn serve<S: IntoHalves>(mut io: S, request: ConnectRequest, ctx: &Conn
             let (ur, uw) = upstream.into_split();
             tunnel(cr, cw, ur, uw, &request, authorized, ctx).await;
         }
-        Err(r) => Box::pin(reject(ctx, &mut io, r)).await,
+        Err(r) => Box::pin(reject(ctx, &mut io, r, Some(&request.authority))).await,
     }
 }
 
 /// Answers a rejected request with its status and closes, never parsing what follows.
-pub async fn reject<S: AsyncRead + AsyncWrite + Unpin>(ctx: &ConnCtx, io: &mut S, r: Rejection) {
-    access::rejected(ctx, &r.error, r.rule.as_deref());
+/// `authority` is the request's target when it was parsed.
+pub async fn reject<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ConnCtx,
+    io: &mut S,
+    r: Rejection,
+    authority: Option<&Authority>,
+) {
+    access::rejected(ctx, &r.error, r.rule.as_deref(), authority);
     if let Some(resp) = negotiate::error_response(&r.error) {
         let _ = negotiate::reject(io, &resp).await;
     }

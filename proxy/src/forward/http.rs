@@ -124,6 +124,13 @@ pub(crate) struct Exchange {
     pub(crate) user: Option<String>,
 }
 
+impl Exchange {
+    /// The access event's decision and reason for a request the policy allowed.
+    pub(crate) fn allowed(&self) -> (&'static str, &'static str) {
+        ("allow", crate::access::allow_reason(self.rule.as_deref().unwrap_or("default")))
+    }
+}
+
 impl Handler {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         let mut ex = Exchange {
@@ -311,6 +318,7 @@ impl Handler {
             StatusCode::BAD_GATEWAY,
             "upstream answered 101 to a request that asked for no upgrade",
             None,
+            ("error", "upstream_bad_response"),
         );
         resp.headers_mut().insert("proxy-status", HeaderValue::from_static("tunnelgate; error=http_upgrade_failed"));
         resp
@@ -320,7 +328,7 @@ impl Handler {
     fn error(&self, ex: &Exchange, r: Rejection) -> Response<ResponseBody> {
         let status = r.error.status().and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_GATEWAY);
         debug!(conn = self.ctx.id, result = r.error.kind(), error = %ErrorChain(&r.error), "HTTP request rejected");
-        let mut resp = self.respond_error(ex, status, &r.error.to_string(), r.error.retry_after());
+        let mut resp = self.respond_error(ex, status, &r.error.to_string(), r.error.retry_after(), r.error.decision());
         if let Ok(v) = HeaderValue::from_str(&r.error.proxy_status()) {
             resp.headers_mut().insert("proxy-status", v);
         }
@@ -333,8 +341,9 @@ impl Handler {
         status: StatusCode,
         message: &str,
         retry_after: Option<u64>,
+        outcome: (&'static str, &'static str),
     ) -> Response<ResponseBody> {
-        self.record(ex, status, 0);
+        self.record(ex, status, 0, outcome);
         let body = format!("{} {}: {message}\n", status.as_u16(), negotiate::reason_phrase(status.as_u16()));
         let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
         *resp.status_mut() = status;
@@ -356,8 +365,15 @@ impl Handler {
         resp
     }
 
-    /// Counts one finished request and writes its access event.
-    pub(crate) fn record(&self, ex: &Exchange, status: StatusCode, bytes_down: u64) {
+    /// Counts one finished request and writes its access event; `outcome` is its decision and
+    /// reason.
+    pub(crate) fn record(
+        &self,
+        ex: &Exchange,
+        status: StatusCode,
+        bytes_down: u64,
+        (decision, reason): (&'static str, &'static str),
+    ) {
         let m = &self.ctx.inner.metrics;
         m.http_requests.with_label_values(&[&self.ctx.listener, ex.method, code_class(status)]).inc();
         let elapsed = ex.started.elapsed();
@@ -369,6 +385,8 @@ impl Handler {
                 conn = self.ctx.id,
                 listener = &*self.ctx.listener,
                 kind = "http",
+                decision,
+                reason,
                 method = ex.method,
                 rule = ex.rule.as_deref().unwrap_or(""),
                 status = status.as_u16(),
@@ -451,7 +469,7 @@ impl Finish {
             let cfg = &h.ctx.snapshot.config.http;
             h.ctx.inner.upstream_pool.checkin(key, sender, cfg.max_idle_per_upstream, cfg.max_idle_upstreams);
         }
-        h.record(&self.ex, self.status, self.bytes);
+        h.record(&self.ex, self.status, self.bytes, self.ex.allowed());
     }
 }
 

@@ -26,6 +26,8 @@ pub struct TlsServer {
     strict_sni: bool,
     /// Set on ACME listeners: the configuration that answers validation connections.
     challenge: Option<Arc<ServerConfig>>,
+    /// The earliest notAfter (Unix time) of the certificate files it serves.
+    pub expires: Option<i64>,
 }
 
 /// Why a handshake did not give a session.
@@ -59,7 +61,7 @@ impl TlsServer {
         strict_sni: bool,
         challenge: Option<Arc<ServerConfig>>,
     ) -> TlsServer {
-        TlsServer { config, sni, strict_sni, challenge }
+        TlsServer { config, sni, strict_sni, challenge, expires: None }
     }
 
     /// Runs the server side of the handshake on `io`.

@@ -318,6 +318,26 @@ async fn embedded_default_serves_and_denies_private_targets() {
     let admin: SocketAddr = "127.0.0.1:9090".parse().unwrap();
     assert!(eventually(10, || async { TcpStream::connect(admin).await.is_ok() }).await);
     assert_eq!(admin_get(admin, "/readyz").await.0, 200);
+    // Before any traffic, the series alerts rely on exist, with the build and the process.
+    let (_, metrics) = admin_get(admin, "/metrics").await;
+    for series in [
+        "tunnelgate_tunnel_requests_total{listener=\"forward\",result=\"established\"} 0",
+        "tunnelgate_tunnel_requests_total{listener=\"forward\",result=\"denied\"} 0",
+        "tunnelgate_config_reloads_total{result=\"failure\"} 0",
+        "tunnelgate_config_last_reload_success 1",
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    let sha = metrics.lines().find(|l| l.starts_with("tunnelgate_build_info{")).unwrap_or_default();
+    let git = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output().unwrap();
+    let git = String::from_utf8_lossy(&git.stdout).trim().to_owned();
+    assert!(git.len() == 12 && sha.contains(&format!("git_sha=\"{git}\"")), "{sha} (HEAD {git})");
+    let (_, cfg) = admin_get(admin, "/config").await;
+    let digest: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    let prefix = &digest["sha256"].as_str().unwrap()[..12];
+    assert!(metrics.contains(&format!("tunnelgate_config_info{{sha256=\"{prefix}\"}} 1")), "{metrics}");
     let (status, _) = exchange("127.0.0.1:8080".parse().unwrap(), b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n").await;
     assert_eq!(status, 403, "the default refuses private addresses");
     let (_, cfg) = admin_get(admin, "/config").await;
@@ -542,7 +562,8 @@ async fn r05_backpressure_keeps_memory_flat() {
 async fn access_log_is_json_and_never_identifies_users_unless_opted_in() {
     let w = World::new().await;
     for opt_in in [false, true] {
-        let extra = format!("logging: {{format: json, accessLog: true, logClientAddresses: {opt_in}, logTargets: {opt_in}}}\nlimits: {{drainDelay: 0s}}\n");
+        // The access log is on by default.
+        let extra = format!("logging: {{format: json, logClientAddresses: {opt_in}, logTargets: {opt_in}}}\nlimits: {{drainDelay: 0s}}\n");
         let mut p = Proc::start(&w, &extra).await;
         let mut s = tunnel(p.listen, &w.echo_target("allowed.test")).await;
         roundtrip(&mut s, b"logged").await;
@@ -550,6 +571,9 @@ async fn access_log_is_json_and_never_identifies_users_unless_opted_in() {
         let _ = read_to_close(&mut s).await;
         let _ =
             exchange(p.listen, b"CONNECT 10.1.2.3:443 HTTP/1.1\r\nProxy-Authorization: Basic c2VjcmV0\r\n\r\n").await;
+        let (status, _) =
+            exchange(p.listen, b"GET http://10.1.2.3/x HTTP/1.1\r\nHost: 10.1.2.3\r\nConnection: close\r\n\r\n").await;
+        assert_eq!(status, 403);
         p.signal("TERM");
         assert_eq!(p.exit_within(10).await, 0);
         let log = p.log();
@@ -558,17 +582,23 @@ async fn access_log_is_json_and_never_identifies_users_unless_opted_in() {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["target"] == "tunnelgate::access")
             .collect();
-        assert_eq!(access.len(), 2, "{log}");
+        assert_eq!(access.len(), 3, "{log}");
         let ok = &access[0];
         assert_eq!(ok["rule"], "echo");
         assert_eq!(ok["close"], "client_closed");
         assert_eq!(ok["bytes_up"], 6);
         assert_eq!(ok["bytes_down"], 6);
-        assert_eq!(access[1]["status"], 403);
+        assert_eq!((&ok["decision"], &ok["reason"]), (&"allow".into(), &"policy".into()), "{ok}");
+        let denied = &access[1];
+        assert_eq!(denied["status"], 403);
+        assert_eq!((&denied["decision"], &denied["reason"]), (&"deny".into(), &"default".into()), "{denied}");
+        let http = &access[2];
+        assert_eq!((&http["kind"], &http["decision"], &http["status"]), (&"http".into(), &"deny".into(), &403.into()));
         assert!(!log.contains("c2VjcmV0"), "credentials never logged");
         if opt_in {
             assert_eq!(ok["client"], "127.0.0.1");
             assert!(ok["destination"].as_str().is_some_and(|d| d.starts_with("allowed.test:")), "{ok}");
+            assert_eq!(denied["destination"], "10.1.2.3:443", "denials name their target with logTargets");
             assert!(log.contains("allowed.test"));
         } else {
             for line in &access {

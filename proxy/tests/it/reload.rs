@@ -455,9 +455,15 @@ async fn config_reports_the_render_and_long_polls_for_changes() {
     let failed = doc(tokio::time::timeout(Duration::from_secs(5), poll).await.unwrap().unwrap().1);
     assert_eq!(failed["lastReload"], serde_json::json!({"failed": true, "reason": "invalid"}));
     assert_eq!(failed["render"], 7, "the last good configuration stays in force");
+    assert_eq!(metric(p.admin, "tunnelgate_config_last_reload_success ").await, 0.0);
     let next = good.replace("render: 7", "render: 8");
     reload::apply(&p.inner, &next).await.unwrap();
     let (_, body) = admin_get(p.admin, "/config").await;
     let now = doc(body);
     assert_eq!((now["render"].as_u64(), now["lastReload"]["failed"].as_bool()), (Some(8), Some(false)));
+    assert_eq!(metric(p.admin, "tunnelgate_config_last_reload_success ").await, 1.0);
+    let prefix = &now["sha256"].as_str().unwrap()[..12];
+    let (_, metrics) = admin_get(p.admin, "/metrics").await;
+    let info: Vec<&str> = metrics.lines().filter(|l| l.starts_with("tunnelgate_config_info{")).collect();
+    assert_eq!(info, [format!("tunnelgate_config_info{{sha256=\"{prefix}\"}} 1")], "one series: the config in force");
 }

@@ -72,14 +72,20 @@ impl Ca {
     }
 
     fn leaf_with_serial(&self, names: &[&str], expired: bool, serial: Option<u64>) -> Leaf {
+        let until = expired.then_some((2019, 2020));
+        self.leaf_valid(names, until, serial)
+    }
+
+    /// A leaf valid from January 1st of the first year to January 1st of the second.
+    fn leaf_valid(&self, names: &[&str], years: Option<(i32, i32)>, serial: Option<u64>) -> Leaf {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.serial_number = serial.map(rcgen::SerialNumber::from);
         params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        if let Some((from, until)) = years {
+            params.not_before = rcgen::date_time_ymd(from, 1, 1);
+            params.not_after = rcgen::date_time_ymd(until, 1, 1);
         }
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {
@@ -171,7 +177,9 @@ async fn sni_chooses_exact_then_wildcard_then_the_first_certificate() {
     let w = World::new().await;
     let dir = TempDir::new("sni");
     let ca = Ca::new("sni ca");
-    let (a, wild, other) = (ca.leaf(&["a.test"], false), ca.leaf(&["*.wild.test"], false), ca.leaf(&["b.test"], false));
+    // The wildcard expires first (2040-01-01; the others run to rcgen's default, 4096).
+    let wild = ca.leaf_valid(&["*.wild.test"], Some((2020, 2040)), None);
+    let (a, other) = (ca.leaf(&["a.test"], false), ca.leaf(&["b.test"], false));
     let up = tcp_echo().await;
     let p = start_proxy(&doc(
         &w,
@@ -194,6 +202,11 @@ async fn sni_chooses_exact_then_wildcard_then_the_first_certificate() {
     let no_verify_name = handshake(&c, at, "127.0.0.1").await; // an IP: no SNI is sent
     assert!(no_verify_name.is_err(), "no SNI: the default certificate, which does not name 127.0.0.1");
     assert!(metric(p.admin, "tunnelgate_tls_handshake_duration_seconds_count{listener=\"app\"}").await >= 5.0);
+    // Expiry alerts read the earliest notAfter of the listener's certificates: 2040-01-01.
+    assert_eq!(
+        metric(p.admin, "tunnelgate_tls_certificate_expiry_timestamp_seconds{listener=\"app\"}").await,
+        2_208_988_800.0
+    );
 }
 
 #[tokio::test]
