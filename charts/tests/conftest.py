@@ -15,6 +15,7 @@ CASES = {
     "monitoring": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
         "grafanaDashboard": {"enabled": True},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
         "networkPolicyExample": {"enabled": True, "namespace": "payments"},
     },
     "auth": {"proxy": {"auth": {"secretName": "proxy-users", "realm": "corp egress"}}},

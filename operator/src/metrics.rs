@@ -15,6 +15,9 @@ pub struct Metrics {
     pub policies: IntGaugeVec,
     /// 1 while this replica holds the Lease.
     pub leader: IntGauge,
+    /// The render number of the configuration this replica last wrote or found in force (0 on a
+    /// standby replica): a proxy whose `tunnelgate_config_render` is lower is behind.
+    pub render: IntGauge,
     /// Proxies of the release by `state` = current (the latest render) | behind | failing.
     pub proxies: IntGaugeVec,
 }
@@ -43,6 +46,10 @@ impl Metrics {
                 Opts::new("tunnelgate_operator_policies", "TunnelPolicies by state"),
                 &["state"],
             )?,
+            render: IntGauge::new(
+                "tunnelgate_operator_render",
+                "Render number of the proxy configuration in force (written by the leader)",
+            )?,
             leader: IntGauge::new(
                 "tunnelgate_operator_leader",
                 "Whether this replica holds the Lease (1) or stands by (0)",
@@ -53,6 +60,7 @@ impl Metrics {
         r.register(Box::new(m.config_writes.clone()))?;
         r.register(Box::new(m.policies.clone()))?;
         r.register(Box::new(m.leader.clone()))?;
+        r.register(Box::new(m.render.clone()))?;
         r.register(Box::new(m.proxies.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"),

@@ -120,8 +120,9 @@ pub async fn authorize(
             Decision::Allow { .. } => (None, DenyReason::Default),
         };
         let name = policy.rule_name(rule).to_owned();
-        m.policy_decisions.with_label_values(&["deny", &name]).inc();
-        Rejection { error: TunnelError::Denied(reason), rule: Some(name) }
+        let error = TunnelError::Denied(reason);
+        m.policy_decisions.with_label_values(&["deny", error.decision().1, &name]).inc();
+        Rejection { error, rule: Some(name) }
     };
     let addrs = match &auth.host {
         Host::Ip(ip) => vec![*ip],
@@ -152,11 +153,11 @@ pub async fn authorize(
     match verdict {
         Verdict::Allow { rule, limits } => {
             let name = policy.rule_name(rule).to_owned();
-            m.policy_decisions.with_label_values(&["allow", &name]).inc();
+            m.policy_decisions.with_label_values(&["allow", crate::access::allow_reason(&name), &name]).inc();
             Ok(Authorized { addrs, rule: name, limits, user, revocable: true })
         }
         Verdict::SelfConnect => {
-            m.policy_decisions.with_label_values(&["deny", "self"]).inc();
+            m.policy_decisions.with_label_values(&["deny", "self", "self"]).inc();
             Err(Rejection { error: TunnelError::SelfConnect, rule: Some("self".to_owned()) })
         }
         Verdict::Deny(d) => Err(deny(&d)),

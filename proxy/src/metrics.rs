@@ -22,7 +22,8 @@ pub struct ProxyMetrics {
     pub upstream_connect_duration: HistogramVec,
     /// `result` = success, not_found, error, timeout, cached_local.
     pub dns_lookups: IntCounterVec,
-    /// `decision` = allow | deny, `rule` = rule name, `default` or `self`.
+    /// `decision` = allow | deny, `reason` (as in access events: policy, default,
+    /// private_address, cluster_network, self), `rule` = rule name, `default` or `self`.
     pub policy_decisions: IntCounterVec,
     /// Dry-run rules' verdicts by `rule` and `verdict` (would_deny, would_allow).
     pub policy_dry_run: IntCounterVec,
@@ -105,7 +106,7 @@ impl ProxyMetrics {
             )?,
             policy_decisions: IntCounterVec::new(
                 Opts::new("tunnelgate_policy_decisions_total", "Policy decisions by deciding rule"),
-                &["decision", "rule"],
+                &["decision", "reason", "rule"],
             )?,
             policy_dry_run: IntCounterVec::new(
                 Opts::new("tunnelgate_policy_dry_run_total", "What dry-run rules would have changed"),
@@ -235,7 +236,7 @@ impl ProxyMetrics {
             m.dns_lookups.with_label_values(&[result]);
         }
         for decision in ["allow", "deny"] {
-            m.policy_decisions.with_label_values(&[decision, "default"]);
+            m.policy_decisions.with_label_values(&[decision, "default", "default"]);
         }
         for result in ["new", "reused"] {
             m.upstream_connections.with_label_values(&[result]);

@@ -61,6 +61,7 @@ pub(super) async fn apply(
                 // Render numbers continue across restarts and leaders: they only grow.
                 let written = cm.annotations().get(RENDER_ANNOTATION).and_then(|n| n.parse().ok()).unwrap_or(0);
                 state.render = state.render.max(written);
+                metrics.render.set(i64::try_from(state.render).unwrap_or(i64::MAX));
             }
             Ok(None) => {}
             Err(e) => return Err(Error::Apply(format!("ConfigMap {}", s.config_name()), e)),
@@ -104,6 +105,7 @@ pub(super) async fn apply(
             info!(configmap = %s.config_name(), sha256 = %r.hash, render, "proxy configuration applied");
             state.last_hash = Some(r.hash.clone());
             state.render = render;
+            metrics.render.set(i64::try_from(render).unwrap_or(i64::MAX));
             Ok(())
         }
         Err(e) => {

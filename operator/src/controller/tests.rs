@@ -89,6 +89,7 @@ async fn first_write_reads_then_applies_secret_before_configmap() {
     assert_eq!(calls.await.unwrap().len(), 3);
     assert_eq!(state.last_hash.as_deref(), Some("abc123"));
     assert_eq!(metrics.config_writes.with_label_values(&["applied"]).get(), 1);
+    assert_eq!(metrics.render.get(), 1, "the render number written");
 }
 
 #[tokio::test]

@@ -51,7 +51,14 @@ async fn s01_loopback_unspecified_and_self() {
     // A loopback range opens nothing: loopback is opened only by naming the address exactly.
     let range = w.proxy("    - {name: loop, action: allow, cidrs: [\"127.0.0.0/8\", \"::1/128\"]}\n").await;
     all(&statuses(addr(&range), &["127.0.0.1:22", "127.0.0.3:443"].map(String::from)).await, 403);
-    assert_eq!(metric(range.admin, "tunnelgate_policy_decisions_total{decision=\"deny\",rule=\"default\"}").await, 2.0);
+    assert_eq!(
+        metric(
+            range.admin,
+            "tunnelgate_policy_decisions_total{decision=\"deny\",reason=\"private_address\",rule=\"default\"}"
+        )
+        .await,
+        2.0
+    );
     // Even a rule that names loopback exactly must not let a client reach the proxy itself.
     let with_self = w.proxy("    - {name: loop, action: allow, cidrs: [\"127.0.0.1/32\", \"::1/128\"]}\n").await;
     let own2 = addr(&with_self).port();
@@ -68,7 +75,8 @@ async fn s01_loopback_unspecified_and_self() {
         403,
     );
     assert_eq!(
-        metric(with_self.admin, "tunnelgate_policy_decisions_total{decision=\"deny\",rule=\"self\"}").await,
+        metric(with_self.admin, "tunnelgate_policy_decisions_total{decision=\"deny\",reason=\"self\",rule=\"self\"}")
+            .await,
         3.0
     );
 }
@@ -216,7 +224,11 @@ async fn s02_a_catch_all_allow_opens_no_refused_address() {
     all(&statuses(addr(&p), &targets).await, 403);
     assert_eq!(w.sink.count(), 0, "no SYN may reach a refused address");
     assert_eq!(
-        metric(p.admin, "tunnelgate_policy_decisions_total{decision=\"deny\",rule=\"default\"}").await,
+        metric(
+            p.admin,
+            "tunnelgate_policy_decisions_total{decision=\"deny\",reason=\"private_address\",rule=\"default\"}"
+        )
+        .await,
         targets.len() as f64
     );
     // An address that is named exactly is opened by the same kind of rule.
