@@ -231,12 +231,17 @@ impl ProxyConfig {
             }
             Some(_) => {}
         }
-        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            single(path, e.into_inner().to_string())
-        })?;
-        convert(raw)
+        match crate::structure::deserialize::<RawConfig>(value) {
+            Ok(raw) => convert(raw),
+            // Every structural error, and the semantic errors of what is left, in one report.
+            Err(mut partial) => {
+                if let Some(Err(ConfigErrors(more))) = partial.rest.take().map(convert) {
+                    let more: Vec<_> = more.into_iter().map(|e| partial.as_written(e)).collect();
+                    partial.errors.extend(more);
+                }
+                Err(ConfigErrors(partial.errors))
+            }
+        }
     }
 
     /// The built-in configuration used when no `--config` is given: a forward listener on
@@ -402,6 +407,9 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         if !users.is_empty() && raw.auth.is_none() {
             errs.push(format!("{p}.users"), "needs auth (proxy authentication) to be configured");
         }
+        // A rule whose destinations are all invalid has errors already: "no destination" would
+        // only repeat them.
+        let written = rr.hosts.is_some() || rr.cidrs.is_some() || rr.host_regex.is_some();
         let hosts =
             list(&mut errs, &format!("{p}.hosts"), rr.hosts, |s| s.parse::<HostPattern>().map_err(|e| e.to_string()));
         let cidrs = list(&mut errs, &format!("{p}.cidrs"), rr.cidrs, parse_net);
@@ -421,7 +429,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
                 }
             }
         }
-        if hosts.is_empty() && cidrs.is_empty() && host_regex.is_none() {
+        if !written {
             errs.push(p.clone(), "rule has no destination: set hosts, hostRegex or cidrs");
         }
         let relay = rule_relay(&mut errs, &format!("{p}.relay"), rr.relay.unwrap_or_default());

@@ -21,6 +21,7 @@ pub mod error;
 pub mod host;
 pub mod policy;
 mod raw;
+mod structure;
 pub mod tls;
 pub mod warnings;
 

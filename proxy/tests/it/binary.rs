@@ -138,10 +138,11 @@ fn cli_check_reports_every_error_with_its_path() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("valid"));
     let bad = dir.0.join("bad.yaml");
-    std::fs::write(&bad, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\npolicy:\n  rules:\n    - {name: a, action: allow, hosts: ['a.*.test'], cidrs: ['10.0.0.0/33'], ports: [70000]}\n").unwrap();
+    std::fs::write(&bad, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128', colour: red}]\npolicy:\n  rules:\n    - {name: a, action: allow, hosts: ['a.*.test'], cidrs: ['10.0.0.0/33'], ports: [70000]}\n").unwrap();
     let (code, out) = run(&["check", "--config", bad.to_str().unwrap()]);
     assert_eq!(code, 64);
     for want in [
+        "listeners[0].colour: unknown field `colour`",
         "policy.rules[0].hosts[0]: wildcard must be the leftmost label",
         "policy.rules[0].cidrs[0]:",
         "policy.rules[0].ports[0]: 70000 is not a port",
