@@ -179,7 +179,6 @@ fn remove(value: &mut Value, path: &[Step]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::config::ProxyConfig;
 
     fn report(doc: &str) -> Vec<String> {
