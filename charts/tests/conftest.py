@@ -28,6 +28,16 @@ CASES = {
             ],
         }
     },
+    "gateway": {
+        "proxy": {
+            "kind": "Deployment",
+            "nodeSelector": {"egress.example.com/gateway": "true"},
+            "tolerations": [{"key": "egress.example.com/gateway", "operator": "Exists", "effect": "NoSchedule"}],
+            "gateway": {"hostNetwork": True, "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}},
+        },
+        "prometheusRule": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+    },
     "hostport": {"proxy": {"hostPort": {"enabled": True}, "workerThreads": 2}, "operator": {"replicas": 2}},
 }
 

@@ -5,6 +5,8 @@ and the example TunnelPolicies against the CRD's OpenAPI schema."""
 import copy
 import ipaddress
 import json
+import subprocess
+import sys
 
 import helm_python as helm
 import jsonschema
@@ -327,3 +329,83 @@ def test_node_egress_survives_rollouts_and_taints():
     pdb = find(render({}), "PodDisruptionBudget", "-operator")
     dep = find(render({}), "Deployment", "-operator")
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_egress_gateway_topology():
+    docs = render(CASES["gateway"])
+    assert not [d for d in docs if d["kind"] == "DaemonSet"], "a gateway runs no per-node proxies"
+    dep = find(docs, "Deployment", "-proxy")
+    spec = dep["spec"]["template"]["spec"]
+    assert "replicas" not in dep["spec"], "the HorizontalPodAutoscaler owns the replica count"
+    assert spec["nodeSelector"] == {"egress.example.com/gateway": "true"}
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    # hostNetwork: one per node, replaced in place (two pods would share the node's ports).
+    anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    assert anti["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    assert {c["topologyKey"] for c in spec["topologySpreadConstraints"]} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    svc = find(docs, "Service", "-proxy")
+    assert svc["spec"]["internalTrafficPolicy"] == "Cluster", "clients on every node reach the gateway"
+    pdb = find(docs, "PodDisruptionBudget", "-proxy")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}}
+    hpa = find(docs, "HorizontalPodAutoscaler", "-proxy")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "tunnelgate-proxy"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 4)
+    alert = next(r for g in find(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if r["alert"] == "TunnelgateProxyMissingOnNode")
+    assert "kube_deployment_status_replicas_available" in alert["expr"]
+    # Without hostNetwork: pods surge beside the old ones, fixed replicas, no HPA.
+    plain = render({"proxy": {"kind": "Deployment"}})
+    d2 = find(plain, "Deployment", "-proxy")
+    assert d2["spec"]["replicas"] == 2 and d2["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert "hostNetwork" not in d2["spec"]["template"]["spec"]
+    assert not [d for d in plain if d["kind"] == "HorizontalPodAutoscaler"]
+    for bad, why in [
+        ({"proxy": {"kind": "Deployment"}, "service": {"internalTrafficPolicy": "Local"}}, "needs Cluster"),
+        ({"proxy": {"kind": "Deployment", "hostPort": {"enabled": True}}}, "uses proxy.gateway.hostNetwork"),
+        ({"proxy": {"gateway": {"hostNetwork": True}}}, "needs proxy.kind: Deployment"),
+    ]:
+        with pytest.raises(helm.HelmError, match=why):
+            render(bad)
+
+
+def test_chart_conventions_image_digest_names_and_extras():
+    digest = "sha256:" + "ab" * 32
+    values = {
+        "fullnameOverride": "egress",
+        "global": {"imageRegistry": "ignored.example"},
+        "image": {"digest": digest, "tag": "ignored"},
+        "proxy": {"logLevel": "debug", "extraArgs": ["--reload-poll-interval=5s"],
+                  "extraEnv": [{"name": "HTTPS_PROXY", "value": ""}], "podLabels": {"team": "net"}},
+        "operator": {"logLevel": "info,kube=warn", "extraArgs": ["--debounce=80ms"], "podLabels": {"team": "net"}},
+    }
+    docs = render(values, name="anything")
+    ds, op = find(docs, "DaemonSet", "egress-proxy"), find(docs, "Deployment", "egress-operator")
+    for w in (ds, op):
+        pod = w["spec"]["template"]
+        c = pod["spec"]["containers"][0]
+        assert c["image"] == f"ghcr.io/tunnelgate/tunnelgate@{digest}"
+        assert pod["metadata"]["labels"]["team"] == "net"
+        assert pod["metadata"]["labels"]["app.kubernetes.io/component"] in ("proxy", "operator"), "own labels kept"
+    pc, oc = ds["spec"]["template"]["spec"]["containers"][0], op["spec"]["template"]["spec"]["containers"][0]
+    assert pc["args"][-1] == "--reload-poll-interval=5s" and oc["args"][-1] == "--debounce=80ms"
+    assert {"name": "TUNNELGATE_LOG", "value": "debug"} in pc["env"] and {"name": "HTTPS_PROXY", "value": ""} in pc["env"]
+    assert {"name": "TUNNELGATE_LOG", "value": "info,kube=warn"} in oc["env"]
+    # Every name follows the override, and the names that wire components together agree.
+    assert "--config-map=$(POD_NAMESPACE)/egress-proxy" in pc["args"] and "--release=egress" in oc["args"]
+    assert find(docs, "Role", "egress-proxy")["rules"][0]["resourceNames"] == ["egress-proxy"]
+    assert all(d["metadata"]["name"].startswith("egress") for d in docs if d["kind"] not in ("CustomResourceDefinition",)), \
+        sorted(d["metadata"]["name"] for d in docs)
+    chart = helm.Chart.load(str(CHART))
+    for bad in [{"image": {"digest": "latest"}}, {"fullnameOverride": "Bad_Name"}, {"proxy": {"extraEnv": [{"value": "x"}]}}]:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(bad)
+
+
+def test_chart_readme_lists_every_value_and_is_current():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/chart-readme.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [l for l in (CHART / "README.md").read_text().splitlines() if l.startswith("| `")]
+    undocumented = [r.split("|")[1].strip() for r in rows if r.rstrip().endswith("|  |")]
+    assert not undocumented, f"values without a `# --` description: {undocumented}"
+    assert any("`proxy.gateway.hostNetwork`" in r for r in rows) and len(rows) >= 80
