@@ -405,9 +405,10 @@ class Shim(kmock.KubernetesEmulator):
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (a bridge address when pods run in network namespaces)")
     ap.add_argument("--port-file", required=True)
     args = ap.parse_args()
-    async with Shim() as handler, kmock.Server(handler, port=args.port or None) as server:
+    async with Shim() as handler, kmock.Server(handler, host=args.host, port=args.port or None) as server:
         with open(args.port_file + ".tmp", "w") as f:
             f.write(str(server.port))
         os.replace(args.port_file + ".tmp", args.port_file)

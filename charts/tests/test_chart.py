@@ -409,3 +409,12 @@ def test_chart_readme_lists_every_value_and_is_current():
     undocumented = [r.split("|")[1].strip() for r in rows if r.rstrip().endswith("|  |")]
     assert not undocumented, f"values without a `# --` description: {undocumented}"
     assert any("`proxy.gateway.hostNetwork`" in r for r in rows) and len(rows) >= 80
+
+
+def test_network_policy_example_reaches_a_host_network_gateway():
+    docs = render({"proxy": {"kind": "Deployment", "gateway": {"hostNetwork": True}},
+                   "networkPolicyExample": {"enabled": True, "namespace": "payments", "proxyCIDRs": ["192.0.2.10/32"]}})
+    np = find(docs, "NetworkPolicy")
+    to = np["spec"]["egress"][0]["to"]
+    assert {"ipBlock": {"cidr": "192.0.2.10/32"}} in to and any("podSelector" in t for t in to)
+    assert np["spec"]["egress"][0]["ports"] == [{"protocol": "TCP", "port": 3128}]

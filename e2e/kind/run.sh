@@ -23,5 +23,12 @@ helm upgrade --install tunnelgate charts/tunnelgate --namespace tunnelgate --cre
   --set operator.replicas=2 --wait --timeout 5m \
   --set-json 'config.addressGrants=[{"namespaces":["*"],"cidrs":["10.0.0.0/8"]}]'
 kubectl -n tunnelgate rollout status daemonset/tunnelgate-proxy --timeout=3m
+# A second release in the egress-gateway topology (CRDs come from the first).
+helm upgrade --install tunnelgate-gw charts/tunnelgate --namespace tunnelgate-gw --create-namespace \
+  --set image.repository=tunnelgate --set image.tag=e2e --set image.pullPolicy=Never \
+  --set crds.enabled=false --set rbac.userRoles=false --set proxy.kind=Deployment \
+  --set proxy.gateway.replicas=2 --wait --timeout 5m \
+  --set-json 'config.addressGrants=[{"namespaces":["*"],"cidrs":["10.0.0.0/8"]}]'
+kubectl -n tunnelgate-gw rollout status deployment/tunnelgate-gw-proxy --timeout=3m
 TUNNELGATE_KIND=1 cargo test -p e2e --test kind -- --ignored --test-threads=1
 if [ -z "${KEEP_CLUSTER:-}" ]; then kind delete cluster --name "$CLUSTER"; fi

@@ -342,9 +342,29 @@ async fn rolling_restart_keeps_a_tunnel_in_flight() {
     let ns = TempNs::new(&c, "tg-rollout").await;
     echo_server(&c, &ns.name).await;
     let ip = client_pod(&c, &ns.name, "dl", &[("app", "dl")]).await;
+    let ip2 = client_pod(&c, &ns.name, "poller", &[("app", "dl")]).await;
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), &ns.name);
     create(&tps, policy("p", "dl", &ns.name)).await;
-    until_enforced(&c, "p with the client's IP", |t| lists_client(t, &ns.name, "p", &ip)).await;
+    until_enforced(&c, "p with the clients' IPs", |t| {
+        lists_client(t, &ns.name, "p", &ip) && lists_client(t, &ns.name, "p", &ip2)
+    })
+    .await;
+    // New connections all along the rollout: a CONNECT every 200 ms for ~90 s, none may fail
+    // (the new pod is Ready before the old one drains; the old one accepts during drainDelay).
+    let poll = tokio::spawn({
+        let (ns, target) = (ns.name.clone(), url(&ns.name, "/"));
+        async move {
+            let script = format!(
+                "f=0; for i in $(seq 1 450); do curl -sS -p -x {PROXY} --max-time 5 -o /dev/null {target} || f=$((f+1)); sleep 0.2; done; echo failures=$f"
+            );
+            let out = tokio::process::Command::new("kubectl")
+                .args(["exec", "-n", &ns, "poller", "--", "sh", "-c", &script])
+                .output()
+                .await
+                .expect("kubectl exec");
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        }
+    });
 
     // A ~10 s download, then a DaemonSet restart while it runs.
     let big = url(&ns.name, "/big");
@@ -378,6 +398,53 @@ async fn rolling_restart_keeps_a_tunnel_in_flight() {
             && s.number_ready == s.desired_number_scheduled
     })
     .await;
+    let polled = tokio::time::timeout(Duration::from_secs(300), poll).await.unwrap().unwrap();
+    assert!(polled.contains("failures=0"), "every node kept egress during the rollout: {polled}");
+}
+
+/// The egress-gateway release `run.sh` installs beside the node-local one (`proxy.kind:
+/// Deployment` in namespace tunnelgate-gw): pods of any node reach it through its cluster-wide
+/// Service, and it enforces the same policies by the pods' own addresses.
+#[tokio::test]
+#[ignore = "needs a kind cluster: e2e/kind/run.sh"]
+async fn egress_gateway_serves_pods_of_every_node() {
+    const GATEWAY: &str = "http://tunnelgate-gw-proxy.tunnelgate-gw:3128";
+    let c = client().await;
+    let gw = Api::<Service>::namespaced(c.clone(), "tunnelgate-gw");
+    let svc = gw.get("tunnelgate-gw-proxy").await.unwrap();
+    assert_eq!(svc.spec.unwrap().internal_traffic_policy.as_deref(), Some("Cluster"));
+    let ns = TempNs::new(&c, "tg-gw").await;
+    echo_server(&c, &ns.name).await;
+    let ip = client_pod(&c, &ns.name, "client", &[("app", "client")]).await;
+    client_pod(&c, &ns.name, "other", &[("app", "other")]).await;
+    let tps = Api::<TunnelPolicy>::namespaced(c.clone(), &ns.name);
+    create(&tps, policy("allow-echo", "client", &ns.name)).await;
+    let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate-gw");
+    until("the gateway's operator renders the policy", 60, || async {
+        let text =
+            cms.get("tunnelgate-gw-proxy").await.ok().and_then(|cm| cm.data).and_then(|mut d| d.remove("config.yaml"));
+        text.is_some_and(|t| lists_client(&t, &ns.name, "allow-echo", &ip))
+    })
+    .await;
+    let target = url(&ns.name, "/");
+    let through = |pod: &'static str| {
+        let (ns, target) = (ns.name.clone(), target.clone());
+        async move {
+            let out = tokio::process::Command::new("kubectl")
+                .args(["exec", "-n", &ns, pod, "--", "curl", "-sS", "-p", "-x", GATEWAY, "--max-time", "30", &target])
+                .output()
+                .await
+                .expect("kubectl exec");
+            (
+                out.status.code().unwrap_or(-1),
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            )
+        }
+    };
+    // The proxies reload within a second or two of the render; allow for it.
+    until("the gateway allows the selected pod", 30, || async { through("client").await.0 == 0 }).await;
+    let denied = through("other").await;
+    assert!(denied.1.contains("403"), "the gateway sees the pod's own address, not a node's: {}", denied.1);
 }
 
 #[tokio::test]

@@ -89,6 +89,9 @@ pub struct Settings {
     pub debounce_max: Duration,
     /// The proxies' admin port, for the rollout view (`None`: not reported).
     pub proxy_admin_port: Option<u16>,
+    /// The proxy pods' `app.kubernetes.io/instance` label (Helm's release name, which differs
+    /// from the object-name prefix in `release` when the chart prefixes it).
+    pub proxy_instance: String,
     /// This replica's name, for events.
     pub identity: String,
 }
@@ -405,7 +408,7 @@ async fn reconcile(
 
     // Rollout view: the release's proxy pods and the render each has in force.
     let view = state.proxies.as_mut().map(|proxies| {
-        let endpoints = proxy_endpoints(&c.pods.state(), ns, &s.release);
+        let endpoints = proxy_endpoints(&c.pods.state(), ns, &s.proxy_instance);
         proxies.sync(&endpoints);
         proxies.view(&endpoints)
     });

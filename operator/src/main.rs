@@ -29,6 +29,10 @@ struct Args {
     /// Release name: reads `<release>-base`, writes `<release>-proxy` and `<release>-proxy-tls`.
     #[arg(long, env = "TUNNELGATE_RELEASE", default_value = "tunnelgate")]
     release: String,
+    /// The proxy pods' `app.kubernetes.io/instance` label, to find them for `--proxy-admin-port`
+    /// (the Helm release name; defaults to `--release`).
+    #[arg(long)]
+    proxy_instance: Option<String>,
     /// Directory where the proxy mounts the rendered TLS Secret.
     #[arg(long, default_value = "/etc/tunnelgate/tls")]
     tls_dir: String,
@@ -131,11 +135,12 @@ async fn run(args: Args) -> i32 {
     };
     let settings = Settings {
         namespace: args.namespace,
-        release: args.release,
+        release: args.release.clone(),
         tls_dir: args.tls_dir,
         debounce: args.debounce,
         debounce_max: args.debounce_max.max(args.debounce),
         proxy_admin_port: args.proxy_admin_port,
+        proxy_instance: args.proxy_instance.unwrap_or_else(|| args.release.clone()),
         identity,
     };
     info!(namespace = %settings.namespace, release = %settings.release, "starting");

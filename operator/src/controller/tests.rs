@@ -18,6 +18,7 @@ fn settings() -> Settings {
         debounce: Duration::from_millis(1),
         debounce_max: Duration::from_millis(1),
         proxy_admin_port: None,
+        proxy_instance: "tunnelgate".into(),
         identity: "t".into(),
     }
 }

@@ -225,14 +225,14 @@ fn slim_pod(p: &mut Pod) {
     }
 }
 
-/// The release's running proxy pods with an IP, for the rollout view.
-pub(super) fn proxy_endpoints(pods: &[Arc<Pod>], namespace: &str, release: &str) -> Vec<super::rollout::Endpoint> {
+/// The release's running proxy pods with an IP (labelled with `instance`), for the rollout view.
+pub(super) fn proxy_endpoints(pods: &[Arc<Pod>], namespace: &str, instance: &str) -> Vec<super::rollout::Endpoint> {
     let mut out: Vec<super::rollout::Endpoint> = pods
         .iter()
         .filter(|p| p.metadata.namespace.as_deref() == Some(namespace) && p.metadata.deletion_timestamp.is_none())
         .filter(|p| {
             let l = p.labels();
-            l.get("app.kubernetes.io/instance").map(String::as_str) == Some(release)
+            l.get("app.kubernetes.io/instance").map(String::as_str) == Some(instance)
                 && l.get("app.kubernetes.io/component").map(String::as_str) == Some("proxy")
         })
         .filter_map(|p| {
