@@ -71,7 +71,23 @@ pub fn check(source: &str, docs: &str) -> (i32, String) {
 #[derive(Debug, Clone)]
 pub struct Release {
     pub namespace: String,
+    /// The Helm release name (the pods' `app.kubernetes.io/instance` label).
     pub name: String,
+    /// The chart's `fullnameOverride`, when the release was installed with one.
+    pub fullname_override: Option<String>,
+}
+
+impl Release {
+    /// The prefix of the release's object names, as the chart computes it: the release name when
+    /// it contains "tunnelgate", else `<release>-tunnelgate`, at most 40 characters.
+    pub fn object_prefix(&self) -> String {
+        let full = match &self.fullname_override {
+            Some(o) if !o.is_empty() => o.clone(),
+            _ if self.name.contains("tunnelgate") => self.name.clone(),
+            _ => format!("{}-tunnelgate", self.name),
+        };
+        full.chars().take(40).collect::<String>().trim_end_matches('-').to_owned()
+    }
 }
 
 /// Why a cluster command could not answer.
@@ -197,7 +213,7 @@ pub async fn explain(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| PluginError::Usage(format!("pod {namespace}/{pod_name} has no IP (not running?)")))?;
     let auth: Authority = target.parse().map_err(|e| PluginError::Usage(format!("target {target:?}: {e}")))?;
-    let cm_name = format!("{}-proxy", release.name);
+    let cm_name = format!("{}-proxy", release.object_prefix());
     let cm = Api::<ConfigMap>::namespaced(client.clone(), &release.namespace).get(&cm_name).await?;
     let text = cm.data.and_then(|mut d| d.remove("config.yaml")).unwrap_or_default();
     let cfg = ProxyConfig::from_yaml(&text)
@@ -416,6 +432,19 @@ mod tests {
 
     fn example(path: &str) -> String {
         std::fs::read_to_string(format!("{}/../examples/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap_or_default()
+    }
+
+    #[test]
+    fn object_names_follow_the_chart() {
+        let r = |name: &str, o: Option<&str>| {
+            Release { namespace: "ns".into(), name: name.into(), fullname_override: o.map(str::to_owned) }
+                .object_prefix()
+        };
+        assert_eq!(r("tunnelgate", None), "tunnelgate");
+        assert_eq!(r("tunnelgate-gw", None), "tunnelgate-gw");
+        assert_eq!(r("tg", None), "tg-tunnelgate");
+        assert_eq!(r("tg", Some("egress")), "egress");
+        assert_eq!(r(&"x".repeat(45), None), "x".repeat(40));
     }
 
     #[test]

@@ -27,6 +27,9 @@ struct Cli {
     /// Namespace of that release.
     #[arg(long, global = true, default_value = "tunnelgate")]
     release_namespace: String,
+    /// The chart's `fullnameOverride`, if the release was installed with one.
+    #[arg(long, global = true)]
+    fullname_override: Option<String>,
     /// `table` (default), `json` or `yaml` (explain and status).
     #[arg(short, long, global = true, default_value = "table")]
     output: plugin::Output,
@@ -85,7 +88,11 @@ async fn client(cli: &Cli) -> Result<Client, String> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let release = Release { namespace: cli.release_namespace.clone(), name: cli.release.clone() };
+    let release = Release {
+        namespace: cli.release_namespace.clone(),
+        name: cli.release.clone(),
+        fullname_override: cli.fullname_override.clone(),
+    };
     let code = match &cli.command {
         Command::Check { files } => {
             let mut worst = 0;
