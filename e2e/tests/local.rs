@@ -412,10 +412,10 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     let (lead_admin, standby_admin) = if leader_is_first { (&admins[0], &admins[1]) } else { (&admins[1], &admins[0]) };
     let body = reqwest_get(lead_admin, "/metrics").await;
     assert!(body.contains("tunnelgate_operator_policies{state=\"rejected\"} 1"), "{body}");
-    assert!(body.contains("tunnelgate_operator_config_writes_total{result=\"applied\"}"), "{body}");
+    assert!(!body.contains("tunnelgate_operator_config_writes_total{result=\"applied\"} 0"), "{body}");
     let standby = reqwest_get(standby_admin, "/metrics").await;
     assert!(
-        !standby.contains("tunnelgate_operator_config_writes_total{result=\"applied\"}"),
+        standby.contains("tunnelgate_operator_config_writes_total{result=\"applied\"} 0"),
         "the standby wrote:\n{standby}"
     );
     // The proxy reports the generations it went through.
@@ -707,7 +707,10 @@ async fn proxy_users_come_from_a_validated_htpasswd_secret() {
     let tls_dir_s = tls_dir.to_string_lossy().into_owned();
     let _operator = single_operator(&c, &kc, &dir.0, &base, &tls_dir_s, op_admin).await;
     until("rendered proxy Secret", 20, || async { project_secret(&c, &tls_dir).await }).await;
-    let cm = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate").get("tunnelgate-proxy").await.unwrap();
+    // The Secret is written first, the ConfigMap right after it.
+    let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
+    until("rendered ConfigMap", 20, || async { cms.get_opt("tunnelgate-proxy").await.ok().flatten().is_some() }).await;
+    let cm = cms.get("tunnelgate-proxy").await.unwrap();
     let config = cm.data.as_ref().unwrap()["config.yaml"].clone();
     assert!(config.contains(&format!("htpasswdFile: {tls_dir_s}/htpasswd")), "{config}");
     assert!(!config.contains("$2b$"), "no password hashes in the ConfigMap");
@@ -936,7 +939,16 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     );
     let port_arg = admin_port.to_string();
     let _operator =
-        operator_with(&c, &kc, &dir.0, &base, "/unused", op_admin, &["--proxy-admin-port", &port_arg]).await;
+        operator_with(
+            &c,
+            &kc,
+            &dir.0,
+            &base,
+            "/unused",
+            op_admin,
+            &["--proxy-admin-port", &port_arg, "--dry-run-event-interval", "1s"],
+        )
+        .await;
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy"],
@@ -1013,6 +1025,21 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
             && tps.get("would-block").await.unwrap().status.and_then(|s| s.dry_run).is_some_and(|d| d.would_deny >= 1)
     })
     .await;
+    let since = tps.get("would-block").await.unwrap().status.and_then(|s| s.dry_run).and_then(|d| d.since);
+    assert!(since.is_some(), "status.dryRun.since says when counting started");
+    // One aggregated Normal event per interval (1 s here), naming no client and no target.
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), "payments");
+    until("a DryRun event", 20, || async {
+        let _ = connect_from("127.0.0.11", proxy_addr, target).await;
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("DryRun")
+                && e.type_.as_deref() == Some("Normal")
+                && e.note.as_deref().is_some_and(|n| n.contains("would have denied") && !n.contains("127.0.0"))
+        })
+    })
+    .await;
+    let later = tps.get("would-block").await.unwrap().status.and_then(|s| s.dry_run).and_then(|d| d.since);
+    assert_eq!(later, since, "since stays put while counting goes on");
     // explain: the decision for the pod, by the rule the proxies have, and its rollout.
     let target_arg = target.to_string();
     let (code, out) = plugin(&["explain", "-n", "payments", "pod/checkout-1", &target_arg]);

@@ -23,6 +23,7 @@ use crate::secrets::{htpasswd_from_secret, tls_from_secret};
 use crate::status::{self, NotInForce};
 
 mod apply;
+mod dryrun;
 mod rollout;
 mod watches;
 
@@ -89,6 +90,8 @@ pub struct Settings {
     pub debounce_max: Duration,
     /// The proxies' admin port, for the rollout view (`None`: not reported).
     pub proxy_admin_port: Option<u16>,
+    /// At most one dry-run event per policy per this interval.
+    pub dry_run_event_interval: Duration,
     /// The proxy pods' `app.kubernetes.io/instance` label (Helm's release name, which differs
     /// from the object-name prefix in `release` when the chart prefixes it).
     pub proxy_instance: String,
@@ -138,6 +141,7 @@ pub async fn run(
         policy_renders: HashMap::new(),
         proxies: settings.proxy_admin_port.map(|port| rollout::Proxies::new(port, wake.clone())),
         warned: HashMap::new(),
+        dry_run_events: dryrun::DryRunEvents::new(settings.dry_run_event_interval),
     };
     metrics.leader.set(i64::from(*leader.borrow()));
     wake.notify_one();
@@ -190,6 +194,8 @@ struct LoopState {
     proxies: Option<rollout::Proxies>,
     /// Last warning published per object, so an unchanged problem is not re-announced.
     warned: HashMap<String, String>,
+    /// When each dry-run policy was last announced.
+    dry_run_events: dryrun::DryRunEvents,
 }
 
 async fn warn_once(
@@ -478,6 +484,7 @@ async fn reconcile(
     // The first failed status write stops the others (an API outage gives one error, not one per
     // policy); the loop retries with backoff.
     let mut status_error: Option<kube::Error> = None;
+    let mut dry_run_live = std::collections::HashSet::new();
     for o in &outcomes {
         let Some(p) = policy_of(o) else { continue };
         if o.result.is_ok() {
@@ -486,7 +493,24 @@ async fn reconcile(
             rejected += 1
         }
         let (generation, current) = p.generation_and_status();
-        let desired = status::desired(o, generation, &s.config_name(), in_force, current, rollout_of(o).as_ref(), &now);
+        let rollout = rollout_of(o);
+        if let Some(totals) = rollout.as_ref().and_then(|r| r.dry_run) {
+            let key = format!("{}/{}", o.namespace, o.name);
+            dry_run_live.insert(key.clone());
+            if let Some((delta, elapsed)) = state.dry_run_events.due(&key, totals, tokio::time::Instant::now()) {
+                let ev = Event {
+                    type_: EventType::Normal,
+                    reason: "DryRun".into(),
+                    note: Some(dryrun::note(delta, elapsed)),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&ev, &p.object_ref()).await {
+                    debug!(error = %e, "cannot publish event");
+                }
+            }
+        }
+        let desired = status::desired(o, generation, &s.config_name(), in_force, current, rollout.as_ref(), &now);
         if current != Some(&desired) && status_error.is_none() {
             status_error = p.write_status(client, &desired).await.err();
         }
@@ -508,6 +532,7 @@ async fn reconcile(
         warn_once(recorder, state, key, &pod.object_ref(&()), "ReloadFailing", note).await;
     }
     state.warned.retain(|k, _| live.contains(k));
+    state.dry_run_events.retain(|k| dry_run_live.contains(k));
     metrics.policies.with_label_values(&["accepted"]).set(accepted);
     metrics.policies.with_label_values(&["rejected"]).set(rejected);
     applied?;

@@ -232,6 +232,10 @@ pub struct TunnelPolicyStatus {
 pub struct DryRunCounts {
     pub would_deny: i64,
     pub would_allow: i64,
+    /// When the operator started counting this policy's dry run (counts are those of the running
+    /// proxies, each since it loaded the policy's rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 /// How many proxies enforce a policy.

@@ -29,6 +29,10 @@ struct Args {
     /// Release name: reads `<release>-base`, writes `<release>-proxy` and `<release>-proxy-tls`.
     #[arg(long, env = "TUNNELGATE_RELEASE", default_value = "tunnelgate")]
     release: String,
+    /// At most one Normal event per dry-run policy per this interval, with what its rules would
+    /// have denied and allowed since the previous one.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    dry_run_event_interval: Duration,
     /// The proxy pods' `app.kubernetes.io/instance` label, to find them for `--proxy-admin-port`
     /// (the Helm release name; defaults to `--release`).
     #[arg(long)]
@@ -140,6 +144,7 @@ async fn run(args: Args) -> i32 {
         debounce: args.debounce,
         debounce_max: args.debounce_max.max(args.debounce),
         proxy_admin_port: args.proxy_admin_port,
+        dry_run_event_interval: args.dry_run_event_interval,
         proxy_instance: args.proxy_instance.unwrap_or_else(|| args.release.clone()),
         identity,
     };

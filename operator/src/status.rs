@@ -184,6 +184,10 @@ pub fn desired(
         dry_run: rollout.and_then(|r| r.dry_run).map(|(d, a)| crate::crd::DryRunCounts {
             would_deny: i64::try_from(d).unwrap_or(i64::MAX),
             would_allow: i64::try_from(a).unwrap_or(i64::MAX),
+            // Kept across reconciles, so the status changes only when a count does.
+            since: Some(
+                old.and_then(|s| s.dry_run.as_ref()).and_then(|d| d.since.clone()).unwrap_or_else(|| now.clone()),
+            ),
         }),
         conditions: [accepted, ready].into_iter().chain(extra).collect(),
     }

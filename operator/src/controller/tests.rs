@@ -19,6 +19,7 @@ fn settings() -> Settings {
         debounce_max: Duration::from_millis(1),
         proxy_admin_port: None,
         proxy_instance: "tunnelgate".into(),
+        dry_run_event_interval: Duration::from_secs(300),
         identity: "t".into(),
     }
 }
@@ -84,8 +85,14 @@ async fn first_write_reads_then_applies_secret_before_configmap() {
     ])
     .await;
     let metrics = Metrics::register(&Registry::new()).unwrap();
-    let mut state =
-        LoopState { last_hash: None, render: 0, policy_renders: HashMap::new(), proxies: None, warned: HashMap::new() };
+    let mut state = LoopState {
+        last_hash: None,
+        render: 0,
+        policy_renders: HashMap::new(),
+        proxies: None,
+        warned: HashMap::new(),
+        dry_run_events: super::dryrun::DryRunEvents::new(Duration::from_secs(300)),
+    };
     apply(&client, &settings(), &metrics, &mut state, &rendered(true)).await.unwrap();
     assert_eq!(calls.await.unwrap().len(), 3);
     assert_eq!(state.last_hash.as_deref(), Some("abc123"));
@@ -99,8 +106,14 @@ async fn unchanged_hash_in_force_writes_nothing() {
     let (client, calls) =
         scenario(vec![(Method::GET, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", cm("abc123"))]).await;
     let metrics = Metrics::register(&Registry::new()).unwrap();
-    let mut state =
-        LoopState { last_hash: None, render: 0, policy_renders: HashMap::new(), proxies: None, warned: HashMap::new() };
+    let mut state = LoopState {
+        last_hash: None,
+        render: 0,
+        policy_renders: HashMap::new(),
+        proxies: None,
+        warned: HashMap::new(),
+        dry_run_events: super::dryrun::DryRunEvents::new(Duration::from_secs(300)),
+    };
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
     // And with the hash known, not even a read.
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
