@@ -938,17 +938,16 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.31:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
     );
     let port_arg = admin_port.to_string();
-    let _operator =
-        operator_with(
-            &c,
-            &kc,
-            &dir.0,
-            &base,
-            "/unused",
-            op_admin,
-            &["--proxy-admin-port", &port_arg, "--dry-run-event-interval", "1s"],
-        )
-        .await;
+    let _operator = operator_with(
+        &c,
+        &kc,
+        &dir.0,
+        &base,
+        "/unused",
+        op_admin,
+        &["--proxy-admin-port", &port_arg, "--dry-run-event-interval", "1s"],
+    )
+    .await;
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy"],

@@ -11,7 +11,7 @@ use regex::RegexBuilder;
 
 use crate::error::{ConfigErrors, Errors};
 use crate::host::{Authority, HostPattern};
-use crate::policy::{Action, Policy, PortRange, RelayOverrides, Rule, TunnelLimits};
+use crate::policy::{Action, ClientIndex, Policy, PortRange, RelayOverrides, Rule, TunnelLimits};
 use crate::raw::{RawConfig, RawPort, RawRuleRelay};
 use crate::tls::ListenerTls;
 
@@ -465,6 +465,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
                 deny_private_addresses: pol.deny_private_addresses.unwrap_or(true),
                 reevaluate_on_reload: false,
                 cluster_networks: cluster_networks.clone(),
+                by_client: ClientIndex::new(&all),
                 rules: all,
                 defaults,
                 shadow: None,
@@ -480,6 +481,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         deny_private_addresses: pol.deny_private_addresses.unwrap_or(true),
         reevaluate_on_reload: pol.reevaluate_on_reload.unwrap_or(false),
         cluster_networks,
+        by_client: ClientIndex::new(&rules),
         rules,
         defaults,
         shadow,

@@ -8,6 +8,7 @@
 //! a deny without priority still narrows a tier allow, and a tier deny beats any allow without
 //! priority.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -240,6 +241,70 @@ pub struct Policy {
     pub defaults: TunnelLimits,
     /// When some rules are dry-run: the policy that also enforces them (see [`Policy::dry_run`]).
     pub shadow: Option<Shadow>,
+    /// `rules` by client address; built from `rules` by [`ClientIndex::new`].
+    pub by_client: ClientIndex,
+}
+
+/// Rule indices by client address, so a request looks only at the rules that can match its
+/// client: the operator renders one rule per policy destination listing the exact addresses of
+/// the selected pods, so at 10,000 pods and 1,000 policies a scan of every rule per request would
+/// cost far more than the few rules of the client's own policies.
+#[derive(Debug, Clone, Default)]
+pub struct ClientIndex {
+    /// Rules listing the (canonical) address exactly, as `/32` or `/128`, ascending per address.
+    exact: HashMap<IpAddr, Vec<usize>>,
+    /// Rules for any client, or listing a wider network: looked at for every client.
+    wide: Vec<usize>,
+}
+
+impl ClientIndex {
+    /// Indexes `rules` (indices into that slice).
+    pub fn new(rules: &[Rule]) -> ClientIndex {
+        let mut index = ClientIndex::default();
+        for (i, r) in rules.iter().enumerate() {
+            let exact_only = !r.clients.is_empty() && r.clients.iter().all(|n| n.prefix_len() == n.max_prefix_len());
+            if !exact_only {
+                index.wide.push(i);
+                continue;
+            }
+            for n in &r.clients {
+                let list = index.exact.entry(canonical(n.addr())).or_default();
+                if list.last() != Some(&i) {
+                    list.push(i);
+                }
+            }
+        }
+        index
+    }
+
+    /// The indices of every rule that may match `client`, ascending (config order).
+    fn candidates(&self, client: IpAddr) -> Merge<'_> {
+        let exact = self.exact.get(&canonical(client)).map_or(&[][..], Vec::as_slice);
+        Merge { a: exact, b: &self.wide }
+    }
+}
+
+/// Two ascending index lists as one ascending sequence.
+struct Merge<'a> {
+    a: &'a [usize],
+    b: &'a [usize],
+}
+
+impl Iterator for Merge<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        let take_a = match (self.a.first(), self.b.first()) {
+            (Some(x), Some(y)) => x < y,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return None,
+        };
+        let list = if take_a { &mut self.a } else { &mut self.b };
+        let (&first, rest) = list.split_first()?;
+        *list = rest;
+        Some(first)
+    }
 }
 
 /// The policy with the dry-run rules enforced too; its rules from `first_dry_run` on are the
@@ -277,6 +342,11 @@ impl DryRunVerdict {
 }
 
 impl Policy {
+    /// The rules that may match `client` (the others list other clients), with their indices.
+    fn rules_for(&self, client: IpAddr) -> impl Iterator<Item = (usize, &Rule)> + '_ {
+        self.by_client.candidates(client).filter_map(|i| self.rules.get(i).map(|r| (i, r)))
+    }
+
     /// The name of rule `index`, or `"default"`.
     pub fn rule_name(&self, index: Option<usize>) -> &str {
         index.and_then(|i| self.rules.get(i)).map_or("default", |r| r.name.as_str())
@@ -293,8 +363,8 @@ impl Policy {
         // A tier allow that could still match once the name is resolved (by name now, or by a
         // CIDR later) may outrank a tier deny: that deny must wait for the addresses.
         let best_possible_allow = || {
-            self.rules
-                .iter()
+            self.rules_for(client)
+                .map(|(_, r)| r)
                 .filter(|r| {
                     r.action == Action::Allow
                         && r.matches_client_port(client, user, port)
@@ -303,13 +373,13 @@ impl Policy {
                 .filter_map(|r| r.priority)
                 .min()
         };
-        if let Some(i) = self.first(Action::Deny, |r| {
+        if let Some(i) = self.first(client, Action::Deny, |r| {
             r.matches(client, user, &host, port, None) && applies(r.priority, best_possible_allow)
         }) {
             return PreDecision::Deny(Decision::Deny { rule: Some(i), reason: DenyReason::Rule });
         }
         let could_allow = self.default_action == Action::Allow
-            || self.rules.iter().any(|r| {
+            || self.rules_for(client).any(|(_, r)| {
                 r.action == Action::Allow
                     && r.matches_client_port(client, user, port)
                     && (!r.cidrs.is_empty() || r.matches_name(name))
@@ -336,13 +406,13 @@ impl Policy {
         }
         for &addr in addrs {
             let best_allow = || {
-                self.rules
-                    .iter()
+                self.rules_for(client)
+                    .map(|(_, r)| r)
                     .filter(|r| r.action == Action::Allow && r.matches(client, user, host, port, Some(addr)))
                     .filter_map(|r| r.priority)
                     .min()
             };
-            if let Some(i) = self.first(Action::Deny, |r| {
+            if let Some(i) = self.first(client, Action::Deny, |r| {
                 r.matches(client, user, host, port, Some(addr)) && applies(r.priority, best_allow)
             }) {
                 return Decision::Deny { rule: Some(i), reason: DenyReason::Rule };
@@ -354,7 +424,7 @@ impl Policy {
             let refused = self.refused(addr);
             let mut matched = false;
             let mut opened = refused.is_none();
-            for (i, r) in self.rules.iter().enumerate() {
+            for (i, r) in self.rules_for(client) {
                 if r.action != Action::Allow || !r.matches(client, user, host, port, Some(addr)) {
                     continue;
                 }
@@ -372,9 +442,9 @@ impl Policy {
             }
             if let (Some(range), false) = (refused, opened) {
                 let not_opened_by = self
-                    .rules
-                    .iter()
-                    .position(|r| r.action == Action::Allow && r.matches(client, user, host, port, Some(addr)));
+                    .rules_for(client)
+                    .find(|(_, r)| r.action == Action::Allow && r.matches(client, user, host, port, Some(addr)))
+                    .map(|(i, _)| i);
                 return Decision::Deny { rule: None, reason: DenyReason::PrivateAddress { range, not_opened_by } };
             }
         }
@@ -450,8 +520,8 @@ impl Policy {
         }
     }
 
-    fn first(&self, action: Action, f: impl Fn(&Rule) -> bool) -> Option<usize> {
-        self.rules.iter().position(|r| r.action == action && f(r))
+    fn first(&self, client: IpAddr, action: Action, f: impl Fn(&Rule) -> bool) -> Option<usize> {
+        self.rules_for(client).find(|(_, r)| r.action == action && f(r)).map(|(i, _)| i)
     }
 }
 

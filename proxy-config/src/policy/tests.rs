@@ -401,3 +401,66 @@ fn a_dry_run_allow_is_judged_when_the_name_alone_was_denied() {
     let other = crate::host::normalize_name("other.test").unwrap();
     assert_eq!(p.dry_run_by_name(ip("10.0.0.1"), None, &other, 443, &d), None);
 }
+
+/// The client index only skips rules that cannot match: every decision equals a scan of all rules,
+/// over a mix of exact-address rules (as the operator renders), wide client networks, rules for
+/// any client, denies, the platform tier and IPv4-mapped clients.
+#[test]
+fn client_index_decides_as_a_scan_of_every_rule() {
+    let mut rules = String::new();
+    for i in 0..40u32 {
+        let clients = match i % 5 {
+            0 => String::new(),
+            1 => "      clients: [\"10.1.0.0/16\"]\n".to_owned(),
+            _ => format!(
+                "      clients: [\"10.1.{}.{}/32\", \"10.1.{}.{}\", \"fd00::{:x}/128\"]\n",
+                i % 3,
+                i % 7,
+                i % 2,
+                i % 11,
+                i % 4
+            ),
+        };
+        let action = if i % 6 == 0 { "deny" } else { "allow" };
+        let priority = if i % 9 == 0 { format!("      priority: {}\n", i) } else { String::new() };
+        rules.push_str(&format!(
+            "    - name: r{i}\n      action: {action}\n{clients}{priority}      cidrs: [\"93.184.{}.0/24\"]\n      hosts: [\"h{}.test\"]\n",
+            i % 4,
+            i % 5
+        ));
+    }
+    for default in ["allow", "deny"] {
+        let indexed = policy(&rules, default);
+        let mut scan = indexed.clone();
+        scan.by_client = ClientIndex { exact: HashMap::new(), wide: (0..scan.rules.len()).collect() };
+        let mut compared = 0;
+        for c in 0..12 {
+            for client in [
+                format!("10.1.{}.{}", c % 3, c % 11),
+                format!("::ffff:10.1.{}.{}", c % 2, c % 7),
+                format!("fd00::{:x}", c % 4),
+                "192.0.2.1".to_owned(),
+            ] {
+                for t in 0..5 {
+                    for a in 0..5 {
+                        let target = format!("h{t}.test:443");
+                        let addr = format!("93.184.{a}.7");
+                        assert_eq!(
+                            decide(&indexed, &client, &target, &[&addr]),
+                            decide(&scan, &client, &target, &[&addr]),
+                            "{client} → {target} ({addr}), default {default}"
+                        );
+                        let Ok(Host::Name(name)) = crate::host::parse_host(&format!("h{t}.test")) else { panic!() };
+                        assert_eq!(
+                            indexed.pre_resolve(ip(&client), &name, 443),
+                            scan.pre_resolve(ip(&client), &name, 443)
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 12 * 4 * 25);
+        assert!(indexed.by_client.exact.len() > 10 && indexed.by_client.wide.len() < indexed.rules.len());
+    }
+}
