@@ -41,7 +41,7 @@ pub(crate) fn deserialize<T: DeserializeOwned>(mut value: Value) -> Result<T, Pa
     let mut errors: Vec<ConfigError> = Vec::new();
     let mut sweep = Sweep::default();
     for _ in 0..MAX_ERRORS * 2 {
-        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+        match serde_path_to_error::deserialize::<_, T>(&value) {
             Ok(t) if errors.is_empty() => return Ok(t),
             Ok(t) => return Err(Partial { errors, rest: Some(t), sweep }),
             Err(e) => {

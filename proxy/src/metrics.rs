@@ -2,7 +2,8 @@
 //! only from closed sets (enums) or config-bounded names (listener and rule names).
 
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 /// Every collector the proxy exports.
@@ -38,6 +39,9 @@ pub struct ProxyMetrics {
     pub accept_errors: IntCounter,
     /// `result` = success | failure.
     pub config_reloads: IntCounterVec,
+    /// Time from a new document to its snapshot in force (parse, validate, compile, bind, swap),
+    /// or to its refusal. Buckets 1 ms .. ~16 s (×2).
+    pub config_reload_duration: Histogram,
     /// Generation of the config in force (1 at start).
     pub config_generation: IntGauge,
     /// The operator's render number of the config in force (0 when it has none).
@@ -130,6 +134,13 @@ impl ProxyMetrics {
                 Opts::new("tunnelgate_config_reloads_total", "Configuration loads by result"),
                 &["result"],
             )?,
+            config_reload_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tunnelgate_config_reload_duration_seconds",
+                    "Time to parse, compile and switch to a new configuration (or refuse it)",
+                )
+                .buckets(exponential_buckets(0.001, 2.0, 15)?),
+            )?,
             config_generation: IntGauge::new(
                 "tunnelgate_config_generation",
                 "Generation of the configuration in force",
@@ -212,6 +223,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.acme_events.clone()))?;
         registry.register(Box::new(m.accept_errors.clone()))?;
         registry.register(Box::new(m.config_reloads.clone()))?;
+        registry.register(Box::new(m.config_reload_duration.clone()))?;
         registry.register(Box::new(m.config_generation.clone()))?;
         registry.register(Box::new(m.config_render.clone()))?;
         registry.register(Box::new(m.config_last_reload_success.clone()))?;
