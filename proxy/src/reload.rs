@@ -78,7 +78,7 @@ pub enum ReloadOutcome {
 /// Applies a new document. On success the new snapshot serves every new connection; established
 /// tunnels keep theirs (unless `policy.reevaluateOnReload` revokes them).
 pub async fn apply(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, ReloadError> {
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let result = apply_inner(inner, text).await;
     if !matches!(result, Ok(ReloadOutcome::Unchanged) | Err(ReloadError::Draining)) {
         inner.metrics.config_reload_duration.observe(started.elapsed().as_secs_f64());
