@@ -389,6 +389,32 @@ async fn operator_and_proxy_converge_on_policy_changes() {
         })
     })
     .await;
+    // A policy that does not even deserialize (a value from a newer CRD) is reported, and the
+    // watch goes on: the changes below are still rendered.
+    let ar = kube::discovery::ApiResource::erase::<TunnelPolicy>(&());
+    let raw = Api::<kube::api::DynamicObject>::namespaced_with(c.clone(), "payments", &ar);
+    let mut newer = serde_json::to_value(policy("newer", "checkout", dest.clone())).unwrap();
+    newer["spec"]["action"] = json!("Permit");
+    raw.create(&PostParams::default(), &serde_json::from_value(newer).unwrap()).await.unwrap();
+    until("unreadable policy reported", 10, || async {
+        let p = raw.get("newer").await.unwrap();
+        let conds = p.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        conds.iter().any(|c| {
+            c["type"] == "Accepted"
+                && c["status"] == "False"
+                && c["reason"] == "Unreadable"
+                && c["message"].as_str().is_some_and(|m| m.contains("spec.action") && m.contains("Permit"))
+        })
+    })
+    .await;
+    until("Unreadable event", 10, || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("Unreadable")
+                && e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("newer")
+        })
+    })
+    .await;
 
     // Pod churn: checkout's pod goes away, so the valid policy renders no rule for it.
     pods.delete("checkout-1", &DeleteParams::default()).await.unwrap();
@@ -411,7 +437,7 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     let leader_is_first = leaders[0] == admins[0];
     let (lead_admin, standby_admin) = if leader_is_first { (&admins[0], &admins[1]) } else { (&admins[1], &admins[0]) };
     let body = reqwest_get(lead_admin, "/metrics").await;
-    assert!(body.contains("tunnelgate_operator_policies{state=\"rejected\"} 1"), "{body}");
+    assert!(body.contains("tunnelgate_operator_policies{state=\"rejected\"} 2"), "broken and newer: {body}");
     assert!(!body.contains("tunnelgate_operator_config_writes_total{result=\"applied\"} 0"), "{body}");
     let standby = reqwest_get(standby_admin, "/metrics").await;
     assert!(

@@ -292,7 +292,8 @@ async fn reconcile(
     state: &mut LoopState,
 ) -> Result<(), Error> {
     let ns = &s.namespace;
-    let policies = c.policies.state();
+    let all_policies = c.policies.state();
+    let policies: Vec<Arc<TunnelPolicy>> = all_policies.iter().filter_map(|l| l.read.as_ref().ok().cloned()).collect();
     let pods: Vec<PodIn> = c.pods.state().iter().map(|p| pod_in(p)).collect();
     let base_cm = c.base.get(&ObjectRef::new(&s.base_name()).within(ns));
     let base = base_cm.as_ref().and_then(|cm| cm.data.as_ref()?.get("config.yaml").cloned());
@@ -383,7 +384,9 @@ async fn reconcile(
             spec: &p.spec,
         })
         .collect();
-    let cluster_policies = c.cluster_policies.state();
+    let all_cluster_policies = c.cluster_policies.state();
+    let cluster_policies: Vec<Arc<ClusterTunnelPolicy>> =
+        all_cluster_policies.iter().filter_map(|l| l.read.as_ref().ok().cloned()).collect();
     let namespaces = c.namespaces.state();
     let cluster = Cluster {
         policies: cluster_policies
@@ -530,6 +533,36 @@ async fn reconcile(
         live.insert(key.clone());
         let note = format!("the proxy on node {} cannot load the latest configuration (reason: {reason}); it keeps enforcing the previous one", ep.node);
         warn_once(recorder, state, key, &pod.object_ref(&()), "ReloadFailing", note).await;
+    }
+    // Objects that do not deserialize: told once per generation, by status and event.
+    let unreadable = all_policies
+        .iter()
+        .filter_map(|l| Some((l.read.as_ref().err()?, l.meta_data(), l.object_ref(&()), true)))
+        .chain(
+            all_cluster_policies
+                .iter()
+                .filter_map(|l| Some((l.read.as_ref().err()?, l.meta_data(), l.object_ref(&()), false))),
+        );
+    for (why, meta, reference, namespaced) in unreadable {
+        rejected += 1;
+        let key = format!(
+            "unreadable/{}/{}/{}",
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default(),
+            meta.generation.unwrap_or(0)
+        );
+        live.insert(key.clone());
+        if state.warned.contains_key(&key) {
+            continue;
+        }
+        let note = format!(
+            "cannot read {}: {}; the policy is ignored until it is fixed (a value from a newer CRD than this operator's?)",
+            why.path, why.message
+        );
+        if status_error.is_none() {
+            status_error = apply::write_unreadable_status(client, meta, namespaced, &note, &now).await.err();
+        }
+        warn_once(recorder, state, key, &reference, "Unreadable", note).await;
     }
     state.warned.retain(|k, _| live.contains(k));
     state.dry_run_events.retain(|k| dry_run_live.contains(k));

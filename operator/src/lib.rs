@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod controller;
 pub mod crd;
+pub mod lenient;
 pub mod metrics;
 pub mod plugin;
 pub mod render;

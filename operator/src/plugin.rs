@@ -11,6 +11,7 @@ use proxy_config::{Authority, Decision, Host, PreDecision, ProxyConfig};
 use serde::Deserialize;
 
 use crate::crd::{ClusterTunnelPolicy, ClusterTunnelPolicySpec, TunnelPolicy, TunnelPolicySpec};
+use crate::lenient::{Lenient, Unreadable};
 use crate::validate::{validate, validate_cluster};
 
 /// Exit code for invalid input (as `tunnelgate-proxy check`).
@@ -318,11 +319,13 @@ pub async fn resolve_here(target: &str) -> Result<Vec<IpAddr>, String> {
 async fn rollout_of(client: &Client, rule: &str) -> Result<Option<String>, PluginError> {
     let status = if let Some(rest) = rule.strip_prefix("cluster:") {
         let name = rest.split('/').next().unwrap_or(rest);
-        Api::<ClusterTunnelPolicy>::all(client.clone()).get_opt(name).await?.and_then(|p| p.status)
+        let p = Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone()).get_opt(name).await?;
+        p.and_then(|p| p.read.ok()).and_then(|p| p.status.clone())
     } else {
         let mut parts = rule.split('/');
         let (Some(ns), Some(name)) = (parts.next(), parts.next()) else { return Ok(None) };
-        Api::<TunnelPolicy>::namespaced(client.clone(), ns).get_opt(name).await?.and_then(|p| p.status)
+        let p = Api::<Lenient<TunnelPolicy>>::namespaced(client.clone(), ns).get_opt(name).await?;
+        p.and_then(|p| p.read.ok()).and_then(|p| p.status.clone())
     };
     Ok(status.and_then(|s| s.loaded))
 }
@@ -404,21 +407,47 @@ pub async fn status(
         };
         st.proxies.push(ProxyStatus { pod: name, node, render, last_reload });
     }
-    for p in Api::<TunnelPolicy>::all(client.clone()).list(&Default::default()).await?.items {
-        if let Some(reason) = not_enforced(p.status.as_ref()) {
-            let policy =
-                format!("{}/{}", p.metadata.namespace.unwrap_or_default(), p.metadata.name.unwrap_or_default());
+    // Read leniently: one policy this version cannot read is listed, not fatal.
+    for p in Api::<Lenient<TunnelPolicy>>::all(client.clone()).list(&Default::default()).await?.items {
+        let m = p.meta_data();
+        let policy =
+            format!("{}/{}", m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default());
+        if let Some(reason) = unreadable_or_not_enforced(&p.read) {
             st.not_enforced.push(NotEnforced { policy, reason });
         }
     }
-    for p in Api::<ClusterTunnelPolicy>::all(client.clone()).list(&Default::default()).await?.items {
-        if let Some(reason) = not_enforced(p.status.as_ref()) {
-            st.not_enforced
-                .push(NotEnforced { policy: format!("cluster:{}", p.metadata.name.unwrap_or_default()), reason });
+    for p in Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone()).list(&Default::default()).await?.items {
+        let policy = format!("cluster:{}", p.meta_data().name.as_deref().unwrap_or_default());
+        if let Some(reason) = unreadable_or_not_enforced(&p.read) {
+            st.not_enforced.push(NotEnforced { policy, reason });
         }
     }
     let code = i32::from(!st.not_enforced.is_empty());
     Ok((code, render(output, &st, RolloutStatus::table)))
+}
+
+fn unreadable_or_not_enforced<K: HasStatus>(read: &Result<std::sync::Arc<K>, Unreadable>) -> Option<String> {
+    match read {
+        Ok(p) => not_enforced(p.policy_status()),
+        Err(why) => Some(format!("Unreadable: {}: {}", why.path, why.message)),
+    }
+}
+
+/// Both policy kinds share one status type.
+trait HasStatus {
+    fn policy_status(&self) -> Option<&crate::crd::TunnelPolicyStatus>;
+}
+
+impl HasStatus for TunnelPolicy {
+    fn policy_status(&self) -> Option<&crate::crd::TunnelPolicyStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl HasStatus for ClusterTunnelPolicy {
+    fn policy_status(&self) -> Option<&crate::crd::TunnelPolicyStatus> {
+        self.status.as_ref()
+    }
 }
 
 fn not_enforced(status: Option<&crate::crd::TunnelPolicyStatus>) -> Option<String> {

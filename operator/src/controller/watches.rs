@@ -17,12 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
+use crate::lenient::Lenient;
 use crate::render::PodIn;
 
 /// The caches the reconcile reads.
 pub(super) struct Caches {
-    pub(super) policies: Store<TunnelPolicy>,
-    pub(super) cluster_policies: Store<ClusterTunnelPolicy>,
+    /// Read leniently: one object that does not deserialize must not stall the watch.
+    pub(super) policies: Store<Lenient<TunnelPolicy>>,
+    pub(super) cluster_policies: Store<Lenient<ClusterTunnelPolicy>>,
     pub(super) namespaces: Store<Namespace>,
     pub(super) nodes: Store<Node>,
     /// The `kubernetes` Service and its EndpointSlices in `default`: the API server's addresses.
@@ -44,9 +46,10 @@ pub(super) async fn start(
     shutdown: CancellationToken,
 ) -> Caches {
     let client = client.clone();
-    let (policies, policy_changes) = cache(Api::<TunnelPolicy>::all(client.clone()), watcher::Config::default(), keep);
+    let (policies, policy_changes) =
+        cache(Api::<Lenient<TunnelPolicy>>::all(client.clone()), watcher::Config::default(), keep);
     let (cluster_policies, cluster_policy_changes) =
-        cache(Api::<ClusterTunnelPolicy>::all(client.clone()), watcher::Config::default(), keep);
+        cache(Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone()), watcher::Config::default(), keep);
     let (namespaces, namespace_changes) =
         cache(Api::<Namespace>::all(client.clone()), watcher::Config::default(), slim_namespace);
     let (nodes, node_changes) = cache(Api::<Node>::all(client.clone()), watcher::Config::default(), slim_node);
