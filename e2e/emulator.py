@@ -168,9 +168,17 @@ class Shim(kmock.KubernetesEmulator):
         self.log: list = []  # (rv, (group, version, plural), type, object)
         self.changed = asyncio.Condition()
         self.owners: dict = {}  # object key -> {field path: field manager}
+        # Writes by (verb, plural, subresource), for the propagation benchmark's "status writes
+        # per change": GET /_emulator/stats.
+        self.writes: dict = {}
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         raw = request._raw_request
+        # kmock keeps every request for assertions this shim never makes; at benchmark scale
+        # (tens of thousands of writes) that history only costs memory and time.
+        self._requests.clear()
+        if raw.path == "/_emulator/stats":
+            return aiohttp.web.json_response({"/".join(k): v for k, v in sorted(self.writes.items())})
         if raw.path.rstrip("/") == "/apis/networking.k8s.io/v1":
             # Discovery, as a Kubernetes 1.33+ API server answers it (ServiceCIDR is GA there).
             return aiohttp.web.json_response({
@@ -184,6 +192,9 @@ class Shim(kmock.KubernetesEmulator):
         ns, name, subresource, data = request.namespace, request.name, request.subresource, request.data
         method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
         params = dict(request.params)
+        if method in ("POST", "PATCH", "PUT", "DELETE"):
+            k = (method, res[2], subresource or "")
+            self.writes[k] = self.writes.get(k, 0) + 1
         try:
             if method == "GET" and name is None:
                 if params.get("watch") in ("true", "1"):
