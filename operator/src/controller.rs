@@ -25,9 +25,11 @@ use crate::status::{self, NotInForce};
 mod apply;
 mod dryrun;
 mod rollout;
+mod status_writer;
 mod watches;
 
-use apply::{apply, write_cluster_status, write_status};
+use apply::apply;
+use status_writer::{StatusWriter, Target};
 use watches::{cluster_networks, pod_in, proxy_endpoints, wait_synced, Caches};
 
 /// Field manager of every write (server-side apply).
@@ -46,9 +48,6 @@ pub enum Error {
     Render(#[from] RenderError),
     #[error("cannot apply {0}")]
     Apply(String, #[source] kube::Error),
-    /// Status writes stopped at the first failure (the rest wait for the retry).
-    #[error("cannot write policy status")]
-    Status(#[source] kube::Error),
 }
 
 impl Error {
@@ -59,7 +58,6 @@ impl Error {
             Error::Render(RenderError::TooLarge { .. }) => "too_large",
             Error::Render(_) => "render",
             Error::Apply(..) => "apply",
-            Error::Status(_) => "status",
         }
     }
 
@@ -69,7 +67,6 @@ impl Error {
             Error::Render(RenderError::TooLarge { .. }) => "TooLarge",
             Error::Render(_) => "RenderFailed",
             Error::Apply(..) => "ApplyFailed",
-            Error::Status(_) => "StatusFailed",
         };
         NotInForce { reason, message: crate::error_chain(self) }
     }
@@ -90,6 +87,8 @@ pub struct Settings {
     pub debounce_max: Duration,
     /// The proxies' admin port, for the rollout view (`None`: not reported).
     pub proxy_admin_port: Option<u16>,
+    /// Policy status writes per second at most (the status writer's pace).
+    pub status_writes_per_second: u32,
     /// At most one dry-run event per policy per this interval.
     pub dry_run_event_interval: Duration,
     /// The proxy pods' `app.kubernetes.io/instance` label (Helm's release name, which differs
@@ -131,6 +130,8 @@ pub async fn run(
     }
     ready.store(true, Ordering::Relaxed);
     info!("caches synced");
+    let statuses =
+        StatusWriter::spawn(client.clone(), metrics.clone(), settings.status_writes_per_second, shutdown.clone());
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: MANAGER.into(), instance: Some(settings.identity.clone()) },
@@ -164,7 +165,7 @@ pub async fn run(
             continue;
         }
         let timer = metrics.reconcile_duration.start_timer();
-        let result = reconcile(&client, &settings, &caches, &metrics, &recorder, &mut state).await;
+        let result = reconcile(&client, &settings, &caches, &metrics, &recorder, &statuses, &mut state).await;
         timer.observe_duration();
         match result {
             Ok(()) => metrics.reconciles.with_label_values(&["success"]).inc(),
@@ -275,10 +276,13 @@ impl Policy<'_> {
         }
     }
 
-    async fn write_status(&self, client: &Client, status: &crate::crd::TunnelPolicyStatus) -> Result<(), kube::Error> {
+    fn target(&self) -> Target {
         match self {
-            Policy::Namespaced(p) => write_status(client, p, status).await,
-            Policy::Cluster(p) => write_cluster_status(client, p, status).await,
+            Policy::Namespaced(p) => Target::Namespaced {
+                namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                name: p.metadata.name.clone().unwrap_or_default(),
+            },
+            Policy::Cluster(p) => Target::Cluster { name: p.metadata.name.clone().unwrap_or_default() },
         }
     }
 }
@@ -289,6 +293,7 @@ async fn reconcile(
     c: &Caches,
     metrics: &Metrics,
     recorder: &Recorder,
+    statuses: &StatusWriter,
     state: &mut LoopState,
 ) -> Result<(), Error> {
     let ns = &s.namespace;
@@ -484,9 +489,6 @@ async fn reconcile(
     // Warnings remembered for objects that are gone or fixed are forgotten, so the map stays bounded.
     let mut live: std::collections::HashSet<String> =
         state.warned.keys().filter(|k| k.starts_with("secret/")).cloned().collect();
-    // The first failed status write stops the others (an API outage gives one error, not one per
-    // policy); the loop retries with backoff.
-    let mut status_error: Option<kube::Error> = None;
     let mut dry_run_live = std::collections::HashSet::new();
     for o in &outcomes {
         let Some(p) = policy_of(o) else { continue };
@@ -514,8 +516,12 @@ async fn reconcile(
             }
         }
         let desired = status::desired(o, generation, &s.config_name(), in_force, current, rollout.as_ref(), &now);
-        if current != Some(&desired) && status_error.is_none() {
-            status_error = p.write_status(client, &desired).await.err();
+        // Written by the status writer, off the render path (a burst of statuses must not delay
+        // the next render).
+        if current != Some(&desired) {
+            if let Ok(v) = serde_json::to_value(&desired) {
+                statuses.want(p.target(), v);
+            }
         }
         if let Err(errs) = &o.result {
             let note = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
@@ -559,17 +565,20 @@ async fn reconcile(
             "cannot read {}: {}; the policy is ignored until it is fixed (a value from a newer CRD than this operator's?)",
             why.path, why.message
         );
-        if status_error.is_none() {
-            status_error = apply::write_unreadable_status(client, meta, namespaced, &note, &now).await.err();
-        }
+        let name = meta.name.clone().unwrap_or_default();
+        let target = match (namespaced, &meta.namespace) {
+            (true, Some(ns)) => Target::Namespaced { namespace: ns.clone(), name },
+            _ => Target::Cluster { name },
+        };
+        statuses.want(target, status::unreadable(meta.generation, &note, &now));
         warn_once(recorder, state, key, &reference, "Unreadable", note).await;
     }
     state.warned.retain(|k, _| live.contains(k));
     state.dry_run_events.retain(|k| dry_run_live.contains(k));
     metrics.policies.with_label_values(&["accepted"]).set(accepted);
     metrics.policies.with_label_values(&["rejected"]).set(rejected);
-    applied?;
-    status_error.map_or(Ok(()), |e| Err(Error::Status(e)))
+    metrics.status_pending.set(i64::try_from(statuses.pending()).unwrap_or(i64::MAX));
+    applied.map(|_| ())
 }
 
 #[cfg(test)]

@@ -29,6 +29,10 @@ struct Args {
     /// Release name: reads `<release>-base`, writes `<release>-proxy` and `<release>-proxy-tls`.
     #[arg(long, env = "TUNNELGATE_RELEASE", default_value = "tunnelgate")]
     release: String,
+    /// Policy status writes per second at most: a burst (a start, a change that touches every
+    /// policy) is spread out instead of flooding the API server, and never delays rendering.
+    #[arg(long, default_value_t = 100)]
+    status_writes_per_second: u32,
     /// At most one Normal event per dry-run policy per this interval, with what its rules would
     /// have denied and allowed since the previous one.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
@@ -145,6 +149,7 @@ async fn run(args: Args) -> i32 {
         debounce_max: args.debounce_max.max(args.debounce),
         proxy_admin_port: args.proxy_admin_port,
         dry_run_event_interval: args.dry_run_event_interval,
+        status_writes_per_second: args.status_writes_per_second,
         proxy_instance: args.proxy_instance.unwrap_or_else(|| args.release.clone()),
         identity,
     };

@@ -18,6 +18,10 @@ pub struct Metrics {
     /// The render number of the configuration this replica last wrote or found in force (0 on a
     /// standby replica): a proxy whose `tunnelgate_config_render` is lower is behind.
     pub render: IntGauge,
+    /// Policy status writes by `result` = success | failure.
+    pub status_writes: IntCounterVec,
+    /// Policy statuses waiting for the status writer.
+    pub status_pending: IntGauge,
     /// Proxies of the release by `state` = current (the latest render) | behind | failing.
     pub proxies: IntGaugeVec,
 }
@@ -50,6 +54,14 @@ impl Metrics {
                 "tunnelgate_operator_render",
                 "Render number of the proxy configuration in force (written by the leader)",
             )?,
+            status_writes: IntCounterVec::new(
+                Opts::new("tunnelgate_operator_status_writes_total", "Policy status writes by result"),
+                &["result"],
+            )?,
+            status_pending: IntGauge::new(
+                "tunnelgate_operator_status_writes_pending",
+                "Policy statuses waiting to be written",
+            )?,
             leader: IntGauge::new(
                 "tunnelgate_operator_leader",
                 "Whether this replica holds the Lease (1) or stands by (0)",
@@ -61,6 +73,8 @@ impl Metrics {
         r.register(Box::new(m.policies.clone()))?;
         r.register(Box::new(m.leader.clone()))?;
         r.register(Box::new(m.render.clone()))?;
+        r.register(Box::new(m.status_writes.clone()))?;
+        r.register(Box::new(m.status_pending.clone()))?;
         r.register(Box::new(m.proxies.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"),
@@ -76,6 +90,9 @@ impl Metrics {
         }
         for result in ["applied", "unchanged", "failed"] {
             m.config_writes.with_label_values(&[result]);
+        }
+        for result in ["success", "failure"] {
+            m.status_writes.with_label_values(&[result]);
         }
         for state in ["current", "behind", "failing"] {
             m.proxies.with_label_values(&[state]);

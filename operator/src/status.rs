@@ -74,6 +74,16 @@ fn enforced(r: &Rollout, generation: Option<i64>, old: &[Condition], now: &Time)
 }
 
 /// The desired status of a policy.
+/// The status of a policy that does not deserialize: not accepted, not rendered, and why (as
+/// JSON: the object has no typed status to start from).
+pub fn unreadable(generation: Option<i64>, message: &str, now: &Time) -> serde_json::Value {
+    let condition = |type_: &str| {
+        serde_json::json!({"type": type_, "status": "False", "reason": "Unreadable", "message": message,
+                           "observedGeneration": generation, "lastTransitionTime": now})
+    };
+    serde_json::json!({ "observedGeneration": generation, "conditions": [condition("Accepted"), condition("Ready")] })
+}
+
 pub fn desired(
     outcome: &PolicyOutcome,
     generation: Option<i64>,

@@ -1,5 +1,5 @@
-//! The operator's writes: the rendered ConfigMap and Secret (server-side apply, only when the
-//! hash changed) and policy statuses.
+//! The operator's writes of the rendered ConfigMap and Secret (server-side apply, only when the
+//! hash changed). Policy statuses go through the status writer.
 
 use std::collections::BTreeMap;
 
@@ -11,71 +11,8 @@ use serde_json::json;
 use tracing::info;
 
 use super::{Error, LoopState, Settings, HASH_ANNOTATION, MANAGER, RENDER_ANNOTATION};
-use crate::crd::{ClusterTunnelPolicy, TunnelPolicy, TunnelPolicyStatus};
-use crate::lenient::Lenient;
 use crate::metrics::Metrics;
 use crate::render;
-
-/// Writes a policy's status. A policy deleted meanwhile is not an error (the write raced the delete).
-pub(super) async fn write_status(
-    client: &Client,
-    p: &TunnelPolicy,
-    status: &TunnelPolicyStatus,
-) -> Result<(), kube::Error> {
-    let (Some(ns), Some(name)) = (p.metadata.namespace.as_deref(), p.metadata.name.as_deref()) else { return Ok(()) };
-    let api = Api::<TunnelPolicy>::namespaced(client.clone(), ns);
-    not_found_is_ok(api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await)
-}
-
-/// The status of a policy that does not deserialize: not accepted, not rendered, and why.
-pub(super) async fn write_unreadable_status(
-    client: &Client,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    namespaced: bool,
-    message: &str,
-    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
-) -> Result<(), kube::Error> {
-    let Some(name) = meta.name.as_deref() else { return Ok(()) };
-    let condition = |type_: &str, reason: &str| {
-        json!({"type": type_, "status": "False", "reason": reason, "message": message,
-               "observedGeneration": meta.generation, "lastTransitionTime": now})
-    };
-    let status = json!({ "status": {
-        "observedGeneration": meta.generation,
-        "conditions": [condition("Accepted", "Unreadable"), condition("Ready", "Unreadable")],
-    }});
-    let pp = PatchParams::default();
-    match (namespaced, meta.namespace.as_deref()) {
-        (true, Some(ns)) => {
-            // The answer is the object itself, which does not deserialize as a TunnelPolicy.
-            let api = Api::<Lenient<TunnelPolicy>>::namespaced(client.clone(), ns);
-            not_found_is_ok(api.patch_status(name, &pp, &Patch::Merge(status)).await)
-        }
-        (false, _) => {
-            let api = Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone());
-            not_found_is_ok(api.patch_status(name, &pp, &Patch::Merge(status)).await)
-        }
-        (true, None) => Ok(()),
-    }
-}
-
-fn not_found_is_ok<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-pub(super) async fn write_cluster_status(
-    client: &Client,
-    p: &ClusterTunnelPolicy,
-    status: &TunnelPolicyStatus,
-) -> Result<(), kube::Error> {
-    let Some(name) = p.metadata.name.as_deref() else { return Ok(()) };
-    let api = Api::<ClusterTunnelPolicy>::all(client.clone());
-    not_found_is_ok(api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await)
-}
 
 /// Server-side applies the Secret (first, so the files exist) and the ConfigMap when the hash changed.
 pub(super) async fn apply(

@@ -20,6 +20,7 @@ fn settings() -> Settings {
         proxy_admin_port: None,
         proxy_instance: "tunnelgate".into(),
         dry_run_event_interval: Duration::from_secs(300),
+        status_writes_per_second: 100,
         identity: "t".into(),
     }
 }

@@ -1,0 +1,206 @@
+//! The status writer: policy statuses leave the reconcile through a queue that keeps only the
+//! latest wanted status per policy and writes them at a bounded rate, so a burst (a start, or a
+//! change that touches every policy) never delays the next render, and an API outage costs one
+//! log line and a backoff, not an error per policy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
+use crate::lenient::Lenient;
+use crate::metrics::Metrics;
+
+/// Whose status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Target {
+    Namespaced { namespace: String, name: String },
+    Cluster { name: String },
+}
+
+impl Target {
+    /// The queue key (`ns/name`, `:name` for cluster policies).
+    fn key(&self) -> String {
+        match self {
+            Target::Namespaced { namespace, name } => format!("{namespace}/{name}"),
+            Target::Cluster { name } => format!(":{name}"),
+        }
+    }
+}
+
+/// Statuses waiting to be written, newest wins, and what was written lately.
+#[derive(Default)]
+struct Queue {
+    pending: BTreeMap<String, (Target, serde_json::Value)>,
+    /// What was written and when: the reflector lags a write by a moment, and a reconcile in that
+    /// moment would queue the same status again.
+    written: HashMap<String, (serde_json::Value, Instant)>,
+}
+
+/// How long a write suppresses the same status queued again.
+const ECHO_WINDOW: Duration = Duration::from_secs(5);
+/// Longest pause after failed writes.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The handle the reconcile queues statuses on.
+#[derive(Clone)]
+pub(super) struct StatusWriter {
+    queue: Arc<Mutex<Queue>>,
+    wake: Arc<Notify>,
+}
+
+impl StatusWriter {
+    /// Starts the writing task: at most `per_second` writes a second.
+    pub(super) fn spawn(
+        client: Client,
+        metrics: Metrics,
+        per_second: u32,
+        shutdown: CancellationToken,
+    ) -> StatusWriter {
+        let w = StatusWriter { queue: Arc::default(), wake: Arc::new(Notify::new()) };
+        let task = w.clone();
+        let spacing = Duration::from_secs(1) / per_second.max(1);
+        tokio::spawn(async move { task.run(client, metrics, spacing, shutdown).await });
+        w
+    }
+
+    /// Wants `status` (the whole `status` object) written for `target`; replaces a pending one.
+    pub(super) fn want(&self, target: Target, status: serde_json::Value) {
+        let key = target.key();
+        {
+            let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            if q.written.get(&key).is_some_and(|(s, at)| *s == status && at.elapsed() < ECHO_WINDOW) {
+                q.pending.remove(&key);
+                return;
+            }
+            q.pending.insert(key, (target, status));
+        }
+        self.wake.notify_one();
+    }
+
+    /// Statuses not yet written.
+    pub(super) fn pending(&self) -> usize {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).pending.len()
+    }
+
+    fn next(&self) -> Option<(String, Target, serde_json::Value)> {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = q.pending.keys().next()?.clone();
+        let (t, s) = q.pending.remove(&key)?;
+        Some((key, t, s))
+    }
+
+    async fn run(self, client: Client, metrics: Metrics, spacing: Duration, shutdown: CancellationToken) {
+        let mut backoff = Duration::ZERO;
+        loop {
+            let Some((key, target, status)) = self.next() else {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = self.wake.notified() => continue,
+                }
+            };
+            let started = Instant::now();
+            match write(&client, &target, &status).await {
+                Ok(()) => {
+                    metrics.status_writes.with_label_values(&["success"]).inc();
+                    if !backoff.is_zero() {
+                        info!("status writes resumed");
+                        backoff = Duration::ZERO;
+                    }
+                    let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                    q.written.retain(|_, (_, at)| at.elapsed() < ECHO_WINDOW);
+                    q.written.insert(key, (status, Instant::now()));
+                }
+                Err(e) => {
+                    metrics.status_writes.with_label_values(&["failure"]).inc();
+                    if backoff.is_zero() {
+                        // One line per outage; the rest wait for the API to answer again.
+                        warn!(error = %e, "status writes failing; retrying with backoff");
+                    }
+                    backoff = (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF);
+                    let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                    q.pending.entry(key).or_insert((target, status));
+                }
+            }
+            let pause = spacing.saturating_sub(started.elapsed()).max(backoff);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+/// A merge patch of the status subresource; a policy deleted meanwhile is not an error. The
+/// answer is read leniently: a policy that does not deserialize gets a status too.
+async fn write(client: &Client, target: &Target, status: &serde_json::Value) -> Result<(), kube::Error> {
+    let body = Patch::Merge(serde_json::json!({ "status": status }));
+    let pp = PatchParams::default();
+    let r = match target {
+        Target::Namespaced { namespace, name } => Api::<Lenient<TunnelPolicy>>::namespaced(client.clone(), namespace)
+            .patch_status(name, &pp, &body)
+            .await
+            .map(|_| ()),
+        Target::Cluster { name } => {
+            Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone()).patch_status(name, &pp, &body).await.map(|_| ())
+        }
+    };
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use prometheus::Registry;
+    use serde_json::json;
+
+    #[tokio::test(start_paused = true)]
+    async fn newest_status_wins_failures_back_off_and_an_echo_is_not_rewritten() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        let stop = CancellationToken::new();
+        let w = StatusWriter::spawn(Client::new(svc, "default"), metrics.clone(), 100, stop.clone());
+        let p = || Target::Namespaced { namespace: "a".into(), name: "p".into() };
+        // Three statuses before the writer runs: one write, the newest.
+        for n in 1..=3 {
+            w.want(p(), json!({"observedGeneration": n}));
+        }
+        let path = "/apis/tunnelgate.io/v1alpha1/namespaces/a/tunnelpolicies/p/status";
+        let mut bodies = Vec::new();
+        for code in [500u16, 200] {
+            let (req, send) = handle.next_request().await.expect("a status write");
+            assert_eq!(req.uri().path(), path);
+            let body = req.into_body().collect_bytes().await.unwrap();
+            bodies.push(serde_json::from_slice::<serde_json::Value>(&body).unwrap());
+            let reply = if code == 500 {
+                json!({"kind": "Status", "code": 500, "status": "Failure", "reason": "InternalError", "message": "boom"})
+            } else {
+                json!({"apiVersion": "tunnelgate.io/v1alpha1", "kind": "TunnelPolicy", "metadata": {"name": "p", "namespace": "a"}})
+            };
+            send.send_response(Response::builder().status(code).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+        }
+        assert_eq!(bodies, vec![json!({"status": {"observedGeneration": 3}}); 2], "the newest, retried after the failure");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(metrics.status_writes.with_label_values(&["failure"]).get(), 1);
+        assert_eq!(metrics.status_writes.with_label_values(&["success"]).get(), 1);
+        // The reflector has not caught up yet and the reconcile asks again: nothing is written.
+        w.want(p(), json!({"observedGeneration": 3}));
+        assert_eq!(w.pending(), 0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.cancel();
+        assert_eq!(metrics.status_writes.with_label_values(&["success"]).get(), 1);
+    }
+}
