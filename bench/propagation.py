@@ -227,6 +227,14 @@ async def main():
 
         await until("first render in force", 120, proxy_up, every=0.2)
         first_s = time.monotonic() - t1
+
+        # Steady state before the trials: the first statuses of every policy written.
+        async def settled():
+            a = await api.call("GET", "/_emulator/stats")
+            await asyncio.sleep(1.0)
+            return a == await api.call("GET", "/_emulator/stats")
+
+        await until("initial status writes done", 120, settled, every=0.1)
         loop = asyncio.get_running_loop()
         status_of = lambda ip: loop.run_in_executor(None, connect_status, ip, p_port, target)
 

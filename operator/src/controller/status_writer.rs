@@ -190,9 +190,15 @@ mod tests {
             } else {
                 json!({"apiVersion": "tunnelgate.io/v1alpha1", "kind": "TunnelPolicy", "metadata": {"name": "p", "namespace": "a"}})
             };
-            send.send_response(Response::builder().status(code).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+            send.send_response(
+                Response::builder().status(code).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+            );
         }
-        assert_eq!(bodies, vec![json!({"status": {"observedGeneration": 3}}); 2], "the newest, retried after the failure");
+        assert_eq!(
+            bodies,
+            vec![json!({"status": {"observedGeneration": 3}}); 2],
+            "the newest, retried after the failure"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(metrics.status_writes.with_label_values(&["failure"]).get(), 1);
         assert_eq!(metrics.status_writes.with_label_values(&["success"]).get(), 1);
