@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use kube::core::SelectorExt;
+use proxy_config::raw::RawRule;
 use proxy_config::{ConfigErrors, ProxyConfig};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -13,7 +14,7 @@ use sha2::{Digest, Sha256};
 use kube::core::Selector;
 
 use crate::crd::{ClusterTunnelPolicySpec, TunnelPolicySpec, DEFAULT_PRIORITY};
-use crate::validate::{validate, validate_cluster, FieldError, ValidPolicy};
+use crate::validate::{validate, validate_cluster, FieldError, ValidDestination, ValidPolicy};
 
 /// Largest rendered document written (a ConfigMap holds at most 1 MiB in all).
 pub const MAX_CONFIG_BYTES: usize = 900 * 1024;
@@ -183,14 +184,13 @@ fn restricted_cidrs(
     namespace: &str,
     labels: &BTreeMap<String, String>,
     grants: &[Grant],
-    destination: &Map<String, Value>,
+    destination: &ValidDestination,
 ) -> Vec<String> {
-    let Some(cidrs) = destination.get("cidrs").and_then(Value::as_array) else { return Vec::new() };
+    let Some(cidrs) = &destination.cidrs else { return Vec::new() };
     cidrs
         .iter()
         .enumerate()
-        .filter_map(|(j, c)| {
-            let text = c.as_str()?;
+        .filter_map(|(j, text)| {
             let net = parse_net(text)?;
             let restricted =
                 proxy_config::addr::entirely_refused(&net) && !grants.iter().any(|g| g.covers(namespace, labels, &net));
@@ -267,7 +267,7 @@ fn clients_of<'p>(pods: impl Iterator<Item = &'p PodIn>, selects: impl Fn(&PodIn
 
 /// One rule per rendered destination, named `<prefix>` or `<prefix>/<index>`.
 fn push_rules(
-    rules: &mut Vec<Value>,
+    rules: &mut Vec<RawRule>,
     prefix: &str,
     v: &ValidPolicy,
     ips: &[IpAddr],
@@ -279,25 +279,26 @@ fn push_rules(
     if ips.is_empty() {
         return names;
     }
-    let clients: Vec<Value> = ips.iter().map(|ip| Value::String(ip.to_string())).collect();
+    let clients: Vec<String> = ips.iter().map(ToString::to_string).collect();
     let many = v.destinations.len() > 1;
     for (i, d) in v.destinations.iter().enumerate() {
         if skip.contains(&i) {
             continue;
         }
         let name = if many { format!("{prefix}/{i}") } else { prefix.to_owned() };
-        let mut rule = Map::new();
-        rule.insert("name".into(), Value::String(name.clone()));
-        rule.insert("action".into(), Value::String(v.action.into()));
-        rule.insert("clients".into(), Value::Array(clients.clone()));
-        if let Some(p) = priority {
-            rule.insert("priority".into(), json!(p));
-        }
-        if v.dry_run {
-            rule.insert("dryRun".into(), json!(true));
-        }
-        rule.extend(d.clone());
-        rules.push(Value::Object(rule));
+        rules.push(RawRule {
+            name: name.clone(),
+            action: v.action.into(),
+            clients: Some(clients.clone()),
+            users: None,
+            hosts: d.hosts.clone(),
+            host_regex: None,
+            cidrs: d.cidrs.clone(),
+            ports: d.ports.clone(),
+            relay: d.relay.clone(),
+            priority,
+            dry_run: v.dry_run.then_some(true),
+        });
         names.push(name);
     }
     names
@@ -329,9 +330,9 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                 let cidrs = v
                     .destinations
                     .iter()
-                    .filter_map(|d| d.get("cidrs").and_then(Value::as_array))
+                    .filter_map(|d| d.cidrs.as_ref())
                     .flatten()
-                    .filter_map(|c| parse_net(c.as_str()?))
+                    .filter_map(|c| parse_net(c))
                     .collect();
                 grants.push(Grant { namespaces: GrantScope::Selector(namespaces.clone()), cidrs });
                 let scope = input.cluster.namespace_names().filter(|ns| in_scope(ns)).count();
@@ -395,7 +396,7 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
 }
 
 /// The document: `doc` (the base without its grants) with the rules, TLS files and users.
-fn document(input: &Input<'_>, mut doc: Map<String, Value>, rules: Vec<Value>) -> Result<Rendered, RenderError> {
+fn document(input: &Input<'_>, mut doc: Map<String, Value>, rules: Vec<RawRule>) -> Result<Rendered, RenderError> {
     let mut tls_data = BTreeMap::new();
     let mut annotations = BTreeMap::new();
     if let Some(ls) = doc.get_mut("listeners").and_then(Value::as_array_mut) {
@@ -458,7 +459,8 @@ fn document(input: &Input<'_>, mut doc: Map<String, Value>, rules: Vec<Value>) -
         list.extend(unparsed);
         policy.insert("clusterNetworks".into(), Value::Array(list));
     }
-    policy.insert("rules".into(), Value::Array(rules));
+    // The rules are typed values; the base around them is the user's document, passed through.
+    policy.insert("rules".into(), serde_json::to_value(&rules).map_err(|e| RenderError::Base(e.to_string()))?);
     let mut config =
         String::from("# Rendered by tunnelgate-operator from the base ConfigMap and TunnelPolicies. Do not edit.\n");
     config.push_str(&serde_yaml::to_string(&Value::Object(doc)).map_err(|e| RenderError::Base(e.to_string()))?);

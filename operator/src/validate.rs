@@ -5,8 +5,8 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::Selector;
+use proxy_config::raw::{RawPort, RawRuleRelay};
 use proxy_config::HostPattern;
-use serde_json::{json, Map, Value};
 
 use crate::crd::{
     ClusterTunnelPolicySpec, PolicyAction, TunnelPolicySpec, DEFAULT_PRIORITY, MAX_CIDRS, MAX_DESTINATIONS, MAX_HOSTS,
@@ -32,12 +32,21 @@ impl fmt::Display for FieldError {
 pub struct ValidPolicy {
     pub selector: Selector,
     pub action: &'static str,
-    /// One JSON object per destination: hosts, cidrs, ports, relay (normalized).
-    pub destinations: Vec<Map<String, Value>>,
+    /// The destinations, normalized, in the proxy's wire types.
+    pub destinations: Vec<ValidDestination>,
     /// For `kubectl get`: `api.github.com:443, 203.0.113.0/24:5432`.
     pub summary: String,
     /// `enforcement: DryRun`: the rules are rendered with `dryRun: true`.
     pub dry_run: bool,
+}
+
+/// One destination as the proxy's rules carry it (host patterns and CIDRs in canonical text).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ValidDestination {
+    pub hosts: Option<Vec<String>>,
+    pub cidrs: Option<Vec<String>>,
+    pub ports: Option<Vec<RawPort>>,
+    pub relay: Option<RawRuleRelay>,
 }
 
 /// Validates `spec`; every problem found is returned, not just the first.
@@ -68,12 +77,12 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
         too_many(format!("{p}.cidrs"), d.cidrs.as_ref().map_or(0, Vec::len), MAX_CIDRS);
         too_many(format!("{p}.ports"), d.ports.as_ref().map_or(0, Vec::len), MAX_PORTS);
     }
-    let relay = relay_json(spec, &mut err);
+    let relay = relay_of(spec, &mut err);
     let mut destinations = Vec::new();
     let mut summary = Vec::new();
     for (i, d) in spec.destinations.iter().enumerate() {
         let p = format!("spec.destinations[{i}]");
-        let mut rule = Map::new();
+        let mut rule = ValidDestination::default();
         let mut names = Vec::new();
         if d.hosts.is_none() && d.cidrs.is_none() {
             err(p.clone(), "a destination needs hosts or cidrs".into());
@@ -85,12 +94,12 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
             let mut out = Vec::new();
             for (j, h) in hosts.iter().enumerate() {
                 match h.parse::<HostPattern>() {
-                    Ok(pat) => out.push(Value::String(pat.to_string())),
+                    Ok(pat) => out.push(pat.to_string()),
                     Err(e) => err(format!("{p}.hosts[{j}]"), format!("{h:?}: {e}")),
                 }
             }
-            names.extend(out.iter().filter_map(|v| v.as_str().map(str::to_owned)));
-            rule.insert("hosts".into(), Value::Array(out));
+            names.extend(out.iter().cloned());
+            rule.hosts = Some(out);
         }
         if let Some(cidrs) = &d.cidrs {
             if cidrs.is_empty() {
@@ -99,12 +108,12 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
             let mut out = Vec::new();
             for (j, c) in cidrs.iter().enumerate() {
                 match parse_cidr(c) {
-                    Ok(n) => out.push(Value::String(n)),
+                    Ok(n) => out.push(n),
                     Err(e) => err(format!("{p}.cidrs[{j}]"), e),
                 }
             }
-            names.extend(out.iter().filter_map(|v| v.as_str().map(str::to_owned)));
-            rule.insert("cidrs".into(), Value::Array(out));
+            names.extend(out.iter().cloned());
+            rule.cidrs = Some(out);
         }
         let mut port_text = String::new();
         if let Some(ports) = &d.ports {
@@ -118,12 +127,17 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
                     Err(e) => err(format!("{p}.ports[{j}]"), e),
                 }
             }
-            port_text = out.iter().map(|v| v.to_string().trim_matches('"').to_owned()).collect::<Vec<_>>().join(",");
-            rule.insert("ports".into(), Value::Array(out));
+            port_text = out
+                .iter()
+                .map(|v| match v {
+                    RawPort::Number(n) => n.to_string(),
+                    RawPort::Text(t) => t.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            rule.ports = Some(out);
         }
-        if let Some(r) = &relay {
-            rule.insert("relay".into(), r.clone());
-        }
+        rule.relay.clone_from(&relay);
         for n in names {
             summary.push(if port_text.is_empty() { n } else { format!("{n}:{port_text}") });
         }
@@ -189,35 +203,34 @@ fn summarize(items: &[String]) -> String {
     s
 }
 
-fn relay_json(spec: &TunnelPolicySpec, err: &mut impl FnMut(String, String)) -> Option<Value> {
+fn relay_of(spec: &TunnelPolicySpec, err: &mut impl FnMut(String, String)) -> Option<RawRuleRelay> {
     let r = spec.relay.as_ref()?;
-    let mut m = Map::new();
-    for (field, v) in [("idleTimeout", &r.idle_timeout), ("maxLifetime", &r.max_lifetime)] {
+    let mut out = RawRuleRelay::default();
+    for (field, v, slot) in [
+        ("idleTimeout", &r.idle_timeout, &mut out.idle_timeout),
+        ("maxLifetime", &r.max_lifetime, &mut out.max_lifetime),
+    ] {
         if let Some(text) = v {
             match proxy_config::config::parse_duration(text) {
-                Ok(_) => {
-                    m.insert(field.into(), Value::String(text.clone()));
-                }
+                Ok(_) => *slot = Some(text.clone()),
                 Err(e) => err(format!("spec.relay.{field}"), e),
             }
         }
     }
-    for (field, v) in [
-        ("maxBytesPerSecond", r.max_bytes_per_second),
-        ("minBytesPerMinute", r.min_bytes_per_minute),
-        ("maxTotalBytes", r.max_total_bytes),
+    for (field, v, slot) in [
+        ("maxBytesPerSecond", r.max_bytes_per_second, &mut out.max_bytes_per_second),
+        ("minBytesPerMinute", r.min_bytes_per_minute, &mut out.min_bytes_per_minute),
+        ("maxTotalBytes", r.max_total_bytes, &mut out.max_total_bytes),
     ] {
         match v {
             Some(0) if field != "minBytesPerMinute" => {
                 err(format!("spec.relay.{field}"), "must be greater than 0".into())
             }
-            Some(n) => {
-                m.insert(field.into(), json!(n));
-            }
+            Some(n) => *slot = Some(n),
             None => {}
         }
     }
-    Some(Value::Object(m))
+    Some(out)
 }
 
 /// A CIDR with host bits clear (the proxy's own check), or a single address kept as written
@@ -229,10 +242,10 @@ fn parse_cidr(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_port(p: &IntOrString) -> Result<Value, String> {
+fn parse_port(p: &IntOrString) -> Result<RawPort, String> {
     match p {
         IntOrString::Int(n) => match u16::try_from(*n) {
-            Ok(port) if port > 0 => Ok(json!(port)),
+            Ok(port) if port > 0 => Ok(RawPort::Number(i64::from(port))),
             _ => Err(format!("{n} is not a port (1-65535)")),
         },
         IntOrString::String(s) => {
@@ -245,9 +258,9 @@ fn parse_port(p: &IntOrString) -> Result<Value, String> {
                     if one(a)? > one(b)? {
                         return Err(format!("range {s:?} is reversed"));
                     }
-                    Ok(Value::String(s.clone()))
+                    Ok(RawPort::Text(s.clone()))
                 }
-                None => Ok(json!(one(s)?)),
+                None => Ok(RawPort::Number(i64::from(one(s)?))),
             }
         }
     }

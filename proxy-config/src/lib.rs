@@ -20,7 +20,7 @@ pub mod config;
 pub mod error;
 pub mod host;
 pub mod policy;
-mod raw;
+pub mod raw;
 mod structure;
 pub mod tls;
 pub mod warnings;

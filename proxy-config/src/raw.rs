@@ -1,7 +1,8 @@
 //! The document exactly as written: serde types that reject unknown fields. Values are still
-//! text here; `config` turns them into types that cannot hold invalid values.
+//! text here; `config` turns them into types that cannot hold invalid values. The rule types are
+//! also the wire format the operator renders (serializable, so it builds typed values).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -120,38 +121,54 @@ pub(crate) struct RawPolicy {
     pub(crate) rules: Vec<RawRule>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One rule as written (`policy.rules[]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawRule {
-    pub(crate) name: String,
-    pub(crate) action: String,
-    pub(crate) clients: Option<Vec<String>>,
-    pub(crate) users: Option<Vec<String>>,
-    pub(crate) hosts: Option<Vec<String>>,
-    pub(crate) host_regex: Option<String>,
-    pub(crate) cidrs: Option<Vec<String>>,
-    pub(crate) ports: Option<Vec<RawPort>>,
-    pub(crate) relay: Option<RawRuleRelay>,
-    pub(crate) priority: Option<u32>,
-    pub(crate) dry_run: Option<bool>,
+pub struct RawRule {
+    pub name: String,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidrs: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<RawPort>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RawRuleRelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
 }
 
 /// A port is written as a number (`443`) or a range string (`"8000-8099"`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
-pub(crate) enum RawPort {
+pub enum RawPort {
     Number(i64),
     Text(String),
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// A rule's relay limits as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawRuleRelay {
-    pub(crate) idle_timeout: Option<String>,
-    pub(crate) max_lifetime: Option<String>,
-    pub(crate) max_bytes_per_second: Option<u64>,
-    pub(crate) min_bytes_per_minute: Option<u64>,
-    pub(crate) max_total_bytes: Option<u64>,
+pub struct RawRuleRelay {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes_per_second: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_bytes_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_total_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

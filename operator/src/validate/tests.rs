@@ -75,9 +75,10 @@ fn hosts_are_normalized_and_summarized() {
         },
     ]);
     let v = validate(&s).unwrap();
-    assert_eq!(v.destinations[0]["hosts"], json!(["allowed.test", "*.stripe.com"]));
-    assert_eq!(v.destinations[1]["cidrs"], json!(["203.0.113.0/24", "10.1.2.3"]));
-    assert_eq!(v.destinations[1]["ports"], json!(["8000-8099"]));
+    let strings = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_eq!(v.destinations[0].hosts, strings(&["allowed.test", "*.stripe.com"]));
+    assert_eq!(v.destinations[1].cidrs, strings(&["203.0.113.0/24", "10.1.2.3"]));
+    assert_eq!(v.destinations[1].ports, Some(vec![proxy_config::raw::RawPort::Text("8000-8099".into())]));
     assert_eq!(v.summary, "allowed.test:443, *.stripe.com:443, 203.0.113.0/24:8000-8099, 10.1.2.3:8000-8099");
 }
 
