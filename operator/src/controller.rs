@@ -1,9 +1,10 @@
 //! The reconcile loop: any change the watches ([`watches`]) see wakes one debounced,
-//! single-writer reconcile (leader only) that picks the usable TLS and htpasswd Secrets, renders,
-//! checks with the proxy's parser, writes through [`apply`] when the hash changed, and sets each
-//! policy's status and events.
+//! single-writer reconcile (leader only) that takes the usable Secrets ([`inputs`]), renders,
+//! checks with the proxy's parser, writes through [`apply`] when the hash changed, and queues each
+//! policy's status on the [`status_writer`]; rollout truth comes from [`rollout`], dry-run events
+//! from [`dryrun`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +19,12 @@ use tracing::{debug, info, warn};
 
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
 use crate::metrics::Metrics;
-use crate::render::{self, Cluster, ClusterPolicyIn, Input, PodIn, PolicyIn, RenderError, TlsIn};
-use crate::secrets::{htpasswd_from_secret, tls_from_secret};
+use crate::render::{self, Cluster, ClusterPolicyIn, Input, PodIn, PolicyIn, RenderError};
 use crate::status::{self, NotInForce};
 
 mod apply;
 mod dryrun;
+mod inputs;
 mod rollout;
 mod status_writer;
 mod watches;
@@ -303,83 +304,7 @@ async fn reconcile(
     let base_cm = c.base.get(&ObjectRef::new(&s.base_name()).within(ns));
     let base = base_cm.as_ref().and_then(|cm| cm.data.as_ref()?.get("config.yaml").cloned());
 
-    // TLS: validated Secrets; an invalid one falls back to what the proxy already has.
-    let mut tls: BTreeMap<String, TlsIn> = BTreeMap::new();
-    if let Some(base) = &base {
-        let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
-        for (_, listener, secret_name) in render::tls_refs(base).unwrap_or_default() {
-            let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
-            let result = match &secret {
-                Some(sec) => tls_from_secret(sec).map_err(|e| e.to_string()),
-                None => Err("not found".to_owned()),
-            };
-            match result {
-                Ok(t) => {
-                    state.warned.remove(&format!("secret/{secret_name}"));
-                    tls.insert(listener, t);
-                }
-                Err(msg) => {
-                    if let Some(sec) = &secret {
-                        let note = format!("TLS Secret for listener {listener} is invalid: {msg}; the previous certificate stays in use");
-                        warn_once(
-                            recorder,
-                            state,
-                            format!("secret/{secret_name}"),
-                            &sec.object_ref(&()),
-                            "InvalidSecret",
-                            note,
-                        )
-                        .await;
-                    }
-                    warn!(listener = %listener, secret = %secret_name, error = %msg, "TLS Secret unusable; keeping the previous certificate");
-                    let prev = previous.as_ref().and_then(|p| p.data.as_ref()).and_then(|d| {
-                        let crt = d.get(&format!("{listener}.crt"))?;
-                        let key = d.get(&format!("{listener}.key"))?;
-                        crate::secrets::tls_from_pem(&crt.0, &key.0).ok()
-                    });
-                    if let Some(p) = prev {
-                        tls.insert(listener, p);
-                    }
-                }
-            }
-        }
-    }
-
-    // Proxy users: a validated htpasswd Secret; an invalid one keeps the users the proxy has.
-    let mut htpasswd = None;
-    if let Some(secret_name) = base.as_deref().and_then(render::auth_ref) {
-        let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
-        match secret.as_ref().map(|sec| htpasswd_from_secret(sec)) {
-            Some(Ok(text)) => {
-                state.warned.remove(&format!("secret/{secret_name}"));
-                htpasswd = Some(text);
-            }
-            other => {
-                let msg = match other {
-                    Some(Err(e)) => e.to_string(),
-                    _ => "not found".to_owned(),
-                };
-                if let Some(sec) = &secret {
-                    let note = format!("htpasswd Secret is invalid: {msg}; the previous users stay in force");
-                    warn_once(
-                        recorder,
-                        state,
-                        format!("secret/{secret_name}"),
-                        &sec.object_ref(&()),
-                        "InvalidSecret",
-                        note,
-                    )
-                    .await;
-                }
-                warn!(secret = %secret_name, error = %msg, "htpasswd Secret unusable; keeping the previous users");
-                let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
-                htpasswd = previous
-                    .as_ref()
-                    .and_then(|p| p.data.as_ref()?.get("htpasswd"))
-                    .and_then(|b| String::from_utf8(b.0.clone()).ok());
-            }
-        }
-    }
+    let (tls, htpasswd) = inputs::secrets(c, s, base.as_deref(), recorder, state).await;
 
     let inputs: Vec<PolicyIn<'_>> = policies
         .iter()
