@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import aiohttp
@@ -184,6 +185,17 @@ async def main():
         echo.bind((ECHO_HOST, 0))
         echo.listen(1024)
         target = echo.getsockname()
+
+        def drain():
+            # Accept and close: an unaccepted backlog would fill up and stall the proxy's dials.
+            while True:
+                try:
+                    c, _ = echo.accept()
+                except OSError:
+                    return
+                c.close()
+
+        threading.Thread(target=drain, daemon=True).start()
         p_port, p_admin, o_admin = free_port(), free_port(), free_port()
         base = (f"version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{p_port}'}}]\nadmin: {{bind: '127.0.0.1:{p_admin}'}}\n"
                 f"addressGrants: [{{namespaces: ['*'], cidrs: ['{ECHO_HOST}/32']}}]\n"
@@ -249,7 +261,16 @@ async def main():
             async def ok():
                 return await status_of(ip) == want
 
-            await until(f"{ip} → {want}", 30, ok)
+            try:
+                await until(f"{ip} → {want}", 30, ok)
+            except RuntimeError:
+                cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/tunnelgate-proxy")
+                text = cm["data"]["config.yaml"]
+                in_force = await admin(p_admin, "/config")
+                print(f"diagnosis: ConfigMap render {cm['metadata']['annotations'].get('tunnelgate.io/render')}, "
+                      f"lists {ip}: {ip in text}; proxy /config: {in_force[:300]}; CONNECT now: {await status_of(ip)}",
+                      file=sys.stderr)
+                raise
             ms = (time.monotonic() - t) * 1e3
             await asyncio.sleep(0.6)  # let the reconcile's status writes land before counting
             s1 = await stats()
