@@ -971,7 +971,7 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         &base,
         "/unused",
         op_admin,
-        &["--proxy-admin-port", &port_arg, "--dry-run-event-interval", "1s"],
+        &["--proxy-admin-port", &port_arg, "--dry-run-event-interval", "1s", "--behind-warning-after", "1s"],
     )
     .await;
     let _proxy = spawn(
@@ -1034,6 +1034,18 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("proxy-a") && out.contains("node-b") && out.contains("payments/allow-echo: Stuck"), "{out}");
     system.delete("proxy-b", &DeleteParams::default()).await.unwrap();
+    // A proxy pod that never answers (nothing listens on its address) is behind, not failing:
+    // after the threshold (1 s here) a ProxyBehind event names its node, without any change.
+    system.create(&PostParams::default(), &proxy_pod("proxy-c", "node-c", "127.0.0.33")).await.unwrap();
+    until("ProxyBehind event on the silent proxy", 20, || async {
+        events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
+            e.reason.as_deref() == Some("ProxyBehind")
+                && e.note.as_deref().is_some_and(|n| n.contains("node-c"))
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("proxy-c")
+        })
+    })
+    .await;
+    system.delete("proxy-c", &DeleteParams::default()).await.unwrap();
     until("1/1, Loaded", 20, || async {
         let (loaded, c) = enforced().await;
         loaded.as_deref() == Some("1/1") && c.is_some_and(|c| c.0 == "True" && c.1 == "Loaded")

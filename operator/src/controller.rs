@@ -90,6 +90,8 @@ pub struct Settings {
     pub proxy_admin_port: Option<u16>,
     /// Policy status writes per second at most (the status writer's pace).
     pub status_writes_per_second: u32,
+    /// A proxy behind the latest render for this long gets a Warning event.
+    pub behind_warning_after: Duration,
     /// At most one dry-run event per policy per this interval.
     pub dry_run_event_interval: Duration,
     /// The proxy pods' `app.kubernetes.io/instance` label (Helm's release name, which differs
@@ -144,6 +146,8 @@ pub async fn run(
         proxies: settings.proxy_admin_port.map(|port| rollout::Proxies::new(port, wake.clone())),
         warned: HashMap::new(),
         dry_run_events: dryrun::DryRunEvents::new(settings.dry_run_event_interval),
+        laggards: rollout::Laggards::default(),
+        recheck: None,
     };
     metrics.leader.set(i64::from(*leader.borrow()));
     wake.notify_one();
@@ -168,6 +172,14 @@ pub async fn run(
         let timer = metrics.reconcile_duration.start_timer();
         let result = reconcile(&client, &settings, &caches, &metrics, &recorder, &statuses, &mut state).await;
         timer.observe_duration();
+        if let Some(after) = state.recheck.take() {
+            // Nothing may change while a proxy becomes overdue: look again then.
+            let w = wake.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                w.notify_one();
+            });
+        }
         match result {
             Ok(()) => metrics.reconciles.with_label_values(&["success"]).inc(),
             Err(e) => {
@@ -198,6 +210,10 @@ struct LoopState {
     warned: HashMap<String, String>,
     /// When each dry-run policy was last announced.
     dry_run_events: dryrun::DryRunEvents,
+    /// Proxies behind the latest render, and since when.
+    laggards: rollout::Laggards,
+    /// Look again after this long even without a change (a proxy may become overdue).
+    recheck: Option<Duration>,
 }
 
 async fn warn_once(
@@ -464,6 +480,25 @@ async fn reconcile(
         live.insert(key.clone());
         let note = format!("the proxy on node {} cannot load the latest configuration (reason: {reason}); it keeps enforcing the previous one", ep.node);
         warn_once(recorder, state, key, &pod.object_ref(&()), "ReloadFailing", note).await;
+    }
+    // A proxy that stays behind (no failure: it does not see the new ConfigMap, or does not
+    // answer) longer than the threshold gets a Warning event once per render.
+    if let Some(v) = &view {
+        let (overdue, next) =
+            state.laggards.update(state.render, v, tokio::time::Instant::now(), s.behind_warning_after);
+        state.recheck = next;
+        for ep in overdue {
+            let Some(pod) = c.pods.get(&ObjectRef::new(&ep.pod).within(ns)) else { continue };
+            let key = format!("proxy/{}/behind/{}", ep.pod, state.render);
+            live.insert(key.clone());
+            let note = format!(
+                "the proxy on node {} has not loaded render {} for over {}; it enforces an older configuration",
+                ep.node,
+                state.render,
+                humantime::format_duration(s.behind_warning_after)
+            );
+            warn_once(recorder, state, key, &pod.object_ref(&()), "ProxyBehind", note).await;
+        }
     }
     // Objects that do not deserialize: told once per generation, by status and event.
     let unreadable = all_policies

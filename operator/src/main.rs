@@ -29,6 +29,10 @@ struct Args {
     /// Release name: reads `<release>-base`, writes `<release>-proxy` and `<release>-proxy-tls`.
     #[arg(long, env = "TUNNELGATE_RELEASE", default_value = "tunnelgate")]
     release: String,
+    /// A proxy that has not loaded the latest render for this long (without a failed reload: it
+    /// does not see the ConfigMap, or does not answer) gets a Warning event `ProxyBehind`.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    behind_warning_after: Duration,
     /// Policy status writes per second at most: a burst (a start, a change that touches every
     /// policy) is spread out instead of flooding the API server, and never delays rendering.
     #[arg(long, default_value_t = 100)]
@@ -150,6 +154,7 @@ async fn run(args: Args) -> i32 {
         proxy_admin_port: args.proxy_admin_port,
         dry_run_event_interval: args.dry_run_event_interval,
         status_writes_per_second: args.status_writes_per_second,
+        behind_warning_after: args.behind_warning_after,
         proxy_instance: args.proxy_instance.unwrap_or_else(|| args.release.clone()),
         identity,
     };

@@ -175,6 +175,44 @@ pub(super) fn dry_run_totals(prefix: &str, proxies: &[(Endpoint, Report)]) -> (u
         .fold((0, 0), |(d, a), (_, (dd, aa))| (d + dd, a + aa))
 }
 
+/// Proxies that are behind the latest render without a failed reload (or do not answer), and
+/// since when: a proxy that stays behind longer than a threshold is worth a Warning event.
+#[derive(Debug, Default)]
+pub(super) struct Laggards {
+    since: HashMap<String, tokio::time::Instant>,
+}
+
+impl Laggards {
+    /// Updates from `view` at `now`; returns the proxies behind for at least `after`, and when
+    /// the next one will be (so the loop can look again without a change).
+    pub(super) fn update(
+        &mut self,
+        latest: u64,
+        view: &[(Endpoint, Report)],
+        now: tokio::time::Instant,
+        after: Duration,
+    ) -> (Vec<Endpoint>, Option<Duration>) {
+        let behind: Vec<&Endpoint> = view
+            .iter()
+            .filter(|(_, r)| r.failed.is_none() && r.render.is_none_or(|n| n < latest))
+            .map(|(e, _)| e)
+            .collect();
+        self.since.retain(|pod, _| behind.iter().any(|e| &e.pod == pod));
+        let (mut overdue, mut next) = (Vec::new(), None::<Duration>);
+        for e in behind {
+            let since = *self.since.entry(e.pod.clone()).or_insert(now);
+            let elapsed = now.saturating_duration_since(since);
+            if elapsed >= after {
+                overdue.push(e.clone());
+            } else {
+                let left = after - elapsed;
+                next = Some(next.map_or(left, |n| n.min(left)));
+            }
+        }
+        (overdue, next)
+    }
+}
+
 /// Counts for `tunnelgate_operator_proxies{state}`: current (the latest render), behind, failing.
 pub(super) fn proxy_states(current: u64, proxies: &[(Endpoint, Report)]) -> [(&'static str, i64); 3] {
     let mut n = [0i64; 3];
@@ -211,6 +249,40 @@ mod tests {
         assert_eq!(policy_rollout(8, &proxies).loaded, 0);
         assert_eq!(policy_rollout(1, &[]), Rollout { loaded: 0, total: 0, stuck_nodes: vec![], dry_run: None });
         assert_eq!(proxy_states(7, &proxies), [("current", 1), ("behind", 2), ("failing", 1)]);
+    }
+
+    #[test]
+    fn a_proxy_behind_for_longer_than_the_threshold_is_overdue() {
+        let t0 = tokio::time::Instant::now();
+        let min = Duration::from_secs(60);
+        let mut l = Laggards::default();
+        let view = |renders: [Option<u64>; 3], failed_c: bool| {
+            ["a", "b", "c"]
+                .iter()
+                .zip(renders)
+                .map(|(pod, render)| {
+                    let failed = (failed_c && *pod == "c").then(|| "tls".to_owned());
+                    (
+                        Endpoint { pod: (*pod).into(), node: format!("node-{pod}"), ip: "10.0.0.1".parse().unwrap() },
+                        Report { render, failed, dry_run: Default::default() },
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        // a current, b behind, c failing (its own event) — b is tracked.
+        let (due, next) = l.update(5, &view([Some(5), Some(4), Some(3)], true), t0, 2 * min);
+        assert!(due.is_empty());
+        assert_eq!(next, Some(2 * min));
+        let (due, next) = l.update(5, &view([Some(5), Some(4), Some(3)], true), t0 + min, 2 * min);
+        assert!(due.is_empty() && next == Some(min));
+        // b still behind after 2 minutes; a unreachable proxy counts as behind from now on.
+        let (due, _) = l.update(5, &view([None, Some(4), Some(3)], true), t0 + 2 * min, 2 * min);
+        assert_eq!(due.iter().map(|e| e.pod.as_str()).collect::<Vec<_>>(), ["b"]);
+        // b catches up: forgotten; falling behind again starts a new clock.
+        let (due, _) = l.update(6, &view([Some(6), Some(6), Some(3)], true), t0 + 3 * min, 2 * min);
+        assert!(due.is_empty());
+        let (due, next) = l.update(7, &view([Some(7), Some(6), Some(3)], true), t0 + 4 * min, 2 * min);
+        assert!(due.is_empty() && next == Some(2 * min));
     }
 
     #[test]

@@ -21,6 +21,7 @@ fn settings() -> Settings {
         proxy_instance: "tunnelgate".into(),
         dry_run_event_interval: Duration::from_secs(300),
         status_writes_per_second: 100,
+        behind_warning_after: Duration::from_secs(120),
         identity: "t".into(),
     }
 }
@@ -93,6 +94,8 @@ async fn first_write_reads_then_applies_secret_before_configmap() {
         proxies: None,
         warned: HashMap::new(),
         dry_run_events: super::dryrun::DryRunEvents::new(Duration::from_secs(300)),
+        laggards: super::rollout::Laggards::default(),
+        recheck: None,
     };
     apply(&client, &settings(), &metrics, &mut state, &rendered(true)).await.unwrap();
     assert_eq!(calls.await.unwrap().len(), 3);
@@ -114,6 +117,8 @@ async fn unchanged_hash_in_force_writes_nothing() {
         proxies: None,
         warned: HashMap::new(),
         dry_run_events: super::dryrun::DryRunEvents::new(Duration::from_secs(300)),
+        laggards: super::rollout::Laggards::default(),
+        recheck: None,
     };
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
     // And with the hash known, not even a read.
