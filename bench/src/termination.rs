@@ -80,7 +80,7 @@ async fn tunnelgate(bin: &Path, dir: &Path, backend: u16, sock: &Path) -> Res<(T
     let (tcp, unix, admin) = (free_port()?, free_port()?, free_port()?);
     let d = dir.display();
     let cfg = format!(
-        "version: 1\nlisteners:\n  - {{name: tcp, bind: '127.0.0.1:{tcp}', mode: tunnel, upstream: '127.0.0.1:{backend}', tls: {{certFile: '{d}/cert.pem', keyFile: '{d}/key.pem'}}}}\n  - {{name: unix, bind: '127.0.0.1:{unix}', mode: tunnel, upstream: 'unix:{}', tls: {{certFile: '{d}/cert.pem', keyFile: '{d}/key.pem'}}}}\nadmin: {{bind: '127.0.0.1:{admin}'}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n",
+        "version: 1\nlisteners:\n  - {{name: tcp, bind: '127.0.0.1:{tcp}', mode: tunnel, upstream: '127.0.0.1:{backend}', tls: {{certFile: '{d}/cert.pem', keyFile: '{d}/key.pem'}}}}\n  - {{name: unix, bind: '127.0.0.1:{unix}', mode: tunnel, upstream: 'unix:{}', tls: {{certFile: '{d}/cert.pem', keyFile: '{d}/key.pem'}}}}\nadmin: {{bind: '127.0.0.1:{admin}'}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n# The peers run without access logs too.\nlogging: {{accessLog: false}}\n",
         sock.display()
     );
     std::fs::write(dir.join("tunnelgate.yaml"), cfg)?;
