@@ -389,6 +389,9 @@ def test_chart_conventions_image_digest_names_and_extras():
         assert pod["metadata"]["labels"]["app.kubernetes.io/component"] in ("proxy", "operator"), "own labels kept"
     pc, oc = ds["spec"]["template"]["spec"]["containers"][0], op["spec"]["template"]["spec"]["containers"][0]
     assert pc["args"][-1] == "--reload-poll-interval=5s" and oc["args"][-1] == "--debounce=80ms"
+    assert "--policy-status=true" in oc["args"]
+    second = find(render({"operator": {"policyStatus": False}}), "Deployment", "-operator")
+    assert "--policy-status=false" in second["spec"]["template"]["spec"]["containers"][0]["args"]
     assert {"name": "TUNNELGATE_LOG", "value": "debug"} in pc["env"] and {"name": "HTTPS_PROXY", "value": ""} in pc["env"]
     assert {"name": "TUNNELGATE_LOG", "value": "info,kube=warn"} in oc["env"]
     # Every name follows the override, and the names that wire components together agree.

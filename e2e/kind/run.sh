@@ -27,6 +27,7 @@ kubectl -n tunnelgate rollout status daemonset/tunnelgate-proxy --timeout=3m
 helm upgrade --install tunnelgate-gw charts/tunnelgate --namespace tunnelgate-gw --create-namespace \
   --set image.repository=tunnelgate --set image.tag=e2e --set image.pullPolicy=Never \
   --set crds.enabled=false --set rbac.userRoles=false --set proxy.kind=Deployment \
+  --set operator.policyStatus=false \
   --set proxy.gateway.replicas=2 --wait --timeout 5m \
   --set-json 'config.addressGrants=[{"namespaces":["*"],"cidrs":["10.0.0.0/8"]}]'
 kubectl -n tunnelgate-gw rollout status deployment/tunnelgate-gw-proxy --timeout=3m

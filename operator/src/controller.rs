@@ -88,6 +88,8 @@ pub struct Settings {
     pub debounce_max: Duration,
     /// The proxies' admin port, for the rollout view (`None`: not reported).
     pub proxy_admin_port: Option<u16>,
+    /// Whether this release writes policy status (false on a second release in the cluster).
+    pub policy_status: bool,
     /// Policy status writes per second at most (the status writer's pace).
     pub status_writes_per_second: u32,
     /// A proxy behind the latest render for this long gets a Warning event.
@@ -133,8 +135,13 @@ pub async fn run(
     }
     ready.store(true, Ordering::Relaxed);
     info!("caches synced");
-    let statuses =
-        StatusWriter::spawn(client.clone(), metrics.clone(), settings.status_writes_per_second, shutdown.clone());
+    let statuses = StatusWriter::spawn(
+        client.clone(),
+        metrics.clone(),
+        settings.status_writes_per_second,
+        settings.policy_status,
+        shutdown.clone(),
+    );
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: MANAGER.into(), instance: Some(settings.identity.clone()) },

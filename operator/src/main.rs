@@ -33,6 +33,10 @@ struct Args {
     /// does not see the ConfigMap, or does not answer) gets a Warning event `ProxyBehind`.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     behind_warning_after: Duration,
+    /// Write TunnelPolicy and ClusterTunnelPolicy status. Exactly one release in a cluster should:
+    /// two operators with different proxies would overwrite each other's rollout counts forever.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    policy_status: bool,
     /// Policy status writes per second at most: a burst (a start, a change that touches every
     /// policy) is spread out instead of flooding the API server, and never delays rendering.
     #[arg(long, default_value_t = 100)]
@@ -154,6 +158,7 @@ async fn run(args: Args) -> i32 {
         proxy_admin_port: args.proxy_admin_port,
         dry_run_event_interval: args.dry_run_event_interval,
         status_writes_per_second: args.status_writes_per_second,
+        policy_status: args.policy_status,
         behind_warning_after: args.behind_warning_after,
         proxy_instance: args.proxy_instance.unwrap_or_else(|| args.release.clone()),
         identity,

@@ -54,6 +54,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub(super) struct StatusWriter {
     queue: Arc<Mutex<Queue>>,
     wake: Arc<Notify>,
+    /// False on a release that must not write policy status (another release in the cluster
+    /// does): two operators with different proxies would rewrite each other's counts forever.
+    enabled: bool,
 }
 
 impl StatusWriter {
@@ -62,9 +65,10 @@ impl StatusWriter {
         client: Client,
         metrics: Metrics,
         per_second: u32,
+        enabled: bool,
         shutdown: CancellationToken,
     ) -> StatusWriter {
-        let w = StatusWriter { queue: Arc::default(), wake: Arc::new(Notify::new()) };
+        let w = StatusWriter { queue: Arc::default(), wake: Arc::new(Notify::new()), enabled };
         let task = w.clone();
         let spacing = Duration::from_secs(1) / per_second.max(1);
         tokio::spawn(async move { task.run(client, metrics, spacing, shutdown).await });
@@ -73,6 +77,9 @@ impl StatusWriter {
 
     /// Wants `status` (the whole `status` object) written for `target`; replaces a pending one.
     pub(super) fn want(&self, target: Target, status: serde_json::Value) {
+        if !self.enabled {
+            return;
+        }
         let key = target.key();
         {
             let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -172,7 +179,7 @@ mod tests {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let metrics = Metrics::register(&Registry::new()).unwrap();
         let stop = CancellationToken::new();
-        let w = StatusWriter::spawn(Client::new(svc, "default"), metrics.clone(), 100, stop.clone());
+        let w = StatusWriter::spawn(Client::new(svc, "default"), metrics.clone(), 100, true, stop.clone());
         let p = || Target::Namespaced { namespace: "a".into(), name: "p".into() };
         // Three statuses before the writer runs: one write, the newest.
         for n in 1..=3 {
@@ -208,5 +215,18 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         stop.cancel();
         assert_eq!(metrics.status_writes.with_label_values(&["success"]).get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_that_does_not_own_status_writes_none() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        let stop = CancellationToken::new();
+        let w = StatusWriter::spawn(Client::new(svc, "default"), metrics, 100, false, stop.clone());
+        w.want(Target::Cluster { name: "c".into() }, json!({"observedGeneration": 1}));
+        assert_eq!(w.pending(), 0);
+        let asked = tokio::time::timeout(Duration::from_secs(10), handle.next_request()).await;
+        assert!(asked.is_err(), "no status write may be sent");
+        stop.cancel();
     }
 }

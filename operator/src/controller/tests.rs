@@ -21,6 +21,7 @@ fn settings() -> Settings {
         proxy_instance: "tunnelgate".into(),
         dry_run_event_interval: Duration::from_secs(300),
         status_writes_per_second: 100,
+        policy_status: true,
         behind_warning_after: Duration::from_secs(120),
         identity: "t".into(),
     }
