@@ -380,6 +380,7 @@ impl Handler {
         m.http_request_duration.with_label_values(&[&self.ctx.listener]).observe(elapsed.as_secs_f64());
         let logging = self.ctx.snapshot.config.logging;
         if logging.access_log {
+            let (namespace, policy) = ex.rule.as_deref().and_then(|r| crate::access::policy_of(&self.ctx, r)).unzip();
             info!(
                 target: "tunnelgate::access",
                 conn = self.ctx.id,
@@ -389,6 +390,8 @@ impl Handler {
                 reason,
                 method = ex.method,
                 rule = ex.rule.as_deref().unwrap_or(""),
+                namespace = namespace.filter(|n| !n.is_empty()),
+                policy,
                 status = status.as_u16(),
                 bytes_down,
                 duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),

@@ -610,6 +610,43 @@ async fn access_log_is_json_and_never_identifies_users_unless_opted_in() {
     }
 }
 
+/// With a configuration the operator rendered, access events name the Kubernetes policy (and its
+/// namespace) behind the deciding rule: who the client is, without its address.
+#[tokio::test]
+async fn access_events_name_the_policy_of_an_operator_rendered_config() {
+    let w = World::new().await;
+    let mut p = Proc::start(&w, "logging: {format: json}\nlimits: {drainDelay: 0s}\n").await;
+    let events = |log: String| -> Vec<serde_json::Value> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "tunnelgate::access")
+            .collect()
+    };
+    // A user's own configuration: rule names are the user's, no policy is inferred.
+    let mut s = tunnel(p.listen, &w.echo_target("allowed.test")).await;
+    roundtrip(&mut s, b"own").await;
+    drop(s);
+    let text = std::fs::read_to_string(p.config_path()).unwrap();
+    let rendered = format!("# tunnelgate-render: 4\n{}", text.replace("name: echo,", "name: payments/allow-echo,"));
+    std::fs::write(p.config_path(), rendered).unwrap();
+    p.signal("HUP");
+    assert!(eventually(10, || async { admin_get(p.admin, "/config").await.1.contains("\"render\":4") }).await);
+    let mut s = tunnel(p.listen, &w.echo_target("allowed.test")).await;
+    roundtrip(&mut s, b"rendered").await;
+    drop(s);
+    let (status, _) = exchange(p.listen, b"CONNECT 10.1.2.3:443 HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, 403);
+    p.signal("TERM");
+    assert_eq!(p.exit_within(10).await, 0);
+    let access = events(p.log());
+    assert_eq!(access.len(), 3, "{access:#?}");
+    assert_eq!((access[0]["rule"].as_str(), access[0].get("policy")), (Some("echo"), None), "{}", access[0]);
+    assert_eq!(access[1]["rule"], "payments/allow-echo");
+    assert_eq!((&access[1]["namespace"], &access[1]["policy"]), (&"payments".into(), &"allow-echo".into()));
+    assert_eq!(access[2]["rule"], "default");
+    assert!(access[2].get("policy").is_none(), "the default decided: no policy: {}", access[2]);
+}
+
 #[tokio::test]
 async fn file_changes_and_sighup_reload_the_running_binary() {
     let w = World::new().await;
