@@ -224,7 +224,9 @@ pub enum RenderError {
     MissingAuth { secret: String },
     #[error("the rendered configuration is refused by the proxy's parser:\n{0}")]
     Invalid(ConfigErrors),
-    #[error("the rendered configuration is {bytes} bytes, over the {MAX_CONFIG_BYTES}-byte limit")]
+    #[error(
+        "the rendered configuration is {bytes} bytes, over the {MAX_CONFIG_BYTES}-byte limit of a ConfigMap (roughly 30,000 selected pods); the configuration in force stays (narrow the broadest podSelectors)"
+    )]
     TooLarge { bytes: usize },
 }
 
