@@ -105,13 +105,13 @@ def policy(ns, name, labels, destination):
             "spec": {"podSelector": {"matchLabels": labels}, "action": "Allow", "destinations": [destination]}}
 
 
-def pod(ns, name, labels, ip):
+def pod(ns, name, labels, ip, node="node-0"):
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
-            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]},
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
 
 
-async def load(api, pods, policies, namespaces):
+async def load(api, pods, policies, namespaces, nodes):
     """Background objects: every policy selects pods/policies pods and allows a host of its own."""
     per = max(1, pods // policies)
     sem = asyncio.Semaphore(32)
@@ -125,7 +125,7 @@ async def load(api, pods, policies, namespaces):
     jobs = []
     for i in range(pods):
         ns = f"ns-{(i // per) % namespaces}"
-        jobs.append(post(f"/api/v1/namespaces/{ns}/pods", pod(ns, f"pod-{i}", {"app": f"app-{i // per}"}, pod_ip(i))))
+        jobs.append(post(f"/api/v1/namespaces/{ns}/pods", pod(ns, f"pod-{i}", {"app": f"app-{i // per}"}, pod_ip(i), f"node-{i % nodes}")))
     for p in range(policies):
         ns = f"ns-{p % namespaces}"
         jobs.append(post(f"/apis/tunnelgate.io/v1alpha1/namespaces/{ns}/tunnelpolicies",
@@ -154,6 +154,8 @@ async def main():
     ap.add_argument("--policies", type=int, default=200)
     ap.add_argument("--namespaces", type=int, default=50)
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--nodes", type=int, default=1, help="pods are spread over this many nodes; the proxy stands for node-0")
+    ap.add_argument("--per-node", action="store_true", help="the operator renders a document per node; the proxy reads node-0's")
     ap.add_argument("--debounce", default="50ms")
     ap.add_argument("--debounce-max", default="250ms")
     ap.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target")))
@@ -206,7 +208,7 @@ async def main():
                        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tunnelgate-base"}, "data": {"config.yaml": base}})
 
         t0 = time.monotonic()
-        await load(api, args.pods, args.policies, args.namespaces)
+        await load(api, args.pods, args.policies, args.namespaces, args.nodes)
         load_s = time.monotonic() - t0
         # Probe pods, outside every background policy.
         probes = [("ns-0", f"probe-{t}", pod_ip(args.pods + t)) for t in range(args.trials)]
@@ -219,10 +221,12 @@ async def main():
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TUNNELGATE_LOG": "warn"}
         operator = subprocess.Popen([str(bins / "tunnelgate-operator"), "--namespace", NS, "--release", "tunnelgate",
                                      "--admin-bind", f"127.0.0.1:{o_admin}", "--debounce", args.debounce,
-                                     "--debounce-max", args.debounce_max, "--leader-election", "false", "--tls-dir", str(d)],
+                                     "--debounce-max", args.debounce_max, "--leader-election", "false", "--tls-dir", str(d),
+                                     "--config-per-node", "true" if args.per_node else "false"],
                                     env=env, stderr=open(d / "operator.log", "w"))
         procs.append(operator)
-        proxy = subprocess.Popen([str(bins / "tunnelgate-proxy"), "--config-map", f"{NS}/tunnelgate-proxy"],
+        proxy = subprocess.Popen([str(bins / "tunnelgate-proxy"), "--config-map", f"{NS}/tunnelgate-proxy"]
+                                 + (["--node-name", "node-0"] if args.per_node else []),
                                  env=env, stderr=open(d / "proxy.log", "w"))
         procs.append(proxy)
         t1 = time.monotonic()
@@ -237,7 +241,7 @@ async def main():
             except (aiohttp.ClientError, ValueError):
                 return False
 
-        await until("first render in force", 120, proxy_up, every=0.2)
+        await until("first render in force", 600, proxy_up, every=0.2)
         first_s = time.monotonic() - t1
 
         # Steady state before the trials: the first statuses of every policy written.
@@ -246,7 +250,7 @@ async def main():
             await asyncio.sleep(1.0)
             return a == await api.call("GET", "/_emulator/stats")
 
-        await until("initial status writes done", 120, settled, every=0.1)
+        await until("initial status writes done", 900, settled, every=0.1)
         loop = asyncio.get_running_loop()
         status_of = lambda ip: loop.run_in_executor(None, connect_status, ip, p_port, target)
 
@@ -264,7 +268,7 @@ async def main():
             try:
                 await until(f"{ip} → {want}", 30, ok)
             except RuntimeError:
-                cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/tunnelgate-proxy")
+                cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/tunnelgate-proxy" + ("-node-node-0" if args.per_node else ""))
                 text = cm["data"]["config.yaml"]
                 in_force = await admin(p_admin, "/config")
                 print(f"diagnosis: ConfigMap render {cm['metadata']['annotations'].get('tunnelgate.io/render')}, "
@@ -295,12 +299,13 @@ async def main():
             await api.call("PATCH", pod_path, {"metadata": {"labels": {"role": None}}}, "application/merge-patch+json")
             await until(f"{name} out again", 30, lambda: _eq(status_of(ip), 403))
         om1 = await admin(o_admin, "/metrics")
-        cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/tunnelgate-proxy")
+        cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/tunnelgate-proxy" + ("-node-node-0" if args.per_node else ""))
         rec = "tunnelgate_operator_reconcile_duration_seconds"
         reconciles = metric(om1, rec + "_count") - metric(om0, rec + "_count")
         reconcile_ms = (metric(om1, rec + "_sum") - metric(om0, rec + "_sum")) / max(reconciles, 1) * 1e3
 
-        print(f"\n{args.pods} pods / {args.policies} policies / {args.namespaces} namespaces, debounce {args.debounce} "
+        print(f"\n{args.pods} pods / {args.policies} policies / {args.namespaces} namespaces / {args.nodes} nodes"
+              f"{' (a document per node)' if args.per_node else ''}, debounce {args.debounce} "
               f"(max {args.debounce_max}), {args.trials} trials; loaded in {load_s:.0f} s, first render in force "
               f"after {first_s:.1f} s\n")
         print("| change | p50 / p95 / p99 / max ms | status writes per change (median, max) |")
@@ -308,7 +313,7 @@ async def main():
         for k in results:
             print(f"| {k} | {summary(results[k])} | {statistics.median(writes[k]):.0f}, {max(writes[k])} |")
         print(f"\noperator: {reconciles:.0f} reconciles, {reconcile_ms:.0f} ms each on average, RSS {rss_mib(operator.pid):.0f} MiB; "
-              f"proxy RSS {rss_mib(proxy.pid):.0f} MiB; rendered config {len(cm['data']['config.yaml']) / 1024:.0f} KiB")
+              f"proxy RSS {rss_mib(proxy.pid):.0f} MiB; the proxy's rendered config {len(cm['data']['config.yaml']) / 1024:.0f} KiB")
         await api.close()
     except BaseException:
         for log in ("operator.log", "proxy.log", "emulator.log"):

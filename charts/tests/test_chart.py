@@ -421,3 +421,21 @@ def test_network_policy_example_reaches_a_host_network_gateway():
     to = np["spec"]["egress"][0]["to"]
     assert {"ipBlock": {"cidr": "192.0.2.10/32"}} in to and any("podSelector" in t for t in to)
     assert np["spec"]["egress"][0]["ports"] == [{"protocol": "TCP", "port": 3128}]
+
+
+def test_per_node_documents_are_wired():
+    docs = render({"proxy": {"configPerNode": True}})
+    ds = find(docs, "DaemonSet", "-proxy")["spec"]["template"]["spec"]["containers"][0]
+    assert "--node-name=$(NODE_NAME)" in ds["args"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in ds["env"]
+    op = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    assert "--config-per-node=true" in op["args"]
+    role = find(docs, "Role", "-proxy")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}]
+    # Off by default: one named ConfigMap, no node name.
+    plain = find(render({}), "DaemonSet", "-proxy")["spec"]["template"]["spec"]["containers"][0]
+    assert not any(a.startswith("--node-name") for a in plain["args"])
+    assert find(render({}), "Role", "-proxy")["rules"][0]["resourceNames"] == ["tunnelgate-proxy"]
+    # Gateway proxies serve every node: they read the whole document.
+    gw = find(render({"proxy": {"kind": "Deployment", "configPerNode": True}}), "Deployment", "-proxy")
+    assert not any(a.startswith("--node-name") for a in gw["spec"]["template"]["spec"]["containers"][0]["args"])

@@ -1097,3 +1097,102 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     assert_eq!(code, 1, "denied: {out}");
     assert!(out.contains("decision: deny (403)"), "{out}");
 }
+
+/// Per-node documents: the operator renders `tunnelgate-proxy-node-<node>` with only that node's
+/// pods; a proxy started with `--node-name` enforces its own node's document (a pod of another node
+/// is not listed there), a pod change rewrites only its node's document, and rollout truth counts
+/// the proxy as current when it has its node's latest document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_documents_carry_only_their_nodes_pods() {
+    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-pernode-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let emu = start_emulator(&dir.0).await;
+    let kc = kubeconfig(&dir.0, emu.port);
+    let c = client(&kc).await;
+    let target = echo_upstream("127.0.0.2").await;
+    let (listen, admin_port, op_admin) = (free_port(), free_port(), free_port());
+    let base = format!(
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.41:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+    );
+    let port_arg = admin_port.to_string();
+    let _operator = operator_with(
+        &c,
+        &kc,
+        &dir.0,
+        &base,
+        "/unused",
+        op_admin,
+        &["--proxy-admin-port", &port_arg, "--config-per-node", "true"],
+    )
+    .await;
+    let _proxy = spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "tunnelgate/tunnelgate-proxy", "--node-name", "node-a"],
+        &kc,
+        &dir.0.join("proxy.log"),
+    );
+    let on = |name: &str, app: &str, ip: &str, node: &str| -> Pod {
+        let mut p = pod(name, app, ip);
+        p.spec.as_mut().unwrap().node_name = Some(node.to_owned());
+        p
+    };
+    let mut proxy: Pod = on("proxy-a", "proxy", "127.0.0.41", "node-a");
+    proxy.metadata.labels = Some(
+        [("app.kubernetes.io/instance", "tunnelgate"), ("app.kubernetes.io/component", "proxy")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into(),
+    );
+    Api::<Pod>::namespaced(c.clone(), "tunnelgate").create(&PostParams::default(), &proxy).await.unwrap();
+    let pods = Api::<Pod>::namespaced(c.clone(), "payments");
+    pods.create(&PostParams::default(), &on("web-a", "web", "127.0.0.11", "node-a")).await.unwrap();
+    pods.create(&PostParams::default(), &on("web-b", "web", "127.0.0.12", "node-b")).await.unwrap();
+    let tps = Api::<TunnelPolicy>::namespaced(c.clone(), "payments");
+    tps.create(
+        &PostParams::default(),
+        &policy("allow-web", "web", json!({"cidrs": ["127.0.0.2/32"], "ports": [target.port()]})),
+    )
+    .await
+    .unwrap();
+    let proxy_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    until("web-a allowed by node-a's document", 20, || async {
+        connect_from("127.0.0.11", proxy_addr, target).await == 200
+    })
+    .await;
+    assert_eq!(
+        connect_from("127.0.0.12", proxy_addr, target).await,
+        403,
+        "web-b runs on node-b: not in node-a's document"
+    );
+    let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
+    let doc = |node: &'static str| {
+        let cms = cms.clone();
+        async move { cms.get(&format!("tunnelgate-proxy-node-{node}")).await.unwrap() }
+    };
+    let (a, b) = (doc("node-a").await, doc("node-b").await);
+    let text = |cm: &ConfigMap| cm.data.as_ref().unwrap()["config.yaml"].clone();
+    assert!(text(&a).contains("127.0.0.11") && !text(&a).contains("127.0.0.12"), "{}", text(&a));
+    assert!(text(&b).contains("127.0.0.12") && !text(&b).contains("127.0.0.11"), "{}", text(&b));
+    // The proxy of node-a has its node's latest document: the policy is Loaded there.
+    until("1/1, Loaded", 20, || async {
+        let p = tps.get("allow-web").await.unwrap();
+        p.status.clone().unwrap_or_default().loaded.as_deref() == Some("1/1")
+            && condition(&p, "Enforced").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    // A pod change on node-b rewrites node-b's document only.
+    pods.create(&PostParams::default(), &on("web-b2", "web", "127.0.0.13", "node-b")).await.unwrap();
+    until("node-b's document lists the new pod", 20, || async { text(&doc("node-b").await).contains("127.0.0.13") })
+        .await;
+    assert_eq!(
+        doc("node-a").await.metadata.resource_version,
+        a.metadata.resource_version,
+        "node-a's document untouched"
+    );
+    assert_eq!(connect_from("127.0.0.11", proxy_addr, target).await, 200);
+    until("still 1/1, Loaded", 20, || async {
+        let p = tps.get("allow-web").await.unwrap();
+        p.status.clone().unwrap_or_default().loaded.as_deref() == Some("1/1")
+            && condition(&p, "Enforced").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+}

@@ -4,7 +4,7 @@
 //! policy's status on the [`status_writer`]; rollout truth comes from [`rollout`], dry-run events
 //! from [`dryrun`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,6 +88,9 @@ pub struct Settings {
     pub debounce_max: Duration,
     /// The proxies' admin port, for the rollout view (`None`: not reported).
     pub proxy_admin_port: Option<u16>,
+    /// Render one document per node as well (`<release>-proxy-node-<node>`), read by proxies
+    /// started with `--node-name`.
+    pub config_per_node: bool,
     /// Whether this release writes policy status (false on a second release in the cluster).
     pub policy_status: bool,
     /// Policy status writes per second at most (the status writer's pace).
@@ -155,6 +158,8 @@ pub async fn run(
         dry_run_events: dryrun::DryRunEvents::new(settings.dry_run_event_interval),
         laggards: rollout::Laggards::default(),
         recheck: None,
+        node_docs: HashMap::new(),
+        prior_nodes: BTreeMap::new(),
     };
     metrics.leader.set(i64::from(*leader.borrow()));
     wake.notify_one();
@@ -221,6 +226,10 @@ struct LoopState {
     laggards: rollout::Laggards,
     /// Look again after this long even without a change (a proxy may become overdue).
     recheck: Option<Duration>,
+    /// Per node (when rendering per node): the hash and render number of its document in force.
+    node_docs: HashMap<String, (String, u64)>,
+    /// The last render's node documents, reused where nothing of a node changed.
+    prior_nodes: BTreeMap<String, render::NodeDoc>,
 }
 
 async fn warn_once(
@@ -353,6 +362,7 @@ async fn reconcile(
         networks: cluster_networks(c),
     };
     let base_text = base.clone().unwrap_or_default();
+    let node_names: Vec<String> = c.nodes.state().iter().filter_map(|n| n.metadata.name.clone()).collect();
     let (outcomes, rendered) = render::render(&Input {
         base: &base_text,
         policies: inputs,
@@ -361,11 +371,17 @@ async fn reconcile(
         tls_dir: &s.tls_dir,
         htpasswd: htpasswd.as_deref(),
         cluster,
+        per_node: s.config_per_node.then_some(node_names.as_slice()),
+        prior_nodes: Some(&state.prior_nodes),
     });
     let applied: Result<String, Error> = match (base.is_some(), rendered) {
         (false, _) => Err(Error::BaseMissing(format!("{ns}/{}", s.base_name()))),
         (true, Err(e)) => Err(Error::Render(e)),
-        (true, Ok(r)) => apply(client, s, metrics, state, &r).await.map(|()| r.hash.clone()),
+        (true, Ok(r)) => {
+            let written = apply(client, s, metrics, state, &r).await.map(|()| r.hash.clone());
+            state.prior_nodes = r.nodes;
+            written
+        }
     };
 
     // Rollout view: the release's proxy pods and the render each has in force.
@@ -374,6 +390,8 @@ async fn reconcile(
         proxies.sync(&endpoints);
         proxies.view(&endpoints)
     });
+    // Per node, a proxy that has its own node's latest document is as current as it can be.
+    let view = view.map(|v| rollout::per_node_current(v, state.render, &state.node_docs));
     if let Some(v) = &view {
         for (label, n) in rollout::proxy_states(state.render, v) {
             metrics.proxies.with_label_values(&[label]).set(n);

@@ -33,6 +33,11 @@ struct Args {
     /// does not see the ConfigMap, or does not answer) gets a Warning event `ProxyBehind`.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     behind_warning_after: Duration,
+    /// Render one document per node as well (`<release>-proxy-node-<node>`, rules listing only that
+    /// node's pods), for proxies started with `--node-name`: past one ConfigMap's 1 MiB (about
+    /// 30,000 selected pods), and so a pod change rewrites only its node's document.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    config_per_node: bool,
     /// Write TunnelPolicy and ClusterTunnelPolicy status. Exactly one release in a cluster should:
     /// two operators with different proxies would overwrite each other's rollout counts forever.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -159,6 +164,7 @@ async fn run(args: Args) -> i32 {
         dry_run_event_interval: args.dry_run_event_interval,
         status_writes_per_second: args.status_writes_per_second,
         policy_status: args.policy_status,
+        config_per_node: args.config_per_node,
         behind_warning_after: args.behind_warning_after,
         proxy_instance: args.proxy_instance.unwrap_or_else(|| args.release.clone()),
         identity,

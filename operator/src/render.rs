@@ -35,6 +35,8 @@ pub struct PodIn {
     pub ips: Vec<IpAddr>,
     /// Running, not terminating, and not on the host network (a node IP is no identity).
     pub eligible: bool,
+    /// The node it runs on (empty before it is scheduled).
+    pub node: String,
 }
 
 /// Validated TLS material for one listener.
@@ -63,6 +65,10 @@ pub struct Input<'a> {
     pub htpasswd: Option<&'a str>,
     /// ClusterTunnelPolicies and the namespaces' labels.
     pub cluster: Cluster<'a>,
+    /// Render a document per node as well, for these nodes (and every node a pod runs on).
+    pub per_node: Option<&'a [String]>,
+    /// The node documents of the previous render, reused where their inputs did not change.
+    pub prior_nodes: Option<&'a BTreeMap<String, NodeDoc>>,
 }
 
 /// A ClusterTunnelPolicy as the renderer sees it.
@@ -209,6 +215,19 @@ pub struct Rendered {
     pub tls_data: BTreeMap<String, String>,
     /// Public facts about the certificates, for the ConfigMap's annotations.
     pub annotations: BTreeMap<String, String>,
+    /// With `Input::per_node`: each node's document (rules listing only its pods). `config` is
+    /// then empty when the whole document would not fit a ConfigMap.
+    pub nodes: BTreeMap<String, NodeDoc>,
+}
+
+/// One node's document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDoc {
+    pub config: String,
+    /// Hex SHA-256 of `config`.
+    pub hash: String,
+    /// Of what the document was rendered from: equal means it can be reused as it is.
+    pub fingerprint: String,
 }
 
 /// Why nothing can be written.
@@ -394,7 +413,91 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
         });
         outcomes.push(PolicyOutcome { namespace: p.namespace.to_owned(), name: p.name.to_owned(), result });
     }
-    (outcomes, base.and_then(|(doc, _)| document(input, doc, rules)))
+    let rendered = base.and_then(|(doc, _)| match input.per_node {
+        None => document(input, doc, rules),
+        Some(nodes) => per_node(input, doc, rules, nodes),
+    });
+    (outcomes, rendered)
+}
+
+/// The whole document (when it fits) and one per node, whose rules list only that node's pods: a
+/// pod change rewrites its node's document, and no proxy holds the whole cluster's rules.
+fn per_node(
+    input: &Input<'_>,
+    doc: Map<String, Value>,
+    rules: Vec<RawRule>,
+    nodes: &[String],
+) -> Result<Rendered, RenderError> {
+    let mut node_of: HashMap<String, &str> = HashMap::new();
+    for pod in input.pods.iter().filter(|p| p.eligible && !p.node.is_empty()) {
+        for ip in &pod.ips {
+            node_of.insert(ip.to_string(), pod.node.as_str());
+        }
+    }
+    let mut names: std::collections::BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
+    names.extend(input.pods.iter().filter(|p| !p.node.is_empty()).map(|p| p.node.as_str()));
+    // Each rule's clients grouped by node, in one pass over all clients (not one per node).
+    let mut by_node: BTreeMap<&str, Vec<RawRule>> = names.iter().map(|n| (*n, Vec::new())).collect();
+    for r in &rules {
+        let mut groups: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for c in r.clients.iter().flatten() {
+            if let Some(node) = node_of.get(c.as_str()) {
+                groups.entry(node).or_default().push(c.clone());
+            }
+        }
+        // A rule without clients on a node is left out there (no clients would mean any client).
+        for (node, clients) in groups {
+            by_node.entry(node).or_default().push(RawRule { clients: Some(clients), ..r.clone() });
+        }
+    }
+    // What every node document shares (the base, TLS and users): with a node's own rules it
+    // fingerprints the document, so only the nodes whose inputs changed are rendered again.
+    let mut shared_digest = Sha256::new();
+    shared_digest.update(serde_json::to_vec(&doc).unwrap_or_default());
+    shared_digest.update(input.tls_dir.as_bytes());
+    for (listener, t) in input.tls {
+        shared_digest.update(listener.as_bytes());
+        shared_digest.update(t.sha256.as_bytes());
+    }
+    shared_digest.update(input.htpasswd.unwrap_or_default().as_bytes());
+    let mut docs = BTreeMap::new();
+    let mut shared = None;
+    for (node, own) in by_node {
+        let mut fp = shared_digest.clone();
+        fp.update(serde_json::to_vec(&own).unwrap_or_default());
+        let fingerprint = hex::encode(fp.finalize());
+        if let Some(prior) = input.prior_nodes.and_then(|p| p.get(node)).filter(|d| d.fingerprint == fingerprint) {
+            docs.insert(node.to_owned(), prior.clone());
+            continue;
+        }
+        let d = document(input, doc.clone(), own)?;
+        docs.insert(node.to_owned(), NodeDoc { config: d.config, hash: d.hash, fingerprint });
+        shared.get_or_insert((d.tls_data, d.annotations));
+    }
+    if shared.is_none() {
+        // Every node document came from the previous render: the TLS data is that of a document
+        // with no rules (it does not depend on them).
+        let d = document(input, doc.clone(), Vec::new())?;
+        shared = Some((d.tls_data, d.annotations));
+    }
+    let mut whole = match document(input, doc, rules) {
+        Ok(w) => w,
+        // Too large for one ConfigMap is what per-node rendering is for; gateways need it whole.
+        Err(RenderError::TooLarge { bytes }) => {
+            let Some((tls_data, annotations)) = shared else { return Err(RenderError::TooLarge { bytes }) };
+            Rendered { config: String::new(), hash: String::new(), tls_data, annotations, nodes: BTreeMap::new() }
+        }
+        Err(e) => return Err(e),
+    };
+    let mut h = Sha256::new();
+    h.update(whole.hash.as_bytes());
+    for (node, d) in &docs {
+        h.update(node.as_bytes());
+        h.update(d.hash.as_bytes());
+    }
+    whole.hash = hex::encode(h.finalize());
+    whole.nodes = docs;
+    Ok(whole)
 }
 
 /// The document: `doc` (the base without its grants) with the rules, TLS files and users.
@@ -489,7 +592,7 @@ fn document(input: &Input<'_>, mut doc: Map<String, Value>, rules: Vec<RawRule>)
         h.update(v.as_bytes());
         h.update([0]);
     }
-    Ok(Rendered { config, hash: hex::encode(h.finalize()), tls_data, annotations })
+    Ok(Rendered { config, hash: hex::encode(h.finalize()), tls_data, annotations, nodes: BTreeMap::new() })
 }
 
 #[cfg(test)]

@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// document has arrived.
     #[arg(long, env = "TUNNELGATE_CONFIG_MAP")]
     pub config_map: Option<String>,
+    /// The node this proxy serves: with --config-map, the operator's document for this node
+    /// (NAME-node-NODE, written when it renders per node) is preferred over NAME.
+    #[arg(long, requires = "config_map")]
+    pub node_name: Option<String>,
     /// Log format (text or json), overriding logging.format; needed with --config-map, where logs
     /// start before the configuration arrives.
     #[arg(long, env = "TUNNELGATE_LOG_FORMAT", value_parser = ["text", "json"])]

@@ -50,7 +50,7 @@ fn main() {
     let (config, text) = if let Some(cm) = &args.run.config_map {
         // Before the configuration arrives nothing says targets may be logged.
         telemetry::init(format_override.unwrap_or(LogFormat::Text), false);
-        match rt.block_on(first_from_configmap(cm)) {
+        match rt.block_on(first_from_configmap(cm, args.run.node_name.clone())) {
             Ok((config, text, rx)) => {
                 latest = Some(rx);
                 (config, text)
@@ -132,9 +132,12 @@ fn main() {
 }
 
 /// Waits for the first valid document from the ConfigMap; invalid ones are logged and skipped.
-async fn first_from_configmap(cm: &str) -> Result<(ProxyConfig, String, watch::Receiver<Option<String>>), SourceError> {
+async fn first_from_configmap(
+    cm: &str,
+    node: Option<String>,
+) -> Result<(ProxyConfig, String, watch::Receiver<Option<String>>), SourceError> {
     let (ns, name) = k8s_source::parse_ref(cm)?;
-    let mut rx = k8s_source::spawn(ns, name).await?;
+    let mut rx = k8s_source::spawn(ns, name, node).await?;
     tracing::info!(configmap = cm, "waiting for the first valid configuration");
     loop {
         let text = rx.borrow_and_update().clone();

@@ -59,6 +59,14 @@ pub(super) async fn apply(
         }
     }
     let render = state.render + 1;
+    apply_nodes(client, s, metrics, state, r, render).await?;
+    if r.config.is_empty() {
+        // Per node only: the whole document would not fit a ConfigMap (gateways need it whole).
+        state.last_hash = Some(r.hash.clone());
+        state.render = render;
+        metrics.render.set(i64::try_from(render).unwrap_or(i64::MAX));
+        return Ok(());
+    }
     let mut annotations = r.annotations.clone();
     annotations.insert(HASH_ANNOTATION.into(), r.hash.clone());
     annotations.insert(RENDER_ANNOTATION.into(), render.to_string());
@@ -83,4 +91,68 @@ pub(super) async fn apply(
             Err(Error::Apply(format!("ConfigMap {}", s.config_name()), e))
         }
     }
+}
+
+/// The label on per-node documents, naming the document they belong to.
+const NODE_DOC_LABEL: &str = "tunnelgate.io/node-config-of";
+
+/// Writes the node documents that changed (render number `render`) and deletes those of nodes
+/// that are gone, or all of them when the operator renders one document again.
+async fn apply_nodes(
+    client: &Client,
+    s: &Settings,
+    metrics: &Metrics,
+    state: &mut LoopState,
+    r: &render::Rendered,
+    render: u64,
+) -> Result<(), Error> {
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &s.namespace);
+    let existing = cms
+        .list(&kube::api::ListParams::default().labels(&format!("{NODE_DOC_LABEL}={}", s.config_name())))
+        .await
+        .map_err(|e| Error::Apply(format!("ConfigMaps {NODE_DOC_LABEL}={}", s.config_name()), e))?;
+    // What is in force (after a restart too): each node document's hash and render.
+    for cm in &existing.items {
+        let (Some(node), a) = (cm.labels().get("tunnelgate.io/node").cloned(), cm.annotations()) else { continue };
+        if let (Some(h), Some(n)) = (a.get(HASH_ANNOTATION), a.get(RENDER_ANNOTATION).and_then(|n| n.parse().ok())) {
+            state.node_docs.entry(node).or_insert((h.clone(), n));
+        }
+    }
+    let pp = PatchParams::apply(MANAGER).force();
+    for (node, doc) in &r.nodes {
+        if state.node_docs.get(node).is_some_and(|(h, _)| *h == doc.hash) {
+            continue;
+        }
+        let name = format!("{}-node-{node}", s.config_name());
+        let cm = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {
+                "name": name, "namespace": s.namespace,
+                "labels": { "app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/part-of": "tunnelgate",
+                            NODE_DOC_LABEL: s.config_name(), "tunnelgate.io/node": node },
+                "annotations": { HASH_ANNOTATION: doc.hash, RENDER_ANNOTATION: render.to_string() },
+            },
+            "data": { "config.yaml": format!("# tunnelgate-render: {render}\n{}", doc.config) },
+        });
+        if let Err(e) = cms.patch(&name, &pp, &Patch::Apply(&cm)).await {
+            metrics.config_writes.with_label_values(&["failed"]).inc();
+            return Err(Error::Apply(format!("ConfigMap {name}"), e));
+        }
+        metrics.config_writes.with_label_values(&["applied"]).inc();
+        state.node_docs.insert(node.clone(), (doc.hash.clone(), render));
+    }
+    for cm in existing.items {
+        let node = cm.labels().get("tunnelgate.io/node").cloned().unwrap_or_default();
+        if r.nodes.contains_key(&node) {
+            continue;
+        }
+        let name = cm.name_any();
+        match cms.delete(&name, &kube::api::DeleteParams::default()).await {
+            Ok(_) => info!(configmap = %name, "node document removed"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(Error::Apply(format!("ConfigMap {name}"), e)),
+        }
+        state.node_docs.remove(&node);
+    }
+    Ok(())
 }

@@ -213,6 +213,24 @@ impl Laggards {
     }
 }
 
+/// With per-node documents, a node's document changes only when its own rules do: a proxy that
+/// has its node's latest document (`node_docs`: hash and render per node) counts as having the
+/// latest render `current`, so rollout truth compares each proxy with its own node's document.
+pub(super) fn per_node_current(
+    mut view: Vec<(Endpoint, Report)>,
+    current: u64,
+    node_docs: &HashMap<String, (String, u64)>,
+) -> Vec<(Endpoint, Report)> {
+    for (ep, report) in &mut view {
+        if let (Some(have), Some((_, latest))) = (report.render, node_docs.get(&ep.node)) {
+            if have >= *latest && report.failed.is_none() {
+                report.render = Some(current);
+            }
+        }
+    }
+    view
+}
+
 /// Counts for `tunnelgate_operator_proxies{state}`: current (the latest render), behind, failing.
 pub(super) fn proxy_states(current: u64, proxies: &[(Endpoint, Report)]) -> [(&'static str, i64); 3] {
     let mut n = [0i64; 3];
@@ -283,6 +301,21 @@ mod tests {
         assert!(due.is_empty());
         let (due, next) = l.update(7, &view([Some(7), Some(6), Some(3)], true), t0 + 4 * min, 2 * min);
         assert!(due.is_empty() && next == Some(2 * min));
+    }
+
+    #[test]
+    fn per_node_a_proxy_with_its_own_latest_document_is_current() {
+        let ep =
+            |pod: &str, node: &str| Endpoint { pod: pod.into(), node: node.into(), ip: "10.0.0.1".parse().unwrap() };
+        let rep = |render| Report { render: Some(render), failed: None, dry_run: Default::default() };
+        let docs: HashMap<String, (String, u64)> =
+            [("a".to_owned(), ("h".to_owned(), 9)), ("b".to_owned(), ("h".to_owned(), 4))].into();
+        // Render 9 changed node a only: b's proxy at 4 has its node's latest; a's at 8 does not.
+        let v =
+            per_node_current(vec![(ep("pa", "a"), rep(8)), (ep("pb", "b"), rep(4)), (ep("gw", "c"), rep(9))], 9, &docs);
+        let renders: Vec<Option<u64>> = v.iter().map(|(_, r)| r.render).collect();
+        assert_eq!(renders, [Some(8), Some(9), Some(9)]);
+        assert_eq!(policy_rollout(9, &v), Rollout { loaded: 2, total: 3, stuck_nodes: vec![], dry_run: None });
     }
 
     #[test]

@@ -22,6 +22,7 @@ fn settings() -> Settings {
         dry_run_event_interval: Duration::from_secs(300),
         status_writes_per_second: 100,
         policy_status: true,
+        config_per_node: false,
         behind_warning_after: Duration::from_secs(120),
         identity: "t".into(),
     }
@@ -33,7 +34,13 @@ fn rendered(tls: bool) -> render::Rendered {
         tls_data.insert("secure.crt".to_owned(), "CERT".to_owned());
         tls_data.insert("secure.key".to_owned(), "KEY".to_owned());
     }
-    render::Rendered { config: "version: 1\n".into(), hash: "abc123".into(), tls_data, annotations: BTreeMap::new() }
+    render::Rendered {
+        config: "version: 1\n".into(),
+        hash: "abc123".into(),
+        tls_data,
+        annotations: BTreeMap::new(),
+        nodes: BTreeMap::new(),
+    }
 }
 
 /// Serves the expected calls in order and records what was asked.
@@ -84,6 +91,12 @@ async fn first_write_reads_then_applies_secret_before_configmap() {
             "/api/v1/namespaces/tg/secrets/tunnelgate-proxy-tls",
             json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tunnelgate-proxy-tls"}}),
         ),
+        // Node documents left from per-node rendering are looked for (and would be removed).
+        (
+            Method::GET,
+            "/api/v1/namespaces/tg/configmaps",
+            json!({"apiVersion": "v1", "kind": "ConfigMapList", "metadata": {}, "items": []}),
+        ),
         (Method::PATCH, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", cm("abc123")),
     ])
     .await;
@@ -97,9 +110,11 @@ async fn first_write_reads_then_applies_secret_before_configmap() {
         dry_run_events: super::dryrun::DryRunEvents::new(Duration::from_secs(300)),
         laggards: super::rollout::Laggards::default(),
         recheck: None,
+        node_docs: HashMap::new(),
+        prior_nodes: BTreeMap::new(),
     };
     apply(&client, &settings(), &metrics, &mut state, &rendered(true)).await.unwrap();
-    assert_eq!(calls.await.unwrap().len(), 3);
+    assert_eq!(calls.await.unwrap().len(), 4);
     assert_eq!(state.last_hash.as_deref(), Some("abc123"));
     assert_eq!(metrics.config_writes.with_label_values(&["applied"]).get(), 1);
     assert_eq!(metrics.render.get(), 1, "the render number written");
@@ -120,6 +135,8 @@ async fn unchanged_hash_in_force_writes_nothing() {
         dry_run_events: super::dryrun::DryRunEvents::new(Duration::from_secs(300)),
         laggards: super::rollout::Laggards::default(),
         recheck: None,
+        node_docs: HashMap::new(),
+        prior_nodes: BTreeMap::new(),
     };
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
     // And with the hash known, not even a read.

@@ -273,5 +273,6 @@ pub(super) fn pod_in(p: &Pod) -> PodIn {
         labels: p.labels().clone(),
         ips,
         eligible: running && !host_network && !terminating,
+        node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
     }
 }

@@ -32,6 +32,7 @@ fn pod(ns: &str, app: &str, ip: &str) -> PodIn {
         labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
         ips: vec![ip.parse().unwrap()],
         eligible: true,
+        node: String::new(),
     }
 }
 
@@ -47,6 +48,8 @@ fn run(
         pods,
         tls: &tls,
         tls_dir: "/etc/tunnelgate/tls",
+        per_node: None,
+        prior_nodes: None,
         htpasswd: None,
         cluster: Default::default(),
     })
@@ -152,6 +155,8 @@ fn o02_one_bad_policy_does_not_block_the_rest_and_output_is_deterministic() {
             pods: &pods,
             tls: &tls,
             tls_dir: "/t",
+            per_node: None,
+            prior_nodes: None,
             htpasswd: None,
             cluster: Default::default(),
         })
@@ -183,6 +188,8 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
         pods: &[],
         tls: &tls,
         tls_dir: "/etc/tunnelgate/tls",
+        per_node: None,
+        prior_nodes: None,
         htpasswd: None,
         cluster: Default::default(),
     })
@@ -203,6 +210,8 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
         pods: &[],
         tls: &tls,
         tls_dir: "/etc/tunnelgate/tls",
+        per_node: None,
+        prior_nodes: None,
         htpasswd: None,
         cluster: Default::default(),
     })
@@ -225,6 +234,8 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
         pods: &[],
         tls: &tls,
         tls_dir: "/etc/tunnelgate/tls",
+        per_node: None,
+        prior_nodes: None,
         htpasswd: None,
         cluster: Default::default(),
     })
@@ -254,6 +265,8 @@ fn o03_too_large_and_base_errors_write_nothing() {
             pods: &[],
             tls: &tls,
             tls_dir: "/t",
+            per_node: None,
+            prior_nodes: None,
             htpasswd: None,
             cluster: Default::default()
         })
@@ -268,6 +281,8 @@ fn o03_too_large_and_base_errors_write_nothing() {
             pods: &[],
             tls: &tls,
             tls_dir: "/t",
+            per_node: None,
+            prior_nodes: None,
             htpasswd: None,
             cluster: Default::default()
         })
@@ -297,6 +312,8 @@ fn auth_secret_is_rendered_into_the_proxy_secret_never_the_configmap() {
         pods: &[],
         tls: &tls,
         tls_dir: "/t",
+        per_node: None,
+        prior_nodes: None,
         htpasswd: None,
         cluster: Default::default(),
     })
@@ -309,6 +326,8 @@ fn auth_secret_is_rendered_into_the_proxy_secret_never_the_configmap() {
         pods: &[],
         tls: &tls,
         tls_dir: "/t",
+        per_node: None,
+        prior_nodes: None,
         htpasswd: Some(file),
         cluster: Default::default(),
     })
@@ -386,6 +405,8 @@ fn address_grants_let_named_namespaces_open_refused_space() {
         pods: &pods,
         tls: &tls,
         tls_dir: "/t",
+        per_node: None,
+        prior_nodes: None,
         htpasswd: None,
         cluster: Default::default(),
     };
@@ -475,6 +496,8 @@ fn cluster_policies_precedence_and_delegation_table() {
             pods: Box::leak(Box::new(pods.clone())),
             tls: Box::leak(Box::new(tls.clone())),
             tls_dir: "/t",
+            per_node: None,
+            prior_nodes: None,
             htpasswd: None,
             cluster: Cluster { policies: cluster, namespaces: namespaces.clone(), networks: Vec::new() },
         }
@@ -557,7 +580,17 @@ fn cluster_networks_join_the_bases_sorted_and_deduplicated() {
     let networks =
         ["2600:1f18::10", "10.244.1.0/24", "10.96.0.1", "not-an-address", "10.244.1.0/24"].map(String::from).to_vec();
     let cluster = Cluster { networks, ..Default::default() };
-    let input = Input { base: &base, policies: vec![], pods: &[], tls: &tls, tls_dir: "/t", htpasswd: None, cluster };
+    let input = Input {
+        base: &base,
+        policies: vec![],
+        pods: &[],
+        tls: &tls,
+        tls_dir: "/t",
+        htpasswd: None,
+        cluster,
+        per_node: None,
+        prior_nodes: None,
+    };
     let r = render(&input).1.unwrap();
     let v: Value = serde_yaml::from_str(&r.config).unwrap();
     assert_eq!(
@@ -585,4 +618,66 @@ fn dry_run_policies_render_rules_the_proxy_does_not_enforce() {
     assert_eq!(rules(&r)[0]["dryRun"], json!(true));
     let policy = proxy_config::ProxyConfig::from_yaml(&r.config).unwrap().policy;
     assert!(policy.rules.is_empty() && policy.shadow.is_some(), "counted, never enforced");
+}
+
+/// Per node: each node's document lists only its own pods (a rule with none of them is left out,
+/// never rendered without clients), every node named gets a document, and the whole one stays.
+#[test]
+fn per_node_documents_list_only_their_nodes_pods() {
+    let on = |node: &str, p: PodIn| PodIn { node: node.into(), ..p };
+    let pods = [
+        on("a", pod("ns", "web", "10.0.0.1")),
+        on("b", pod("ns", "web", "10.0.0.2")),
+        on("a", pod("ns", "db", "10.0.0.3")),
+    ];
+    let tls = BTreeMap::new();
+    let specs = [
+        ("ns", "web", spec(PolicyAction::Allow, "web", &["web.test"])),
+        ("ns", "db", spec(PolicyAction::Allow, "db", &["db.test"])),
+    ];
+    let nodes = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+    let input = |per_node| Input {
+        base: BASE,
+        policies: specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect(),
+        pods: &pods,
+        tls: &tls,
+        tls_dir: "/t",
+        htpasswd: None,
+        cluster: Default::default(),
+        per_node,
+        prior_nodes: None,
+    };
+    let whole = render(&input(None)).1.unwrap();
+    let r = render(&input(Some(&nodes))).1.unwrap();
+    assert_eq!(r.config, whole.config, "the whole document is unchanged");
+    assert_ne!(r.hash, whole.hash, "the node documents are part of what is written");
+    assert_eq!(r.nodes.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+    let clients = |node: &str| -> Vec<(String, Vec<String>)> {
+        let doc = &r.nodes[node];
+        let cfg = ProxyConfig::from_yaml(&doc.config).unwrap_or_else(|e| panic!("{node}: {e}"));
+        cfg.policy
+            .rules
+            .iter()
+            .map(|x| (x.name.clone(), x.clients.iter().map(|c| c.addr().to_string()).collect()))
+            .collect()
+    };
+    assert_eq!(
+        clients("a"),
+        [("ns/db".to_owned(), vec!["10.0.0.3".to_owned()]), ("ns/web".to_owned(), vec!["10.0.0.1".to_owned()])]
+    );
+    assert_eq!(clients("b"), [("ns/web".to_owned(), vec!["10.0.0.2".to_owned()])]);
+    assert!(clients("c").is_empty(), "a node without selected pods: no rule (none may go without clients)");
+    // A pod change on b leaves a's document as it was.
+    let moved = [
+        pods[0].clone(),
+        PodIn { labels: BTreeMap::from([("app".to_owned(), "db".to_owned())]), ..pods[1].clone() },
+        pods[2].clone(),
+    ];
+    let r2 = render(&Input { pods: &moved, ..input(Some(&nodes)) }).1.unwrap();
+    assert_eq!(r2.nodes["a"], r.nodes["a"]);
+    assert_ne!(r2.nodes["b"], r.nodes["b"]);
+    // With the previous documents at hand, unchanged nodes are reused and the result is the same.
+    let r3 = render(&Input { pods: &moved, prior_nodes: Some(&r.nodes), ..input(Some(&nodes)) }).1.unwrap();
+    assert_eq!(r3.nodes, r2.nodes);
+    assert_eq!(r3.hash, r2.hash);
 }
