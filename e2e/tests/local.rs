@@ -638,6 +638,8 @@ async fn tls_listener_certificates_come_from_validated_secrets() {
     let _operator = single_operator(&c, &kc, &dir.0, &base, &tls_dir_s, op_admin).await;
     until("rendered TLS Secret", 20, || async { project_secret(&c, &tls_dir).await }).await;
     let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
+    // The Secret is written first, the ConfigMap right after it.
+    until("rendered ConfigMap", 20, || async { cms.get_opt("tunnelgate-proxy").await.ok().flatten().is_some() }).await;
     let cm = cms.get("tunnelgate-proxy").await.unwrap();
     let config = cm.data.as_ref().unwrap()["config.yaml"].clone();
     assert!(config.contains(&format!("certFile: {tls_dir_s}/secure.crt")), "{config}");
@@ -919,7 +921,7 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
         .await
         .unwrap();
     until("clusterNetworks rendered", 20, || async {
-        let cm = cms.get("tunnelgate-proxy").await.unwrap();
+        let Some(cm) = cms.get_opt("tunnelgate-proxy").await.ok().flatten() else { return false };
         let policy = proxy_config::ProxyConfig::from_yaml(&cm.data.unwrap()["config.yaml"]).unwrap().policy;
         let nets: Vec<String> = policy.cluster_networks.iter().map(ToString::to_string).collect();
         nets == ["10.0.5.1/32", "10.96.0.0/16", "10.96.0.1/32", "10.250.0.0/24", "fd00:96::/108", "fd00:250::/64"]
