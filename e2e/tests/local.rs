@@ -1191,6 +1191,20 @@ async fn per_node_documents_carry_only_their_nodes_pods() {
         "node-a's document untouched"
     );
     assert_eq!(connect_from("127.0.0.11", proxy_addr, target).await, 200);
+    // `kubectl tunnelgate explain` decides against the pod's own node's document.
+    let out = std::process::Command::new(bin("kubectl-tunnelgate"))
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args(["explain", "-n", "payments", "pod/web-b", &target.to_string()])
+        .output()
+        .unwrap();
+    let text_out = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text_out}");
+    assert!(
+        text_out.contains("rule: payments/allow-web")
+            && text_out.contains("config: tunnelgate/tunnelgate-proxy-node-node-b"),
+        "{text_out}"
+    );
     until("still 1/1, Loaded", 20, || async {
         let p = tps.get("allow-web").await.unwrap();
         p.status.clone().unwrap_or_default().loaded.as_deref() == Some("1/1")

@@ -154,6 +154,8 @@ pub struct Explanation {
     pub dry_run: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loaded: Option<String>,
+    /// The ConfigMap decided against (`namespace/name`): the pod's node's document, or the whole.
+    pub config: String,
 }
 
 impl Explanation {
@@ -190,12 +192,14 @@ impl Explanation {
         if let Some(l) = &self.loaded {
             let _ = writeln!(out, "loaded on: {l} proxies");
         }
+        let _ = writeln!(out, "config: {}", self.config);
         out
     }
 }
 
 /// The decision for a request from `namespace/pod` to `target`, against the configuration the
-/// proxies are told to enforce (`<release>-proxy`), and how far the deciding policy has rolled out.
+/// proxy of the pod's node is told to enforce (its node's document when the operator renders per
+/// node, else `<release>-proxy`), and how far the deciding policy has rolled out.
 pub async fn explain(
     client: &Client,
     release: &Release,
@@ -214,13 +218,24 @@ pub async fn explain(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| PluginError::Usage(format!("pod {namespace}/{pod_name} has no IP (not running?)")))?;
     let auth: Authority = target.parse().map_err(|e| PluginError::Usage(format!("target {target:?}: {e}")))?;
-    let cm_name = format!("{}-proxy", release.object_prefix());
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), &release.namespace).get(&cm_name).await?;
+    // With per-node documents, the pod's node's proxy enforces its node's document.
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &release.namespace);
+    let whole = format!("{}-proxy", release.object_prefix());
+    let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+    let own = match &node {
+        Some(n) => cms.get_opt(&format!("{whole}-node-{n}")).await?.map(|cm| (format!("{whole}-node-{n}"), cm)),
+        None => None,
+    };
+    let (cm_name, cm) = match own {
+        Some(found) => found,
+        None => (whole.clone(), cms.get(&whole).await?),
+    };
     let text = cm.data.and_then(|mut d| d.remove("config.yaml")).unwrap_or_default();
     let cfg = ProxyConfig::from_yaml(&text)
         .map_err(|e| PluginError::Config(format!("{}/{cm_name}", release.namespace), e.to_string()))?;
     let policy = &cfg.policy;
     let mut e = Explanation {
+        config: format!("{}/{cm_name}", release.namespace),
         pod: format!("{namespace}/{pod_name}"),
         client: ip.to_string(),
         target: auth.to_string(),
