@@ -183,7 +183,13 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
     assert http_status_at(ip_a, p_admin, ready_path) != 200, "Ready before any configuration was loaded"
     assert old.poll() is None, "the proxy waits for its configuration instead of exiting"
     start("Deployment", "-operator", "tg-operator-0")
-    until("old proxy ready", 20, lambda: http_status_at(ip_a, p_admin, ready_path) == 200)
+    try:
+        until("old proxy ready", 60, lambda: http_status_at(ip_a, p_admin, ready_path) == 200)
+    except AssertionError:
+        for log in ("tg-operator-0.log", "tg-proxy-a.log", "emulator.log"):
+            text = (tmp_path / log).read_text() if (tmp_path / log).exists() else ""
+            print(f"--- {log}\n" + "\n".join(text.splitlines()[-20:]))
+        raise
 
     for name, app, ip in [("web-1", "web", CLIENTS["web"]), ("other-1", "other", CLIENTS["other"])]:
         api.call("POST", "/api/v1/namespaces/shop/pods", {
