@@ -64,12 +64,14 @@ class Api:
             raise
 
 
-def connect_status(client_ip, proxy_port, target):
+def connect(client_ip, proxy, target):
+    """A CONNECT from `client_ip` through `proxy` (host, port): the socket and the response head
+    (empty when the proxy closed first). Raises OSError when the proxy cannot be reached."""
     s = socket.socket()
     s.settimeout(5)
     try:
         s.bind((client_ip, 0))
-        s.connect(("127.0.0.1", proxy_port))
+        s.connect(proxy)
         s.sendall(f"CONNECT {target[0]}:{target[1]} HTTP/1.1\r\n\r\n".encode())
         head = b""
         while b"\r\n\r\n" not in head:
@@ -77,11 +79,23 @@ def connect_status(client_ip, proxy_port, target):
             if not chunk:
                 break
             head += chunk
-        return int(head.split(b" ")[1]) if head else 0
+        return s, head
+    except OSError:
+        s.close()
+        raise
+
+
+def status_of(head):
+    return int(head.split(b" ")[1]) if head else 0
+
+
+def connect_status(client_ip, proxy_port, target, proxy_host="127.0.0.1"):
+    try:
+        s, head = connect(client_ip, (proxy_host, proxy_port), target)
     except OSError:
         return 0
-    finally:
-        s.close()
+    s.close()
+    return status_of(head)
 
 
 def until(what, secs, f):
@@ -93,9 +107,9 @@ def until(what, secs, f):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def http_status(port, path):
+def http_status(port, path, host="127.0.0.1"):
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=2) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code

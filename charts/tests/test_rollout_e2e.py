@@ -20,7 +20,7 @@ import time
 import pytest
 
 from conftest import ROOT, find, render
-from test_local_e2e import Api, binary, container_env, expand, free_port, until
+from test_local_e2e import Api, binary, connect, container_env, expand, free_port, http_status, status_of, until
 
 NS = "tunnelgate"
 TAG = f"{os.getpid() % 100000}"
@@ -67,18 +67,11 @@ class Network:
 
 def tunnel(client_ip, proxy, target):
     """An established CONNECT tunnel (the socket), or None."""
-    s = socket.socket()
-    s.settimeout(5)
-    s.bind((client_ip, 0))
-    s.connect(proxy)
-    s.sendall(f"CONNECT {target[0]}:{target[1]} HTTP/1.1\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        if not chunk:
-            return None
-        head += chunk
-    return s if head.startswith(b"HTTP/1.1 200") else None
+    s, head = connect(client_ip, proxy, target)
+    if head.startswith(b"HTTP/1.1 200"):
+        return s
+    s.close()
+    return None
 
 
 def echo_roundtrip(s, payload):
@@ -180,11 +173,11 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
     old = start(proxy_kind, "-proxy", "tg-proxy-a", ns_a)
     proxy_pod("tg-proxy-a", ip_a)
     time.sleep(1.5)
-    assert http_status_at(ip_a, p_admin, ready_path) != 200, "Ready before any configuration was loaded"
+    assert http_status(p_admin, ready_path, ip_a) != 200, "Ready before any configuration was loaded"
     assert old.poll() is None, "the proxy waits for its configuration instead of exiting"
     start("Deployment", "-operator", "tg-operator-0")
     try:
-        until("old proxy ready", 60, lambda: http_status_at(ip_a, p_admin, ready_path) == 200)
+        until("old proxy ready", 60, lambda: http_status(p_admin, ready_path, ip_a) == 200)
     except AssertionError:
         for log in ("tg-operator-0.log", "tg-proxy-a.log", "emulator.log"):
             text = (tmp_path / log).read_text() if (tmp_path / log).exists() else ""
@@ -226,7 +219,7 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
 
     def probe(ip):
         while not stop.is_set():
-            endpoints[ip] = http_status_at(ip, p_admin, ready_path) == 200
+            endpoints[ip] = http_status(p_admin, ready_path, ip) == 200
             time.sleep(0.1)
 
     threads = [threading.Thread(target=clients), threading.Thread(target=probe, args=(ip_a,))]
@@ -262,35 +255,14 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
     assert connect_status_via(CLIENTS["web"], (ip_b, p_port), target) == 200
 
 
-def http_status_at(ip, port, path):
-    import urllib.request
-    try:
-        with urllib.request.urlopen(f"http://{ip}:{port}{path}", timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-
-
 def connect_status_via(client_ip, proxy, target):
-    s = socket.socket()
-    s.settimeout(5)
+    """The status of a CONNECT, or why the proxy could not be reached (kept in failure reports)."""
     try:
-        s.bind((client_ip, 0))
-        s.connect(proxy)
-        s.sendall(f"CONNECT {target[0]}:{target[1]} HTTP/1.1\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(1)
-            if not chunk:
-                break
-            head += chunk
-        return int(head.split(b" ")[1]) if head else 0
+        s, head = connect(client_ip, proxy, target)
     except OSError as e:
         return f"refused: {e}"
-    finally:
-        s.close()
+    s.close()
+    return status_of(head)
 
 
 def loaded(api):
