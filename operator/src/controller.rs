@@ -149,18 +149,10 @@ pub async fn run(
         client.clone(),
         Reporter { controller: MANAGER.into(), instance: Some(settings.identity.clone()) },
     );
-    let mut state = LoopState {
-        last_hash: None,
-        render: 0,
-        policy_renders: HashMap::new(),
-        proxies: settings.proxy_admin_port.map(|port| rollout::Proxies::new(port, wake.clone())),
-        warned: HashMap::new(),
-        dry_run_events: dryrun::DryRunEvents::new(settings.dry_run_event_interval),
-        laggards: rollout::Laggards::default(),
-        recheck: None,
-        node_docs: HashMap::new(),
-        prior_nodes: BTreeMap::new(),
-    };
+    let mut state = LoopState::new(
+        settings.proxy_admin_port.map(|port| rollout::Proxies::new(port, wake.clone())),
+        settings.dry_run_event_interval,
+    );
     metrics.leader.set(i64::from(*leader.borrow()));
     wake.notify_one();
     loop {
@@ -230,6 +222,24 @@ struct LoopState {
     node_docs: HashMap<String, (String, u64)>,
     /// The last render's node documents, reused where nothing of a node changed.
     prior_nodes: BTreeMap<String, render::NodeDoc>,
+}
+
+impl LoopState {
+    /// Nothing known yet: the first reconcile reads what is in force.
+    fn new(proxies: Option<rollout::Proxies>, dry_run_event_interval: Duration) -> LoopState {
+        LoopState {
+            last_hash: None,
+            render: 0,
+            policy_renders: HashMap::new(),
+            proxies,
+            warned: HashMap::new(),
+            dry_run_events: dryrun::DryRunEvents::new(dry_run_event_interval),
+            laggards: rollout::Laggards::default(),
+            recheck: None,
+            node_docs: HashMap::new(),
+            prior_nodes: BTreeMap::new(),
+        }
+    }
 }
 
 async fn warn_once(
@@ -362,7 +372,12 @@ async fn reconcile(
         networks: cluster_networks(c),
     };
     let base_text = base.clone().unwrap_or_default();
-    let node_names: Vec<String> = c.nodes.state().iter().filter_map(|n| n.metadata.name.clone()).collect();
+    // Node names matter only when rendering per node: no walk over every Node otherwise.
+    let node_names: Vec<String> = if s.config_per_node {
+        c.nodes.state().iter().filter_map(|n| n.metadata.name.clone()).collect()
+    } else {
+        Vec::new()
+    };
     let (outcomes, rendered) = render::render(&Input {
         base: &base_text,
         policies: inputs,

@@ -38,18 +38,10 @@ pub(super) async fn secrets(
                     tls.insert(listener, t);
                 }
                 Err(msg) => {
-                    if let Some(sec) = &secret {
-                        let note = format!("TLS Secret for listener {listener} is invalid: {msg}; the previous certificate stays in use");
-                        warn_once(
-                            recorder,
-                            state,
-                            format!("secret/{secret_name}"),
-                            &sec.object_ref(&()),
-                            "InvalidSecret",
-                            note,
-                        )
-                        .await;
-                    }
+                    let note = format!(
+                        "TLS Secret for listener {listener} is invalid: {msg}; the previous certificate stays in use"
+                    );
+                    warn_invalid(recorder, state, secret.as_deref(), &secret_name, note).await;
                     warn!(listener = %listener, secret = %secret_name, error = %msg, "TLS Secret unusable; keeping the previous certificate");
                     let prev = previous.as_ref().and_then(|p| p.data.as_ref()).and_then(|d| {
                         let crt = d.get(&format!("{listener}.crt"))?;
@@ -78,18 +70,8 @@ pub(super) async fn secrets(
                     Some(Err(e)) => e.to_string(),
                     _ => "not found".to_owned(),
                 };
-                if let Some(sec) = &secret {
-                    let note = format!("htpasswd Secret is invalid: {msg}; the previous users stay in force");
-                    warn_once(
-                        recorder,
-                        state,
-                        format!("secret/{secret_name}"),
-                        &sec.object_ref(&()),
-                        "InvalidSecret",
-                        note,
-                    )
-                    .await;
-                }
+                let note = format!("htpasswd Secret is invalid: {msg}; the previous users stay in force");
+                warn_invalid(recorder, state, secret.as_deref(), &secret_name, note).await;
                 warn!(secret = %secret_name, error = %msg, "htpasswd Secret unusable; keeping the previous users");
                 let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
                 htpasswd = previous
@@ -101,4 +83,17 @@ pub(super) async fn secrets(
     }
 
     (tls, htpasswd)
+}
+
+/// A Warning event `InvalidSecret` on a Secret that exists but cannot be used (once per message).
+async fn warn_invalid(
+    recorder: &Recorder,
+    state: &mut LoopState,
+    secret: Option<&k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+    note: String,
+) {
+    if let Some(sec) = secret {
+        warn_once(recorder, state, format!("secret/{name}"), &sec.object_ref(&()), "InvalidSecret", note).await;
+    }
 }

@@ -101,18 +101,7 @@ async fn first_write_reads_then_applies_secret_before_configmap() {
     ])
     .await;
     let metrics = Metrics::register(&Registry::new()).unwrap();
-    let mut state = LoopState {
-        last_hash: None,
-        render: 0,
-        policy_renders: HashMap::new(),
-        proxies: None,
-        warned: HashMap::new(),
-        dry_run_events: super::dryrun::DryRunEvents::new(Duration::from_secs(300)),
-        laggards: super::rollout::Laggards::default(),
-        recheck: None,
-        node_docs: HashMap::new(),
-        prior_nodes: BTreeMap::new(),
-    };
+    let mut state = LoopState::new(None, Duration::from_secs(300));
     apply(&client, &settings(), &metrics, &mut state, &rendered(true)).await.unwrap();
     assert_eq!(calls.await.unwrap().len(), 4);
     assert_eq!(state.last_hash.as_deref(), Some("abc123"));
@@ -126,18 +115,7 @@ async fn unchanged_hash_in_force_writes_nothing() {
     let (client, calls) =
         scenario(vec![(Method::GET, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", cm("abc123"))]).await;
     let metrics = Metrics::register(&Registry::new()).unwrap();
-    let mut state = LoopState {
-        last_hash: None,
-        render: 0,
-        policy_renders: HashMap::new(),
-        proxies: None,
-        warned: HashMap::new(),
-        dry_run_events: super::dryrun::DryRunEvents::new(Duration::from_secs(300)),
-        laggards: super::rollout::Laggards::default(),
-        recheck: None,
-        node_docs: HashMap::new(),
-        prior_nodes: BTreeMap::new(),
-    };
+    let mut state = LoopState::new(None, Duration::from_secs(300));
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
     // And with the hash known, not even a read.
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
