@@ -19,19 +19,20 @@ use tracing::{debug, info, warn};
 
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
 use crate::metrics::Metrics;
-use crate::render::{self, Cluster, ClusterPolicyIn, Input, PodIn, PolicyIn, RenderError};
+use crate::render::{self, Cluster, ClusterPolicyIn, Input, PolicyIn, RenderError};
 use crate::status::{self, NotInForce};
 
 mod apply;
 mod dryrun;
 mod inputs;
+mod pods;
 mod rollout;
 mod status_writer;
 mod watches;
 
 use apply::apply;
 use status_writer::{StatusWriter, Target};
-use watches::{cluster_networks, pod_in, proxy_endpoints, wait_synced, Caches};
+use watches::{cluster_networks, proxy_endpoints, wait_synced, Caches};
 
 /// Field manager of every write (server-side apply).
 pub const MANAGER: &str = "tunnelgate-operator";
@@ -222,6 +223,10 @@ struct LoopState {
     node_docs: HashMap<String, (String, u64)>,
     /// The last render's node documents, reused where nothing of a node changed.
     prior_nodes: BTreeMap<String, render::NodeDoc>,
+    /// The pods as last rendered, and what the last render worked out per policy: a render
+    /// re-selects pods only for the policies a change can affect.
+    pods: pods::PodTable,
+    memo: render::Memo,
 }
 
 impl LoopState {
@@ -238,6 +243,8 @@ impl LoopState {
             recheck: None,
             node_docs: HashMap::new(),
             prior_nodes: BTreeMap::new(),
+            pods: pods::PodTable::default(),
+            memo: render::Memo::default(),
         }
     }
 }
@@ -342,7 +349,7 @@ async fn reconcile(
     let ns = &s.namespace;
     let all_policies = c.policies.state();
     let policies: Vec<Arc<TunnelPolicy>> = all_policies.iter().filter_map(|l| l.read.as_ref().ok().cloned()).collect();
-    let pods: Vec<PodIn> = c.pods.state().iter().map(|p| pod_in(p)).collect();
+    let changed = state.pods.sync(&c.pods.state());
     let base_cm = c.base.get(&ObjectRef::new(&s.base_name()).within(ns));
     let base = base_cm.as_ref().and_then(|cm| cm.data.as_ref()?.get("config.yaml").cloned());
 
@@ -378,17 +385,19 @@ async fn reconcile(
     } else {
         Vec::new()
     };
-    let (outcomes, rendered) = render::render(&Input {
+    let input = Input {
         base: &base_text,
         policies: inputs,
-        pods: &pods,
+        pods: state.pods.rows(),
         tls: &tls,
         tls_dir: &s.tls_dir,
         htpasswd: htpasswd.as_deref(),
         cluster,
         per_node: s.config_per_node.then_some(node_names.as_slice()),
         prior_nodes: Some(&state.prior_nodes),
-    });
+    };
+    let (outcomes, rendered) = render::render_with(&input, &mut state.memo, &changed.as_changes());
+    metrics.policy_evaluations.inc_by(u64::try_from(state.memo.evaluated()).unwrap_or(u64::MAX));
     let applied: Result<String, Error> = match (base.is_some(), rendered) {
         (false, _) => Err(Error::BaseMissing(format!("{ns}/{}", s.base_name()))),
         (true, Err(e)) => Err(Error::Render(e)),

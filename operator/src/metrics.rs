@@ -1,6 +1,8 @@
 //! Operator metrics on an explicit registry; labels from closed sets only.
 
-use prometheus::{exponential_buckets, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Every collector the operator exports.
 #[derive(Clone)]
@@ -24,6 +26,9 @@ pub struct Metrics {
     pub status_pending: IntGauge,
     /// Proxies of the release by `state` = current (the latest render) | behind | failing.
     pub proxies: IntGaugeVec,
+    /// Policies validated and matched against pods again (the rest were reused from the previous
+    /// render): per change, about the number of policies the change can affect.
+    pub policy_evaluations: IntCounter,
 }
 
 impl Metrics {
@@ -62,6 +67,10 @@ impl Metrics {
                 "tunnelgate_operator_status_writes_pending",
                 "Policy statuses waiting to be written",
             )?,
+            policy_evaluations: IntCounter::new(
+                "tunnelgate_operator_policy_evaluations_total",
+                "Policies worked out again by a render (validated and matched against pods)",
+            )?,
             leader: IntGauge::new(
                 "tunnelgate_operator_leader",
                 "Whether this replica holds the Lease (1) or stands by (0)",
@@ -76,6 +85,7 @@ impl Metrics {
         r.register(Box::new(m.status_writes.clone()))?;
         r.register(Box::new(m.status_pending.clone()))?;
         r.register(Box::new(m.proxies.clone()))?;
+        r.register(Box::new(m.policy_evaluations.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"),
             &["version", "git_sha"],

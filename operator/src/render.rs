@@ -28,7 +28,7 @@ pub struct PolicyIn<'a> {
 }
 
 /// A pod as the renderer sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PodIn {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
@@ -286,9 +286,38 @@ fn clients_of<'p>(pods: impl Iterator<Item = &'p PodIn>, selects: impl Fn(&PodIn
     (ips, chosen.iter().filter(|pod| !pod.ips.is_empty()).count())
 }
 
+/// A rule before it becomes text: its body (everything but `clients`) and its clients' addresses,
+/// which per-node rendering splits by node before any of them is formatted.
+#[derive(Debug)]
+struct Rule {
+    body: RawRule,
+    clients: Vec<IpAddr>,
+}
+
+impl Rule {
+    /// The rule as the document carries it, listing `clients`.
+    fn raw(&self, clients: &[IpAddr]) -> RawRule {
+        RawRule { clients: Some(clients.iter().map(ToString::to_string).collect()), ..self.body.clone() }
+    }
+}
+
+/// Bytes of an address as text, without building the text.
+fn text_len(ip: &IpAddr) -> usize {
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = std::fmt::write(&mut c, format_args!("{ip}"));
+    c.0
+}
+
 /// One rule per rendered destination, named `<prefix>` or `<prefix>/<index>`.
 fn push_rules(
-    rules: &mut Vec<RawRule>,
+    rules: &mut Vec<Rule>,
     prefix: &str,
     v: &ValidPolicy,
     ips: &[IpAddr],
@@ -300,17 +329,16 @@ fn push_rules(
     if ips.is_empty() {
         return names;
     }
-    let clients: Vec<String> = ips.iter().map(ToString::to_string).collect();
     let many = v.destinations.len() > 1;
     for (i, d) in v.destinations.iter().enumerate() {
         if skip.contains(&i) {
             continue;
         }
         let name = if many { format!("{prefix}/{i}") } else { prefix.to_owned() };
-        rules.push(RawRule {
+        let body = RawRule {
             name: name.clone(),
             action: v.action.into(),
-            clients: Some(clients.clone()),
+            clients: None,
             users: None,
             hosts: d.hosts.clone(),
             host_regex: None,
@@ -319,14 +347,87 @@ fn push_rules(
             relay: d.relay.clone(),
             priority,
             dry_run: v.dry_run.then_some(true),
-        });
+        };
+        rules.push(Rule { body, clients: ips.to_vec() });
         names.push(name);
     }
     names
 }
 
+/// What rendering worked out per policy (its validation and the pods it selects), kept from one
+/// render to the next so that a change re-evaluates only the policies it can affect: a pod change
+/// only the policies of its namespace (and the cluster policies covering it) whose selector matches
+/// the pod before or after the change; a policy change only that policy. Selecting pods is the part
+/// of a render that grows with pods × policies; the rest is linear in the document.
+#[derive(Debug, Default)]
+pub struct Memo {
+    namespaced: HashMap<(String, String), Worked<TunnelPolicySpec, ValidPolicy>>,
+    cluster: HashMap<String, Worked<ClusterTunnelPolicySpec, (ValidPolicy, Selector)>>,
+    /// The namespaces' labels the cluster policies were worked out against.
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// How many policies the last render worked out again.
+    evaluated: usize,
+}
+
+impl Memo {
+    /// How many policies the last render worked out again (the others were reused).
+    pub fn evaluated(&self) -> usize {
+        self.evaluated
+    }
+}
+
+/// One policy worked out: from this spec, this validation and these selected pods.
+#[derive(Debug)]
+struct Worked<S, V> {
+    spec: S,
+    valid: Result<V, Vec<FieldError>>,
+    /// The selected pods' IPs (sorted, without duplicates) and how many pods have one.
+    selected: (Vec<IpAddr>, usize),
+}
+
+/// The pods that changed since the memo was filled.
+#[derive(Debug, Clone)]
+pub enum PodChanges<'a> {
+    /// Not known (the first render, a re-list of the pods): every policy is worked out again.
+    All,
+    /// Each changed pod before and after the change (a pod added or deleted appears once), by
+    /// namespace and labels: all a selector looks at.
+    Pods(Vec<(&'a str, &'a BTreeMap<String, String>)>),
+}
+
+impl PodChanges<'_> {
+    /// Changed pods' labels by namespace; `None` for [`PodChanges::All`].
+    fn by_namespace(&self) -> Option<HashMap<&str, Vec<&BTreeMap<String, String>>>> {
+        let PodChanges::Pods(pods) = self else { return None };
+        let mut out: HashMap<&str, Vec<&BTreeMap<String, String>>> = HashMap::new();
+        for (ns, labels) in pods {
+            out.entry(ns).or_default().push(labels);
+        }
+        Some(out)
+    }
+}
+
 /// Renders the policies; returns each policy's outcome and the document (or why there is none).
 pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
+    render_with(input, &mut Memo::default(), &PodChanges::All)
+}
+
+/// [`render`], reusing what `memo` holds for the policies that neither changed nor select a pod of
+/// `changes`; `memo` is left holding this render's work. The result is the same as [`render`]'s.
+pub fn render_with(
+    input: &Input<'_>,
+    memo: &mut Memo,
+    changes: &PodChanges<'_>,
+) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
+    let changed = changes.by_namespace();
+    // Cluster policies look at namespaces' labels: any change of those works them all out again.
+    let namespaces_same = memo.namespaces == input.cluster.namespaces;
+    if !namespaces_same {
+        memo.namespaces = input.cluster.namespaces.clone();
+    }
+    memo.evaluated = 0;
+    let mut prior_cluster = std::mem::take(&mut memo.cluster);
+    let mut prior_namespaced = std::mem::take(&mut memo.namespaced);
     // The base is parsed once; its operator-only grants are taken out of it here. A bad base (or
     // bad grants) writes nothing, and policies are then judged without grants.
     let base = parse_base(input.base).and_then(|mut doc| take_grants(&mut doc).map(|grants| (doc, grants)));
@@ -345,7 +446,38 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
     let mut cluster = input.cluster.policies.clone();
     cluster.sort_by(|a, b| a.name.cmp(b.name));
     for cp in &cluster {
-        let result = validate_cluster(cp.spec).map(|(v, namespaces)| {
+        let reusable = |w: &Worked<ClusterTunnelPolicySpec, (ValidPolicy, Selector)>| {
+            let Some(changed) = &changed else { return false };
+            // A delegating policy selects no pod: pod changes never affect it.
+            let affected = cp.spec.delegate != Some(true)
+                && w.valid.as_ref().is_ok_and(|(v, namespaces)| {
+                    changed.iter().any(|(ns, pods)| {
+                        namespaces.matches(&ns_labels(ns)) && pods.iter().any(|labels| v.selector.matches(labels))
+                    })
+                });
+            namespaces_same && w.spec == *cp.spec && !affected
+        };
+        let worked = match prior_cluster.remove(cp.name).filter(reusable) {
+            Some(w) => w,
+            None => {
+                let valid = validate_cluster(cp.spec);
+                let selected = match &valid {
+                    // A delegating policy selects no pod of its own.
+                    Ok((v, namespaces)) if cp.spec.delegate != Some(true) => {
+                        // Namespace scope decided once per namespace, not once per pod.
+                        let pods = by_namespace
+                            .iter()
+                            .filter(|(ns, _)| namespaces.matches(&ns_labels(ns)))
+                            .flat_map(|(_, pods)| pods.iter().copied());
+                        clients_of(pods, |pod| v.selector.matches(&pod.labels))
+                    }
+                    _ => (Vec::new(), 0),
+                };
+                memo.evaluated += 1;
+                Worked { spec: cp.spec.clone(), valid, selected }
+            }
+        };
+        let result = worked.valid.clone().map(|(v, namespaces)| {
             let in_scope = |ns: &str| namespaces.matches(&ns_labels(ns));
             if cp.spec.delegate == Some(true) {
                 let cidrs = v
@@ -366,13 +498,11 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                     dry_run: false,
                 };
             }
-            // Namespace scope decided once per namespace, not once per pod.
-            let pods = by_namespace.iter().filter(|(ns, _)| in_scope(ns)).flat_map(|(_, pods)| pods.iter().copied());
-            let (ips, matched) = clients_of(pods, |pod| v.selector.matches(&pod.labels));
+            let (ips, matched) = &worked.selected;
             let priority = cp.spec.priority.unwrap_or(DEFAULT_PRIORITY);
-            let names = push_rules(&mut rules, &format!("cluster:{}", cp.name), &v, &ips, Some(priority), &[]);
+            let names = push_rules(&mut rules, &format!("cluster:{}", cp.name), &v, ips, Some(priority), &[]);
             Accepted {
-                matched_pods: matched,
+                matched_pods: *matched,
                 summary: v.summary.clone(),
                 rules: names,
                 restricted: Vec::new(),
@@ -380,15 +510,38 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                 dry_run: v.dry_run,
             }
         });
+        memo.cluster.insert(cp.name.to_owned(), worked);
         outcomes.push(PolicyOutcome { namespace: String::new(), name: cp.name.to_owned(), result });
     }
 
     let mut policies = input.policies.clone();
     policies.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
     for p in &policies {
-        let result = validate(p.spec).map(|v| {
-            let pods = by_namespace.get(p.namespace).into_iter().flatten().copied();
-            let (ips, matched) = clients_of(pods, |pod| v.selector.matches(&pod.labels));
+        let key = (p.namespace.to_owned(), p.name.to_owned());
+        let reusable = |w: &Worked<TunnelPolicySpec, ValidPolicy>| {
+            let Some(changed) = &changed else { return false };
+            let affected = w.valid.as_ref().is_ok_and(|v| {
+                changed.get(p.namespace).is_some_and(|pods| pods.iter().any(|labels| v.selector.matches(labels)))
+            });
+            w.spec == *p.spec && !affected
+        };
+        let worked = match prior_namespaced.remove(&key).filter(reusable) {
+            Some(w) => w,
+            None => {
+                let valid = validate(p.spec);
+                let selected = match &valid {
+                    Ok(v) => {
+                        let pods = by_namespace.get(p.namespace).into_iter().flatten().copied();
+                        clients_of(pods, |pod| v.selector.matches(&pod.labels))
+                    }
+                    Err(_) => (Vec::new(), 0),
+                };
+                memo.evaluated += 1;
+                Worked { spec: p.spec.clone(), valid, selected }
+            }
+        };
+        let result = worked.valid.clone().map(|v| {
+            let (ips, matched) = &worked.selected;
             let mut restricted = Vec::new();
             let mut left_out = Vec::new();
             if v.action == "allow" {
@@ -401,9 +554,9 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                     }
                 }
             }
-            let names = push_rules(&mut rules, &format!("{}/{}", p.namespace, p.name), &v, &ips, None, &left_out);
+            let names = push_rules(&mut rules, &format!("{}/{}", p.namespace, p.name), &v, ips, None, &left_out);
             Accepted {
-                matched_pods: matched,
+                matched_pods: *matched,
                 summary: v.summary.clone(),
                 rules: names,
                 restricted,
@@ -411,10 +564,11 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
                 dry_run: v.dry_run,
             }
         });
+        memo.namespaced.insert(key, worked);
         outcomes.push(PolicyOutcome { namespace: p.namespace.to_owned(), name: p.name.to_owned(), result });
     }
     let rendered = base.and_then(|(doc, _)| match input.per_node {
-        None => document(input, doc, rules),
+        None => document(input, doc, rules.iter().map(|r| r.raw(&r.clients)).collect()),
         Some(nodes) => per_node(input, doc, rules, nodes),
     });
     (outcomes, rendered)
@@ -425,29 +579,31 @@ pub fn render(input: &Input<'_>) -> (Vec<PolicyOutcome>, Result<Rendered, Render
 fn per_node(
     input: &Input<'_>,
     doc: Map<String, Value>,
-    rules: Vec<RawRule>,
+    rules: Vec<Rule>,
     nodes: &[String],
 ) -> Result<Rendered, RenderError> {
-    let mut node_of: HashMap<String, &str> = HashMap::new();
-    for pod in input.pods.iter().filter(|p| p.eligible && !p.node.is_empty()) {
-        for ip in &pod.ips {
-            node_of.insert(ip.to_string(), pod.node.as_str());
-        }
-    }
     let mut names: std::collections::BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
     names.extend(input.pods.iter().filter(|p| !p.node.is_empty()).map(|p| p.node.as_str()));
-    // Each rule's clients grouped by node, in one pass over all clients (not one per node).
-    let mut by_node: BTreeMap<&str, Vec<RawRule>> = names.iter().map(|n| (*n, Vec::new())).collect();
-    for r in &rules {
-        let mut groups: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for c in r.clients.iter().flatten() {
-            if let Some(node) = node_of.get(c.as_str()) {
-                groups.entry(node).or_default().push(c.clone());
-            }
+    let names: Vec<&str> = names.into_iter().collect();
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut node_of: HashMap<IpAddr, usize> = HashMap::new();
+    for pod in input.pods.iter().filter(|p| p.eligible && !p.node.is_empty()) {
+        if let Some(&i) = index.get(pod.node.as_str()) {
+            node_of.extend(pod.ips.iter().map(|ip| (*ip, i)));
         }
-        // A rule without clients on a node is left out there (no clients would mean any client).
-        for (node, clients) in groups {
-            by_node.entry(node).or_default().push(RawRule { clients: Some(clients), ..r.clone() });
+    }
+    // Each rule's clients grouped by node, in one pass over all clients (not one per node), as
+    // addresses: only the documents that changed are formatted.
+    let mut by_node: Vec<Vec<(usize, Vec<IpAddr>)>> = vec![Vec::new(); names.len()];
+    for (r, rule) in rules.iter().enumerate() {
+        for ip in &rule.clients {
+            let Some(&node) = node_of.get(ip) else { continue };
+            let own = &mut by_node[node];
+            match own.last_mut() {
+                Some((last, ips)) if *last == r => ips.push(*ip),
+                // A rule without clients on a node is left out there (no clients would mean any client).
+                _ => own.push((r, vec![*ip])),
+            }
         }
     }
     // What every node document shares (the base, TLS and users): with a node's own rules it
@@ -460,18 +616,31 @@ fn per_node(
         shared_digest.update(t.sha256.as_bytes());
     }
     shared_digest.update(input.htpasswd.unwrap_or_default().as_bytes());
+    // Each rule's body digested once, for every node that carries it.
+    let bodies: Vec<[u8; 32]> =
+        rules.iter().map(|r| Sha256::digest(serde_json::to_vec(&r.body).unwrap_or_default()).into()).collect();
     let mut docs = BTreeMap::new();
     let mut shared = None;
-    for (node, own) in by_node {
+    for (node, own) in names.iter().zip(by_node) {
         let mut fp = shared_digest.clone();
-        fp.update(serde_json::to_vec(&own).unwrap_or_default());
+        for (r, ips) in &own {
+            fp.update(bodies[*r]);
+            for ip in ips {
+                match ip {
+                    IpAddr::V4(a) => fp.update(a.octets()),
+                    IpAddr::V6(a) => fp.update(a.octets()),
+                }
+            }
+            fp.update([0xff]);
+        }
         let fingerprint = hex::encode(fp.finalize());
-        if let Some(prior) = input.prior_nodes.and_then(|p| p.get(node)).filter(|d| d.fingerprint == fingerprint) {
-            docs.insert(node.to_owned(), prior.clone());
+        if let Some(prior) = input.prior_nodes.and_then(|p| p.get(*node)).filter(|d| d.fingerprint == fingerprint) {
+            docs.insert((*node).to_owned(), prior.clone());
             continue;
         }
-        let d = document(input, doc.clone(), own)?;
-        docs.insert(node.to_owned(), NodeDoc { config: d.config, hash: d.hash, fingerprint });
+        let own_rules = own.iter().map(|(r, ips)| rules[*r].raw(ips)).collect();
+        let d = document(input, doc.clone(), own_rules)?;
+        docs.insert((*node).to_owned(), NodeDoc { config: d.config, hash: d.hash, fingerprint });
         shared.get_or_insert((d.tls_data, d.annotations));
     }
     if shared.is_none() {
@@ -480,7 +649,15 @@ fn per_node(
         let d = document(input, doc.clone(), Vec::new())?;
         shared = Some((d.tls_data, d.annotations));
     }
-    let mut whole = match document(input, doc, rules) {
+    // Each client takes at least its text and `    - \n` in the document: past the limit by that
+    // count alone, the whole document is not built (at 100,000 pods it is megabytes of YAML).
+    let floor: usize = rules.iter().flat_map(|r| r.clients.iter()).map(|ip| text_len(ip) + 7).sum();
+    let whole = if floor > MAX_CONFIG_BYTES {
+        Err(RenderError::TooLarge { bytes: floor })
+    } else {
+        document(input, doc, rules.iter().map(|r| r.raw(&r.clients)).collect())
+    };
+    let mut whole = match whole {
         Ok(w) => w,
         // Too large for one ConfigMap is what per-node rendering is for; gateways need it whole.
         Err(RenderError::TooLarge { bytes }) => {

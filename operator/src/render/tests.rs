@@ -681,3 +681,137 @@ fn per_node_documents_list_only_their_nodes_pods() {
     assert_eq!(r3.nodes, r2.nodes);
     assert_eq!(r3.hash, r2.hash);
 }
+
+/// Incremental rendering: through a random walk of pod, policy and namespace changes, a render
+/// that reuses the previous render's work gives exactly what a full render gives, and a pod change
+/// works out again only the policies that select the pod before or after it.
+#[test]
+fn incremental_render_equals_a_full_render_and_works_out_only_affected_policies() {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let namespaces = ["ns-0", "ns-1", "ns-2"];
+    let app = |i: usize| format!("app-{i}");
+    let mut ns_labels: BTreeMap<String, BTreeMap<String, String>> =
+        namespaces.iter().map(|n| (n.to_string(), BTreeMap::from([("tier".to_owned(), "a".to_owned())]))).collect();
+    // Pods by name; IPs never reused.
+    let mut ip_seq = 0u32;
+    let mut fresh_ip = move || {
+        ip_seq += 1;
+        format!("10.1.{}.{}", ip_seq / 250, ip_seq % 250 + 1)
+    };
+    let mut pods: Vec<(String, PodIn)> =
+        (0..30).map(|i| (format!("pod-{i}"), pod(namespaces[i % 3], &app(i % 5), &fresh_ip()))).collect();
+    let mut specs: Vec<(&str, String, TunnelPolicySpec)> = (0..12)
+        .map(|j| {
+            (namespaces[j % 3], format!("p-{j}"), spec(PolicyAction::Allow, &app(j % 6), &[&format!("h{j}.test")]))
+        })
+        .collect();
+    // One that never validates: it stays rejected, whatever changes.
+    specs.push(("ns-1", "bad".into(), spec(PolicyAction::Allow, "app-1", &["bad host!"])));
+    let tier_a = LabelSelector {
+        match_labels: Some(BTreeMap::from([("tier".to_owned(), "a".to_owned())])),
+        ..Default::default()
+    };
+    let cluster_specs = [
+        ("guard", cluster_spec(PolicyAction::Deny, tier_a.clone(), &["8.8.0.0/16"], Some(10))),
+        ("delegate", {
+            ClusterTunnelPolicySpec {
+                delegate: Some(true),
+                ..cluster_spec(PolicyAction::Allow, tier_a.clone(), &["10.20.0.0/16"], None)
+            }
+        }),
+    ];
+    let tls = BTreeMap::new();
+    let mut memo = Memo::default();
+    let mut changed_total = 0;
+    for step in 0..120 {
+        let before: Vec<(String, PodIn)> = pods.clone();
+        let mut pod_step = true;
+        match next(7) {
+            0 => {
+                let i = next(pods.len());
+                pods[i].1.labels.insert("app".into(), app(next(6)));
+            }
+            1 => {
+                let i = next(pods.len());
+                pods[i].1.ips = vec![fresh_ip().parse().unwrap()];
+            }
+            2 => {
+                let i = next(pods.len());
+                pods[i].1.eligible = !pods[i].1.eligible;
+            }
+            3 if pods.len() > 5 => {
+                pods.remove(next(pods.len()));
+            }
+            4 => pods.push((format!("pod-new-{step}"), pod(namespaces[next(3)], &app(next(6)), &fresh_ip()))),
+            5 => {
+                pod_step = false;
+                let j = next(specs.len() - 1);
+                specs[j].2 = spec(PolicyAction::Allow, &app(next(6)), &[&format!("h{step}.test")]);
+            }
+            _ => {
+                pod_step = false;
+                let n = namespaces[next(3)];
+                let tier = if next(2) == 0 { "a" } else { "b" };
+                ns_labels.insert(n.to_owned(), BTreeMap::from([("tier".to_owned(), tier.to_owned())]));
+            }
+        }
+        // The changed pods, before and after, as the controller's pod table reports them.
+        let mut changes: Vec<PodIn> = Vec::new();
+        for (name, old) in &before {
+            match pods.iter().find(|(n, _)| n == name) {
+                Some((_, new)) if new == old => {}
+                Some((_, new)) => changes.extend([old.clone(), new.clone()]),
+                None => changes.push(old.clone()),
+            }
+        }
+        changes.extend(pods.iter().filter(|(n, _)| !before.iter().any(|(b, _)| b == n)).map(|(_, p)| p.clone()));
+        let rows: Vec<PodIn> = pods.iter().map(|(_, p)| p.clone()).collect();
+        let full_input = Input {
+            base: BASE,
+            policies: specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect(),
+            pods: &rows,
+            tls: &tls,
+            tls_dir: "/t",
+            htpasswd: None,
+            cluster: Cluster {
+                policies: cluster_specs.iter().map(|(n, s)| ClusterPolicyIn { name: n, spec: s }).collect(),
+                namespaces: ns_labels.clone(),
+                networks: Vec::new(),
+            },
+            per_node: None,
+            prior_nodes: None,
+        };
+        let pod_changes = if step == 0 {
+            PodChanges::All
+        } else {
+            PodChanges::Pods(changes.iter().map(|p| (p.namespace.as_str(), &p.labels)).collect())
+        };
+        let incremental = render_with(&full_input, &mut memo, &pod_changes);
+        let full = render(&full_input);
+        assert_eq!(incremental, full, "step {step}: the incremental render differs from a full one");
+        if step > 0 && pod_step {
+            // Expected: the namespaced policies of the changed pods' namespaces whose app is one of
+            // theirs, and the guard (it selects every pod of a tier-a namespace) when one is in scope.
+            let selects = |ns: &str, a: &str| {
+                changes.iter().any(|c| c.namespace == ns && c.labels.get("app").map(String::as_str) == Some(a))
+            };
+            let namespaced = specs
+                .iter()
+                .filter(|(ns, n, s)| {
+                    let a = &s.pod_selector.match_labels.as_ref().unwrap()["app"];
+                    n != "bad" && selects(ns, a)
+                })
+                .count();
+            let guard = changes.iter().any(|c| ns_labels[&c.namespace]["tier"] == "a");
+            assert_eq!(memo.evaluated(), namespaced + usize::from(guard), "step {step}: {changes:?}");
+            changed_total += 1;
+        }
+    }
+    assert!(changed_total > 40, "the walk changed pods {changed_total} times");
+}
