@@ -1211,4 +1211,14 @@ async fn per_node_documents_carry_only_their_nodes_pods() {
             && condition(&p, "Enforced").is_some_and(|c| c.0 == "True")
     })
     .await;
+    // node-b's last pods go (and it has no Node object): its document is removed, node-a's stays.
+    for name in ["web-b", "web-b2"] {
+        pods.delete(name, &Default::default()).await.unwrap();
+    }
+    until("node-b's document removed", 20, || async {
+        cms.get_opt("tunnelgate-proxy-node-node-b").await.unwrap().is_none()
+    })
+    .await;
+    assert!(cms.get_opt("tunnelgate-proxy-node-node-a").await.unwrap().is_some());
+    assert_eq!(connect_from("127.0.0.11", proxy_addr, target).await, 200);
 }

@@ -166,6 +166,7 @@ pub async fn run(
                 info!(leader = *leader.borrow(), "leadership changed");
                 // A new leader starts from what is in the cluster.
                 state.last_hash = None;
+                state.node_docs_known = false;
             }
         }
         if !settle(&wake, settings.debounce, settings.debounce_max, &shutdown).await {
@@ -221,6 +222,8 @@ struct LoopState {
     recheck: Option<Duration>,
     /// Per node (when rendering per node): the hash and render number of its document in force.
     node_docs: HashMap<String, (String, u64)>,
+    /// Whether `node_docs` was read from the API since the start (or the last failed write).
+    node_docs_known: bool,
     /// The last render's node documents, reused where nothing of a node changed.
     prior_nodes: BTreeMap<String, render::NodeDoc>,
     /// The pods as last rendered, and what the last render worked out per policy: a render
@@ -242,6 +245,7 @@ impl LoopState {
             laggards: rollout::Laggards::default(),
             recheck: None,
             node_docs: HashMap::new(),
+            node_docs_known: false,
             prior_nodes: BTreeMap::new(),
             pods: pods::PodTable::default(),
             memo: render::Memo::default(),

@@ -15,6 +15,11 @@ use tunnelgate_operator::controller::{self, Settings};
 use tunnelgate_operator::metrics::Metrics;
 use tunnelgate_operator::{admin, error_chain};
 
+// The caches hold every pod of the cluster and each render allocates and frees documents of
+// megabytes: glibc's arenas kept that churn resident (bench/RESULTS.md, propagation at 100,000 pods).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tunnelgate operator: renders TunnelPolicies into the proxy's ConfigMap.
 #[derive(Debug, Parser)]
 #[command(name = "tunnelgate-operator", version)]

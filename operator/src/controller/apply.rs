@@ -107,16 +107,38 @@ async fn apply_nodes(
     render: u64,
 ) -> Result<(), Error> {
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &s.namespace);
-    let existing = cms
-        .list(&kube::api::ListParams::default().labels(&format!("{NODE_DOC_LABEL}={}", s.config_name())))
-        .await
-        .map_err(|e| Error::Apply(format!("ConfigMaps {NODE_DOC_LABEL}={}", s.config_name()), e))?;
-    // What is in force (after a restart too): each node document's hash and render.
-    for cm in &existing.items {
-        let (Some(node), a) = (cm.labels().get("tunnelgate.io/node").cloned(), cm.annotations()) else { continue };
-        if let (Some(h), Some(n)) = (a.get(HASH_ANNOTATION), a.get(RENDER_ANNOTATION).and_then(|n| n.parse().ok())) {
-            state.node_docs.entry(node).or_insert((h.clone(), n));
+    let result = write_nodes(&cms, s, metrics, state, r, render).await;
+    if result.is_err() {
+        // What is in force is uncertain after a failed write: read it again next time.
+        state.node_docs_known = false;
+    }
+    result
+}
+
+async fn write_nodes(
+    cms: &Api<ConfigMap>,
+    s: &Settings,
+    metrics: &Metrics,
+    state: &mut LoopState,
+    r: &render::Rendered,
+    render: u64,
+) -> Result<(), Error> {
+    // What is in force, read once (after a start, a change of leader or a failed write) and then
+    // kept as written: at 1,000 nodes a list of every document per change was most of a reconcile.
+    if !state.node_docs_known {
+        let existing = cms
+            .list(&kube::api::ListParams::default().labels(&format!("{NODE_DOC_LABEL}={}", s.config_name())))
+            .await
+            .map_err(|e| Error::Apply(format!("ConfigMaps {NODE_DOC_LABEL}={}", s.config_name()), e))?;
+        state.node_docs.clear();
+        for cm in &existing.items {
+            let (Some(node), a) = (cm.labels().get("tunnelgate.io/node").cloned(), cm.annotations()) else { continue };
+            // One without our annotations is rewritten (or removed) like a stale one.
+            let hash = a.get(HASH_ANNOTATION).cloned().unwrap_or_default();
+            let n = a.get(RENDER_ANNOTATION).and_then(|n| n.parse().ok()).unwrap_or(0);
+            state.node_docs.insert(node, (hash, n));
         }
+        state.node_docs_known = true;
     }
     let pp = PatchParams::apply(MANAGER).force();
     for (node, doc) in &r.nodes {
@@ -141,12 +163,9 @@ async fn apply_nodes(
         metrics.config_writes.with_label_values(&["applied"]).inc();
         state.node_docs.insert(node.clone(), (doc.hash.clone(), render));
     }
-    for cm in existing.items {
-        let node = cm.labels().get("tunnelgate.io/node").cloned().unwrap_or_default();
-        if r.nodes.contains_key(&node) {
-            continue;
-        }
-        let name = cm.name_any();
+    let gone: Vec<String> = state.node_docs.keys().filter(|n| !r.nodes.contains_key(*n)).cloned().collect();
+    for node in gone {
+        let name = format!("{}-node-{node}", s.config_name());
         match cms.delete(&name, &kube::api::DeleteParams::default()).await {
             Ok(_) => info!(configmap = %name, "node document removed"),
             Err(kube::Error::Api(e)) if e.code == 404 => {}

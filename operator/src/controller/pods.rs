@@ -18,6 +18,9 @@ pub(super) struct PodTable {
     seen: Vec<Arc<Pod>>,
     /// Row by `namespace/name`.
     index: HashMap<String, usize>,
+    /// Row by the address of its cache object (held in `seen`, so never reused while listed): an
+    /// unchanged pod is found without building its name.
+    by_object: HashMap<usize, usize>,
     /// Filled at least once (before that, everything is a change).
     synced: bool,
 }
@@ -55,6 +58,10 @@ impl PodTable {
         let mut visited = vec![false; self.rows.len()];
         let mut key = String::new();
         for pod in pods {
+            if let Some(&i) = self.by_object.get(&Arc::as_ptr(pod).addr()) {
+                visited[i] = true;
+                continue;
+            }
             key.clear();
             key.push_str(pod.metadata.namespace.as_deref().unwrap_or_default());
             key.push('/');
@@ -62,9 +69,8 @@ impl PodTable {
             match self.index.get(key.as_str()).copied() {
                 Some(i) => {
                     visited[i] = true;
-                    if Arc::ptr_eq(&self.seen[i], pod) {
-                        continue;
-                    }
+                    self.by_object.remove(&Arc::as_ptr(&self.seen[i]).addr());
+                    self.by_object.insert(Arc::as_ptr(pod).addr(), i);
                     self.seen[i] = pod.clone();
                     let row = pod_in(pod);
                     // A new object with the same facts (a status update of another field) is no change.
@@ -82,6 +88,7 @@ impl PodTable {
                         changed.pods.push(row.clone());
                     }
                     self.index.insert(key.clone(), self.rows.len());
+                    self.by_object.insert(Arc::as_ptr(pod).addr(), self.rows.len());
                     self.rows.push(row);
                     self.seen.push(pod.clone());
                     visited.push(true);
@@ -96,6 +103,7 @@ impl PodTable {
             }
             let gone = self.rows.swap_remove(i);
             let seen = self.seen.swap_remove(i);
+            self.by_object.remove(&Arc::as_ptr(&seen).addr());
             self.index.remove(&format!(
                 "{}/{}",
                 seen.metadata.namespace.as_deref().unwrap_or_default(),
@@ -108,6 +116,7 @@ impl PodTable {
                     moved.metadata.name.as_deref().unwrap_or_default()
                 );
                 self.index.insert(moved_key, i);
+                self.by_object.insert(Arc::as_ptr(moved).addr(), i);
             }
             if !changed.all {
                 changed.pods.push(gone);
