@@ -44,8 +44,9 @@ struct Args {
     /// Extra arguments for tunnelgate-proxy (repeatable), e.g. `--proxy-arg=--worker-threads=1`.
     #[arg(long = "proxy-arg", allow_hyphen_values = true)]
     proxy_args: Vec<String>,
-    /// Only these targets (comma-separated: direct,tunnelgate,squid,tinyproxy,http-tunnel for the
-    /// forward suite; plain,tunnelgate,hitch,stunnel,haproxy,nginx for termination).
+    /// Only these targets (comma-separated: direct,tunnelgate,haproxy,squid,tinyproxy,http-tunnel
+    /// for the forward suite, plus the no-parsing floors tunnelgate-l4 and haproxy-l4, which run
+    /// only when named; plain,tunnelgate,hitch,stunnel,haproxy,nginx for termination).
     #[arg(long)]
     only: Option<String>,
     /// Which suites: forward (CONNECT and plain HTTP), termination (TLS in front of a backend),
@@ -58,8 +59,19 @@ struct Args {
 struct Target {
     name: &'static str,
     proxy: Option<SocketAddr>,
+    /// Fixed forwarders, one per upstream (upstream, where to connect): a relay with no request
+    /// to parse, the floor a CONNECT proxy's cost is measured against.
+    l4: Vec<(SocketAddr, SocketAddr)>,
     child: Option<Child>,
     _dir: Option<TempDir>,
+}
+
+impl Target {
+    /// Where a connection to `upstream` goes without CONNECT: the fixed forwarder for it, or the
+    /// upstream itself.
+    fn front(&self, upstream: SocketAddr) -> SocketAddr {
+        self.l4.iter().find(|(u, _)| *u == upstream).map_or(upstream, |(_, f)| *f)
+    }
 }
 
 impl Drop for Target {
@@ -111,7 +123,7 @@ async fn wait_port(addr: SocketAddr) -> Res<()> {
 async fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: TempDir) -> Res<Target> {
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let t = Target { name, proxy: Some(addr), child: Some(child), _dir: Some(dir) };
+    let t = Target { name, proxy: Some(addr), l4: Vec::new(), child: Some(child), _dir: Some(dir) };
     wait_port(addr).await?;
     Ok(t)
 }
@@ -127,6 +139,99 @@ async fn start_tunnelgate(bin: &Path, extra: &[String]) -> Res<Target> {
     let mut cmd = Command::new(bin);
     cmd.arg("--config").arg(&path).args(extra).env("TUNNELGATE_LOG", "warn");
     spawn("tunnelgate", cmd, port, dir).await
+}
+
+/// HAProxy as a CONNECT proxy: TCP mode, a Lua action that reads the CONNECT head, answers 200
+/// and sets the destination (HAProxy has no CONNECT of its own).
+async fn start_haproxy() -> Res<Option<Target>> {
+    let Some(bin) = which("haproxy") else { return Ok(None) };
+    let dir = TempDir::new("haproxy")?;
+    let port = free_port()?;
+    let lua = dir.0.join("connect.lua");
+    std::fs::write(
+        &lua,
+        r#"core.register_action("connect", {"tcp-req"}, function(txn)
+  local data = txn.req:dup()
+  local hend = data:find("\r\n\r\n", 1, true)
+  local host, port = data:match("^CONNECT ([%d%.]+):(%d+) HTTP/1%.[01]\r\n")
+  if not hend or not host then
+    txn.res:send("HTTP/1.1 400 Bad Request\r\n\r\n")
+    txn:done()
+    return
+  end
+  txn.req:remove(0, hend + 3)
+  txn:set_var("txn.dst_ip", host)
+  txn:set_var("txn.dst_port", tonumber(port))
+  txn.res:send("HTTP/1.1 200 Connection established\r\n\r\n")
+end)
+"#,
+    )?;
+    // maxconn 8000: HAProxy asks for about two descriptors per connection, within the 20,000 here.
+    let cfg = format!(
+        "global\n  nbthread 2\n  maxconn 8000\n  lua-load {}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\nfrontend f\n  bind 127.0.0.1:{port}\n  tcp-request inspect-delay 5s\n  tcp-request content lua.connect if {{ req.payload(0,0) -m reg \\r\\n\\r\\n }}\n  tcp-request content set-dst var(txn.dst_ip)\n  tcp-request content set-dst-port var(txn.dst_port)\n  default_backend b\nbackend b\n  server s 0.0.0.0:0\n",
+        lua.display()
+    );
+    std::fs::write(dir.0.join("haproxy.cfg"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-db").arg("-f").arg(dir.0.join("haproxy.cfg"));
+    Ok(Some(spawn("haproxy", cmd, port, dir).await?))
+}
+
+/// A fixed forwarder per upstream: (name, upstream) pairs and their front ports.
+fn l4_fronts(up: &Upstreams) -> Res<Vec<(&'static str, SocketAddr, u16)>> {
+    [("sink", up.sink), ("echo", up.echo), ("hello", up.hello), ("hold", up.hold), ("http", up.http)]
+        .into_iter()
+        .map(|(n, u)| Ok((n, u, free_port()?)))
+        .collect()
+}
+
+/// Starts a fixed-forwarder target and waits for its fronts.
+async fn spawn_l4(
+    name: &'static str,
+    mut cmd: Command,
+    fronts: &[(&'static str, SocketAddr, u16)],
+    dir: TempDir,
+) -> Res<Target> {
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let l4: Vec<(SocketAddr, SocketAddr)> =
+        fronts.iter().map(|(_, u, p)| Ok((*u, format!("127.0.0.1:{p}").parse()?))).collect::<Res<_>>()?;
+    let t = Target { name, proxy: None, l4, child: Some(child), _dir: Some(dir) };
+    for (_, front) in &t.l4 {
+        wait_port(*front).await?;
+    }
+    Ok(t)
+}
+
+/// Tunnelgate's own floor: `mode: tunnel` listeners, one per upstream (no CONNECT to parse).
+async fn start_tunnelgate_l4(bin: &Path, up: &Upstreams, extra: &[String]) -> Res<Target> {
+    let dir = TempDir::new("tunnelgate-l4")?;
+    let fronts = l4_fronts(up)?;
+    let admin = free_port()?;
+    let mut cfg = String::from("version: 1\nlisteners:\n");
+    for (n, u, p) in &fronts {
+        cfg.push_str(&format!("  - {{name: {n}, bind: '127.0.0.1:{p}', mode: tunnel, upstream: '{u}'}}\n"));
+    }
+    cfg.push_str(&format!("admin: {{bind: '127.0.0.1:{admin}'}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\nlogging: {{accessLog: false}}\n"));
+    let path = dir.0.join("config.yaml");
+    std::fs::write(&path, cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config").arg(&path).args(extra).env("TUNNELGATE_LOG", "warn");
+    spawn_l4("tunnelgate-l4", cmd, &fronts, dir).await
+}
+
+/// HAProxy's plain TCP relay (mode tcp, one frontend per upstream): the no-parsing floor.
+async fn start_haproxy_l4(up: &Upstreams) -> Res<Option<Target>> {
+    let Some(bin) = which("haproxy") else { return Ok(None) };
+    let dir = TempDir::new("haproxy-l4")?;
+    let fronts = l4_fronts(up)?;
+    let mut cfg = String::from("global\n  nbthread 2\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\n");
+    for (n, u, p) in &fronts {
+        cfg.push_str(&format!("listen {n}\n  bind 127.0.0.1:{p}\n  server s {u}\n"));
+    }
+    std::fs::write(dir.0.join("haproxy.cfg"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-db").arg("-f").arg(dir.0.join("haproxy.cfg"));
+    Ok(Some(spawn_l4("haproxy-l4", cmd, &fronts, dir).await?))
 }
 
 async fn start_squid() -> Res<Option<Target>> {
@@ -185,11 +290,15 @@ async fn start_http_tunnel() -> Res<Option<Target>> {
 /// Opens a stream to `upstream`, directly or through a CONNECT tunnel.
 async fn open(t: &Target, upstream: SocketAddr) -> Res<TcpStream> {
     let Some(proxy) = t.proxy else {
-        let s = TcpStream::connect(upstream).await?;
+        let s = TcpStream::connect(t.front(upstream)).await?;
         s.set_nodelay(true)?;
         return Ok(s);
     };
-    connect_via(proxy, upstream).await.map_err(|e| format!("{}: {e}", t.name).into())
+    // A target that stops answering must not hang the whole bench.
+    match tokio::time::timeout(Duration::from_secs(10), connect_via(proxy, upstream)).await {
+        Ok(r) => r.map_err(|e| format!("{}: {e}", t.name).into()),
+        Err(_) => Err(format!("{}: no answer to CONNECT within 10 s", t.name).into()),
+    }
 }
 
 /// A CONNECT tunnel to `upstream` through the proxy at `proxy`.
@@ -377,7 +486,7 @@ async fn http_requests(
     secs: f64,
 ) -> Res<(f64, f64)> {
     let connect = |t: Arc<Target>, upstream: SocketAddr| async move {
-        let s = TcpStream::connect(t.proxy.unwrap_or(upstream)).await?;
+        let s = TcpStream::connect(t.proxy.unwrap_or(t.front(upstream))).await?;
         s.set_nodelay(true)?;
         Ok::<TcpStream, Box<dyn Error + Send + Sync>>(s)
     };
@@ -411,11 +520,7 @@ async fn http_requests(
     }
     let n = count.load(Ordering::Relaxed) as f64;
     let rate = n / start.elapsed().as_secs_f64();
-    let cpu = match (cpu_before, t.child.as_ref()) {
-        (Some(b), Some(c)) => (cpu_us(c.id())? - b) as f64 / n.max(1.0),
-        _ => f64::NAN,
-    };
-    Ok((rate, cpu))
+    Ok((rate, cpu_per_op(t, cpu_before, n)?))
 }
 
 /// User + system CPU time of process `pid`, in microseconds.
@@ -470,7 +575,8 @@ fn percentile(v: &mut [u64], p: f64) -> f64 {
 }
 
 /// Tunnel setups per second and p50/p99 latency (µs) at `conc` concurrent clients.
-async fn setup(t: &Arc<Target>, up: &Upstreams, conc: usize, secs: f64) -> Res<(f64, f64, f64)> {
+async fn setup(t: &Arc<Target>, up: &Upstreams, conc: usize, secs: f64) -> Res<(f64, f64, f64, f64)> {
+    let cpu_before = t.child.as_ref().map(|c| cpu_us(c.id())).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     let start = Instant::now();
@@ -500,15 +606,26 @@ async fn setup(t: &Arc<Target>, up: &Upstreams, conc: usize, secs: f64) -> Res<(
         all.extend(task.await??);
     }
     let rate = all.len() as f64 / start.elapsed().as_secs_f64();
-    Ok((rate, percentile(&mut all, 0.5), percentile(&mut all, 0.99)))
+    let cpu = cpu_per_op(t, cpu_before, all.len() as f64)?;
+    Ok((rate, percentile(&mut all, 0.5), percentile(&mut all, 0.99), cpu))
 }
 
-/// Round trips per second and p99 (µs) of 64-byte echoes over `n` established tunnels.
-async fn round_trips(t: &Target, up: &Upstreams, n: usize, secs: f64) -> Res<(f64, f64)> {
+/// The target process's CPU time (µs) per operation since `before`; NaN without a process.
+fn cpu_per_op(t: &Target, before: Option<u64>, ops: f64) -> Res<f64> {
+    Ok(match (before, t.child.as_ref()) {
+        (Some(b), Some(c)) => (cpu_us(c.id())? - b) as f64 / ops.max(1.0),
+        _ => f64::NAN,
+    })
+}
+
+/// Round trips per second, p50 and p99 (µs) of 64-byte echoes over `n` established tunnels,
+/// and the proxy's CPU per round trip.
+async fn round_trips(t: &Target, up: &Upstreams, n: usize, secs: f64) -> Res<(f64, f64, f64, f64)> {
     let mut streams = Vec::new();
     for _ in 0..n {
         streams.push(open(t, up.echo).await?);
     }
+    let cpu_before = t.child.as_ref().map(|c| cpu_us(c.id())).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -532,11 +649,20 @@ async fn round_trips(t: &Target, up: &Upstreams, n: usize, secs: f64) -> Res<(f6
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await??);
+    for mut task in tasks {
+        // A target that stops answering must not hang the whole bench.
+        match tokio::time::timeout(Duration::from_secs(5), &mut task).await {
+            Ok(joined) => all.extend(joined??),
+            Err(_) => {
+                task.abort();
+                return Err("stalled: an echo got no answer within 5 s".into());
+            }
+        }
     }
-    let rate = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    Ok((rate, percentile(&mut all, 0.99)))
+    let done = count.load(Ordering::Relaxed) as f64;
+    let rate = done / start.elapsed().as_secs_f64();
+    let cpu = cpu_per_op(t, cpu_before, done)?;
+    Ok((rate, percentile(&mut all, 0.5), percentile(&mut all, 0.99), cpu))
 }
 
 fn rss_kib(pid: u32) -> Res<u64> {
@@ -599,7 +725,7 @@ async fn main() -> Res<()> {
 
     let mut targets: Vec<Arc<Target>> = Vec::new();
     if wanted("direct") {
-        targets.push(Arc::new(Target { name: "direct", proxy: None, child: None, _dir: None }));
+        targets.push(Arc::new(Target { name: "direct", proxy: None, l4: Vec::new(), child: None, _dir: None }));
     }
     if wanted("tunnelgate") {
         if !args.proxy_bin.is_file() {
@@ -610,6 +736,13 @@ async fn main() -> Res<()> {
             .into());
         }
         targets.push(Arc::new(start_tunnelgate(&args.proxy_bin, &args.proxy_args).await?));
+    }
+    if wanted("haproxy") {
+        match start_haproxy().await {
+            Ok(Some(t)) => targets.push(Arc::new(t)),
+            Ok(None) => println!("skipping haproxy: not installed"),
+            Err(e) => println!("skipping haproxy: cannot start it: {e}"),
+        }
     }
     type Starter = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Res<Option<Target>>>>>;
     let peers: [(&str, Starter); 3] = [
@@ -625,6 +758,18 @@ async fn main() -> Res<()> {
             Ok(Some(t)) => targets.push(Arc::new(t)),
             Ok(None) => println!("skipping {name}: not installed (bench/install-peers.sh installs it)"),
             Err(e) => println!("skipping {name}: cannot start it: {e}"),
+        }
+    }
+    // The floors: fixed forwarders with no request to parse (opt in with --only).
+    let opted = |n: &str| args.only.as_deref().is_some_and(|o| o.split(',').any(|x| x.trim() == n));
+    if opted("tunnelgate-l4") {
+        targets.push(Arc::new(start_tunnelgate_l4(&args.proxy_bin, &up, &args.proxy_args).await?));
+    }
+    if opted("haproxy-l4") {
+        match start_haproxy_l4(&up).await {
+            Ok(Some(t)) => targets.push(Arc::new(t)),
+            Ok(None) => println!("skipping haproxy-l4: not installed"),
+            Err(e) => println!("skipping haproxy-l4: cannot start it: {e}"),
         }
     }
     let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
@@ -650,15 +795,16 @@ async fn main() -> Res<()> {
         add(format!("bulk, {n} tunnel(s) x {gib:.2} GiB (MB/s)"), true, vals);
     }
     for conc in [1usize, 64] {
-        let (mut rate, mut p50, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut rate, mut p50, mut p99, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for t in &targets {
-            let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut a, mut b, mut c, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..r {
                 match setup(t, &up, conc, args.seconds).await {
-                    Ok((x, y, z)) => {
+                    Ok((x, y, z, w)) => {
                         a.push(x);
                         b.push(y);
                         c.push(z);
+                        d.push(w);
                     }
                     Err(e) => {
                         report(t.name, &*e);
@@ -670,20 +816,24 @@ async fn main() -> Res<()> {
             rate.push(median(a));
             p50.push(median(b));
             p99.push(median(c));
+            cpu.push(median(d));
         }
         add(format!("setup, concurrency {conc} (tunnels/s)"), true, rate);
         add(format!("setup, concurrency {conc} p50 (us)"), false, p50);
         add(format!("setup, concurrency {conc} p99 (us)"), false, p99);
+        add(format!("setup, concurrency {conc}, proxy CPU per tunnel (us)"), false, cpu);
     }
-    {
-        let (mut rate, mut p99) = (Vec::new(), Vec::new());
+    for n in [1usize, 64] {
+        let (mut rate, mut p50, mut p99, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for t in &targets {
-            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let (mut a, mut b, mut c, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..r {
-                match round_trips(t, &up, 64, args.seconds).await {
-                    Ok((x, y)) => {
+                match round_trips(t, &up, n, args.seconds).await {
+                    Ok((x, y, z, w)) => {
                         a.push(x);
                         b.push(y);
+                        c.push(z);
+                        d.push(w);
                     }
                     Err(e) => {
                         report(t.name, &*e);
@@ -691,10 +841,15 @@ async fn main() -> Res<()> {
                 }
             }
             rate.push(median(a));
-            p99.push(median(b));
+            p50.push(median(b));
+            p99.push(median(c));
+            cpu.push(median(d));
         }
-        add("round trips, 64 tunnels (req/s)".to_owned(), true, rate);
-        add("round trips, 64 tunnels p99 (us)".to_owned(), false, p99);
+        let what = if n == 1 { "1 tunnel".to_owned() } else { format!("{n} tunnels") };
+        add(format!("round trips, {what} (req/s)"), true, rate);
+        add(format!("round trips, {what} p50 (us)"), false, p50);
+        add(format!("round trips, {what} p99 (us)"), false, p99);
+        add(format!("round trips, {what}, proxy CPU per round trip (us)"), false, cpu);
     }
     for (path, keep_alive, label) in [
         ("/10", true, "http keep-alive GET 10 B"),
