@@ -166,7 +166,7 @@ pub async fn run(
                 info!(leader = *leader.borrow(), "leadership changed");
                 // A new leader starts from what is in the cluster.
                 state.last_hash = None;
-                state.node_docs_known = false;
+                state.node_docs_read = None;
             }
         }
         if !settle(&wake, settings.debounce, settings.debounce_max, &shutdown).await {
@@ -222,8 +222,9 @@ struct LoopState {
     recheck: Option<Duration>,
     /// Per node (when rendering per node): the hash and render number of its document in force.
     node_docs: HashMap<String, (String, u64)>,
-    /// Whether `node_docs` was read from the API since the start (or the last failed write).
-    node_docs_known: bool,
+    /// When `node_docs` was last read from the API (`None`: not since the start, a change of
+    /// leader or a failed write).
+    node_docs_read: Option<tokio::time::Instant>,
     /// The last render's node documents, reused where nothing of a node changed.
     prior_nodes: BTreeMap<String, render::NodeDoc>,
     /// The pods as last rendered, and what the last render worked out per policy: a render
@@ -245,7 +246,7 @@ impl LoopState {
             laggards: rollout::Laggards::default(),
             recheck: None,
             node_docs: HashMap::new(),
-            node_docs_known: false,
+            node_docs_read: None,
             prior_nodes: BTreeMap::new(),
             pods: pods::PodTable::default(),
             memo: render::Memo::default(),

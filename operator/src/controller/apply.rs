@@ -93,6 +93,9 @@ pub(super) async fn apply(
     }
 }
 
+/// How long the node documents in force are trusted as written before they are listed again.
+const NODE_DOCS_REREAD: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The label on per-node documents, naming the document they belong to.
 const NODE_DOC_LABEL: &str = "tunnelgate.io/node-config-of";
 
@@ -110,7 +113,7 @@ async fn apply_nodes(
     let result = write_nodes(&cms, s, metrics, state, r, render).await;
     if result.is_err() {
         // What is in force is uncertain after a failed write: read it again next time.
-        state.node_docs_known = false;
+        state.node_docs_read = None;
     }
     result
 }
@@ -123,9 +126,11 @@ async fn write_nodes(
     r: &render::Rendered,
     render: u64,
 ) -> Result<(), Error> {
-    // What is in force, read once (after a start, a change of leader or a failed write) and then
-    // kept as written: at 1,000 nodes a list of every document per change was most of a reconcile.
-    if !state.node_docs_known {
+    // What is in force, read after a start, a change of leader or a failed write, and at most
+    // every few minutes (a document deleted by hand is then written again); in between it is kept
+    // as written: at 1,000 nodes a list of every document per change was most of a reconcile.
+    let stale = state.node_docs_read.is_none_or(|at| at.elapsed() > NODE_DOCS_REREAD);
+    if stale {
         let existing = cms
             .list(&kube::api::ListParams::default().labels(&format!("{NODE_DOC_LABEL}={}", s.config_name())))
             .await
@@ -138,7 +143,7 @@ async fn write_nodes(
             let n = a.get(RENDER_ANNOTATION).and_then(|n| n.parse().ok()).unwrap_or(0);
             state.node_docs.insert(node, (hash, n));
         }
-        state.node_docs_known = true;
+        state.node_docs_read = Some(tokio::time::Instant::now());
     }
     let pp = PatchParams::apply(MANAGER).force();
     for (node, doc) in &r.nodes {
