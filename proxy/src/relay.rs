@@ -76,6 +76,9 @@ pub trait RelayRead: AsyncRead + Unpin + Send {
     fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send;
     /// Whether the buffer should be released while waiting (only where `ready` really waits).
     const RELEASE_WHEN_IDLE: bool;
+    /// Reads at most `limit` bytes into `buf`'s spare capacity without waiting (`WouldBlock` when
+    /// nothing is there); used only where `RELEASE_WHEN_IDLE`.
+    fn try_read_into(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize>;
 }
 
 impl RelayRead for OwnedReadHalf {
@@ -83,12 +86,19 @@ impl RelayRead for OwnedReadHalf {
     async fn ready(&mut self) -> io::Result<()> {
         self.readable().await
     }
+    fn try_read_into(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
+        use bytes::BufMut;
+        self.try_read_buf(&mut buf.limit(limit))
+    }
 }
 
 impl<T: AsyncRead + AsyncWrite + Send> RelayRead for tokio::io::ReadHalf<T> {
     const RELEASE_WHEN_IDLE: bool = false;
     async fn ready(&mut self) -> io::Result<()> {
         Ok(())
+    }
+    fn try_read_into(&mut self, _: &mut Vec<u8>, _: usize) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -218,12 +228,28 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
             Some(b) => b.take_allowance().await.min(BUF_SIZE),
             None => BUF_SIZE,
         };
-        if buf.capacity() == 0 {
-            r.ready().await.map_err(|_| PumpEnd::Io)?;
-            buf.reserve_exact(BUF_SIZE);
-        }
         buf.clear();
-        let n = match (&mut *r).take(allowance as u64).read_buf(&mut buf).await {
+        let read = if R::RELEASE_WHEN_IDLE {
+            // Wait without a buffer, then take what is there without waiting: a readiness that
+            // turns out spurious (a socket never read before reports one) must not leave a
+            // buffer held by an idle tunnel.
+            loop {
+                r.ready().await.map_err(|_| PumpEnd::Io)?;
+                if buf.capacity() == 0 {
+                    buf.reserve_exact(BUF_SIZE);
+                }
+                match r.try_read_into(&mut buf, allowance) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
+                    other => break other,
+                }
+            }
+        } else {
+            if buf.capacity() == 0 {
+                buf.reserve_exact(BUF_SIZE);
+            }
+            (&mut *r).take(allowance as u64).read_buf(&mut buf).await
+        };
+        let n = match read {
             Ok(n) => n,
             // A TLS stream cut without close_notify: the end of the data all the same.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
