@@ -69,36 +69,40 @@ pub struct RelayOutcome {
     pub duration: Duration,
 }
 
-/// A read half the relay can wait on without holding a buffer, so idle tunnels cost no
+/// A read half of the relay: reads into a buffer it allocates as needed, and where it can wait
+/// for data without one (a TCP half), waits with the buffer released, so idle tunnels cost no
 /// buffer memory.
 pub trait RelayRead: AsyncRead + Unpin + Send {
-    /// Resolves when a read is likely to make progress.
-    fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send;
-    /// Whether the buffer should be released while waiting (only where `ready` really waits).
-    const RELEASE_WHEN_IDLE: bool;
-    /// Reads at most `limit` bytes into `buf`'s spare capacity without waiting (`WouldBlock` when
-    /// nothing is there); used only where `RELEASE_WHEN_IDLE`.
-    fn try_read_into(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize>;
+    /// Reads at most `limit` bytes into `buf` (empty, its capacity kept or allocated here);
+    /// `Ok(0)` at the end of the stream.
+    fn read_some(&mut self, buf: &mut Vec<u8>, limit: usize) -> impl Future<Output = io::Result<usize>> + Send;
 }
 
 impl RelayRead for OwnedReadHalf {
-    const RELEASE_WHEN_IDLE: bool = true;
-    async fn ready(&mut self) -> io::Result<()> {
-        self.readable().await
-    }
-    fn try_read_into(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
+    async fn read_some(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
         use bytes::BufMut;
-        self.try_read_buf(&mut buf.limit(limit))
+        loop {
+            // Take what is there without waiting; wait only with the buffer released. Readiness
+            // alone is no promise of data (a socket never read before reports it at once).
+            if buf.capacity() > 0 {
+                match self.try_read_buf(&mut (&mut *buf).limit(limit)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = Vec::new(),
+                    other => return other,
+                }
+            }
+            self.readable().await?;
+            buf.reserve_exact(BUF_SIZE);
+        }
     }
 }
 
 impl<T: AsyncRead + AsyncWrite + Send> RelayRead for tokio::io::ReadHalf<T> {
-    const RELEASE_WHEN_IDLE: bool = false;
-    async fn ready(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn try_read_into(&mut self, _: &mut Vec<u8>, _: usize) -> io::Result<usize> {
-        Err(io::ErrorKind::Unsupported.into())
+    /// No readiness to wait on without reading (TLS): the buffer stays while the read waits.
+    async fn read_some(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
+        if buf.capacity() == 0 {
+            buf.reserve_exact(BUF_SIZE);
+        }
+        self.take(limit as u64).read_buf(buf).await
     }
 }
 
@@ -229,27 +233,7 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
             None => BUF_SIZE,
         };
         buf.clear();
-        let read = if R::RELEASE_WHEN_IDLE {
-            // Wait without a buffer, then take what is there without waiting: a readiness that
-            // turns out spurious (a socket never read before reports one) must not leave a
-            // buffer held by an idle tunnel.
-            loop {
-                r.ready().await.map_err(|_| PumpEnd::Io)?;
-                if buf.capacity() == 0 {
-                    buf.reserve_exact(BUF_SIZE);
-                }
-                match r.try_read_into(&mut buf, allowance) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
-                    other => break other,
-                }
-            }
-        } else {
-            if buf.capacity() == 0 {
-                buf.reserve_exact(BUF_SIZE);
-            }
-            (&mut *r).take(allowance as u64).read_buf(&mut buf).await
-        };
-        let n = match read {
+        let n = match r.read_some(&mut buf, allowance).await {
             Ok(n) => n,
             // A TLS stream cut without close_notify: the end of the data all the same.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -282,10 +266,6 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
         shared.touch();
         if over {
             return Err(PumpEnd::ByteLimit);
-        }
-        if R::RELEASE_WHEN_IDLE && n < allowance {
-            // The socket was drained: give the buffer back while we wait for more.
-            buf = Vec::new();
         }
     }
 }
