@@ -59,7 +59,12 @@ pub(super) async fn apply(
         }
     }
     let render = state.render + 1;
-    apply_nodes(client, s, metrics, state, r, render).await?;
+    let nodes = apply_nodes(client, s, metrics, state, r, render).await;
+    if nodes.is_err() {
+        // What is in force is uncertain after a failed write: read it again next time.
+        state.node_docs_read = None;
+    }
+    nodes?;
     if r.config.is_empty() {
         // Per node only: the whole document would not fit a ConfigMap (gateways need it whole).
         state.last_hash = Some(r.hash.clone());
@@ -110,22 +115,6 @@ async fn apply_nodes(
     render: u64,
 ) -> Result<(), Error> {
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &s.namespace);
-    let result = write_nodes(&cms, s, metrics, state, r, render).await;
-    if result.is_err() {
-        // What is in force is uncertain after a failed write: read it again next time.
-        state.node_docs_read = None;
-    }
-    result
-}
-
-async fn write_nodes(
-    cms: &Api<ConfigMap>,
-    s: &Settings,
-    metrics: &Metrics,
-    state: &mut LoopState,
-    r: &render::Rendered,
-    render: u64,
-) -> Result<(), Error> {
     // What is in force, read after a start, a change of leader or a failed write, and at most
     // every few minutes (a document deleted by hand is then written again); in between it is kept
     // as written: at 1,000 nodes a list of every document per change was most of a reconcile.
