@@ -46,6 +46,19 @@ impl Changed {
     }
 }
 
+/// Writes `namespace/name` of `pod` into `key`.
+fn name_key(pod: &Pod, key: &mut String) {
+    key.clear();
+    key.push_str(pod.metadata.namespace.as_deref().unwrap_or_default());
+    key.push('/');
+    key.push_str(pod.metadata.name.as_deref().unwrap_or_default());
+}
+
+/// The address of a cache object, its identity while the table holds it.
+fn object_addr(pod: &Arc<Pod>) -> usize {
+    Arc::as_ptr(pod).addr()
+}
+
 impl PodTable {
     pub(super) fn rows(&self) -> &[PodIn] {
         &self.rows
@@ -58,19 +71,16 @@ impl PodTable {
         let mut visited = vec![false; self.rows.len()];
         let mut key = String::new();
         for pod in pods {
-            if let Some(&i) = self.by_object.get(&Arc::as_ptr(pod).addr()) {
+            if let Some(&i) = self.by_object.get(&object_addr(pod)) {
                 visited[i] = true;
                 continue;
             }
-            key.clear();
-            key.push_str(pod.metadata.namespace.as_deref().unwrap_or_default());
-            key.push('/');
-            key.push_str(pod.metadata.name.as_deref().unwrap_or_default());
+            name_key(pod, &mut key);
             match self.index.get(key.as_str()).copied() {
                 Some(i) => {
                     visited[i] = true;
-                    self.by_object.remove(&Arc::as_ptr(&self.seen[i]).addr());
-                    self.by_object.insert(Arc::as_ptr(pod).addr(), i);
+                    self.by_object.remove(&object_addr(&self.seen[i]));
+                    self.by_object.insert(object_addr(pod), i);
                     self.seen[i] = pod.clone();
                     let row = pod_in(pod);
                     // A new object with the same facts (a status update of another field) is no change.
@@ -88,7 +98,7 @@ impl PodTable {
                         changed.pods.push(row.clone());
                     }
                     self.index.insert(key.clone(), self.rows.len());
-                    self.by_object.insert(Arc::as_ptr(pod).addr(), self.rows.len());
+                    self.by_object.insert(object_addr(pod), self.rows.len());
                     self.rows.push(row);
                     self.seen.push(pod.clone());
                     visited.push(true);
@@ -103,20 +113,13 @@ impl PodTable {
             }
             let gone = self.rows.swap_remove(i);
             let seen = self.seen.swap_remove(i);
-            self.by_object.remove(&Arc::as_ptr(&seen).addr());
-            self.index.remove(&format!(
-                "{}/{}",
-                seen.metadata.namespace.as_deref().unwrap_or_default(),
-                seen.metadata.name.as_deref().unwrap_or_default()
-            ));
+            self.by_object.remove(&object_addr(&seen));
+            name_key(&seen, &mut key);
+            self.index.remove(key.as_str());
             if let Some(moved) = self.seen.get(i) {
-                let moved_key = format!(
-                    "{}/{}",
-                    moved.metadata.namespace.as_deref().unwrap_or_default(),
-                    moved.metadata.name.as_deref().unwrap_or_default()
-                );
-                self.index.insert(moved_key, i);
-                self.by_object.insert(Arc::as_ptr(moved).addr(), i);
+                name_key(moved, &mut key);
+                self.index.insert(key.clone(), i);
+                self.by_object.insert(object_addr(moved), i);
             }
             if !changed.all {
                 changed.pods.push(gone);
