@@ -162,6 +162,24 @@ fn pod(name: &str, app: &str, ip: &str) -> Pod {
     .unwrap()
 }
 
+/// A running proxy pod of the release (what the operator's rollout view long-polls).
+fn proxy_pod(name: &str, node: &str, ip: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/instance": "tunnelgate", "app.kubernetes.io/component": "proxy"}},
+        "spec": {"nodeName": node, "containers": [{"name": "proxy", "image": "tunnelgate"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    }))
+    .unwrap()
+}
+
+/// The base document of the rollout tests: a proxy whose admin port listens on `admin_ip` (the
+/// address its pod has, where the operator long-polls it), echo traffic granted to `payments`.
+fn rollout_base(listen: u16, admin_ip: &str, admin_port: u16) -> String {
+    format!(
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '{admin_ip}:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+    )
+}
+
 fn policy(name: &str, app: &str, dest: serde_json::Value) -> TunnelPolicy {
     serde_json::from_value(json!({
         "apiVersion": "tunnelgate.io/v1alpha1", "kind": "TunnelPolicy",
@@ -962,9 +980,7 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
             });
         }
     });
-    let base = format!(
-        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.31:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
-    );
+    let base = rollout_base(listen, "127.0.0.31", admin_port);
     let port_arg = admin_port.to_string();
     let _operator = operator_with(
         &c,
@@ -982,14 +998,6 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         &kc,
         &dir.0.join("proxy.log"),
     );
-    let proxy_pod = |name: &str, node: &str, ip: &str| -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/instance": "tunnelgate", "app.kubernetes.io/component": "proxy"}},
-            "spec": {"nodeName": node, "containers": [{"name": "proxy", "image": "tunnelgate"}]},
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
-        }))
-        .unwrap()
-    };
     let system = Api::<Pod>::namespaced(c.clone(), "tunnelgate");
     system.create(&PostParams::default(), &proxy_pod("proxy-a", "node-a", "127.0.0.31")).await.unwrap();
     system.create(&PostParams::default(), &proxy_pod("proxy-b", "node-b", "127.0.0.32")).await.unwrap();
@@ -1113,9 +1121,7 @@ async fn per_node_documents_carry_only_their_nodes_pods() {
     let c = client(&kc).await;
     let target = echo_upstream("127.0.0.2").await;
     let (listen, admin_port, op_admin) = (free_port(), free_port(), free_port());
-    let base = format!(
-        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.41:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
-    );
+    let base = rollout_base(listen, "127.0.0.41", admin_port);
     let port_arg = admin_port.to_string();
     let _operator = operator_with(
         &c,
@@ -1138,13 +1144,10 @@ async fn per_node_documents_carry_only_their_nodes_pods() {
         p.spec.as_mut().unwrap().node_name = Some(node.to_owned());
         p
     };
-    let mut proxy: Pod = on("proxy-a", "proxy", "127.0.0.41", "node-a");
-    proxy.metadata.labels = Some(
-        [("app.kubernetes.io/instance", "tunnelgate"), ("app.kubernetes.io/component", "proxy")]
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .into(),
-    );
-    Api::<Pod>::namespaced(c.clone(), "tunnelgate").create(&PostParams::default(), &proxy).await.unwrap();
+    Api::<Pod>::namespaced(c.clone(), "tunnelgate")
+        .create(&PostParams::default(), &proxy_pod("proxy-a", "node-a", "127.0.0.41"))
+        .await
+        .unwrap();
     let pods = Api::<Pod>::namespaced(c.clone(), "payments");
     pods.create(&PostParams::default(), &on("web-a", "web", "127.0.0.11", "node-a")).await.unwrap();
     pods.create(&PostParams::default(), &on("web-b", "web", "127.0.0.12", "node-b")).await.unwrap();
