@@ -3,6 +3,7 @@ command, arguments and environment the chart renders (with $(VAR) expanded as th
 against the Kubernetes API emulator loaded with the base ConfigMap the chart renders. A chart that
 passes the offline checks but wires the binaries wrongly fails here."""
 
+import itertools
 import json
 import os
 import pathlib
@@ -22,10 +23,26 @@ from conftest import ROOT, find, render
 NS = "tunnelgate"
 
 
+_next_port = itertools.count((os.getpid() * 7919) % 20000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a server started later. Taken below the kernel's ephemeral range, so an outgoing
+    connection cannot take it before the server binds it (a port from bind(:0) can)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = 10000
+    while True:
+        port = first + next(_next_port) % (low - first) if low > first + 1000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
 
 
 def binary(container_command: str) -> pathlib.Path:

@@ -15,10 +15,6 @@ use tokio::process::{Child, Command};
 use crate::support::*;
 use crate::tls::TempDir;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Pebble, resolving names through the test's DNS stub, killed on drop.
 struct Pebble {
     _proc: Child,

@@ -14,10 +14,6 @@ use crate::tls::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunnelgate-proxy");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A proxy process with fixed ports read back from its config.
 pub(crate) struct Proc {
     pub(crate) child: Child,
