@@ -122,8 +122,16 @@ async fn acme_issue_serve_restart_from_cache_and_renew() {
     let p = start_proxy(&yaml).await;
     assert!(eventually(30, || async { presented(at, &root).await.is_some() }).await, "no certificate issued");
     let first = presented(at, &root).await.unwrap();
-    assert_eq!(metric(p.admin, "tunnelgate_acme_events_total{listener=\"app\",result=\"issued\"}").await, 1.0);
-    assert!(metric(p.admin, "tunnelgate_tls_handshakes_total{listener=\"app\",result=\"acme_challenge\"").await >= 1.0);
+    assert_eq!(
+        metric_when(p.admin, "tunnelgate_acme_events_total{listener=\"app\",result=\"issued\"}", |v| v == 1.0).await,
+        1.0
+    );
+    assert!(
+        metric_when(p.admin, "tunnelgate_tls_handshakes_total{listener=\"app\",result=\"acme_challenge\"", |v| v
+            >= 1.0)
+        .await
+            >= 1.0
+    );
 
     // Restart: the cached certificate is served at once, without a new order.
     p.begin_shutdown();
@@ -133,12 +141,18 @@ async fn acme_issue_serve_restart_from_cache_and_renew() {
         eventually(5, || async { presented(at, &root).await.as_ref() == Some(&first) }).await,
         "the cached certificate is served after a restart"
     );
-    assert_eq!(metric(p.admin, "tunnelgate_acme_events_total{listener=\"app\",result=\"cached\"}").await, 1.0);
+    assert_eq!(
+        metric_when(p.admin, "tunnelgate_acme_events_total{listener=\"app\",result=\"cached\"}", |v| v == 1.0).await,
+        1.0
+    );
 
     // Renewal before expiry: a new certificate replaces it while the listener keeps serving.
     assert!(
         eventually(30, || async { presented(at, &root).await.is_some_and(|c| c != first) }).await,
         "the certificate was renewed"
     );
-    assert!(metric(p.admin, "tunnelgate_acme_events_total{listener=\"app\",result=\"issued\"}").await >= 1.0);
+    assert!(
+        metric_when(p.admin, "tunnelgate_acme_events_total{listener=\"app\",result=\"issued\"}", |v| v >= 1.0).await
+            >= 1.0
+    );
 }

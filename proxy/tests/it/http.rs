@@ -148,7 +148,12 @@ async fn absolute_form_get_is_forwarded_in_origin_form_with_a_regenerated_host()
     assert!(!seen[0].to_ascii_lowercase().contains("forwarded:"));
     assert_eq!(up.up.count(), 1, "the upstream connection was reused for the second request");
     assert_eq!(
-        metric(p.admin, "tunnelgate_http_requests_total{code_class=\"2xx\",listener=\"forward\",method=\"GET\"}").await,
+        metric_when(
+            p.admin,
+            "tunnelgate_http_requests_total{code_class=\"2xx\",listener=\"forward\",method=\"GET\"}",
+            |v| v == 2.0
+        )
+        .await,
         2.0
     );
 }
@@ -430,7 +435,7 @@ async fn f09_only_a_101_to_an_upgrade_request_switches() {
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(seen[0].ends_with(smuggle), "the body went as a body");
     assert!(!seen.iter().any(|r| r.starts_with("GET /admin")), "/admin was never a request");
-    assert_eq!(metric(p.admin, "tunnelgate_tunnels_active").await, 0.0);
+    assert_eq!(metric_when(p.admin, "tunnelgate_tunnels_active", |v| v == 0.0).await, 0.0);
 }
 
 #[tokio::test]
@@ -503,7 +508,7 @@ async fn connect_after_http_on_the_same_connection() {
     let (status, head) = read_head(&mut s).await;
     assert_eq!(status, 200, "{head}");
     roundtrip(&mut s, b"through the tunnel").await;
-    assert_eq!(metric(p.admin, "tunnelgate_tunnels_active{listener=\"forward\"}").await, 1.0);
+    assert_eq!(metric_when(p.admin, "tunnelgate_tunnels_active{listener=\"forward\"}", |v| v == 1.0).await, 1.0);
 }
 
 #[tokio::test]
@@ -700,7 +705,7 @@ async fn a_hundred_concurrent_clients() {
         let (status, text) = t.await.unwrap();
         assert!(status == 200 && text.ends_with("small"), "{text}");
     }
-    assert_eq!(metric(p.admin, "tunnelgate_http_requests_total{code_class=\"2xx\"").await, 100.0);
+    assert_eq!(metric_when(p.admin, "tunnelgate_http_requests_total{code_class=\"2xx\"", |v| v == 100.0).await, 100.0);
 }
 
 #[tokio::test]
@@ -786,7 +791,7 @@ async fn websocket_messages_both_ways_close_handshake_counted_and_drained() {
     }
     ws.send(Message::binary(vec![7u8; 100_000])).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap().into_data().len(), 100_000);
-    assert_eq!(metric(p.admin, "tunnelgate_tunnels_active{listener=\"forward\"}").await, 1.0);
+    assert_eq!(metric_when(p.admin, "tunnelgate_tunnels_active{listener=\"forward\"}", |v| v == 1.0).await, 1.0);
     // SIGTERM-like drain: the upgraded tunnel keeps the proxy alive while it is open.
     let inner = p.inner.clone();
     p.begin_shutdown();

@@ -82,8 +82,12 @@ async fn l01_invalid_config_keeps_the_last_good_one() {
     let err = reload::apply(&p.inner, &good.replace("hosts: [a.test]", "hosts: ['a.*.test']")).await.unwrap_err();
     assert!(tunnelgate_proxy::error::ErrorChain(&err).to_string().contains("policy.rules[0].hosts[0]"), "{err}");
     assert_eq!(generation(&p).await, (1, sha(&good)));
-    assert_eq!(metric(p.admin, "tunnelgate_config_reloads_total{result=\"failure\"}").await, (bad.len() + 1) as f64);
-    assert_eq!(metric(p.admin, "tunnelgate_config_generation").await, 1.0);
+    let failures = (bad.len() + 1) as f64;
+    assert_eq!(
+        metric_when(p.admin, "tunnelgate_config_reloads_total{result=\"failure\"}", |v| v == failures).await,
+        failures
+    );
+    assert_eq!(metric_when(p.admin, "tunnelgate_config_generation", |v| v == 1.0).await, 1.0);
     assert_eq!(admin_get(p.admin, "/readyz").await.0, 200);
 }
 
@@ -158,7 +162,11 @@ async fn listeners_are_added_removed_and_rebound_without_disturbing_others() {
     reload::apply(&p.inner, &renamed).await.unwrap();
     assert_eq!(p.listener("a2"), Some(fixed));
     roundtrip(&mut tunnel(fixed, &target).await, b"renamed").await;
-    assert_eq!(metric(p.admin, "tunnelgate_tunnel_requests_total{listener=\"a2\",result=\"established\"}").await, 1.0);
+    assert_eq!(
+        metric_when(p.admin, "tunnelgate_tunnel_requests_total{listener=\"a2\",result=\"established\"}", |v| v == 1.0)
+            .await,
+        1.0
+    );
     // A listener that cannot bind fails the whole reload and changes nothing.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap();
@@ -321,7 +329,7 @@ async fn l05_a_reload_storm_settles_on_the_last_write() {
     // Writes were coalesced: far fewer generations than writes.
     let gen = generation(&p).await.0;
     assert!(gen < 50, "generation {gen}");
-    assert_eq!(metric(p.admin, "tunnelgate_config_reloads_total{result=\"failure\"}").await, 0.0);
+    assert_eq!(metric_when(p.admin, "tunnelgate_config_reloads_total{result=\"failure\"}", |v| v == 0.0).await, 0.0);
     // The last write (odd index: b) is what is enforced.
     assert_eq!(status_of(addr(&p), &w.echo_target("b.test")).await, 200);
     assert_eq!(status_of(addr(&p), &w.echo_target("a.test")).await, 403);
@@ -444,7 +452,7 @@ async fn config_reports_the_render_and_long_polls_for_changes() {
     let first = doc(body);
     assert_eq!(first["render"], 7);
     assert_eq!(first["lastReload"]["failed"], false);
-    assert_eq!(metric(p.admin, "tunnelgate_config_render").await, 7.0);
+    assert_eq!(metric_when(p.admin, "tunnelgate_config_render", |v| v == 7.0).await, 7.0);
     let since = first["changes"].as_u64().unwrap();
     // A long-poll returns as soon as a reload fails, with the reason.
     let admin = p.admin;
@@ -455,13 +463,13 @@ async fn config_reports_the_render_and_long_polls_for_changes() {
     let failed = doc(tokio::time::timeout(Duration::from_secs(5), poll).await.unwrap().unwrap().1);
     assert_eq!(failed["lastReload"], serde_json::json!({"failed": true, "reason": "invalid"}));
     assert_eq!(failed["render"], 7, "the last good configuration stays in force");
-    assert_eq!(metric(p.admin, "tunnelgate_config_last_reload_success ").await, 0.0);
+    assert_eq!(metric_when(p.admin, "tunnelgate_config_last_reload_success ", |v| v == 0.0).await, 0.0);
     let next = good.replace("render: 7", "render: 8");
     reload::apply(&p.inner, &next).await.unwrap();
     let (_, body) = admin_get(p.admin, "/config").await;
     let now = doc(body);
     assert_eq!((now["render"].as_u64(), now["lastReload"]["failed"].as_bool()), (Some(8), Some(false)));
-    assert_eq!(metric(p.admin, "tunnelgate_config_last_reload_success ").await, 1.0);
+    assert_eq!(metric_when(p.admin, "tunnelgate_config_last_reload_success ", |v| v == 1.0).await, 1.0);
     let prefix = &now["sha256"].as_str().unwrap()[..12];
     let (_, metrics) = admin_get(p.admin, "/metrics").await;
     let info: Vec<&str> = metrics.lines().filter(|l| l.starts_with("tunnelgate_config_info{")).collect();

@@ -248,6 +248,13 @@ pub async fn start_proxy(yaml: &str) -> ProxyHandle {
     app::start(cfg, yaml).await.unwrap()
 }
 
+/// A proxy serving its connections on the test's own runtime, for tests that pause time (the
+/// workers' runtimes would keep real time).
+pub async fn start_proxy_inline(yaml: &str) -> ProxyHandle {
+    let cfg = proxy_config::ProxyConfig::from_yaml(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    app::start_with_workers(cfg, yaml, tunnelgate_proxy::workers::Workers::inline()).await.unwrap()
+}
+
 pub fn addr(p: &ProxyHandle) -> SocketAddr {
     p.listeners[0].1
 }
@@ -325,6 +332,19 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
 pub async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
     let (_, body) = admin_get(admin, "/metrics").await;
     body.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// The metric once `want` holds for it, or its value after 5 s. Connections are served on worker
+/// threads, which may count an event just after the client saw its effect.
+pub async fn metric_when(admin: SocketAddr, prefix: &str, want: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = metric(admin, prefix).await;
+        if want(v) || tokio::time::Instant::now() >= deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Polls `f` every 20 ms until it returns true, for at most `secs` seconds.

@@ -201,10 +201,15 @@ async fn sni_chooses_exact_then_wildcard_then_the_first_certificate() {
     assert!(deep.is_err(), "the default certificate (a.test) does not verify for y.x.wild.test");
     let no_verify_name = handshake(&c, at, "127.0.0.1").await; // an IP: no SNI is sent
     assert!(no_verify_name.is_err(), "no SNI: the default certificate, which does not name 127.0.0.1");
-    assert!(metric(p.admin, "tunnelgate_tls_handshake_duration_seconds_count{listener=\"app\"}").await >= 5.0);
+    assert!(
+        metric_when(p.admin, "tunnelgate_tls_handshake_duration_seconds_count{listener=\"app\"}", |v| v >= 5.0).await
+            >= 5.0
+    );
     // Expiry alerts read the earliest notAfter of the listener's certificates: 2040-01-01.
     assert_eq!(
-        metric(p.admin, "tunnelgate_tls_certificate_expiry_timestamp_seconds{listener=\"app\"}").await,
+        metric_when(p.admin, "tunnelgate_tls_certificate_expiry_timestamp_seconds{listener=\"app\"}", |v| v
+            == 2_208_988_800.0)
+        .await,
         2_208_988_800.0
     );
 }
@@ -231,7 +236,9 @@ async fn strict_sni_refuses_unknown_names_with_unrecognized_name() {
     let err = handshake(&c, addr(&p), "127.0.0.1").await.unwrap_err();
     assert!(err.to_string().contains("UnrecognisedName"), "no SNI: {err}");
     assert_eq!(
-        metric(p.admin, "tunnelgate_tls_handshakes_total{listener=\"app\",result=\"unrecognized_name\"").await,
+        metric_when(p.admin, "tunnelgate_tls_handshakes_total{listener=\"app\",result=\"unrecognized_name\"", |v| v
+            == 2.0)
+        .await,
         2.0
     );
 }
@@ -270,8 +277,12 @@ async fn alpn_is_negotiated_and_a_tls13_floor_refuses_tls12() {
     assert_eq!(s.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
     assert!(handshake(&tls12, alpn, "a.test").await.is_ok(), "the default floor is TLS 1.2");
     assert_eq!(
-        metric(p.admin, "tunnelgate_tls_handshakes_total{listener=\"alpn\",result=\"success\",version=\"TLSv1.2\"}")
-            .await,
+        metric_when(
+            p.admin,
+            "tunnelgate_tls_handshakes_total{listener=\"alpn\",result=\"success\",version=\"TLSv1.2\"}",
+            |v| v == 1.0
+        )
+        .await,
         1.0
     );
 }
@@ -476,8 +487,14 @@ async fn t07_close_notify_and_fin_mapping_over_tcp_and_unix_and_truncation() {
         })
         .await
     );
-    assert_eq!(metric(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"client_closed\"}").await, 2.0);
-    assert_eq!(metric(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"upstream_closed\"}").await, 1.0);
+    assert_eq!(
+        metric_when(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"client_closed\"}", |v| v == 2.0).await,
+        2.0
+    );
+    assert_eq!(
+        metric_when(p.admin, "tunnelgate_tunnel_duration_seconds_count{close=\"upstream_closed\"}", |v| v == 1.0).await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

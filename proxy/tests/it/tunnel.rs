@@ -50,7 +50,7 @@ async fn tcp_tunnel_relays_to_the_fixed_upstream_with_half_close() {
     .await;
     let mut s = TcpStream::connect(addr(&p)).await.unwrap();
     roundtrip(&mut s, b"no HTTP here\r\n\r\n").await;
-    assert_eq!(metric(p.admin, "tunnelgate_tunnels_active{listener=\"db\"}").await, 1.0);
+    assert_eq!(metric_when(p.admin, "tunnelgate_tunnels_active{listener=\"db\"}", |v| v == 1.0).await, 1.0);
     // Half-close: the client's FIN reaches the upstream, whose answer and FIN still come back.
     s.write_all(b"last words").await.unwrap();
     s.shutdown().await.unwrap();
@@ -60,7 +60,11 @@ async fn tcp_tunnel_relays_to_the_fixed_upstream_with_half_close() {
     assert!(
         eventually(5, || async { metric(p.admin, "tunnelgate_tunnels_active{listener=\"db\"}").await == 0.0 }).await
     );
-    assert_eq!(metric(p.admin, "tunnelgate_tunnel_requests_total{listener=\"db\",result=\"established\"}").await, 1.0);
+    assert_eq!(
+        metric_when(p.admin, "tunnelgate_tunnel_requests_total{listener=\"db\",result=\"established\"}", |v| v == 1.0)
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -79,7 +83,12 @@ async fn unix_socket_upstream_missing_closes_promptly_and_recovers() {
     let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await.expect("closed promptly");
     assert!(matches!(r, Ok(0) | Err(_)));
     assert_eq!(
-        metric(p.admin, "tunnelgate_tunnel_requests_total{listener=\"app\",result=\"upstream_unreachable\"}").await,
+        metric_when(
+            p.admin,
+            "tunnelgate_tunnel_requests_total{listener=\"app\",result=\"upstream_unreachable\"}",
+            |v| v == 1.0
+        )
+        .await,
         1.0
     );
     // A stale socket (the file is left, nobody listens): the same, one attempt per client.
@@ -89,7 +98,12 @@ async fn unix_socket_upstream_missing_closes_promptly_and_recovers() {
     let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await.expect("closed promptly");
     assert!(matches!(r, Ok(0) | Err(_)));
     assert_eq!(
-        metric(p.admin, "tunnelgate_tunnel_requests_total{listener=\"app\",result=\"upstream_unreachable\"}").await,
+        metric_when(
+            p.admin,
+            "tunnelgate_tunnel_requests_total{listener=\"app\",result=\"upstream_unreachable\"}",
+            |v| v == 2.0
+        )
+        .await,
         2.0
     );
     // The backend appears: the next connection goes through.
@@ -117,8 +131,12 @@ async fn tls_termination_in_front_of_a_unix_socket() {
     let mut tls = connector(std::slice::from_ref(&cert)).connect(name, tcp).await.unwrap();
     roundtrip(&mut tls, b"GET / HTTP/1.1\r\n\r\n is just bytes here").await;
     assert_eq!(
-        metric(p.admin, "tunnelgate_tls_handshakes_total{listener=\"app\",result=\"success\",version=\"TLSv1.3\"}")
-            .await,
+        metric_when(
+            p.admin,
+            "tunnelgate_tls_handshakes_total{listener=\"app\",result=\"success\",version=\"TLSv1.3\"}",
+            |v| v == 1.0
+        )
+        .await,
         1.0
     );
     // close_notify from the client ends the upstream's input; its FIN comes back as close_notify.
