@@ -70,9 +70,9 @@ impl Drop for Permit {
     }
 }
 
-/// Accepts on `listener` (this worker's handle of the listening socket) until `stop` is
-/// cancelled; each connection is served on this worker.
-pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop: CancellationToken) {
+/// Accepts on `listener` until `stop` is cancelled, then hands the socket back (a reload may
+/// give it to a renamed listener; dropping it makes later connects fail with ECONNREFUSED).
+pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop: CancellationToken) -> TcpListener {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -110,4 +110,5 @@ pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop:
             }
         }
     }
+    listener
 }

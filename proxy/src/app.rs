@@ -17,7 +17,6 @@ use crate::listeners;
 use crate::metrics::ProxyMetrics;
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::state::{lock, unix_now, Inner, RunningListener};
-use crate::workers::Workers;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +38,6 @@ pub enum StartError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot register metrics")]
     Metrics(#[from] prometheus::Error),
-    #[error("cannot start the connection workers")]
-    Workers(#[source] std::io::Error),
 }
 
 /// What the drain did.
@@ -58,8 +55,6 @@ pub struct ProxyHandle {
     pub inner: Arc<Inner>,
     shutdown: CancellationToken,
     done: JoinHandle<DrainReport>,
-    /// Kept to the end of [`ProxyHandle::wait`]: dropping them ends every connection.
-    _workers: Workers,
 }
 
 impl ProxyHandle {
@@ -79,16 +74,8 @@ impl ProxyHandle {
     }
 }
 
-/// Binds everything and starts serving `config` (parsed from `text`) with one connection worker
-/// per CPU. Returns once every port is bound.
+/// Binds everything and starts serving `config` (parsed from `text`). Returns once every port is bound.
 pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, StartError> {
-    let workers = Workers::start(Workers::default_count()).map_err(StartError::Workers)?;
-    start_with_workers(config, text, workers).await
-}
-
-/// [`start`] with these connection workers. The caller's runtime runs everything else (admin,
-/// reload, the drain), which needs little CPU.
-pub async fn start_with_workers(config: ProxyConfig, text: &str, workers: Workers) -> Result<ProxyHandle, StartError> {
     let registry = Registry::new();
     let metrics = ProxyMetrics::register(&registry)?;
     let acme = crate::acme::AcmeCerts::new(metrics.clone());
@@ -98,9 +85,12 @@ pub async fn start_with_workers(config: ProxyConfig, text: &str, workers: Worker
     // Bind everything before serving anything, so a failure leaves nothing half-started.
     let mut bound = Vec::new();
     for l in &cfg.listeners {
-        let err = |source| StartError::Bind { name: l.name.clone(), addr: l.bind, source };
-        let sock = TcpListener::bind(l.bind).await.map_err(err)?;
-        bound.push((l.name.clone(), l.bind, sock.into_std().map_err(err)?));
+        let sock = TcpListener::bind(l.bind).await.map_err(|source| StartError::Bind {
+            name: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?;
+        bound.push((l.name.clone(), l.bind, sock));
     }
     let admin_sock = TcpListener::bind(cfg.admin.bind)
         .await
@@ -115,7 +105,7 @@ pub async fn start_with_workers(config: ProxyConfig, text: &str, workers: Worker
     info!(generation = 1, sha256 = %snapshot.sha256, "configuration loaded");
     crate::snapshot::log_warnings(&snapshot.config);
 
-    let inner = Arc::new(Inner::new(metrics, registry, snapshot, admin_addr, acme, workers.handles()));
+    let inner = Arc::new(Inner::new(metrics, registry, snapshot, admin_addr, acme));
     for (name, bind, sock) in bound {
         listeners::start(&inner, &name, bind, sock).map_err(|source| StartError::Bind {
             name: name.clone(),
@@ -131,7 +121,7 @@ pub async fn start_with_workers(config: ProxyConfig, text: &str, workers: Worker
 
     let shutdown = CancellationToken::new();
     let done = tokio::spawn(drain(inner.clone(), shutdown.clone(), admin_stop, admin_task));
-    Ok(ProxyHandle { listeners: inner.listener_addrs(), admin: admin_addr, inner, shutdown, done, _workers: workers })
+    Ok(ProxyHandle { listeners: inner.listener_addrs(), admin: admin_addr, inner, shutdown, done })
 }
 
 /// Periodic upkeep: closes idle pooled upstream connections past `http.upstreamIdleTimeout` (all of
@@ -175,7 +165,7 @@ async fn drain(
             l.stop.cancel();
         }
         for l in running {
-            drop(listeners::stop_accepting(l).await);
+            drop(l.task.await);
         }
     }
     // Idle keep-alive connections close now; HTTP requests in flight finish with `Connection: close`.

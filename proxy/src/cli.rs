@@ -55,8 +55,7 @@ pub struct RunArgs {
     /// forced drain); a drain that finishes in time always exits 0.
     #[arg(long, default_value_t = 0)]
     pub forced_exit_code: u8,
-    /// Connection worker threads (each serves the connections it accepts, from accept to close);
-    /// default: one per CPU. Match it to the pod's CPU limit.
+    /// Runtime worker threads; default: one per CPU. Match it to the pod's CPU limit.
     #[arg(long, env = "TUNNELGATE_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
 }

@@ -2,10 +2,8 @@
 //! metrics and graceful drain.
 //!
 //! # Layout (the path of a connection)
-//! - [`workers`]: one single-threaded runtime per core, where connections live from accept to
-//!   close; [`listeners`]: the running listeners (plan a new set, switch, start one accept loop
-//!   per worker); [`accept`]: accept loops, connection caps, one tracked task per connection with
-//!   its [`context`].
+//! - [`listeners`]: the running listeners (plan a new set, switch, start); [`accept`]: accept
+//!   loops, connection caps, one tracked task per connection with its [`context`].
 //! - [`conn`]: one connection: caps → TLS handshake → [`negotiate`] (first head, bounded) →
 //!   dispatch to a [`forward`] path: `connect` (CONNECT tunnels) or `http` (absolute-form HTTP,
 //!   with `upgrade` for WebSocket).
@@ -53,4 +51,3 @@ pub mod telemetry;
 pub mod terminate;
 pub mod tls;
 pub mod tunnels;
-pub mod workers;

@@ -1,6 +1,5 @@
 //! Running listeners: planning a new set against the running one (keep, hand a socket over to a
-//! renamed listener, or bind), switching to it, and starting a listener's accept loops (one per
-//! connection worker, each on its own handle of the socket).
+//! renamed listener, or bind), switching to it, and starting one accept loop per listener.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -21,7 +20,7 @@ pub(crate) enum Plan {
     /// Same address, other name: the old socket is handed over (no refused-connection window).
     Reuse(usize),
     /// A new address: bound before anything changes.
-    Bind(std::net::TcpListener),
+    Bind(TcpListener),
 }
 
 /// A new listener address could not be bound; nothing running was changed.
@@ -48,9 +47,13 @@ pub(crate) async fn plan(inner: &Inner, new: &[Listener]) -> Result<Vec<Plan>, B
             None => match reuse() {
                 Some(i) => Plan::Reuse(i),
                 None => {
-                    let err = |source| BindError { index, name: l.name.clone(), addr: l.bind, source };
-                    let sock = TcpListener::bind(l.bind).await.map_err(err)?;
-                    Plan::Bind(sock.into_std().map_err(err)?)
+                    let sock = TcpListener::bind(l.bind).await.map_err(|source| BindError {
+                        index,
+                        name: l.name.clone(),
+                        addr: l.bind,
+                        source,
+                    })?;
+                    Plan::Bind(sock)
                 }
             },
         };
@@ -81,9 +84,11 @@ pub(crate) async fn apply(inner: &Arc<Inner>, new: &[Listener], plans: Vec<Plan>
     }
     let mut returned = Vec::new();
     for (i, l) in stopping {
-        let (name, addr) = (l.name.clone(), l.addr);
-        returned.push((i, stop_accepting(l).await));
-        info!(listener = %name, addr = %addr, "listener stopped accepting");
+        match l.task.await {
+            Ok(sock) => returned.push((i, sock)),
+            Err(e) => warn!(listener = %l.name, error = %e, "accept loop ended abnormally"),
+        }
+        info!(listener = %l.name, addr = %l.addr, "listener stopped accepting");
     }
     for (l, plan) in new.iter().zip(plans) {
         let sock = match plan {
@@ -100,49 +105,13 @@ pub(crate) async fn apply(inner: &Arc<Inner>, new: &[Listener], plans: Vec<Plan>
     }
 }
 
-/// Starts accepting on `sock` as listener `name`, on every worker.
-pub(crate) fn start(
-    inner: &Arc<Inner>,
-    name: &str,
-    bind: SocketAddr,
-    sock: std::net::TcpListener,
-) -> std::io::Result<()> {
+/// Starts accepting on `sock` as listener `name`.
+pub(crate) fn start(inner: &Arc<Inner>, name: &str, bind: SocketAddr, sock: TcpListener) -> std::io::Result<()> {
     let addr = sock.local_addr()?;
     let stop = CancellationToken::new();
-    let shared: Arc<str> = Arc::from(name);
-    let mut accepting = Vec::with_capacity(inner.workers.len());
-    for worker in &inner.workers {
-        let own = match sock.try_clone() {
-            Ok(s) => s,
-            Err(e) => {
-                // The loops already started end; the socket closes with the last handle.
-                stop.cancel();
-                return Err(e);
-            }
-        };
-        let (inner, name, stop) = (inner.clone(), shared.clone(), stop.clone());
-        accepting.push(worker.spawn(async move {
-            // Registered with this worker's reactor, so its connections are served here.
-            match TcpListener::from_std(own) {
-                Ok(l) => accept::run(inner, name, l, stop).await,
-                Err(e) => warn!(listener = %name, error = %e, "cannot accept on this worker"),
-            }
-        }));
-    }
-    info!(listener = %name, addr = %addr, workers = accepting.len(), "listening");
+    info!(listener = %name, addr = %addr, "listening");
     inner.metrics.init_listener(name);
-    lock(&inner.listeners).push(RunningListener { name: name.to_owned(), bind, addr, stop, socket: sock, accepting });
+    let task = tokio::spawn(accept::run(inner.clone(), Arc::from(name), sock, stop.clone()));
+    lock(&inner.listeners).push(RunningListener { name: name.to_owned(), bind, addr, stop, task });
     Ok(())
-}
-
-/// Stops `l`'s accept loops and waits until each has closed its handle; returns the socket
-/// (dropping it closes the port: later connects are refused).
-pub(crate) async fn stop_accepting(l: RunningListener) -> std::net::TcpListener {
-    l.stop.cancel();
-    for task in l.accepting {
-        if let Err(e) = task.await {
-            warn!(listener = %l.name, error = %e, "accept loop ended abnormally");
-        }
-    }
-    l.socket
 }

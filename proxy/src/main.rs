@@ -34,10 +34,11 @@ fn main() {
     }
     let format_override =
         args.run.log_format.as_deref().map(|f| if f == "json" { LogFormat::Json } else { LogFormat::Text });
-    // Connections run on the workers (one thread each); this runtime runs the rest: admin, reload,
-    // the ConfigMap watch, ACME and the drain.
-    let workers = args.run.worker_threads.unwrap_or_else(tunnelgate_proxy::workers::Workers::default_count);
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.run.worker_threads {
+        builder.worker_threads(n.get());
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tunnelgate-proxy: cannot start the runtime: {e}");
@@ -81,11 +82,7 @@ fn main() {
     };
     let code = rt.block_on(async move {
         let args = args;
-        let started = match tunnelgate_proxy::workers::Workers::start(workers) {
-            Ok(w) => app::start_with_workers(config, &text, w).await,
-            Err(e) => Err(app::StartError::Workers(e)),
-        };
-        let handle = match started {
+        let handle = match app::start(config, &text).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %tunnelgate_proxy::error::ErrorChain(&e), "cannot start");

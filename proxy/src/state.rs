@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::Registry;
-use tokio::runtime::Handle;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -30,11 +30,7 @@ pub(crate) struct RunningListener {
     /// The bound address.
     pub(crate) addr: SocketAddr,
     pub(crate) stop: CancellationToken,
-    /// The listening socket; each worker accepts on its own handle of it. Kept here, outside
-    /// the workers, so that a reload can hand it to a renamed listener.
-    pub(crate) socket: std::net::TcpListener,
-    /// One accept loop per worker; each closes its handle when it ends.
-    pub(crate) accepting: Vec<JoinHandle<()>>,
+    pub(crate) task: JoinHandle<TcpListener>,
 }
 
 /// State shared by every task of one proxy process.
@@ -61,8 +57,6 @@ pub struct Inner {
     host_addrs: Mutex<Arc<Vec<IpAddr>>>,
     draining: AtomicBool,
     pub(crate) listeners: Mutex<Vec<RunningListener>>,
-    /// The connection workers' runtimes: every listener accepts on each of them.
-    pub(crate) workers: Vec<Handle>,
     /// Serializes reloads, so exactly one snapshot wins and listener changes never interleave.
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
     admin_addr: SocketAddr,
@@ -100,7 +94,6 @@ impl Inner {
         snapshot: SharedSnapshot,
         admin_addr: SocketAddr,
         acme: crate::acme::AcmeCerts,
-        workers: Vec<Handle>,
     ) -> Inner {
         let tunnels = Tunnels::new(metrics.tunnels_active.clone());
         let upstream_pool = UpstreamPool::new(metrics.upstream_pool_idle.clone());
@@ -121,7 +114,6 @@ impl Inner {
             host_addrs: Mutex::new(Arc::new(authorize::host_addresses())),
             draining: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
-            workers,
             reload_lock: tokio::sync::Mutex::new(()),
             admin_addr,
             acme,

@@ -25,7 +25,7 @@ fn connect_req(target: SocketAddr) -> String {
 #[tokio::test(start_paused = true)]
 async fn r01_slowloris_gets_an_absolute_deadline() {
     let w = World::new().await;
-    let p = start_proxy_inline(&cfg(&w, "limits: {requestHeadTimeout: 10s, drainDelay: 0s}\n")).await;
+    let p = start_proxy(&cfg(&w, "limits: {requestHeadTimeout: 10s, drainDelay: 0s}\n")).await;
     let head = connect_req(w.echo.addr);
     let mut tasks = Vec::new();
     for _ in 0..50 {
@@ -63,7 +63,7 @@ async fn r01_slowloris_gets_an_absolute_deadline() {
 #[tokio::test(start_paused = true)]
 async fn r02_idle_connections_and_idle_tunnels_are_closed() {
     let w = World::new().await;
-    let p = start_proxy_inline(&cfg(&w, "limits: {requestHeadTimeout: 10s}\nrelay: {idleTimeout: 60s}\n")).await;
+    let p = start_proxy(&cfg(&w, "limits: {requestHeadTimeout: 10s}\nrelay: {idleTimeout: 60s}\n")).await;
     // Connections that send nothing.
     let mut silent = Vec::new();
     for _ in 0..200 {
@@ -266,7 +266,7 @@ async fn relay_100_mib_arrives_byte_identical() {
 #[tokio::test(start_paused = true)]
 async fn relay_limits_close_with_their_reason() {
     let w = World::new().await;
-    let p = start_proxy_inline(&cfg(&w, "relay: {idleTimeout: 10m, maxLifetime: 1h}\n")).await;
+    let p = start_proxy(&cfg(&w, "relay: {idleTimeout: 10m, maxLifetime: 1h}\n")).await;
     let s = tunnel(addr(&p), &w.echo.addr.to_string()).await;
     let start = Instant::now();
     let mut b = [0u8; 1];
@@ -315,7 +315,7 @@ async fn relay_rate_min_rate_and_byte_cap() {
         "{yaml}    - {{name: capped, action: allow, cidrs: ['127.0.0.2/32'], ports: [{}], relay: {{maxTotalBytes: 1000, minBytesPerMinute: 100}}}}\n",
         sink.addr.port()
     );
-    let p = start_proxy_inline(&capped).await;
+    let p = start_proxy(&capped).await;
     // Rate: 50 kB through the echo at 10 kB/s each way takes about 5 s (minus one burst).
     let mut s = tunnel(addr(&p), &w.echo.addr.to_string()).await;
     let start = Instant::now();

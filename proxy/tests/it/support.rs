@@ -248,13 +248,6 @@ pub async fn start_proxy(yaml: &str) -> ProxyHandle {
     app::start(cfg, yaml).await.unwrap()
 }
 
-/// A proxy serving its connections on the test's own runtime, for tests that pause time (the
-/// workers' runtimes would keep real time).
-pub async fn start_proxy_inline(yaml: &str) -> ProxyHandle {
-    let cfg = proxy_config::ProxyConfig::from_yaml(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    app::start_with_workers(cfg, yaml, tunnelgate_proxy::workers::Workers::inline()).await.unwrap()
-}
-
 pub fn addr(p: &ProxyHandle) -> SocketAddr {
     p.listeners[0].1
 }

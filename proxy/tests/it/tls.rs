@@ -44,11 +44,6 @@ fn rand_suffix() -> u64 {
 }
 
 async fn tls_world(extra_limits: &str) -> TlsWorld {
-    tls_world_on(extra_limits, false).await
-}
-
-/// `inline`: the proxy serves on the test's runtime (for tests that pause time).
-async fn tls_world_on(extra_limits: &str, inline: bool) -> TlsWorld {
     let w = World::new().await;
     let dir = TempDir::new("tls");
     let ck = rcgen::generate_simple_self_signed(vec!["proxy.test".into(), "unknown.test".into(), "127.0.0.1".into()])
@@ -60,7 +55,7 @@ async fn tls_world_on(extra_limits: &str, inline: bool) -> TlsWorld {
         d = dir.0.display(),
         dns = w.dns.addr
     );
-    let p = if inline { start_proxy_inline(&yaml).await } else { start_proxy(&yaml).await };
+    let p = start_proxy(&yaml).await;
     TlsWorld { w, p, ca: ck.cert.der().clone(), _dir: dir }
 }
 
@@ -139,7 +134,7 @@ async fn t01_handshake_garbage_and_old_versions() {
 
 #[tokio::test(start_paused = true)]
 async fn t02_handshake_timeout() {
-    let t = tls_world_on(", tlsHandshakeTimeout: 10s, requestHeadTimeout: 30s", true).await;
+    let t = tls_world(", tlsHandshakeTimeout: 10s, requestHeadTimeout: 30s").await;
     let a = addr(&t.p);
     // Silent client.
     let start = Instant::now();
