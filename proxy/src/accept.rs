@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus::IntGauge;
 
 use tokio::net::TcpListener;
 use tokio::time::{sleep, Duration, Instant};
@@ -15,6 +17,7 @@ use tracing::{debug_span, warn, Instrument};
 use crate::conn;
 use crate::context::ConnCtx;
 use crate::error::TunnelError;
+use crate::metrics::GaugeGuard;
 use crate::state::Inner;
 
 /// Counts open connections, globally and per client address.
@@ -57,6 +60,28 @@ impl ConnLimiter {
     }
 }
 
+/// What keeps a connection counted while any task serves it (the connection's own task, and the
+/// task that relays its tunnel or upgrade): the open-connections gauge and, once admitted, its
+/// slot under the connection caps. Every copy of the connection's context shares it; the last
+/// one dropped releases both.
+pub struct ConnSlot {
+    _open: GaugeGuard,
+    permit: OnceLock<Permit>,
+}
+
+impl ConnSlot {
+    /// Counts a connection as open until the returned slot's last copy is dropped.
+    pub fn new(open: IntGauge) -> Arc<ConnSlot> {
+        Arc::new(ConnSlot { _open: GaugeGuard::new(open), permit: OnceLock::new() })
+    }
+
+    /// Holds `permit` for as long as the connection is served.
+    pub fn admit(&self, permit: Permit) {
+        // A connection is admitted once; a second permit would be released at once.
+        let _ = self.permit.set(permit);
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut s = self.limiter.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -94,6 +119,7 @@ pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop:
                     peer,
                     local: stream.local_addr().ok(),
                     accepted: Instant::now(),
+                    slot: ConnSlot::new(inner.metrics.connections_open.clone()),
                 };
                 let span = debug_span!("conn", id, listener = &*name);
                 inner.tracker.spawn(conn::serve(stream, ctx).instrument(span));

@@ -9,13 +9,11 @@ use proxy_config::Listener;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-use crate::accept::Permit;
 use crate::access;
 use crate::context::ConnCtx;
 use crate::error::TunnelError;
 use crate::forward::{self, connect};
 use crate::inbound_proxy;
-use crate::metrics::GaugeGuard;
 use crate::negotiate::{self, Head};
 use crate::relay::IntoHalves;
 use crate::terminate;
@@ -25,7 +23,6 @@ use crate::tls::TlsServer;
 /// Serves one accepted connection to completion.
 pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
     let inner = ctx.inner.clone();
-    let _open = GaugeGuard::new(inner.metrics.connections_open.clone());
     // This connection's listener, looked up once in the snapshot it was accepted under.
     let snapshot = ctx.snapshot.clone();
     let listener = snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener);
@@ -42,24 +39,27 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
             Err(_) => return access::rejected(&ctx, &TunnelError::HeadTimeout, None, None),
         }
     }
-    let permit = inner.limiter.acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client);
+    let admitted = inner
+        .limiter
+        .acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client)
+        .map(|p| ctx.slot.admit(p));
     let _ = stream.set_nodelay(true);
     // The task's size is the largest state of this future, held for the tunnel's whole life:
     // everything that is not the plain relay is boxed, so an idle plain tunnel stays small.
     match ctx.tls.clone() {
         None => {
             let deadline = ctx.accepted + limits.request_head_timeout;
-            match (permit, listener.and_then(|l| l.upstream.as_ref().map(|u| (u, l)))) {
-                (Ok(_p), Some((upstream, l))) => {
+            match (admitted, listener.and_then(|l| l.upstream.as_ref().map(|u| (u, l)))) {
+                (Ok(()), Some((upstream, l))) => {
                     Box::pin(terminate::serve(stream, &ctx, upstream, l.send_proxy_protocol, None)).await
                 }
-                (Ok(p), None) => dispatch(stream, &ctx, p, deadline, listener).await,
+                (Ok(()), None) => dispatch(stream, &ctx, deadline, listener).await,
                 // A tunnel listener's clients speak no HTTP: just close.
                 (Err(e), Some(_)) => access::rejected(&ctx, &e, None, None),
                 (Err(e), None) => Box::pin(reject(stream, &ctx, e)).await,
             }
         }
-        Some(server) => Box::pin(serve_tls(stream, server, &ctx, permit, listener)).await,
+        Some(server) => Box::pin(serve_tls(stream, server, &ctx, admitted, listener)).await,
     }
 }
 
@@ -71,10 +71,10 @@ async fn serve_tls(
     stream: TcpStream,
     server: Arc<TlsServer>,
     ctx: &ConnCtx,
-    permit: Result<Permit, TunnelError>,
+    admitted: Result<(), TunnelError>,
     listener: Option<&Listener>,
 ) {
-    let Ok(permit) = permit else {
+    let Ok(()) = admitted else {
         // Answering in plain text would be noise to a TLS client: just close.
         return;
     };
@@ -102,18 +102,12 @@ async fn serve_tls(
         Some((upstream, l)) => {
             terminate::serve(tls, ctx, upstream, l.send_proxy_protocol, Some(facts)).await;
         }
-        None => dispatch(tls, ctx, permit, Instant::now() + limits.request_head_timeout, listener).await,
+        None => dispatch(tls, ctx, Instant::now() + limits.request_head_timeout, listener).await,
     }
 }
 
 /// Reads the first request head and hands the connection to the path that serves it.
-async fn dispatch<S: IntoHalves + 'static>(
-    mut io: S,
-    ctx: &ConnCtx,
-    _permit: Permit,
-    deadline: Instant,
-    listener: Option<&Listener>,
-) {
+async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, deadline: Instant, listener: Option<&Listener>) {
     let max_head = ctx.snapshot.config.limits.max_request_head_bytes;
     let head = tokio::select! {
         r = Box::pin(negotiate::read_head(&mut io, max_head, deadline)) => r,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use crate::accept::ConnSlot;
 use crate::error::TunnelError;
 use crate::snapshot::SharedSnapshot;
 use crate::state::Inner;
@@ -24,6 +25,9 @@ pub struct ConnCtx {
     /// The listener-side address of the connection (the PROXY protocol's destination).
     pub local: Option<SocketAddr>,
     pub accepted: Instant,
+    /// Keeps the connection counted (open, and under the connection caps once admitted) until
+    /// every task serving it has ended.
+    pub slot: Arc<ConnSlot>,
 }
 
 impl ConnCtx {

@@ -12,7 +12,7 @@ use crate::authorize::Authorized;
 use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::TunnelError;
-use crate::forward::connect::relay_registered;
+use crate::forward::connect::{spawn_tunnel, Established};
 use crate::proxy_protocol;
 use crate::relay::IntoHalves;
 use crate::tls::handshake::TlsFacts;
@@ -27,7 +27,7 @@ async fn announce<W: AsyncWrite + Unpin>(w: &mut W, header: Option<&[u8]>) -> Re
 
 /// Connects `io` to `upstream` and relays until both sides are done. A failure to reach the
 /// upstream closes the client at once (counted and logged); the next connection tries again.
-pub async fn serve<S: IntoHalves>(
+pub async fn serve<S: IntoHalves + 'static>(
     io: S,
     ctx: &ConnCtx,
     upstream: &TunnelUpstream,
@@ -60,10 +60,13 @@ pub async fn serve<S: IntoHalves>(
             if let Err(e) = announce(&mut uw, header.as_deref()).await {
                 return access::rejected(ctx, &e, None, None);
             }
-            let a = authorized(addrs);
-            m.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
-            let out = relay_registered(cr, cw, ur, uw, &[], authority, &a, ctx).await;
-            access::tunnel_closed(ctx, TunnelKind::Fixed, "", None, authority, &out);
+            let t = Established {
+                kind: TunnelKind::Fixed,
+                authority: authority.clone(),
+                early: Vec::new(),
+                authorized: authorized(addrs),
+            };
+            spawn_tunnel(cr, cw, ur, uw, t, ctx);
         }
         TunnelUpstream::Unix(path) => {
             let stream = match timeout(cfg.relay.connect_timeout, UnixStream::connect(path)).await {
@@ -77,9 +80,13 @@ pub async fn serve<S: IntoHalves>(
             }
             // Access events and the tunnel registry name an authority; a socket has none.
             let local = Authority { host: Host::Ip(std::net::Ipv4Addr::LOCALHOST.into()), port: 0 };
-            m.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
-            let out = relay_registered(cr, cw, ur, uw, &[], &local, &authorized(Vec::new()), ctx).await;
-            access::tunnel_closed(ctx, TunnelKind::Fixed, "", None, &local, &out);
+            let t = Established {
+                kind: TunnelKind::Fixed,
+                authority: local,
+                early: Vec::new(),
+                authorized: authorized(Vec::new()),
+            };
+            spawn_tunnel(cr, cw, ur, uw, t, ctx);
         }
     }
 }

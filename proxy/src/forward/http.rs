@@ -33,7 +33,7 @@ use crate::authorize::{self, Authorized, Rejection};
 use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::{ErrorChain, TunnelError};
-use crate::negotiate::{self, ConnectRequest, MAX_HEADERS};
+use crate::negotiate::{self, MAX_HEADERS};
 
 /// The body of every response the proxy sends on this path.
 pub type ResponseBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -178,8 +178,13 @@ impl Handler {
                 Ok(upgraded) => {
                     let (cr, cw) = tokio::io::split(TokioIo::new(upgraded));
                     let (ur, uw) = upstream.into_split();
-                    let request = ConnectRequest { authority, leftover: Vec::new(), credentials: None };
-                    connect::tunnel(cr, cw, ur, uw, &request, authorized, &ctx).await;
+                    let t = connect::Established {
+                        kind: crate::access::TunnelKind::Connect,
+                        authority,
+                        early: Vec::new(),
+                        authorized,
+                    };
+                    connect::tunnel(cr, cw, ur, uw, t, &ctx).await;
                 }
                 Err(e) => debug!(conn = ctx.id, error = %e, "CONNECT upgrade failed"),
             }
