@@ -90,7 +90,9 @@ impl RelayRead for OwnedReadHalf {
                     other => return other,
                 }
             }
-            self.readable().await?;
+            // The socket's own reader slot holds the waker (the relay is the one reader): no
+            // waiter node in this future, which every idle tunnel keeps for each direction.
+            std::future::poll_fn(|cx| AsRef::<tokio::net::TcpStream>::as_ref(self).poll_read_ready(cx)).await?;
             buf.reserve_exact(BUF_SIZE);
         }
     }
@@ -324,11 +326,16 @@ where
         let mut up_done = false;
         let mut down_done = false;
         let mut first_done: Option<CloseReason> = None;
-        let lifetime = sleep_until(start + limits.max_lifetime);
-        tokio::pin!(lifetime);
+        // One timer for the three deadlines (lifetime, idle, minimum rate), set to the earliest:
+        // an idle tunnel keeps one timer entry, not three.
+        let end = start + limits.max_lifetime;
         let mut idle_at = start + limits.idle_timeout;
         let minute = Duration::from_secs(60);
-        let mut next_rate_check = start + minute;
+        let mut rate_check_at = limits.min_bytes_per_minute.map(|_| start + minute);
+        let earliest =
+            |idle_at: Instant, rate_at: Option<Instant>| rate_at.map_or(idle_at, |r| r.min(idle_at)).min(end);
+        let timer = sleep_until(earliest(idle_at, rate_check_at));
+        tokio::pin!(timer);
         let mut bytes_at_check = 0u64;
         loop {
             tokio::select! {
@@ -353,19 +360,23 @@ where
                     Err(PumpEnd::ByteLimit) => break CloseReason::ByteLimit,
                     Err(PumpEnd::Io) => break CloseReason::IoError,
                 },
-                () = sleep_until(idle_at) => {
-                    // Traffic resets the idle timer; re-arm from the last activity.
-                    let due = shared.last_activity() + limits.idle_timeout;
-                    if due <= Instant::now() { break CloseReason::IdleTimeout; }
-                    idle_at = due;
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= end { break CloseReason::Lifetime; }
+                    if now >= idle_at {
+                        // Traffic resets the idle timer; re-arm from the last activity.
+                        let due = shared.last_activity() + limits.idle_timeout;
+                        if due <= now { break CloseReason::IdleTimeout; }
+                        idle_at = due;
+                    }
+                    if let Some(at) = rate_check_at.filter(|at| now >= *at) {
+                        let total = shared.total.load(Ordering::Relaxed);
+                        if total - bytes_at_check < limits.min_bytes_per_minute.unwrap_or(0) { break CloseReason::TooSlow; }
+                        bytes_at_check = total;
+                        rate_check_at = Some(at + minute);
+                    }
+                    timer.as_mut().reset(earliest(idle_at, rate_check_at));
                 },
-                () = sleep_until(next_rate_check), if limits.min_bytes_per_minute.is_some() => {
-                    let total = shared.total.load(Ordering::Relaxed);
-                    if total - bytes_at_check < limits.min_bytes_per_minute.unwrap_or(0) { break CloseReason::TooSlow; }
-                    bytes_at_check = total;
-                    next_rate_check += minute;
-                },
-                () = &mut lifetime => break CloseReason::Lifetime,
                 () = stops.shutdown.cancelled() => break CloseReason::Shutdown,
                 () = stops.revoke.cancelled() => break CloseReason::Revoked,
             }
