@@ -284,7 +284,7 @@ pub async fn run<CR, CW, UR, UW>(
     mut up_r: UR,
     mut up_w: UW,
     early: &[u8],
-    limits: TunnelLimits,
+    limits: &TunnelLimits,
     stops: &Stops,
     counters: &ByteCounters,
 ) -> RelayOutcome

@@ -12,7 +12,7 @@ use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::{Side, TunnelError};
 use crate::negotiate::{self, ConnectRequest};
-use crate::relay::{self, ByteCounters, IntoHalves, RelayOutcome, RelayRead, Stops};
+use crate::relay::{self, ByteCounters, IntoHalves, RelayRead, Stops};
 use crate::tunnels::Admitted;
 
 /// Serves a CONNECT request whose head has been read: tunnel, or an error answer and a
@@ -97,9 +97,10 @@ pub(crate) struct Established {
     pub(crate) authorized: Authorized,
 }
 
-/// Relays an established tunnel (CONNECT, or a tunnel listener's connection) under the tunnel
-/// registry: counted as active, revocable by a reload, closed at the drain deadline; one access
-/// event at the end.
+/// Relays an established tunnel (CONNECT, upgraded HTTP, or a tunnel listener's connection)
+/// under the tunnel registry: counted as active, revocable by a reload, closed at the drain
+/// deadline; one access event at the end. (One function, not a chain: every async layer keeps its
+/// own copy of the arguments for the tunnel's whole life.)
 pub(crate) async fn tunnel<CR, CW, UR, UW>(cr: CR, cw: CW, ur: UR, uw: UW, t: Established, ctx: &ConnCtx)
 where
     CR: RelayRead,
@@ -107,9 +108,27 @@ where
     UR: RelayRead,
     UW: AsyncWrite + Unpin + Send,
 {
-    ctx.inner.metrics.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
+    let m = &ctx.inner.metrics;
+    m.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
     let a = &t.authorized;
-    let out = relay_registered(cr, cw, ur, uw, &t.early, &t.authority, a, ctx).await;
+    let registration = ctx.inner.tunnels.register(
+        &ctx.listener,
+        Admitted {
+            client: ctx.peer.ip(),
+            host: t.authority.host.clone(),
+            port: t.authority.port,
+            addrs: a.addrs.clone(),
+            user: a.user.clone(),
+            revocable: a.revocable,
+        },
+    );
+    let stops = Stops { shutdown: ctx.inner.stops.shutdown.clone(), revoke: registration.revoke.clone() };
+    let counters = ByteCounters {
+        up: m.relayed_bytes.with_label_values(&[&ctx.listener, "upstream"]),
+        down: m.relayed_bytes.with_label_values(&[&ctx.listener, "downstream"]),
+    };
+    let out = relay::run(cr, cw, ur, uw, &t.early, &a.limits, &stops, &counters).await;
+    drop(registration);
     access::tunnel_closed(ctx, t.kind, &a.rule, a.user.as_deref(), &t.authority, &out);
 }
 
@@ -127,42 +146,4 @@ where
     let owned = ctx.clone();
     let relay = async move { tunnel(cr, cw, ur, uw, t, &owned).await };
     ctx.inner.tracker.spawn(relay.in_current_span());
-}
-
-/// The relay of one registered tunnel.
-#[expect(clippy::too_many_arguments, reason = "both halves of both sides, early data and the decision")]
-pub(crate) async fn relay_registered<CR, CW, UR, UW>(
-    cr: CR,
-    cw: CW,
-    ur: UR,
-    uw: UW,
-    early: &[u8],
-    authority: &Authority,
-    authorized: &Authorized,
-    ctx: &ConnCtx,
-) -> RelayOutcome
-where
-    CR: RelayRead,
-    CW: AsyncWrite + Unpin + Send,
-    UR: RelayRead,
-    UW: AsyncWrite + Unpin + Send,
-{
-    let m = &ctx.inner.metrics;
-    let registration = ctx.inner.tunnels.register(
-        &ctx.listener,
-        Admitted {
-            client: ctx.peer.ip(),
-            host: authority.host.clone(),
-            port: authority.port,
-            addrs: authorized.addrs.clone(),
-            user: authorized.user.clone(),
-            revocable: authorized.revocable,
-        },
-    );
-    let stops = Stops { shutdown: ctx.inner.stops.shutdown.clone(), revoke: registration.revoke.clone() };
-    let counters = ByteCounters {
-        up: m.relayed_bytes.with_label_values(&[&ctx.listener, "upstream"]),
-        down: m.relayed_bytes.with_label_values(&[&ctx.listener, "downstream"]),
-    };
-    relay::run(cr, cw, ur, uw, early, authorized.limits, &stops, &counters).await
 }

@@ -18,7 +18,7 @@ use super::connect;
 use super::headers;
 use super::http::{empty, Exchange, Finish, Handler, ResponseBody, TrackedBody};
 use super::pool::UpstreamBody;
-use crate::access::{self, TunnelKind};
+use crate::access::TunnelKind;
 use crate::authorize::{Authorized, Rejection};
 
 /// Sends an upgrade request and, on `101`, joins the two upgraded connections.
@@ -61,16 +61,8 @@ pub(crate) async fn forward(
         };
         let (cr, cw) = tokio::io::split(TokioIo::new(client));
         let (ur, uw) = tokio::io::split(TokioIo::new(upstream));
-        ctx.inner.metrics.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
-        let out = connect::relay_registered(cr, cw, ur, uw, &[], &authority, &authorized, &ctx).await;
-        access::tunnel_closed(
-            &ctx,
-            TunnelKind::Upgrade,
-            &authorized.rule,
-            authorized.user.as_deref(),
-            &authority,
-            &out,
-        );
+        let t = connect::Established { kind: TunnelKind::Upgrade, authority, early: Vec::new(), authorized };
+        connect::tunnel(cr, cw, ur, uw, t, &ctx).await;
     });
     Ok(Response::from_parts(parts, empty()))
 }

@@ -26,7 +26,7 @@ async fn idle_timeout_closes_both_sides_and_traffic_resets_it() {
     let (ur, uw) = split(proxy_u);
     let stops = Stops::default();
     let c = counters();
-    let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"early", limits(), &stops, &c).await });
+    let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"early", &limits(), &stops, &c).await });
     let (mut client_r, mut client_w) = split(client);
     let (mut up_r, _up_w) = split(upstream);
     let mut early = [0u8; 5];
@@ -54,7 +54,7 @@ async fn shutdown_and_revoke_have_their_own_reasons() {
         let stops = Stops::default();
         let s2 = stops.clone();
         let c = counters();
-        let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"", limits(), &s2, &c).await });
+        let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"", &limits(), &s2, &c).await });
         tokio::time::sleep(Duration::from_secs(1)).await;
         if revoke {
             stops.revoke.cancel();
