@@ -826,3 +826,23 @@ async fn websocket_idle_timeout_applies() {
         .await
     );
 }
+
+#[tokio::test]
+async fn an_upgraded_connection_keeps_its_slot_under_the_connection_caps() {
+    let w = World::new().await;
+    let up = websocket_echo().await;
+    let yaml = w.config("").replace("limits: {drainDelay: 0s", "limits: {maxConnectionsPerClient: 1, drainDelay: 0s");
+    let p = start_proxy(&yaml).await;
+    let mut ws = websocket_through(addr(&p), up.addr.port()).await;
+    ws.send(Message::text("x")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("x"));
+    // The upgraded connection is still this client's one connection: a second one is refused.
+    let t = w.echo_target("allowed.test");
+    let (status, text) = exchange(addr(&p), format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\n").as_bytes()).await;
+    assert_eq!(status, 429, "{text}");
+    assert_eq!(metric(p.admin, "tunnelgate_connections_open").await, 1.0);
+    drop(ws);
+    assert!(eventually(5, || async { metric(p.admin, "tunnelgate_connections_open").await == 0.0 }).await);
+    let mut s = tunnel(addr(&p), &w.echo_target("allowed.test")).await;
+    roundtrip(&mut s, b"the slot came back").await;
+}
