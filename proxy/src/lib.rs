@@ -9,7 +9,8 @@
 //!   with `upgrade` for WebSocket).
 //! - [`authorize`]: pre-decide → resolve → decide on every address → self-connection check (also
 //!   used by `explain`); [`dial`]: resolve and connect to exactly the approved addresses.
-//! - [`relay`]: full duplex with half-close and the tunnel's limits; one close reason per tunnel;
+//! - [`established`]: an established tunnel's task (registered, relayed, logged once); [`relay`]:
+//!   full duplex with half-close and the tunnel's limits, one close reason per tunnel;
 //!   [`tunnels`]: the registry of established tunnels (active count, revocation, drain).
 //! - [`access`]: one access event per tunnel or HTTP request, with the privacy defaults.
 //! - [`snapshot`]: the configuration in force (policy, resolver, TLS), one `Arc` per connection.
@@ -34,6 +35,7 @@ pub mod conn;
 pub mod context;
 pub mod dial;
 pub mod error;
+pub mod established;
 pub mod forward;
 pub mod inbound_proxy;
 pub mod k8s_source;

@@ -12,7 +12,7 @@ use crate::authorize::Authorized;
 use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::TunnelError;
-use crate::forward::connect::{spawn_tunnel, Established};
+use crate::established::{spawn_tunnel, Established};
 use crate::proxy_protocol;
 use crate::relay::IntoHalves;
 use crate::tls::handshake::TlsFacts;

@@ -29,10 +29,12 @@ use super::headers;
 use super::pool::{PoolKey, UpstreamBody};
 use super::prefixed::Prefixed;
 use super::upgrade;
+use crate::access::TunnelKind;
 use crate::authorize::{self, Authorized, Rejection};
 use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::{ErrorChain, TunnelError};
+use crate::established::{self, Established};
 use crate::negotiate::{self, MAX_HEADERS};
 
 /// The body of every response the proxy sends on this path.
@@ -178,13 +180,8 @@ impl Handler {
                 Ok(upgraded) => {
                     let (cr, cw) = tokio::io::split(TokioIo::new(upgraded));
                     let (ur, uw) = upstream.into_split();
-                    let t = connect::Established {
-                        kind: crate::access::TunnelKind::Connect,
-                        authority,
-                        early: Vec::new(),
-                        authorized,
-                    };
-                    connect::tunnel(cr, cw, ur, uw, t, &ctx).await;
+                    let t = Established { kind: TunnelKind::Connect, authority, early: Vec::new(), authorized };
+                    established::tunnel(cr, cw, ur, uw, t, &ctx).await;
                 }
                 Err(e) => debug!(conn = ctx.id, error = %e, "CONNECT upgrade failed"),
             }

@@ -14,12 +14,12 @@ use hyper_util::rt::TokioIo;
 use proxy_config::Authority;
 use tracing::debug;
 
-use super::connect;
 use super::headers;
 use super::http::{empty, Exchange, Finish, Handler, ResponseBody, TrackedBody};
 use super::pool::UpstreamBody;
 use crate::access::TunnelKind;
 use crate::authorize::{Authorized, Rejection};
+use crate::established::{self, Established};
 
 /// Sends an upgrade request and, on `101`, joins the two upgraded connections.
 pub(crate) async fn forward(
@@ -61,8 +61,8 @@ pub(crate) async fn forward(
         };
         let (cr, cw) = tokio::io::split(TokioIo::new(client));
         let (ur, uw) = tokio::io::split(TokioIo::new(upstream));
-        let t = connect::Established { kind: TunnelKind::Upgrade, authority, early: Vec::new(), authorized };
-        connect::tunnel(cr, cw, ur, uw, t, &ctx).await;
+        let t = Established { kind: TunnelKind::Upgrade, authority, early: Vec::new(), authorized };
+        established::tunnel(cr, cw, ur, uw, t, &ctx).await;
     });
     Ok(Response::from_parts(parts, empty()))
 }
