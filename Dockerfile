@@ -20,8 +20,9 @@ COPY proxy/Cargo.toml proxy/
 COPY operator/Cargo.toml operator/
 COPY bench/Cargo.toml bench/
 COPY e2e/Cargo.toml e2e/
+COPY testkit/Cargo.toml testkit/
 COPY build/ build/
-RUN for d in proxy-config proxy operator bench e2e; do mkdir -p $d/src/bin && echo 'fn main() {}' > $d/src/main.rs && touch $d/src/lib.rs; done \
+RUN for d in proxy-config proxy operator bench e2e testkit; do mkdir -p $d/src/bin && echo 'fn main() {}' > $d/src/main.rs && touch $d/src/lib.rs; done \
  && echo 'fn main() {}' > operator/src/bin/crdgen.rs \
  && echo 'fn main() {}' > operator/src/bin/kubectl-tunnelgate.rs \
  && mkdir -p proxy-config/src && printf 'version: 1\n' > proxy-config/src/default.yaml

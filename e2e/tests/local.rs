@@ -14,6 +14,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
+use testkit::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::process::{Child, Command};
@@ -34,32 +35,6 @@ fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-/// A port for a server the test starts later (a child process binds it). Taken below the kernel's
-/// ephemeral range, so an outgoing connection of a parallel test cannot take it between now and the
-/// server's bind (a port from `bind(:0)` can: CI lost a run to that); the counter keeps this
-/// process's parallel tests apart and the process id keeps test binaries apart.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
-        .unwrap_or(32768);
-    const FIRST: u32 = 10_000;
-    if low < FIRST + 1_000 {
-        // No room below the ephemeral range: fall back to one the kernel picks.
-        return std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    }
-    let span = low - FIRST;
-    let base = std::process::id().wrapping_mul(7919);
-    loop {
-        let port = (FIRST + base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
 }
 
 struct Dir(PathBuf);

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus::IntGauge;
-
 use tokio::net::TcpListener;
 use tokio::time::{sleep, Duration, Instant};
 use tokio_util::sync::CancellationToken;

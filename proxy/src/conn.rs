@@ -44,8 +44,9 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
         .acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client)
         .map(|p| ctx.slot.admit(p));
     let _ = stream.set_nodelay(true);
-    // The task's size is the largest state of this future, held for the tunnel's whole life:
-    // everything that is not the plain relay is boxed, so an idle plain tunnel stays small.
+    // The task's size is the largest state of this future, held for the connection's whole life
+    // (an idle keep-alive HTTP connection waits in it; an established tunnel is relayed by a task
+    // of its own): the paths that need large states are boxed, so the task stays small.
     match ctx.tls.clone() {
         None => {
             let deadline = ctx.accepted + limits.request_head_timeout;

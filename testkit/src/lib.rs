@@ -1,0 +1,40 @@
+//! Helpers shared by the workspace's test suites (the proxy's integration tests and the local
+//! end-to-end suite); test code only, never linked into a shipped binary.
+#![allow(clippy::panic, reason = "test code: a setup that cannot be done fails the test that asked")]
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The lowest port handed out; below it are the well-known and commonly used service ports.
+const FIRST: u32 = 10_000;
+
+/// A port for a server the test starts later (a child process binds it). Taken below the kernel's
+/// ephemeral range, so an outgoing connection of a parallel test cannot take it between now and the
+/// server's bind (a port from `bind(:0)` can: CI lost a run to that); the counter keeps this
+/// process's parallel tests apart and the process id keeps test binaries apart.
+///
+/// # Panics
+/// When no loopback port can be bound at all (a test setup failure).
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    if low < FIRST + 1_000 {
+        // No room below the ephemeral range: fall back to one the kernel picks.
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("cannot bind a loopback port: {e}"));
+    }
+    let span = low - FIRST;
+    let base = std::process::id().wrapping_mul(7919);
+    loop {
+        let port = u16::try_from(FIRST + base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span)
+            .unwrap_or_else(|_| panic!("port range below {low} exceeds u16"));
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
