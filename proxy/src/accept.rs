@@ -116,7 +116,7 @@ pub async fn run(inner: Arc<Inner>, name: Arc<str>, listener: TcpListener, stop:
                     tls,
                     id,
                     peer,
-                    local: stream.local_addr().ok(),
+                    local: None,
                     accepted: Instant::now(),
                     slot: ConnSlot::new(inner.metrics.connections_open.clone()),
                 };

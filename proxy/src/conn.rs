@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use proxy_config::Listener;
+use proxy_config::{Listener, ProxyProtocol};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
@@ -43,7 +43,10 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
         .limiter
         .acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client)
         .map(|p| ctx.slot.admit(p));
-    let _ = stream.set_nodelay(true);
+    // The address the client reached is asked of the kernel only where a PROXY header names it.
+    if listener.is_some_and(|l| l.send_proxy_protocol != ProxyProtocol::None) {
+        ctx.local = stream.local_addr().ok();
+    }
     // The task's size is the largest state of this future, held for the connection's whole life
     // (an idle keep-alive HTTP connection waits in it; an established tunnel is relayed by a task
     // of its own): the paths that need large states are boxed, so the task stays small.

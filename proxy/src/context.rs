@@ -22,7 +22,8 @@ pub struct ConnCtx {
     pub tls: Option<Arc<TlsServer>>,
     pub id: u64,
     pub peer: SocketAddr,
-    /// The listener-side address of the connection (the PROXY protocol's destination).
+    /// The listener-side address of the connection (the PROXY protocol's destination); looked up
+    /// only on listeners that send a PROXY header.
     pub local: Option<SocketAddr>,
     pub accepted: Instant,
     /// Keeps the connection counted (open, and under the connection caps once admitted) until

@@ -108,6 +108,9 @@ pub(crate) async fn apply(inner: &Arc<Inner>, new: &[Listener], plans: Vec<Plan>
 /// Starts accepting on `sock` as listener `name`.
 pub(crate) fn start(inner: &Arc<Inner>, name: &str, bind: SocketAddr, sock: TcpListener) -> std::io::Result<()> {
     let addr = sock.local_addr()?;
+    // Accepted sockets inherit TCP_NODELAY from the listening socket (Linux copies it on
+    // accept): one setsockopt per listener instead of one per connection.
+    socket2::SockRef::from(&sock).set_tcp_nodelay(true)?;
     let stop = CancellationToken::new();
     info!(listener = %name, addr = %addr, "listening");
     inner.metrics.init_listener(name);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::IntCounter;
 use proxy_config::TunnelLimits;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{sleep_until, timeout, Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -85,7 +85,23 @@ impl RelayRead for OwnedReadHalf {
             // Take what is there without waiting; wait only with the buffer released. Readiness
             // alone is no promise of data (a socket never read before reports it at once).
             if buf.capacity() > 0 {
-                match self.try_read_buf(&mut (&mut *buf).limit(limit)) {
+                let stream: &tokio::net::TcpStream = self.as_ref();
+                let offered = limit.min(buf.capacity() - buf.len());
+                let mut got = 0;
+                let read = stream.try_io(Interest::READABLE, || {
+                    got = stream.try_read_buf(&mut (&mut *buf).limit(limit))?;
+                    // A read that did not fill the space offered found the socket's queue empty:
+                    // report it as drained so the next read waits for the poller instead of
+                    // asking the kernel once more only to hear EAGAIN (one syscall less per
+                    // message). Data arriving meanwhile raises readiness again.
+                    if got > 0 && got < offered {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(got)
+                    }
+                });
+                match read {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => return Ok(got),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = Vec::new(),
                     other => return other,
                 }
