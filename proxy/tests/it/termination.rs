@@ -287,6 +287,54 @@ async fn alpn_is_negotiated_and_a_tls13_floor_refuses_tls12() {
     );
 }
 
+/// The server picks the cipher suite from its own order (AES-128-GCM with SHA-256 first), whatever
+/// the client lists first; a client offering only other suites is still served.
+#[tokio::test]
+async fn the_server_order_picks_aes128_gcm_sha256_first() {
+    let w = World::new().await;
+    let dir = TempDir::new("suites");
+    let ca = Ca::new("suites ca");
+    let pair = write_pair(&dir.0, "a", &ca.leaf(&["a.test"], false));
+    let up = tcp_echo().await;
+    let p = start_proxy(&doc(
+        &w,
+        &format!("{{name: tls, bind: '127.0.0.1:0', mode: tunnel, upstream: '{up}', tls: {{certificates: [{pair}]}}}}"),
+    ))
+    .await;
+    let addr = p.listener("tls").unwrap();
+    let with_suites = |suites: Vec<rustls::SupportedCipherSuite>,
+                       versions: &[&'static rustls::SupportedProtocolVersion]| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der()).unwrap();
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = suites;
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsConnector::from(Arc::new(cfg))
+    };
+    use rustls::crypto::ring::cipher_suite as cs;
+    let suite =
+        |s: &tokio_rustls::client::TlsStream<TcpStream>| s.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    let tls13 = with_suites(
+        vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_CHACHA20_POLY1305_SHA256, cs::TLS13_AES_128_GCM_SHA256],
+        &[&rustls::version::TLS13],
+    );
+    let s = handshake(&tls13, addr, "a.test").await.unwrap();
+    assert_eq!(suite(&s), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let tls12 = with_suites(
+        vec![cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256],
+        &[&rustls::version::TLS12],
+    );
+    let s = handshake(&tls12, addr, "a.test").await.unwrap();
+    assert_eq!(suite(&s), rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+    let chacha = with_suites(vec![cs::TLS13_CHACHA20_POLY1305_SHA256], &[&rustls::version::TLS13]);
+    let s = handshake(&chacha, addr, "a.test").await.unwrap();
+    assert_eq!(suite(&s), rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+}
+
 /// A backend that records the whole PROXY v2 header it receives (signature, fixed part and exactly
 /// the announced length), then echoes.
 pub(crate) async fn ppv2_recorder(path: &Path) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
