@@ -34,7 +34,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked -p tunnelgate-proxy -p tunnelgate-operator \
  && mkdir -p /out && cp target/release/tunnelgate-proxy target/release/tunnelgate-operator /out/
 
-# glibc and libgcc only (ring and mimalloc link against them); runs as uid 65532.
+# glibc and libgcc only (aws-lc and mimalloc link against them); runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime-base
 COPY --from=build /out/tunnelgate-proxy /out/tunnelgate-operator /usr/local/bin/
 USER 65532:65532

@@ -232,10 +232,11 @@ pub(crate) async fn run(proxy_bin: &Path, rounds: usize, secs: f64, only: Option
     let mut rows = Vec::new();
     for (path, label) in [("/10", "10 B"), ("/1k", "1 KiB"), ("/100k", "100 KiB")] {
         for keep_alive in [true, false] {
-            let (mut rate, mut cpu) = (Vec::new(), Vec::new());
-            for (t, pid) in &targets {
-                let (mut a, mut b) = (Vec::new(), Vec::new());
-                for _ in 0..rounds {
+            // Rounds go round the targets (each round runs every target once) so that a slow
+            // spell of the shared machine lands on every target alike, not on one target's rounds.
+            let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); targets.len()];
+            for _ in 0..rounds {
+                for ((t, pid), (a, b)) in targets.iter().zip(samples.iter_mut()) {
                     match wrk(t, path, keep_alive, secs, *pid) {
                         Ok((x, y)) => {
                             a.push(x);
@@ -245,9 +246,8 @@ pub(crate) async fn run(proxy_bin: &Path, rounds: usize, secs: f64, only: Option
                     }
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-                rate.push(median(a));
-                cpu.push(median(b));
             }
+            let (rate, cpu): (Vec<f64>, Vec<f64>) = samples.into_iter().map(|(a, b)| (median(a), median(b))).unzip();
             let mode = if keep_alive { "keep-alive" } else { "handshake per request" };
             println!("  {label} {mode}: {}", rate.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(" | "));
             rows.push((format!("{label}, {mode} (req/s)"), rate));

@@ -82,7 +82,7 @@ pub fn tls_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsIn, SecretErro
         rustls_pemfile::certs(&mut &*cert_pem).collect::<Result<Vec<_>, _>>().map_err(|_| SecretError::NotPem)?;
     let leaf = certs.first().ok_or(SecretError::NotPem)?.clone();
     let key = rustls_pemfile::private_key(&mut &*key_pem).map_err(|_| SecretError::NoKey)?.ok_or(SecretError::NoKey)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     match rustls::sign::CertifiedKey::from_der(certs, key, &provider) {
         Ok(_) => {}
         Err(rustls::Error::InconsistentKeys(_)) => return Err(SecretError::KeyMismatch),

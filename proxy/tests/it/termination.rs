@@ -120,7 +120,7 @@ fn client(
 ) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots);
@@ -306,7 +306,7 @@ async fn the_server_order_picks_aes128_gcm_sha256_first() {
                        versions: &[&'static rustls::SupportedProtocolVersion]| {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.der()).unwrap();
-        let mut provider = rustls::crypto::ring::default_provider();
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.cipher_suites = suites;
         let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(versions)
@@ -315,7 +315,7 @@ async fn the_server_order_picks_aes128_gcm_sha256_first() {
             .with_no_client_auth();
         TlsConnector::from(Arc::new(cfg))
     };
-    use rustls::crypto::ring::cipher_suite as cs;
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
     let suite =
         |s: &tokio_rustls::client::TlsStream<TcpStream>| s.get_ref().1.negotiated_cipher_suite().unwrap().suite();
     let tls13 = with_suites(

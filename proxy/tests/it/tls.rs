@@ -65,7 +65,7 @@ pub fn connector(cas: &[CertificateDer<'static>]) -> TlsConnector {
     for ca in cas {
         roots.add(ca.clone()).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
