@@ -82,10 +82,24 @@ impl Target {
 impl Drop for Target {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_child(c);
         }
     }
+}
+
+/// Stops a peer with the processes it started: SIGTERM first, which a master process (nginx,
+/// hitch, Squid) passes on to its workers — after a SIGKILL they would keep running, listening
+/// and taking CPU in the scenarios after — and SIGKILL if it has not exited within two seconds.
+fn stop_child(child: &mut Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    for _ in 0..40 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 struct TempDir(PathBuf);

@@ -23,8 +23,7 @@ struct Terminator {
 impl Drop for Terminator {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
+            crate::stop_child(c);
         }
     }
 }

@@ -181,7 +181,8 @@ async fn drain(
     if timeout(limits.drain_timeout, inner.tracker.wait()).await.is_err() {
         forced = inner.tunnels.active();
         warn!(tunnels = forced, connections = inner.tracker.len(), "drain deadline passed, closing what is left");
-        inner.stops.shutdown.cancel();
+        inner.tunnels.stop_all();
+        inner.shutdown.cancel();
         // Closing is quick (FIN both ways, bounded); do not wait forever on a stuck peer.
         let _ = timeout(Duration::from_secs(5), inner.tracker.wait()).await;
     }

@@ -116,7 +116,7 @@ async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, deadline: I
     let head = tokio::select! {
         r = Box::pin(negotiate::read_head(&mut io, max_head, deadline)) => r,
         // At the drain deadline a connection still sending its head gets 503.
-        () = ctx.inner.stops.shutdown.cancelled() => Err(TunnelError::Draining),
+        () = ctx.inner.shutdown.cancelled() => Err(TunnelError::Draining),
     };
     // Every request is admitted (memory pressure, the client's rate bucket), CONNECT here and each
     // HTTP request as it arrives; established tunnels are never touched.

@@ -9,7 +9,7 @@ use tracing::Instrument;
 use crate::access::{self, TunnelKind};
 use crate::authorize::Authorized;
 use crate::context::ConnCtx;
-use crate::relay::{self, ByteCounters, RelayRead, Stops};
+use crate::relay::{self, ByteCounters, RelayRead};
 use crate::tunnels::Admitted;
 
 /// What the relay of an established tunnel needs to know of it.
@@ -47,12 +47,11 @@ where
             revocable: a.revocable,
         },
     );
-    let stops = Stops { shutdown: ctx.inner.stops.shutdown.clone(), revoke: registration.revoke.clone() };
     let counters = ByteCounters {
         up: m.relayed_bytes.with_label_values(&[&ctx.listener, "upstream"]),
         down: m.relayed_bytes.with_label_values(&[&ctx.listener, "downstream"]),
     };
-    let out = relay::run(cr, cw, ur, uw, &t.early, &a.limits, &stops, &counters).await;
+    let out = relay::run(cr, cw, ur, uw, &t.early, &a.limits, &registration.stop, &counters).await;
     drop(registration);
     access::tunnel_closed(ctx, t.kind, &a.rule, a.user.as_deref(), &t.authority, &out);
 }

@@ -4,14 +4,16 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::task::Poll;
+
+use futures::task::AtomicWaker;
 
 use prometheus::IntCounter;
 use proxy_config::TunnelLimits;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{sleep_until, timeout, Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 /// Size of each direction's buffer while data flows. 32 KiB keeps bulk copies efficient while
 /// bounding what one tunnel buffers (Envoy's per-connection buffer limit is also 32 KiB).
@@ -148,13 +150,54 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> IntoHalves for tokio_rustls::serv
     }
 }
 
-/// External reasons to stop a tunnel.
-#[derive(Clone, Default)]
-pub struct Stops {
-    /// Drain deadline passed.
-    pub shutdown: CancellationToken,
-    /// The policy in force no longer allows this tunnel.
-    pub revoke: CancellationToken,
+/// Why the proxy stops a tunnel from outside its relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StopReason {
+    /// The drain deadline passed.
+    Shutdown = 1,
+    /// The policy in force no longer allows the tunnel.
+    Revoked = 2,
+}
+
+/// One tunnel's stop signal: set once (the first reason stays), it wakes the relay. The relay
+/// polls it on every wake-up, that is for every message it relays; two atomic operations on the
+/// tunnel's own signal keep that cheap, where a cancellation token takes a mutex twice per poll
+/// and a token shared by all tunnels (the drain's) would be one lock contended by every tunnel.
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    /// 0 while the tunnel may run, else a [`StopReason`].
+    reason: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl StopSignal {
+    /// Stops the tunnel for `reason` unless it was already stopped.
+    pub fn stop(&self, reason: StopReason) {
+        if self.reason.compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.waker.wake();
+        }
+    }
+
+    pub(crate) fn reason(&self) -> Option<CloseReason> {
+        match self.reason.load(Ordering::Acquire) {
+            0 => None,
+            r if r == StopReason::Shutdown as u8 => Some(CloseReason::Shutdown),
+            _ => Some(CloseReason::Revoked),
+        }
+    }
+
+    /// Resolves once the tunnel is stopped, with its close reason.
+    fn stopped(&self) -> impl Future<Output = CloseReason> + '_ {
+        std::future::poll_fn(move |cx| {
+            if let Some(r) = self.reason() {
+                return Poll::Ready(r);
+            }
+            self.waker.register(cx.waker());
+            // Set between the load and the registration: its wake may have found no waker.
+            self.reason().map_or(Poll::Pending, Poll::Ready)
+        })
+    }
 }
 
 /// Counters the relay updates as bytes move.
@@ -223,9 +266,11 @@ impl Bucket {
             if self.tokens >= 1.0 {
                 return self.tokens as usize;
             }
-            // Wait until a useful amount (a quarter of the bucket) has accumulated.
+            // Wait until a useful amount (a quarter of the bucket) has accumulated. The timer is
+            // boxed: inline, it would make every tunnel's relay state larger for both directions,
+            // rate-limited or not, idle or not.
             let want = (self.capacity / 4.0).max(1.0) - self.tokens;
-            sleep_until(now + Duration::from_secs_f64(want / self.rate)).await;
+            Box::pin(sleep_until(now + Duration::from_secs_f64(want / self.rate))).await;
         }
     }
 
@@ -242,7 +287,8 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
     counter: &IntCounter,
     rate: Option<u64>,
 ) -> Result<Eof, PumpEnd> {
-    let mut bucket = rate.map(Bucket::new);
+    // Boxed for the same reason as its timer: most tunnels have no rate limit.
+    let mut bucket = rate.map(|r| Box::new(Bucket::new(r)));
     // Empty (no allocation) while the tunnel is idle; never zero-filled (read_buf uses spare capacity).
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -290,9 +336,10 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
 
 /// Relays between a client and an upstream until both directions end or a limit closes the
 /// tunnel. `early` is written to the upstream first (bytes the client pipelined after its head).
+/// `stop` ends it from outside (the drain, a revocation).
 #[expect(
     clippy::too_many_arguments,
-    reason = "the two halves of each side, early data, limits, stops and counters are all distinct inputs"
+    reason = "the two halves of each side, early data, limits, the stop signal and counters are all distinct inputs"
 )]
 pub async fn run<CR, CW, UR, UW>(
     mut client_r: CR,
@@ -301,7 +348,7 @@ pub async fn run<CR, CW, UR, UW>(
     mut up_w: UW,
     early: &[u8],
     limits: &TunnelLimits,
-    stops: &Stops,
+    stop: &StopSignal,
     counters: &ByteCounters,
 ) -> RelayOutcome
 where
@@ -393,8 +440,7 @@ where
                     }
                     timer.as_mut().reset(earliest(idle_at, rate_check_at));
                 },
-                () = stops.shutdown.cancelled() => break CloseReason::Shutdown,
-                () = stops.revoke.cancelled() => break CloseReason::Revoked,
+                r = stop.stopped() => break r,
             }
         }
     };
@@ -402,11 +448,12 @@ where
         reason,
         CloseReason::ClientClosed | CloseReason::ClientTruncated | CloseReason::UpstreamClosed | CloseReason::IoError
     ) {
-        // Closed by us: send FIN (or close_notify) both ways rather than just dropping.
-        let _ = timeout(CLOSE_GRACE, async {
+        // Closed by us: send FIN (or close_notify) both ways rather than just dropping. (Boxed:
+        // inline, this rare path's timer would be part of every idle tunnel's relay state.)
+        let _ = Box::pin(timeout(CLOSE_GRACE, async {
             let _ = client_w.shutdown().await;
             let _ = up_w.shutdown().await;
-        })
+        }))
         .await;
     }
     RelayOutcome {

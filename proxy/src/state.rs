@@ -18,7 +18,6 @@ use crate::authorize;
 use crate::forward::pool::UpstreamPool;
 use crate::memory::MemoryPressure;
 use crate::metrics::ProxyMetrics;
-use crate::relay::Stops;
 use crate::snapshot::SharedSnapshot;
 use crate::tunnels::Tunnels;
 
@@ -41,8 +40,9 @@ pub struct Inner {
     pub limiter: Arc<ConnLimiter>,
     /// Every connection task (negotiating, serving HTTP or relaying): the drain waits on it.
     pub tracker: TaskTracker,
-    /// `shutdown`: the drain deadline passed, close everything.
-    pub stops: Stops,
+    /// The drain deadline passed: connections not yet tunnels close (established tunnels are
+    /// stopped through their registry).
+    pub shutdown: CancellationToken,
     /// Listeners stopped accepting: keep-alive HTTP connections finish their request and close.
     pub draining_connections: CancellationToken,
     pub next_conn_id: AtomicU64,
@@ -105,7 +105,7 @@ impl Inner {
             snapshot: tx,
             limiter: Arc::new(ConnLimiter::default()),
             tracker: TaskTracker::new(),
-            stops: Stops::default(),
+            shutdown: CancellationToken::new(),
             draining_connections: CancellationToken::new(),
             next_conn_id: AtomicU64::new(1),
             tunnels,

@@ -1,17 +1,16 @@
-//! Established tunnels (CONNECT and upgraded HTTP connections): a registry with an RAII
-//! registration that keeps the active gauge and count, lets a reload revoke what its policy no
-//! longer allows, and tells the drain how many are left.
+//! Established tunnels (CONNECT, upgraded HTTP connections and tunnel listeners' connections): a
+//! registry with an RAII registration that keeps the active gauge and count, lets a reload revoke
+//! what its policy no longer allows, and lets the drain count and stop what is left.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::relay::{StopReason, StopSignal};
+use crate::state::lock;
 use prometheus::IntGaugeVec;
 use proxy_config::{Decision, Host, Policy};
-use tokio_util::sync::CancellationToken;
-
-use crate::state::lock;
 
 /// What a reload needs to know about an established tunnel to re-decide it.
 pub struct Admitted {
@@ -27,12 +26,19 @@ pub struct Admitted {
 
 struct Entry {
     admitted: Admitted,
-    revoke: CancellationToken,
+    stop: Arc<StopSignal>,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<u64, Entry>,
+    /// The drain stopped every tunnel; one registered later is stopped at once.
+    stopped: bool,
 }
 
 /// The registry; one per process.
 pub struct Tunnels {
-    entries: Arc<Mutex<HashMap<u64, Entry>>>,
+    entries: Arc<Mutex<Entries>>,
     active: Arc<AtomicUsize>,
     next_id: AtomicU64,
     gauge: IntGaugeVec,
@@ -41,11 +47,11 @@ pub struct Tunnels {
 /// One established tunnel; deregisters when dropped (however the tunnel ends).
 pub struct Registration {
     id: u64,
-    entries: Arc<Mutex<HashMap<u64, Entry>>>,
+    entries: Arc<Mutex<Entries>>,
     active: Arc<AtomicUsize>,
     gauge: prometheus::IntGauge,
-    /// Cancelled when a reload's policy no longer allows this tunnel.
-    pub revoke: CancellationToken,
+    /// Set when a reload's policy no longer allows this tunnel, or at the drain deadline.
+    pub stop: Arc<StopSignal>,
 }
 
 impl Tunnels {
@@ -56,12 +62,18 @@ impl Tunnels {
     /// Registers a tunnel of `listener`.
     pub fn register(&self, listener: &str, admitted: Admitted) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let revoke = CancellationToken::new();
-        lock(&self.entries).insert(id, Entry { admitted, revoke: revoke.clone() });
+        let stop = Arc::new(StopSignal::default());
+        {
+            let mut entries = lock(&self.entries);
+            if entries.stopped {
+                stop.stop(StopReason::Shutdown);
+            }
+            entries.map.insert(id, Entry { admitted, stop: stop.clone() });
+        }
         self.active.fetch_add(1, Ordering::Relaxed);
         let gauge = self.gauge.with_label_values(&[listener]);
         gauge.inc();
-        Registration { id, entries: self.entries.clone(), active: self.active.clone(), gauge, revoke }
+        Registration { id, entries: self.entries.clone(), active: self.active.clone(), gauge, stop }
     }
 
     /// Tunnels open now.
@@ -73,21 +85,62 @@ impl Tunnels {
     pub(crate) fn revoke_denied(&self, policy: &Policy) -> usize {
         let entries = lock(&self.entries);
         let mut n = 0;
-        for e in entries.values().filter(|e| e.admitted.revocable) {
+        for e in entries.map.values().filter(|e| e.admitted.revocable) {
             let t = &e.admitted;
             if let Decision::Deny { .. } = policy.decide_as(t.client, t.user.as_deref(), &t.host, t.port, &t.addrs) {
-                e.revoke.cancel();
+                e.stop.stop(StopReason::Revoked);
                 n += 1;
             }
         }
         n
     }
+
+    /// Stops every tunnel (close reason `shutdown`), and any registered from now on.
+    pub(crate) fn stop_all(&self) {
+        let mut entries = lock(&self.entries);
+        entries.stopped = true;
+        for e in entries.map.values() {
+            e.stop.stop(StopReason::Shutdown);
+        }
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.entries).remove(&self.id);
+        lock(&self.entries).map.remove(&self.id);
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::CloseReason;
+
+    fn tunnels() -> Tunnels {
+        let gauge = IntGaugeVec::new(prometheus::Opts::new("t", "t"), &["listener"]).unwrap();
+        Tunnels::new(gauge)
+    }
+
+    fn admitted() -> Admitted {
+        let host = proxy_config::host::parse_host("example.com").unwrap();
+        Admitted { client: [10, 0, 0, 1].into(), host, port: 443, addrs: vec![], user: None, revocable: true }
+    }
+
+    /// The drain stops the tunnels open at its deadline and any established after it (a
+    /// connection that finished dialling meanwhile), each with the close reason `shutdown`.
+    #[test]
+    fn stop_all_stops_open_tunnels_and_later_ones() {
+        let t = tunnels();
+        let open = t.register("l", admitted());
+        assert_eq!(open.stop.reason(), None);
+        t.stop_all();
+        assert_eq!(open.stop.reason(), Some(CloseReason::Shutdown));
+        let later = t.register("l", admitted());
+        assert_eq!(later.stop.reason(), Some(CloseReason::Shutdown));
+        assert_eq!(t.active(), 2);
+        drop((open, later));
+        assert_eq!(t.active(), 0);
     }
 }

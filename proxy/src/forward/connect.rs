@@ -82,6 +82,6 @@ pub async fn open(
     };
     tokio::select! {
         r = work => r,
-        () = ctx.inner.stops.shutdown.cancelled() => Err(TunnelError::Draining.into()),
+        () = ctx.inner.shutdown.cancelled() => Err(TunnelError::Draining.into()),
     }
 }

@@ -67,7 +67,7 @@ where
     });
     let conn = builder.serve_connection(TokioIo::new(Prefixed::new(buffered, io)), service).with_upgrades();
     tokio::pin!(conn);
-    let (draining, shutdown) = (ctx.inner.draining_connections.clone(), ctx.inner.stops.shutdown.clone());
+    let (draining, shutdown) = (ctx.inner.draining_connections.clone(), ctx.inner.shutdown.clone());
     let result = tokio::select! {
         r = conn.as_mut() => Some(r),
         () = draining.cancelled() => {

@@ -24,9 +24,9 @@ async fn idle_timeout_closes_both_sides_and_traffic_resets_it() {
     let (proxy_u, upstream) = duplex(1 << 16);
     let (cr, cw) = split(proxy_c);
     let (ur, uw) = split(proxy_u);
-    let stops = Stops::default();
+    let stop = StopSignal::default();
     let c = counters();
-    let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"early", &limits(), &stops, &c).await });
+    let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"early", &limits(), &stop, &c).await });
     let (mut client_r, mut client_w) = split(client);
     let (mut up_r, _up_w) = split(upstream);
     let mut early = [0u8; 5];
@@ -45,24 +45,23 @@ async fn idle_timeout_closes_both_sides_and_traffic_resets_it() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn shutdown_and_revoke_have_their_own_reasons() {
-    for revoke in [false, true] {
+async fn shutdown_and_revoke_have_their_own_reasons_and_the_first_stays() {
+    for (first, then) in [(StopReason::Shutdown, StopReason::Revoked), (StopReason::Revoked, StopReason::Shutdown)] {
         let (_client, proxy_c) = duplex(1024);
         let (proxy_u, _upstream) = duplex(1024);
         let (cr, cw) = split(proxy_c);
         let (ur, uw) = split(proxy_u);
-        let stops = Stops::default();
-        let s2 = stops.clone();
+        let stop = std::sync::Arc::new(StopSignal::default());
+        let s2 = stop.clone();
         let c = counters();
         let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"", &limits(), &s2, &c).await });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if revoke {
-            stops.revoke.cancel();
-        } else {
-            stops.shutdown.cancel();
-        }
+        assert!(!relay.is_finished());
+        stop.stop(first);
+        stop.stop(then);
         let out = relay.await.unwrap();
-        assert_eq!(out.reason, if revoke { CloseReason::Revoked } else { CloseReason::Shutdown });
+        let want = if first == StopReason::Revoked { CloseReason::Revoked } else { CloseReason::Shutdown };
+        assert_eq!(out.reason, want);
     }
 }
 
@@ -98,8 +97,8 @@ async fn tcp_halves_relay_every_burst_and_the_end_after_short_reads() {
     let (cr, cw) = proxy_c.into_split();
     let (ur, uw) = proxy_u.into_split();
     let relay = tokio::spawn(async move {
-        let (stops, c) = (Stops::default(), counters());
-        run(cr, cw, ur, uw, b"", &limits(), &stops, &c).await
+        let (stop, c) = (StopSignal::default(), counters());
+        run(cr, cw, ur, uw, b"", &limits(), &stop, &c).await
     });
     // Sizes from one byte to past the relay's buffer, sometimes back to back, sometimes after a
     // pause long enough for the relay to have read and gone back to waiting.
