@@ -378,7 +378,7 @@ async fn d01_sigterm_drains_active_tunnels_and_exits_0() {
 #[tokio::test]
 async fn d02_drain_deadline_closes_remaining_tunnels() {
     let w = World::new().await;
-    let mut p = Proc::start(&w, "limits: {drainDelay: 0s, drainTimeout: 1s}\n").await;
+    let mut p = Proc::start(&w, "limits: {drainDelay: 0s, drainTimeout: 1s}\nlogging: {format: json}\n").await;
     let mut idle = Vec::new();
     for _ in 0..10 {
         idle.push(tunnel(p.listen, &w.echo.addr.to_string()).await);
@@ -389,7 +389,15 @@ async fn d02_drain_deadline_closes_remaining_tunnels() {
         let mut b = [0u8; 1];
         assert_eq!(s.read(&mut b).await.unwrap_or(0), 0, "closed with FIN");
     }
-    assert!(p.log().contains("drain deadline passed") && p.log().contains("tunnels=10"), "{}", p.log());
+    let log = p.log();
+    assert!(log.contains("drain deadline passed") && log.contains(r#""tunnels":10"#), "{log}");
+    // Closed by the drain, not by the process exiting: each tunnel logs `shutdown` as its reason.
+    let closed = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "tunnelgate::access" && v["close"] == "shutdown")
+        .count();
+    assert_eq!(closed, 10, "{log}");
 }
 
 #[tokio::test]
