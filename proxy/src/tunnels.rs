@@ -7,10 +7,11 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::relay::{StopReason, StopSignal};
-use crate::state::lock;
 use prometheus::IntGaugeVec;
 use proxy_config::{Decision, Host, Policy};
+
+use crate::relay::{StopReason, StopSignal};
+use crate::state::lock;
 
 /// What a reload needs to know about an established tunnel to re-decide it.
 pub struct Admitted {
