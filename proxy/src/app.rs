@@ -170,6 +170,7 @@ async fn drain(
     }
     // Idle keep-alive connections close now; HTTP requests in flight finish with `Connection: close`.
     inner.draining_connections.cancel();
+    inner.http_connections.stop_all();
     inner.tracker.close();
     let open = inner.tracker.len();
     info!(

@@ -11,7 +11,8 @@
 //!   used by `explain`); [`dial`]: resolve and connect to exactly the approved addresses.
 //! - [`established`]: an established tunnel's task (registered, relayed, logged once); [`relay`]:
 //!   full duplex with half-close and the tunnel's limits, one close reason per tunnel;
-//!   [`tunnels`]: the registry of established tunnels (active count, revocation, drain).
+//!   [`tunnels`]: the registry of established tunnels (active count, revocation, drain);
+//!   [`stop`]: the per-connection stop signal of tunnels and HTTP connections.
 //! - [`access`]: one access event per tunnel or HTTP request, with the privacy defaults.
 //! - [`snapshot`]: the configuration in force (policy, resolver, TLS), one `Arc` per connection.
 //! - [`reload`]: hot reload (file watcher, SIGHUP, poll) through one validate → diff → publish pipeline.
@@ -49,6 +50,7 @@ pub mod relay;
 pub mod reload;
 pub mod snapshot;
 pub mod state;
+pub mod stop;
 pub mod telemetry;
 pub mod terminate;
 pub mod tls;

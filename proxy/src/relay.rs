@@ -4,16 +4,15 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::task::Poll;
-
-use futures::task::AtomicWaker;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::IntCounter;
 use proxy_config::TunnelLimits;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{sleep_until, timeout, Duration, Instant};
+
+use crate::stop::{StopReason, StopSignal};
 
 /// Size of each direction's buffer while data flows. 32 KiB keeps bulk copies efficient while
 /// bounding what one tunnel buffers (Envoy's per-connection buffer limit is also 32 KiB).
@@ -150,53 +149,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> IntoHalves for tokio_rustls::serv
     }
 }
 
-/// Why the proxy stops a tunnel from outside its relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum StopReason {
-    /// The drain deadline passed.
-    Shutdown = 1,
-    /// The policy in force no longer allows the tunnel.
-    Revoked = 2,
-}
-
-/// One tunnel's stop signal: set once (the first reason stays), it wakes the relay. The relay
-/// polls it on every wake-up, that is for every message it relays; two atomic operations on the
-/// tunnel's own signal keep that cheap, where a cancellation token takes a mutex twice per poll
-/// and a token shared by all tunnels (the drain's) would be one lock contended by every tunnel.
-#[derive(Debug, Default)]
-pub struct StopSignal {
-    /// 0 while the tunnel may run, else a [`StopReason`].
-    reason: AtomicU8,
-    waker: AtomicWaker,
-}
-
-impl StopSignal {
-    /// Stops the tunnel for `reason` unless it was already stopped.
-    pub fn stop(&self, reason: StopReason) {
-        if self.reason.compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            self.waker.wake();
+impl From<StopReason> for CloseReason {
+    fn from(r: StopReason) -> CloseReason {
+        match r {
+            StopReason::Shutdown => CloseReason::Shutdown,
+            StopReason::Revoked => CloseReason::Revoked,
         }
-    }
-
-    pub(crate) fn reason(&self) -> Option<CloseReason> {
-        match self.reason.load(Ordering::Acquire) {
-            0 => None,
-            r if r == StopReason::Shutdown as u8 => Some(CloseReason::Shutdown),
-            _ => Some(CloseReason::Revoked),
-        }
-    }
-
-    /// Resolves once the tunnel is stopped, with its close reason.
-    fn stopped(&self) -> impl Future<Output = CloseReason> + '_ {
-        std::future::poll_fn(move |cx| {
-            if let Some(r) = self.reason() {
-                return Poll::Ready(r);
-            }
-            self.waker.register(cx.waker());
-            // Set between the load and the registration: its wake may have found no waker.
-            self.reason().map_or(Poll::Pending, Poll::Ready)
-        })
     }
 }
 
@@ -440,7 +398,7 @@ where
                     }
                     timer.as_mut().reset(earliest(idle_at, rate_check_at));
                 },
-                r = stop.stopped() => break r,
+                r = stop.stopped() => break CloseReason::from(r),
             }
         }
     };

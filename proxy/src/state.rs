@@ -19,6 +19,7 @@ use crate::forward::pool::UpstreamPool;
 use crate::memory::MemoryPressure;
 use crate::metrics::ProxyMetrics;
 use crate::snapshot::SharedSnapshot;
+use crate::stop::StopSet;
 use crate::tunnels::Tunnels;
 
 /// A listener that is accepting now.
@@ -43,8 +44,11 @@ pub struct Inner {
     /// The drain deadline passed: connections not yet tunnels close (established tunnels are
     /// stopped through their registry).
     pub shutdown: CancellationToken,
-    /// Listeners stopped accepting: keep-alive HTTP connections finish their request and close.
+    /// Listeners stopped accepting: housekeeping empties the upstream pool and ends.
     pub draining_connections: CancellationToken,
+    /// Open plain-HTTP connections: when the listeners stop accepting, each finishes the request
+    /// in flight and closes.
+    pub http_connections: StopSet,
     pub next_conn_id: AtomicU64,
     /// Established tunnels (CONNECT and upgraded HTTP), for the drain and for revocation.
     pub tunnels: Tunnels,
@@ -107,6 +111,7 @@ impl Inner {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             draining_connections: CancellationToken::new(),
+            http_connections: StopSet::default(),
             next_conn_id: AtomicU64::new(1),
             tunnels,
             upstream_pool,

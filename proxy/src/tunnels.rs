@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use prometheus::IntGaugeVec;
 use proxy_config::{Decision, Host, Policy};
 
-use crate::relay::{StopReason, StopSignal};
 use crate::state::lock;
+use crate::stop::{StopReason, StopSignal};
 
 /// What a reload needs to know about an established tunnel to re-decide it.
 pub struct Admitted {
@@ -117,7 +117,6 @@ impl Drop for Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::CloseReason;
 
     fn tunnels() -> Tunnels {
         let gauge = IntGaugeVec::new(prometheus::Opts::new("t", "t"), &["listener"]).unwrap();
@@ -137,9 +136,9 @@ mod tests {
         let open = t.register("l", admitted());
         assert_eq!(open.stop.reason(), None);
         t.stop_all();
-        assert_eq!(open.stop.reason(), Some(CloseReason::Shutdown));
+        assert_eq!(open.stop.reason(), Some(StopReason::Shutdown));
         let later = t.register("l", admitted());
-        assert_eq!(later.stop.reason(), Some(CloseReason::Shutdown));
+        assert_eq!(later.stop.reason(), Some(StopReason::Shutdown));
         assert_eq!(t.active(), 2);
         drop((open, later));
         assert_eq!(t.active(), 0);

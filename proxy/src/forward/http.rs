@@ -67,19 +67,21 @@ where
     });
     let conn = builder.serve_connection(TokioIo::new(Prefixed::new(buffered, io)), service).with_upgrades();
     tokio::pin!(conn);
-    let (draining, shutdown) = (ctx.inner.draining_connections.clone(), ctx.inner.shutdown.clone());
+    // The connection's own stop signal, not the drain's process-wide tokens: this select polls
+    // it on every wake-up of the connection, and a token takes a shared lock on each poll. The
+    // drain deadline (`shutdown`) comes only after the drain has set the signal.
+    let membership = ctx.inner.http_connections.join();
     let result = tokio::select! {
         r = conn.as_mut() => Some(r),
-        () = draining.cancelled() => {
+        _ = membership.stop.stopped() => {
             // Idle: closes now. A request in flight: its response goes out with
             // `Connection: close`, and no further request is read.
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 r = conn.as_mut() => Some(r),
-                () = shutdown.cancelled() => None,
+                () = ctx.inner.shutdown.cancelled() => None,
             }
         }
-        () = shutdown.cancelled() => None,
     };
     if let Some(Err(e)) = result {
         debug!(conn = ctx.id, error = %ErrorChain(&e), "HTTP connection ended with an error");
