@@ -134,7 +134,7 @@ async fn housekeeping(inner: Arc<Inner>) {
                 inner.upstream_pool.sweep(inner.snapshot().config.http.upstream_idle_timeout);
                 inner.refresh_host_addrs();
             }
-            () = inner.draining_connections.cancelled() => {
+            () = inner.listeners_closed.cancelled() => {
                 inner.upstream_pool.sweep(Duration::ZERO);
                 return;
             }
@@ -169,7 +169,7 @@ async fn drain(
         }
     }
     // Idle keep-alive connections close now; HTTP requests in flight finish with `Connection: close`.
-    inner.draining_connections.cancel();
+    inner.listeners_closed.cancel();
     inner.http_connections.stop_all();
     inner.tracker.close();
     let open = inner.tracker.len();

@@ -45,7 +45,7 @@ pub struct Inner {
     /// stopped through their registry).
     pub shutdown: CancellationToken,
     /// Listeners stopped accepting: housekeeping empties the upstream pool and ends.
-    pub draining_connections: CancellationToken,
+    pub listeners_closed: CancellationToken,
     /// Open plain-HTTP connections: when the listeners stop accepting, each finishes the request
     /// in flight and closes.
     pub http_connections: StopSet,
@@ -110,7 +110,7 @@ impl Inner {
             limiter: Arc::new(ConnLimiter::default()),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
-            draining_connections: CancellationToken::new(),
+            listeners_closed: CancellationToken::new(),
             http_connections: StopSet::default(),
             next_conn_id: AtomicU64::new(1),
             tunnels,
