@@ -51,7 +51,7 @@ where
         up: m.relayed_bytes.with_label_values(&[&ctx.listener, "upstream"]),
         down: m.relayed_bytes.with_label_values(&[&ctx.listener, "downstream"]),
     };
-    let out = relay::run(cr, cw, ur, uw, &t.early, &a.limits, &registration.stop, &counters).await;
+    let out = relay::run(cr, cw, ur, uw, &t.early, &a.limits, &registration.membership.stop, &counters).await;
     drop(registration);
     access::tunnel_closed(ctx, t.kind, &a.rule, a.user.as_deref(), &t.authority, &out);
 }

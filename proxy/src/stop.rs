@@ -1,6 +1,6 @@
 //! Stopping a connection from outside its task: one [`StopSignal`] per established tunnel or
-//! plain-HTTP connection, and the [`StopSet`] through which the drain stops every open HTTP
-//! connection at once.
+//! plain-HTTP connection, and the [`StopSet`] through which the drain stops them all at once and
+//! a reload stops the tunnels its policy no longer allows.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -63,37 +63,45 @@ impl StopSignal {
     }
 }
 
-#[derive(Default)]
-struct Members {
-    map: HashMap<u64, Arc<StopSignal>>,
+struct Members<T> {
+    map: HashMap<u64, (T, Arc<StopSignal>)>,
     /// `stop_all` ran; a connection that joins later is stopped at once.
     stopped: bool,
 }
 
-/// Connections the drain stops together (plain-HTTP connections): joining and leaving take the
-/// set's lock once per connection, not once per wake-up.
-#[derive(Default)]
-pub struct StopSet {
-    members: Arc<Mutex<Members>>,
+/// Connections the drain stops together (established tunnels, plain-HTTP connections), each
+/// with what else its owner needs to know of it (`T`; a tunnel's admission, for revocation).
+/// Joining and leaving take the set's lock once per connection, not once per wake-up.
+pub struct StopSet<T = ()> {
+    members: Arc<Mutex<Members<T>>>,
     next_id: AtomicU64,
 }
 
+impl<T> Default for StopSet<T> {
+    fn default() -> Self {
+        StopSet {
+            members: Arc::new(Mutex::new(Members { map: HashMap::new(), stopped: false })),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
 /// A connection's place in a [`StopSet`]; leaves it when dropped.
-pub struct Membership {
+pub struct Membership<T = ()> {
     id: u64,
-    members: Arc<Mutex<Members>>,
+    members: Arc<Mutex<Members<T>>>,
     pub stop: Arc<StopSignal>,
 }
 
-impl StopSet {
-    pub fn join(&self) -> Membership {
+impl<T> StopSet<T> {
+    pub fn join(&self, data: T) -> Membership<T> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let stop = Arc::new(StopSignal::default());
         let mut members = lock(&self.members);
         if members.stopped {
             stop.stop(StopReason::Shutdown);
         }
-        members.map.insert(id, stop.clone());
+        members.map.insert(id, (data, stop.clone()));
         drop(members);
         Membership { id, members: self.members.clone(), stop }
     }
@@ -102,13 +110,26 @@ impl StopSet {
     pub fn stop_all(&self) {
         let mut members = lock(&self.members);
         members.stopped = true;
-        for s in members.map.values() {
+        for (_, s) in members.map.values() {
             s.stop(StopReason::Shutdown);
         }
     }
+
+    /// Stops, for `reason`, the members whose data `pick` selects; returns how many it selected.
+    pub fn stop_where(&self, reason: StopReason, mut pick: impl FnMut(&T) -> bool) -> usize {
+        let members = lock(&self.members);
+        let mut n = 0;
+        for (data, s) in members.map.values() {
+            if pick(data) {
+                s.stop(reason);
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
-impl Drop for Membership {
+impl<T> Drop for Membership<T> {
     fn drop(&mut self) {
         lock(&self.members).map.remove(&self.id);
     }
@@ -138,11 +159,11 @@ mod tests {
     #[test]
     fn stop_all_stops_members_and_later_ones() {
         let set = StopSet::default();
-        let open = set.join();
+        let open = set.join(());
         assert_eq!(open.stop.reason(), None);
         set.stop_all();
         assert_eq!(open.stop.reason(), Some(StopReason::Shutdown));
-        let later = set.join();
+        let later = set.join(());
         assert_eq!(later.stop.reason(), Some(StopReason::Shutdown));
         assert_eq!(lock(&set.members).map.len(), 2);
         drop((open, later));

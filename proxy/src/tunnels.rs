@@ -2,16 +2,14 @@
 //! registry with an RAII registration that keeps the active gauge and count, lets a reload revoke
 //! what its policy no longer allows, and lets the drain count and stop what is left.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use prometheus::IntGaugeVec;
 use proxy_config::{Decision, Host, Policy};
 
-use crate::state::lock;
-use crate::stop::{StopReason, StopSignal};
+use crate::stop::{Membership, StopReason, StopSet};
 
 /// What a reload needs to know about an established tunnel to re-decide it.
 pub struct Admitted {
@@ -25,56 +23,34 @@ pub struct Admitted {
     pub revocable: bool,
 }
 
-struct Entry {
-    admitted: Admitted,
-    stop: Arc<StopSignal>,
-}
-
-#[derive(Default)]
-struct Entries {
-    map: HashMap<u64, Entry>,
-    /// The drain stopped every tunnel; one registered later is stopped at once.
-    stopped: bool,
-}
-
 /// The registry; one per process.
 pub struct Tunnels {
-    entries: Arc<Mutex<Entries>>,
+    set: StopSet<Admitted>,
     active: Arc<AtomicUsize>,
-    next_id: AtomicU64,
     gauge: IntGaugeVec,
 }
 
 /// One established tunnel; deregisters when dropped (however the tunnel ends).
 pub struct Registration {
-    id: u64,
-    entries: Arc<Mutex<Entries>>,
+    /// Its stop signal (`stop`) is set when a reload's policy no longer allows this tunnel, or at
+    /// the drain deadline.
+    pub membership: Membership<Admitted>,
     active: Arc<AtomicUsize>,
     gauge: prometheus::IntGauge,
-    /// Set when a reload's policy no longer allows this tunnel, or at the drain deadline.
-    pub stop: Arc<StopSignal>,
 }
 
 impl Tunnels {
     pub(crate) fn new(gauge: IntGaugeVec) -> Tunnels {
-        Tunnels { entries: Arc::default(), active: Arc::default(), next_id: AtomicU64::new(1), gauge }
+        Tunnels { set: StopSet::default(), active: Arc::default(), gauge }
     }
 
     /// Registers a tunnel of `listener`.
     pub fn register(&self, listener: &str, admitted: Admitted) -> Registration {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let stop = Arc::new(StopSignal::default());
-        {
-            let mut entries = lock(&self.entries);
-            if entries.stopped {
-                stop.stop(StopReason::Shutdown);
-            }
-            entries.map.insert(id, Entry { admitted, stop: stop.clone() });
-        }
+        let membership = self.set.join(admitted);
         self.active.fetch_add(1, Ordering::Relaxed);
         let gauge = self.gauge.with_label_values(&[listener]);
         gauge.inc();
-        Registration { id, entries: self.entries.clone(), active: self.active.clone(), gauge, stop }
+        Registration { membership, active: self.active.clone(), gauge }
     }
 
     /// Tunnels open now.
@@ -84,31 +60,23 @@ impl Tunnels {
 
     /// Revokes the tunnels `policy` no longer allows (close reason `revoked`); returns how many.
     pub(crate) fn revoke_denied(&self, policy: &Policy) -> usize {
-        let entries = lock(&self.entries);
-        let mut n = 0;
-        for e in entries.map.values().filter(|e| e.admitted.revocable) {
-            let t = &e.admitted;
-            if let Decision::Deny { .. } = policy.decide_as(t.client, t.user.as_deref(), &t.host, t.port, &t.addrs) {
-                e.stop.stop(StopReason::Revoked);
-                n += 1;
-            }
-        }
-        n
+        self.set.stop_where(StopReason::Revoked, |t| {
+            t.revocable
+                && matches!(
+                    policy.decide_as(t.client, t.user.as_deref(), &t.host, t.port, &t.addrs),
+                    Decision::Deny { .. }
+                )
+        })
     }
 
     /// Stops every tunnel (close reason `shutdown`), and any registered from now on.
     pub(crate) fn stop_all(&self) {
-        let mut entries = lock(&self.entries);
-        entries.stopped = true;
-        for e in entries.map.values() {
-            e.stop.stop(StopReason::Shutdown);
-        }
+        self.set.stop_all();
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.entries).map.remove(&self.id);
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.gauge.dec();
     }
@@ -134,11 +102,11 @@ mod tests {
     fn stop_all_stops_open_tunnels_and_later_ones() {
         let t = tunnels();
         let open = t.register("l", admitted());
-        assert_eq!(open.stop.reason(), None);
+        assert_eq!(open.membership.stop.reason(), None);
         t.stop_all();
-        assert_eq!(open.stop.reason(), Some(StopReason::Shutdown));
+        assert_eq!(open.membership.stop.reason(), Some(StopReason::Shutdown));
         let later = t.register("l", admitted());
-        assert_eq!(later.stop.reason(), Some(StopReason::Shutdown));
+        assert_eq!(later.membership.stop.reason(), Some(StopReason::Shutdown));
         assert_eq!(t.active(), 2);
         drop((open, later));
         assert_eq!(t.active(), 0);

@@ -70,7 +70,7 @@ where
     // The connection's own stop signal, not the drain's process-wide tokens: this select polls
     // it on every wake-up of the connection, and a token takes a shared lock on each poll. The
     // drain deadline (`shutdown`) comes only after the drain has set the signal.
-    let membership = ctx.inner.http_connections.join();
+    let membership = ctx.inner.http_connections.join(());
     let result = tokio::select! {
         r = conn.as_mut() => Some(r),
         _ = membership.stop.stopped() => {
