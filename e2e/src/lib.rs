@@ -1,1 +1,5 @@
-//! End-to-end tests live in `tests/`; this crate has no library code.
+//! Support for the end-to-end suites: a real Kubernetes control plane on loopback
+//! ([`controlplane`]); the tests themselves live in `tests/`.
+
+pub mod controlplane;
+pub mod release;
