@@ -10,9 +10,13 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
-K8S_VERSION=$(awk '$1 == "k8s.io/kubernetes" {print $2; exit}' go.mod)
-ETCD_VERSION=$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' go.mod)
-HELM_VERSION=$(awk '$1 == "helm.sh/helm/v4" {print $2; exit}' helm/go.mod)
+pin() { grep -oE "(^|[[:space:]])$1 v[^[:space:]]+" "$2" | head -n 1 | awk '{print $2}'; }
+K8S_VERSION=$(pin k8s.io/kubernetes go.mod)
+ETCD_VERSION=$(pin go.etcd.io/etcd/server/v3 go.mod)
+HELM_VERSION=$(pin helm.sh/helm/v4 helm/go.mod)
+for v in K8S_VERSION ETCD_VERSION HELM_VERSION; do
+  [ -n "${!v}" ] || { echo "controlplane/build.sh: no $v pin found" >&2; exit 1; }
+done
 key=$(cat go.mod go.sum helm/go.mod helm/go.sum build.sh | sha256sum | cut -c1-16)
 cache="${TUNNELGATE_CONTROLPLANE_CACHE:-$HOME/.cache/tunnelgate/controlplane}"
 out="$cache/$key"
@@ -45,4 +49,6 @@ build etcd go.etcd.io/etcd/server/v3 "-X go.etcd.io/etcd/api/v3/version.Version=
 (cd helm && build helm helm.sh/helm/v4/cmd/helm "-X helm.sh/helm/v4/internal/version.version=$HELM_VERSION")
 rm -rf "$out"
 mv "$out.partial" "$out"
+# Builds of earlier pins are of no further use.
+find "$cache" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
 echo "$out"

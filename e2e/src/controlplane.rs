@@ -21,9 +21,10 @@ use kube::{Client, Config};
 pub const KUBERNETES_VERSION: &str = "v1.37.2";
 
 /// The controllers of kube-controller-manager that the tests rely on: owner references (garbage
-/// collection), namespace deletion, each namespace's `default` ServiceAccount, and the workloads
-/// that turn the chart's DaemonSet and Deployments into Pods.
-const CONTROLLERS: &str = "garbage-collector-controller,namespace-controller,serviceaccount-controller,daemonset-controller,deployment-controller,replicaset-controller";
+/// collection), namespace deletion, each namespace's `default` ServiceAccount, the workloads that
+/// turn the chart's DaemonSet and Deployments into Pods, and the aggregation of the chart's user
+/// roles into `view`, `edit` and `admin`.
+const CONTROLLERS: &str = "garbage-collector-controller,namespace-controller,serviceaccount-controller,daemonset-controller,deployment-controller,replicaset-controller,clusterrole-aggregation-controller";
 
 /// What went wrong starting or driving the control plane.
 #[derive(Debug, thiserror::Error)]

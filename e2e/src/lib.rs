@@ -1,5 +1,7 @@
 //! Support for the end-to-end suites: a real Kubernetes control plane on loopback
-//! ([`controlplane`]); the tests themselves live in `tests/`.
+//! ([`controlplane`]), the kubelet's part in it ([`kubelet`]), and the chart installed into it
+//! ([`release`]); the tests themselves live in `tests/`.
 
 pub mod controlplane;
+pub mod kubelet;
 pub mod release;

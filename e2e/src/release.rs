@@ -10,6 +10,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
 
 use crate::controlplane::{repo_root, ControlPlane, Error, Options};
+use crate::kubelet::Kubelet;
 
 /// The namespace and name of the release the suites install.
 pub const NAMESPACE: &str = "tunnelgate";
@@ -23,6 +24,7 @@ pub struct Release {
     pub operator_kubeconfig: PathBuf,
     /// A kubeconfig with the token of the proxies' ServiceAccount.
     pub proxy_kubeconfig: PathBuf,
+    _kubelet: Kubelet,
     /// Last, so the clients above are gone before the processes stop.
     pub cp: ControlPlane,
 }
@@ -57,7 +59,55 @@ impl Release {
         let operator_kubeconfig = cp.service_account_kubeconfig(NAMESPACE, &format!("{RELEASE}-operator")).await?;
         let proxy_kubeconfig = cp.service_account_kubeconfig(NAMESPACE, &format!("{RELEASE}-proxy")).await?;
         let admin = cp.admin_client().await?;
-        Ok(Self { admin, operator_kubeconfig, proxy_kubeconfig, cp })
+        let _kubelet = Kubelet::start(admin.clone());
+        Ok(Self { admin, operator_kubeconfig, proxy_kubeconfig, _kubelet, cp })
+    }
+
+    /// A kubeconfig for a person on call (ServiceAccount `oncall` in namespace `ops`) bound, as
+    /// the chart's documentation says, to the ClusterRole and the Role `<release>-inspector`: what
+    /// `kubectl tunnelgate status` and `explain` run with.
+    ///
+    /// # Errors
+    /// When the API refuses one of the objects.
+    pub async fn inspector_kubeconfig(&self) -> Result<PathBuf, Error> {
+        self.cp.namespace("ops").await?;
+        let inspector = format!("{RELEASE}-inspector");
+        let subject = serde_json::json!([{"kind": "ServiceAccount", "name": "oncall", "namespace": "ops"}]);
+        let objects = [
+            (
+                "/api/v1/namespaces/ops/serviceaccounts",
+                serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "oncall"}}),
+            ),
+            (
+                "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+                serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                    "metadata": {"name": "oncall-inspector"}, "subjects": subject,
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": inspector}}),
+            ),
+            (
+                &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NAMESPACE}/rolebindings"),
+                serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                    "metadata": {"name": "oncall-inspector"}, "subjects": subject,
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": inspector}}),
+            ),
+        ];
+        for (path, body) in objects {
+            self.create_raw(path, &body).await?;
+        }
+        self.cp.service_account_kubeconfig("ops", "oncall").await
+    }
+
+    /// POSTs one object as the admin.
+    ///
+    /// # Errors
+    /// When the API refuses it.
+    pub async fn create_raw(&self, path: &str, body: &serde_json::Value) -> Result<(), Error> {
+        let req = http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(body).map_err(|e| Error::Build(e.to_string()))?)
+            .map_err(|e| Error::Build(e.to_string()))?;
+        self.admin.request_text(req).await?;
+        Ok(())
     }
 
     /// Replaces the base document the chart rendered (`<release>-base`, key `config.yaml`) with

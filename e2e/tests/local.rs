@@ -1,6 +1,9 @@
-//! Local end-to-end: the real `tunnelgate-operator` and `tunnelgate-proxy` binaries against the
-//! Kubernetes API emulator (e2e/emulator.py, kmock + shim), on loopback. Pods get 127.0.0.x
-//! addresses and the test binds its client sockets to them. A missing emulator is a failure.
+//! Local end-to-end: the real `tunnelgate-operator`, `tunnelgate-proxy` and `kubectl-tunnelgate`
+//! binaries against a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager
+//! built from their Go modules by controlplane/build.sh) with the chart installed by helm; the
+//! operator and the proxies authenticate with tokens of the chart's ServiceAccounts, so they have
+//! exactly the chart's RBAC. The test plays the kubelet: pods get 127.0.0.x addresses in their
+//! status and the test binds its client sockets to them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, reason = "test harness")]
 
@@ -10,9 +13,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::Client;
+use e2e::controlplane::Options;
+use e2e::release::Release;
 use serde_json::json;
 use testkit::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,10 +25,6 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tunnelgate_operator::crd::{ClusterTunnelPolicy, TunnelPolicy};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// A workspace binary built by `cargo test --workspace` (or `cargo build`).
 fn bin(name: &str) -> PathBuf {
@@ -46,55 +47,23 @@ impl Drop for Dir {
     }
 }
 
-struct Emulator {
-    _child: Child,
-    port: u16,
+/// A control plane with the chart installed (with `values`, as `helm --set`), for one test; the
+/// `namespaces` are created beside the release's.
+async fn cluster(dir: &Path, namespaces: &[&str], values: &[&str]) -> Release {
+    Release::install(&dir.join("cluster"), namespaces, values, Options::default())
+        .await
+        .unwrap_or_else(|e| panic!("control plane: {e}"))
 }
 
-async fn start_emulator(dir: &Path) -> Emulator {
-    let python =
-        std::env::var_os("TUNNELGATE_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"));
-    assert!(
-        python.is_file(),
-        "the Kubernetes API emulator needs {} with e2e/requirements.txt installed (run .ci/run, or python3 -m venv .venv && .venv/bin/pip install -r e2e/requirements.txt)",
-        python.display()
-    );
-    let port_file = dir.join("emulator.port");
-    let child = Command::new(python)
-        .arg(root().join("e2e/emulator.py"))
-        .arg("--port-file")
-        .arg(&port_file)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("emulator.log")).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(p) = std::fs::read_to_string(&port_file) {
-            return Emulator { _child: child, port: p.trim().parse().unwrap() };
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Creates `pod` and then reports its status as the kubelet would (the API server ignores the
+/// status of a create).
+async fn run_pod(api: &Api<Pod>, pod: Pod) {
+    let name = pod.metadata.name.clone().unwrap();
+    let status = pod.status.clone();
+    api.create(&PostParams::default(), &pod).await.unwrap();
+    if let Some(status) = status {
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({ "status": status }))).await.unwrap();
     }
-    panic!("the emulator did not start: {}", std::fs::read_to_string(dir.join("emulator.log")).unwrap_or_default());
-}
-
-fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: emu\n  cluster: {{server: 'http://127.0.0.1:{port}'}}\nusers:\n- name: emu\n  user: {{}}\ncontexts:\n- name: emu\n  context: {{cluster: emu, user: emu, namespace: default}}\ncurrent-context: emu\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
-async fn client(path: &Path) -> Client {
-    let kc = Kubeconfig::read_from(path).unwrap();
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
-    Client::try_from(cfg).unwrap()
 }
 
 fn spawn(bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
@@ -199,27 +168,20 @@ fn condition(p: &TunnelPolicy, type_: &str) -> Option<(String, String, String)> 
 async fn operator_and_proxy_converge_on_policy_changes() {
     let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
-    let emu = start_emulator(&dir.0).await;
-    let kc = kubeconfig(&dir.0, emu.port);
-    let c = client(&kc).await;
+    let rel = cluster(&dir.0, &["payments"], &[]).await;
+    let c = rel.admin.clone();
 
     // An echo upstream on 127.0.0.2, the destination the policies talk about.
     let target = echo_upstream("127.0.0.2").await;
 
-    // The base ConfigMap the chart owns.
+    // The base ConfigMap the chart owns, with this test's ports.
     let (listen, proxy_admin, op_admin) = (free_port(), free_port(), free_port());
     let proxy_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     let base = format!(
         "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{proxy_admin}'}}\npolicy: {{defaultAction: deny, denyPrivateAddresses: true}}\naddressGrants: [{{namespaces: [payments], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
     );
+    rel.set_base(&base).await.unwrap();
     let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
-    cms.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "tunnelgate-base"}, "data": {"config.yaml": base}}))
-            .unwrap(),
-    )
-    .await
-    .unwrap();
 
     let mut operator = spawn(
         &bin("tunnelgate-operator"),
@@ -240,7 +202,7 @@ async fn operator_and_proxy_converge_on_policy_changes() {
             "--lease-grace",
             "2",
         ],
-        &kc,
+        &rel.operator_kubeconfig,
         &dir.0.join("operator.log"),
     );
     // A second replica: it must wait for the Lease and never write while the first holds it.
@@ -264,13 +226,13 @@ async fn operator_and_proxy_converge_on_policy_changes() {
             "--lease-grace",
             "2",
         ],
-        &kc,
+        &rel.operator_kubeconfig,
         &dir.0.join("operator2.log"),
     );
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &kc,
+        &rel.proxy_kubeconfig,
         &dir.0.join("proxy.log"),
     );
     let logs = || {
@@ -291,8 +253,8 @@ async fn operator_and_proxy_converge_on_policy_changes() {
 
     // Pods: checkout at 127.0.0.11, other at 127.0.0.12.
     let pods = Api::<Pod>::namespaced(c.clone(), "payments");
-    pods.create(&PostParams::default(), &pod("checkout-1", "checkout", "127.0.0.11")).await.unwrap();
-    pods.create(&PostParams::default(), &pod("other-1", "other", "127.0.0.12")).await.unwrap();
+    run_pod(&pods, pod("checkout-1", "checkout", "127.0.0.11")).await;
+    run_pod(&pods, pod("other-1", "other", "127.0.0.12")).await;
 
     // A policy for checkout: enforced for exactly its pods.
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), "payments");
@@ -382,9 +344,18 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     until("deleted pod denied again", 20, || async { connect_from("127.0.0.13", proxy_addr, target).await == 403 })
         .await;
 
-    // One invalid policy (past admission here: the emulator has no schema) is rejected with the
-    // bad field named, and does not block a valid one created beside it.
-    tps.create(&PostParams::default(), &policy("broken", "checkout", json!({ "hosts": ["a.*.test"] }))).await.unwrap();
+    // Admission refuses what the CRD's schema can tell is wrong, and names the field.
+    match tps.create(&PostParams::default(), &policy("bad-host", "checkout", json!({ "hosts": ["a.*.test"] }))).await {
+        Err(kube::Error::Api(e)) => {
+            assert!(e.code == 422 && e.message.contains("spec.destinations[0].hosts[0]"), "{e:?}");
+        }
+        other => panic!("the API server admitted a.*.test: {other:?}"),
+    }
+    // What only the operator can judge (a reversed port range matches the schema's pattern) is
+    // rejected in that policy's status, with the field named, and does not block a valid policy
+    // created beside it.
+    let reversed = json!({ "cidrs": ["127.0.0.2/32"], "ports": ["9000-8000"] });
+    tps.create(&PostParams::default(), &policy("broken", "checkout", reversed)).await.unwrap();
     tps.create(&PostParams::default(), &policy("allow-checkout", "checkout", dest.clone())).await.unwrap();
     until("checkout allowed by the valid policy", 20, || async {
         connect_from("127.0.0.11", proxy_addr, target).await == 200
@@ -393,7 +364,7 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     until("broken rejected", 10, || async {
         let p = tps.get("broken").await.unwrap();
         condition(&p, "Accepted")
-            .is_some_and(|c| c.0 == "False" && c.1 == "Invalid" && c.2.contains("spec.destinations[0].hosts[0]"))
+            .is_some_and(|c| c.0 == "False" && c.1 == "Invalid" && c.2.contains("spec.destinations[0].ports[0]"))
     })
     .await;
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), "payments");
@@ -404,13 +375,25 @@ async fn operator_and_proxy_converge_on_policy_changes() {
         })
     })
     .await;
-    // A policy that does not even deserialize (a value from a newer CRD) is reported, and the
-    // watch goes on: the changes below are still rendered.
+    // A policy written for a newer CRD than this operator knows (the platform upgraded the CRD
+    // first: here an action `Permit`) does not deserialize: it is reported, and the watch goes on,
+    // so the changes below are still rendered.
+    let crds = Api::<CustomResourceDefinition>::all(c.clone());
+    let mut crd = serde_json::to_value(crds.get("tunnelpolicies.tunnelgate.io").await.unwrap()).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["action"]["enum"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("Permit"));
+    crds.replace("tunnelpolicies.tunnelgate.io", &PostParams::default(), &serde_json::from_value(crd).unwrap())
+        .await
+        .unwrap();
     let ar = kube::discovery::ApiResource::erase::<TunnelPolicy>(&());
     let raw = Api::<kube::api::DynamicObject>::namespaced_with(c.clone(), "payments", &ar);
     let mut newer = serde_json::to_value(policy("newer", "checkout", dest.clone())).unwrap();
     newer["spec"]["action"] = json!("Permit");
-    raw.create(&PostParams::default(), &serde_json::from_value(newer).unwrap()).await.unwrap();
+    let newer: kube::api::DynamicObject = serde_json::from_value(newer).unwrap();
+    until("the newer CRD admits Permit", 20, || async { raw.create(&PostParams::default(), &newer).await.is_ok() })
+        .await;
     until("unreadable policy reported", 10, || async {
         let p = raw.get("newer").await.unwrap();
         let conds = p.data["status"]["conditions"].as_array().cloned().unwrap_or_default();
@@ -476,14 +459,15 @@ async fn operator_and_proxy_converge_on_policy_changes() {
         reqwest_get(standby_admin, "/metrics").await.lines().any(|l| l == "tunnelgate_operator_leader 1")
     })
     .await;
-    pods.create(&PostParams::default(), &pod("checkout-2", "checkout", "127.0.0.13")).await.unwrap();
+    run_pod(&pods, pod("checkout-2", "checkout", "127.0.0.13")).await;
     until("new leader renders the new pod", 20, || async {
         connect_from("127.0.0.13", proxy_addr, target).await == 200
     })
     .await;
 
     // Losing the API: the proxy keeps enforcing the last good configuration.
-    drop(emu);
+    let mut rel = rel;
+    rel.cp.stop_apiserver();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(connect_from("127.0.0.13", proxy_addr, target).await, 200);
     assert_eq!(connect_from("127.0.0.12", proxy_addr, target).await, 403);
@@ -579,28 +563,13 @@ async fn echo_upstream(ip: &str) -> SocketAddr {
 
 /// Creates the base ConfigMap and starts one operator (no leader election) rendering Secrets for
 /// `tls_dir`.
-async fn single_operator(c: &Client, kc: &Path, dir: &Path, base: &str, tls_dir: &str, admin: u16) -> Child {
-    operator_with(c, kc, dir, base, tls_dir, admin, &[]).await
+async fn single_operator(rel: &Release, dir: &Path, base: &str, tls_dir: &str, admin: u16) -> Child {
+    operator_with(rel, dir, base, tls_dir, admin, &[]).await
 }
 
 /// [`single_operator`] with extra arguments.
-async fn operator_with(
-    c: &Client,
-    kc: &Path,
-    dir: &Path,
-    base: &str,
-    tls_dir: &str,
-    admin: u16,
-    extra: &[&str],
-) -> Child {
-    Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate")
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "tunnelgate-base"}, "data": {"config.yaml": base}}))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+async fn operator_with(rel: &Release, dir: &Path, base: &str, tls_dir: &str, admin: u16, extra: &[&str]) -> Child {
+    rel.set_base(base).await.unwrap();
     let admin = format!("127.0.0.1:{admin}");
     let args = [
         "--namespace",
@@ -615,7 +584,7 @@ async fn operator_with(
         "false",
     ];
     let args: Vec<&str> = args.iter().chain(extra).copied().collect();
-    spawn(&bin("tunnelgate-operator"), &args, kc, &dir.join("operator.log"))
+    spawn(&bin("tunnelgate-operator"), &args, &rel.operator_kubeconfig, &dir.join("operator.log"))
 }
 
 async fn project_secret(c: &Client, dir: &Path) -> bool {
@@ -632,9 +601,8 @@ async fn tls_listener_certificates_come_from_validated_secrets() {
     let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-tls-{}", std::process::id())));
     let tls_dir = dir.0.join("tls");
     std::fs::create_dir_all(&tls_dir).unwrap();
-    let emu = start_emulator(&dir.0).await;
-    let kc = kubeconfig(&dir.0, emu.port);
-    let c = client(&kc).await;
+    let rel = cluster(&dir.0, &["payments"], &[]).await;
+    let c = rel.admin.clone();
     let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "tunnelgate");
     let first = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
     secrets
@@ -650,7 +618,7 @@ async fn tls_listener_certificates_come_from_validated_secrets() {
         "version: 1\nlisteners: [{{name: secure, bind: '127.0.0.1:{listen}', tls: {{secretName: proxy-cert}}}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
     );
     let tls_dir_s = tls_dir.to_string_lossy().into_owned();
-    let _operator = single_operator(&c, &kc, &dir.0, &base, &tls_dir_s, op_admin).await;
+    let _operator = single_operator(&rel, &dir.0, &base, &tls_dir_s, op_admin).await;
     until("rendered TLS Secret", 20, || async { project_secret(&c, &tls_dir).await }).await;
     let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
     // The Secret is written first, the ConfigMap right after it.
@@ -664,7 +632,7 @@ async fn tls_listener_certificates_come_from_validated_secrets() {
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &kc,
+        &rel.proxy_kubeconfig,
         &dir.0.join("proxy.log"),
     );
     let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
@@ -736,9 +704,8 @@ async fn proxy_users_come_from_a_validated_htpasswd_secret() {
     let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-auth-{}", std::process::id())));
     let tls_dir = dir.0.join("tls");
     std::fs::create_dir_all(&tls_dir).unwrap();
-    let emu = start_emulator(&dir.0).await;
-    let kc = kubeconfig(&dir.0, emu.port);
-    let c = client(&kc).await;
+    let rel = cluster(&dir.0, &["payments"], &[]).await;
+    let c = rel.admin.clone();
     let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "tunnelgate");
     let alice = format!("alice:{}\n", bcrypt::hash("wonderland", 4).unwrap());
     secrets.create(&PostParams::default(), &htpasswd_secret(&alice)).await.unwrap();
@@ -748,7 +715,7 @@ async fn proxy_users_come_from_a_validated_htpasswd_secret() {
         "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\nauth: {{secretName: proxy-users}}\npolicy: {{defaultAction: allow, denyPrivateAddresses: false}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
     );
     let tls_dir_s = tls_dir.to_string_lossy().into_owned();
-    let _operator = single_operator(&c, &kc, &dir.0, &base, &tls_dir_s, op_admin).await;
+    let _operator = single_operator(&rel, &dir.0, &base, &tls_dir_s, op_admin).await;
     until("rendered proxy Secret", 20, || async { project_secret(&c, &tls_dir).await }).await;
     // The Secret is written first, the ConfigMap right after it.
     let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
@@ -760,7 +727,7 @@ async fn proxy_users_come_from_a_validated_htpasswd_secret() {
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &kc,
+        &rel.proxy_kubeconfig,
         &dir.0.join("proxy.log"),
     );
     let proxy: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
@@ -789,20 +756,19 @@ async fn proxy_users_come_from_a_validated_htpasswd_secret() {
 async fn cluster_policies_bound_what_namespaces_may_open() {
     let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-ctp-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
-    let emu = start_emulator(&dir.0).await;
-    let kc = kubeconfig(&dir.0, emu.port);
-    let c = client(&kc).await;
+    let rel = cluster(&dir.0, &["payments"], &[]).await;
+    let c = rel.admin.clone();
     let target = echo_upstream("127.0.0.2").await;
     let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
     let proxy_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     let base = format!(
         "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy: {{defaultAction: deny, denyPrivateAddresses: true}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
     );
-    let _operator = single_operator(&c, &kc, &dir.0, &base, "/unused", op_admin).await;
+    let _operator = single_operator(&rel, &dir.0, &base, "/unused", op_admin).await;
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &kc,
+        &rel.proxy_kubeconfig,
         &dir.0.join("proxy.log"),
     );
     let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone());
@@ -813,10 +779,7 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
         )
         .await
         .unwrap();
-    Api::<Pod>::namespaced(c.clone(), "shop")
-        .create(&PostParams::default(), &pod("web-1", "web", "127.0.0.13"))
-        .await
-        .unwrap();
+    run_pod(&Api::<Pod>::namespaced(c.clone(), "shop"), pod("web-1", "web", "127.0.0.13")).await;
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), "shop");
     let dest = json!({ "cidrs": ["127.0.0.2/32"], "ports": [target.port()] });
     tps.create(&PostParams::default(), &policy("echo", "web", dest)).await.unwrap();
@@ -917,21 +880,13 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
         )
         .await
         .unwrap();
-    Api::<k8s_openapi::api::core::v1::Service>::namespaced(c.clone(), "default")
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "kubernetes"}, "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"]}}))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    // The API server made the `kubernetes` Service (10.96.0.1) and the default ServiceCIDR
+    // (10.96.0.0/16, --service-cluster-ip-range) itself; a second Service range is added.
     Api::<k8s_openapi::api::networking::v1::ServiceCIDR>::all(c.clone())
         .create(
             &PostParams::default(),
-            &serde_json::from_value(
-                json!({"metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/16", "fd00:96::/108"]}}),
-            )
-            .unwrap(),
+            &serde_json::from_value(json!({"metadata": {"name": "secondary"}, "spec": {"cidrs": ["fd00:96::/108"]}}))
+                .unwrap(),
         )
         .await
         .unwrap();
@@ -944,16 +899,15 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
     .await;
 }
 
-/// Rollout truth against the emulator: one real proxy and one that keeps failing its reloads (a
+/// Rollout truth: one real proxy and one that keeps failing its reloads (a
 /// stand-in answering `/config` like a proxy stuck on an old render); the policy's status says
 /// `1/2`, `Stuck` on that node, and `1/1`, `Loaded` once that proxy pod is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-rollout-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
-    let emu = start_emulator(&dir.0).await;
-    let kc = kubeconfig(&dir.0, emu.port);
-    let c = client(&kc).await;
+    let rel = cluster(&dir.0, &["payments"], &[]).await;
+    let c = rel.admin.clone();
     let target = echo_upstream("127.0.0.2").await;
     let (listen, admin_port, op_admin) = (free_port(), free_port(), free_port());
     // A stuck proxy on another loopback address, same admin port as the real one.
@@ -980,8 +934,7 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     let base = rollout_base(listen, "127.0.0.31", admin_port);
     let port_arg = admin_port.to_string();
     let _operator = operator_with(
-        &c,
-        &kc,
+        &rel,
         &dir.0,
         &base,
         "/unused",
@@ -992,16 +945,13 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &kc,
+        &rel.proxy_kubeconfig,
         &dir.0.join("proxy.log"),
     );
     let system = Api::<Pod>::namespaced(c.clone(), "tunnelgate");
-    system.create(&PostParams::default(), &proxy_pod("proxy-a", "node-a", "127.0.0.31")).await.unwrap();
-    system.create(&PostParams::default(), &proxy_pod("proxy-b", "node-b", "127.0.0.32")).await.unwrap();
-    Api::<Pod>::namespaced(c.clone(), "payments")
-        .create(&PostParams::default(), &pod("checkout-1", "checkout", "127.0.0.11"))
-        .await
-        .unwrap();
+    run_pod(&system, proxy_pod("proxy-a", "node-a", "127.0.0.31")).await;
+    run_pod(&system, proxy_pod("proxy-b", "node-b", "127.0.0.32")).await;
+    run_pod(&Api::<Pod>::namespaced(c.clone(), "payments"), pod("checkout-1", "checkout", "127.0.0.11")).await;
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), "payments");
     tps.create(
         &PostParams::default(),
@@ -1028,6 +978,7 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     })
     .await;
     // The kubectl plugin: status names the proxies and the policy not yet everywhere.
+    let kc = rel.inspector_kubeconfig().await.unwrap();
     let plugin = |args: &[&str]| {
         let out = std::process::Command::new(bin("kubectl-tunnelgate"))
             .arg("--kubeconfig")
@@ -1043,7 +994,7 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     system.delete("proxy-b", &DeleteParams::default()).await.unwrap();
     // A proxy pod that never answers (nothing listens on its address) is behind, not failing:
     // after the threshold (1 s here) a ProxyBehind event names its node, without any change.
-    system.create(&PostParams::default(), &proxy_pod("proxy-c", "node-c", "127.0.0.33")).await.unwrap();
+    run_pod(&system, proxy_pod("proxy-c", "node-c", "127.0.0.33")).await;
     until("ProxyBehind event on the silent proxy", 20, || async {
         events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
             e.reason.as_deref() == Some("ProxyBehind")
@@ -1113,16 +1064,15 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
 async fn per_node_documents_carry_only_their_nodes_pods() {
     let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-pernode-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
-    let emu = start_emulator(&dir.0).await;
-    let kc = kubeconfig(&dir.0, emu.port);
-    let c = client(&kc).await;
+    // The chart with per-node documents: the proxy Role then reads its node's document too.
+    let rel = cluster(&dir.0, &["payments"], &["proxy.configPerNode=true"]).await;
+    let c = rel.admin.clone();
     let target = echo_upstream("127.0.0.2").await;
     let (listen, admin_port, op_admin) = (free_port(), free_port(), free_port());
     let base = rollout_base(listen, "127.0.0.41", admin_port);
     let port_arg = admin_port.to_string();
     let _operator = operator_with(
-        &c,
-        &kc,
+        &rel,
         &dir.0,
         &base,
         "/unused",
@@ -1133,7 +1083,7 @@ async fn per_node_documents_carry_only_their_nodes_pods() {
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy", "--node-name", "node-a"],
-        &kc,
+        &rel.proxy_kubeconfig,
         &dir.0.join("proxy.log"),
     );
     let on = |name: &str, app: &str, ip: &str, node: &str| -> Pod {
@@ -1141,13 +1091,10 @@ async fn per_node_documents_carry_only_their_nodes_pods() {
         p.spec.as_mut().unwrap().node_name = Some(node.to_owned());
         p
     };
-    Api::<Pod>::namespaced(c.clone(), "tunnelgate")
-        .create(&PostParams::default(), &proxy_pod("proxy-a", "node-a", "127.0.0.41"))
-        .await
-        .unwrap();
+    run_pod(&Api::<Pod>::namespaced(c.clone(), "tunnelgate"), proxy_pod("proxy-a", "node-a", "127.0.0.41")).await;
     let pods = Api::<Pod>::namespaced(c.clone(), "payments");
-    pods.create(&PostParams::default(), &on("web-a", "web", "127.0.0.11", "node-a")).await.unwrap();
-    pods.create(&PostParams::default(), &on("web-b", "web", "127.0.0.12", "node-b")).await.unwrap();
+    run_pod(&pods, on("web-a", "web", "127.0.0.11", "node-a")).await;
+    run_pod(&pods, on("web-b", "web", "127.0.0.12", "node-b")).await;
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), "payments");
     tps.create(
         &PostParams::default(),
@@ -1182,7 +1129,7 @@ async fn per_node_documents_carry_only_their_nodes_pods() {
     })
     .await;
     // A pod change on node-b rewrites node-b's document only.
-    pods.create(&PostParams::default(), &on("web-b2", "web", "127.0.0.13", "node-b")).await.unwrap();
+    run_pod(&pods, on("web-b2", "web", "127.0.0.13", "node-b")).await;
     until("node-b's document lists the new pod", 20, || async { text(&doc("node-b").await).contains("127.0.0.13") })
         .await;
     assert_eq!(
@@ -1192,6 +1139,7 @@ async fn per_node_documents_carry_only_their_nodes_pods() {
     );
     assert_eq!(connect_from("127.0.0.11", proxy_addr, target).await, 200);
     // `kubectl tunnelgate explain` decides against the pod's own node's document.
+    let kc = rel.inspector_kubeconfig().await.unwrap();
     let out = std::process::Command::new(bin("kubectl-tunnelgate"))
         .arg("--kubeconfig")
         .arg(&kc)
