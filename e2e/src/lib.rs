@@ -4,4 +4,5 @@
 
 pub mod controlplane;
 pub mod kubelet;
+pub mod netns;
 pub mod release;

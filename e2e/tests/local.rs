@@ -17,6 +17,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use e2e::controlplane::Options;
+use e2e::netns::Network;
 use e2e::release::Release;
 use serde_json::json;
 use testkit::free_port;
@@ -68,6 +69,21 @@ async fn run_pod(api: &Api<Pod>, pod: Pod) {
 
 fn spawn(bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
     Command::new(bin)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("TUNNELGATE_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// [`spawn`] inside network namespace `ns` (a pod of the test's own network).
+fn spawn_in(ns: &str, bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(bin)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .env("TUNNELGATE_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))
@@ -906,12 +922,17 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
 async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-rollout-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
-    let rel = cluster(&dir.0, &["payments"], &[]).await;
+    // The pods live on a network of the test's own: the API server's pod proxy, through which
+    // `kubectl tunnelgate status` reads each proxy's /config, dials no loopback address.
+    let mut net = Network::create(&format!("{}", std::process::id() % 100_000), [10, 232, 0]).unwrap();
+    let host = net.host();
+    let opts = Options { bind: host.into(), ..Options::default() };
+    let rel = Release::install(&dir.0.join("cluster"), &["payments"], &[], opts).await.unwrap();
     let c = rel.admin.clone();
-    let target = echo_upstream("127.0.0.2").await;
+    let target = echo_upstream(&host.to_string()).await;
     let (listen, admin_port, op_admin) = (free_port(), free_port(), free_port());
-    // A stuck proxy on another loopback address, same admin port as the real one.
-    let stuck = TcpListener::bind(("127.0.0.32", admin_port)).await.unwrap();
+    // A stuck proxy (proxy-b), same admin port as the real one.
+    let stuck = TcpListener::bind((net.host_address(32).unwrap(), admin_port)).await.unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = stuck.accept().await {
             tokio::spawn(async move {
@@ -931,7 +952,9 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
             });
         }
     });
-    let base = rollout_base(listen, "127.0.0.31", admin_port);
+    let base = format!(
+        "version: 1\nlisteners: [{{name: forward, bind: '0.0.0.0:{listen}'}}]\nadmin: {{bind: '0.0.0.0:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['{host}/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+    );
     let port_arg = admin_port.to_string();
     let _operator = operator_with(
         &rel,
@@ -942,20 +965,24 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         &["--proxy-admin-port", &port_arg, "--dry-run-event-interval", "1s", "--behind-warning-after", "1s"],
     )
     .await;
-    let _proxy = spawn(
+    // proxy-a: the real proxy, in its pod's network namespace.
+    let proxy_ns = net.pod(31).unwrap();
+    let _proxy = spawn_in(
+        &proxy_ns,
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy"],
         &rel.proxy_kubeconfig,
         &dir.0.join("proxy.log"),
     );
     let system = Api::<Pod>::namespaced(c.clone(), "tunnelgate");
-    run_pod(&system, proxy_pod("proxy-a", "node-a", "127.0.0.31")).await;
-    run_pod(&system, proxy_pod("proxy-b", "node-b", "127.0.0.32")).await;
-    run_pod(&Api::<Pod>::namespaced(c.clone(), "payments"), pod("checkout-1", "checkout", "127.0.0.11")).await;
+    run_pod(&system, proxy_pod("proxy-a", "node-a", &net.addr(31).to_string())).await;
+    run_pod(&system, proxy_pod("proxy-b", "node-b", &net.addr(32).to_string())).await;
+    let client_ip = net.host_address(11).unwrap().to_string();
+    run_pod(&Api::<Pod>::namespaced(c.clone(), "payments"), pod("checkout-1", "checkout", &client_ip)).await;
     let tps = Api::<TunnelPolicy>::namespaced(c.clone(), "payments");
     tps.create(
         &PostParams::default(),
-        &policy("allow-echo", "checkout", json!({"cidrs": ["127.0.0.2/32"], "ports": [target.port()]})),
+        &policy("allow-echo", "checkout", json!({"cidrs": [format!("{host}/32")], "ports": [target.port()]})),
     )
     .await
     .unwrap();
@@ -988,13 +1015,18 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
             .unwrap();
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let (code, out) = plugin(&["status"]);
+    let (code, out) = plugin(&["status", "--proxy-admin-port", &port_arg]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("proxy-a") && out.contains("node-b") && out.contains("payments/allow-echo: Stuck"), "{out}");
+    // Each proxy's own report came through the API server's pod proxy: the stand-in's failed reload.
+    let row_b = out.lines().find(|l| l.starts_with("proxy-b")).unwrap_or_default();
+    assert!(row_b.contains("failed (tls)"), "proxy-b's /config through pods/proxy: {out}");
+    let row_a = out.lines().find(|l| l.starts_with("proxy-a")).unwrap_or_default();
+    assert!(row_a.contains(" ok"), "proxy-a's /config through pods/proxy: {out}");
     system.delete("proxy-b", &DeleteParams::default()).await.unwrap();
     // A proxy pod that never answers (nothing listens on its address) is behind, not failing:
     // after the threshold (1 s here) a ProxyBehind event names its node, without any change.
-    run_pod(&system, proxy_pod("proxy-c", "node-c", "127.0.0.33")).await;
+    run_pod(&system, proxy_pod("proxy-c", "node-c", &net.addr(33).to_string())).await;
     until("ProxyBehind event on the silent proxy", 20, || async {
         events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
             e.reason.as_deref() == Some("ProxyBehind")
@@ -1003,6 +1035,10 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         })
     })
     .await;
+    // `status` reports it unreachable (the pod proxy answers 503 for it) instead of retrying.
+    let (_, out) = plugin(&["status", "--proxy-admin-port", &port_arg]);
+    let row_c = out.lines().find(|l| l.starts_with("proxy-c")).unwrap_or_default();
+    assert!(row_c.contains("unreachable"), "{out}");
     system.delete("proxy-c", &DeleteParams::default()).await.unwrap();
     until("1/1, Loaded", 20, || async {
         let (loaded, c) = enforced().await;
@@ -1010,13 +1046,13 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     })
     .await;
     // A DryRun Deny: nothing refused, and its status counts what it would have refused.
-    let mut dry = policy("would-block", "checkout", json!({ "cidrs": ["127.0.0.2/32"] }));
+    let mut dry = policy("would-block", "checkout", json!({ "cidrs": [format!("{host}/32")] }));
     dry.spec.action = tunnelgate_operator::crd::PolicyAction::Deny;
     dry.spec.enforcement = Some(tunnelgate_operator::crd::Enforcement::DryRun);
     tps.create(&PostParams::default(), &dry).await.unwrap();
-    let proxy_addr: std::net::SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let proxy_addr = SocketAddr::from((net.addr(31), listen));
     until("dry-run counted in the policy's status", 20, || async {
-        connect_from("127.0.0.11", proxy_addr, target).await == 200
+        connect_from(&client_ip, proxy_addr, target).await == 200
             && tps.get("would-block").await.unwrap().status.and_then(|s| s.dry_run).is_some_and(|d| d.would_deny >= 1)
     })
     .await;
@@ -1025,11 +1061,11 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     // One aggregated Normal event per interval (1 s here), naming no client and no target.
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), "payments");
     until("a DryRun event", 20, || async {
-        let _ = connect_from("127.0.0.11", proxy_addr, target).await;
+        let _ = connect_from(&client_ip, proxy_addr, target).await;
         events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
             e.reason.as_deref() == Some("DryRun")
                 && e.type_.as_deref() == Some("Normal")
-                && e.note.as_deref().is_some_and(|n| n.contains("would have denied") && !n.contains("127.0.0"))
+                && e.note.as_deref().is_some_and(|n| n.contains("would have denied") && !n.contains(&client_ip))
         })
     })
     .await;

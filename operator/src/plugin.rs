@@ -14,6 +14,9 @@ use crate::crd::{ClusterTunnelPolicy, ClusterTunnelPolicySpec, TunnelPolicy, Tun
 use crate::lenient::{Lenient, Unreadable};
 use crate::validate::{validate, validate_cluster};
 
+/// How long `status` waits for one proxy's `/config` through the API server's pod proxy.
+const PROXY_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Exit code for invalid input (as `tunnelgate-proxy check`).
 pub const EXIT_INVALID: i32 = 64;
 
@@ -410,15 +413,17 @@ pub async fn status(
         ))
         .body(Vec::new())
         .map_err(|e| PluginError::Usage(e.to_string()))?;
-        let (render, last_reload) = match client.request_text(req).await {
-            Ok(body) => {
+        // A proxy whose admin port accepts and never answers is reported, not waited for.
+        let answer = tokio::time::timeout(PROXY_ANSWER_TIMEOUT, client.request_text(req)).await;
+        let (render, last_reload) = match answer {
+            Ok(Ok(body)) => {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 (
                     v["render"].as_u64(),
                     v["lastReload"]["reason"].as_str().map_or("ok".to_owned(), |r| format!("failed ({r})")),
                 )
             }
-            Err(_) => (None, "unreachable".to_owned()),
+            Ok(Err(_)) | Err(_) => (None, "unreachable".to_owned()),
         };
         st.proxies.push(ProxyStatus { pod: name, node, render, last_reload });
     }

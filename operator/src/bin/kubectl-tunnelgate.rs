@@ -82,6 +82,9 @@ async fn client(cli: &Cli) -> Result<Client, String> {
         }
         None => Config::from_kubeconfig(&options).await.map_err(|e| e.to_string())?,
     };
+    // A command answers now or says why: no retrying of 503s for minutes (the API server's pod
+    // proxy answers 503 for a proxy pod it cannot reach, and `status` reports that pod).
+    let config = Config { default_retry: false, ..config };
     Client::try_from(config).map_err(|e| e.to_string())
 }
 
