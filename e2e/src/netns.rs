@@ -16,7 +16,8 @@ pub struct Network {
 }
 
 fn ip(args: &[&str]) -> Result<(), Error> {
-    let out = Command::new("ip").args(args).output().map_err(|source| Error::Io { what: "running ip".into(), source })?;
+    let out =
+        Command::new("ip").args(args).output().map_err(|source| Error::Io { what: "running ip".into(), source })?;
     if out.status.success() {
         Ok(())
     } else {

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use e2e::controlplane::Options;
+use e2e::netns::Network;
+use e2e::release::Release;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::Client;
-use e2e::controlplane::Options;
-use e2e::netns::Network;
-use e2e::release::Release;
 use serde_json::json;
 use testkit::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -924,7 +924,8 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     std::fs::create_dir_all(&dir.0).unwrap();
     // The pods live on a network of the test's own: the API server's pod proxy, through which
     // `kubectl tunnelgate status` reads each proxy's /config, dials no loopback address.
-    let mut net = Network::create(&format!("{}", std::process::id() % 100_000), [10, 232, 0]).unwrap();
+    // A fixed name: a run killed outright leaves this network behind, and the next run replaces it.
+    let mut net = Network::create("rollout", [10, 232, 0]).unwrap();
     let host = net.host();
     let opts = Options { bind: host.into(), ..Options::default() };
     let rel = Release::install(&dir.0.join("cluster"), &["payments"], &[], opts).await.unwrap();

@@ -75,7 +75,7 @@ enum Command {
 
 async fn client(cli: &Cli) -> Result<Client, String> {
     let options = KubeConfigOptions { context: cli.context.clone(), ..Default::default() };
-    let config = match &cli.kubeconfig {
+    let mut config = match &cli.kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|e| format!("{}: {e}", path.display()))?;
             Config::from_custom_kubeconfig(kc, &options).await.map_err(|e| e.to_string())?
@@ -84,7 +84,7 @@ async fn client(cli: &Cli) -> Result<Client, String> {
     };
     // A command answers now or says why: no retrying of 503s for minutes (the API server's pod
     // proxy answers 503 for a proxy pod it cannot reach, and `status` reports that pod).
-    let config = Config { default_retry: false, ..config };
+    config.default_retry = false;
     Client::try_from(config).map_err(|e| e.to_string())
 }
 
