@@ -1,4 +1,8 @@
-"""A local Kubernetes API emulator for Tunnelgate's end-to-end tests.
+"""A Kubernetes API emulator, kept for one use: the propagation benchmark (bench/propagation.py),
+which loads up to 100,000 pods and 10,000 policies and reads the emulator's own write counters
+(/_emulator/stats). No test uses it any more: every end-to-end test runs against a real
+kube-apiserver and etcd (controlplane/, e2e/src/controlplane.rs). It stays until the benchmark is
+measured against the real API server at that scale on these 2-core machines.
 
 kmock (PyPI, pinned in requirements.txt) serves HTTP and parses Kubernetes paths; this shim adds
 what kube-rs needs and kmock 0.8 lacks: resourceVersion, uid, generation and creationTimestamp on

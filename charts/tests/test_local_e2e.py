@@ -1,23 +1,22 @@
-"""Local end-to-end of the chart's wiring: the operator and proxy binaries run with exactly the
-command, arguments and environment the chart renders (with $(VAR) expanded as the kubelet does),
-against the Kubernetes API emulator loaded with the base ConfigMap the chart renders. A chart that
-passes the offline checks but wires the binaries wrongly fails here."""
+"""Local end-to-end of the chart's wiring: the chart is installed by helm into a real Kubernetes
+control plane (charts/tests/cluster.py), and the operator and proxy binaries run with exactly the
+command, arguments and environment the chart renders (with $(VAR) expanded as the kubelet does) and
+the tokens of the chart's ServiceAccounts. A chart that passes the offline checks but wires the
+binaries wrongly, or grants them too little, fails here."""
 
 import itertools
-import json
 import os
 import pathlib
 import re
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.request
 
 import pytest
 
+from cluster import Cluster
 from conftest import ROOT, find, render
 
 NS = "tunnelgate"
@@ -63,22 +62,6 @@ def container_env(container, pod_name):
         field = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
         env[e["name"]] = {"metadata.namespace": NS, "metadata.name": pod_name}.get(field, e.get("value", ""))
     return env
-
-
-class Api:
-    def __init__(self, port):
-        self.base = f"http://127.0.0.1:{port}"
-
-    def call(self, method, path, body=None):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                return json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                return None
-            raise
 
 
 def connect(client_ip, proxy, target):
@@ -137,18 +120,7 @@ def http_status(port, path, host="127.0.0.1"):
 @pytest.fixture
 def world():
     procs = []
-    tmp = tempfile.TemporaryDirectory()
-    d = pathlib.Path(tmp.name)
-    port_file = d / "emulator.port"
-    procs.append(subprocess.Popen([sys.executable, str(ROOT / "e2e/emulator.py"), "--port-file", str(port_file)], stderr=open(d / "emulator.log", "w")))
-    until("emulator", 20, port_file.exists)
-    port = int(port_file.read_text())
-    kubeconfig = d / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters: [{{name: emu, cluster: {{server: 'http://127.0.0.1:{port}'}}}}]\n"
-        "users: [{name: emu, user: {}}]\ncontexts: [{name: emu, context: {cluster: emu, user: emu}}]\ncurrent-context: emu\n"
-    )
+    cluster = Cluster()
     # An echo upstream on 127.0.0.2.
     echo = socket.socket()
     echo.bind(("127.0.0.2", 0))
@@ -163,12 +135,12 @@ def world():
             threading.Thread(target=lambda c=c: [c.sendall(b) for b in iter(lambda: c.recv(4096), b"")], daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
-    yield {"api": Api(port), "kubeconfig": kubeconfig, "dir": d, "procs": procs, "echo": echo.getsockname()}
+    yield {"cluster": cluster, "dir": cluster.dir, "procs": procs, "echo": echo.getsockname()}
     for p in procs:
         p.kill()
         p.wait()
     echo.close()
-    tmp.cleanup()
+    cluster.close()
 
 
 def test_chart_wired_binaries_enforce_a_policy(world):
@@ -180,14 +152,18 @@ def test_chart_wired_binaries_enforce_a_policy(world):
         "config": {"addressGrants": [{"namespaces": ["shop"], "cidrs": ["127.0.0.2/32"]}]},
     }
     docs = render(values, name="tg", namespace=NS)
-    api = world["api"]
-    base = find(docs, "ConfigMap", "-base")
-    api.call("POST", f"/api/v1/namespaces/{NS}/configmaps", base)
+    cluster = world["cluster"]
+    api = cluster.admin
+    cluster.namespace("shop")
+    cluster.helm_install("tg", NS, values)
 
-    env_base = {**os.environ, "KUBECONFIG": str(world["kubeconfig"]), "TUNNELGATE_LOG": "info"}
     for kind, suffix, pod in [("Deployment", "-operator", "tg-operator-0"), ("DaemonSet", "-proxy", "tg-proxy-node1")]:
-        c = find(docs, kind, suffix)["spec"]["template"]["spec"]["containers"][0]
+        spec = find(docs, kind, suffix)["spec"]["template"]["spec"]
+        c = spec["containers"][0]
         env = container_env(c, pod)
+        # The pod's ServiceAccount, as the kubelet would mount its token.
+        kubeconfig = cluster.service_account_kubeconfig(NS, spec["serviceAccountName"])
+        env_base = {**os.environ, "KUBECONFIG": str(kubeconfig), "TUNNELGATE_LOG": "info"}
         cmd = [str(binary(c["command"][0]))] + expand(c.get("args", []), env)
         world["procs"].append(subprocess.Popen(cmd, env={**env_base, **env}, stderr=open(world["dir"] / f"{pod}.log", "w")))
 
@@ -202,7 +178,7 @@ def test_chart_wired_binaries_enforce_a_policy(world):
     assert connect_status("127.0.0.21", proxy_port, echo) == 403, "default deny"
 
     for name, app, ip in [("web-1", "web", "127.0.0.21"), ("other-1", "other", "127.0.0.22")]:
-        api.call("POST", "/api/v1/namespaces/shop/pods", {
+        api.run_pod("shop", {
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": app}},
             "spec": {"containers": [{"name": "c", "image": "x"}]},
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},

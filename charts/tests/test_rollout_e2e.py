@@ -1,7 +1,8 @@
 """A proxy rollout as the chart wires it, on one host: each proxy pod runs in a network namespace
-of its own (as pods do), on a bridge with the API emulator, the upstream and the clients. The
-binaries run with exactly the command, arguments and environment the chart renders, for both
-topologies (node-local DaemonSet and egress-gateway Deployment).
+of its own (as pods do), on a bridge with a real Kubernetes API server (the chart installed by
+helm), the upstream and the clients. The binaries run with exactly the command, arguments and
+environment the chart renders and the tokens of the chart's ServiceAccounts, for both topologies
+(node-local DaemonSet and egress-gateway Deployment).
 
 What it shows: a new proxy pod answers its probes only once it enforces the operator's
 configuration; during a surge the old and the new pod serve side by side on the same port; the old
@@ -13,19 +14,19 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from conftest import ROOT, find, render
-from test_local_e2e import Api, binary, connect, container_env, expand, free_port, http_status, status_of, until
+from cluster import Cluster
+from test_local_e2e import binary, connect, container_env, expand, free_port, http_status, status_of, until
 
 NS = "tunnelgate"
 TAG = f"{os.getpid() % 100000}"
 BRIDGE = f"tgbr{TAG}"
-HOST = "10.231.0.1"  # the bridge: emulator, upstream, operator
+HOST = "10.231.0.1"  # the bridge: API server, upstream, operator
 CLIENTS = {"web": "10.231.0.21", "other": "10.231.0.22"}
 
 
@@ -90,8 +91,10 @@ def net():
     n = Network()
     procs = []
     yield n, procs
-    for p in procs:
-        if p.poll() is None:
+    for p in reversed(procs):
+        if isinstance(p, Cluster):
+            p.close()
+        elif p.poll() is None:
             p.kill()
             p.wait()
     n.close()
@@ -115,19 +118,12 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
     strategy = workload["spec"]["strategy" if topology == "Deployment" else "updateStrategy"]["rollingUpdate"]
     assert strategy == {"maxSurge": 1, "maxUnavailable": 0}, "the new pod comes up beside the old one"
 
-    # The API emulator and an echo upstream on the bridge.
-    port_file = tmp_path / "emulator.port"
-    procs.append(subprocess.Popen([sys.executable, str(ROOT / "e2e/emulator.py"), "--host", HOST, "--port-file", str(port_file)],
-                                  stderr=open(tmp_path / "emulator.log", "w")))
-    until("emulator", 20, port_file.exists)
-    api = Api(int(port_file.read_text()))
-    api.base = api.base.replace("127.0.0.1", HOST)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters: [{{name: emu, cluster: {{server: '{api.base}'}}}}]\n"
-        "users: [{name: emu, user: {}}]\ncontexts: [{name: emu, context: {cluster: emu, user: emu}}]\ncurrent-context: emu\n"
-    )
+    # The API server (the chart installed) and an echo upstream on the bridge.
+    cluster = Cluster(bind=HOST)
+    procs.append(cluster)
+    api = cluster.admin
+    cluster.namespace("shop")
+    cluster.helm_install("tg", NS, values)
     echo = socket.socket()
     echo.bind((HOST, 0))
     echo.listen(128)
@@ -142,12 +138,13 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
 
     threading.Thread(target=serve, daemon=True).start()
     target = echo.getsockname()
-    api.call("POST", f"/api/v1/namespaces/{NS}/configmaps", find(docs, "ConfigMap", "-base"))
-    env_base = {**os.environ, "KUBECONFIG": str(kubeconfig)}
 
     def start(kind, suffix, pod, netns=None):
-        c = find(docs, kind, suffix)["spec"]["template"]["spec"]["containers"][0]
+        spec = find(docs, kind, suffix)["spec"]["template"]["spec"]
+        c = spec["containers"][0]
         env = container_env(c, pod)
+        # The pod's ServiceAccount token, as the kubelet mounts it.
+        env_base = {**os.environ, "KUBECONFIG": str(cluster.service_account_kubeconfig(NS, spec["serviceAccountName"]))}
         cmd = [str(binary(c["command"][0]))] + expand(c.get("args", []), env)
         if netns:
             cmd = ["ip", "netns", "exec", netns] + cmd
@@ -158,7 +155,7 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
     def proxy_pod(name, ip):
         """The Pod object the kubelet would report, so the operator long-polls this proxy."""
         labels = {**workload["spec"]["template"]["metadata"]["labels"]}
-        api.call("POST", f"/api/v1/namespaces/{NS}/pods", {
+        api.run_pod(NS, {
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
             "spec": {"nodeName": "node-1", "containers": [{"name": "proxy", "image": "x"}]},
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
@@ -179,13 +176,13 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
     try:
         until("old proxy ready", 60, lambda: http_status(p_admin, ready_path, ip_a) == 200)
     except AssertionError:
-        for log in ("tg-operator-0.log", "tg-proxy-a.log", "emulator.log"):
+        for log in ("tg-operator-0.log", "tg-proxy-a.log"):
             text = (tmp_path / log).read_text() if (tmp_path / log).exists() else ""
             print(f"--- {log}\n" + "\n".join(text.splitlines()[-20:]))
         raise
 
     for name, app, ip in [("web-1", "web", CLIENTS["web"]), ("other-1", "other", CLIENTS["other"])]:
-        api.call("POST", "/api/v1/namespaces/shop/pods", {
+        api.run_pod("shop", {
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": app}},
             "spec": {"containers": [{"name": "c", "image": "x"}]},
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
