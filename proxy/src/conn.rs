@@ -118,8 +118,11 @@ async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, deadline: I
         // At the drain deadline a connection still sending its head gets 503.
         () = ctx.inner.shutdown.cancelled() => Err(TunnelError::Draining),
     };
-    // Every request is admitted (memory pressure, the client's rate bucket), CONNECT here and each
-    // HTTP request as it arrives; established tunnels are never touched.
+    // The head may have taken until after a reload: the request is judged by the configuration in
+    // force now. Every request is admitted (memory pressure, the client's rate bucket), CONNECT
+    // here and each HTTP request as it arrives; established tunnels are never touched.
+    let refreshed = ctx.current();
+    let ctx = refreshed.as_ref().unwrap_or(ctx);
     let head = head.and_then(|h| match h {
         Head::Connect(_) => ctx.admit_request().map(|()| h),
         Head::Other(_) => Ok(h),

@@ -32,6 +32,15 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
+    /// This context with the configuration in force now, when a reload has replaced the one this
+    /// context carries: every request is authorized, authenticated and rate-limited by the
+    /// configuration in force when it arrives, so a keep-alive connection never outlives a
+    /// revoked permission. `None` when nothing changed (no copy is made).
+    pub fn current(&self) -> Option<ConnCtx> {
+        let now = self.inner.snapshot();
+        (!Arc::ptr_eq(&now, &self.snapshot)).then(|| ConnCtx { snapshot: now, ..self.clone() })
+    }
+
     /// Admits one request (a CONNECT or an HTTP request): refused under memory pressure, then it
     /// draws from its client's rate bucket.
     pub fn admit_request(&self) -> Result<(), TunnelError> {

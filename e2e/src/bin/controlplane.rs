@@ -34,7 +34,8 @@ async fn main() -> ExitCode {
             dir = Some(PathBuf::from(a));
         }
     }
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("tunnelgate-controlplane-{}", std::process::id())));
+    let dir =
+        dir.unwrap_or_else(|| std::env::temp_dir().join(format!("tunnelgate-controlplane-{}", std::process::id())));
     eprintln!("starting the control plane in {} ...", dir.display());
     let cp = match ControlPlane::start(&dir, opts).await {
         Ok(cp) => cp,

@@ -137,6 +137,16 @@ impl Exchange {
 
 impl Handler {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        // Judged by the configuration in force at this request, not at the connection's accept
+        // (a request already in flight at a reload finishes under the one it started with).
+        let this = match self.ctx.current() {
+            Some(ctx) => Arc::new(Handler { ctx, http: self.http.clone() }),
+            None => self,
+        };
+        this.judge(req).await
+    }
+
+    async fn judge(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         let mut ex = Exchange {
             method: method_label(req.method()),
             started: Instant::now(),

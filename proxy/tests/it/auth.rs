@@ -118,3 +118,31 @@ async fn the_password_file_is_hot_reloaded_and_a_bad_one_keeps_the_last_good() {
     assert_eq!(connect_as(addr(&p), &t, Some(basic("alice", "old"))).await.0, 407);
     assert_eq!(connect_as(addr(&p), &t, Some(basic("alice", "new"))).await.0, 200);
 }
+
+/// A user removed from the password file is refused on a keep-alive connection opened before the
+/// removal: each request is authenticated by the configuration in force when it arrives.
+#[tokio::test]
+async fn a_removed_user_is_refused_on_a_connection_opened_before() {
+    let w = World::new().await;
+    let dir = TempDir::new("auth-removed");
+    let file = htpasswd(&dir, &[("alice", "wonderland"), ("bob", "builder")]);
+    let yaml = config(&w, &file);
+    let p = start_proxy(&yaml).await;
+    let up = hyper_upstream().await;
+    let url = format!("http://allowed.test:{}/small", up.addr.port());
+    let get = format!("GET {url} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: {}\r\n\r\n", basic("bob", "builder"));
+    let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+    s.write_all(get.as_bytes()).await.unwrap();
+    let (status, head) = read_head(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    let mut body = [0u8; 5];
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut body).await.unwrap();
+    // bob leaves the file: refused on a new connection...
+    htpasswd(&dir, &[("alice", "wonderland")]);
+    tunnelgate_proxy::reload::apply(&p.inner, &yaml).await.unwrap();
+    let fresh = get.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+    assert_eq!(exchange(addr(&p), fresh.as_bytes()).await.0, 407);
+    // ...and on the connection bob opened before the reload.
+    s.write_all(get.as_bytes()).await.unwrap();
+    assert_eq!(read_head(&mut s).await.0, 407, "bob's old connection");
+}

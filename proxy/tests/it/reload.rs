@@ -475,3 +475,77 @@ async fn config_reports_the_render_and_long_polls_for_changes() {
     let info: Vec<&str> = metrics.lines().filter(|l| l.starts_with("tunnelgate_config_info{")).collect();
     assert_eq!(info, [format!("tunnelgate_config_info{{sha256=\"{prefix}\"}} 1")], "one series: the config in force");
 }
+
+/// One request on a keep-alive connection; returns the status.
+async fn get_on(s: &mut TcpStream, target: &str, authority: &str, extra: &str) -> u16 {
+    s.write_all(format!("GET {target} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n").as_bytes()).await.unwrap();
+    let (status, _) = read_head(s).await;
+    if status == 200 {
+        // The echo-free upstream below answers 5 bytes.
+        let mut body = [0u8; 5];
+        s.read_exact(&mut body).await.unwrap();
+    }
+    status
+}
+
+/// An HTTP upstream on 127.0.0.2 answering every request with 200 and 5 bytes, keep-alive.
+async fn hello_upstream() -> Upstream {
+    Upstream::start("127.0.0.2", |mut s| async move {
+        let mut buf = vec![0u8; 8192];
+        let mut have = Vec::new();
+        loop {
+            while let Some(i) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                have.drain(..i + 4);
+                if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello").await.is_err() {
+                    return;
+                }
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => have.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+}
+
+/// Every request on a keep-alive connection is judged by the configuration in force when it
+/// arrives: after a reload that denies the target, a GET and a CONNECT on the connection opened
+/// before it are refused (403), and a narrowed request rate applies to it at once.
+#[tokio::test]
+async fn requests_on_an_old_keepalive_connection_follow_the_configuration_in_force() {
+    let w = World::new().await;
+    let up = hello_upstream().await;
+    let yaml = w.config("");
+    let p = start_proxy(&yaml).await;
+    let authority = format!("allowed.test:{}", up.addr.port());
+    let target = format!("http://{authority}/");
+    let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+    assert_eq!(get_on(&mut s, &target, &authority, "").await, 200);
+
+    // The platform denies the target: the connection opened before is refused on its next request.
+    let denying = yaml.replace("hosts: [denied.test]", "hosts: [denied.test, allowed.test]");
+    assert!(matches!(reload::apply(&p.inner, &denying).await.unwrap(), ReloadOutcome::Applied { .. }));
+    assert_eq!(get_on(&mut s, &target, &authority, "").await, 403, "GET on the old connection");
+    let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+    // Allowed again, a request goes through; then denied again: a CONNECT on that connection opens
+    // no new tunnel to the denied target.
+    assert!(matches!(reload::apply(&p.inner, &yaml).await.unwrap(), ReloadOutcome::Applied { .. }));
+    assert_eq!(get_on(&mut s, &target, &authority, "").await, 200);
+    assert!(matches!(reload::apply(&p.inner, &denying).await.unwrap(), ReloadOutcome::Applied { .. }));
+    let t = w.echo_target("allowed.test");
+    s.write_all(format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\n").as_bytes()).await.unwrap();
+    assert_eq!(read_head(&mut s).await.0, 403, "CONNECT on the old connection");
+
+    // A narrowed request rate applies to a connection accepted before it.
+    assert!(matches!(reload::apply(&p.inner, &yaml).await.unwrap(), ReloadOutcome::Applied { .. }));
+    let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+    assert_eq!(get_on(&mut s, &target, &authority, "").await, 200);
+    let narrowed = yaml.replace(
+        "limits: {drainDelay: 0s, requestHeadTimeout: 5s}",
+        "limits: {drainDelay: 0s, requestHeadTimeout: 5s, requestsPerSecond: 1, requestBurst: 1}",
+    );
+    assert!(matches!(reload::apply(&p.inner, &narrowed).await.unwrap(), ReloadOutcome::Applied { .. }));
+    let statuses = [get_on(&mut s, &target, &authority, "").await, get_on(&mut s, &target, &authority, "").await];
+    assert_eq!(statuses, [200, 429], "the new bucket (burst 1) holds the old connection");
+}
