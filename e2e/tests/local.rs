@@ -1268,3 +1268,54 @@ async fn watches_survive_an_api_server_restart_and_compaction() {
     let logs = ["operator.log", "proxy.log"].map(|f| std::fs::read_to_string(dir.0.join(f)).unwrap_or_default());
     assert!(logs.iter().any(|l| l.contains("too old resource version")), "no watch met a compacted version");
 }
+
+/// Server-side apply as the API server does it: a user applies a policy (field manager
+/// `kubectl`), the operator writes its status through the status subresource, and the user's
+/// next apply of a changed spec (without --force-conflicts) is accepted: they own disjoint fields
+/// and never fight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_applies_and_operator_status_writes_never_conflict() {
+    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-ssa-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let rel = cluster(&dir.0, &["payments"], &[]).await;
+    let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
+    let _operator = single_operator(&rel, &dir.0, &rollout_base(listen, "127.0.0.1", admin), "/unused", op_admin).await;
+    run_pod(&Api::<Pod>::namespaced(rel.admin.clone(), "payments"), pod("a-1", "a", "127.0.0.11")).await;
+    let tps = Api::<TunnelPolicy>::namespaced(rel.admin.clone(), "payments");
+    let applied = |port: u16| {
+        let mut p =
+            serde_json::to_value(policy("allow-a", "a", json!({"cidrs": ["127.0.0.2/32"], "ports": [port]}))).unwrap();
+        p["metadata"]["namespace"] = json!("payments");
+        p
+    };
+    let kubectl = PatchParams::apply("kubectl");
+    tps.patch("allow-a", &kubectl, &Patch::Apply(applied(443))).await.unwrap();
+    until("the operator wrote the status", 20, || async {
+        condition(&tps.get("allow-a").await.unwrap(), "Accepted").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    // The user changes the spec and applies again, without forcing.
+    tps.patch("allow-a", &kubectl, &Patch::Apply(applied(8443))).await.unwrap();
+    let p = tps.get("allow-a").await.unwrap();
+    let generation = p.metadata.generation;
+    until("the status follows the new generation", 20, || async {
+        tps.get("allow-a").await.unwrap().status.and_then(|s| s.observed_generation) == generation
+    })
+    .await;
+    let managers: Vec<(String, Option<String>)> = tps
+        .get("allow-a")
+        .await
+        .unwrap()
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| (m.manager.unwrap_or_default(), m.subresource))
+        .collect();
+    assert!(managers.contains(&("kubectl".into(), None)), "{managers:?}");
+    assert!(
+        managers.iter().any(|(m, sub)| m == "tunnelgate-operator" && sub.as_deref() == Some("status")),
+        "the operator owns status only: {managers:?}"
+    );
+    assert!(!managers.iter().any(|(m, sub)| m == "tunnelgate-operator" && sub.is_none()), "{managers:?}");
+}

@@ -149,7 +149,8 @@ impl StatusWriter {
 /// answer is read leniently: a policy that does not deserialize gets a status too.
 async fn write(client: &Client, target: &Target, status: &serde_json::Value) -> Result<(), kube::Error> {
     let body = Patch::Merge(serde_json::json!({ "status": status }));
-    let pp = PatchParams::default();
+    // Named, so `managedFields` says who owns the status (as for every other write of the operator).
+    let pp = PatchParams { field_manager: Some(super::MANAGER.to_owned()), ..PatchParams::default() };
     let r = match target {
         Target::Namespaced { namespace, name } => Api::<Lenient<TunnelPolicy>>::namespaced(client.clone(), namespace)
             .patch_status(name, &pp, &body)
