@@ -303,7 +303,12 @@ async fn the_api_server_admits_the_valid_examples_and_refuses_the_invalid_ones()
     assert!(e.message.contains("a destination needs hosts or cidrs"), "{}", e.message);
 }
 
-fn sa(ns: &str, name: &str) -> (String, Vec<String>) {
+/// A user name and its groups.
+type Subject = (String, Vec<String>);
+/// Who, verb, resource, namespace, name, and whether it must be allowed.
+type Check<'a> = (&'a str, &'a Subject, &'a str, &'a str, Option<&'a str>, Option<&'a str>, bool);
+
+fn sa(ns: &str, name: &str) -> Subject {
     (
         format!("system:serviceaccount:{ns}:{name}"),
         vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{ns}"), "system:authenticated".into()],
@@ -333,7 +338,7 @@ async fn the_chart_rbac_grants_what_each_needs_and_nothing_more() {
     let op = sa("tunnelgate", "tunnelgate-operator");
     let proxy = sa("tunnelgate", "tunnelgate-proxy");
     let rel_ns = Some("tunnelgate");
-    let checks: Vec<(&str, &(String, Vec<String>), &str, &str, Option<&str>, Option<&str>, bool)> = vec![
+    let checks: Vec<Check<'_>> = vec![
         // The operator: what it needs...
         ("operator", &op, "list", "pods", None, None, true),
         ("operator", &op, "watch", "tunnelpolicies.tunnelgate.io", None, None, true),
@@ -396,21 +401,21 @@ async fn the_chart_rbac_grants_what_each_needs_and_nothing_more() {
         can(cp, &alice, "create", tp, Some("payments"), None).await
     })
     .await;
-    let people: Vec<(&str, &(String, Vec<String>), &str, &str, Option<&str>, bool)> = vec![
-        ("edit", &alice, "create", tp, Some("payments"), true),
-        ("edit", &alice, "create", tp, Some("shop"), false),
-        ("edit", &alice, "patch", "tunnelpolicies.tunnelgate.io/status", Some("payments"), false),
-        ("edit", &alice, "create", ctp, None, false),
-        ("view", &bob, "list", tp, Some("payments"), true),
-        ("view", &bob, "create", tp, Some("payments"), false),
-        ("admin", &carol, "delete", tp, Some("payments"), true),
-        ("admin", &carol, "create", ctp, None, false),
-        ("platform-admin", &pat, "create", ctp, None, true),
-        ("nobody", &eve, "list", tp, Some("payments"), false),
+    let people: Vec<Check<'_>> = vec![
+        ("edit", &alice, "create", tp, Some("payments"), None, true),
+        ("edit", &alice, "create", tp, Some("shop"), None, false),
+        ("edit", &alice, "patch", "tunnelpolicies.tunnelgate.io/status", Some("payments"), None, false),
+        ("edit", &alice, "create", ctp, None, None, false),
+        ("view", &bob, "list", tp, Some("payments"), None, true),
+        ("view", &bob, "create", tp, Some("payments"), None, false),
+        ("admin", &carol, "delete", tp, Some("payments"), None, true),
+        ("admin", &carol, "create", ctp, None, None, false),
+        ("platform-admin", &pat, "create", ctp, None, None, true),
+        ("nobody", &eve, "list", tp, Some("payments"), None, false),
     ];
     let mut wrong = Vec::new();
-    for (role, who, verb, resource, ns, want) in people {
-        if can(cp, who, verb, resource, ns, None).await != want {
+    for (role, who, verb, resource, ns, name, want) in people {
+        if can(cp, who, verb, resource, ns, name).await != want {
             wrong.push(format!("{role} ({}) {verb} {resource} in {ns:?}: expected {want}", who.0));
         }
     }
