@@ -1319,3 +1319,111 @@ async fn user_applies_and_operator_status_writes_never_conflict() {
     );
     assert!(!managers.iter().any(|(m, sub)| m == "tunnelgate-operator" && sub.is_none()), "{managers:?}");
 }
+
+/// Two releases in one cluster (node-local proxies and an egress gateway), as the chart documents
+/// it: the second installs no CRDs and writes no policy status (`operator.policyStatus=false`).
+/// Both render every policy for their own proxies, which both enforce it; only the first writes
+/// the policy's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_releases_share_policies_and_one_owns_their_status() {
+    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-tworel-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let rel = cluster(&dir.0, &["payments"], &[]).await;
+    let chart = e2e::controlplane::repo_root().join("charts/tunnelgate");
+    let out = rel
+        .cp
+        .helm(&[
+            "install",
+            "gw",
+            chart.to_str().unwrap(),
+            "--namespace",
+            "gateway",
+            "--create-namespace",
+            "--set",
+            "crds.enabled=false",
+            "--set",
+            "operator.policyStatus=false",
+            "--set",
+            "proxy.kind=Deployment",
+        ])
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let target = echo_upstream("127.0.0.2").await;
+    let (listen_a, admin_a, op_a) = (free_port(), free_port(), free_port());
+    let (listen_b, admin_b, op_b) = (free_port(), free_port(), free_port());
+    let _operator_a =
+        single_operator(&rel, &dir.0, &rollout_base(listen_a, "127.0.0.1", admin_a), "/unused", op_a).await;
+    // The gateway release: its own base, operator and proxy, on its own ServiceAccounts' tokens.
+    let base_b = rollout_base(listen_b, "127.0.0.1", admin_b);
+    Api::<ConfigMap>::namespaced(rel.admin.clone(), "gateway")
+        .patch("gw-tunnelgate-base", &PatchParams::default(), &Patch::Merge(json!({"data": {"config.yaml": base_b}})))
+        .await
+        .unwrap();
+    let op_b_kc = rel.cp.service_account_kubeconfig("gateway", "gw-tunnelgate-operator").await.unwrap();
+    let proxy_b_kc = rel.cp.service_account_kubeconfig("gateway", "gw-tunnelgate-proxy").await.unwrap();
+    let op_b_admin = format!("127.0.0.1:{op_b}");
+    let _operator_b = spawn(
+        &bin("tunnelgate-operator"),
+        &[
+            "--namespace",
+            "gateway",
+            // As the chart passes them: the release's full name, and its instance label.
+            "--release",
+            "gw-tunnelgate",
+            "--proxy-instance",
+            "gw",
+            "--admin-bind",
+            &op_b_admin,
+            "--debounce",
+            "100ms",
+            "--tls-dir",
+            "/unused",
+            "--leader-election",
+            "false",
+            "--policy-status",
+            "false",
+        ],
+        &op_b_kc,
+        &dir.0.join("operator-gw.log"),
+    );
+    let _proxy_a = spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "tunnelgate/tunnelgate-proxy"],
+        &rel.proxy_kubeconfig,
+        &dir.0.join("proxy.log"),
+    );
+    let _proxy_b = spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "gateway/gw-tunnelgate-proxy"],
+        &proxy_b_kc,
+        &dir.0.join("proxy-gw.log"),
+    );
+    run_pod(&Api::<Pod>::namespaced(rel.admin.clone(), "payments"), pod("a-1", "a", "127.0.0.11")).await;
+    let tps = Api::<TunnelPolicy>::namespaced(rel.admin.clone(), "payments");
+    tps.create(
+        &PostParams::default(),
+        &policy("allow-a", "a", json!({"cidrs": ["127.0.0.2/32"], "ports": [target.port()]})),
+    )
+    .await
+    .unwrap();
+    for (name, listen) in [("node-local", listen_a), ("gateway", listen_b)] {
+        let proxy: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+        until(&format!("{name} proxy enforces the policy"), 20, || async {
+            connect_from("127.0.0.11", proxy, target).await == 200
+        })
+        .await;
+    }
+    until("status written by the first release", 20, || async {
+        condition(&tps.get("allow-a").await.unwrap(), "Accepted").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    let metrics = reqwest_get(&op_b_admin, "/metrics").await;
+    let writes: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tunnelgate_operator_status_writes_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(writes, 0.0, "the gateway release wrote policy status:\n{metrics}");
+    assert!(metrics.contains("tunnelgate_operator_config_writes_total{result=\"applied\"}"), "{metrics}");
+}
