@@ -44,7 +44,7 @@ fn every_end_to_end_test_is_a_listed_scenario_and_every_listed_test_exists() {
             let v = s.get(runner).and_then(|v| v.as_str()).unwrap_or_else(|| panic!("{scenario}: no `{runner}`"));
             for item in v.split(", ").filter(|i| i.contains("::")) {
                 let (file, test) = item.split_once("::").unwrap();
-                assert!(tests_in(&file).contains(test), "{scenario}: {runner} names {item}, which does not exist");
+                assert!(tests_in(file).contains(test), "{scenario}: {runner} names {item}, which does not exist");
                 named.insert(format!("{file}::{test}"));
             }
         }
