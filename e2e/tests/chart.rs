@@ -143,6 +143,8 @@ async fn helm_installs_upgrades_and_uninstalls_every_topology() {
     helm(&cp, &args).await;
     let installed = objects_of(&c, "node").await;
     for want in [
+        "NetworkPolicy/egress/node-tunnelgate-proxy",
+        "Service/egress/node-tunnelgate-proxy-metrics",
         "DaemonSet/egress/node-tunnelgate-proxy",
         "Deployment/egress/node-tunnelgate-operator",
         "PrometheusRule/egress/node-tunnelgate",
@@ -152,6 +154,29 @@ async fn helm_installs_upgrades_and_uninstalls_every_topology() {
     ] {
         assert!(installed.iter().any(|o| o == want), "{want} not installed: {installed:#?}");
     }
+    // The admin port is not on the Service pods use for egress, and the NetworkPolicy opens it
+    // only to the operator and the monitoring namespace.
+    let svc: serde_json::Value = c
+        .request(
+            http::Request::get("/api/v1/namespaces/egress/services/node-tunnelgate-proxy").body(Vec::new()).unwrap(),
+        )
+        .await
+        .unwrap();
+    let ports: Vec<&str> = svc["spec"]["ports"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(ports, ["proxy"], "{svc}");
+    let np: serde_json::Value = c
+        .request(
+            http::Request::get("/apis/networking.k8s.io/v1/namespaces/egress/networkpolicies/node-tunnelgate-proxy")
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let admin_rule = &np["spec"]["ingress"][1];
+    assert_eq!(admin_rule["ports"][0]["port"], "admin", "{np}");
+    assert_eq!(admin_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "operator", "{np}");
+    assert_eq!(admin_rule["from"][1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "monitoring");
+    assert!(np["spec"]["ingress"][0].get("from").is_none(), "the proxy port stays open to every pod: {np}");
     // A node joins: the DaemonSet controller makes its proxy pod, admitted at system-node-critical.
     Api::<Node>::all(c.clone())
         .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "node-1"}})).unwrap())
