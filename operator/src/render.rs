@@ -316,6 +316,24 @@ fn text_len(ip: &IpAddr) -> usize {
 }
 
 /// One rule per rendered destination, named `<prefix>` or `<prefix>/<index>`.
+/// Refuses a policy whose rule names (`prefix`, or `prefix/<index>` for several destinations)
+/// the proxies' parser would refuse: one such policy must not make the whole document invalid
+/// (a 253-character policy name is legal in the API, and its rule name is then too long).
+fn rule_names_fit(prefix: &str, destinations: usize) -> Result<(), Vec<crate::validate::FieldError>> {
+    let longest = if destinations > 1 { format!("{prefix}/{}", destinations - 1) } else { prefix.to_owned() };
+    if proxy_config::config::valid_rule_name(&longest) {
+        return Ok(());
+    }
+    Err(vec![crate::validate::FieldError {
+        path: "metadata.name".into(),
+        message: format!(
+            "the rule name {:?}… is {} characters; the proxies accept at most 253 (namespace, name and destination index together): use a shorter name",
+            longest.chars().take(40).collect::<String>(),
+            longest.len()
+        ),
+    }])
+}
+
 fn push_rules(
     rules: &mut Vec<Rule>,
     prefix: &str,
@@ -460,7 +478,9 @@ pub fn render_with(
         let worked = match prior_cluster.remove(cp.name).filter(reusable) {
             Some(w) => w,
             None => {
-                let valid = validate_cluster(cp.spec);
+                let valid = validate_cluster(cp.spec).and_then(|v| {
+                    rule_names_fit(&format!("cluster:{}", cp.name), cp.spec.destinations.len()).map(|()| v)
+                });
                 let selected = match &valid {
                     // A delegating policy selects no pod of its own.
                     Ok((v, namespaces)) if cp.spec.delegate != Some(true) => {
@@ -528,7 +548,9 @@ pub fn render_with(
         let worked = match prior_namespaced.remove(&key).filter(reusable) {
             Some(w) => w,
             None => {
-                let valid = validate(p.spec);
+                let valid = validate(p.spec).and_then(|v| {
+                    rule_names_fit(&format!("{}/{}", p.namespace, p.name), p.spec.destinations.len()).map(|()| v)
+                });
                 let selected = match &valid {
                     Ok(v) => {
                         let pods = by_namespace.get(p.namespace).into_iter().flatten().copied();

@@ -785,7 +785,9 @@ fn valid_listener_name(s: &str) -> bool {
     (1..=63).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-fn valid_rule_name(s: &str) -> bool {
+/// Whether `s` is a valid `policy.rules[].name`: 1-253 printable ASCII characters, no spaces.
+/// The operator checks the names it renders with this, per policy, before rendering.
+pub fn valid_rule_name(s: &str) -> bool {
     (1..=253).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
 }
 

@@ -815,3 +815,31 @@ fn incremental_render_equals_a_full_render_and_works_out_only_affected_policies(
     }
     assert!(changed_total > 40, "the walk changed pods {changed_total} times");
 }
+
+#[test]
+fn a_policy_whose_rule_name_the_proxy_would_refuse_is_refused_alone() {
+    // A 253-character name is legal in the API; `payments/<name>` is then too long to be a rule
+    // name. That policy is refused with the reason; the document stays valid with the other one.
+    let long = "p".repeat(253);
+    let specs = [
+        ("payments", long.as_str(), spec(PolicyAction::Allow, "web", &["a.example"])),
+        ("payments", "short", spec(PolicyAction::Allow, "web", &["b.example"])),
+    ];
+    let (outcomes, rendered) = run(&specs, &[pod("payments", "web", "10.0.0.1")]);
+    let refused = outcomes.iter().find(|o| o.name == long).unwrap();
+    let errs = refused.result.as_ref().unwrap_err();
+    assert_eq!(errs[0].path, "metadata.name", "{errs:?}");
+    assert!(errs[0].message.contains("at most 253"), "{errs:?}");
+    assert!(outcomes.iter().find(|o| o.name == "short").unwrap().result.is_ok());
+    let r = rendered.unwrap();
+    proxy_config::ProxyConfig::from_yaml(&r.config).unwrap();
+    let names: Vec<String> = rules(&r).iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(names, ["payments/short"]);
+    // Just short enough: accepted, also with several destinations' /<index> suffixes.
+    let fits = "q".repeat(253 - "payments/".len() - 2);
+    let mut two = spec(PolicyAction::Allow, "web", &["c.example"]);
+    two.destinations.push(two.destinations[0].clone());
+    let (outcomes, rendered) = run(&[("payments", fits.as_str(), two)], &[pod("payments", "web", "10.0.0.1")]);
+    assert!(outcomes[0].result.is_ok(), "{:?}", outcomes[0].result);
+    proxy_config::ProxyConfig::from_yaml(&rendered.unwrap().config).unwrap();
+}
