@@ -372,6 +372,9 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     // created beside it.
     let reversed = json!({ "cidrs": ["127.0.0.2/32"], "ports": ["9000-8000"] });
     tps.create(&PostParams::default(), &policy("broken", "checkout", reversed)).await.unwrap();
+    // A legal 253-character name, too long for a rule name with its namespace: refused alone.
+    let long = "l".repeat(253);
+    tps.create(&PostParams::default(), &policy(&long, "checkout", dest.clone())).await.unwrap();
     tps.create(&PostParams::default(), &policy("allow-checkout", "checkout", dest.clone())).await.unwrap();
     until("checkout allowed by the valid policy", 20, || async {
         connect_from("127.0.0.11", proxy_addr, target).await == 200
@@ -383,6 +386,12 @@ async fn operator_and_proxy_converge_on_policy_changes() {
             .is_some_and(|c| c.0 == "False" && c.1 == "Invalid" && c.2.contains("spec.destinations[0].ports[0]"))
     })
     .await;
+    until("the long-named policy refused on its name", 10, || async {
+        let p = tps.get(&long).await.unwrap();
+        condition(&p, "Accepted").is_some_and(|c| c.0 == "False" && c.1 == "Invalid" && c.2.contains("metadata.name"))
+    })
+    .await;
+    tps.delete(&long, &DeleteParams::default()).await.unwrap();
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), "payments");
     until("InvalidSpec event", 10, || async {
         events.list(&Default::default()).await.unwrap().items.iter().any(|e| {
