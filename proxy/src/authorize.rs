@@ -69,9 +69,15 @@ pub fn decide(
 }
 
 /// Whether `ip:port` reaches one of `endpoints`. A listener bound to 0.0.0.0 or :: is reached on
-/// every address of the host: loopback, unspecified, and each of `host_addrs` (all interfaces).
+/// every address of the host: loopback, unspecified, and each of `host_addrs` (all interfaces);
+/// the unspecified address itself is this host on every port.
 pub fn is_own_endpoint(endpoints: &[SocketAddr], host_addrs: &[IpAddr], ip: IpAddr, port: u16) -> bool {
     let ip = ip.to_canonical();
+    // The unspecified address is never a destination (RFC 1122 3.2.1.3): a connection to it
+    // reaches this host, on every port, whatever the listeners are bound to.
+    if ip.is_unspecified() {
+        return true;
+    }
     let on_this_host = || {
         matches!(classify(ip), Some(SpecialRange::Loopback | SpecialRange::Unspecified))
             || host_addrs.iter().any(|a| a.to_canonical() == ip)
@@ -180,5 +186,8 @@ mod tests {
         assert!(!own("192.0.2.2", 9090), "admin is bound to loopback only");
         assert!(!own("192.0.2.3", 3128), "another host");
         assert!(!own("192.0.2.2", 443), "another port");
+        for ip in ["0.0.0.0", "::", "::ffff:0.0.0.0"] {
+            assert!(own(ip, 443) && own(ip, 9090), "{ip} on any port");
+        }
     }
 }

@@ -84,6 +84,36 @@ async fn s01_loopback_unspecified_and_self() {
         .await,
         3.0
     );
+    // The unspecified addresses are never a destination (RFC 1122 3.2.1.3), whatever the policy
+    // opens: they reach this host, on any port (the admin port bound to loopback included).
+    let open = start_proxy(
+        &w.config("    - {name: anywhere, action: allow, cidrs: [\"0.0.0.0/0\", \"::/0\"]}\n")
+            .replace("  defaultAction: deny\n", "  defaultAction: deny\n  denyPrivateAddresses: false\n"),
+    )
+    .await;
+    let (own, admin) = (addr(&open).port(), open.admin.port());
+    all(
+        &statuses(
+            addr(&open),
+            &[
+                format!("0.0.0.0:{admin}"),
+                format!("[::]:{own}"),
+                format!("[::ffff:0.0.0.0]:{admin}"),
+                "0.0.0.0:22".into(),
+            ],
+        )
+        .await,
+        403,
+    );
+    assert_eq!(
+        metric_when(
+            open.admin,
+            "tunnelgate_policy_decisions_total{decision=\"deny\",reason=\"self\",rule=\"self\"}",
+            |v| v == 4.0
+        )
+        .await,
+        4.0
+    );
 }
 
 #[tokio::test]
