@@ -79,7 +79,8 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     let registry = Registry::new();
     let metrics = ProxyMetrics::register(&registry)?;
     let acme = crate::acme::AcmeCerts::new(metrics.clone());
-    let snapshot = Arc::new(Snapshot::build(config, text, 1, &acme)?);
+    let auth_memory = Arc::new(crate::auth::AuthMemory::default());
+    let snapshot = Arc::new(Snapshot::build(config, text, 1, &acme, &auth_memory)?);
     let cfg = &snapshot.config;
 
     // Bind everything before serving anything, so a failure leaves nothing half-started.
@@ -105,7 +106,7 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     info!(generation = 1, sha256 = %snapshot.sha256, "configuration loaded");
     crate::snapshot::log_warnings(&snapshot.config);
 
-    let inner = Arc::new(Inner::new(metrics, registry, snapshot, admin_addr, acme));
+    let inner = Arc::new(Inner::new(metrics, registry, snapshot, admin_addr, acme, auth_memory));
     for (name, bind, sock) in bound {
         listeners::start(&inner, &name, bind, sock).map_err(|source| StartError::Bind {
             name: name.clone(),

@@ -1,13 +1,15 @@
 //! Proxy authentication (`Proxy-Authorization: Basic`, RFC 7617) against an htpasswd file of
 //! bcrypt hashes (as `htpasswd -B` writes them, the format Squid's basic_ncsa_auth and nginx read).
 //! Verified credentials are remembered briefly (bcrypt is slow on purpose); every verification that
-//! is not remembered draws from a per-client bucket, so guessing is rate-limited.
+//! is not remembered draws from a per-client bucket, so guessing is rate-limited. Both outlive
+//! configuration generations ([`AuthMemory`]): a reload (which any pod change can cause) neither
+//! refills the buckets nor lets a remembered password outlive a change of its user's hash.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -38,20 +40,39 @@ pub enum AuthFileError {
     Invalid { path: PathBuf, line: usize, message: &'static str },
 }
 
-/// The users of one configuration generation, and what they verified.
+/// A verified credential: the user, the SHA-256 of the user's hash it was verified against, and
+/// until when it is remembered.
+type Verified = (String, [u8; 32], Instant);
+
+/// What authentication remembers across configuration generations: verified credentials and each
+/// client's verification bucket.
+pub struct AuthMemory {
+    /// SHA-256 of a verified `Proxy-Authorization` value → what it verified.
+    remembered: Mutex<HashMap<[u8; 32], Verified>>,
+    verifications: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl Default for AuthMemory {
+    fn default() -> Self {
+        let per_minute = NonZeroU32::new(VERIFICATIONS_PER_MINUTE).unwrap_or(NonZeroU32::MIN);
+        AuthMemory { remembered: Mutex::default(), verifications: RateLimiter::keyed(Quota::per_minute(per_minute)) }
+    }
+}
+
+/// The users of one configuration generation.
 pub struct Authenticator {
     /// User name → bcrypt hash.
     users: HashMap<String, String>,
     pub realm: String,
-    /// SHA-256 of a verified `Proxy-Authorization` value → (user, until).
-    remembered: Mutex<HashMap<[u8; 32], (String, Instant)>>,
-    verifications: DefaultKeyedRateLimiter<IpAddr>,
+    /// What unknown users are verified against: a hash at the cost the file's hashes have.
+    dummy: &'static str,
+    memory: Arc<AuthMemory>,
 }
 
 impl Authenticator {
     /// Reads and checks `path`: `user:hash` lines, bcrypt (`$2a$`, `$2b$`, `$2y$`) only; blank
     /// lines and `#` comments are skipped.
-    pub fn load(path: &Path, realm: &str) -> Result<Authenticator, AuthFileError> {
+    pub fn load(path: &Path, realm: &str, memory: Arc<AuthMemory>) -> Result<Authenticator, AuthFileError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| AuthFileError::Read { path: path.to_owned(), source })?;
         let mut users = HashMap::new();
@@ -72,13 +93,10 @@ impl Authenticator {
                 return Err(invalid("user listed twice"));
             }
         }
-        let per_minute = NonZeroU32::new(VERIFICATIONS_PER_MINUTE).unwrap_or(NonZeroU32::MIN);
-        Ok(Authenticator {
-            users,
-            realm: realm.to_owned(),
-            remembered: Mutex::default(),
-            verifications: RateLimiter::keyed(Quota::per_minute(per_minute)),
-        })
+        // Buckets of clients that have not verified lately are as good as new: drop them.
+        memory.verifications.retain_recent();
+        let dummy = dummy_hash(usual_cost(users.values()));
+        Ok(Authenticator { users, realm: realm.to_owned(), dummy, memory })
     }
 
     /// The user `header` (a `Proxy-Authorization` value) authenticates, or why not: 407 for
@@ -87,29 +105,32 @@ impl Authenticator {
         let required = || TunnelError::AuthRequired(self.realm.clone());
         let header = header.ok_or_else(required)?;
         let key: [u8; 32] = Sha256::digest(header).into();
-        if let Some((user, until)) = lock(&self.remembered).get(&key) {
-            if *until > Instant::now() {
+        if let Some((user, hash_digest, until)) = lock(&self.memory.remembered).get(&key) {
+            // Remembered only while the user still has the hash it was verified against.
+            let current = self.users.get(user).map(|h| <[u8; 32]>::from(Sha256::digest(h.as_bytes())));
+            if *until > Instant::now() && current.as_ref() == Some(hash_digest) {
                 return Ok(user.clone());
             }
         }
         let (user, password) = parse_basic(header).ok_or_else(required)?;
-        if let Err(not_until) = self.verifications.check_key(&client.to_canonical()) {
+        if let Err(not_until) = self.memory.verifications.check_key(&client.to_canonical()) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             return Err(TunnelError::RateLimited(wait.as_secs().max(1)));
         }
         // Unknown users cost a verification too, so timing does not tell which names exist.
-        let hash = self.users.get(&user).cloned().unwrap_or_else(|| dummy_hash().to_owned());
+        let hash = self.users.get(&user).cloned().unwrap_or_else(|| self.dummy.to_owned());
         let known = self.users.contains_key(&user);
+        let hash_digest: [u8; 32] = Sha256::digest(hash.as_bytes()).into();
         let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
             .await
             .unwrap_or(false);
         if !(ok && known) {
             return Err(required());
         }
-        let mut remembered = lock(&self.remembered);
+        let mut remembered = lock(&self.memory.remembered);
         let now = Instant::now();
-        remembered.retain(|_, (_, until)| *until > now);
-        remembered.insert(key, (user.clone(), now + REMEMBER));
+        remembered.retain(|_, (_, _, until)| *until > now);
+        remembered.insert(key, (user.clone(), hash_digest, now + REMEMBER));
         Ok(user)
     }
 }
@@ -127,15 +148,41 @@ fn parse_basic(header: &[u8]) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-/// A bcrypt hash of a random-looking string, computed once, to verify unknown users against.
-fn dummy_hash() -> &'static str {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| bcrypt::hash("tunnelgate unknown user", 10).unwrap_or_default())
+/// The cost most of `hashes` have (`$2y$05$…` → 5); bcrypt's default when there are none.
+fn usual_cost<'a>(hashes: impl Iterator<Item = &'a String>) -> u32 {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for h in hashes {
+        if let Some(cost) = h.get(4..6).and_then(|c| c.parse::<u32>().ok()) {
+            *counts.entry(cost).or_default() += 1;
+        }
+    }
+    counts.into_iter().max_by_key(|(cost, n)| (*n, *cost)).map_or(bcrypt::DEFAULT_COST, |(cost, _)| cost)
+}
+
+/// A bcrypt hash at `cost` of a fixed string, computed once per cost, to verify unknown users
+/// against: an unknown name then costs what a known one does, so timing does not tell them apart.
+fn dummy_hash(cost: u32) -> &'static str {
+    static DUMMIES: OnceLock<Mutex<HashMap<u32, &'static str>>> = OnceLock::new();
+    let mut dummies = lock(DUMMIES.get_or_init(Mutex::default));
+    dummies.entry(cost).or_insert_with(|| {
+        let hash = bcrypt::hash("tunnelgate unknown user", cost).unwrap_or_default();
+        Box::leak(hash.into_boxed_str())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_users_are_verified_at_the_cost_of_the_files_hashes() {
+        let at = |cost: u32| bcrypt::hash("x", cost).unwrap();
+        let (five, six) = (at(5), at(6));
+        assert_eq!(usual_cost([five.clone(), five.clone(), six].iter()), 5);
+        assert_eq!(usual_cost(std::iter::empty()), bcrypt::DEFAULT_COST);
+        assert!(dummy_hash(5).starts_with("$2b$05$"), "{}", dummy_hash(5));
+        assert!(dummy_hash(4).starts_with("$2b$04$"));
+    }
 
     #[test]
     fn basic_credentials_parse_strictly() {

@@ -125,7 +125,7 @@ async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Re
         if fingerprint(&cfg, &owned) == fingerprint_in_force {
             return Ok(None);
         }
-        Ok(Some(Snapshot::build(cfg, &owned, generation, &task_inner.acme)?))
+        Ok(Some(Snapshot::build(cfg, &owned, generation, &task_inner.acme, &task_inner.auth_memory)?))
     })
     .await
     .map_err(|_| ReloadError::Aborted)??;

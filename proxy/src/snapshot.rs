@@ -9,7 +9,7 @@ use proxy_config::ProxyConfig;
 use sha2::{Digest, Sha256};
 
 use crate::acme::AcmeCerts;
-use crate::auth::{AuthFileError, Authenticator};
+use crate::auth::{AuthFileError, AuthMemory, Authenticator};
 use crate::dial::{Resolver, ResolverError};
 use crate::ratelimit::RequestLimiter;
 use crate::tls::{self, TlsError, TlsServer};
@@ -54,12 +54,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles `config` (parsed from `text`) into generation `generation`. ACME listeners take
-    /// their certificates from `acme`, which outlives generations.
+    /// their certificates from `acme`, and authentication remembers through `auth_memory`; both
+    /// outlive generations.
     pub fn build(
         config: ProxyConfig,
         text: &str,
         generation: u64,
         acme: &AcmeCerts,
+        auth_memory: &Arc<AuthMemory>,
     ) -> Result<Snapshot, SnapshotError> {
         // The digest is taken before the files are loaded: a file that changes while this runs
         // then differs from the digest, and the next check reloads it. (Taken after, it could
@@ -79,7 +81,9 @@ impl Snapshot {
         let resolver = Resolver::new(&config.dns).map_err(SnapshotError::Resolver)?;
         let request_limiter = RequestLimiter::new(&config.limits);
         let auth = match &config.auth {
-            Some(a) => Some(Authenticator::load(&a.htpasswd_file, &a.realm).map_err(SnapshotError::Auth)?),
+            Some(a) => Some(
+                Authenticator::load(&a.htpasswd_file, &a.realm, auth_memory.clone()).map_err(SnapshotError::Auth)?,
+            ),
             None => None,
         };
         Ok(Snapshot {

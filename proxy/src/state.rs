@@ -66,6 +66,8 @@ pub struct Inner {
     admin_addr: SocketAddr,
     /// ACME certificate sources, which outlive configuration generations.
     pub acme: crate::acme::AcmeCerts,
+    /// Verified credentials and guessing buckets, kept across generations.
+    pub auth_memory: Arc<crate::auth::AuthMemory>,
     /// Why the last reload failed (`None`: it succeeded, or none was tried).
     last_reload_failure: Mutex<Option<&'static str>>,
     /// Bumped on every new snapshot and every reload outcome: `/config` long-polls wait on it.
@@ -98,6 +100,7 @@ impl Inner {
         snapshot: SharedSnapshot,
         admin_addr: SocketAddr,
         acme: crate::acme::AcmeCerts,
+        auth_memory: Arc<crate::auth::AuthMemory>,
     ) -> Inner {
         let tunnels = Tunnels::new(metrics.tunnels_active.clone());
         let upstream_pool = UpstreamPool::new(metrics.upstream_pool_idle.clone());
@@ -122,6 +125,7 @@ impl Inner {
             reload_lock: tokio::sync::Mutex::new(()),
             admin_addr,
             acme,
+            auth_memory,
             last_reload_failure: Mutex::new(None),
             dry_run_counts: Mutex::new(std::collections::BTreeMap::new()),
             dry_run_announced: Mutex::new(None),

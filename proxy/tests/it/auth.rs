@@ -146,3 +146,26 @@ async fn a_removed_user_is_refused_on_a_connection_opened_before() {
     s.write_all(get.as_bytes()).await.unwrap();
     assert_eq!(read_head(&mut s).await.0, 407, "bob's old connection");
 }
+
+/// The guessing budget is the client's, not the configuration generation's: reloads (which any
+/// pod change can cause in a cluster) do not refill it.
+#[tokio::test]
+async fn reloads_do_not_refill_the_guessing_budget() {
+    let w = World::new().await;
+    let dir = TempDir::new("auth-rate-reload");
+    let file = htpasswd(&dir, &[("alice", "wonderland")]);
+    let yaml = config(&w, &file);
+    let p = start_proxy(&yaml).await;
+    let t = w.echo_target("allowed.test");
+    let mut statuses = Vec::new();
+    for i in 0..14 {
+        if i % 3 == 2 {
+            // A reload between guesses, with a document that differs (a new generation).
+            let next = yaml.replace("limits: {", &format!("limits: {{maxConnections: {}, ", 10_000 + i));
+            tunnelgate_proxy::reload::apply(&p.inner, &next).await.unwrap();
+        }
+        statuses.push(connect_as(addr(&p), &t, Some(basic("alice", &format!("guess{i}")))).await.0);
+    }
+    assert_eq!(&statuses[..10], &[407; 10]);
+    assert_eq!(&statuses[10..], &[429; 4], "{statuses:?}");
+}
