@@ -166,6 +166,28 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
+/// `ip` in its canonical form, then every IPv4 address its IPv6 form embeds and reaches through a
+/// translator or tunnel: IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::/96` (RFC 6052; in an
+/// IPv6-only cluster with DNS64 every IPv4-only name resolves to that form), 6to4 `2002::/16`, and
+/// both Teredo addresses. What refuses an address (deny rules, the cluster's networks) refuses all of
+/// them; what opens one (allow rules) keeps requiring the form it names.
+pub fn embedded_forms(ip: IpAddr) -> impl Iterator<Item = IpAddr> {
+    let ip = canonical(ip);
+    let mut embedded: [Option<Ipv4Addr>; 2] = [None, None];
+    if let IpAddr::V6(v6) = ip {
+        let s = v6.segments();
+        let compatible = !v6.is_unspecified() && !v6.is_loopback() && s[..6] == [0; 6];
+        if compatible || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            embedded[0] = Some(embedded_v4(s[6], s[7]));
+        } else if s[0] == 0x2002 {
+            embedded[0] = Some(embedded_v4(s[1], s[2]));
+        } else if s[0] == 0x2001 && s[1] == 0 {
+            embedded = [Some(embedded_v4(s[2], s[3])), Some(embedded_v4(!s[6], !s[7]))];
+        }
+    }
+    std::iter::once(ip).chain(embedded.into_iter().flatten().map(IpAddr::V4))
+}
+
 /// Whether an allow rule's CIDR `net`, which contains a refused address of class `range`, opens
 /// that address. A CIDR that contains any public address (`0.0.0.0/0`, `::/0`, `8.0.0.0/5`) never
 /// does: that is how people write "the internet". Metadata, loopback and unspecified addresses

@@ -147,9 +147,17 @@ impl Rule {
             || self.host_regex.as_ref().is_some_and(|r| r.is_match(name.as_str()))
     }
 
+    /// Whether the rule's CIDRs list `addr`. A deny rule also lists every form that embeds an
+    /// address it names (NAT64, 6to4, Teredo, compatible): what it refuses stays refused however
+    /// the address is written; an allow rule opens only what it names.
     fn lists_address(&self, addr: IpAddr) -> bool {
-        let addr = canonical(addr);
-        self.cidrs.iter().any(|n| n.contains(&addr))
+        match self.action {
+            Action::Deny => addr::embedded_forms(addr).any(|a| self.cidrs.iter().any(|n| n.contains(&a))),
+            Action::Allow => {
+                let addr = canonical(addr);
+                self.cidrs.iter().any(|n| n.contains(&addr))
+            }
+        }
     }
 
     /// Whether one of the rule's CIDRs opens the refused address `addr` (see [`addr::opens`]).
@@ -506,8 +514,8 @@ impl Policy {
         if matches!(special, Some(SpecialRange::Metadata | SpecialRange::Loopback | SpecialRange::Unspecified)) {
             return special;
         }
-        let a = canonical(addr);
-        if self.cluster_networks.iter().any(|n| n.contains(&a)) {
+        // Every form that embeds a cluster address is the cluster's too.
+        if addr::embedded_forms(addr).any(|a| self.cluster_networks.iter().any(|n| n.contains(&a))) {
             return Some(SpecialRange::ClusterNetwork);
         }
         special

@@ -464,3 +464,54 @@ fn client_index_decides_as_a_scan_of_every_rule() {
         assert!(indexed.by_client.exact.len() > 10 && indexed.by_client.wide.len() < indexed.rules.len());
     }
 }
+
+#[test]
+fn deny_rules_and_cluster_networks_match_every_form_that_embeds_an_address() {
+    // 203.0.113.7 written as NAT64 (what DNS64 answers for an IPv4-only name in an IPv6-only
+    // cluster), 6to4, IPv4-compatible, mapped and Teredo (as the client inside).
+    let forms = [
+        "203.0.113.7",
+        "64:ff9b::cb00:7107",
+        "2002:cb00:7107::1",
+        "::cb00:7107",
+        "::ffff:203.0.113.7",
+        "2001:0:4136:e378:8000:63bf:34ff:8ef8",
+    ];
+    let deny = policy(
+        "    - {name: all, action: allow, cidrs: ['0.0.0.0/0', '::/0']}\n    - {name: no, action: deny, cidrs: ['203.0.113.0/24']}\n  denyPrivateAddresses: false\n",
+        "deny",
+    );
+    for f in &forms[..5] {
+        let d = decide(&deny, "10.0.0.1", &format!("[{f}]:443").replace("[203.0.113.7]", "203.0.113.7"), &[f]);
+        assert!(matches!(d, Decision::Deny { reason: DenyReason::Rule, .. }), "{f}: {d:?}");
+    }
+    // The Teredo client address 203.0.113.7 is inverted in the last 32 bits.
+    let teredo: std::net::Ipv6Addr = "2001:0:4136:e378:8000:63bf:34ff:8ef8".parse().unwrap();
+    let s = teredo.segments();
+    let client = std::net::Ipv4Addr::from(((u32::from(!s[6])) << 16) | u32::from(!s[7]));
+    assert_eq!(client, std::net::Ipv4Addr::new(203, 0, 113, 7));
+    let d = decide(&deny, "10.0.0.1", &format!("[{}]:443", forms[5]), &[forms[5]]);
+    assert!(matches!(d, Decision::Deny { reason: DenyReason::Rule, .. }), "{d:?}");
+    // An allow rule opens only the form it names.
+    let allow =
+        policy("    - {name: v4, action: allow, cidrs: ['203.0.113.0/24']}\n  denyPrivateAddresses: false\n", "deny");
+    assert!(allowed_by(&decide(&allow, "10.0.0.1", "203.0.113.7:443", &["203.0.113.7"]), &allow).is_some());
+    let d = decide(&allow, "10.0.0.1", "[64:ff9b::cb00:7107]:443", &["64:ff9b::cb00:7107"]);
+    assert!(matches!(d, Decision::Deny { reason: DenyReason::Default, .. }), "{d:?}");
+    // A cluster network (public addresses, as in EKS/GKE IPv6 or nodes with public IPs) refuses
+    // its addresses in every form.
+    let cluster = policy(
+        "    - {name: all, action: allow, cidrs: ['0.0.0.0/0', '::/0']}\n  clusterNetworks: ['203.0.113.0/24']\n",
+        "deny",
+    );
+    for f in ["203.0.113.7", "64:ff9b::cb00:7107", "2002:cb00:7107::1"] {
+        let d = decide(&cluster, "10.0.0.1", &format!("[{f}]:443").replace("[203.0.113.7]", "203.0.113.7"), &[f]);
+        assert!(
+            matches!(
+                d,
+                Decision::Deny { reason: DenyReason::PrivateAddress { range: SpecialRange::ClusterNetwork, .. }, .. }
+            ),
+            "{f}: {d:?}"
+        );
+    }
+}
