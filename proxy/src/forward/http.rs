@@ -371,10 +371,10 @@ impl Handler {
                 h.insert(header::PROXY_AUTHENTICATE, v);
             }
         }
-        if status == StatusCode::BAD_REQUEST {
-            // The framing of what follows cannot be trusted: never read another request.
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
+        // Every answer the proxy itself refuses with ends the connection, as on the CONNECT path:
+        // after a 400 the framing of what follows cannot be trusted, and a denied, unauthenticated
+        // or limited client starts again on a new connection (judged afresh from its first byte).
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         headers::add_via(h, Version::HTTP_11, &self.http.via);
         resp
     }

@@ -847,3 +847,23 @@ async fn an_upgraded_connection_keeps_its_slot_under_the_connection_caps() {
     let mut s = tunnel(addr(&p), &w.echo_target("allowed.test")).await;
     roundtrip(&mut s, b"the slot came back").await;
 }
+
+/// A refusal on the plain-HTTP path ends the connection, as on the CONNECT path: `Connection:
+/// close`, and nothing pipelined behind the refused request is read.
+#[tokio::test]
+async fn refusals_on_the_plain_http_path_close_the_connection() {
+    let w = World::new().await;
+    let up = Recorder::start(ok_hello).await;
+    let p = w.proxy("").await;
+    let denied = format!("http://denied.test:{}/", up.up.addr.port());
+    let pipelined = format!(
+        "GET {denied} HTTP/1.1\r\nHost: x\r\n\r\nGET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        up.target("/after"),
+        up.authority()
+    );
+    let (status, text) = raw(&p, pipelined.as_bytes()).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("Connection: close\r\n"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "the pipelined request was not served: {text}");
+    assert!(up.seen().is_empty());
+}
