@@ -519,7 +519,7 @@ async fn reconcile(
             }
         }
         if let Err(errs) = &o.result {
-            let note = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            let note = status::bounded(errs.iter().map(ToString::to_string), "; ");
             let key = format!("{}/{}", p.key(), generation.unwrap_or(0));
             live.insert(key.clone());
             warn_once(recorder, state, key, &p.object_ref(), "InvalidSpec", format!("rejected: {note}")).await;

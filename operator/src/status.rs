@@ -64,7 +64,7 @@ fn enforced(r: &Rollout, generation: Option<i64>, old: &[Condition], now: &Time)
                 "loaded on {} of {} proxies; the proxies on {} fail to reload (their logs say why)",
                 r.loaded,
                 r.total,
-                r.stuck_nodes.join(", ")
+                bounded(r.stuck_nodes.iter().cloned(), ", ")
             ),
         )
     } else {
@@ -97,7 +97,7 @@ pub fn desired(
     let mut extra = Vec::new();
     let (accepted, ready, matched, summary) = match &outcome.result {
         Err(errors) => {
-            let msg = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            let msg = bounded(errors.iter().map(ToString::to_string), "; ");
             (
                 condition("Accepted", false, "Invalid", msg.clone(), generation, old_conditions, now),
                 condition(
@@ -123,7 +123,7 @@ pub fn desired(
                     "RefusedAddressSpace",
                     format!(
                         "not rendered: {} (private, loopback, link-local or metadata space, which a namespaced policy opens only where a ClusterTunnelPolicy with delegate: true, or the chart's config.addressGrants, grants it to its namespace)",
-                        a.restricted.join(", ")
+                        bounded(a.restricted.iter().cloned(), ", ")
                     ),
                     generation,
                     old_conditions,
@@ -168,7 +168,7 @@ pub fn desired(
                     "Ready",
                     true,
                     "Applied",
-                    format!("rules {} are in ConfigMap {config_name}", a.rules.join(", ")),
+                    format!("rules {} are in ConfigMap {config_name}", bounded(a.rules.iter().cloned(), ", ")),
                     generation,
                     old_conditions,
                     now,
@@ -203,9 +203,48 @@ pub fn desired(
     }
 }
 
+/// Most items a status message or event note lists; the rest are counted ("and 12 more").
+const SHOWN: usize = 5;
+/// Longest item a message shows (an invalid host name can be thousands of characters).
+const ITEM_CHARS: usize = 200;
+
+/// `items` joined by `sep`, bounded: the first few, each cut to a readable length, then how many
+/// more there are. Every status message and event note goes through this, so one policy with
+/// thousands of errors can neither exceed the API's object limit nor crowd out the others.
+pub(crate) fn bounded<I: IntoIterator<Item = String>>(items: I, sep: &str) -> String {
+    let mut shown = Vec::new();
+    let mut more = 0usize;
+    for item in items {
+        if shown.len() < SHOWN {
+            shown.push(if item.chars().count() > ITEM_CHARS {
+                format!("{}…", item.chars().take(ITEM_CHARS).collect::<String>())
+            } else {
+                item
+            });
+        } else {
+            more += 1;
+        }
+    }
+    let mut out = shown.join(sep);
+    if more > 0 {
+        out.push_str(&format!("{sep}and {more} more"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_list_a_few_items_each_cut_short_and_count_the_rest() {
+        let many = (0..3000).map(|i| format!("spec.destinations[0].hosts[{i}]: {:?}: not a host", "x".repeat(300)));
+        let msg = bounded(many, "; ");
+        assert!(msg.len() < 2000, "{} bytes", msg.len());
+        assert!(msg.starts_with("spec.destinations[0].hosts[0]: "), "{msg}");
+        assert!(msg.ends_with("; and 2995 more"), "{msg}");
+        assert_eq!(bounded(["a".to_owned(), "b".to_owned()], ", "), "a, b");
+    }
     use crate::render::Accepted;
     use crate::validate::FieldError;
 
