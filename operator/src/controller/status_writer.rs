@@ -1,7 +1,8 @@
 //! The status writer: policy statuses leave the reconcile through a queue that keeps only the
 //! latest wanted status per policy and writes them at a bounded rate, so a burst (a start, or a
 //! change that touches every policy) never delays the next render, and an API outage costs one
-//! log line and a backoff, not an error per policy.
+//! log line and a backoff, not an error per policy. A write the API refuses for that policy alone
+//! (too large, invalid) backs off alone: the other policies' statuses go on being written.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -42,6 +43,8 @@ struct Queue {
     /// What was written and when: the reflector lags a write by a moment, and a reconcile in that
     /// moment would queue the same status again.
     written: HashMap<String, (serde_json::Value, Instant)>,
+    /// Policies whose last write the API refused for them alone: not before, and the backoff.
+    retry_at: HashMap<String, (Instant, Duration)>,
 }
 
 /// How long a write suppresses the same status queued again.
@@ -87,6 +90,10 @@ impl StatusWriter {
                 q.pending.remove(&key);
                 return;
             }
+            // A new status for a policy whose write was refused is tried at once.
+            if q.pending.get(&key).is_none_or(|(_, pending)| *pending != status) {
+                q.retry_at.remove(&key);
+            }
             q.pending.insert(key, (target, status));
         }
         self.wake.notify_one();
@@ -97,20 +104,38 @@ impl StatusWriter {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner).pending.len()
     }
 
-    fn next(&self) -> Option<(String, Target, serde_json::Value)> {
+    /// The next status to write: the first pending one that is not backing off. `Err` with the
+    /// earliest retry when every pending one is backing off.
+    fn next(&self) -> Result<Option<(String, Target, serde_json::Value)>, Instant> {
         let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = q.pending.keys().next()?.clone();
-        let (t, s) = q.pending.remove(&key)?;
-        Some((key, t, s))
+        let now = Instant::now();
+        let ready = q.pending.keys().find(|k| q.retry_at.get(*k).is_none_or(|(at, _)| *at <= now)).cloned();
+        match ready {
+            Some(key) => Ok(q.pending.remove(&key).map(|(t, s)| (key, t, s))),
+            None => match q.pending.keys().filter_map(|k| q.retry_at.get(k).map(|(at, _)| *at)).min() {
+                Some(at) => Err(at),
+                None => Ok(None),
+            },
+        }
     }
 
     async fn run(self, client: Client, metrics: Metrics, spacing: Duration, shutdown: CancellationToken) {
         let mut backoff = Duration::ZERO;
         loop {
-            let Some((key, target, status)) = self.next() else {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = self.wake.notified() => continue,
+            let (key, target, status) = match self.next() {
+                Ok(Some(next)) => next,
+                Ok(None) => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = self.wake.notified() => continue,
+                    }
+                }
+                Err(at) => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = self.wake.notified() => continue,
+                        () = tokio::time::sleep_until(at) => continue,
+                    }
                 }
             };
             let started = Instant::now();
@@ -123,7 +148,21 @@ impl StatusWriter {
                     }
                     let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
                     q.written.retain(|_, (_, at)| at.elapsed() < ECHO_WINDOW);
+                    q.retry_at.remove(&key);
                     q.written.insert(key, (status, Instant::now()));
+                }
+                // Refused for this policy alone (too large, invalid, conflicting): it backs off
+                // alone, and the others are written meanwhile.
+                Err(kube::Error::Api(e)) if (400..500).contains(&e.code) && e.code != 429 => {
+                    metrics.status_writes.with_label_values(&["failure"]).inc();
+                    let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                    let last = q.retry_at.get(&key).map_or(Duration::ZERO, |(_, b)| *b);
+                    let wait = (last * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                    if last.is_zero() {
+                        warn!(policy = %key, code = e.code, reason = %e.reason, "status write refused for this policy; retrying it alone with backoff");
+                    }
+                    q.retry_at.insert(key.clone(), (Instant::now() + wait, wait));
+                    q.pending.entry(key).or_insert((target, status));
                 }
                 Err(e) => {
                     metrics.status_writes.with_label_values(&["failure"]).inc();
@@ -174,6 +213,30 @@ mod tests {
     use kube::client::Body;
     use prometheus::Registry;
     use serde_json::json;
+
+    fn target(name: &str) -> Target {
+        Target::Namespaced { namespace: "ns".into(), name: name.into() }
+    }
+
+    #[tokio::test]
+    async fn a_refused_policy_backs_off_alone() {
+        let w = StatusWriter { queue: Arc::default(), wake: Arc::new(Notify::new()), enabled: true };
+        w.want(target("a"), serde_json::json!({"n": 1}));
+        w.want(target("b"), serde_json::json!({"n": 1}));
+        let later = Instant::now() + Duration::from_secs(10);
+        w.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retry_at
+            .insert("ns/a".into(), (later, Duration::from_secs(10)));
+        // "a" sorts first but waits; "b" is written meanwhile.
+        assert!(matches!(w.next(), Ok(Some((k, _, _))) if k == "ns/b"));
+        assert_eq!(w.next().err(), Some(later), "only the backing-off one is left");
+        // A changed status for "a" is tried at once.
+        w.want(target("a"), serde_json::json!({"n": 2}));
+        assert!(matches!(w.next(), Ok(Some((k, _, s))) if k == "ns/a" && s["n"] == 2));
+        assert!(matches!(w.next(), Ok(None)));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn newest_status_wins_failures_back_off_and_an_echo_is_not_rewritten() {
