@@ -922,6 +922,30 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
         nets == ["10.0.5.1/32", "10.96.0.0/16", "10.96.0.1/32", "10.250.0.0/24", "fd00:96::/108", "fd00:250::/64"]
     })
     .await;
+    // A node with a global IPv6 pod range (as on EKS or GKE): the cluster's, though public. A
+    // namespace naming it (the kubelet port of its pods) is restricted like refused space.
+    Api::<k8s_openapi::api::core::v1::Node>::all(c.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "node-2"}, "spec": {"podCIDRs": ["2600:1f00:250::/64"]}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    until("the global pod range rendered as a cluster network", 20, || async {
+        let Some(cm) = cms.get_opt("tunnelgate-proxy").await.ok().flatten() else { return false };
+        cm.data.unwrap()["config.yaml"].contains("2600:1f00:250::/64")
+    })
+    .await;
+    let kubelets = json!({ "cidrs": ["2600:1f00:250::/64"], "ports": [10250] });
+    tps.create(&PostParams::default(), &policy("kubelets", "web", kubelets)).await.unwrap();
+    until("the cluster's global range is Restricted for the namespace", 20, || async {
+        condition(&tps.get("kubelets").await.unwrap(), "Restricted")
+            .is_some_and(|c| c.0 == "True" && c.2.contains("2600:1f00:250::/64"))
+    })
+    .await;
 }
 
 /// Rollout truth: one real proxy and one that keeps failing its reloads (a

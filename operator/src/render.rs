@@ -190,6 +190,7 @@ fn restricted_cidrs(
     namespace: &str,
     labels: &BTreeMap<String, String>,
     grants: &[Grant],
+    cluster_networks: &[ipnet::IpNet],
     destination: &ValidDestination,
 ) -> Vec<String> {
     let Some(cidrs) = &destination.cidrs else { return Vec::new() };
@@ -198,10 +199,27 @@ fn restricted_cidrs(
         .enumerate()
         .filter_map(|(j, text)| {
             let net = parse_net(text)?;
-            let restricted =
-                proxy_config::addr::entirely_refused(&net) && !grants.iter().any(|g| g.covers(namespace, labels, &net));
+            // Refused space, and the cluster's own networks however public their addresses are
+            // (IPv6 pod ranges, nodes' public addresses): a namespace opens them only by a grant.
+            let overlaps_cluster =
+                cluster_networks.iter().any(|c| c.contains(&net.network()) || net.contains(&c.network()));
+            let restricted = (proxy_config::addr::entirely_refused(&net) || overlaps_cluster)
+                && !grants.iter().any(|g| g.covers(namespace, labels, &net));
             restricted.then(|| format!("{path}.cidrs[{j}] {text}"))
         })
+        .collect()
+}
+
+/// The cluster's own networks a render knows: what the API says and what the base lists.
+fn cluster_networks_of(input: &Input<'_>, base: Option<&serde_json::Map<String, Value>>) -> Vec<ipnet::IpNet> {
+    let from_base =
+        base.and_then(|doc| doc.get("policy")?.get("clusterNetworks")?.as_array().cloned()).unwrap_or_default();
+    input
+        .cluster
+        .networks
+        .iter()
+        .filter_map(|s| parse_net(s))
+        .chain(from_base.iter().filter_map(|v| v.as_str().and_then(parse_net)))
         .collect()
 }
 
@@ -450,6 +468,7 @@ pub fn render_with(
     // bad grants) writes nothing, and policies are then judged without grants.
     let base = parse_base(input.base).and_then(|mut doc| take_grants(&mut doc).map(|grants| (doc, grants)));
     let mut grants = base.as_ref().map(|(_, g)| g.clone()).unwrap_or_default();
+    let cluster_networks = cluster_networks_of(input, base.as_ref().ok().map(|(doc, _)| doc));
     let ns_labels = |ns: &str| input.cluster.labels_of(ns);
     // Pods by namespace: a namespaced policy looks at its own namespace's pods only (at 10,000
     // pods and 1,000 policies a scan of every pod per policy was most of a reconcile).
@@ -569,7 +588,14 @@ pub fn render_with(
             if v.action == "allow" {
                 let labels = ns_labels(p.namespace);
                 for (i, d) in v.destinations.iter().enumerate() {
-                    let r = restricted_cidrs(&format!("spec.destinations[{i}]"), p.namespace, &labels, &grants, d);
+                    let r = restricted_cidrs(
+                        &format!("spec.destinations[{i}]"),
+                        p.namespace,
+                        &labels,
+                        &grants,
+                        &cluster_networks,
+                        d,
+                    );
                     if !r.is_empty() {
                         restricted.extend(r);
                         left_out.push(i);

@@ -122,7 +122,7 @@ pub fn desired(
                     true,
                     "RefusedAddressSpace",
                     format!(
-                        "not rendered: {} (private, loopback, link-local or metadata space, which a namespaced policy opens only where a ClusterTunnelPolicy with delegate: true, or the chart's config.addressGrants, grants it to its namespace)",
+                        "not rendered: {} (private, loopback, link-local or metadata space, or the cluster's own networks, which a namespaced policy opens only where a ClusterTunnelPolicy with delegate: true, or the chart's config.addressGrants, grants it to its namespace)",
                         bounded(a.restricted.iter().cloned(), ", ")
                     ),
                     generation,

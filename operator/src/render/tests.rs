@@ -843,3 +843,42 @@ fn a_policy_whose_rule_name_the_proxy_would_refuse_is_refused_alone() {
     assert!(outcomes[0].result.is_ok(), "{:?}", outcomes[0].result);
     proxy_config::ProxyConfig::from_yaml(&rendered.unwrap().config).unwrap();
 }
+
+#[test]
+fn a_namespace_cannot_open_the_clusters_own_networks_even_public_ones() {
+    // Global IPv6 pod and node ranges (EKS, GKE) are not refused space, but they are the
+    // cluster's: a namespaced CIDR that overlaps them is restricted unless granted.
+    let cidr = |c: &str| Destination {
+        cidrs: Some(vec![c.to_owned()]),
+        ports: Some(vec![IntOrString::Int(10250)]),
+        ..Default::default()
+    };
+    let mut s = spec(PolicyAction::Allow, "web", &["x.example"]);
+    s.destinations =
+        vec![cidr("2600:1f00:250::/64"), cidr("2600:1f00:250::17/128"), cidr("2600::/16"), cidr("93.184.216.0/24")];
+    let tls = BTreeMap::new();
+    let pods = [pod("payments", "web", "10.0.0.1")];
+    let (out, rendered) = render(&Input {
+        base: BASE,
+        policies: vec![PolicyIn { namespace: "payments", name: "p", spec: &s }],
+        pods: &pods,
+        tls: &tls,
+        tls_dir: "/t",
+        htpasswd: None,
+        cluster: Cluster { networks: vec!["2600:1f00:250::/64".into()], ..Default::default() },
+        per_node: None,
+        prior_nodes: None,
+    });
+    let restricted = &out[0].result.as_ref().unwrap().restricted;
+    assert_eq!(
+        restricted,
+        &[
+            "spec.destinations[0].cidrs[0] 2600:1f00:250::/64",
+            "spec.destinations[1].cidrs[0] 2600:1f00:250::17/128",
+            "spec.destinations[2].cidrs[0] 2600::/16",
+        ],
+        "the range, an address in it, and a range around it"
+    );
+    let names: Vec<Value> = rules(&rendered.unwrap()).iter().map(|r| r["name"].clone()).collect();
+    assert_eq!(names, [json!("payments/p/3")], "only the public destination is rendered");
+}
