@@ -9,8 +9,8 @@ use proxy_config::raw::{RawPort, RawRuleRelay};
 use proxy_config::HostPattern;
 
 use crate::crd::{
-    ClusterTunnelPolicySpec, PolicyAction, TunnelPolicySpec, DEFAULT_PRIORITY, MAX_CIDRS, MAX_DESTINATIONS, MAX_HOSTS,
-    MAX_PORTS,
+    ClusterTunnelPolicySpec, Enforcement, PolicyAction, TunnelPolicySpec, DEFAULT_PRIORITY, MAX_CIDRS,
+    MAX_DESTINATIONS, MAX_HOSTS, MAX_PORTS,
 };
 
 /// One problem in a spec, located by its field path (`spec.destinations[0].hosts[1]`).
@@ -181,6 +181,41 @@ pub fn validate_cluster(spec: &ClusterTunnelPolicySpec) -> Result<(ValidPolicy, 
             errs.push(FieldError {
                 path: "spec.destinations".into(),
                 message: "a delegating policy grants CIDRs: at least one destination needs cidrs".into(),
+            });
+        }
+        // A delegation grants address space to whole namespaces, nothing narrower: what it would
+        // silently not honour is refused instead.
+        let selects = |s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector| {
+            s.match_labels.as_ref().is_some_and(|m| !m.is_empty())
+                || s.match_expressions.as_ref().is_some_and(|m| !m.is_empty())
+        };
+        if selects(&spec.pod_selector) {
+            errs.push(FieldError {
+                path: "spec.podSelector".into(),
+                message: "a delegation grants to whole namespaces: it cannot be limited to some pods (write a TunnelPolicy in the namespace for that)".into(),
+            });
+        }
+        for (i, d) in spec.destinations.iter().enumerate() {
+            if d.ports.is_some() {
+                errs.push(FieldError {
+                    path: format!("spec.destinations[{i}].ports"),
+                    message:
+                        "a delegation grants address space, not ports: the namespace's TunnelPolicies name the ports"
+                            .into(),
+                });
+            }
+            if d.hosts.is_some() {
+                errs.push(FieldError {
+                    path: format!("spec.destinations[{i}].hosts"),
+                    message: "a delegation grants CIDRs only".into(),
+                });
+            }
+        }
+        if spec.enforcement == Some(Enforcement::DryRun) {
+            errs.push(FieldError {
+                path: "spec.enforcement".into(),
+                message: "a delegation cannot be a dry run: it enforces nothing itself, and what it grants is enforced"
+                    .into(),
             });
         }
     }

@@ -119,3 +119,30 @@ fn example_manifests_pass_the_operators_validation() {
         assert!(validate_cluster(&spec).is_ok(), "{d:?}");
     }
 }
+
+#[test]
+fn a_delegation_grants_exactly_what_it_states_or_is_refused() {
+    let d: crate::crd::ClusterTunnelPolicySpec = serde_json::from_value(serde_json::json!({
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "payments"}},
+        "podSelector": {"matchLabels": {"app": "db-client"}},
+        "action": "Allow",
+        "delegate": true,
+        "enforcement": "DryRun",
+        "destinations": [{"cidrs": ["10.20.0.0/16"], "ports": [5432]}, {"cidrs": ["10.21.0.0/16"], "hosts": ["db.internal"]}]
+    }))
+    .unwrap();
+    let errs = validate_cluster(&d).unwrap_err();
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["spec.podSelector", "spec.destinations[0].ports", "spec.destinations[1].hosts", "spec.enforcement"],
+        "{errs:?}"
+    );
+    // What it can honour is accepted.
+    let ok: crate::crd::ClusterTunnelPolicySpec = serde_json::from_value(serde_json::json!({
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "payments"}},
+        "action": "Allow", "delegate": true, "destinations": [{"cidrs": ["10.20.0.0/16"]}]
+    }))
+    .unwrap();
+    assert!(validate_cluster(&ok).is_ok());
+}
