@@ -214,9 +214,21 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
                 results.append((ip, connect_status_via(CLIENTS["web"], (ip, p_port), target)))
             time.sleep(0.02)
 
+    pod_of = {ip_a: "tg-proxy-a"}
+
     def probe(ip):
+        """The kubelet's readiness probe: the result decides the endpoint and, on every change, the
+        pod's Ready condition in the API, as a kubelet reports it."""
+        reported = None
         while not stop.is_set():
-            endpoints[ip] = http_status(p_admin, ready_path, ip) == 200
+            ready = http_status(p_admin, ready_path, ip) == 200
+            endpoints[ip] = ready
+            if ready != reported:
+                status = "True" if ready else "False"
+                api.call("PATCH", f"/api/v1/namespaces/{NS}/pods/{pod_of[ip]}/status",
+                         {"status": {"conditions": [{"type": "Ready", "status": status}]}},
+                         content_type="application/merge-patch+json")
+                reported = ready
             time.sleep(0.1)
 
     threads = [threading.Thread(target=clients), threading.Thread(target=probe, args=(ip_a,))]
@@ -227,17 +239,20 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
     ns_b, ip_b = network.pod(2)
     start(proxy_kind, "-proxy", "tg-proxy-b", ns_b)
     proxy_pod("tg-proxy-b", ip_b)
+    pod_of[ip_b] = "tg-proxy-b"
     endpoints[ip_b] = False
     probe_b = threading.Thread(target=probe, args=(ip_b,))
     probe_b.start()
     threads.append(probe_b)
     until("new proxy ready", 20, lambda: endpoints[ip_b])
+    until("the new pod reported Ready in the API", 5, lambda: ready_condition(api, "tg-proxy-b") == "True")
     until("Loaded 2/2", 20, lambda: loaded(api) == {"loaded": 2, "total": 2})
     until("both pods served clients", 10, lambda: {ip for ip, st in results if st == 200} >= {ip_a, ip_b})
 
     # Only then does the old pod go: unready at once, accepting for drainDelay, tunnels kept.
     old.send_signal(signal.SIGTERM)
     until("old proxy unready", 5, lambda: not endpoints[ip_a])
+    until("the old pod reported not Ready in the API", 5, lambda: ready_condition(api, "tg-proxy-a") == "False")
     assert echo_roundtrip(long_lived, b"after SIGTERM"), "an established tunnel keeps flowing while draining"
     long_lived.close()
     assert old.wait(timeout=15) == 0, "the old proxy drains and exits 0"
@@ -260,6 +275,11 @@ def connect_status_via(client_ip, proxy, target):
         return f"refused: {e}"
     s.close()
     return status_of(head)
+
+
+def ready_condition(api, pod):
+    p = api.call("GET", f"/api/v1/namespaces/{NS}/pods/{pod}") or {}
+    return next((c["status"] for c in (p.get("status") or {}).get("conditions", []) if c["type"] == "Ready"), None)
 
 
 def loaded(api):
