@@ -489,15 +489,56 @@ async fn operator_and_proxy_converge_on_policy_changes() {
         connect_from("127.0.0.13", proxy_addr, target).await == 200
     })
     .await;
+    // A leader killed outright releases nothing: a third replica takes over when the Lease
+    // expires (4 s here), and policy changes keep reaching the proxy.
+    let op3_admin = free_port();
+    let op3_bind = format!("127.0.0.1:{op3_admin}");
+    let _operator3 = spawn(
+        &bin("tunnelgate-operator"),
+        &[
+            "--namespace",
+            "tunnelgate",
+            "--release",
+            "tunnelgate",
+            "--admin-bind",
+            &op3_bind,
+            "--debounce",
+            "100ms",
+            "--identity",
+            "op-2",
+            "--lease-duration",
+            "4",
+            "--lease-grace",
+            "2",
+        ],
+        &rel.operator_kubeconfig,
+        &dir.0.join("operator3.log"),
+    );
+    let pid = standby_proc.id().unwrap().to_string();
+    std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    until("the third replica leads after the Lease expired", 30, || async {
+        tokio::net::TcpStream::connect(&op3_bind).await.is_ok()
+            && reqwest_get(&op3_bind, "/metrics").await.lines().any(|l| l == "tunnelgate_operator_leader 1")
+    })
+    .await;
+    pods.delete("checkout-2", &DeleteParams::default()).await.unwrap();
+    run_pod(&pods, pod("checkout-3", "checkout", "127.0.0.14")).await;
+    until("the third leader revokes the deleted pod", 20, || async {
+        connect_from("127.0.0.13", proxy_addr, target).await == 403
+    })
+    .await;
+    until("the third leader renders the new pod", 20, || async {
+        connect_from("127.0.0.14", proxy_addr, target).await == 200
+    })
+    .await;
 
     // Losing the API: the proxy keeps enforcing the last good configuration.
     let mut rel = rel;
     rel.cp.stop_apiserver();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(connect_from("127.0.0.13", proxy_addr, target).await, 200);
-    assert_eq!(connect_from("127.0.0.12", proxy_addr, target).await, 403);
+    assert_eq!(connect_from("127.0.0.14", proxy_addr, target).await, 200);
+    assert_eq!(connect_from("127.0.0.13", proxy_addr, target).await, 403);
     assert!(reqwest_get(&format!("127.0.0.1:{proxy_admin}"), "/readyz").await.starts_with("ready"));
-    let _ = standby_proc.kill().await;
 }
 
 /// A bare HTTP/1.1 GET; returns the body.
