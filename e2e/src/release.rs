@@ -16,6 +16,11 @@ use crate::kubelet::Kubelet;
 pub const NAMESPACE: &str = "tunnelgate";
 pub const RELEASE: &str = "tunnelgate";
 
+/// `helm --set` values of an egress-gateway release installed beside a first release, as the chart
+/// documents it: the first installs the CRDs and owns policy status.
+pub const SECOND_RELEASE_GATEWAY: [&str; 6] =
+    ["--set", "crds.enabled=false", "--set", "operator.policyStatus=false", "--set", "proxy.kind=Deployment"];
+
 /// A control plane with the chart installed as release `tunnelgate` in namespace `tunnelgate`.
 pub struct Release {
     /// The admin's client (the test acting as the platform team, or as a namespace owner).

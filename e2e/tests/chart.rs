@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, reason = "test harness")]
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use e2e::controlplane::{repo_root, Access, ControlPlane, Options};
 use e2e::kubelet::Kubelet;
@@ -18,7 +17,7 @@ use kube::discovery::{ApiResource, Discovery};
 use kube::Client;
 use serde::Deserialize as _;
 use serde_json::json;
-use tokio::time::Instant;
+use testkit::until;
 
 struct Dir(PathBuf);
 impl Drop for Dir {
@@ -33,21 +32,6 @@ fn dir(tag: &str) -> Dir {
     let d = std::env::temp_dir().join(format!("tunnelgate-chart-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     Dir(d)
-}
-
-async fn until<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(secs) {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {secs}s waiting for: {what}");
 }
 
 async fn helm(cp: &ControlPlane, args: &[&str]) -> String {
@@ -206,32 +190,19 @@ async fn helm_installs_upgrades_and_uninstalls_every_topology() {
     assert!(role["rules"][0].get("resourceNames").is_none(), "{role}");
 
     // An egress gateway beside it: a second release, CRDs and policy status left to the first.
-    helm(
-        &cp,
-        &[
-            "install",
-            "gw",
-            chart,
-            "--namespace",
-            "gateway",
-            "--create-namespace",
-            "--set",
-            "crds.enabled=false",
-            "--set",
-            "operator.policyStatus=false",
-            "--set",
-            "proxy.kind=Deployment",
-            "--set",
-            "proxy.gateway.hostNetwork=true",
-            "--set",
-            "proxy.gateway.autoscaling.enabled=true",
-            "--set",
-            "prometheusRule.enabled=true",
-            "--set",
-            "serviceMonitor.enabled=true",
-        ],
-    )
-    .await;
+    let mut args = vec!["install", "gw", chart, "--namespace", "gateway", "--create-namespace"];
+    args.extend(e2e::release::SECOND_RELEASE_GATEWAY);
+    args.extend([
+        "--set",
+        "proxy.gateway.hostNetwork=true",
+        "--set",
+        "proxy.gateway.autoscaling.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "serviceMonitor.enabled=true",
+    ]);
+    helm(&cp, &args).await;
     let gw = objects_of(&c, "gw").await;
     for want in ["Deployment/gateway/gw-tunnelgate-proxy", "HorizontalPodAutoscaler/gateway/gw-tunnelgate-proxy"] {
         assert!(gw.iter().any(|o| o == want), "{want} not installed: {gw:#?}");

@@ -19,6 +19,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use testkit::until;
 use tokio::time::Instant;
 use tunnelgate_operator::crd::{ClusterTunnelPolicy, TunnelPolicy};
 
@@ -59,21 +60,6 @@ impl Drop for TempNs {
             .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
             .status();
     }
-}
-
-async fn until<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(secs) {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("timed out after {secs}s waiting for {what}");
 }
 
 async fn create<K>(api: &Api<K>, value: serde_json::Value)

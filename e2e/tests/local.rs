@@ -20,7 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::json;
-use testkit::free_port;
+use testkit::{free_port, until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::process::{Child, Command};
@@ -68,8 +68,18 @@ async fn run_pod(api: &Api<Pod>, pod: Pod) {
 }
 
 fn spawn(bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
-    Command::new(bin)
-        .args(args)
+    start(Command::new(bin), args, kubeconfig, log)
+}
+
+/// [`spawn`] inside network namespace `ns` (a pod of the test's own network).
+fn spawn_in(ns: &str, bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(bin);
+    start(cmd, args, kubeconfig, log)
+}
+
+fn start(mut cmd: Command, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
+    cmd.args(args)
         .env("KUBECONFIG", kubeconfig)
         .env("TUNNELGATE_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(Stdio::null())
@@ -79,19 +89,26 @@ fn spawn(bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
-/// [`spawn`] inside network namespace `ns` (a pod of the test's own network).
-fn spawn_in(ns: &str, bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(bin)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env("TUNNELGATE_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+/// One operator replica of the release, with leader election on short leases (4 s, renewed 2 s
+/// before expiry) so that failovers in the tests are quick.
+fn replica(rel: &Release, admin_bind: &str, identity: &str, log: &Path) -> Child {
+    let args = [
+        "--namespace",
+        "tunnelgate",
+        "--release",
+        "tunnelgate",
+        "--admin-bind",
+        admin_bind,
+        "--debounce",
+        "100ms",
+        "--identity",
+        identity,
+        "--lease-duration",
+        "4",
+        "--lease-grace",
+        "2",
+    ];
+    spawn(&bin("tunnelgate-operator"), &args, &rel.operator_kubeconfig, log)
 }
 
 /// CONNECT from `client_ip` through the proxy; returns the status code.
@@ -117,21 +134,6 @@ async fn connect_from(client_ip: &str, proxy: SocketAddr, target: SocketAddr) ->
         assert_eq!(&back, b"ping", "tunnel relays data");
     }
     status
-}
-
-async fn until<F, Fut>(what: &str, secs: u64, mut f: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(secs) {
-        if f().await {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out after {secs}s waiting for: {what}");
 }
 
 fn pod(name: &str, app: &str, ip: &str) -> Pod {
@@ -199,52 +201,10 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     rel.set_base(&base).await.unwrap();
     let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
 
-    let mut operator = spawn(
-        &bin("tunnelgate-operator"),
-        &[
-            "--namespace",
-            "tunnelgate",
-            "--release",
-            "tunnelgate",
-            "--admin-bind",
-            &format!("127.0.0.1:{op_admin}"),
-            "--debounce",
-            "100ms",
-            "--identity",
-            "op-0",
-            // Short leases keep the failover below quick.
-            "--lease-duration",
-            "4",
-            "--lease-grace",
-            "2",
-        ],
-        &rel.operator_kubeconfig,
-        &dir.0.join("operator.log"),
-    );
+    let mut operator = replica(&rel, &format!("127.0.0.1:{op_admin}"), "op-0", &dir.0.join("operator.log"));
     // A second replica: it must wait for the Lease and never write while the first holds it.
     let op2_admin = free_port();
-    let mut operator2 = spawn(
-        &bin("tunnelgate-operator"),
-        &[
-            "--namespace",
-            "tunnelgate",
-            "--release",
-            "tunnelgate",
-            "--admin-bind",
-            &format!("127.0.0.1:{op2_admin}"),
-            "--debounce",
-            "100ms",
-            "--identity",
-            "op-1",
-            // Short leases keep the failover below quick.
-            "--lease-duration",
-            "4",
-            "--lease-grace",
-            "2",
-        ],
-        &rel.operator_kubeconfig,
-        &dir.0.join("operator2.log"),
-    );
+    let mut operator2 = replica(&rel, &format!("127.0.0.1:{op2_admin}"), "op-1", &dir.0.join("operator2.log"));
     let _proxy = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "tunnelgate/tunnelgate-proxy"],
@@ -493,27 +453,7 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     // expires (4 s here), and policy changes keep reaching the proxy.
     let op3_admin = free_port();
     let op3_bind = format!("127.0.0.1:{op3_admin}");
-    let _operator3 = spawn(
-        &bin("tunnelgate-operator"),
-        &[
-            "--namespace",
-            "tunnelgate",
-            "--release",
-            "tunnelgate",
-            "--admin-bind",
-            &op3_bind,
-            "--debounce",
-            "100ms",
-            "--identity",
-            "op-2",
-            "--lease-duration",
-            "4",
-            "--lease-grace",
-            "2",
-        ],
-        &rel.operator_kubeconfig,
-        &dir.0.join("operator3.log"),
-    );
+    let _operator3 = replica(&rel, &op3_bind, "op-2", &dir.0.join("operator3.log"));
     let pid = standby_proc.id().unwrap().to_string();
     std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap();
     until("the third replica leads after the Lease expired", 30, || async {
@@ -1404,24 +1344,9 @@ async fn two_releases_share_policies_and_one_owns_their_status() {
     std::fs::create_dir_all(&dir.0).unwrap();
     let rel = cluster(&dir.0, &["payments"], &[]).await;
     let chart = e2e::controlplane::repo_root().join("charts/tunnelgate");
-    let out = rel
-        .cp
-        .helm(&[
-            "install",
-            "gw",
-            chart.to_str().unwrap(),
-            "--namespace",
-            "gateway",
-            "--create-namespace",
-            "--set",
-            "crds.enabled=false",
-            "--set",
-            "operator.policyStatus=false",
-            "--set",
-            "proxy.kind=Deployment",
-        ])
-        .await
-        .unwrap();
+    let mut args = vec!["install", "gw", chart.to_str().unwrap(), "--namespace", "gateway", "--create-namespace"];
+    args.extend(e2e::release::SECOND_RELEASE_GATEWAY);
+    let out = rel.cp.helm(&args).await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let target = echo_upstream("127.0.0.2").await;
     let (listen_a, admin_a, op_a) = (free_port(), free_port(), free_port());

@@ -4,6 +4,7 @@
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 /// The lowest port handed out; below it are the well-known and commonly used service ports.
 const FIRST: u32 = 10_000;
@@ -37,4 +38,23 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// Waits until `f` answers true, polling every 50 ms; returns how long it took.
+///
+/// # Panics
+/// After `secs` seconds, naming `what` (the test that waited fails).
+pub async fn until<F, Fut>(what: &str, secs: u64, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if f().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
 }
