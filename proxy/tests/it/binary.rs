@@ -784,3 +784,17 @@ async fn debug_logs_of_dependencies_do_not_name_targets() {
     let log = p.log();
     assert!(!log.contains("allowed.test"), "the target's name leaked into the log:\n{log}");
 }
+
+/// With trace logging and the log file in the configuration's directory (as here: `stderr.log`
+/// beside `config.yaml`), the file watcher's own logs do not feed on themselves: an idle proxy
+/// writes a bounded log.
+#[tokio::test]
+async fn trace_logs_in_the_config_directory_do_not_feed_the_file_watcher() {
+    let w = World::new().await;
+    let p = Proc::launch(&w, "", None, &[], &[("TUNNELGATE_LOG", "trace")]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = p.log().lines().count();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let grown = p.log().lines().count() - before;
+    assert!(grown < 200, "an idle proxy wrote {grown} log lines in a second (the watcher logging its own log file)");
+}
