@@ -270,7 +270,11 @@ impl Handler {
     ) -> Option<(SendRequest<UpstreamBody>, PoolKey)> {
         let idle = self.ctx.snapshot.config.http.upstream_idle_timeout;
         for addr in &authorized.addrs {
-            let key = PoolKey { addr: std::net::SocketAddr::new(*addr, port), host: host.to_owned() };
+            let key = PoolKey {
+                addr: std::net::SocketAddr::new(*addr, port),
+                host: host.to_owned(),
+                client: (self.ctx.peer.ip().to_canonical(), authorized.user.clone()),
+            };
             if let Some(sender) = self.ctx.inner.upstream_pool.checkout(&key, idle).await {
                 self.ctx.inner.metrics.upstream_connections.with_label_values(&["reused"]).inc();
                 return Some((sender, key));
@@ -307,7 +311,8 @@ impl Handler {
             });
         }
         m.upstream_connections.with_label_values(&["new"]).inc();
-        Ok((sender, PoolKey { addr, host: host.to_owned() }))
+        let client = (self.ctx.peer.ip().to_canonical(), authorized.user.clone());
+        Ok((sender, PoolKey { addr, host: host.to_owned(), client }))
     }
 
     /// Sends `req` and waits for the response head (bounded by `http.responseHeadTimeout`).

@@ -1,9 +1,12 @@
-//! Idle upstream HTTP/1.1 connections for reuse, keyed by the exact address dialled and the
-//! `Host` sent: a request reuses a connection only to an address its own policy decision
-//! approved. Bounded per key and in all; idle connections expire.
+//! Idle upstream HTTP/1.1 connections for reuse, keyed by the exact address dialled, the `Host`
+//! sent and the client (its address and proxy user): a request reuses a connection only to an
+//! address its own policy decision approved, and only one its own client used — tenants of an
+//! egress proxy do not trust each other, and a response desynchronised by one client's request
+//! (an upstream that ignores a GET's body) must never reach another. Bounded per key and in all;
+//! idle connections expire.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -24,6 +27,8 @@ pub struct PoolKey {
     pub addr: SocketAddr,
     /// The `Host` value the requests on it carry.
     pub host: String,
+    /// The client whose requests it carried: its address and authenticated proxy user.
+    pub client: (IpAddr, Option<String>),
 }
 
 struct Parked {

@@ -867,3 +867,33 @@ async fn refusals_on_the_plain_http_path_close_the_connection() {
     assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "the pipelined request was not served: {text}");
     assert!(up.seen().is_empty());
 }
+
+/// Idle upstream connections are kept per client: a second request of the same client reuses one,
+/// another client's never does (with an upstream that ignores a GET's body, a request smuggled in
+/// one client's body was answered to the next client on the shared connection).
+#[tokio::test]
+async fn upstream_connections_are_reused_only_by_the_client_that_opened_them() {
+    let w = World::new().await;
+    let up = Recorder::start(ok_hello).await;
+    let p = w.proxy("").await;
+    let get = |path: &str| {
+        format!("GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", up.target(path), up.authority())
+    };
+    let from = |ip: &'static str, req: String| {
+        let proxy = addr(&p);
+        async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            let mut s = sock.connect(proxy).await.unwrap();
+            s.write_all(req.as_bytes()).await.unwrap();
+            read_to_close(&mut s).await.0
+        }
+    };
+    assert_eq!(from("127.0.0.1", get("/x1")).await, 200);
+    assert_eq!(from("127.0.0.1", get("/x2")).await, 200);
+    assert_eq!(up.up.count(), 1, "the same client reuses its idle upstream connection");
+    assert_eq!(from("127.0.0.9", get("/y1")).await, 200);
+    assert_eq!(up.up.count(), 2, "another client gets a connection of its own");
+    assert_eq!(from("127.0.0.1", get("/x3")).await, 200);
+    assert_eq!(up.up.count(), 2, "and the first client's is still there for it");
+}
