@@ -1,11 +1,9 @@
-//! Accept loops and connection caps: each listener accepts until told to stop, hands every
-//! connection (with the snapshot in force at accept) to a tracked task, and never dies on an
-//! accept error.
+//! Accept loops: each listener accepts until told to stop, hands every connection (with the
+//! snapshot in force at accept) to a tracked task, and never dies on an accept error; a connection
+//! stays counted under the caps (`conn_limit`) through its `ConnSlot`.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use prometheus::IntGauge;
 use tokio::net::TcpListener;
@@ -14,50 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug_span, warn, Instrument};
 
 use crate::conn;
+use crate::conn_limit::Permit;
 use crate::context::ConnCtx;
-use crate::error::TunnelError;
 use crate::metrics::GaugeGuard;
 use crate::state::Inner;
-
-/// Counts open connections, globally and per client address.
-#[derive(Default)]
-pub struct ConnLimiter {
-    state: Mutex<LimiterState>,
-}
-
-#[derive(Default)]
-struct LimiterState {
-    total: usize,
-    per_client: HashMap<IpAddr, usize>,
-}
-
-/// One admitted connection; releases its slot when dropped.
-pub struct Permit {
-    limiter: Arc<ConnLimiter>,
-    client: IpAddr,
-}
-
-impl ConnLimiter {
-    /// Admits a connection from `client`, or says which cap it hit.
-    pub fn acquire(
-        self: &Arc<Self>,
-        client: IpAddr,
-        max_total: usize,
-        max_per_client: usize,
-    ) -> Result<Permit, TunnelError> {
-        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if s.total >= max_total {
-            return Err(TunnelError::Overloaded);
-        }
-        let n = s.per_client.entry(client).or_insert(0);
-        if *n >= max_per_client {
-            return Err(TunnelError::ClientLimit);
-        }
-        *n += 1;
-        s.total += 1;
-        Ok(Permit { limiter: self.clone(), client })
-    }
-}
 
 /// What keeps a connection counted while any task serves it (the connection's own task, and the
 /// task that relays its tunnel or upgrade): the open-connections gauge and, once admitted, its
@@ -78,19 +36,6 @@ impl ConnSlot {
     pub fn admit(&self, permit: Permit) {
         // A connection is admitted once; a second permit would be released at once.
         let _ = self.permit.set(permit);
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let mut s = self.limiter.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.total = s.total.saturating_sub(1);
-        if let Some(n) = s.per_client.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
-                s.per_client.remove(&self.client);
-            }
-        }
     }
 }
 

@@ -3,10 +3,8 @@
 //! `?since=N&timeout=S` long-polls until it changes, so the operator's rollout view costs one idle
 //! connection per proxy, not a polling storm).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -16,9 +14,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::conn_limit::ConnLimiter;
 use crate::state::Inner;
 
 /// Most admin connections open at once: the kubelet's probes, Prometheus and the operator need a
@@ -30,73 +30,11 @@ const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
 /// Most `/config` long-polls waiting at once; past it a long-poll is answered at once.
 const MAX_LONG_POLLS: usize = 64;
 
-/// The admin server's own caps: connections in all, per client address, and waiting long-polls.
-#[derive(Default)]
-struct Caps {
-    per_client: Mutex<HashMap<IpAddr, usize>>,
-    total: std::sync::atomic::AtomicUsize,
-    long_polls: std::sync::atomic::AtomicUsize,
-}
-
-/// One admitted admin connection; released when dropped.
-struct Admitted {
-    caps: Arc<Caps>,
-    client: IpAddr,
-}
-
-impl Caps {
-    fn admit(self: &Arc<Self>, client: IpAddr) -> Option<Admitted> {
-        use std::sync::atomic::Ordering;
-        let mut per = self.per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = per.entry(client).or_insert(0);
-        if *n >= MAX_CONNECTIONS_PER_CLIENT || self.total.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-            if *n == 0 {
-                per.remove(&client);
-            }
-            return None;
-        }
-        *n += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
-        Some(Admitted { caps: self.clone(), client })
-    }
-
-    /// A place among the waiting long-polls, or `None` when they are all taken.
-    fn long_poll(self: &Arc<Self>) -> Option<LongPoll> {
-        use std::sync::atomic::Ordering;
-        let taken = self.long_polls.fetch_add(1, Ordering::AcqRel);
-        if taken >= MAX_LONG_POLLS {
-            self.long_polls.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(LongPoll(self.clone()))
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        use std::sync::atomic::Ordering;
-        self.caps.total.fetch_sub(1, Ordering::Relaxed);
-        let mut per = self.caps.per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = per.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.client);
-            }
-        }
-    }
-}
-
-struct LongPoll(Arc<Caps>);
-
-impl Drop for LongPoll {
-    fn drop(&mut self) {
-        self.0.long_polls.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
 /// Serves admin requests on `listener` until `stop` is cancelled.
 pub async fn run(inner: Arc<Inner>, listener: TcpListener, stop: CancellationToken) {
-    let caps = Arc::new(Caps::default());
+    // Connections are counted as the proxy's are, under the admin server's own caps.
+    let limiter = Arc::new(ConnLimiter::default());
+    let long_polls = Arc::new(Semaphore::new(MAX_LONG_POLLS));
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => return,
@@ -110,20 +48,20 @@ pub async fn run(inner: Arc<Inner>, listener: TcpListener, stop: CancellationTok
             },
         };
         // Over a cap the connection is closed at once: nothing is read or held for it.
-        let Some(admitted) = caps.admit(peer.ip().to_canonical()) else {
+        let Ok(permit) = limiter.acquire(peer.ip().to_canonical(), MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT) else {
             drop(stream);
             continue;
         };
         let inner = inner.clone();
-        let caps = caps.clone();
+        let long_polls = long_polls.clone();
         tokio::spawn(async move {
-            let _admitted = admitted;
+            let _permit = permit;
             let svc = service_fn(move |req| {
                 let inner = inner.clone();
-                let caps = caps.clone();
+                let long_polls = long_polls.clone();
                 async move {
                     if req.uri().path() == "/config" && req.method() == Method::GET {
-                        return Ok::<_, Infallible>(config(&inner, &caps, req.uri().query()).await);
+                        return Ok::<_, Infallible>(config(&inner, &long_polls, req.uri().query()).await);
                     }
                     Ok::<_, Infallible>(route(&inner, &req))
                 }
@@ -143,12 +81,12 @@ const LONG_POLL_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `/config`; with `since=N`, waits (up to `timeout` seconds, at most 60) until the change counter
 /// differs from N, unless every long-poll place is taken (then it answers at once).
-async fn config(inner: &Inner, caps: &Arc<Caps>, query: Option<&str>) -> Response<Full<Bytes>> {
+async fn config(inner: &Inner, long_polls: &Arc<Semaphore>, query: Option<&str>) -> Response<Full<Bytes>> {
     let param =
         |name: &str| query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok());
     let mut changes = inner.watch_changes();
     if let Some(since) = param("since") {
-        if let Some(_place) = caps.long_poll() {
+        if let Ok(_place) = long_polls.clone().try_acquire_owned() {
             let wait = std::time::Duration::from_secs(param("timeout").unwrap_or(30)).min(LONG_POLL_MAX);
             let _ = tokio::time::timeout(wait, changes.wait_for(|n| *n != since)).await;
         }

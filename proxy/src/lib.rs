@@ -33,6 +33,7 @@ pub mod auth;
 pub mod authorize;
 pub mod cli;
 pub mod conn;
+pub mod conn_limit;
 pub mod context;
 pub mod dial;
 pub mod error;

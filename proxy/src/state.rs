@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accept::ConnLimiter;
 use crate::authorize;
+use crate::conn_limit::ConnLimiter;
 use crate::forward::pool::UpstreamPool;
 use crate::memory::MemoryPressure;
 use crate::metrics::ProxyMetrics;

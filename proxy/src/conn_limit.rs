@@ -1,0 +1,62 @@
+//! Connection caps: counts open connections, globally and per client address, for the proxy's
+//! listeners and (with caps of its own) the admin server. A leaf: it knows nothing of connections
+//! beyond their client's address.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use crate::error::TunnelError;
+
+/// Counts open connections, globally and per client address.
+#[derive(Default)]
+pub struct ConnLimiter {
+    state: Mutex<LimiterState>,
+}
+
+#[derive(Default)]
+struct LimiterState {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; releases its slot when dropped.
+pub struct Permit {
+    limiter: Arc<ConnLimiter>,
+    client: IpAddr,
+}
+
+impl ConnLimiter {
+    /// Admits a connection from `client`, or says which cap it hit.
+    pub fn acquire(
+        self: &Arc<Self>,
+        client: IpAddr,
+        max_total: usize,
+        max_per_client: usize,
+    ) -> Result<Permit, TunnelError> {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if s.total >= max_total {
+            return Err(TunnelError::Overloaded);
+        }
+        let n = s.per_client.entry(client).or_insert(0);
+        if *n >= max_per_client {
+            return Err(TunnelError::ClientLimit);
+        }
+        *n += 1;
+        s.total += 1;
+        Ok(Permit { limiter: self.clone(), client })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut s = self.limiter.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                s.per_client.remove(&self.client);
+            }
+        }
+    }
+}
