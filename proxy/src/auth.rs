@@ -61,8 +61,8 @@ impl Default for AuthMemory {
 
 /// The users of one configuration generation.
 pub struct Authenticator {
-    /// User name → bcrypt hash.
-    users: HashMap<String, String>,
+    /// User name → bcrypt hash, and the hash's SHA-256 (what a remembered credential is tied to).
+    users: HashMap<String, (String, [u8; 32])>,
     pub realm: String,
     /// What unknown users are verified against: a hash at the cost the file's hashes have.
     dummy: &'static str,
@@ -89,13 +89,14 @@ impl Authenticator {
             if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
                 return Err(invalid("not a bcrypt hash (write it with htpasswd -B); other formats are too weak"));
             }
-            if users.insert(user.to_owned(), hash.to_owned()).is_some() {
+            let digest: [u8; 32] = Sha256::digest(hash.as_bytes()).into();
+            if users.insert(user.to_owned(), (hash.to_owned(), digest)).is_some() {
                 return Err(invalid("user listed twice"));
             }
         }
         // Buckets of clients that have not verified lately are as good as new: drop them.
         memory.verifications.retain_recent();
-        let dummy = dummy_hash(usual_cost(users.values()));
+        let dummy = dummy_hash(usual_cost(users.values().map(|(hash, _)| hash)));
         Ok(Authenticator { users, realm: realm.to_owned(), dummy, memory })
     }
 
@@ -107,8 +108,8 @@ impl Authenticator {
         let key: [u8; 32] = Sha256::digest(header).into();
         if let Some((user, hash_digest, until)) = lock(&self.memory.remembered).get(&key) {
             // Remembered only while the user still has the hash it was verified against.
-            let current = self.users.get(user).map(|h| <[u8; 32]>::from(Sha256::digest(h.as_bytes())));
-            if *until > Instant::now() && current.as_ref() == Some(hash_digest) {
+            let current = self.users.get(user).map(|(_, digest)| digest);
+            if *until > Instant::now() && current == Some(hash_digest) {
                 return Ok(user.clone());
             }
         }
@@ -118,15 +119,16 @@ impl Authenticator {
             return Err(TunnelError::RateLimited(wait.as_secs().max(1)));
         }
         // Unknown users cost a verification too, so timing does not tell which names exist.
-        let hash = self.users.get(&user).cloned().unwrap_or_else(|| self.dummy.to_owned());
-        let known = self.users.contains_key(&user);
-        let hash_digest: [u8; 32] = Sha256::digest(hash.as_bytes()).into();
+        let (hash, hash_digest) = match self.users.get(&user) {
+            Some((hash, digest)) => (hash.clone(), Some(*digest)),
+            None => (self.dummy.to_owned(), None),
+        };
         let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
             .await
             .unwrap_or(false);
-        if !(ok && known) {
+        let Some(hash_digest) = hash_digest.filter(|_| ok) else {
             return Err(required());
-        }
+        };
         let mut remembered = lock(&self.memory.remembered);
         let now = Instant::now();
         remembered.retain(|_, (_, _, until)| *until > now);
