@@ -210,17 +210,23 @@ fn restricted_cidrs(
         .collect()
 }
 
-/// The cluster's own networks a render knows: what the API says and what the base lists.
-fn cluster_networks_of(input: &Input<'_>, base: Option<&serde_json::Map<String, Value>>) -> Vec<ipnet::IpNet> {
-    let from_base =
-        base.and_then(|doc| doc.get("policy")?.get("clusterNetworks")?.as_array().cloned()).unwrap_or_default();
-    input
-        .cluster
-        .networks
-        .iter()
-        .filter_map(|s| parse_net(s))
-        .chain(from_base.iter().filter_map(|v| v.as_str().and_then(parse_net)))
-        .collect()
+/// The cluster's own networks a render knows: what the API says now plus what the base lists (the
+/// Service range, from the chart), sorted and without duplicates so the same cluster renders the
+/// same bytes; and the base's entries that do not parse, kept as written so the proxy's parser
+/// names them.
+fn cluster_networks(input: &Input<'_>, base: &Map<String, Value>) -> (Vec<ipnet::IpNet>, Vec<Value>) {
+    let mut networks: Vec<ipnet::IpNet> = input.cluster.networks.iter().filter_map(|s| parse_net(s)).collect();
+    let mut unparsed = Vec::new();
+    let listed = base.get("policy").and_then(|p| p.get("clusterNetworks")).and_then(Value::as_array);
+    for v in listed.into_iter().flatten() {
+        match v.as_str().and_then(parse_net) {
+            Some(n) => networks.push(n),
+            None => unparsed.push(v.clone()),
+        }
+    }
+    networks.sort();
+    networks.dedup();
+    (networks, unparsed)
 }
 
 /// A rendered document.
@@ -468,7 +474,7 @@ pub fn render_with(
     // bad grants) writes nothing, and policies are then judged without grants.
     let base = parse_base(input.base).and_then(|mut doc| take_grants(&mut doc).map(|grants| (doc, grants)));
     let mut grants = base.as_ref().map(|(_, g)| g.clone()).unwrap_or_default();
-    let cluster_networks = cluster_networks_of(input, base.as_ref().ok().map(|(doc, _)| doc));
+    let cluster_networks = base.as_ref().map(|(doc, _)| cluster_networks(input, doc).0).unwrap_or_default();
     let ns_labels = |ns: &str| input.cluster.labels_of(ns);
     // Pods by namespace: a namespaced policy looks at its own namespace's pods only (at 10,000
     // pods and 1,000 policies a scan of every pod per policy was most of a reconcile).
@@ -762,6 +768,7 @@ fn document(input: &Input<'_>, mut doc: Map<String, Value>, rules: Vec<RawRule>)
             auth_sha = Some(hex::encode(Sha256::digest(htpasswd.as_bytes())));
         }
     }
+    let (networks, unparsed) = cluster_networks(input, &doc);
     let policy = doc.entry("policy").or_insert_with(|| json!({}));
     let Some(policy) = policy.as_object_mut() else { return Err(RenderError::Base("policy must be a mapping".into())) };
     if policy.get("rules").is_some_and(|r| !r.as_array().is_some_and(Vec::is_empty)) {
@@ -769,21 +776,6 @@ fn document(input: &Input<'_>, mut doc: Map<String, Value>, rules: Vec<RawRule>)
     }
     // Written out even when the base leaves it implicit: no policy must never mean allow-all.
     policy.entry("defaultAction").or_insert_with(|| json!("deny"));
-    // The cluster's own networks: what the base lists (the Service range, from the chart) plus
-    // what the API says now; sorted and without duplicates, so the same cluster renders the same bytes.
-    let base_networks: Vec<Value> =
-        policy.get("clusterNetworks").and_then(Value::as_array).cloned().unwrap_or_default();
-    let mut networks: Vec<ipnet::IpNet> = input.cluster.networks.iter().filter_map(|s| parse_net(s)).collect();
-    // A bad entry of the base stays as written, so the proxy's parser names it.
-    let mut unparsed = Vec::new();
-    for v in base_networks {
-        match v.as_str().and_then(parse_net) {
-            Some(n) => networks.push(n),
-            None => unparsed.push(v),
-        }
-    }
-    networks.sort();
-    networks.dedup();
     if !networks.is_empty() || !unparsed.is_empty() {
         let mut list: Vec<Value> = networks.iter().map(|n| Value::String(n.to_string())).collect();
         list.extend(unparsed);
