@@ -252,7 +252,7 @@ impl ControlPlane {
         write(&self.dir.join("pki/apiserver.key"), &serving_key.serialize_pem())?;
         let token = random_token()?;
         write(&self.dir.join("tokens.csv"), &format!("{token},admin,admin-uid,system:masters\n"))?;
-        write(&self.dir.join("admin.token"), &token)?;
+        self.kubeconfig_with_token("admin", &token, "default")?;
         Ok(())
     }
 
@@ -405,11 +405,9 @@ impl ControlPlane {
     /// A client as the admin.
     ///
     /// # Errors
-    /// When the kubeconfig cannot be written or read.
+    /// When the kubeconfig cannot be read.
     pub async fn admin_client(&self) -> Result<Client, Error> {
-        let token = std::fs::read_to_string(self.dir.join("admin.token")).map_err(io("admin token"))?;
-        let path = self.kubeconfig_with_token("admin", token.trim(), "default")?;
-        client(&path).await
+        client(&self.admin_kubeconfig()).await
     }
 
     /// Mints a token for ServiceAccount `namespace/name` (TokenRequest, one hour) and writes a
@@ -485,7 +483,6 @@ impl ControlPlane {
     /// # Errors
     /// When helm cannot be started; a failing helm is `Ok` with `success == false`.
     pub async fn helm(&self, args: &[&str]) -> Result<std::process::Output, Error> {
-        self.admin_client().await?;
         let home = self.dir.join("helm");
         tokio::process::Command::new(self.bin.join("helm"))
             .args(args)
