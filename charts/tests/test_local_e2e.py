@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-from cluster import Cluster
-from conftest import ROOT, find, render
+from cluster import Cluster, target_binary
+from conftest import find, render
 
 NS = "tunnelgate"
 
@@ -45,10 +45,8 @@ def free_port() -> int:
 
 
 def binary(container_command: str) -> pathlib.Path:
-    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug"
-    p = target / pathlib.Path(container_command).name
-    assert p.is_file(), f"{p} is not built: run `cargo build --workspace` first (scripts/test does)"
-    return p
+    """The workspace binary a container's command names."""
+    return target_binary(pathlib.Path(container_command).name)
 
 
 def expand(args, env):
