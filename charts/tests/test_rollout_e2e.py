@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, find, render
+from conftest import find, render
 from cluster import Cluster
 from test_local_e2e import binary, connect, container_env, expand, free_port, http_status, status_of, until
 
