@@ -4,6 +4,7 @@ from their Go modules by controlplane/build.sh), the chart installed into it by 
 kubeconfigs holding tokens of the chart's ServiceAccounts, so each binary runs with exactly the
 chart's RBAC. The same harness the Rust suites use (e2e/src/controlplane.rs)."""
 
+import base64
 import json
 import os
 import pathlib
@@ -112,6 +113,29 @@ class Cluster:
             "current-context": "test",
         }))
         return path
+
+    def volumes(self, namespace: str, pod_spec: dict, container: dict, name: str) -> list[str]:
+        """The command prefix that gives a process the container's Secret volumes as its kubelet
+        would mount them: each Secret's keys are files in a directory of the test's own, laid over
+        this machine's /etc (every mountPath of the chart is under it) in a mount namespace of the
+        process's own, so nothing is written to the machine's /etc. A snapshot taken at start: later
+        changes to the Secrets do not reach the process."""
+        secrets = {v["name"]: v["secret"] for v in pod_spec.get("volumes", []) if "secret" in v}
+        upper, work = self.dir / f"{name}-etc", self.dir / f"{name}-etc-work"
+        work.mkdir(parents=True, exist_ok=True)
+        for m in container.get("volumeMounts", []):
+            src = secrets.get(m["name"])
+            if src is None:
+                continue
+            assert m["mountPath"].startswith("/etc/"), m
+            target = upper / m["mountPath"].removeprefix("/etc/")
+            target.mkdir(parents=True, exist_ok=True)
+            secret = self.admin.call("GET", f"/api/v1/namespaces/{namespace}/secrets/{src['secretName']}")
+            assert secret is not None or src.get("optional"), f"Secret {src['secretName']} of volume {m['name']} is missing"
+            for key, value in ((secret or {}).get("data") or {}).items():
+                (target / key).write_bytes(base64.b64decode(value))
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f'mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc && exec "$@"', "sh"]
 
     def close(self):
         if self.proc.poll() is None:

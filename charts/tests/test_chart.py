@@ -87,7 +87,8 @@ def test_workloads_are_locked_down_and_wired():
     args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--config-map=$(POD_NAMESPACE)/tunnelgate-proxy" in args
     vols = ds["spec"]["template"]["spec"]["volumes"]
-    assert vols == [{"name": "tls", "secret": {"secretName": "tunnelgate-proxy-tls", "optional": True}}]
+    assert vols == [{"name": "tls", "secret": {"secretName": "tunnelgate-proxy-tls", "optional": True}},
+                    {"name": "admin-token", "secret": {"secretName": "tunnelgate-admin-token"}}]
     svc = find(docs, "Service", "-proxy")
     assert svc["spec"]["internalTrafficPolicy"] == "Local"
     base = yaml.safe_load(find(docs, "ConfigMap", "-base")["data"]["config.yaml"])
@@ -242,6 +243,26 @@ def test_proxy_authentication_names_its_secret_in_the_base():
     assert "auth" not in plain
     with pytest.raises(Exception):
         render({"proxy": {"auth": {"secretName": "x", "realm": 'bad"realm'}}})
+
+
+def test_config_requires_the_generated_admin_token_everywhere_it_is_read():
+    docs = render({})
+    secret = find(docs, "Secret", "tunnelgate-admin-token")
+    assert len(secret["data"]["token"]) >= 48
+    doc = yaml.safe_load(find(docs, "ConfigMap", "tunnelgate-base")["data"]["config.yaml"])
+    assert doc["admin"]["configTokenFile"] == "/etc/tunnelgate/admin-token/token"
+    for kind, suffix in [("DaemonSet", "tunnelgate-proxy"), ("Deployment", "tunnelgate-operator")]:
+        spec = find(docs, kind, suffix)["spec"]["template"]["spec"]
+        vol = next(v for v in spec["volumes"] if v["name"] == "admin-token")
+        assert vol["secret"] == {"secretName": "tunnelgate-admin-token"}, "not optional: a pod without it must not start"
+        mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "admin-token")
+        assert mount == {"name": "admin-token", "mountPath": "/etc/tunnelgate/admin-token", "readOnly": True}
+    op = find(docs, "Deployment", "tunnelgate-operator")["spec"]["template"]["spec"]["containers"][0]
+    assert "--proxy-admin-token-file=/etc/tunnelgate/admin-token/token" in op["args"]
+    # The inspectors read that one Secret, no other.
+    rules = find(docs, "Role", "tunnelgate-inspector")["rules"]
+    assert [r for r in rules if "secrets" in r["resources"]] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tunnelgate-admin-token"], "verbs": ["get"]}]
 
 
 def test_tunnel_listeners_are_declared_in_values():

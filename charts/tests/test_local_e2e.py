@@ -4,6 +4,8 @@ command, arguments and environment the chart renders (with $(VAR) expanded as th
 the tokens of the chart's ServiceAccounts. A chart that passes the offline checks but wires the
 binaries wrongly, or grants them too little, fails here."""
 
+import base64
+import json
 import itertools
 import os
 import pathlib
@@ -162,7 +164,7 @@ def test_chart_wired_binaries_enforce_a_policy(world):
         # The pod's ServiceAccount, as the kubelet would mount its token.
         kubeconfig = cluster.service_account_kubeconfig(NS, spec["serviceAccountName"])
         env_base = {**os.environ, "KUBECONFIG": str(kubeconfig), "TUNNELGATE_LOG": "info"}
-        cmd = [str(binary(c["command"][0]))] + expand(c.get("args", []), env)
+        cmd = cluster.volumes(NS, spec, c, pod) + [str(binary(c["command"][0]))] + expand(c.get("args", []), env)
         world["procs"].append(subprocess.Popen(cmd, env={**env_base, **env}, stderr=open(world["dir"] / f"{pod}.log", "w")))
 
     # The probes the chart declares answer on the ports it declares.
@@ -171,6 +173,14 @@ def test_chart_wired_binaries_enforce_a_policy(world):
     port_of = lambda c, name: next(p["containerPort"] for p in c["ports"] if p["name"] == name)
     until("operator ready", 20, lambda: http_status(port_of(op, "admin"), op["readinessProbe"]["httpGet"]["path"]) == 200)
     until("proxy ready", 20, lambda: http_status(port_of(ds, "admin"), ds["readinessProbe"]["httpGet"]["path"]) == 200)
+    # /config answers only the token of the Secret the chart generated, mounted as the chart says.
+    admin = port_of(ds, "admin")
+    assert http_status(admin, "/config") == 401
+    secret = api.call("GET", f"/api/v1/namespaces/{NS}/secrets/tg-tunnelgate-admin-token")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    req = urllib.request.Request(f"http://127.0.0.1:{admin}/config", headers={"X-Tunnelgate-Admin-Token": token})
+    with urllib.request.urlopen(req, timeout=2) as r:
+        assert r.status == 200 and json.loads(r.read())["generation"] >= 1
     proxy_port = port_of(ds, "proxy")
     echo = world["echo"]
     assert connect_status("127.0.0.21", proxy_port, echo) == 403, "default deny"

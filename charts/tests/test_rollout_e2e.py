@@ -145,7 +145,7 @@ def test_rollout_never_refuses_a_client(net, topology, tmp_path):
         env = container_env(c, pod)
         # The pod's ServiceAccount token, as the kubelet mounts it.
         env_base = {**os.environ, "KUBECONFIG": str(cluster.service_account_kubeconfig(NS, spec["serviceAccountName"]))}
-        cmd = [str(binary(c["command"][0]))] + expand(c.get("args", []), env)
+        cmd = cluster.volumes(NS, spec, c, pod) + [str(binary(c["command"][0]))] + expand(c.get("args", []), env)
         if netns:
             cmd = ["ip", "netns", "exec", netns] + cmd
         p = subprocess.Popen(cmd, env={**env_base, **env}, stderr=open(tmp_path / f"{pod}.log", "w"))

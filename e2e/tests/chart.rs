@@ -175,10 +175,19 @@ async fn helm_installs_upgrades_and_uninstalls_every_topology() {
     assert_eq!(spec.priority_class_name.as_deref(), Some("system-node-critical"));
     assert_eq!(spec.priority, Some(2_000_001_000), "the Priority admission plugin resolved the class");
 
-    // Upgrade to per-node documents: the proxy Role widens to the release's ConfigMaps.
+    // Upgrade to per-node documents: the proxy Role widens to the release's ConfigMaps; the admin
+    // token generated at install is kept (proxies and operator keep agreeing on it).
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "egress");
+    let token = || async {
+        let s = secrets.get("node-tunnelgate-admin-token").await.unwrap();
+        s.data.unwrap_or_default().get("token").map(|t| t.0.clone()).unwrap_or_default()
+    };
+    let installed_token = token().await;
+    assert_eq!(installed_token.len(), 48, "a generated token");
     let mut args = vec!["upgrade", "node", chart, "--namespace", "egress", "--set", "proxy.configPerNode=true"];
     args.extend(monitoring);
     helm(&cp, &args).await;
+    assert_eq!(token().await, installed_token, "the token survives an upgrade");
     let role: serde_json::Value = c
         .request(
             http::Request::get("/apis/rbac.authorization.k8s.io/v1/namespaces/egress/roles/node-tunnelgate-proxy")
@@ -418,17 +427,23 @@ async fn the_chart_rbac_grants_what_each_needs_and_nothing_more() {
     assert!(wrong.is_empty(), "{wrong:#?}");
 
     // The on-call inspector: the proxies' /config through the pod proxy in the release namespace
-    // only, no Secrets, no writes.
+    // only, with the admin token's Secret and no other, no writes.
     let oncall = sa("ops", "oncall");
     rel.inspector_kubeconfig().await.unwrap();
-    for (verb, resource, ns, want) in [
-        ("get", "pods/proxy", rel_ns, true),
-        ("get", "pods/proxy", Some("payments"), false),
-        ("get", "configmaps", rel_ns, true),
-        ("get", "secrets", rel_ns, false),
-        ("create", tp, Some("payments"), false),
-        ("list", ctp, None, true),
+    for (verb, resource, ns, name, want) in [
+        ("get", "pods/proxy", rel_ns, None, true),
+        ("get", "pods/proxy", Some("payments"), None, false),
+        ("get", "configmaps", rel_ns, None, true),
+        ("get", "secrets", rel_ns, Some("tunnelgate-admin-token"), true),
+        ("get", "secrets", rel_ns, Some("tunnelgate-proxy-tls"), false),
+        ("list", "secrets", rel_ns, None, false),
+        ("create", tp, Some("payments"), None, false),
+        ("list", ctp, None, None, true),
     ] {
-        assert_eq!(can(cp, &oncall, verb, resource, ns, None).await, want, "inspector {verb} {resource} in {ns:?}");
+        assert_eq!(
+            can(cp, &oncall, verb, resource, ns, name).await,
+            want,
+            "inspector {verb} {resource} {name:?} in {ns:?}"
+        );
     }
 }

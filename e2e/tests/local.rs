@@ -946,13 +946,30 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     let c = rel.admin.clone();
     let target = echo_upstream(&host.to_string()).await;
     let (listen, admin_port, op_admin) = (free_port(), free_port(), free_port());
-    // A stuck proxy (proxy-b), same admin port as the real one.
+    // The admin token the chart generated, as the kubelet would mount it for proxy and operator.
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "tunnelgate")
+        .get("tunnelgate-admin-token")
+        .await
+        .unwrap();
+    let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+    let token_file = dir.0.join("admin-token");
+    std::fs::write(&token_file, &token).unwrap();
+    // A stuck proxy (proxy-b), same admin port as the real one; like a real proxy, it answers
+    // /config only with the token.
     let stuck = TcpListener::bind((net.host_address(32).unwrap(), admin_port)).await.unwrap();
+    let want = format!("x-tunnelgate-admin-token: {token}\r\n").to_ascii_lowercase();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = stuck.accept().await {
+            let want = want.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 1024];
+                let mut buf = vec![0u8; 4096];
                 let n = s.read(&mut buf).await.unwrap_or(0);
+                if !String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase().contains(&want) {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                    return;
+                }
                 if String::from_utf8_lossy(&buf[..n]).contains("since=") {
                     // A long-poll: nothing changes on this proxy.
                     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -968,16 +985,27 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
         }
     });
     let base = format!(
-        "version: 1\nlisteners: [{{name: forward, bind: '0.0.0.0:{listen}'}}]\nadmin: {{bind: '0.0.0.0:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['{host}/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+        "version: 1\nlisteners: [{{name: forward, bind: '0.0.0.0:{listen}'}}]\nadmin: {{bind: '0.0.0.0:{admin_port}', configTokenFile: '{}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['{host}/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n",
+        token_file.display()
     );
     let port_arg = admin_port.to_string();
+    let token_arg = token_file.display().to_string();
     let _operator = operator_with(
         &rel,
         &dir.0,
         &base,
         "/unused",
         op_admin,
-        &["--proxy-admin-port", &port_arg, "--dry-run-event-interval", "1s", "--behind-warning-after", "1s"],
+        &[
+            "--proxy-admin-port",
+            &port_arg,
+            "--proxy-admin-token-file",
+            &token_arg,
+            "--dry-run-event-interval",
+            "1s",
+            "--behind-warning-after",
+            "1s",
+        ],
     )
     .await;
     // proxy-a: the real proxy, in its pod's network namespace.
@@ -1038,6 +1066,15 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
     assert!(row_b.contains("failed (tls)"), "proxy-b's /config through pods/proxy: {out}");
     let row_a = out.lines().find(|l| l.starts_with("proxy-a")).unwrap_or_default();
     assert!(row_a.contains(" ok"), "proxy-a's /config through pods/proxy: {out}");
+    // Without the token, the real proxy's /config refuses the same request through the pod proxy.
+    let bare = c
+        .request_text(
+            http::Request::get(format!("/api/v1/namespaces/tunnelgate/pods/proxy-a:{admin_port}/proxy/config"))
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await;
+    assert!(matches!(bare, Err(kube::Error::Api(ref e)) if e.code == 401), "{bare:?}");
     system.delete("proxy-b", &DeleteParams::default()).await.unwrap();
     // A proxy pod that never answers (nothing listens on its address) is behind, not failing:
     // after the threshold (1 s here) a ProxyBehind event names its node, without any change.

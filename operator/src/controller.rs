@@ -89,6 +89,8 @@ pub struct Settings {
     pub debounce_max: Duration,
     /// The proxies' admin port, for the rollout view (`None`: not reported).
     pub proxy_admin_port: Option<u16>,
+    /// The file holding the token the proxies' `/config` requires, when they require one.
+    pub proxy_admin_token_file: Option<std::path::PathBuf>,
     /// Render one document per node as well (`<release>-proxy-node-<node>`), read by proxies
     /// started with `--node-name`.
     pub config_per_node: bool,
@@ -151,7 +153,9 @@ pub async fn run(
         Reporter { controller: MANAGER.into(), instance: Some(settings.identity.clone()) },
     );
     let mut state = LoopState::new(
-        settings.proxy_admin_port.map(|port| rollout::Proxies::new(port, wake.clone())),
+        settings
+            .proxy_admin_port
+            .map(|port| rollout::Proxies::new(port, settings.proxy_admin_token_file.clone(), wake.clone())),
         settings.dry_run_event_interval,
     );
     metrics.leader.set(i64::from(*leader.borrow()));

@@ -28,6 +28,10 @@ struct Args {
     /// which render every proxy has loaded (`status.loaded`, condition `Enforced`). Omit to skip.
     #[arg(long)]
     proxy_admin_port: Option<u16>,
+    /// A file holding the token the proxies' `/config` requires (their `admin.configTokenFile`);
+    /// read again for every request, so a rotated token is picked up.
+    #[arg(long)]
+    proxy_admin_token_file: Option<std::path::PathBuf>,
     /// Namespace of the release (base ConfigMap, TLS Secrets, outputs, Lease).
     #[arg(long, env = "POD_NAMESPACE", default_value = "tunnelgate")]
     namespace: String,
@@ -166,6 +170,7 @@ async fn run(args: Args) -> i32 {
         debounce: args.debounce,
         debounce_max: args.debounce_max.max(args.debounce),
         proxy_admin_port: args.proxy_admin_port,
+        proxy_admin_token_file: args.proxy_admin_token_file,
         dry_run_event_interval: args.dry_run_event_interval,
         status_writes_per_second: args.status_writes_per_second,
         policy_status: args.policy_status,

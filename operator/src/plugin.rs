@@ -92,6 +92,29 @@ impl Release {
         };
         full.chars().take(40).collect::<String>().trim_end_matches('-').to_owned()
     }
+
+    /// The Secret holding the token the proxies' `/config` requires (key `token`).
+    pub fn admin_token_secret(&self) -> String {
+        format!("{}-admin-token", self.object_prefix())
+    }
+}
+
+/// The admin token of `release`, read from its Secret; `None` when the release has none (its
+/// proxies' `/config` is then open).
+async fn admin_token(client: &Client, release: &Release) -> Result<Option<String>, PluginError> {
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &release.namespace);
+    let name = release.admin_token_secret();
+    let secret = secrets.get_opt(&name).await.map_err(|e| match e {
+        kube::Error::Api(ref a) if a.code == 403 => PluginError::Usage(format!(
+            "cannot read the Secret {}/{name} with the proxies' admin token: bind the Role <release>-inspector in the release namespace",
+            release.namespace
+        )),
+        e => PluginError::Api(e),
+    })?;
+    let token = secret
+        .and_then(|s| s.data)
+        .and_then(|d| d.get("token").map(|b| String::from_utf8_lossy(&b.0).trim().to_owned()));
+    Ok(token)
 }
 
 /// Why a cluster command could not answer.
@@ -403,16 +426,19 @@ pub async fn status(
     let pods = Api::<Pod>::namespaced(client.clone(), &release.namespace);
     let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component=proxy", release.name);
     let proxies = pods.list(&kube::api::ListParams::default().labels(&selector)).await?;
+    let token = admin_token(client, release).await?;
     let mut st = RolloutStatus::default();
     for p in &proxies.items {
         let name = p.metadata.name.clone().unwrap_or_default();
         let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
-        let req = http::Request::get(format!(
+        let mut req = http::Request::get(format!(
             "/api/v1/namespaces/{}/pods/{name}:{admin_port}/proxy/config",
             release.namespace
-        ))
-        .body(Vec::new())
-        .map_err(|e| PluginError::Usage(e.to_string()))?;
+        ));
+        if let Some(t) = &token {
+            req = req.header(proxy_config::ADMIN_TOKEN_HEADER, t);
+        }
+        let req = req.body(Vec::new()).map_err(|e| PluginError::Usage(e.to_string()))?;
         // A proxy whose admin port accepts and never answers is reported, not waited for.
         let answer = tokio::time::timeout(PROXY_ANSWER_TIMEOUT, client.request_text(req)).await;
         let (render, last_reload) = match answer {

@@ -149,7 +149,15 @@ pub struct HttpSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
     pub bind: SocketAddr,
+    /// A file holding the token that `GET /config` requires in the [`ADMIN_TOKEN_HEADER`] header;
+    /// `None`: `/config` is open to whoever reaches the admin port.
+    pub config_token_file: Option<PathBuf>,
 }
+
+/// The request header that carries the admin token to `/config` (a header of its own, not
+/// `Authorization`: the Kubernetes API server removes that one before its pod proxy forwards a
+/// request, so `kubectl tunnelgate status` could not pass the token through it).
+pub const ADMIN_TOKEN_HEADER: &str = "x-tunnelgate-admin-token";
 
 /// Relay settings that are not per-rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,9 +370,18 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         }
     }
 
-    let admin_bind = match raw.admin {
-        Some(a) => errs.take("admin.bind", parse_socket_addr(&a.bind)),
-        None => Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+    let (admin_bind, config_token_file) = match &raw.admin {
+        Some(a) => {
+            let token_file = match a.config_token_file.as_deref() {
+                Some("") => {
+                    errs.push("admin.configTokenFile", "must not be empty (omit it to leave /config open)");
+                    None
+                }
+                other => other.map(PathBuf::from),
+            };
+            (errs.take("admin.bind", parse_socket_addr(&a.bind)), token_file)
+        }
+        None => (Some(SocketAddr::from(([127, 0, 0, 1], 9090))), None),
     };
 
     // relay defaults
@@ -599,7 +616,7 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         Some(Auth { htpasswd_file: a.htpasswd_file.clone().into(), realm })
     });
 
-    let admin = Admin { bind: admin_bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090))) };
+    let admin = Admin { bind: admin_bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090))), config_token_file };
     errs.finish(ProxyConfig {
         listeners,
         admin,

@@ -108,6 +108,7 @@ pub(crate) struct RawAcme {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct RawAdmin {
     pub(crate) bind: String,
+    pub(crate) config_token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,7 +1,9 @@
 //! The admin HTTP server on its own port, with caps of its own (apart from the proxy's): `/metrics`,
 //! `/healthz` (alive), `/readyz` (serving and not draining), `/config` (what is in force;
 //! `?since=N&timeout=S` long-polls until it changes, so the operator's rollout view costs one idle
-//! connection per proxy, not a polling storm).
+//! connection per proxy, not a polling storm). With `admin.configTokenFile`, `/config` answers only
+//! a request that carries the token (the operator's, and `kubectl tunnelgate status`'s); probes and
+//! metrics stay open to whoever reaches the port.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -60,6 +62,9 @@ pub async fn run(inner: Arc<Inner>, listener: TcpListener, stop: CancellationTok
                 let inner = inner.clone();
                 let long_polls = long_polls.clone();
                 async move {
+                    if req.uri().path() == "/config" && !token_accepted(&inner, &req) {
+                        return Ok::<_, Infallible>(unauthorized());
+                    }
                     if req.uri().path() == "/config" && req.method() == Method::GET {
                         return Ok::<_, Infallible>(config(&inner, &long_polls, req.uri().query()).await);
                     }
@@ -96,6 +101,24 @@ async fn config(inner: &Inner, long_polls: &Arc<Semaphore>, query: Option<&str>)
     doc["changes"] = serde_json::json!(counter);
     doc["dryRun"] = inner.dry_run_counts();
     text(StatusCode::OK, doc.to_string(), "application/json")
+}
+
+/// Whether `req` may read `/config`: no token is configured, or it carries the token.
+fn token_accepted(inner: &Inner, req: &Request<Incoming>) -> bool {
+    match &inner.snapshot().admin_token {
+        None => true,
+        Some(token) => req.headers().get(proxy_config::ADMIN_TOKEN_HEADER).is_some_and(|v| token.accepts(v.as_bytes())),
+    }
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        format!("/config requires the admin token in the {} header\n", proxy_config::ADMIN_TOKEN_HEADER),
+        "text/plain",
+    );
+    r.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    r
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &str) -> Response<Full<Bytes>> {

@@ -28,6 +28,7 @@ pub mod accept;
 pub mod access;
 pub mod acme;
 pub mod admin;
+pub mod admin_token;
 pub mod app;
 pub mod auth;
 pub mod authorize;

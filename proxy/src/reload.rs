@@ -59,6 +59,7 @@ impl ReloadError {
             ReloadError::Snapshot(SnapshotError::Tls { .. }) => "tls",
             ReloadError::Snapshot(SnapshotError::Resolver(_)) => "dns",
             ReloadError::Snapshot(SnapshotError::Auth(_)) => "auth",
+            ReloadError::Snapshot(SnapshotError::AdminToken(_)) => "admin-token",
             ReloadError::Bind { .. } => "bind",
             ReloadError::Draining => "draining",
             ReloadError::Aborted => "internal",

@@ -9,6 +9,7 @@ use proxy_config::ProxyConfig;
 use sha2::{Digest, Sha256};
 
 use crate::acme::AcmeCerts;
+use crate::admin_token::{AdminToken, AdminTokenError};
 use crate::auth::{AuthFileError, AuthMemory, Authenticator};
 use crate::dial::{Resolver, ResolverError};
 use crate::ratelimit::RequestLimiter;
@@ -28,6 +29,8 @@ pub enum SnapshotError {
     Resolver(#[source] ResolverError),
     #[error("auth.htpasswdFile")]
     Auth(#[source] AuthFileError),
+    #[error("admin.configTokenFile")]
+    AdminToken(#[source] AdminTokenError),
 }
 
 /// A compiled configuration.
@@ -50,6 +53,8 @@ pub struct Snapshot {
     /// Per-client request rate limit, when `limits.requestsPerSecond` is set. A new generation
     /// starts with full buckets.
     pub request_limiter: Option<RequestLimiter>,
+    /// The token `/config` requires, when `admin.configTokenFile` is set.
+    pub admin_token: Option<AdminToken>,
 }
 
 impl Snapshot {
@@ -86,6 +91,10 @@ impl Snapshot {
             ),
             None => None,
         };
+        let admin_token = match &config.admin.config_token_file {
+            Some(path) => Some(AdminToken::load(path).map_err(SnapshotError::AdminToken)?),
+            None => None,
+        };
         Ok(Snapshot {
             fingerprint,
             config,
@@ -97,6 +106,7 @@ impl Snapshot {
             tls: acceptors,
             request_limiter,
             auth,
+            admin_token,
         })
     }
 
@@ -131,11 +141,12 @@ pub fn fingerprint(config: &ProxyConfig, text: &str) -> String {
 }
 
 /// The files a configuration names besides itself (TLS certificates and keys, the htpasswd
-/// file): a change to any of them is a reload.
+/// file, the admin token): a change to any of them is a reload.
 pub fn watched_files(config: &ProxyConfig) -> Vec<&std::path::Path> {
     let tls = config.listeners.iter().filter_map(|l| l.tls.as_ref());
     let mut files: Vec<&std::path::Path> = tls.flat_map(|t| t.files()).collect();
     files.extend(config.auth.as_ref().map(|a| a.htpasswd_file.as_path()));
+    files.extend(config.admin.config_token_file.as_deref());
     files
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ pub(super) struct Endpoint {
 /// The running long-polls and what they learned.
 pub(super) struct Proxies {
     port: u16,
+    token_file: Option<Arc<Path>>,
     wake: Arc<Notify>,
     reports: Arc<Mutex<HashMap<String, Report>>>,
     polls: HashMap<Endpoint, JoinHandle<()>>,
@@ -50,8 +52,8 @@ impl Drop for Proxies {
 }
 
 impl Proxies {
-    pub(super) fn new(port: u16, wake: Arc<Notify>) -> Proxies {
-        Proxies { port, wake, reports: Arc::default(), polls: HashMap::new() }
+    pub(super) fn new(port: u16, token_file: Option<PathBuf>, wake: Arc<Notify>) -> Proxies {
+        Proxies { port, token_file: token_file.map(Arc::from), wake, reports: Arc::default(), polls: HashMap::new() }
     }
 
     /// Polls exactly `endpoints` from now on.
@@ -71,6 +73,7 @@ impl Proxies {
                 let task = tokio::spawn(poll(
                     ep.pod.clone(),
                     SocketAddr::new(ep.ip, self.port),
+                    self.token_file.clone(),
                     self.reports.clone(),
                     self.wake.clone(),
                 ));
@@ -86,11 +89,17 @@ impl Proxies {
     }
 }
 
-async fn poll(pod: String, addr: SocketAddr, reports: Arc<Mutex<HashMap<String, Report>>>, wake: Arc<Notify>) {
+async fn poll(
+    pod: String,
+    addr: SocketAddr,
+    token_file: Option<Arc<Path>>,
+    reports: Arc<Mutex<HashMap<String, Report>>>,
+    wake: Arc<Notify>,
+) {
     let mut since: Option<u64> = None;
     let mut failures = 0u32;
     loop {
-        match fetch(addr, since).await {
+        match fetch(addr, token_file.as_deref(), since).await {
             Some((report, counter)) => {
                 failures = 0;
                 since = Some(counter);
@@ -115,15 +124,28 @@ async fn poll(pod: String, addr: SocketAddr, reports: Arc<Mutex<HashMap<String, 
     }
 }
 
-/// One `/config` request (long-polled when `since` is known): the report and the change counter.
-async fn fetch(addr: SocketAddr, since: Option<u64>) -> Option<(Report, u64)> {
+/// One `/config` request (long-polled when `since` is known), with the admin token read from
+/// `token_file` when there is one: the report and the change counter.
+async fn fetch(addr: SocketAddr, token_file: Option<&Path>, since: Option<u64>) -> Option<(Report, u64)> {
     let path = match since {
         Some(n) => format!("/config?since={n}&timeout=30"),
         None => "/config".to_owned(),
     };
+    let token = match token_file {
+        Some(f) => {
+            let t = tokio::fs::read_to_string(f).await.ok()?;
+            // A token a header cannot carry is not sent (the proxy would refuse the file too).
+            let t = t.trim();
+            if t.bytes().any(|b| b.is_ascii_control()) {
+                return None;
+            }
+            format!("{}: {t}\r\n", proxy_config::ADMIN_TOKEN_HEADER)
+        }
+        None => String::new(),
+    };
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n").as_bytes())
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: proxy\r\n{token}Connection: close\r\n\r\n").as_bytes())
             .await
             .ok()?;
         let mut raw = Vec::with_capacity(1024);

@@ -18,6 +18,7 @@ fn settings() -> Settings {
         debounce: Duration::from_millis(1),
         debounce_max: Duration::from_millis(1),
         proxy_admin_port: None,
+        proxy_admin_token_file: None,
         proxy_instance: "tunnelgate".into(),
         dry_run_event_interval: Duration::from_secs(300),
         status_writes_per_second: 100,

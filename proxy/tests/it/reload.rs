@@ -476,6 +476,64 @@ async fn config_reports_the_render_and_long_polls_for_changes() {
     assert_eq!(info, [format!("tunnelgate_config_info{{sha256=\"{prefix}\"}} 1")], "one series: the config in force");
 }
 
+/// With `admin.configTokenFile`, `/config` (plain and long-polled) answers only the request that
+/// carries the token; probes and metrics stay open; a token file that cannot be used is refused at
+/// reload, naming the field, and the token in force stays; a new token in the file is the token
+/// from the next reload on.
+#[tokio::test]
+async fn config_answers_only_the_admin_token_when_one_is_configured() {
+    let w = World::new().await;
+    let dir = std::env::temp_dir().join(format!("tg-it-admin-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cret-token-of-the-operator\n").unwrap();
+    let yaml = w.config("").replace(
+        r#"admin: {bind: "127.0.0.1:0"}"#,
+        &format!(r#"admin: {{bind: "127.0.0.1:0", configTokenFile: "{}"}}"#, token_file.display()),
+    );
+    let p = start_proxy(&yaml).await;
+    let get = |path: &str, token: Option<&str>| {
+        let (admin, path, token) = (p.admin, path.to_owned(), token.map(str::to_owned));
+        async move {
+            let mut s = TcpStream::connect(admin).await.unwrap();
+            let header = token.map(|t| format!("X-Tunnelgate-Admin-Token: {t}\r\n")).unwrap_or_default();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            read_to_close(&mut s).await
+        }
+    };
+    let (status, text) = get("/config", None).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("x-tunnelgate-admin-token") && !text.contains("generation"), "{text}");
+    assert_eq!(get("/config?since=0&timeout=5", Some("wrong-token-wrong-token")).await.0, 401);
+    let (status, text) = get("/config", Some("s3cret-token-of-the-operator")).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"generation\":1"), "{text}");
+    // Probes and metrics are not behind the token.
+    assert_eq!(get("/healthz", None).await.0, 200);
+    assert_eq!(get("/readyz", None).await.0, 200);
+    assert_eq!(get("/metrics", None).await.0, 200);
+    // A file too short to be a token is refused at reload; the token in force stays.
+    std::fs::write(&token_file, "short\n").unwrap();
+    let err = reload::apply(&p.inner, &yaml).await.unwrap_err();
+    assert_eq!(err.reason(), "admin-token");
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(e) = source {
+        chain.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    assert!(chain.contains("admin.configTokenFile") && chain.contains("at least 16"), "{chain}");
+    assert_eq!(get("/config", Some("s3cret-token-of-the-operator")).await.0, 200);
+    // A rotated token is the one from the next reload on.
+    std::fs::write(&token_file, "the-rotated-token-0123456789\n").unwrap();
+    reload::apply(&p.inner, &yaml).await.unwrap();
+    assert_eq!(get("/config", Some("s3cret-token-of-the-operator")).await.0, 401);
+    assert_eq!(get("/config", Some("the-rotated-token-0123456789")).await.0, 200);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// One request on a keep-alive connection; returns the status.
 async fn get_on(s: &mut TcpStream, target: &str, authority: &str, extra: &str) -> u16 {
     s.write_all(format!("GET {target} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n").as_bytes()).await.unwrap();
