@@ -71,6 +71,10 @@ pub enum TunnelError {
     /// The upstream's HTTP response was invalid, or the exchange failed (plain-HTTP path).
     #[error("invalid or failed upstream response")]
     UpstreamResponse(#[source] hyper::Error),
+    /// A plain-HTTP request body went past its rule's relay limit before the response began
+    /// (`byte_limit`: `maxTotalBytes`).
+    #[error("request body over the relay limit ({})", .0.as_str())]
+    RelayLimit(crate::relay::CloseReason),
     /// The upstream sent no response head within `http.responseHeadTimeout`.
     #[error("upstream response timed out")]
     UpstreamResponseTimeout,
@@ -110,6 +114,7 @@ impl TunnelError {
             TunnelError::UpstreamTimeout => "upstream_timeout",
             TunnelError::UpstreamResponse(_) => "upstream_bad_response",
             TunnelError::UpstreamResponseTimeout => "upstream_response_timeout",
+            TunnelError::RelayLimit(_) => "relay_limit",
             TunnelError::TlsHandshake(_) => "tls_handshake_failed",
             TunnelError::ClientClosed => "client_closed",
             TunnelError::Io { .. } => "io_error",
@@ -123,7 +128,7 @@ impl TunnelError {
             TunnelError::Denied(DenyReason::Rule) => ("deny", "policy"),
             TunnelError::Denied(r) => ("deny", r.as_str()),
             TunnelError::SelfConnect => ("deny", "self"),
-            TunnelError::ClientLimit | TunnelError::RateLimited(_) => ("deny", "limit"),
+            TunnelError::ClientLimit | TunnelError::RateLimited(_) | TunnelError::RelayLimit(_) => ("deny", "limit"),
             TunnelError::Overloaded => ("deny", "overload"),
             TunnelError::Draining => ("deny", "draining"),
             TunnelError::AuthRequired(_) => ("deny", "auth"),
@@ -154,6 +159,7 @@ impl TunnelError {
             TunnelError::HeadTooLarge => 431,
             TunnelError::UriTooLong => 414,
             TunnelError::MalformedRequest(_) => 400,
+            TunnelError::RelayLimit(_) => 413,
             TunnelError::MethodNotAllowed => 405,
             TunnelError::AuthRequired(_) => 407,
             TunnelError::Denied(_) | TunnelError::SelfConnect => 403,
@@ -179,6 +185,7 @@ impl TunnelError {
             | TunnelError::UriTooLong
             | TunnelError::MalformedRequest(_)
             | TunnelError::MethodNotAllowed => "http_request_error",
+            TunnelError::RelayLimit(_) => "http_request_denied",
             TunnelError::Denied(DenyReason::PrivateAddress { .. }) => "destination_ip_prohibited",
             TunnelError::Denied(_)
             | TunnelError::ClientLimit

@@ -26,6 +26,7 @@ use tracing::{debug, info};
 
 use super::connect;
 use super::headers;
+use super::limits::{BoxError, Budget, Direction, Limited, Watchdog};
 use super::pool::{PoolKey, UpstreamBody};
 use super::prefixed::Prefixed;
 use super::upgrade;
@@ -38,7 +39,7 @@ use crate::established::{self, Established};
 use crate::negotiate::{self, MAX_HEADERS};
 
 /// The body of every response the proxy sends on this path.
-pub type ResponseBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Largest upstream response head; a larger one is answered 502.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -60,7 +61,8 @@ where
         // A client that shuts its write side after the request still gets the response.
         .half_close(true)
         .keep_alive(true);
-    let handler = Arc::new(Handler { ctx: ctx.clone(), http });
+    let watchdog = Arc::new(Watchdog::default());
+    let handler = Arc::new(Handler { ctx: ctx.clone(), http, watchdog: watchdog.clone() });
     let service = service_fn(move |req| {
         let h = handler.clone();
         async move { Ok::<_, Infallible>(h.handle(req).await) }
@@ -73,6 +75,12 @@ where
     let membership = ctx.inner.http_connections.join(());
     let result = tokio::select! {
         r = conn.as_mut() => Some(r),
+        // A request past its rule's maxLifetime or idleTimeout: the connection closes, as a
+        // tunnel's would (its access event says which limit).
+        reason = watchdog.expired() => {
+            debug!(conn = ctx.id, reason = reason.as_str(), "HTTP request cut at its relay limit");
+            None
+        }
         _ = membership.stop.stopped() => {
             // Idle: closes now. A request in flight: its response goes out with
             // `Connection: close`, and no further request is read.
@@ -92,6 +100,8 @@ where
 pub(crate) struct Handler {
     pub(crate) ctx: ConnCtx,
     pub(crate) http: ListenerHttp,
+    /// The time limits of the request in flight on this connection.
+    pub(crate) watchdog: Arc<Watchdog>,
 }
 
 /// The method label of `tunnelgate_http_requests_total`: a closed set.
@@ -126,6 +136,8 @@ pub(crate) struct Exchange {
     pub(crate) authority: Option<Authority>,
     /// The authenticated proxy user (logged only with `logging.logUsers`).
     pub(crate) user: Option<String>,
+    /// The relay limits of a forwarded request, and what it moved.
+    pub(crate) budget: Option<Arc<Budget>>,
 }
 
 impl Exchange {
@@ -140,7 +152,7 @@ impl Handler {
         // Judged by the configuration in force at this request, not at the connection's accept
         // (a request already in flight at a reload finishes under the one it started with).
         let this = match self.ctx.current() {
-            Some(ctx) => Arc::new(Handler { ctx, http: self.http.clone() }),
+            Some(ctx) => Arc::new(Handler { ctx, http: self.http.clone(), watchdog: self.watchdog.clone() }),
             None => self,
         };
         this.judge(req).await
@@ -153,6 +165,7 @@ impl Handler {
             rule: None,
             authority: None,
             user: None,
+            budget: None,
         };
         if let Err(e) = self.ctx.admit_request() {
             return self.error(&ex, e.into());
@@ -169,6 +182,9 @@ impl Handler {
             self.forward(req, &mut ex, user).await
         };
         result.unwrap_or_else(|r| {
+            if let Some(b) = &ex.budget {
+                self.watchdog.release(b);
+            }
             ex.rule = ex.rule.take().or(r.rule.clone());
             self.error(&ex, r)
         })
@@ -231,7 +247,14 @@ impl Handler {
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri: Uri = path.parse().map_err(|_| Rejection::from(TunnelError::MalformedRequest("invalid path")))?;
-        let mut up = Request::new(body.boxed());
+        // An upgrade's own limits start at its 101, when it becomes a tunnel; any other request
+        // is held to its rule's relay limits from here to the end of its response.
+        let budget = client_upgrade.is_none().then(|| Budget::new(authorized.limits));
+        if let Some(b) = &budget {
+            self.watchdog.watch(b);
+        }
+        ex.budget.clone_from(&budget);
+        let mut up = Request::new(Limited::new(body, budget.clone(), Direction::Up).boxed());
         *up.method_mut() = parts.method;
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_11;
@@ -246,7 +269,13 @@ impl Handler {
             Some(pooled) => pooled,
             None => self.dial(&authorized, authority.port, &host, false).await.map_err(rejected)?,
         };
-        let resp = self.send(&mut sender, up).await.map_err(rejected)?;
+        let resp = self.send(&mut sender, up).await.map_err(|e| {
+            // A request body cut at the byte limit fails the exchange: say which limit.
+            match budget.as_ref().and_then(|b| b.cut_reason()) {
+                Some(reason) => rejected(TunnelError::RelayLimit(reason)),
+                None => rejected(e),
+            }
+        })?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // No upgrade was asked for: a 101 is a protocol violation, never a switch.
             return Ok(self.bad_gateway(ex));
@@ -362,7 +391,7 @@ impl Handler {
         retry_after: Option<u64>,
         outcome: (&'static str, &'static str),
     ) -> Response<ResponseBody> {
-        self.record(ex, status, 0, outcome);
+        self.record(ex, status, outcome);
         let body = format!("{} {}: {message}\n", status.as_u16(), negotiate::reason_phrase(status.as_u16()));
         let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
         *resp.status_mut() = status;
@@ -386,15 +415,17 @@ impl Handler {
 
     /// Counts one finished request and writes its access event; `outcome` is its decision and
     /// reason.
-    pub(crate) fn record(
-        &self,
-        ex: &Exchange,
-        status: StatusCode,
-        bytes_down: u64,
-        (decision, reason): (&'static str, &'static str),
-    ) {
+    pub(crate) fn record(&self, ex: &Exchange, status: StatusCode, (decision, reason): (&'static str, &'static str)) {
         let m = &self.ctx.inner.metrics;
         m.http_requests.with_label_values(&[&self.ctx.listener, ex.method, code_class(status)]).inc();
+        let (bytes_up, bytes_down) = ex.budget.as_ref().map_or((0, 0), |b| b.bytes());
+        if bytes_up > 0 {
+            m.relayed_bytes.with_label_values(&[&self.ctx.listener, "upstream"]).inc_by(bytes_up);
+        }
+        if bytes_down > 0 {
+            m.relayed_bytes.with_label_values(&[&self.ctx.listener, "downstream"]).inc_by(bytes_down);
+        }
+        let limit = ex.budget.as_ref().and_then(|b| b.cut_reason()).map(crate::relay::CloseReason::as_str);
         let elapsed = ex.started.elapsed();
         m.http_request_duration.with_label_values(&[&self.ctx.listener]).observe(elapsed.as_secs_f64());
         let logging = self.ctx.snapshot.config.logging;
@@ -412,7 +443,9 @@ impl Handler {
                 namespace = namespace.filter(|n| !n.is_empty()),
                 policy,
                 status = status.as_u16(),
+                bytes_up,
                 bytes_down,
+                limit,
                 duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                 client = logging.log_client_addresses.then(|| self.ctx.peer.ip().to_string()),
                 destination = logging.log_targets.then(|| ex.authority.as_ref().map(ToString::to_string)).flatten(),
@@ -465,7 +498,6 @@ pub(crate) struct Finish {
     ex: Exchange,
     status: StatusCode,
     reuse: Option<(PoolKey, SendRequest<UpstreamBody>)>,
-    bytes: u64,
 }
 
 impl Finish {
@@ -481,45 +513,46 @@ impl Finish {
             rule: ex.rule.take(),
             authority: ex.authority.take(),
             user: ex.user.take(),
+            budget: ex.budget.take(),
         };
-        Finish { handler: handler.clone(), ex, status, reuse, bytes: 0 }
+        Finish { handler: handler.clone(), ex, status, reuse }
     }
 
     fn done(mut self, complete: bool) {
         let h = &self.handler;
+        if let Some(b) = &self.ex.budget {
+            h.watchdog.release(b);
+        }
         if let (true, Some((key, sender))) = (complete, self.reuse.take()) {
             let cfg = &h.ctx.snapshot.config.http;
             h.ctx.inner.upstream_pool.checkin(key, sender, cfg.max_idle_per_upstream, cfg.max_idle_upstreams);
         }
-        h.record(&self.ex, self.status, self.bytes, self.ex.allowed());
+        h.record(&self.ex, self.status, self.ex.allowed());
     }
 }
 
-/// A response body streamed from the upstream, frame by frame (nothing is buffered whole).
+/// A response body streamed from the upstream, frame by frame (nothing is buffered whole), under
+/// its request's relay limits.
 pub(crate) struct TrackedBody {
-    inner: Incoming,
+    inner: Limited<Incoming>,
     finish: Option<Finish>,
 }
 
 impl TrackedBody {
     pub(crate) fn new(inner: Incoming, finish: Finish) -> TrackedBody {
-        TrackedBody { inner, finish: Some(finish) }
+        let budget = finish.ex.budget.clone();
+        TrackedBody { inner: Limited::new(inner, budget, Direction::Down), finish: Some(finish) }
     }
 }
 
 impl Body for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                let n = frame.data_ref().map_or(0, |d| d.len() as u64);
-                if let Some(f) = self.finish.as_mut() {
-                    f.bytes += n;
-                }
-            }
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
             Poll::Ready(None) => {
                 if let Some(f) = self.finish.take() {
                     f.done(true);
@@ -530,7 +563,6 @@ impl Body for TrackedBody {
                     f.done(false);
                 }
             }
-            Poll::Pending => {}
         }
         polled
     }

@@ -4,6 +4,7 @@
 pub mod connect;
 pub mod headers;
 pub mod http;
+pub mod limits;
 pub mod pool;
 mod prefixed;
 pub mod upgrade;

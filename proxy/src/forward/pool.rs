@@ -19,7 +19,7 @@ use tokio::time::{timeout, Instant};
 use crate::state::lock;
 
 /// The body type of every request sent upstream.
-pub type UpstreamBody = BoxBody<Bytes, hyper::Error>;
+pub type UpstreamBody = BoxBody<Bytes, super::limits::BoxError>;
 
 /// Which idle connections a request may use.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

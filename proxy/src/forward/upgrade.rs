@@ -48,7 +48,7 @@ pub(crate) async fn forward(
     let mut upstream_resp = Response::from_parts(parts.clone(), body);
     let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
     let ctx = handler.ctx.clone();
-    handler.record(ex, StatusCode::SWITCHING_PROTOCOLS, 0, ex.allowed());
+    handler.record(ex, StatusCode::SWITCHING_PROTOCOLS, ex.allowed());
     handler.ctx.inner.tracker.spawn(async move {
         // The upstream connection's driver must stay alive until the upgrade resolves.
         let _sender = sender;

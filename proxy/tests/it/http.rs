@@ -897,3 +897,119 @@ async fn upstream_connections_are_reused_only_by_the_client_that_opened_them() {
     assert_eq!(from("127.0.0.1", get("/x3")).await, 200);
     assert_eq!(up.up.count(), 2, "and the first client's is still there for it");
 }
+
+/// A rule's relay limits hold for plain HTTP as for tunnels, per request: a download stops at
+/// `maxTotalBytes` (the connection closes), an upload is cut there too (413 when no response had
+/// begun) and never reaches the upstream past it, a request still running at `maxLifetime` is cut;
+/// both directions are counted in `tunnelgate_relayed_bytes_total`.
+#[tokio::test]
+async fn relay_limits_of_the_rule_apply_to_plain_http_requests() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let w = World::new().await;
+    let received = Arc::new(AtomicU64::new(0));
+    let got = received.clone();
+    let up = Upstream::start("127.0.0.2", move |s| {
+        let got = got.clone();
+        async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let got = got.clone();
+                async move {
+                    let body: http_body_util::combinators::BoxBody<Bytes, Infallible> = match req.uri().path() {
+                        "/big" => Full::new(Bytes::from(vec![b'x'; 8 << 20])).boxed(),
+                        "/upload" => {
+                            let mut b = req.into_body();
+                            while let Some(Ok(f)) = b.frame().await {
+                                got.fetch_add(f.data_ref().map_or(0, |d| d.len() as u64), Ordering::SeqCst);
+                            }
+                            Full::new(Bytes::from_static(b"stored")).boxed()
+                        }
+                        _ => {
+                            // A byte every 200 ms for 3 s.
+                            let drip = futures::stream::iter(0..15).then(|_| async {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b".")))
+                            });
+                            BodyExt::boxed(StreamBody::new(drip))
+                        }
+                    };
+                    Ok::<_, Infallible>(Response::new(body))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+        }
+    })
+    .await;
+    // The rule that opens the loopback upstream's address is the one whose limits apply.
+    let yaml = w.config("").replace(
+        r#"cidrs: ["127.0.0.2/32"]}"#,
+        r#"cidrs: ["127.0.0.2/32"], relay: {maxTotalBytes: 100000, maxLifetime: 2s}}"#,
+    );
+    assert!(yaml.contains("maxTotalBytes"));
+    let p = start_proxy(&yaml).await;
+    let port = up.addr.port();
+    let down_before = metric(p.admin, "tunnelgate_relayed_bytes_total{direction=\"downstream\"").await;
+
+    // 8 MiB offered: 100,000 bytes of body arrive, then the connection closes.
+    let req = format!("GET http://allowed.test:{port}/big HTTP/1.1\r\nHost: allowed.test\r\n\r\n");
+    let (status, text) = raw(&p, req.as_bytes()).await;
+    assert_eq!(status, 200);
+    let body = text.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+    assert_eq!(body, 100_000, "the download stops exactly at maxTotalBytes");
+    let down = metric(p.admin, "tunnelgate_relayed_bytes_total{direction=\"downstream\"").await - down_before;
+    assert_eq!(down, 100_000.0);
+
+    // 5 MB up: the upstream never gets more than the budget; the client gets 413.
+    let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+    let len = 5_000_000;
+    s.write_all(
+        format!(
+            "POST http://allowed.test:{port}/upload HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: {len}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut r, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'u'; 65536];
+        let mut sent = 0;
+        while sent < len {
+            if wr.write_all(&chunk[..chunk.len().min(len - sent)]).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+    });
+    let (status, text) = read_to_close(&mut r).await;
+    writer.abort();
+    assert!(status == 413 || status == 0, "{text}");
+    if status == 413 {
+        assert!(text.contains("relay limit (byte_limit)") && text.contains("Connection: close"), "{text}");
+    }
+    assert!(eventually(5, || async { received.load(Ordering::SeqCst) > 0 }).await, "the upload began");
+    assert!(
+        received.load(Ordering::SeqCst) <= 100_000,
+        "{} bytes reached the upstream",
+        received.load(Ordering::SeqCst)
+    );
+    // What the proxy passed on is counted: at least what arrived, never past the budget.
+    let up_bytes = metric(p.admin, "tunnelgate_relayed_bytes_total{direction=\"upstream\"").await;
+    assert!(
+        up_bytes >= received.load(Ordering::SeqCst) as f64 && up_bytes <= 100_000.0 && up_bytes > 0.0,
+        "uploads are counted: {up_bytes}"
+    );
+
+    // A response that would take 3 s is cut at the 2 s lifetime: not every byte arrives.
+    let req = format!("GET http://allowed.test:{port}/drip HTTP/1.1\r\nHost: allowed.test\r\n\r\n");
+    let (status, text) = raw(&p, req.as_bytes()).await;
+    assert_eq!(status, 200);
+    let dots = text.matches('.').count();
+    assert!(dots < 15, "the request outlived maxLifetime: {text:?}");
+    // The next connection is served normally.
+    let (status, _) = raw(
+        &p,
+        format!("GET http://allowed.test:{port}/big HTTP/1.1\r\nHost: allowed.test\r\nRange: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
