@@ -206,10 +206,21 @@ impl Handler {
         self.ctx.inner.tracker.spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let (cr, cw) = tokio::io::split(TokioIo::new(upgraded));
+                    let mut t = Established { kind: TunnelKind::Connect, authority, early: Vec::new(), authorized };
                     let (ur, uw) = upstream.into_split();
-                    let t = Established { kind: TunnelKind::Connect, authority, early: Vec::new(), authorized };
-                    established::tunnel(cr, cw, ur, uw, t, &ctx).await;
+                    // hyper's connection is set aside: a plain TCP client is relayed as the
+                    // stream itself, as a first-request CONNECT is.
+                    match upgrade::Opened::client(upgraded) {
+                        upgrade::Opened::Tcp(client, early) => {
+                            t.early = early;
+                            let (cr, cw) = client.into_split();
+                            established::tunnel(cr, cw, ur, uw, t, &ctx).await;
+                        }
+                        other => {
+                            let (cr, cw) = tokio::io::split(other.boxed());
+                            established::tunnel(cr, cw, ur, uw, t, &ctx).await;
+                        }
+                    }
                 }
                 Err(e) => debug!(conn = ctx.id, error = %e, "CONNECT upgrade failed"),
             }

@@ -17,6 +17,12 @@ impl<S> Prefixed<S> {
     pub(crate) fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
         Prefixed { prefix, pos: 0, inner }
     }
+
+    /// The bytes of the prefix not yet read, and the stream.
+    pub(crate) fn into_parts(mut self) -> (Vec<u8>, S) {
+        let rest = self.prefix.split_off(self.pos.min(self.prefix.len()));
+        (rest, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

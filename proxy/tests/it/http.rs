@@ -509,6 +509,19 @@ async fn connect_after_http_on_the_same_connection() {
     assert_eq!(status, 200, "{head}");
     roundtrip(&mut s, b"through the tunnel").await;
     assert_eq!(metric_when(p.admin, "tunnelgate_tunnels_active{listener=\"forward\"}", |v| v == 1.0).await, 1.0);
+    // Bytes sent in the same write as the CONNECT (read ahead with its head) go through first.
+    let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+    s.write_all(format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", up.target("/"), up.authority()).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s).await.0, 200);
+    s.write_all(format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\nsent early").as_bytes()).await.unwrap();
+    let (status, head) = read_head(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    let mut early = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut early)).await.unwrap().unwrap();
+    assert_eq!(&early, b"sent early");
+    roundtrip(&mut s, b"and after").await;
 }
 
 #[tokio::test]
