@@ -59,10 +59,37 @@ impl Default for AuthMemory {
     }
 }
 
+/// User name → (bcrypt hash, the hash's SHA-256).
+type Users = HashMap<String, (String, [u8; 32])>;
+
+/// Reads htpasswd text: `user:hash` lines, bcrypt (`$2a$`, `$2b$`, `$2y$`) only; blank lines and
+/// `#` comments are skipped. The error is the 1-based line and what is wrong with it.
+pub fn parse_htpasswd(text: &str) -> Result<Users, (usize, &'static str)> {
+    let mut users = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, hash) = line.split_once(':').ok_or((i + 1, "expected user:hash"))?;
+        if user.is_empty() {
+            return Err((i + 1, "empty user name"));
+        }
+        if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+            return Err((i + 1, "not a bcrypt hash (write it with htpasswd -B); other formats are too weak"));
+        }
+        let digest: [u8; 32] = Sha256::digest(hash.as_bytes()).into();
+        if users.insert(user.to_owned(), (hash.to_owned(), digest)).is_some() {
+            return Err((i + 1, "user listed twice"));
+        }
+    }
+    Ok(users)
+}
+
 /// The users of one configuration generation.
 pub struct Authenticator {
     /// User name → bcrypt hash, and the hash's SHA-256 (what a remembered credential is tied to).
-    users: HashMap<String, (String, [u8; 32])>,
+    users: Users,
     pub realm: String,
     /// What unknown users are verified against: a hash at the cost the file's hashes have.
     dummy: &'static str,
@@ -75,25 +102,11 @@ impl Authenticator {
     pub fn load(path: &Path, realm: &str, memory: Arc<AuthMemory>) -> Result<Authenticator, AuthFileError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| AuthFileError::Read { path: path.to_owned(), source })?;
-        let mut users = HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let invalid = |message| AuthFileError::Invalid { path: path.to_owned(), line: i + 1, message };
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (user, hash) = line.split_once(':').ok_or_else(|| invalid("expected user:hash"))?;
-            if user.is_empty() {
-                return Err(invalid("empty user name"));
-            }
-            if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
-                return Err(invalid("not a bcrypt hash (write it with htpasswd -B); other formats are too weak"));
-            }
-            let digest: [u8; 32] = Sha256::digest(hash.as_bytes()).into();
-            if users.insert(user.to_owned(), (hash.to_owned(), digest)).is_some() {
-                return Err(invalid("user listed twice"));
-            }
-        }
+        let users = parse_htpasswd(&text).map_err(|(line, message)| AuthFileError::Invalid {
+            path: path.to_owned(),
+            line,
+            message,
+        })?;
         // Buckets of clients that have not verified lately are as good as new: drop them.
         memory.verifications.retain_recent();
         let dummy = dummy_hash(usual_cost(users.values().map(|(hash, _)| hash)));
@@ -138,7 +151,7 @@ impl Authenticator {
 }
 
 /// `Basic base64(user:password)` → (user, password).
-fn parse_basic(header: &[u8]) -> Option<(String, String)> {
+pub fn parse_basic(header: &[u8]) -> Option<(String, String)> {
     let text = std::str::from_utf8(header).ok()?.trim();
     let (scheme, b64) = text.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {

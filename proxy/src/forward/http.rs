@@ -470,7 +470,7 @@ impl Handler {
 /// The target of an absolute-form request: its authority (port 80 when omitted) and the `Host`
 /// value to send. Anything but `http://host[:port]` is refused; the host grammar is the strict one
 /// of CONNECT targets (no userinfo, no odd IPv4 spellings, no zone IDs).
-fn target(uri: &Uri) -> Result<(Authority, String), TunnelError> {
+pub fn target(uri: &Uri) -> Result<(Authority, String), TunnelError> {
     match uri.scheme_str() {
         Some(s) if s.eq_ignore_ascii_case("http") => {}
         Some(s) if s.eq_ignore_ascii_case("https") => {
