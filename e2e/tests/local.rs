@@ -1463,3 +1463,85 @@ async fn two_releases_share_policies_and_one_owns_their_status() {
     assert_eq!(writes, 0.0, "the gateway release wrote policy status:\n{metrics}");
     assert!(metrics.contains("tunnelgate_operator_config_writes_total{result=\"applied\"}"), "{metrics}");
 }
+
+/// A tenant with only the rights to write TunnelPolicies and pods in its namespace cannot freeze
+/// policy for the cluster: with a policy whose name makes a rule name the proxy would refuse and two
+/// ~460 KB policies (inside the CRD's bounds, together over what a ConfigMap holds) in place — each
+/// refused or left out alone, and saying why — another namespace's new Allow is enforced, a cluster Deny applies and is lifted, and a
+/// deletion is revoked, each within the usual time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_freeze_policy_for_the_cluster() {
+    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-tenant-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let rel = cluster(&dir.0, &["payments", "tenant"], &[]).await;
+    let c = rel.admin.clone();
+    let target = echo_upstream("127.0.0.2").await;
+    let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
+    let proxy_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let _operator = single_operator(&rel, &dir.0, &rollout_base(listen, "127.0.0.1", admin), "/unused", op_admin).await;
+    let _proxy = spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "tunnelgate/tunnelgate-proxy"],
+        &rel.proxy_kubeconfig,
+        &dir.0.join("proxy.log"),
+    );
+    run_pod(&Api::<Pod>::namespaced(c.clone(), "payments"), pod("checkout-1", "checkout", "127.0.0.11")).await;
+    run_pod(&Api::<Pod>::namespaced(c.clone(), "tenant"), pod("t-1", "t", "127.0.0.13")).await;
+    until("proxy answers", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 403 }).await;
+
+    // The tenant's moves, through the real API server's admission.
+    let tenant = Api::<TunnelPolicy>::namespaced(c.clone(), "tenant");
+    let long_name = "n".repeat(253);
+    tenant.create(&PostParams::default(), &policy(&long_name, "t", json!({"hosts": ["a.example.com"]}))).await.unwrap();
+    let label = "l".repeat(60);
+    let destinations: Vec<serde_json::Value> = (0..30)
+        .map(|d| {
+            let hosts: Vec<String> = (0..76).map(|h| format!("d{d}h{h}.{label}.{label}.{label}.example.com")).collect();
+            json!({"hosts": hosts, "ports": [443]})
+        })
+        .collect();
+    // Two of them: together over what one ConfigMap holds (the whole render failed before).
+    for name in ["huge", "huge-2"] {
+        let mut huge = policy(name, "t", json!({}));
+        huge.spec.destinations = serde_json::from_value(json!(destinations)).unwrap();
+        let bytes = serde_json::to_vec(&huge).unwrap().len();
+        assert!(bytes > 460_000, "{bytes}");
+        tenant.create(&PostParams::default(), &huge).await.unwrap();
+    }
+
+    // Another namespace's Allow is enforced all the same.
+    let payments = Api::<TunnelPolicy>::namespaced(c.clone(), "payments");
+    let dest = json!({"cidrs": ["127.0.0.2/32"], "ports": [target.port()]});
+    payments.create(&PostParams::default(), &policy("allow-echo", "checkout", dest)).await.unwrap();
+    until("payments' Allow enforced", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 200 })
+        .await;
+    // The tenant's policies say why they are not in force.
+    until("the long name refused alone", 20, || async {
+        condition(&tenant.get(&long_name).await.unwrap(), "Accepted")
+            .is_some_and(|c| c.0 == "False" && c.2.contains("metadata.name"))
+    })
+    .await;
+    until("the huge policy over its budget", 20, || async {
+        condition(&tenant.get("huge").await.unwrap(), "Ready")
+            .is_some_and(|c| c.0 == "False" && c.1 == "OverBudget" && c.2.contains("one policy may add"))
+    })
+    .await;
+    // A cluster Deny applies, and is lifted.
+    let ctps = Api::<ClusterTunnelPolicy>::all(c.clone());
+    let deny: ClusterTunnelPolicy = serde_json::from_value(json!({
+        "apiVersion": "tunnelgate.io/v1alpha1", "kind": "ClusterTunnelPolicy", "metadata": {"name": "no-echo"},
+        "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "payments"}}, "action": "Deny",
+                 "priority": 100, "destinations": [{"cidrs": ["127.0.0.2/32"]}]}
+    }))
+    .unwrap();
+    ctps.create(&PostParams::default(), &deny).await.unwrap();
+    until("cluster Deny enforced", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 403 }).await;
+    ctps.delete("no-echo", &DeleteParams::default()).await.unwrap();
+    until("cluster Deny lifted", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 200 }).await;
+    // A deletion is revoked.
+    payments.delete("allow-echo", &DeleteParams::default()).await.unwrap();
+    until("deletion revoked", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 403 }).await;
+    // The rendered document never carried the oversized policy.
+    let cm = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate").get("tunnelgate-proxy").await.unwrap();
+    assert!(!cm.data.unwrap()["config.yaml"].contains("tenant/huge"));
+}

@@ -19,6 +19,15 @@ use crate::validate::{validate, validate_cluster, FieldError, ValidDestination, 
 /// Largest rendered document written (a ConfigMap holds at most 1 MiB in all).
 pub const MAX_CONFIG_BYTES: usize = 900 * 1024;
 
+/// Most bytes one TunnelPolicy's rules may add to the rendered documents (its destinations, as
+/// the document spells them; the clients, which grow with the pods, are not counted): over it, the
+/// policy is not rendered, and its status says so.
+pub const POLICY_BUDGET_BYTES: usize = 64 * 1024;
+
+/// Most bytes the TunnelPolicies of one namespace may add together (counted as for one policy, in
+/// the order of their names): a policy that would take the namespace past it is not rendered.
+pub const NAMESPACE_BUDGET_BYTES: usize = 192 * 1024;
+
 /// A TunnelPolicy as the renderer sees it.
 #[derive(Debug, Clone)]
 pub struct PolicyIn<'a> {
@@ -124,6 +133,9 @@ pub struct Accepted {
     pub delegated_to: Option<usize>,
     /// `enforcement: DryRun`: its rules are rendered but not enforced.
     pub dry_run: bool,
+    /// Why none of its rules are rendered although it is valid: over its own or its namespace's
+    /// budget, or left out so that the document fits.
+    pub over_budget: Option<String>,
 }
 
 /// A grant of the base's `addressGrants`: namespaces whose policies may open refused address
@@ -319,6 +331,11 @@ struct Rule {
 }
 
 impl Rule {
+    /// Bytes its body (without clients) takes in a document, roughly (as JSON).
+    fn body_bytes(&self) -> usize {
+        serde_json::to_vec(&self.body).map_or(0, |v| v.len())
+    }
+
     /// The rule as the document carries it, listing `clients`.
     fn raw(&self, clients: &[IpAddr]) -> RawRule {
         RawRule { clients: Some(clients.iter().map(ToString::to_string).collect()), ..self.body.clone() }
@@ -541,6 +558,7 @@ pub fn render_with(
                     restricted: Vec::new(),
                     delegated_to: Some(scope),
                     dry_run: false,
+                    over_budget: None,
                 };
             }
             let (ips, matched) = &worked.selected;
@@ -553,6 +571,7 @@ pub fn render_with(
                 restricted: Vec::new(),
                 delegated_to: None,
                 dry_run: v.dry_run,
+                over_budget: None,
             }
         });
         memo.cluster.insert(cp.name.to_owned(), worked);
@@ -561,6 +580,10 @@ pub fn render_with(
 
     let mut policies = input.policies.clone();
     policies.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
+    // What each namespace's policies add to the documents, and the policies that may be left out
+    // should the documents still not fit.
+    let mut namespace_bytes: HashMap<&str, usize> = HashMap::new();
+    let mut optional: Vec<Optional> = Vec::new();
     for p in &policies {
         let key = (p.namespace.to_owned(), p.name.to_owned());
         let reusable = |w: &Worked<TunnelPolicySpec, ValidPolicy>| {
@@ -608,7 +631,40 @@ pub fn render_with(
                     }
                 }
             }
-            let names = push_rules(&mut rules, &format!("{}/{}", p.namespace, p.name), &v, ips, None, &left_out);
+            let start = rules.len();
+            let mut names =
+                push_rules(&mut rules, &format!("{}/{}", p.namespace, p.name), &v, ips, None, &left_out);
+            let bytes: usize = rules[start..].iter().map(|r| r.body_bytes()).sum();
+            let used = namespace_bytes.entry(p.namespace).or_default();
+            let over_budget = if bytes > POLICY_BUDGET_BYTES {
+                Some(format!(
+                    "not rendered: its rules would add {bytes} bytes to the proxies' configuration, over the {POLICY_BUDGET_BYTES} one policy may add (split it, or list fewer or shorter hosts)"
+                ))
+            } else if *used + bytes > NAMESPACE_BUDGET_BYTES {
+                Some(format!(
+                    "not rendered: with the policies of namespace {} named before it, its rules would add {} bytes to the proxies' configuration, over the {NAMESPACE_BUDGET_BYTES} one namespace may add",
+                    p.namespace,
+                    *used + bytes
+                ))
+            } else {
+                None
+            };
+            if over_budget.is_some() {
+                rules.truncate(start);
+                names.clear();
+            } else if !names.is_empty() {
+                *used += bytes;
+                // Leaving out an Allow, or a rule that decides nothing, never opens anything.
+                if v.action == "allow" || v.dry_run {
+                    let clients = rules[start..].iter().flat_map(|r| r.clients.iter()).map(|ip| text_len(ip) + 7).sum::<usize>();
+                    optional.push(Optional {
+                        outcome: outcomes.len(),
+                        rules: start..rules.len(),
+                        bytes: bytes + clients,
+                        dry_run: v.dry_run,
+                    });
+                }
+            }
             Accepted {
                 matched_pods: *matched,
                 summary: v.summary.clone(),
@@ -616,16 +672,94 @@ pub fn render_with(
                 restricted,
                 delegated_to: None,
                 dry_run: v.dry_run,
+                over_budget,
             }
         });
         memo.namespaced.insert(key, worked);
         outcomes.push(PolicyOutcome { namespace: p.namespace.to_owned(), name: p.name.to_owned(), result });
     }
-    let rendered = base.and_then(|(doc, _)| match input.per_node {
-        None => document(input, doc, rules.iter().map(|r| r.raw(&r.clients)).collect()),
-        Some(nodes) => per_node(input, doc, rules, nodes),
-    });
+    let (doc, _) = match base {
+        Ok(b) => b,
+        Err(e) => return (outcomes, Err(e)),
+    };
+    let rendered = fit(input, doc, rules, optional, &namespace_bytes, &mut outcomes);
     (outcomes, rendered)
+}
+
+/// A namespaced policy whose rules may be left out when the documents would not fit otherwise.
+struct Optional {
+    /// Its index in the outcomes.
+    outcome: usize,
+    /// Its rules' indexes.
+    rules: std::ops::Range<usize>,
+    /// What it adds to the whole document (rules and clients), roughly.
+    bytes: usize,
+    dry_run: bool,
+}
+
+/// The documents with `rules`; while they would not fit in a ConfigMap, whole policies are left
+/// out, in this order, until they do: dry-run policies first (they decide nothing), then Allow
+/// policies, those of the namespace adding the most first, the largest first within it, then by
+/// namespace and name. Denies and ClusterTunnelPolicies are never left out: leaving out an Allow
+/// only ever refuses more. Each policy left out says so in its status.
+fn fit(
+    input: &Input<'_>,
+    doc: Map<String, Value>,
+    rules: Vec<Rule>,
+    mut optional: Vec<Optional>,
+    namespace_bytes: &HashMap<&str, usize>,
+    outcomes: &mut [PolicyOutcome],
+) -> Result<Rendered, RenderError> {
+    let ns_of = |o: &Optional| outcomes[o.outcome].namespace.clone();
+    optional.sort_by(|a, b| {
+        let (na, nb) = (ns_of(a), ns_of(b));
+        let used = |ns: &str| namespace_bytes.get(ns).copied().unwrap_or(0);
+        b.dry_run
+            .cmp(&a.dry_run)
+            .then(used(&nb).cmp(&used(&na)))
+            .then(b.bytes.cmp(&a.bytes))
+            .then(na.cmp(&nb))
+            .then(outcomes[a.outcome].name.cmp(&outcomes[b.outcome].name))
+    });
+    let mut next = optional.into_iter();
+    let mut dropped = vec![false; rules.len()];
+    let mut left_out: Vec<usize> = Vec::new();
+    loop {
+        let live = || rules.iter().zip(&dropped).filter(|(_, d)| !**d).map(|(r, _)| r);
+        let attempt = match input.per_node {
+            None => document(input, doc.clone(), live().map(|r| r.raw(&r.clients)).collect()),
+            Some(nodes) => per_node(input, doc.clone(), &live().collect::<Vec<_>>(), nodes),
+        };
+        let Err(RenderError::TooLarge { bytes }) = attempt else {
+            for &i in &left_out {
+                if let Ok(a) = &mut outcomes[i].result {
+                    a.rules.clear();
+                    a.over_budget = Some(format!(
+                        "not rendered: with every policy in it, the proxies' configuration would exceed the {MAX_CONFIG_BYTES}-byte limit of a ConfigMap; dry-run policies, then the Allow policies of the namespaces whose policies add the most, are left out first"
+                    ));
+                }
+            }
+            return attempt;
+        };
+        // Leave out enough to cover the excess (an estimate: the loop tries again until it fits).
+        let excess = bytes.saturating_sub(MAX_CONFIG_BYTES).max(1);
+        let mut freed = 0;
+        let before = left_out.len();
+        for o in next.by_ref() {
+            for r in o.rules.clone() {
+                dropped[r] = true;
+            }
+            freed += o.bytes;
+            left_out.push(o.outcome);
+            if freed >= excess {
+                break;
+            }
+        }
+        if left_out.len() == before {
+            // Nothing more may be left out: the Denies and cluster policies alone do not fit.
+            return Err(RenderError::TooLarge { bytes });
+        }
+    }
 }
 
 /// The whole document (when it fits) and one per node, whose rules list only that node's pods: a
@@ -633,7 +767,7 @@ pub fn render_with(
 fn per_node(
     input: &Input<'_>,
     doc: Map<String, Value>,
-    rules: Vec<Rule>,
+    rules: &[&Rule],
     nodes: &[String],
 ) -> Result<Rendered, RenderError> {
     let mut names: std::collections::BTreeSet<&str> = nodes.iter().map(String::as_str).collect();

@@ -131,6 +131,16 @@ pub fn desired(
                 ));
             }
             let ready = match in_force {
+                // Its own outcome first: an over-budget policy is not in any document.
+                _ if a.over_budget.is_some() => condition(
+                    "Ready",
+                    false,
+                    "OverBudget",
+                    a.over_budget.clone().unwrap_or_default(),
+                    generation,
+                    old_conditions,
+                    now,
+                ),
                 Err(e) => condition("Ready", false, e.reason, e.message.clone(), generation, old_conditions, now),
                 Ok(_) if a.delegated_to.is_some() => condition(
                     "Ready",
@@ -264,6 +274,7 @@ mod tests {
                 restricted: vec![],
                 delegated_to: None,
                 dry_run: false,
+                over_budget: None,
             }),
         };
         let s1 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), None, None, &t("2026-01-01T00:00:00Z"));
@@ -295,6 +306,18 @@ mod tests {
         let nf = NotInForce { reason: "TooLarge", message: "too big".into() };
         let s4 = desired(&ok, Some(5), "tg-proxy", Err(&nf), None, None, &t("2026-01-04T00:00:00Z"));
         assert_eq!((s4.conditions[1].status.as_str(), s4.conditions[1].reason.as_str()), ("False", "TooLarge"));
+        // Valid, but over its budget: not Ready, and the message says why; no Enforced condition.
+        let mut over = ok.clone();
+        if let Ok(a) = &mut over.result {
+            a.rules.clear();
+            a.over_budget = Some("not rendered: over the 65536 one policy may add".into());
+        }
+        let r = Rollout { loaded: 1, total: 1, stuck_nodes: vec![], dry_run: None };
+        let s5 = desired(&over, Some(6), "tg-proxy", Ok("abc"), None, Some(&r), &t("2026-01-05T00:00:00Z"));
+        assert_eq!(s5.conditions[0].reason, "Valid");
+        assert_eq!((s5.conditions[1].status.as_str(), s5.conditions[1].reason.as_str()), ("False", "OverBudget"));
+        assert!(s5.conditions[1].message.contains("65536"));
+        assert!(!s5.conditions.iter().any(|c| c.type_ == "Enforced") && s5.loaded.is_none());
     }
 
     #[test]
@@ -309,6 +332,7 @@ mod tests {
                 restricted: vec![],
                 delegated_to: None,
                 dry_run: false,
+                over_budget: None,
             }),
         };
         let now = t("2026-01-01T00:00:00Z");

@@ -253,9 +253,19 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
 fn o03_too_large_and_base_errors_write_nothing() {
     let pods: Vec<PodIn> =
         (0..60_000u32).map(|i| pod("ns", "a", &format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))).collect();
-    let s = spec(PolicyAction::Allow, "a", &["x.test"]);
+    // A Deny is never left out to make room: too large, nothing is written.
+    let s = spec(PolicyAction::Deny, "a", &["x.test"]);
     let (_, r) = run(&[("ns", "p", s)], &pods);
     assert!(matches!(r, Err(RenderError::TooLarge { .. })));
+    // An Allow is left out instead, and says so; the rest is written.
+    let (outcomes, r) = run(&[("ns", "p", spec(PolicyAction::Allow, "a", &["x.test"]))], &pods);
+    let doc = r.unwrap();
+    assert!(rules(&doc).is_empty());
+    let a = outcomes[0].result.as_ref().unwrap();
+    assert!(
+        a.rules.is_empty() && a.over_budget.as_deref().is_some_and(|m| m.contains("limit of a ConfigMap")),
+        "{a:?}"
+    );
     let tls = BTreeMap::new();
     let with_rules = "version: 1\nlisteners: [{name: f, bind: '0.0.0.0:1'}]\npolicy: {rules: [{name: x, action: allow, hosts: [a.test]}]}\n";
     assert!(matches!(
@@ -881,4 +891,116 @@ fn a_namespace_cannot_open_the_clusters_own_networks_even_public_ones() {
     );
     let names: Vec<Value> = rules(&rendered.unwrap()).iter().map(|r| r["name"].clone()).collect();
     assert_eq!(names, [json!("payments/p/3")], "only the public destination is rendered");
+}
+
+/// `n` distinct host names of about 250 characters each.
+fn long_hosts(tag: &str, n: usize) -> Vec<String> {
+    let label = "l".repeat(60);
+    (0..n).map(|i| format!("{tag}{i}.{label}.{label}.{label}.example.com")).collect()
+}
+
+fn wide_spec(action: PolicyAction, app: &str, tag: &str, destinations: usize, hosts: usize) -> TunnelPolicySpec {
+    let mut s = spec(action, app, &[]);
+    s.destinations = (0..destinations)
+        .map(|d| Destination {
+            hosts: Some(long_hosts(&format!("{tag}d{d}h"), hosts)),
+            ports: Some(vec![IntOrString::Int(443)]),
+            ..Default::default()
+        })
+        .collect();
+    s
+}
+
+/// One oversized policy is not rendered (and says why) while every other policy is; a namespace
+/// that writes many policies is held to its own budget, in the order of their names, and never
+/// takes room from another namespace.
+#[test]
+fn a_policy_and_a_namespace_over_their_budgets_are_not_rendered_alone() {
+    let pods = [pod("tenant", "a", "10.0.0.1"), pod("other", "b", "10.0.0.2")];
+    // ~577 KB of destinations: the scenario that made the whole document overflow before.
+    let huge = wide_spec(PolicyAction::Allow, "a", "huge", 30, 76);
+    let (outcomes, r) = run(
+        &[
+            ("other", "fine", spec(PolicyAction::Allow, "b", &["ok.example.com"])),
+            ("tenant", "huge", huge),
+            ("tenant", "small", spec(PolicyAction::Allow, "a", &["small.example.com"])),
+        ],
+        &pods,
+    );
+    let doc = r.unwrap();
+    let names: Vec<String> = rules(&doc).iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(names, ["other/fine", "tenant/small"]);
+    let huge = outcomes.iter().find(|o| o.name == "huge").unwrap().result.as_ref().unwrap();
+    assert!(huge.rules.is_empty());
+    assert!(huge.over_budget.as_deref().is_some_and(|m| m.contains("65536 one policy may add")), "{huge:?}");
+
+    // Within the policy budget each, over the namespace's together: the later names are left out.
+    let each = wide_spec(PolicyAction::Allow, "b", "x", 2, 60); // ~25 KB
+    let specs: Vec<(String, TunnelPolicySpec)> =
+        (0..8).map(|i| (format!("p{i}"), wide_spec(PolicyAction::Allow, "a", &format!("p{i}x"), 2, 60))).collect();
+    let mut all: Vec<(&str, &str, TunnelPolicySpec)> =
+        specs.iter().map(|(n, s)| ("tenant", n.as_str(), s.clone())).collect();
+    all.push(("other", "fine", each));
+    let (outcomes, r) = run(&all, &pods);
+    r.unwrap();
+    let rendered: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.result.as_ref().is_ok_and(|a| !a.rules.is_empty()))
+        .map(|o| o.name.as_str())
+        .collect();
+    let first_out = outcomes.iter().position(|o| o.result.as_ref().is_ok_and(|a| a.over_budget.is_some())).unwrap();
+    assert!(rendered.contains(&"fine"), "another namespace keeps its room");
+    assert!(first_out > 1, "the namespace's first policies are rendered: {rendered:?}");
+    for o in outcomes.iter().filter(|o| o.namespace == "tenant").skip(first_out) {
+        let a = o.result.as_ref().unwrap();
+        assert!(a.over_budget.as_deref().is_some_and(|m| m.contains("namespace tenant")), "{}: {a:?}", o.name);
+    }
+}
+
+/// When every policy is within its budgets but together they would not fit in a ConfigMap, whole
+/// policies are left out in the documented order (dry-run first, then the Allows of the namespace
+/// adding the most, largest first) until the document fits; Denies and cluster policies stay.
+#[test]
+fn policies_are_left_out_in_a_documented_order_until_the_document_fits() {
+    let mut pods = Vec::new();
+    let mut specs: Vec<(String, String, TunnelPolicySpec)> = Vec::new();
+    // 12 namespaces with ~100 KB each: about 1.2 MB in all, over the 900 KiB limit.
+    for n in 0..12 {
+        let ns = format!("ns{n:02}");
+        pods.push(pod(&ns, "a", &format!("10.1.{n}.1")));
+        let size = if n == 5 { 70 } else { 60 }; // ns05 adds the most
+        for p in 0..4 {
+            specs.push((
+                ns.clone(),
+                format!("p{p}"),
+                wide_spec(PolicyAction::Allow, "a", &format!("{ns}p{p}"), 2, size),
+            ));
+        }
+    }
+    let mut dry = wide_spec(PolicyAction::Deny, "a", "dry", 1, 40);
+    dry.enforcement = Some(crate::crd::Enforcement::DryRun);
+    specs.push(("ns11".into(), "zz-dry".into(), dry));
+    specs.push(("ns11".into(), "zz-deny".into(), wide_spec(PolicyAction::Deny, "a", "deny", 1, 40)));
+    let input: Vec<(&str, &str, TunnelPolicySpec)> =
+        specs.iter().map(|(ns, n, s)| (ns.as_str(), n.as_str(), s.clone())).collect();
+    let (outcomes, r) = run(&input, &pods);
+    let doc = r.unwrap();
+    assert!(doc.config.len() <= MAX_CONFIG_BYTES);
+    let left: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.result.as_ref().is_ok_and(|a| a.over_budget.is_some()))
+        .map(|o| format!("{}/{}", o.namespace, o.name))
+        .collect();
+    // The dry-run policy and every policy of the namespace adding the most (ns05) are left out
+    // before the namespaces adding less lose more than one policy each.
+    assert!(left.contains(&"ns11/zz-dry".to_owned()), "{left:?}");
+    assert_eq!(left.iter().filter(|p| p.starts_with("ns05/")).count(), 4, "{left:?}");
+    assert!(left.iter().filter(|p| p.starts_with("ns01/")).count() < 4, "{left:?}");
+    assert!(left.len() < 16, "no more than needed: {left:?}");
+    assert!(!left.iter().any(|p| p == "ns11/zz-deny"), "a Deny is never left out");
+    let names: Vec<String> = rules(&doc).iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect();
+    assert!(names.contains(&"ns11/zz-deny".to_owned()));
+    // Deterministic: the same inputs leave out the same policies.
+    let (again, _) = run(&input, &pods);
+    assert_eq!(outcomes, again);
 }
