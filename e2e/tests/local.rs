@@ -1538,9 +1538,50 @@ async fn a_tenant_cannot_freeze_policy_for_the_cluster() {
     until("cluster Deny enforced", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 403 }).await;
     ctps.delete("no-echo", &DeleteParams::default()).await.unwrap();
     until("cluster Deny lifted", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 200 }).await;
-    // A deletion is revoked.
+    // Churn: the tenant flips its pod's label 8 times a second for 4 s, each flip changing the
+    // document (a small policy selects the label). The writes stay at about one per churn interval
+    // (2 s), and another namespace's deletion is revoked meanwhile within the usual time.
+    tenant
+        .create(&PostParams::default(), &policy("small", "t", json!({"hosts": ["small.example.com"]})))
+        .await
+        .unwrap();
+    until("the small policy rendered", 20, || async {
+        condition(&tenant.get("small").await.unwrap(), "Ready").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    let op = format!("127.0.0.1:{op_admin}");
+    let writes = || async {
+        let body = reqwest_get(&op, "/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix("tunnelgate_operator_config_writes_total{result=\"applied\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let tenant_pods = Api::<Pod>::namespaced(c.clone(), "tenant");
+    let before = writes().await;
+    let flipper = tokio::spawn(async move {
+        for i in 0..32 {
+            let app = if i % 2 == 0 { "u" } else { "t" };
+            let patch = json!({"metadata": {"labels": {"app": app}}});
+            tenant_pods.patch("t-1", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(125)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
     payments.delete("allow-echo", &DeleteParams::default()).await.unwrap();
-    until("deletion revoked", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 403 }).await;
+    until("deletion revoked during the churn", 20, || async {
+        connect_from("127.0.0.11", proxy_addr, target).await == 403
+    })
+    .await;
+    println!("revocation during churn: {} ms", t0.elapsed().as_millis());
+    flipper.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let during = writes().await - before;
+    // 32 document-changing flips over 4 s: the first at once, then one per 2 s interval, plus the
+    // deletion's own write (which may carry held changes with it).
+    assert!(during <= 5.0, "{during} ConfigMap writes for 32 flips");
+    assert!(during >= 2.0, "the flips were rendered at all: {during}");
     // The rendered document never carried the oversized policy.
     let cm = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate").get("tunnelgate-proxy").await.unwrap();
     assert!(!cm.data.unwrap()["config.yaml"].contains("tenant/huge"));

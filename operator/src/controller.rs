@@ -87,6 +87,8 @@ pub struct Settings {
     pub debounce: Duration,
     /// Longest wait from the first change to the reconcile, however busy the cluster is.
     pub debounce_max: Duration,
+    /// The pods of one namespace wake a reconcile at most once per this interval.
+    pub namespace_churn_interval: Duration,
     /// The proxies' admin port, for the rollout view (`None`: not reported).
     pub proxy_admin_port: Option<u16>,
     /// The file holding the token the proxies' `/config` requires, when they require one.
@@ -134,7 +136,15 @@ pub async fn run(
 ) {
     let ns = settings.namespace.clone();
     let wake = Arc::new(Notify::new());
-    let caches = watches::start(&client, &ns, &settings.base_name(), wake.clone(), shutdown.clone()).await;
+    let caches = watches::start(
+        &client,
+        &ns,
+        &settings.base_name(),
+        wake.clone(),
+        settings.namespace_churn_interval,
+        shutdown.clone(),
+    )
+    .await;
     tokio::select! {
         () = shutdown.cancelled() => return,
         () = wait_synced(&caches) => {}

@@ -75,6 +75,10 @@ struct Args {
     /// Longest wait from the first change to the reconcile, however long changes keep coming.
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     debounce_max: Duration,
+    /// The pods of one namespace wake a render at most once per this interval (changes in between
+    /// are merged into one render when it ends); other namespaces' changes are not delayed.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    namespace_churn_interval: Duration,
     /// Take part in leader election through a coordination.k8s.io Lease (one writer at a time).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
@@ -169,6 +173,7 @@ async fn run(args: Args) -> i32 {
         tls_dir: args.tls_dir,
         debounce: args.debounce,
         debounce_max: args.debounce_max.max(args.debounce),
+        namespace_churn_interval: args.namespace_churn_interval,
         proxy_admin_port: args.proxy_admin_port,
         proxy_admin_token_file: args.proxy_admin_token_file,
         dry_run_event_interval: args.dry_run_event_interval,

@@ -17,6 +17,7 @@ fn settings() -> Settings {
         tls_dir: "/etc/tunnelgate/tls".into(),
         debounce: Duration::from_millis(1),
         debounce_max: Duration::from_millis(1),
+        namespace_churn_interval: Duration::from_secs(2),
         proxy_admin_port: None,
         proxy_admin_token_file: None,
         proxy_instance: "tunnelgate".into(),

@@ -1,9 +1,13 @@
 //! The operator's view of the cluster: one reflector per input (TunnelPolicies,
 //! ClusterTunnelPolicies, namespaces' labels, pods, nodes, the API server's Service and
 //! EndpointSlices, ServiceCIDRs, the base ConfigMap, Secrets), slimmed to what rendering needs;
-//! any change wakes the reconcile loop.
+//! any change wakes the reconcile loop, except that the pods of one namespace wake it at most once
+//! per churn interval ([`ChurnLimiter`]): a namespace flipping its pods' labels cannot make every
+//! proxy reload many times a second, and other namespaces' changes are not delayed by it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, PodSpec, Secret, Service};
@@ -13,6 +17,7 @@ use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -37,12 +42,14 @@ pub(super) struct Caches {
     pub(super) secrets: Store<Secret>,
 }
 
-/// Starts every watch; `wake` is notified on any change (deletions included).
+/// Starts every watch; `wake` is notified on any change (deletions included), a namespace's pod
+/// changes at most once per `churn_interval`.
 pub(super) async fn start(
     client: &Client,
     ns: &str,
     base_name: &str,
     wake: Arc<Notify>,
+    churn_interval: Duration,
     shutdown: CancellationToken,
 ) -> Caches {
     let client = client.clone();
@@ -63,7 +70,14 @@ pub(super) async fn start(
         watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
         keep,
     );
-    let (pods, pod_changes) = cache(Api::<Pod>::all(client.clone()), watcher::Config::default(), slim_pod);
+    let (pods, pod_writer) = reflector::store();
+    // Pod changes carry their namespace, for the churn limit.
+    let pod_changes =
+        reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim_pod))
+            .default_backoff()
+            .touched_objects()
+            .map(|r| r.map(|p| p.metadata.namespace.clone()).map_err(|e| e.to_string()))
+            .boxed();
     let (base, base_changes) = cache(
         Api::<ConfigMap>::namespaced(client.clone(), ns),
         watcher::Config::default().fields(&format!("metadata.name={base_name}")),
@@ -84,7 +98,7 @@ pub(super) async fn start(
         info!("the API has no networking.k8s.io/v1 ServiceCIDR: the Service range comes from config.clusterNetworks");
         (None, stream::empty().boxed())
     };
-    let mut events = stream::select_all([
+    let others = stream::select_all([
         policy_changes,
         cluster_policy_changes,
         namespace_changes,
@@ -92,19 +106,32 @@ pub(super) async fn start(
         api_service_changes,
         api_endpoint_changes,
         service_cidr_changes,
-        pod_changes,
         base_changes,
         secret_changes,
-    ]);
+    ])
+    .map(|r| r.map(|()| None));
+    let mut events = stream::select(others, pod_changes);
     let w = wake.clone();
     let stop = shutdown.clone();
     // Deletions arrive as watch events too, so a deleted object also wakes the loop.
     tokio::spawn(async move {
+        let mut churn = ChurnLimiter::new(churn_interval);
         loop {
+            let next_due = churn.next_due();
             tokio::select! {
                 () = stop.cancelled() => return,
+                () = sleep_until_opt(next_due) => {
+                    if churn.take_due(Instant::now()) {
+                        w.notify_one();
+                    }
+                }
                 e = events.next() => match e {
-                    Some(Ok(())) => w.notify_one(),
+                    Some(Ok(None)) => w.notify_one(),
+                    Some(Ok(Some(namespace))) => {
+                        if churn.change(&namespace, Instant::now()) {
+                            w.notify_one();
+                        }
+                    }
                     Some(Err(e)) => warn!(error = %e, "watch error; retrying with backoff"),
                     None => return,
                 },
@@ -122,6 +149,68 @@ pub(super) async fn start(
         pods,
         base,
         secrets,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// At most one wake per namespace per interval from its pods' changes: the first change wakes the
+/// loop at once; further changes within the interval are held and wake it once when the interval
+/// ends (the render reads the cache then, so nothing is lost, only merged). Another namespace's
+/// change wakes at once, and its render takes every namespace's latest state with it.
+pub(super) struct ChurnLimiter {
+    interval: Duration,
+    /// Per namespace: when it last woke the loop, and whether changes are held since.
+    last: HashMap<String, (Instant, bool)>,
+}
+
+impl ChurnLimiter {
+    pub(super) fn new(interval: Duration) -> ChurnLimiter {
+        ChurnLimiter { interval, last: HashMap::new() }
+    }
+
+    /// A change of a pod of `namespace` at `now`: whether it wakes the loop now.
+    pub(super) fn change(&mut self, namespace: &str, now: Instant) -> bool {
+        match self.last.get_mut(namespace) {
+            Some((at, held)) if now < *at + self.interval => {
+                *held = true;
+                false
+            }
+            Some(entry) => {
+                *entry = (now, false);
+                true
+            }
+            None => {
+                // Namespaces quiet for an interval are forgotten, so the map stays small.
+                let interval = self.interval;
+                self.last.retain(|_, (at, held)| *held || now < *at + interval);
+                self.last.insert(namespace.to_owned(), (now, false));
+                true
+            }
+        }
+    }
+
+    /// When the earliest held change is due.
+    pub(super) fn next_due(&self) -> Option<Instant> {
+        self.last.values().filter(|(_, held)| *held).map(|(at, _)| *at + self.interval).min()
+    }
+
+    /// Releases the held changes due by `now`: whether any was.
+    pub(super) fn take_due(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        for (at, held) in self.last.values_mut() {
+            if *held && now >= *at + self.interval {
+                *at = now;
+                *held = false;
+                any = true;
+            }
+        }
+        any
     }
 }
 
@@ -274,5 +363,35 @@ pub(super) fn pod_in(p: &Pod) -> PodIn {
         ips,
         eligible: running && !host_network && !terminating,
         node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod churn_tests {
+    use super::*;
+
+    #[test]
+    fn one_namespace_wakes_at_most_once_per_interval_and_never_delays_another() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut c = ChurnLimiter::new(Duration::from_secs(2));
+        assert!(c.change("churn", ms(0)), "the first change wakes at once");
+        // A label flipped every 100 ms for 2 s: held, one wake when the interval ends.
+        for i in 1..20 {
+            assert!(!c.change("churn", ms(i * 100)));
+        }
+        assert!(c.change("payments", ms(1000)), "another namespace is not held back");
+        assert_eq!(c.next_due(), Some(ms(2000)));
+        assert!(!c.take_due(ms(1999)));
+        assert!(c.take_due(ms(2000)), "the held changes wake once");
+        assert_eq!(c.next_due(), None);
+        // 8 flips a second for 10 s: at most one wake per interval (5 + the first).
+        let mut wakes = 0;
+        for i in 0..80 {
+            let now = ms(2100 + i * 125);
+            wakes += usize::from(c.take_due(now)) + usize::from(c.change("churn", now));
+        }
+        wakes += usize::from(c.take_due(ms(14_000)));
+        assert!(wakes <= 6, "{wakes} wakes in 10 s");
     }
 }
