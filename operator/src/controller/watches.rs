@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, PodSpec, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, PodSpec, PodStatus, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::reflector::{self, reflector, Store};
@@ -302,18 +302,30 @@ pub(super) fn cluster_networks(c: &Caches) -> Vec<String> {
 
 /// Only what rendering (and the rollout view) needs is kept of each pod.
 fn slim_pod(p: &mut Pod) {
-    p.metadata.managed_fields = None;
-    p.metadata.annotations = None;
+    let m = &mut p.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    m.generate_name = None;
     p.spec = p.spec.take().map(|s| PodSpec {
         host_network: s.host_network,
         node_name: s.node_name,
         containers: Vec::new(),
         ..Default::default()
     });
-    if let Some(st) = p.status.as_mut() {
-        st.conditions = None;
-        st.container_statuses = None;
-        st.init_container_statuses = None;
+    p.status = p.status.take().map(|st| PodStatus {
+        phase: st.phase,
+        pod_ip: st.pod_ip,
+        pod_ips: st.pod_ips,
+        ..Default::default()
+    });
+    // Only a running pod is ever a client or a proxy: the labels of the others (Pending by the
+    // thousand in a busy cluster, or terminating) are not kept. The watch sends the whole pod again
+    // when it starts running.
+    let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    if !running || p.metadata.deletion_timestamp.is_some() {
+        p.metadata.labels = None;
     }
 }
 
@@ -357,11 +369,13 @@ pub(super) fn pod_in(p: &Pod) -> PodIn {
             ips.push(ip);
         }
     }
+    let eligible = running && !host_network && !terminating;
     PodIn {
         namespace: p.namespace().unwrap_or_default(),
-        labels: p.labels().clone(),
+        // The renderer matches selectors against clients only: no copy of the others' labels.
+        labels: if eligible { p.labels().clone() } else { Default::default() },
         ips,
-        eligible: running && !host_network && !terminating,
+        eligible,
         node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
     }
 }
