@@ -343,7 +343,9 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         if mode == Some(ListenerMode::Tunnel) && l.http.is_some() {
             errs.push(format!("{p}.http"), "only valid with mode: forward (tunnel listeners parse no HTTP)");
         }
-        let tls = l.tls.and_then(|t| crate::tls::convert(&mut errs, &format!("{p}.tls"), t, mode));
+        let tls = l
+            .tls
+            .and_then(|t| crate::tls::convert(&mut errs, &format!("{p}.tls"), t, mode == Some(ListenerMode::Forward)));
         let http = l.http.map_or_else(ListenerHttp::default, |h| {
             let d = ListenerHttp::default();
             let via = h.via.unwrap_or(d.via);

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use crate::config::ListenerMode;
 use crate::error::Errors;
 use crate::raw::RawTls;
 
@@ -84,8 +83,9 @@ pub struct Acme {
     pub directory_ca_file: Option<PathBuf>,
 }
 
-/// Validates `t`, the `tls` block at path `p` of a listener in `mode`.
-pub(crate) fn convert(errs: &mut Errors, p: &str, t: RawTls, mode: Option<ListenerMode>) -> Option<ListenerTls> {
+/// Validates `t`, the `tls` block at path `p` of a listener; `forward`: the listener is a forward
+/// proxy, so HTTP/1.1 is the only protocol inside the TLS.
+pub(crate) fn convert(errs: &mut Errors, p: &str, t: RawTls, forward: bool) -> Option<ListenerTls> {
     let before = errs.len();
     let mut certificates = Vec::new();
     let mut pair = |errs: &mut Errors, q: &str, cert: Option<String>, key: Option<String>| match (cert, key) {
@@ -145,10 +145,10 @@ pub(crate) fn convert(errs: &mut Errors, p: &str, t: RawTls, mode: Option<Listen
         }
         // A forward listener speaks HTTP/1.1 over TLS; a tunnel advertises nothing unless told
         // what its backend speaks.
-        None if mode == Some(ListenerMode::Forward) => vec!["http/1.1".to_owned()],
+        None if forward => vec!["http/1.1".to_owned()],
         None => Vec::new(),
     };
-    if mode == Some(ListenerMode::Forward) && alpn.iter().any(|a| a != "http/1.1") {
+    if forward && alpn.iter().any(|a| a != "http/1.1") {
         errs.push(format!("{p}.alpn"), "a forward listener speaks only http/1.1");
     }
     let client_auth = t.client_auth.and_then(|c| {

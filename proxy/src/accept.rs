@@ -3,41 +3,17 @@
 //! stays counted under the caps (`conn_limit`) through its `ConnSlot`.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use prometheus::IntGauge;
 use tokio::net::TcpListener;
 use tokio::time::{sleep, Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug_span, warn, Instrument};
 
 use crate::conn;
-use crate::conn_limit::Permit;
+use crate::conn_limit::ConnSlot;
 use crate::context::ConnCtx;
-use crate::metrics::GaugeGuard;
 use crate::state::Inner;
-
-/// What keeps a connection counted while any task serves it (the connection's own task, and the
-/// task that relays its tunnel or upgrade): the open-connections gauge and, once admitted, its
-/// slot under the connection caps. Every copy of the connection's context shares it; the last
-/// one dropped releases both.
-pub struct ConnSlot {
-    _open: GaugeGuard,
-    permit: OnceLock<Permit>,
-}
-
-impl ConnSlot {
-    /// Counts a connection as open until the returned slot's last copy is dropped.
-    pub fn new(open: IntGauge) -> Arc<ConnSlot> {
-        Arc::new(ConnSlot { _open: GaugeGuard::new(open), permit: OnceLock::new() })
-    }
-
-    /// Holds `permit` for as long as the connection is served.
-    pub fn admit(&self, permit: Permit) {
-        // A connection is admitted once; a second permit would be released at once.
-        let _ = self.permit.set(permit);
-    }
-}
 
 /// Accepts on `listener` until `stop` is cancelled, then hands the socket back (a reload may
 /// give it to a renamed listener; dropping it makes later connects fail with ECONNREFUSED).

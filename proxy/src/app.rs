@@ -16,7 +16,8 @@ use crate::admin;
 use crate::listeners;
 use crate::metrics::ProxyMetrics;
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::state::{lock, unix_now, Inner, RunningListener};
+use crate::state::{unix_now, Inner, RunningListener};
+use crate::sync::lock;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +79,7 @@ impl ProxyHandle {
 pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, StartError> {
     let registry = Registry::new();
     let metrics = ProxyMetrics::register(&registry)?;
-    let acme = crate::acme::AcmeCerts::new(metrics.clone());
+    let acme = crate::tls::acme::AcmeCerts::new(metrics.clone());
     let auth_memory = Arc::new(crate::auth::AuthMemory::default());
     let snapshot = Arc::new(Snapshot::build(config, text, 1, &acme, &auth_memory)?);
     let cfg = &snapshot.config;
@@ -115,7 +116,11 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
         })?;
     }
     tokio::spawn(housekeeping(inner.clone()));
-    tokio::spawn(crate::memory::watch(inner.clone()));
+    let sampled = inner.clone();
+    tokio::spawn(async move {
+        let s = &sampled;
+        crate::memory::watch(&s.memory, &s.metrics, || s.snapshot().config.limits.memory_budget).await;
+    });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::run(inner.clone(), admin_sock, admin_stop.clone()));
     info!(addr = %admin_addr, "admin listening");

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::error::TunnelError;
-use crate::state::lock;
+use crate::sync::lock;
 
 /// How long verified credentials are remembered (Squid's `credentialsttl` is 2 h by default).
 const REMEMBER: Duration = Duration::from_secs(300);

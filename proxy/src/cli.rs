@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use proxy_config::{Authority, ConfigErrors, Decision, Host, PreDecision, ProxyConfig};
 
 use crate::authorize::{self, Verdict};
+use crate::own_addresses;
 
 /// Exit code for an invalid configuration or usage (sysexits EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
@@ -157,8 +158,8 @@ pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, re
     // The running proxy refuses its own listener and admin ports; so does `explain`.
     let mut endpoints: Vec<std::net::SocketAddr> = cfg.listeners.iter().map(|l| l.bind).collect();
     endpoints.push(cfg.admin.bind);
-    let host = authorize::host_addresses();
-    let own = |ip, port| authorize::is_own_endpoint(&endpoints, &host, ip, port);
+    let host = own_addresses::host_addresses();
+    let own = |ip, port| own_addresses::is_own_endpoint(&endpoints, &host, ip, port);
     let code = match authorize::decide(policy, client, user, &auth, &addrs, own) {
         Verdict::Allow { rule, limits } => {
             let d = Decision::Allow { rule, limits };

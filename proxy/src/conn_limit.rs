@@ -1,12 +1,15 @@
 //! Connection caps: counts open connections, globally and per client address, for the proxy's
-//! listeners and (with caps of its own) the admin server. A leaf: it knows nothing of connections
-//! beyond their client's address.
+//! listeners and (with caps of its own) the admin server, and the slot that keeps one connection
+//! counted while any task serves it. Knows nothing of connections beyond their client's address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus::IntGauge;
 
 use crate::error::TunnelError;
+use crate::metrics::GaugeGuard;
 
 /// Counts open connections, globally and per client address.
 #[derive(Default)]
@@ -58,5 +61,27 @@ impl Drop for Permit {
                 s.per_client.remove(&self.client);
             }
         }
+    }
+}
+
+/// What keeps a connection counted while any task serves it (the connection's own task, and the
+/// task that relays its tunnel or upgrade): the open-connections gauge and, once admitted, its
+/// slot under the connection caps. Every copy of the connection's context shares it; the last
+/// one dropped releases both.
+pub struct ConnSlot {
+    _open: GaugeGuard,
+    permit: OnceLock<Permit>,
+}
+
+impl ConnSlot {
+    /// Counts a connection as open until the returned slot's last copy is dropped.
+    pub fn new(open: IntGauge) -> Arc<ConnSlot> {
+        Arc::new(ConnSlot { _open: GaugeGuard::new(open), permit: OnceLock::new() })
+    }
+
+    /// Holds `permit` for as long as the connection is served.
+    pub fn admit(&self, permit: Permit) {
+        // A connection is admitted once; a second permit would be released at once.
+        let _ = self.permit.set(permit);
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::accept::ConnSlot;
+use crate::conn_limit::ConnSlot;
 use crate::error::TunnelError;
 use crate::snapshot::SharedSnapshot;
 use crate::state::Inner;

@@ -26,7 +26,6 @@
 
 pub mod accept;
 pub mod access;
-pub mod acme;
 pub mod admin;
 pub mod admin_token;
 pub mod app;
@@ -46,6 +45,7 @@ pub mod listeners;
 pub mod memory;
 pub mod metrics;
 pub mod negotiate;
+pub mod own_addresses;
 pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod relay;
@@ -53,6 +53,7 @@ pub mod reload;
 pub mod snapshot;
 pub mod state;
 pub mod stop;
+pub mod sync;
 pub mod telemetry;
 pub mod terminate;
 pub mod tls;

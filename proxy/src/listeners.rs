@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::accept;
-use crate::state::{lock, Inner, RunningListener};
+use crate::state::{Inner, RunningListener};
+use crate::sync::lock;
 
 /// How each listener of the new document is served.
 pub(crate) enum Plan {

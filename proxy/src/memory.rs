@@ -5,12 +5,12 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::state::Inner;
+use crate::metrics::ProxyMetrics;
 
 /// Share of the cgroup memory limit used as the default budget: room is left for the kernel's
 /// socket buffers charged to the same cgroup and for the spike of one sampling interval.
@@ -91,27 +91,28 @@ pub fn resident_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Samples memory until the process ends, updating the pressure flag and the gauges.
-pub(crate) async fn watch(inner: Arc<Inner>) {
+/// Samples memory until the process ends, updating `pressure` and the gauges of `metrics`;
+/// `configured` is `limits.memoryBudget` of the configuration in force.
+pub(crate) async fn watch(pressure: &MemoryPressure, metrics: &ProxyMetrics, configured: impl Fn() -> Option<u64>) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let cgroup_default = budget(None);
     loop {
         tick.tick().await;
-        let configured = inner.snapshot().config.limits.memory_budget;
+        let configured = configured();
         let budget = if configured.is_some() { budget(configured) } else { cgroup_default };
         let Some(rss) = in_use_bytes() else { continue };
-        let m = &inner.metrics;
+        let m = metrics;
         m.memory_in_use.set(i64::try_from(rss).unwrap_or(i64::MAX));
         m.memory_budget.set(budget.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
-        let was = inner.memory.is_overloaded();
+        let was = pressure.is_overloaded();
         let now = match budget {
             None => false,
             Some(b) if was => rss >= b / 100 * RECOVER_PERCENT,
             Some(b) => rss >= b,
         };
         if now != was {
-            inner.memory.overloaded.store(now, Ordering::Relaxed);
+            pressure.overloaded.store(now, Ordering::Relaxed);
             m.memory_overloaded.set(i64::from(now));
             if now {
                 warn!(in_use_bytes = rss, budget_bytes = budget, "memory over budget: refusing new requests (503)");

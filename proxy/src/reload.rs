@@ -16,7 +16,8 @@ use tracing::{debug, info, warn};
 use crate::error::ErrorChain;
 use crate::listeners;
 use crate::snapshot::{fingerprint, Snapshot, SnapshotError};
-use crate::state::{lock, unix_now, Inner};
+use crate::state::{unix_now, Inner};
+use crate::sync::lock;
 
 /// Quiet time after a file event before the file is read, so a burst of events (an editor's
 /// save, the kubelet's symlink swap) becomes one reload.

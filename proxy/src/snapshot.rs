@@ -8,11 +8,11 @@ use std::time::SystemTime;
 use proxy_config::ProxyConfig;
 use sha2::{Digest, Sha256};
 
-use crate::acme::AcmeCerts;
 use crate::admin_token::{AdminToken, AdminTokenError};
 use crate::auth::{AuthFileError, AuthMemory, Authenticator};
 use crate::dial::{Resolver, ResolverError};
 use crate::ratelimit::RequestLimiter;
+use crate::tls::acme::AcmeCerts;
 use crate::tls::{self, TlsError, TlsServer};
 
 /// Why a configuration could not be made into a snapshot.

@@ -1,9 +1,12 @@
-//! The state shared by every task of one proxy process ([`Inner`]): a leaf module that the
-//! connection path, reload, admin and the shutdown sequence all read, and that imports none of them.
+//! The state shared by every task of one proxy process ([`Inner`]): what connections read (the
+//! configuration in force, metrics, caps, the upstream pool, tunnels, memory pressure, the proxy's
+//! own endpoints) and what reload, admin and the drain keep (listeners, the last reload's outcome,
+//! the change counter, dry-run counts, ACME). It holds those parts; it never imports the paths that
+//! use it (accept, conn, forward, reload, admin).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::Registry;
@@ -13,13 +16,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::authorize;
 use crate::conn_limit::ConnLimiter;
 use crate::forward::pool::UpstreamPool;
 use crate::memory::MemoryPressure;
 use crate::metrics::ProxyMetrics;
+use crate::own_addresses;
 use crate::snapshot::SharedSnapshot;
 use crate::stop::StopSet;
+use crate::sync::lock;
 use crate::tunnels::Tunnels;
 
 /// A listener that is accepting now.
@@ -65,7 +69,7 @@ pub struct Inner {
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
     admin_addr: SocketAddr,
     /// ACME certificate sources, which outlive configuration generations.
-    pub acme: crate::acme::AcmeCerts,
+    pub acme: crate::tls::acme::AcmeCerts,
     /// Verified credentials and guessing buckets, kept across generations.
     pub auth_memory: Arc<crate::auth::AuthMemory>,
     /// Why the last reload failed (`None`: it succeeded, or none was tried).
@@ -99,7 +103,7 @@ impl Inner {
         registry: Registry,
         snapshot: SharedSnapshot,
         admin_addr: SocketAddr,
-        acme: crate::acme::AcmeCerts,
+        acme: crate::tls::acme::AcmeCerts,
         auth_memory: Arc<crate::auth::AuthMemory>,
     ) -> Inner {
         let tunnels = Tunnels::new(metrics.tunnels_active.clone());
@@ -119,7 +123,7 @@ impl Inner {
             tunnels,
             upstream_pool,
             memory: MemoryPressure::default(),
-            host_addrs: Mutex::new(Arc::new(authorize::host_addresses())),
+            host_addrs: Mutex::new(Arc::new(own_addresses::host_addresses())),
             draining: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -206,7 +210,7 @@ impl Inner {
         let mut eps: Vec<SocketAddr> = lock(&self.listeners).iter().map(|l| l.addr).collect();
         eps.push(self.admin_addr);
         let host = lock(&self.host_addrs).clone();
-        authorize::is_own_endpoint(&eps, &host, ip, port)
+        own_addresses::is_own_endpoint(&eps, &host, ip, port)
     }
 
     /// Whether a new request must be refused for memory (counted when it is).
@@ -220,13 +224,8 @@ impl Inner {
 
     /// Reads the host's addresses again (interfaces come and go).
     pub(crate) fn refresh_host_addrs(&self) {
-        *lock(&self.host_addrs) = Arc::new(authorize::host_addresses());
+        *lock(&self.host_addrs) = Arc::new(own_addresses::host_addresses());
     }
-}
-
-/// Locks a std mutex, ignoring poisoning (no code path panics while holding one).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 pub(crate) fn unix_now() -> i64 {

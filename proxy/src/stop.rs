@@ -10,7 +10,7 @@ use std::task::Poll;
 
 use futures::task::AtomicWaker;
 
-use crate::state::lock;
+use crate::sync::lock;
 
 /// Why the proxy stops a connection from outside its task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

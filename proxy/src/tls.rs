@@ -2,6 +2,7 @@
 //! [`sni`]) or obtained by ACME, the protocol floor, ALPN and client-certificate checks, compiled
 //! into one [`TlsServer`] per listener and generation; [`handshake`] runs the handshake.
 
+pub mod acme;
 pub mod handshake;
 pub mod sni;
 
@@ -63,7 +64,7 @@ pub enum TlsError {
         source: rustls::Error,
     },
     #[error("ACME")]
-    Acme(#[source] crate::acme::AcmeError),
+    Acme(#[source] acme::AcmeError),
     #[error("TLS settings")]
     Settings(#[source] rustls::Error),
 }

@@ -2,6 +2,7 @@
 //! with upgrades, over a pool of upstream connections.
 
 pub mod connect;
+pub mod handler;
 pub mod headers;
 pub mod http;
 pub mod limits;

@@ -16,7 +16,7 @@ use hyper::client::conn::http1::SendRequest;
 use prometheus::IntGauge;
 use tokio::time::{timeout, Instant};
 
-use crate::state::lock;
+use crate::sync::lock;
 
 /// The body type of every request sent upstream.
 pub type UpstreamBody = BoxBody<Bytes, super::limits::BoxError>;

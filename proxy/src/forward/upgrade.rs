@@ -19,8 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::handler::{empty, Exchange, Finish, Handler, ResponseBody, TrackedBody};
 use super::headers;
-use super::http::{empty, Exchange, Finish, Handler, ResponseBody, TrackedBody};
 use super::pool::UpstreamBody;
 use super::prefixed::Prefixed;
 use crate::access::TunnelKind;

@@ -269,7 +269,7 @@ fn cli_explain_names_the_deciding_rule() {
 fn s01_explain_agrees_with_the_proxy_on_every_address_of_the_host() {
     // A listener bound to 0.0.0.0 is the proxy itself on every address of the host, not only on
     // loopback. explain dials nothing, so a real interface address is safe to use here.
-    let host = tunnelgate_proxy::authorize::host_addresses()
+    let host = tunnelgate_proxy::own_addresses::host_addresses()
         .into_iter()
         .find(|a| !a.is_loopback())
         .unwrap_or_else(|| "127.0.0.5".parse().unwrap());
