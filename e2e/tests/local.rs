@@ -1538,6 +1538,36 @@ async fn a_tenant_cannot_freeze_policy_for_the_cluster() {
     until("cluster Deny enforced", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 403 }).await;
     ctps.delete("no-echo", &DeleteParams::default()).await.unwrap();
     until("cluster Deny lifted", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 200 }).await;
+    // A delegation that says more than it can grant (one port) is refused, naming the field, and
+    // grants nothing: the tenant's pod still cannot reach the loopback echo.
+    let wide: ClusterTunnelPolicy = serde_json::from_value(json!({
+        "apiVersion": "tunnelgate.io/v1alpha1", "kind": "ClusterTunnelPolicy", "metadata": {"name": "tenant-echo-port"},
+        "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tenant"}}, "action": "Allow",
+                 "delegate": true, "destinations": [{"cidrs": ["127.0.0.2/32"], "ports": [target.port()]}]}
+    }))
+    .unwrap();
+    ctps.create(&PostParams::default(), &wide).await.unwrap();
+    tenant
+        .create(
+            &PostParams::default(),
+            &policy("echo", "t", json!({"cidrs": ["127.0.0.2/32"], "ports": [target.port()]})),
+        )
+        .await
+        .unwrap();
+    until("the over-wide delegation refused", 20, || async {
+        ctps.get("tenant-echo-port").await.unwrap().status.is_some_and(|s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == "Accepted" && c.status == "False" && c.message.contains("spec.destinations[0].ports")
+            })
+        })
+    })
+    .await;
+    until("the tenant's echo policy Restricted", 20, || async {
+        condition(&tenant.get("echo").await.unwrap(), "Restricted").is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    assert_eq!(connect_from("127.0.0.13", proxy_addr, target).await, 403, "nothing was granted");
+    ctps.delete("tenant-echo-port", &DeleteParams::default()).await.unwrap();
     // Churn: the tenant flips its pod's label 8 times a second for 4 s, each flip changing the
     // document (a small policy selects the label). The writes stay at about one per churn interval
     // (2 s), and another namespace's deletion is revoked meanwhile within the usual time.
