@@ -442,13 +442,10 @@ pub async fn status(
         // A proxy whose admin port accepts and never answers is reported, not waited for.
         let answer = tokio::time::timeout(PROXY_ANSWER_TIMEOUT, client.request_text(req)).await;
         let (render, last_reload) = match answer {
-            Ok(Ok(body)) => {
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                (
-                    v["render"].as_u64(),
-                    v["lastReload"]["reason"].as_str().map_or("ok".to_owned(), |r| format!("failed ({r})")),
-                )
-            }
+            Ok(Ok(body)) => match serde_json::from_str::<proxy_config::status::ConfigStatus>(&body) {
+                Ok(st) => (st.render, st.last_reload.reason.map_or("ok".to_owned(), |r| format!("failed ({r})"))),
+                Err(_) => (None, "not a proxy's status".to_owned()),
+            },
             Ok(Err(_)) | Err(_) => (None, "unreachable".to_owned()),
         };
         st.proxies.push(ProxyStatus { pod: name, node, render, last_reload });

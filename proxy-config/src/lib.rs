@@ -21,6 +21,7 @@ pub mod error;
 pub mod host;
 pub mod policy;
 pub mod raw;
+pub mod status;
 mod structure;
 pub mod tls;
 pub mod warnings;

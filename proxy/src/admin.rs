@@ -98,9 +98,9 @@ async fn config(inner: &Inner, long_polls: &Arc<Semaphore>, query: Option<&str>)
     }
     let counter = *changes.borrow();
     let mut doc = inner.snapshot().describe(inner.reload_failure());
-    doc["changes"] = serde_json::json!(counter);
-    doc["dryRun"] = inner.dry_run_counts();
-    text(StatusCode::OK, doc.to_string(), "application/json")
+    doc.changes = counter;
+    doc.dry_run = inner.dry_run_counts();
+    json(&doc)
 }
 
 /// Whether `req` may read `/config`: no token is configured, or it carries the token.
@@ -119,6 +119,13 @@ fn unauthorized() -> Response<Full<Bytes>> {
     );
     r.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
     r
+}
+
+fn json(doc: &proxy_config::status::ConfigStatus) -> Response<Full<Bytes>> {
+    match serde_json::to_string(doc) {
+        Ok(body) => text(StatusCode::OK, body, "application/json"),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the status\n", "text/plain"),
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &str) -> Response<Full<Bytes>> {
@@ -157,9 +164,7 @@ fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, "ready\n", "text/plain")
             }
         }
-        "/config" => {
-            text(StatusCode::OK, inner.snapshot().describe(inner.reload_failure()).to_string(), "application/json")
-        }
+        "/config" => json(&inner.snapshot().describe(inner.reload_failure())),
         _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use proxy_config::status::{ConfigStatus, LastReload};
 use proxy_config::ProxyConfig;
 use sha2::{Digest, Sha256};
 
@@ -101,7 +102,7 @@ impl Snapshot {
             generation,
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
             loaded_at: SystemTime::now(),
-            render: render_number(text),
+            render: proxy_config::status::render_of(text),
             resolver,
             tls: acceptors,
             request_limiter,
@@ -112,20 +113,17 @@ impl Snapshot {
 
     /// The `/config` document: what is in force, without any secret, and whether the last reload
     /// failed (with a closed-set reason).
-    pub fn describe(&self, reload_failure: Option<&str>) -> serde_json::Value {
-        serde_json::json!({
-            "generation": self.generation,
-            "sha256": self.sha256,
-            "render": self.render,
-            "loadedAt": humantime::format_rfc3339_seconds(self.loaded_at).to_string(),
-            "lastReload": {"failed": reload_failure.is_some(), "reason": reload_failure},
-        })
+    pub fn describe(&self, reload_failure: Option<&str>) -> ConfigStatus {
+        ConfigStatus {
+            generation: self.generation,
+            sha256: self.sha256.clone(),
+            render: self.render,
+            loaded_at: humantime::format_rfc3339_seconds(self.loaded_at).to_string(),
+            last_reload: LastReload { failed: reload_failure.is_some(), reason: reload_failure.map(str::to_owned) },
+            changes: 0,
+            dry_run: Default::default(),
+        }
     }
-}
-
-/// The render number the operator stamps on the first lines of what it renders.
-fn render_number(text: &str) -> Option<u64> {
-    text.lines().take(4).find_map(|l| l.strip_prefix("# tunnelgate-render: ")?.trim().parse().ok())
 }
 
 /// Digest of `text` and of the TLS files `config` names (unreadable files count as empty, so

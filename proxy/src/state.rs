@@ -171,9 +171,12 @@ impl Inner {
     }
 
     /// Dry-run verdicts by rule since the start, as `/config` reports them.
-    pub fn dry_run_counts(&self) -> serde_json::Value {
-        let counts = self.dry_run_counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        counts.iter().map(|(r, c)| (r.clone(), serde_json::json!({"wouldDeny": c[0], "wouldAllow": c[1]}))).collect()
+    pub fn dry_run_counts(&self) -> std::collections::BTreeMap<String, proxy_config::status::DryRunCount> {
+        let counts = lock(&self.dry_run_counts);
+        counts
+            .iter()
+            .map(|(r, c)| (r.clone(), proxy_config::status::DryRunCount { would_deny: c[0], would_allow: c[1] }))
+            .collect()
     }
 
     /// Why the last reload failed, if it did.

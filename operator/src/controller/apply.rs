@@ -76,7 +76,7 @@ pub(super) async fn apply(
     annotations.insert(HASH_ANNOTATION.into(), r.hash.clone());
     annotations.insert(RENDER_ANNOTATION.into(), render.to_string());
     // The proxies report the render number they have in force (`/config`): the first line says it.
-    let text = format!("# tunnelgate-render: {render}\n{}", r.config);
+    let text = proxy_config::status::stamp_render(render, &r.config);
     let cm = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": { "name": s.config_name(), "namespace": s.namespace, "labels": labels, "annotations": annotations },
@@ -148,7 +148,7 @@ async fn apply_nodes(
                             NODE_DOC_LABEL: s.config_name(), "tunnelgate.io/node": node },
                 "annotations": { HASH_ANNOTATION: doc.hash, RENDER_ANNOTATION: render.to_string() },
             },
-            "data": { "config.yaml": format!("# tunnelgate-render: {render}\n{}", doc.config) },
+            "data": { "config.yaml": proxy_config::status::stamp_render(render, &doc.config) },
         });
         if let Err(e) = cms.patch(&name, &pp, &Patch::Apply(&cm)).await {
             metrics.config_writes.with_label_values(&["failed"]).inc();

@@ -159,19 +159,10 @@ async fn fetch(addr: SocketAddr, token_file: Option<&Path>, since: Option<u64>) 
     if !head.starts_with("HTTP/1.1 200") {
         return None;
     }
-    let doc: serde_json::Value = serde_json::from_str(body).ok()?;
-    let dry_run = doc["dryRun"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(rule, c)| (rule.clone(), (c["wouldDeny"].as_u64().unwrap_or(0), c["wouldAllow"].as_u64().unwrap_or(0))))
-        .collect();
-    let report = Report {
-        render: doc["render"].as_u64(),
-        failed: doc["lastReload"]["reason"].as_str().map(str::to_owned),
-        dry_run,
-    };
-    Some((report, doc["changes"].as_u64()?))
+    let doc: proxy_config::status::ConfigStatus = serde_json::from_str(body).ok()?;
+    let dry_run = doc.dry_run.into_iter().map(|(rule, c)| (rule, (c.would_deny, c.would_allow))).collect();
+    let report = Report { render: doc.render, failed: doc.last_reload.reason, dry_run };
+    Some((report, doc.changes))
 }
 
 /// The proxies that have a render at least `needed` loaded, out of all of them.
