@@ -78,18 +78,38 @@ pub struct Listener {
     /// `[a-z0-9-]{1,63}`, unique; the `listener` metric label.
     pub name: String,
     pub bind: SocketAddr,
-    pub mode: ListenerMode,
     /// When set, clients speak TLS to the proxy.
     pub tls: Option<ListenerTls>,
-    /// Plain-HTTP forwarding on a forward listener.
-    pub http: ListenerHttp,
-    /// The fixed upstream of a tunnel listener (`None` on forward listeners).
-    pub upstream: Option<TunnelUpstream>,
-    /// PROXY protocol header sent to a tunnel listener's upstream before any payload.
-    pub send_proxy_protocol: ProxyProtocol,
+    /// What the listener serves, with the settings of that mode only.
+    pub serves: Serves,
     /// Peers (a load balancer in front) that must open each connection with a PROXY protocol
     /// header (v1 or v2), whose source is then the client address; empty: never read one.
     pub accept_proxy_protocol_from: Vec<IpNet>,
+}
+
+/// What a listener serves (`mode`), each with its own settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serves {
+    /// A forward proxy: HTTP CONNECT, and absolute-form plain HTTP (with upgrades) unless
+    /// `http.enabled` is false.
+    Forward(ListenerHttp),
+    /// Every connection goes to one fixed upstream, after the TLS handshake when `tls` is set
+    /// (TLS termination); no HTTP parsing.
+    Tunnel {
+        upstream: TunnelUpstream,
+        /// The PROXY protocol header sent to the upstream before any payload.
+        send_proxy_protocol: ProxyProtocol,
+    },
+}
+
+impl Serves {
+    /// The mode's name, as `mode` spells it.
+    pub fn mode(&self) -> ListenerMode {
+        match self {
+            Serves::Forward(_) => ListenerMode::Forward,
+            Serves::Tunnel { .. } => ListenerMode::Tunnel,
+        }
+    }
 }
 
 /// Which PROXY protocol header a tunnel listener announces its client with.
@@ -358,17 +378,14 @@ fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
                 via,
             }
         });
-        if let (Some(bind), Some(mode)) = (bind, mode) {
-            listeners.push(Listener {
-                name: l.name,
-                bind,
-                mode,
-                tls,
-                http,
-                upstream,
-                send_proxy_protocol,
-                accept_proxy_protocol_from,
-            });
+        let serves = match (mode, upstream) {
+            (Some(ListenerMode::Forward), _) => Some(Serves::Forward(http)),
+            (Some(ListenerMode::Tunnel), Some(upstream)) => Some(Serves::Tunnel { upstream, send_proxy_protocol }),
+            // The error is already recorded.
+            _ => None,
+        };
+        if let (Some(bind), Some(serves)) = (bind, serves) {
+            listeners.push(Listener { name: l.name, bind, tls, serves, accept_proxy_protocol_from });
         }
     }
 

@@ -24,6 +24,15 @@ pub struct Authorized {
     pub revocable: bool,
 }
 
+impl Authorized {
+    /// The admission of a tunnel listener's connection: its configured upstream at `addrs` (none
+    /// for a Unix socket), trusted as configured rather than decided by a rule, so never revoked
+    /// by a reload; the relay limits are the configuration's defaults.
+    pub fn fixed_upstream(addrs: Vec<IpAddr>, limits: TunnelLimits) -> Authorized {
+        Authorized { addrs, rule: String::new(), limits, user: None, revocable: false }
+    }
+}
+
 /// Why a request was not authorized, and the deciding rule when a rule decided.
 #[derive(Debug)]
 pub struct Rejection {

@@ -1,11 +1,11 @@
-//! One client connection: admission (connection caps) → optional TLS handshake → on a tunnel
-//! listener, the fixed upstream; on a forward listener, the first request head → dispatch on what
-//! the listener serves. Errors before a tunnel or an HTTP exchange become a
+//! One client connection: admission (connection caps) → optional TLS handshake → what the
+//! listener serves, read once: a tunnel listener's fixed upstream, or a forward listener's first
+//! request head → CONNECT or plain HTTP. Errors before a tunnel or an HTTP exchange become a
 //! status answer and a lingering close.
 
 use std::sync::Arc;
 
-use proxy_config::{Listener, ProxyProtocol};
+use proxy_config::{ListenerHttp, ProxyProtocol, Serves};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
@@ -25,12 +25,17 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
     let inner = ctx.inner.clone();
     // This connection's listener, looked up once in the snapshot it was accepted under.
     let snapshot = ctx.snapshot.clone();
-    let listener = snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener);
+    let Some(listener) = snapshot.config.listeners.iter().find(|l| *l.name == *ctx.listener) else {
+        // Accepted by a listener its own configuration does not name: cannot happen (the accept
+        // loop's snapshot carries its listener); close rather than guess what it serves.
+        tracing::debug!(conn = ctx.id, "connection of a listener its configuration does not name");
+        return;
+    };
     let limits = snapshot.config.limits;
     // A trusted load balancer in front names the real client first; from any other peer no
     // header is ever read (a forward listener's parser refuses one with 400).
     let peer = ctx.peer.ip().to_canonical();
-    if listener.is_some_and(|l| l.accept_proxy_protocol_from.iter().any(|n| n.contains(&peer))) {
+    if listener.accept_proxy_protocol_from.iter().any(|n| n.contains(&peer)) {
         let read = Box::pin(timeout(limits.request_head_timeout, inbound_proxy::read(&mut stream)));
         match read.await {
             Ok(Ok(Some(client))) => ctx.peer = client,
@@ -44,7 +49,8 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
         .acquire(ctx.peer.ip(), limits.max_connections, limits.max_connections_per_client)
         .map(|p| ctx.slot.admit(p));
     // The address the client reached is asked of the kernel only where a PROXY header names it.
-    if listener.is_some_and(|l| l.send_proxy_protocol != ProxyProtocol::None) {
+    if matches!(listener.serves, Serves::Tunnel { send_proxy_protocol, .. } if send_proxy_protocol != ProxyProtocol::None)
+    {
         ctx.local = stream.local_addr().ok();
     }
     // The task's size is the largest state of this future, held for the connection's whole life
@@ -53,17 +59,17 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
     match ctx.tls.clone() {
         None => {
             let deadline = ctx.accepted + limits.request_head_timeout;
-            match (admitted, listener.and_then(|l| l.upstream.as_ref().map(|u| (u, l)))) {
-                (Ok(()), Some((upstream, l))) => {
-                    Box::pin(terminate::serve(stream, &ctx, upstream, l.send_proxy_protocol, None)).await
+            match (admitted, &listener.serves) {
+                (Ok(()), Serves::Tunnel { upstream, send_proxy_protocol }) => {
+                    Box::pin(terminate::serve(stream, &ctx, upstream, *send_proxy_protocol, None)).await
                 }
-                (Ok(()), None) => dispatch(stream, &ctx, deadline, listener).await,
+                (Ok(()), Serves::Forward(http)) => dispatch(stream, &ctx, deadline, http).await,
                 // A tunnel listener's clients speak no HTTP: just close.
-                (Err(e), Some(_)) => access::rejected(&ctx, &e, None, None),
-                (Err(e), None) => Box::pin(reject(stream, &ctx, e)).await,
+                (Err(e), Serves::Tunnel { .. }) => access::rejected(&ctx, &e, None, None),
+                (Err(e), Serves::Forward(_)) => Box::pin(reject(stream, &ctx, e)).await,
             }
         }
-        Some(server) => Box::pin(serve_tls(stream, server, &ctx, admitted, listener)).await,
+        Some(server) => Box::pin(serve_tls(stream, server, &ctx, admitted, &listener.serves)).await,
     }
 }
 
@@ -76,7 +82,7 @@ async fn serve_tls(
     server: Arc<TlsServer>,
     ctx: &ConnCtx,
     admitted: Result<(), TunnelError>,
-    listener: Option<&Listener>,
+    serves: &Serves,
 ) {
     let Ok(()) = admitted else {
         // Answering in plain text would be noise to a TLS client: just close.
@@ -102,16 +108,16 @@ async fn serve_tls(
     };
     let facts = TlsFacts::of(tls.get_ref().1);
     m.tls_handshakes.with_label_values(&[&ctx.listener, "success", facts.version]).inc();
-    match listener.and_then(|l| l.upstream.as_ref().map(|u| (u, l))) {
-        Some((upstream, l)) => {
-            terminate::serve(tls, ctx, upstream, l.send_proxy_protocol, Some(facts)).await;
+    match serves {
+        Serves::Tunnel { upstream, send_proxy_protocol } => {
+            terminate::serve(tls, ctx, upstream, *send_proxy_protocol, Some(facts)).await;
         }
-        None => dispatch(tls, ctx, Instant::now() + limits.request_head_timeout, listener).await,
+        Serves::Forward(http) => dispatch(tls, ctx, Instant::now() + limits.request_head_timeout, http).await,
     }
 }
 
 /// Reads the first request head and hands the connection to the path that serves it.
-async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, deadline: Instant, listener: Option<&Listener>) {
+async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, deadline: Instant, http: &ListenerHttp) {
     let max_head = ctx.snapshot.config.limits.max_request_head_bytes;
     let head = tokio::select! {
         r = Box::pin(negotiate::read_head(&mut io, max_head, deadline)) => r,
@@ -129,10 +135,10 @@ async fn dispatch<S: IntoHalves + 'static>(mut io: S, ctx: &ConnCtx, deadline: I
     });
     match head {
         Ok(Head::Connect(request)) => connect::serve(io, request, ctx).await,
-        Ok(Head::Other(buffered)) => match listener.map(|l| &l.http).filter(|h| h.enabled) {
-            Some(http) => Box::pin(forward::http::serve(io, buffered, ctx, http.clone())).await,
-            None => Box::pin(connect::reject(ctx, &mut io, TunnelError::MethodNotAllowed.into(), None)).await,
-        },
+        Ok(Head::Other(buffered)) if http.enabled => {
+            Box::pin(forward::http::serve(io, buffered, ctx, http.clone())).await
+        }
+        Ok(Head::Other(_)) => Box::pin(connect::reject(ctx, &mut io, TunnelError::MethodNotAllowed.into(), None)).await,
         Err(e) => Box::pin(connect::reject(ctx, &mut io, e.into(), None)).await,
     }
 }

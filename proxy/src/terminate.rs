@@ -41,8 +41,7 @@ pub async fn serve<S: IntoHalves + 'static>(
     let cfg = &ctx.snapshot.config;
     let m = &ctx.inner.metrics;
     let (cr, cw) = io.into_halves();
-    let authorized =
-        |addrs| Authorized { addrs, rule: String::new(), limits: cfg.policy.defaults, user: None, revocable: false };
+    let authorized = |addrs| Authorized::fixed_upstream(addrs, cfg.policy.defaults);
     match upstream {
         TunnelUpstream::Tcp(authority) => {
             let addrs = match &authority.host {

@@ -155,11 +155,8 @@ fn unicode_policy_names_become_punycode_and_bare_ips_become_host_routes() {
 #[test]
 fn http_settings_default_and_are_validated_with_their_paths() {
     let cfg = ProxyConfig::from_yaml("version: 1\nlisteners: [{name: f, bind: '127.0.0.1:0'}]\n").unwrap();
-    let l = &cfg.listeners[0];
-    assert!(
-        l.http.enabled && !l.http.forwarded_for && l.http.via == "tunnelgate",
-        "plain HTTP on, client addresses private"
-    );
+    let Serves::Forward(http) = &cfg.listeners[0].serves else { panic!("a forward listener by default") };
+    assert!(http.enabled && !http.forwarded_for && http.via == "tunnelgate", "plain HTTP on, client addresses private");
     assert_eq!(cfg.http.response_head_timeout, std::time::Duration::from_secs(60));
     assert_eq!(cfg.limits.requests_per_second, None);
     let doc = "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:0', http: {via: 'bad via', colour: red}}]\nlimits: {requestBurst: 5, requestsPerSecond: 0}\nhttp: {maxIdlePerUpstream: 2000000, responseHeadTimeout: soon}\n";
@@ -178,7 +175,8 @@ fn http_settings_default_and_are_validated_with_their_paths() {
     }
     let ok = "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:0', http: {enabled: false, forwardedFor: true, via: egress-1}}]\nlimits: {requestsPerSecond: 50, requestBurst: 100}\n";
     let cfg = ProxyConfig::from_yaml(ok).unwrap();
-    assert!(!cfg.listeners[0].http.enabled && cfg.listeners[0].http.forwarded_for);
+    let Serves::Forward(http) = &cfg.listeners[0].serves else { panic!("forward") };
+    assert!(!http.enabled && http.forwarded_for);
     assert_eq!((cfg.limits.requests_per_second, cfg.limits.request_burst), (Some(50), Some(100)));
 }
 
@@ -198,9 +196,12 @@ fn tunnel_listeners_need_a_valid_upstream_and_take_no_http_settings() {
     }
     let ok = "version: 1\nlisteners:\n  - {name: a, bind: '127.0.0.1:1', mode: tunnel, upstream: 'unix:/run/app.sock'}\n  - {name: b, bind: '127.0.0.1:2', mode: tunnel, upstream: 'db.internal:5432', sendProxyProtocol: none}\n";
     let cfg = ProxyConfig::from_yaml(ok).unwrap();
-    assert_eq!(cfg.listeners[0].upstream, Some(TunnelUpstream::Unix("/run/app.sock".into())));
+    assert!(matches!(
+        &cfg.listeners[0].serves,
+        Serves::Tunnel { upstream: TunnelUpstream::Unix(p), send_proxy_protocol: ProxyProtocol::None } if p.to_str() == Some("/run/app.sock")
+    ));
     assert!(
-        matches!(cfg.listeners[1].upstream, Some(TunnelUpstream::Tcp(ref a)) if a.to_string() == "db.internal:5432")
+        matches!(&cfg.listeners[1].serves, Serves::Tunnel { upstream: TunnelUpstream::Tcp(a), .. } if a.to_string() == "db.internal:5432")
     );
 }
 
