@@ -1263,6 +1263,33 @@ async fn per_node_documents_carry_only_their_nodes_pods() {
 /// in between): while it is down the proxy enforces the last good configuration; after it, the
 /// watches resume (relisting where their resource version was compacted: "410 Gone"), no policy is
 /// lost, and a deletion and a new policy made after the restart are enforced.
+/// One operator and one proxy on loopback, the proxy's base granting `payments` the echo upstream
+/// on 127.0.0.2 (the world of the tests that need no pod network).
+struct Loopback {
+    target: SocketAddr,
+    proxy: SocketAddr,
+    operator_admin: u16,
+    _operator: Child,
+    _proxy: Child,
+}
+
+impl Loopback {
+    async fn start(rel: &Release, dir: &Path) -> Loopback {
+        let target = echo_upstream("127.0.0.2").await;
+        let (listen, admin, operator_admin) = (free_port(), free_port(), free_port());
+        let proxy = format!("127.0.0.1:{listen}").parse().unwrap();
+        let base = rollout_base(listen, "127.0.0.1", admin);
+        let _operator = single_operator(rel, dir, &base, "/unused", operator_admin).await;
+        let _proxy = spawn(
+            &bin("tunnelgate-proxy"),
+            &["--config-map", "tunnelgate/tunnelgate-proxy"],
+            &rel.proxy_kubeconfig,
+            &dir.join("proxy.log"),
+        );
+        Loopback { target, proxy, operator_admin, _operator, _proxy }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_survive_an_api_server_restart_and_compaction() {
     let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-restart-{}", std::process::id())));
@@ -1270,16 +1297,8 @@ async fn watches_survive_an_api_server_restart_and_compaction() {
     let opts = Options { compaction_interval: Some(Duration::from_secs(5)), ..Options::default() };
     let mut rel = Release::install(&dir.0.join("cluster"), &["payments", "churn"], &[], opts).await.unwrap();
     let c = rel.admin.clone();
-    let target = echo_upstream("127.0.0.2").await;
-    let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
-    let proxy_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
-    let _operator = single_operator(&rel, &dir.0, &rollout_base(listen, "127.0.0.1", admin), "/unused", op_admin).await;
-    let _proxy = spawn(
-        &bin("tunnelgate-proxy"),
-        &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &rel.proxy_kubeconfig,
-        &dir.0.join("proxy.log"),
-    );
+    let world = Loopback::start(&rel, &dir.0).await;
+    let (target, proxy_addr) = (world.target, world.proxy);
     let pods = Api::<Pod>::namespaced(c.clone(), "payments");
     run_pod(&pods, pod("a-1", "a", "127.0.0.11")).await;
     run_pod(&pods, pod("b-1", "b", "127.0.0.12")).await;
@@ -1475,16 +1494,8 @@ async fn a_tenant_cannot_freeze_policy_for_the_cluster() {
     std::fs::create_dir_all(&dir.0).unwrap();
     let rel = cluster(&dir.0, &["payments", "tenant"], &[]).await;
     let c = rel.admin.clone();
-    let target = echo_upstream("127.0.0.2").await;
-    let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
-    let proxy_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
-    let _operator = single_operator(&rel, &dir.0, &rollout_base(listen, "127.0.0.1", admin), "/unused", op_admin).await;
-    let _proxy = spawn(
-        &bin("tunnelgate-proxy"),
-        &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &rel.proxy_kubeconfig,
-        &dir.0.join("proxy.log"),
-    );
+    let world = Loopback::start(&rel, &dir.0).await;
+    let (target, proxy_addr, op_admin) = (world.target, world.proxy, world.operator_admin);
     run_pod(&Api::<Pod>::namespaced(c.clone(), "payments"), pod("checkout-1", "checkout", "127.0.0.11")).await;
     run_pod(&Api::<Pod>::namespaced(c.clone(), "tenant"), pod("t-1", "t", "127.0.0.13")).await;
     until("proxy answers", 20, || async { connect_from("127.0.0.11", proxy_addr, target).await == 403 }).await;

@@ -53,10 +53,12 @@ pub(super) async fn start(
     shutdown: CancellationToken,
 ) -> Caches {
     let client = client.clone();
-    let (policies, policy_changes) =
-        cache(Api::<Lenient<TunnelPolicy>>::all(client.clone()), watcher::Config::default(), keep);
+    // Policies wake the loop when their spec changes (or they come or go), not when the operator
+    // writes their status: its own status writes would otherwise render again at once, with the
+    // pods as they are now, past the churn limit of their namespace.
+    let (policies, policy_changes) = spec_cache(Api::<Lenient<TunnelPolicy>>::all(client.clone()));
     let (cluster_policies, cluster_policy_changes) =
-        cache(Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone()), watcher::Config::default(), keep);
+        spec_cache(Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone()));
     let (namespaces, namespace_changes) =
         cache(Api::<Namespace>::all(client.clone()), watcher::Config::default(), slim_namespace);
     let (nodes, node_changes) = cache(Api::<Node>::all(client.clone()), watcher::Config::default(), slim_node);
@@ -229,6 +231,45 @@ where
         .default_backoff()
         .touched_objects()
         .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+        .boxed();
+    (store, changes)
+}
+
+/// A cache of `api` whose changes are those of the objects' specs: an object added or deleted, a
+/// new `metadata.generation` (which status writes leave alone), a re-list.
+fn spec_cache<K>(api: Api<K>) -> (Store<K>, Changes)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let mut generations: HashMap<(Option<String>, Option<String>), Option<i64>> = HashMap::new();
+    let changes = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .filter_map(move |event| {
+            let key = |o: &K| (o.meta().namespace.clone(), o.meta().name.clone());
+            let change = match event {
+                Ok(watcher::Event::Apply(o)) => {
+                    let generation = o.meta().generation;
+                    (generations.insert(key(&o), generation) != Some(generation)).then_some(Ok(()))
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    generations.remove(&key(&o));
+                    Some(Ok(()))
+                }
+                Ok(watcher::Event::Init) => {
+                    generations.clear();
+                    None
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    generations.insert(key(&o), o.meta().generation);
+                    None
+                }
+                Ok(watcher::Event::InitDone) => Some(Ok(())),
+                Err(e) => Some(Err(e.to_string())),
+            };
+            std::future::ready(change)
+        })
         .boxed();
     (store, changes)
 }
