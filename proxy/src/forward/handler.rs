@@ -15,6 +15,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
+use prometheus::IntCounter;
 use proxy_config::{Authority, ListenerHttp};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info};
@@ -40,6 +41,9 @@ pub(crate) struct Handler {
     pub(crate) http: ListenerHttp,
     /// The time limits of the request in flight on this connection.
     pub(crate) watchdog: Arc<Watchdog>,
+    /// `tunnelgate_relayed_bytes_total` of this listener, up and down (looked up once per
+    /// connection, not per request).
+    pub(crate) relayed: Arc<(IntCounter, IntCounter)>,
 }
 
 /// The method label of `tunnelgate_http_requests_total`: a closed set.
@@ -216,10 +220,10 @@ impl Handler {
         m.http_requests.with_label_values(&[&self.ctx.listener, ex.method, code_class(status)]).inc();
         let (bytes_up, bytes_down) = ex.budget.as_ref().map_or((0, 0), |b| b.bytes());
         if bytes_up > 0 {
-            m.relayed_bytes.with_label_values(&[&self.ctx.listener, "upstream"]).inc_by(bytes_up);
+            self.relayed.0.inc_by(bytes_up);
         }
         if bytes_down > 0 {
-            m.relayed_bytes.with_label_values(&[&self.ctx.listener, "downstream"]).inc_by(bytes_down);
+            self.relayed.1.inc_by(bytes_down);
         }
         let limit = ex.budget.as_ref().and_then(|b| b.cut_reason()).map(crate::relay::CloseReason::as_str);
         let elapsed = ex.started.elapsed();

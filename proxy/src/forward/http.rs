@@ -51,7 +51,12 @@ where
         .half_close(true)
         .keep_alive(true);
     let watchdog = Arc::new(Watchdog::default());
-    let handler = Arc::new(Handler { ctx: ctx.clone(), http, watchdog: watchdog.clone() });
+    let m = &ctx.inner.metrics;
+    let relayed = Arc::new((
+        m.relayed_bytes.with_label_values(&[&ctx.listener, "upstream"]),
+        m.relayed_bytes.with_label_values(&[&ctx.listener, "downstream"]),
+    ));
+    let handler = Arc::new(Handler { ctx: ctx.clone(), http, watchdog: watchdog.clone(), relayed });
     let service = service_fn(move |req| {
         let h = handler.clone();
         async move { Ok::<_, Infallible>(h.handle(req).await) }
@@ -90,7 +95,12 @@ impl Handler {
         // Judged by the configuration in force at this request, not at the connection's accept
         // (a request already in flight at a reload finishes under the one it started with).
         let this = match self.ctx.current() {
-            Some(ctx) => Arc::new(Handler { ctx, http: self.http.clone(), watchdog: self.watchdog.clone() }),
+            Some(ctx) => Arc::new(Handler {
+                ctx,
+                http: self.http.clone(),
+                watchdog: self.watchdog.clone(),
+                relayed: self.relayed.clone(),
+            }),
             None => self,
         };
         this.judge(req).await

@@ -183,42 +183,62 @@ where
 /// The time limits of the request in flight on one client connection: [`Watchdog::expired`]
 /// resolves when it outlives `maxLifetime` or idles past `idleTimeout`, and the connection is
 /// closed. Between requests it waits without a timer.
+/// It is woken only when a request's deadline comes before the one its timer is armed for (a
+/// keep-alive connection whose requests share a rule arms the timer once, not twice per request);
+/// a timer that fires for a request already over finds the next one, or parks.
 #[derive(Default)]
 pub struct Watchdog {
-    current: Mutex<Option<Arc<Budget>>>,
+    state: Mutex<Watched>,
     changed: Notify,
+}
+
+#[derive(Default)]
+struct Watched {
+    current: Option<Arc<Budget>>,
+    /// When the timer fires next (`None`: parked until a request comes).
+    armed: Option<Instant>,
 }
 
 impl Watchdog {
     /// Watches `budget`'s request from now on.
     pub fn watch(&self, budget: &Arc<Budget>) {
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(budget.clone());
-        self.changed.notify_one();
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.current = Some(budget.clone());
+        let earlier = match (budget.next_deadline(Instant::now()), st.armed) {
+            (Ok(at), Some(armed)) => at < armed,
+            _ => true,
+        };
+        drop(st);
+        if earlier {
+            self.changed.notify_one();
+        }
     }
 
     /// Stops watching `budget`'s request (it is over); a later request's budget stays watched.
     pub fn release(&self, budget: &Arc<Budget>) {
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, budget)) {
-            *current = None;
-            drop(current);
-            self.changed.notify_one();
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if st.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, budget)) {
+            st.current = None;
         }
     }
 
     /// Resolves with the limit the watched request went past.
     pub async fn expired(&self) -> CloseReason {
         loop {
-            let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            let deadline = match current {
-                None => None,
-                Some(budget) => match budget.next_deadline(Instant::now()) {
-                    Ok(at) => Some(at),
-                    Err(reason) => {
-                        budget.cut(reason);
-                        return reason;
-                    }
-                },
+            let deadline = {
+                let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                let deadline = match &st.current {
+                    None => None,
+                    Some(budget) => match budget.next_deadline(Instant::now()) {
+                        Ok(at) => Some(at),
+                        Err(reason) => {
+                            budget.cut(reason);
+                            return reason;
+                        }
+                    },
+                };
+                st.armed = deadline;
+                deadline
             };
             match deadline {
                 None => self.changed.notified().await,
