@@ -223,18 +223,27 @@ impl Explanation {
     }
 }
 
+/// What `explain` is asked: a request from `namespace/pod` (as `user`, when given) to `target`,
+/// whose name resolves to `resolve` (empty: decide by the name alone, or say it must resolve).
+#[derive(Debug, Clone, Copy)]
+pub struct ExplainQuery<'a> {
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    pub target: &'a str,
+    pub resolve: &'a [IpAddr],
+    pub user: Option<&'a str>,
+}
+
 /// The decision for a request from `namespace/pod` to `target`, against the configuration the
 /// proxy of the pod's node is told to enforce (its node's document when the operator renders per
 /// node, else `<release>-proxy`), and how far the deciding policy has rolled out.
 pub async fn explain(
     client: &Client,
     release: &Release,
-    namespace: &str,
-    pod: &str,
-    target: &str,
-    resolve: &[IpAddr],
+    q: &ExplainQuery<'_>,
     output: Output,
 ) -> Result<(i32, String), PluginError> {
+    let ExplainQuery { namespace, pod, target, resolve, user } = *q;
     let p = find_pod(client, namespace, pod).await?;
     let pod_name = p.metadata.name.clone().unwrap_or_default();
     let ip: IpAddr = p
@@ -271,14 +280,14 @@ pub async fn explain(
     let verdict = |v: proxy_config::DryRunVerdict| format!("rule {} {}", v.rule(), v.as_str().replace('_', " "));
     let decision = match &auth.host {
         Host::Ip(a) => {
-            let d = policy.decide(ip, &auth.host, auth.port, &[*a]);
-            e.dry_run = policy.dry_run(ip, None, &auth.host, auth.port, &[*a], &d).map(verdict);
+            let d = policy.decide_as(ip, user, &auth.host, auth.port, &[*a]);
+            e.dry_run = policy.dry_run(ip, user, &auth.host, auth.port, &[*a], &d).map(verdict);
             d
         }
-        Host::Name(name) => match policy.pre_resolve(ip, name, auth.port) {
+        Host::Name(name) => match policy.pre_resolve_as(ip, user, name, auth.port) {
             PreDecision::Deny(d) => {
                 e.resolved = false;
-                e.dry_run = policy.dry_run_by_name(ip, None, name, auth.port, &d).map(verdict);
+                e.dry_run = policy.dry_run_by_name(ip, user, name, auth.port, &d).map(verdict);
                 d
             }
             PreDecision::Resolve if resolve.is_empty() => {
@@ -286,11 +295,26 @@ pub async fn explain(
                 return Ok((2, render(output, &e, Explanation::table)));
             }
             PreDecision::Resolve => {
-                let d = policy.decide(ip, &auth.host, auth.port, resolve);
-                e.dry_run = policy.dry_run(ip, None, &auth.host, auth.port, resolve, &d).map(verdict);
+                let d = policy.decide_as(ip, user, &auth.host, auth.port, resolve);
+                e.dry_run = policy.dry_run(ip, user, &auth.host, auth.port, resolve, &d).map(verdict);
                 d
             }
         },
+    };
+    // As the proxies do: an allowed target that is one of the proxies' own endpoints is refused.
+    let addrs: Vec<IpAddr> = match &auth.host {
+        Host::Ip(a) => vec![*a],
+        Host::Name(_) => resolve.to_vec(),
+    };
+    let proxies = proxy_addresses(client, release).await?;
+    let decision = match decision {
+        Decision::Allow { .. } if targets_a_proxy(&cfg, &proxies, &addrs, auth.port) => {
+            e.decision = "deny".into();
+            e.rule = Some("self".into());
+            e.reason = Some("self".into());
+            return Ok((1, render(output, &e, Explanation::table)));
+        }
+        d => d,
     };
     let code = match &decision {
         Decision::Allow { rule, limits } => {
@@ -312,6 +336,28 @@ pub async fn explain(
         e.loaded = rollout_of(client, rule).await?;
     }
     Ok((code, render(output, &e, Explanation::table)))
+}
+
+/// The addresses of the release's proxies: their pods' IPs, and their nodes' for host-network pods.
+async fn proxy_addresses(client: &Client, release: &Release) -> Result<Vec<IpAddr>, PluginError> {
+    let pods = Api::<Pod>::namespaced(client.clone(), &release.namespace);
+    let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component=proxy", release.name);
+    let mut out = Vec::new();
+    for p in pods.list(&kube::api::ListParams::default().labels(&selector)).await?.items {
+        let Some(st) = p.status else { continue };
+        out.extend(st.pod_ips.iter().flatten().filter_map(|i| i.ip.parse::<IpAddr>().ok()));
+        out.extend(st.pod_ip.iter().filter_map(|i| i.parse::<IpAddr>().ok()));
+        out.extend(st.host_ip.iter().filter_map(|i| i.parse::<IpAddr>().ok()));
+    }
+    Ok(out)
+}
+
+/// Whether any of `addrs` on `port` is one of the proxies' own endpoints (a listener or the admin
+/// port, on a proxy's address; the unspecified address on any port), as the proxies refuse it.
+fn targets_a_proxy(cfg: &ProxyConfig, proxies: &[IpAddr], addrs: &[IpAddr], port: u16) -> bool {
+    let mut endpoints: Vec<std::net::SocketAddr> = cfg.listeners.iter().map(|l| l.bind).collect();
+    endpoints.push(cfg.admin.bind);
+    addrs.iter().any(|a| proxy_config::addr::is_own_endpoint(&endpoints, proxies, *a, port))
 }
 
 /// The pod a workload reference names: `pod/NAME` or `NAME`, `deploy/NAME` (a running pod of the
@@ -542,5 +588,24 @@ mod tests {
         assert!(ips.iter().all(|ip| ip.is_loopback()) && !ips.is_empty(), "{ips:?}");
         assert!(resolve_here("127.0.0.1:80").await.unwrap().is_empty(), "a literal needs no resolution");
         assert!(resolve_here("no port").await.is_err());
+    }
+}
+
+#[cfg(test)]
+mod self_tests {
+    use super::*;
+
+    #[test]
+    fn a_target_on_a_proxys_own_endpoint_is_refused_as_the_proxy_refuses_it() {
+        let cfg = ProxyConfig::from_yaml(
+            "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\nadmin: {bind: '0.0.0.0:9090'}\n",
+        )
+        .unwrap();
+        let proxies: Vec<IpAddr> = vec!["10.244.1.5".parse().unwrap(), "192.0.2.10".parse().unwrap()];
+        let at = |ip: &str, port| targets_a_proxy(&cfg, &proxies, &[ip.parse().unwrap()], port);
+        assert!(at("10.244.1.5", 3128) && at("10.244.1.5", 9090) && at("192.0.2.10", 3128));
+        assert!(at("0.0.0.0", 443), "the unspecified address is the proxy on every port");
+        assert!(!at("10.244.1.5", 443), "another port of the proxy's pod");
+        assert!(!at("10.244.1.6", 3128), "another pod");
     }
 }

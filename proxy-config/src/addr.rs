@@ -319,5 +319,24 @@ fn refused_blocks() -> &'static [IpNet] {
     })
 }
 
+/// Whether `ip:port` reaches one of `endpoints`. A listener bound to 0.0.0.0 or :: is reached on
+/// every address of the host: loopback, unspecified, and each of `host_addrs` (all interfaces);
+/// the unspecified address itself is this host on every port.
+pub fn is_own_endpoint(endpoints: &[std::net::SocketAddr], host_addrs: &[IpAddr], ip: IpAddr, port: u16) -> bool {
+    let ip = ip.to_canonical();
+    // The unspecified address is never a destination (RFC 1122 3.2.1.3): a connection to it
+    // reaches this host, on every port, whatever the listeners are bound to.
+    if ip.is_unspecified() {
+        return true;
+    }
+    let on_this_host = || {
+        matches!(classify(ip), Some(SpecialRange::Loopback | SpecialRange::Unspecified))
+            || host_addrs.iter().any(|a| a.to_canonical() == ip)
+    };
+    endpoints
+        .iter()
+        .any(|ep| ep.port() == port && (ep.ip().to_canonical() == ip || (ep.ip().is_unspecified() && on_this_host())))
+}
+
 #[cfg(test)]
 mod tests;

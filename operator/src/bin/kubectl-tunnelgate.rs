@@ -64,6 +64,9 @@ enum Command {
         /// Instead of a pod: a running pod this label selector matches (`app=checkout`).
         #[arg(short = 'l', long)]
         selector: Option<String>,
+        /// Decide as this authenticated proxy user (rules with `users` match only their users).
+        #[arg(long)]
+        user: Option<String>,
     },
     /// The proxies, the render each has loaded, and the policies not yet loaded everywhere.
     Status {
@@ -121,7 +124,7 @@ async fn main() -> ExitCode {
             }
             worst
         }
-        Command::Explain { namespace, args, resolve, selector, resolve_here } => {
+        Command::Explain { namespace, args, resolve, selector, resolve_here, user } => {
             let (reference, target) = match (selector, args.as_slice()) {
                 (Some(sel), [target]) => (format!("-l={sel}"), target.clone()),
                 (None, [pod, target]) => (pod.clone(), target.clone()),
@@ -142,7 +145,14 @@ async fn main() -> ExitCode {
             }
             match client(&cli).await {
                 Ok(c) => {
-                    report(plugin::explain(&c, &release, namespace, &reference, &target, &resolve, cli.output).await)
+                    let q = plugin::ExplainQuery {
+                        namespace,
+                        pod: &reference,
+                        target: &target,
+                        resolve: &resolve,
+                        user: user.as_deref(),
+                    };
+                    report(plugin::explain(&c, &release, &q, cli.output).await)
                 }
                 Err(e) => unreachable_cluster(&e),
             }
