@@ -165,25 +165,77 @@ pub struct ByteCounters {
     pub down: IntCounter,
 }
 
-/// State shared by the two directions of one tunnel.
-struct Shared {
+/// Which way bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to upstream.
+    Up,
+    /// Upstream to client.
+    Down,
+}
+
+/// What one tunnel (both its directions) or one plain-HTTP request (its two bodies) moved, and
+/// what `maxTotalBytes` still lets it move: the bytes each way, their total, and when the last
+/// one moved.
+pub struct Traffic {
     start: Instant,
     /// Milliseconds after `start` of the last byte in either direction.
     last_activity_ms: AtomicU64,
     total: AtomicU64,
     max_total: Option<u64>,
-    /// Bytes of this tunnel each way (the global counters are shared by all tunnels).
+    /// Bytes each way (the global counters are shared by all tunnels).
     up: AtomicU64,
     down: AtomicU64,
 }
 
-impl Shared {
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_activity_ms.store(ms, Ordering::Relaxed);
+impl Traffic {
+    pub fn new(max_total: Option<u64>) -> Traffic {
+        Traffic {
+            start: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            max_total,
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+        }
     }
-    fn last_activity(&self) -> Instant {
+
+    /// Takes `n` bytes out of the total: how many of them stay within `maxTotalBytes` (fewer than
+    /// `n` once it is reached).
+    pub fn take(&self, n: u64) -> u64 {
+        let before = self.total.fetch_add(n, Ordering::Relaxed);
+        match self.max_total {
+            Some(max) if before.saturating_add(n) > max => max.saturating_sub(before),
+            _ => n,
+        }
+    }
+
+    /// Counts `n` bytes that moved `dir` now.
+    pub fn moved(&self, dir: Direction, n: u64) {
+        let counter = if dir == Direction::Up { &self.up } else { &self.down };
+        counter.fetch_add(n, Ordering::Relaxed);
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When it began.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// When the last byte moved (the start, before any did).
+    pub fn last_activity(&self) -> Instant {
         self.start + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+
+    /// The bytes taken out of the total so far (both directions).
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Bytes moved: (up, down).
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed))
     }
 }
 
@@ -240,8 +292,8 @@ impl Bucket {
 async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
-    shared: &Shared,
-    mine: &AtomicU64,
+    shared: &Traffic,
+    dir: Direction,
     counter: &IntCounter,
     rate: Option<u64>,
 ) -> Result<Eof, PumpEnd> {
@@ -273,19 +325,12 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
         if let Some(bk) = bucket.as_mut() {
             bk.spend(n);
         }
-        let total = shared.total.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-        let mut send = n;
-        let mut over = false;
-        if let Some(max) = shared.max_total {
-            if total > max {
-                send = n - usize::try_from(total - max).unwrap_or(n).min(n);
-                over = true;
-            }
-        }
+        // Within maxTotalBytes: all of it, or what is left before the limit (then the end).
+        let send = usize::try_from(shared.take(n as u64)).unwrap_or(n).min(n);
+        let over = send < n;
         w.write_all(&b[..send]).await.map_err(|_| PumpEnd::Io)?;
         counter.inc_by(send as u64);
-        mine.fetch_add(send as u64, Ordering::Relaxed);
-        shared.touch();
+        shared.moved(dir, send as u64);
         if over {
             return Err(PumpEnd::ByteLimit);
         }
@@ -315,18 +360,10 @@ where
     UR: RelayRead,
     UW: AsyncWrite + Unpin + Send,
 {
-    let start = Instant::now();
-    let shared = Shared {
-        start,
-        last_activity_ms: AtomicU64::new(0),
-        total: AtomicU64::new(0),
-        max_total: limits.max_total_bytes,
-        up: AtomicU64::new(0),
-        down: AtomicU64::new(0),
-    };
+    let shared = Traffic::new(limits.max_total_bytes);
+    let start = shared.start();
     if !early.is_empty() {
-        let n =
-            limits.max_total_bytes.map_or(early.len(), |m| early.len().min(usize::try_from(m).unwrap_or(usize::MAX)));
+        let n = usize::try_from(shared.take(early.len() as u64)).unwrap_or(early.len()).min(early.len());
         if up_w.write_all(&early[..n]).await.is_err() {
             return RelayOutcome {
                 reason: CloseReason::IoError,
@@ -336,13 +373,13 @@ where
             };
         }
         counters.up.inc_by(n as u64);
-        shared.total.fetch_add(n as u64, Ordering::Relaxed);
-        shared.up.fetch_add(n as u64, Ordering::Relaxed);
+        shared.moved(Direction::Up, n as u64);
     }
 
     let reason = {
-        let up = pump(&mut client_r, &mut up_w, &shared, &shared.up, &counters.up, limits.max_bytes_per_second);
-        let down = pump(&mut up_r, &mut client_w, &shared, &shared.down, &counters.down, limits.max_bytes_per_second);
+        let up = pump(&mut client_r, &mut up_w, &shared, Direction::Up, &counters.up, limits.max_bytes_per_second);
+        let down =
+            pump(&mut up_r, &mut client_w, &shared, Direction::Down, &counters.down, limits.max_bytes_per_second);
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;
@@ -391,7 +428,7 @@ where
                         idle_at = due;
                     }
                     if let Some(at) = rate_check_at.filter(|at| now >= *at) {
-                        let total = shared.total.load(Ordering::Relaxed);
+                        let total = shared.total();
                         if total - bytes_at_check < limits.min_bytes_per_minute.unwrap_or(0) { break CloseReason::TooSlow; }
                         bytes_at_check = total;
                         rate_check_at = Some(at + minute);
@@ -414,12 +451,7 @@ where
         }))
         .await;
     }
-    RelayOutcome {
-        reason,
-        bytes_up: shared.up.load(Ordering::Relaxed),
-        bytes_down: shared.down.load(Ordering::Relaxed),
-        duration: start.elapsed(),
-    }
+    RelayOutcome { reason, bytes_up: shared.bytes().0, bytes_down: shared.bytes().1, duration: start.elapsed() }
 }
 
 #[cfg(test)]

@@ -7,8 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use hyper::body::{Body, Bytes, Frame, SizeHint};
@@ -16,7 +15,9 @@ use proxy_config::TunnelLimits;
 use tokio::sync::Notify;
 use tokio::time::{sleep_until, Duration, Instant, Sleep};
 
-use crate::relay::CloseReason;
+pub use crate::relay::Direction;
+use crate::relay::{CloseReason, Traffic};
+use crate::sync::lock;
 
 /// The error type of the bodies on the plain-HTTP path.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -26,77 +27,48 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("the request went past its rule's relay limit ({})", .0.as_str())]
 pub struct LimitExceeded(pub CloseReason);
 
-/// Which way a body flows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Client to upstream (the request body).
-    Up,
-    /// Upstream to client (the response body).
-    Down,
-}
-
-/// What one request may still move, and what it moved.
+/// What one request may still move, and what it moved: its [`Traffic`] under the rule's limits,
+/// and the limit that ended it, if one did.
 pub struct Budget {
     limits: TunnelLimits,
-    started: Instant,
-    total: AtomicU64,
-    up: AtomicU64,
-    down: AtomicU64,
-    /// Milliseconds from `started` to the last byte either way.
-    last_ms: AtomicU64,
+    traffic: Traffic,
     cut: Mutex<Option<CloseReason>>,
 }
 
 impl Budget {
     pub fn new(limits: TunnelLimits) -> Arc<Budget> {
-        Arc::new(Budget {
-            limits,
-            started: Instant::now(),
-            total: AtomicU64::new(0),
-            up: AtomicU64::new(0),
-            down: AtomicU64::new(0),
-            last_ms: AtomicU64::new(0),
-            cut: Mutex::new(None),
-        })
+        Arc::new(Budget { limits, traffic: Traffic::new(limits.max_total_bytes), cut: Mutex::new(None) })
     }
 
     /// Bytes moved so far: (client to upstream, upstream to client).
     pub fn bytes(&self) -> (u64, u64) {
-        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed))
+        self.traffic.bytes()
     }
 
     /// The limit that ended the request, if one did.
     pub fn cut_reason(&self) -> Option<CloseReason> {
-        *self.cut.lock().unwrap_or_else(PoisonError::into_inner)
+        *lock(&self.cut)
     }
 
     fn cut(&self, reason: CloseReason) {
-        self.cut.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(reason);
+        lock(&self.cut).get_or_insert(reason);
     }
 
     /// Takes `n` bytes flowing `dir` out of the budget: how many of them may pass (fewer than
     /// `n` once `maxTotalBytes` is reached, which ends the request).
     fn take(&self, dir: Direction, n: u64) -> u64 {
-        let before = self.total.fetch_add(n, Ordering::Relaxed);
-        let allowed = match self.limits.max_total_bytes {
-            Some(max) if before.saturating_add(n) > max => {
-                self.cut(CloseReason::ByteLimit);
-                max.saturating_sub(before)
-            }
-            _ => n,
-        };
-        let counter = if dir == Direction::Up { &self.up } else { &self.down };
-        counter.fetch_add(allowed, Ordering::Relaxed);
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        let allowed = self.traffic.take(n);
+        if allowed < n {
+            self.cut(CloseReason::ByteLimit);
+        }
+        self.traffic.moved(dir, allowed);
         allowed
     }
 
     /// The next instant a time limit could be reached, or the limit reached by `now`.
     fn next_deadline(&self, now: Instant) -> Result<Instant, CloseReason> {
-        let lifetime = self.started + self.limits.max_lifetime;
-        let last = self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        let idle = last + self.limits.idle_timeout;
+        let lifetime = self.traffic.start() + self.limits.max_lifetime;
+        let idle = self.traffic.last_activity() + self.limits.idle_timeout;
         if now >= lifetime {
             Err(CloseReason::Lifetime)
         } else if now >= idle {
@@ -202,7 +174,7 @@ struct Watched {
 impl Watchdog {
     /// Watches `budget`'s request from now on.
     pub fn watch(&self, budget: &Arc<Budget>) {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&self.state);
         st.current = Some(budget.clone());
         let earlier = match (budget.next_deadline(Instant::now()), st.armed) {
             (Ok(at), Some(armed)) => at < armed,
@@ -216,7 +188,7 @@ impl Watchdog {
 
     /// Stops watching `budget`'s request (it is over); a later request's budget stays watched.
     pub fn release(&self, budget: &Arc<Budget>) {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&self.state);
         if st.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, budget)) {
             st.current = None;
         }
@@ -226,7 +198,7 @@ impl Watchdog {
     pub async fn expired(&self) -> CloseReason {
         loop {
             let deadline = {
-                let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut st = lock(&self.state);
                 let deadline = match &st.current {
                     None => None,
                     Some(budget) => match budget.next_deadline(Instant::now()) {
