@@ -10,6 +10,7 @@ use prometheus::IntGauge;
 
 use crate::error::TunnelError;
 use crate::metrics::GaugeGuard;
+use crate::sync::lock;
 
 /// Counts open connections, globally and per client address.
 #[derive(Default)]
@@ -37,7 +38,7 @@ impl ConnLimiter {
         max_total: usize,
         max_per_client: usize,
     ) -> Result<Permit, TunnelError> {
-        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = lock(&self.state);
         if s.total >= max_total {
             return Err(TunnelError::Overloaded);
         }
@@ -53,7 +54,7 @@ impl ConnLimiter {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut s = self.limiter.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = lock(&self.limiter.state);
         s.total = s.total.saturating_sub(1);
         if let Some(n) = s.per_client.get_mut(&self.client) {
             *n -= 1;

@@ -4,8 +4,9 @@
 //! delivers documents; the reload pipeline validates and applies them. Losing the API keeps the
 //! last good configuration; the watch reconnects with backoff. A deleted ConfigMap changes nothing.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
+use crate::sync::lock;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::{watcher, WatchStreamExt};
@@ -82,7 +83,7 @@ pub async fn spawn(
                 };
                 if let Some(doc) = update {
                     let chosen = {
-                        let mut d = docs.lock().unwrap_or_else(PoisonError::into_inner);
+                        let mut d = lock(&docs);
                         d[slot] = doc;
                         d[1].clone().or_else(|| d[0].clone())
                     };

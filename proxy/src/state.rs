@@ -149,7 +149,7 @@ impl Inner {
     }
 
     pub(crate) fn set_reload_failure(&self, reason: Option<&'static str>) {
-        let mut f = self.last_reload_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut f = lock(&self.last_reload_failure);
         if *f != reason {
             *f = reason;
             self.changes.send_modify(|n| *n += 1);
@@ -157,13 +157,13 @@ impl Inner {
     }
 
     pub(crate) fn count_dry_run(&self, rule: &str, would_deny: bool) {
-        let mut counts = self.dry_run_counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut counts = lock(&self.dry_run_counts);
         // Rule names come from the configuration (bounded); a rule that left the configuration
         // keeps its count until the process restarts.
         let c = counts.entry(rule.to_owned()).or_default();
         c[usize::from(!would_deny)] += 1;
         drop(counts);
-        let mut announced = self.dry_run_announced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut announced = lock(&self.dry_run_announced);
         if announced.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
             *announced = Some(tokio::time::Instant::now());
             self.changes.send_modify(|n| *n += 1);
@@ -181,7 +181,7 @@ impl Inner {
 
     /// Why the last reload failed, if it did.
     pub fn reload_failure(&self) -> Option<&'static str> {
-        *self.last_reload_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *lock(&self.last_reload_failure)
     }
 
     /// A receiver that sees every change of what `/config` reports.

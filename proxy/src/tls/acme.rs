@@ -5,7 +5,7 @@
 //! its renewal schedule.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use proxy_config::Acme;
@@ -15,6 +15,7 @@ use rustls_acme::{AcmeConfig, EventOk};
 use tracing::{info, warn};
 
 use crate::metrics::ProxyMetrics;
+use crate::sync::lock;
 use crate::tls::{self, TlsError};
 
 /// Why an ACME certificate source could not be set up.
@@ -52,7 +53,7 @@ impl AcmeCerts {
     /// unchanged, else a new one (the old one keeps running until [`AcmeCerts::retain`] drops
     /// it, so a reload that fails later changes nothing). Must be called inside the runtime.
     pub fn resolver(&self, listener: &str, acme: &Acme) -> Result<Arc<dyn ResolvesServerCert>, AcmeError> {
-        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sources = lock(&self.sources);
         let key = format!("{listener}\0{}", acme_key(acme));
         if let Some(s) = sources.get(&key) {
             return Ok(s.resolver.clone());
@@ -70,12 +71,12 @@ impl AcmeCerts {
             .iter()
             .filter_map(|l| Some(format!("{}\0{}", l.name, acme_key(l.tls.as_ref()?.acme.as_ref()?))))
             .collect();
-        self.sources.lock().unwrap_or_else(PoisonError::into_inner).retain(|k, _| wanted.contains(k));
+        lock(&self.sources).retain(|k, _| wanted.contains(k));
     }
 
     /// Stops every source (at the end of the drain).
     pub fn stop_all(&self) {
-        self.sources.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        lock(&self.sources).clear();
     }
 
     fn start(&self, listener: &str, acme: &Acme) -> Result<Source, AcmeError> {
