@@ -6,3 +6,4 @@ pub mod controlplane;
 pub mod kubelet;
 pub mod netns;
 pub mod release;
+pub mod scratch;

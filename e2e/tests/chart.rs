@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, reason = "test harness")]
 
-use std::path::PathBuf;
 
 use e2e::controlplane::{repo_root, Access, ControlPlane, Options};
 use e2e::kubelet::Kubelet;
 use e2e::release::Release;
+use e2e::scratch::Dir;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
@@ -19,19 +19,8 @@ use serde::Deserialize as _;
 use serde_json::json;
 use testkit::until;
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        if std::env::var_os("E2E_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn dir(tag: &str) -> Dir {
-    let d = std::env::temp_dir().join(format!("tunnelgate-chart-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
+    Dir::new(&format!("chart-{tag}")).unwrap()
 }
 
 async fn helm(cp: &ControlPlane, args: &[&str]) -> String {

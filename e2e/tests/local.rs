@@ -15,6 +15,7 @@ use std::time::Duration;
 use e2e::controlplane::Options;
 use e2e::netns::Network;
 use e2e::release::Release;
+use e2e::scratch::Dir;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -37,15 +38,6 @@ fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        if std::env::var_os("E2E_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// A control plane with the chart installed (with `values`, as `helm --set`), for one test; the
@@ -184,8 +176,7 @@ fn condition(p: &TunnelPolicy, type_: &str) -> Option<(String, String, String)> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_and_proxy_converge_on_policy_changes() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = Dir::new("e2e").unwrap();
     let rel = cluster(&dir.0, &["payments"], &[]).await;
     let c = rel.admin.clone();
 
@@ -604,7 +595,7 @@ async fn project_secret(c: &Client, dir: &Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_listener_certificates_come_from_validated_secrets() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-tls-{}", std::process::id())));
+    let dir = Dir::new("e2e-tls").unwrap();
     let tls_dir = dir.0.join("tls");
     std::fs::create_dir_all(&tls_dir).unwrap();
     let rel = cluster(&dir.0, &["payments"], &[]).await;
@@ -707,7 +698,7 @@ async fn connect_with(proxy: SocketAddr, target: SocketAddr, credentials: Option
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_users_come_from_a_validated_htpasswd_secret() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-auth-{}", std::process::id())));
+    let dir = Dir::new("e2e-auth").unwrap();
     let tls_dir = dir.0.join("tls");
     std::fs::create_dir_all(&tls_dir).unwrap();
     let rel = cluster(&dir.0, &["payments"], &[]).await;
@@ -760,8 +751,7 @@ async fn proxy_users_come_from_a_validated_htpasswd_secret() {
 /// second, and a better-priority cluster Allow carves an exception out of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_policies_bound_what_namespaces_may_open() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-ctp-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = Dir::new("e2e-ctp").unwrap();
     let rel = cluster(&dir.0, &["payments"], &[]).await;
     let c = rel.admin.clone();
     let target = echo_upstream("127.0.0.2").await;
@@ -934,8 +924,7 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
 /// `1/2`, `Stuck` on that node, and `1/1`, `Loaded` once that proxy pod is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-rollout-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = Dir::new("e2e-rollout").unwrap();
     // The pods live on a network of the test's own: the API server's pod proxy, through which
     // `kubectl tunnelgate status` reads each proxy's /config, dials no loopback address.
     // A fixed name: a run killed outright leaves this network behind, and the next run replaces it.
@@ -1150,8 +1139,7 @@ async fn rollout_truth_counts_the_proxies_that_loaded_a_policy() {
 /// the proxy as current when it has its node's latest document.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_node_documents_carry_only_their_nodes_pods() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-pernode-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = Dir::new("e2e-pernode").unwrap();
     // The chart with per-node documents: the proxy Role then reads its node's document too.
     let rel = cluster(&dir.0, &["payments"], &["proxy.configPerNode=true"]).await;
     let c = rel.admin.clone();
@@ -1292,8 +1280,7 @@ impl Loopback {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_survive_an_api_server_restart_and_compaction() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-restart-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = Dir::new("e2e-restart").unwrap();
     let opts = Options { compaction_interval: Some(Duration::from_secs(5)), ..Options::default() };
     let mut rel = Release::install(&dir.0.join("cluster"), &["payments", "churn"], &[], opts).await.unwrap();
     let c = rel.admin.clone();
@@ -1345,8 +1332,7 @@ async fn watches_survive_an_api_server_restart_and_compaction() {
 /// and never fight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_applies_and_operator_status_writes_never_conflict() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-ssa-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = Dir::new("e2e-ssa").unwrap();
     let rel = cluster(&dir.0, &["payments"], &[]).await;
     let (listen, admin, op_admin) = (free_port(), free_port(), free_port());
     let _operator = single_operator(&rel, &dir.0, &rollout_base(listen, "127.0.0.1", admin), "/unused", op_admin).await;
@@ -1396,8 +1382,7 @@ async fn user_applies_and_operator_status_writes_never_conflict() {
 /// the policy's status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_releases_share_policies_and_one_owns_their_status() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-tworel-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = Dir::new("e2e-tworel").unwrap();
     let rel = cluster(&dir.0, &["payments"], &[]).await;
     let chart = e2e::controlplane::repo_root().join("charts/tunnelgate");
     let mut args = vec!["install", "gw", chart.to_str().unwrap(), "--namespace", "gateway", "--create-namespace"];
@@ -1490,8 +1475,7 @@ async fn two_releases_share_policies_and_one_owns_their_status() {
 /// deletion is revoked, each within the usual time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_cannot_freeze_policy_for_the_cluster() {
-    let dir = Dir(std::env::temp_dir().join(format!("tunnelgate-e2e-tenant-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = Dir::new("e2e-tenant").unwrap();
     let rel = cluster(&dir.0, &["payments", "tenant"], &[]).await;
     let c = rel.admin.clone();
     let world = Loopback::start(&rel, &dir.0).await;
