@@ -93,6 +93,11 @@ impl Release {
         full.chars().take(40).collect::<String>().trim_end_matches('-').to_owned()
     }
 
+    /// The label selector of the release's proxy pods.
+    pub fn proxy_selector(&self) -> String {
+        format!("app.kubernetes.io/instance={},app.kubernetes.io/component=proxy", self.name)
+    }
+
     /// The Secret holding the token the proxies' `/config` requires (key `token`).
     pub fn admin_token_secret(&self) -> String {
         format!("{}-admin-token", self.object_prefix())
@@ -341,7 +346,7 @@ pub async fn explain(
 /// The addresses of the release's proxies: their pods' IPs, and their nodes' for host-network pods.
 async fn proxy_addresses(client: &Client, release: &Release) -> Result<Vec<IpAddr>, PluginError> {
     let pods = Api::<Pod>::namespaced(client.clone(), &release.namespace);
-    let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component=proxy", release.name);
+    let selector = release.proxy_selector();
     let mut out = Vec::new();
     for p in pods.list(&kube::api::ListParams::default().labels(&selector)).await?.items {
         let Some(st) = p.status else { continue };
@@ -470,7 +475,7 @@ pub async fn status(
     output: Output,
 ) -> Result<(i32, String), PluginError> {
     let pods = Api::<Pod>::namespaced(client.clone(), &release.namespace);
-    let selector = format!("app.kubernetes.io/instance={},app.kubernetes.io/component=proxy", release.name);
+    let selector = release.proxy_selector();
     let proxies = pods.list(&kube::api::ListParams::default().labels(&selector)).await?;
     let token = admin_token(client, release).await?;
     let mut st = RolloutStatus::default();
