@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, reason = "test harness")]
 
-
 use e2e::controlplane::{repo_root, Access, ControlPlane, Options};
 use e2e::kubelet::Kubelet;
 use e2e::release::Release;
