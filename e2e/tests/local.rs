@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, reason = "test harness")]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -28,17 +28,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tunnelgate_operator::crd::{ClusterTunnelPolicy, TunnelPolicy};
 
-/// A workspace binary built by `cargo test --workspace` (or `cargo build`).
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    let p = dir.join(name);
-    assert!(
-        p.is_file(),
-        "{} not built: run `cargo build --workspace` (the README's test command builds it)",
-        p.display()
-    );
-    p
-}
+use e2e::workspace_bin as bin;
 
 /// A control plane with the chart installed (with `values`, as `helm --set`), for one test; the
 /// `namespaces` are created beside the release's.

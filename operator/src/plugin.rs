@@ -7,7 +7,8 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::{Api, Client};
-use proxy_config::{Authority, Decision, Host, PreDecision, ProxyConfig};
+use proxy_config::decide::{OwnEndpoints, Request, Verdict};
+use proxy_config::{Authority, Host, ProxyConfig};
 use serde::Deserialize;
 
 use crate::crd::{ClusterTunnelPolicy, ClusterTunnelPolicySpec, TunnelPolicy, TunnelPolicySpec};
@@ -257,7 +258,8 @@ pub async fn explain(
         .and_then(|s| s.pod_ip.as_deref())
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| PluginError::Usage(format!("pod {namespace}/{pod_name} has no IP (not running?)")))?;
-    let auth: Authority = target.parse().map_err(|e| PluginError::Usage(format!("target {target:?}: {e}")))?;
+    let auth: Authority =
+        proxy_config::host::parse_target(target).map_err(|e| PluginError::Usage(format!("target {target:?}: {e}")))?;
     // With per-node documents, the pod's node's proxy enforces its node's document.
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &release.namespace);
     let whole = format!("{}-proxy", release.object_prefix());
@@ -273,74 +275,58 @@ pub async fn explain(
     let text = cm.data.and_then(|mut d| d.remove("config.yaml")).unwrap_or_default();
     let cfg = ProxyConfig::from_yaml(&text)
         .map_err(|e| PluginError::Config(format!("{}/{cm_name}", release.namespace), e.to_string()))?;
-    let policy = &cfg.policy;
+    let proxies = proxy_addresses(client, release).await?;
     let mut e = Explanation {
         config: format!("{}/{cm_name}", release.namespace),
         pod: format!("{namespace}/{pod_name}"),
         client: ip.to_string(),
         target: auth.to_string(),
-        resolved: true,
         ..Default::default()
     };
-    let verdict = |v: proxy_config::DryRunVerdict| format!("rule {} {}", v.rule(), v.as_str().replace('_', " "));
-    let decision = match &auth.host {
-        Host::Ip(a) => {
-            let d = policy.decide_as(ip, user, &auth.host, auth.port, &[*a]);
-            e.dry_run = policy.dry_run(ip, user, &auth.host, auth.port, &[*a], &d).map(verdict);
-            d
-        }
-        Host::Name(name) => match policy.pre_resolve_as(ip, user, name, auth.port) {
-            PreDecision::Deny(d) => {
-                e.resolved = false;
-                e.dry_run = policy.dry_run_by_name(ip, user, name, auth.port, &d).map(verdict);
-                d
-            }
-            PreDecision::Resolve if resolve.is_empty() => {
-                e.decision = "needs-resolution".into();
-                return Ok((2, render(output, &e, Explanation::table)));
-            }
-            PreDecision::Resolve => {
-                let d = policy.decide_as(ip, user, &auth.host, auth.port, resolve);
-                e.dry_run = policy.dry_run(ip, user, &auth.host, auth.port, resolve, &d).map(verdict);
-                d
-            }
-        },
-    };
-    // As the proxies do: an allowed target that is one of the proxies' own endpoints is refused.
-    let addrs: Vec<IpAddr> = match &auth.host {
-        Host::Ip(a) => vec![*a],
-        Host::Name(_) => resolve.to_vec(),
-    };
-    let proxies = proxy_addresses(client, release).await?;
-    let decision = match decision {
-        Decision::Allow { .. } if targets_a_proxy(&cfg, &proxies, &addrs, auth.port) => {
-            e.decision = "deny".into();
-            e.rule = Some("self".into());
-            e.reason = Some("self".into());
-            return Ok((1, render(output, &e, Explanation::table)));
-        }
-        d => d,
-    };
-    let code = match &decision {
-        Decision::Allow { rule, limits } => {
-            e.decision = "allow".into();
-            e.rule = Some(policy.rule_name(*rule).to_owned());
-            e.idle_timeout = Some(humantime::format_duration(limits.idle_timeout).to_string());
-            e.max_lifetime = Some(humantime::format_duration(limits.max_lifetime).to_string());
-            0
-        }
-        Decision::Deny { rule, reason } => {
-            e.decision = "deny".into();
-            e.rule = Some(policy.rule_name(*rule).to_owned());
-            e.reason = Some(reason.as_str().to_owned());
-            1
-        }
-    };
+    let code = judge(&cfg, &proxies, &Request { client: ip, user, target: &auth }, resolve, &mut e);
     // The deciding policy's rollout, from its status.
     if let Some(rule) = &e.rule {
         e.loaded = rollout_of(client, rule).await?;
     }
     Ok((code, render(output, &e, Explanation::table)))
+}
+
+/// Fills in `e` with the decision the proxies would make for `request` under `cfg` (through the
+/// pipeline the proxy runs, with `resolved` standing in for DNS and `proxies` for the proxies'
+/// own addresses); returns the exit code (0 allow, 1 deny, 2 needs resolution).
+pub fn judge(
+    cfg: &ProxyConfig,
+    proxies: &[IpAddr],
+    request: &Request<'_>,
+    resolved: &[IpAddr],
+    e: &mut Explanation,
+) -> i32 {
+    let own = OwnEndpoints::of(cfg, proxies.to_vec());
+    let Ok(j) = request.judge_given(&cfg.policy, resolved, |ip, port| own.contains(ip, port)) else {
+        e.decision = "needs-resolution".into();
+        return 2;
+    };
+    e.resolved = !j.by_name;
+    e.rule = Some(j.verdict.rule_name(&cfg.policy).to_owned());
+    e.dry_run = j.dry_run.map(|v| format!("rule {} {}", v.rule(), v.as_str().replace('_', " ")));
+    match j.verdict {
+        Verdict::Allow { limits, .. } => {
+            e.decision = "allow".into();
+            e.idle_timeout = Some(humantime::format_duration(limits.idle_timeout).to_string());
+            e.max_lifetime = Some(humantime::format_duration(limits.max_lifetime).to_string());
+            0
+        }
+        Verdict::Deny { reason, .. } => {
+            e.decision = "deny".into();
+            e.reason = Some(reason.as_str().to_owned());
+            1
+        }
+        Verdict::SelfConnect => {
+            e.decision = "deny".into();
+            e.reason = Some("self".into());
+            1
+        }
+    }
 }
 
 /// The addresses of the release's proxies: their pods' IPs, and their nodes' for host-network pods.
@@ -355,14 +341,6 @@ async fn proxy_addresses(client: &Client, release: &Release) -> Result<Vec<IpAdd
         out.extend(st.host_ip.iter().filter_map(|i| i.parse::<IpAddr>().ok()));
     }
     Ok(out)
-}
-
-/// Whether any of `addrs` on `port` is one of the proxies' own endpoints (a listener or the admin
-/// port, on a proxy's address; the unspecified address on any port), as the proxies refuse it.
-fn targets_a_proxy(cfg: &ProxyConfig, proxies: &[IpAddr], addrs: &[IpAddr], port: u16) -> bool {
-    let mut endpoints: Vec<std::net::SocketAddr> = cfg.listeners.iter().map(|l| l.bind).collect();
-    endpoints.push(cfg.admin.bind);
-    addrs.iter().any(|a| proxy_config::addr::is_own_endpoint(&endpoints, proxies, *a, port))
 }
 
 /// The pod a workload reference names: `pod/NAME` or `NAME`, `deploy/NAME` (a running pod of the
@@ -392,7 +370,7 @@ async fn find_pod(client: &Client, namespace: &str, reference: &str) -> Result<P
 /// The addresses `target` (`host:port`) resolves to with this machine's resolver (empty for an IP
 /// literal, which needs none).
 pub async fn resolve_here(target: &str) -> Result<Vec<IpAddr>, String> {
-    let auth: Authority = target.parse().map_err(|e| format!("target {target:?}: {e}"))?;
+    let auth = proxy_config::host::parse_target(target).map_err(|e| format!("target {target:?}: {e}"))?;
     match &auth.host {
         Host::Ip(_) => Ok(Vec::new()),
         Host::Name(name) => {
@@ -603,14 +581,24 @@ mod self_tests {
     #[test]
     fn a_target_on_a_proxys_own_endpoint_is_refused_as_the_proxy_refuses_it() {
         let cfg = ProxyConfig::from_yaml(
-            "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\nadmin: {bind: '0.0.0.0:9090'}\n",
+            "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\nadmin: {bind: '0.0.0.0:9090'}\n\
+             policy:\n  rules:\n  - {name: all, action: allow, cidrs: [10.244.0.0/16, 192.0.2.0/24, 0.0.0.0/32]}\n",
         )
         .unwrap();
         let proxies: Vec<IpAddr> = vec!["10.244.1.5".parse().unwrap(), "192.0.2.10".parse().unwrap()];
-        let at = |ip: &str, port| targets_a_proxy(&cfg, &proxies, &[ip.parse().unwrap()], port);
-        assert!(at("10.244.1.5", 3128) && at("10.244.1.5", 9090) && at("192.0.2.10", 3128));
-        assert!(at("0.0.0.0", 443), "the unspecified address is the proxy on every port");
-        assert!(!at("10.244.1.5", 443), "another port of the proxy's pod");
-        assert!(!at("10.244.1.6", 3128), "another pod");
+        let at = |target: &str| {
+            let target: Authority = target.parse().unwrap();
+            let mut e = Explanation::default();
+            let request = Request { client: "10.244.2.2".parse().unwrap(), user: None, target: &target };
+            let code = judge(&cfg, &proxies, &request, &[], &mut e);
+            (code, e.rule.unwrap_or_default())
+        };
+        let refused = (1, "self".to_owned());
+        assert_eq!(at("10.244.1.5:3128"), refused);
+        assert_eq!(at("10.244.1.5:9090"), refused);
+        assert_eq!(at("192.0.2.10:3128"), refused);
+        assert_eq!(at("0.0.0.0:443"), refused, "the unspecified address is the proxy on every port");
+        assert_eq!(at("10.244.1.5:443"), (0, "all".to_owned()), "another port of the proxy's pod");
+        assert_eq!(at("10.244.1.6:3128"), (0, "all".to_owned()), "another pod");
     }
 }

@@ -88,6 +88,10 @@ pub enum HostError {
     InvalidPunycode,
     #[error("IP address where a host name is required")]
     AddressNotName,
+    #[error("userinfo in the target")]
+    Userinfo,
+    #[error("only http:// URLs (or host:port) can be forwarded; https:// goes through CONNECT")]
+    Scheme,
 }
 
 impl FromStr for Authority {
@@ -123,6 +127,35 @@ impl FromStr for Authority {
             (parse_host(host)?, port)
         };
         Ok(Authority { host, port: parse_port(port)? })
+    }
+}
+
+/// The authority of an absolute-form `http://` target as the request line spells it (`host` or
+/// `host:port`, port 80 when omitted), with the strict grammar of CONNECT targets; userinfo is
+/// refused.
+pub fn http_authority(text: &str) -> Result<Authority, HostError> {
+    if text.contains('@') {
+        return Err(HostError::Userinfo);
+    }
+    let has_port = text.rsplit_once(':').is_some_and(|(h, p)| !p.is_empty() && !h.ends_with('[') && !p.contains(']'));
+    if has_port {
+        text.parse()
+    } else {
+        format!("{text}:80").parse()
+    }
+}
+
+/// A request's target as a user writes it for `explain`: `host:port` (a CONNECT target) or
+/// `http://host[:port][/path]` (a plain-HTTP target, port 80 by default), with the grammar the
+/// proxy applies to requests.
+pub fn parse_target(target: &str) -> Result<Authority, HostError> {
+    match target.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("http://") => {
+            let rest = target.get(7..).unwrap_or_default();
+            http_authority(rest.split(['/', '?', '#']).next().unwrap_or_default())
+        }
+        _ if target.contains("://") => Err(HostError::Scheme),
+        _ => target.parse(),
     }
 }
 

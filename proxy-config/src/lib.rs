@@ -8,6 +8,8 @@
 //! - [`config`]: [`ProxyConfig`] and `ProxyConfig::from_yaml` (raw document → valid types).
 //! - [`policy`]: rules and [`Policy::decide`] (deny over allow, then the default; private
 //!   addresses refused unless listed).
+//! - [`decide`]: the decision pipeline for one request (name → addresses → rules → the proxy's
+//!   own endpoints → dry run), shared by the proxy and both `explain` commands.
 //! - [`host`]: the strict `host:port` grammar and name normalization.
 //! - [`addr`]: classification of non-public addresses, unwrapping IPv6 forms that embed IPv4.
 //! - [`tls`]: a listener's certificates (files by SNI, or ACME), protocol floor, ALPN, mTLS.
@@ -17,6 +19,7 @@
 
 pub mod addr;
 pub mod config;
+pub mod decide;
 pub mod error;
 pub mod host;
 pub mod policy;

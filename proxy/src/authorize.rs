@@ -1,10 +1,11 @@
-//! Authorization of one request's target, the same for CONNECT, plain HTTP and `explain`: decide
-//! what the name alone can (no DNS query for what a name denies) → resolve → decide on every
-//! address → refuse the proxy's own endpoints. Only the addresses returned here may be dialled.
+//! Authorization of one request's target for CONNECT and plain HTTP: the shared decision pipeline
+//! ([`proxy_config::decide`]) with names resolved by the proxy, the decision counted, dry-run
+//! verdicts reported. Only the addresses returned here may be dialled.
 
 use std::net::IpAddr;
 
-use proxy_config::{Authority, Decision, DenyReason, Host, Policy, PreDecision, TunnelLimits};
+use proxy_config::decide::{Request, Start, Verdict};
+use proxy_config::{Authority, TunnelLimits};
 
 use crate::error::TunnelError;
 use crate::snapshot::Snapshot;
@@ -46,35 +47,6 @@ impl From<TunnelError> for Rejection {
     }
 }
 
-/// The decision on a target once its addresses are known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Allow {
-        rule: Option<usize>,
-        limits: TunnelLimits,
-    },
-    Deny(Decision),
-    /// Allowed by the policy, but the target is this proxy.
-    SelfConnect,
-}
-
-/// Decides `auth` from `client` on `addrs`; `is_self` says whether an address and port reach the
-/// proxy itself.
-pub fn decide(
-    policy: &Policy,
-    client: IpAddr,
-    user: Option<&str>,
-    auth: &Authority,
-    addrs: &[IpAddr],
-    is_self: impl Fn(IpAddr, u16) -> bool,
-) -> Verdict {
-    match policy.decide_as(client, user, &auth.host, auth.port, addrs) {
-        Decision::Allow { .. } if addrs.iter().any(|a| is_self(*a, auth.port)) => Verdict::SelfConnect,
-        Decision::Allow { rule, limits } => Verdict::Allow { rule, limits },
-        d => Verdict::Deny(d),
-    }
-}
-
 /// Counts a dry-run verdict and, with the access log on, logs it: the rule's name and the verdict
 /// only (no client, no target).
 fn dry_run_seen(snapshot: &Snapshot, inner: &Inner, v: &proxy_config::DryRunVerdict) {
@@ -85,8 +57,8 @@ fn dry_run_seen(snapshot: &Snapshot, inner: &Inner, v: &proxy_config::DryRunVerd
     }
 }
 
-/// Authorizes `auth` for `client` under `snapshot`, resolving names through its cached resolver;
-/// counts the decision.
+/// Authorizes `auth` for `client` under `snapshot` through the decision pipeline every path and
+/// `explain` share, resolving names through the snapshot's cached resolver; counts the decision.
 pub async fn authorize(
     snapshot: &Snapshot,
     inner: &Inner,
@@ -96,52 +68,32 @@ pub async fn authorize(
 ) -> Result<Authorized, Rejection> {
     let policy = &snapshot.config.policy;
     let m = &inner.metrics;
-    let deny = |d: &Decision| -> Rejection {
-        let (rule, reason) = match d {
-            Decision::Deny { rule, reason } => (*rule, *reason),
-            Decision::Allow { .. } => (None, DenyReason::Default),
-        };
-        let name = policy.rule_name(rule).to_owned();
-        let error = TunnelError::Denied(reason);
-        m.policy_decisions.with_label_values(&["deny", error.decision().1, &name]).inc();
-        Rejection { error, rule: Some(name) }
-    };
-    let addrs = match &auth.host {
-        Host::Ip(ip) => vec![*ip],
-        Host::Name(name) => {
-            if let PreDecision::Deny(d) = policy.pre_resolve_as(client, user.as_deref(), name, auth.port) {
-                if let Some(v) = policy.dry_run_by_name(client, user.as_deref(), name, auth.port, &d) {
-                    dry_run_seen(snapshot, inner, &v);
-                }
-                return Err(deny(&d));
-            }
-            snapshot.resolver.resolve(name, m).await?
+    let request = Request { client, user: user.as_deref(), target: auth };
+    let (judgement, addrs) = match request.start(policy) {
+        Start::Decided(j) => (j, Vec::new()),
+        Start::Literal(ip) => (request.judge(policy, &[ip], |a, p| inner.is_self(a, p)), vec![ip]),
+        Start::Resolve(name) => {
+            let addrs = snapshot.resolver.resolve(name, m).await?;
+            (request.judge(policy, &addrs, |a, p| inner.is_self(a, p)), addrs)
         }
     };
-    let verdict = decide(policy, client, user.as_deref(), auth, &addrs, |ip, port| inner.is_self(ip, port));
-    // Only a policy with dry-run rules has anything to report: no work on the common path.
-    if policy.shadow.is_some() {
-        let decision = match &verdict {
-            Verdict::Allow { rule, limits } => Some(Decision::Allow { rule: *rule, limits: *limits }),
-            Verdict::Deny(d) => Some(d.clone()),
-            Verdict::SelfConnect => None,
-        };
-        if let Some(v) =
-            decision.and_then(|d| policy.dry_run(client, user.as_deref(), &auth.host, auth.port, &addrs, &d))
-        {
-            dry_run_seen(snapshot, inner, &v);
-        }
+    if let Some(v) = &judgement.dry_run {
+        dry_run_seen(snapshot, inner, v);
     }
-    match verdict {
-        Verdict::Allow { rule, limits } => {
-            let name = policy.rule_name(rule).to_owned();
+    let name = judgement.verdict.rule_name(policy).to_owned();
+    match judgement.verdict {
+        Verdict::Allow { limits, .. } => {
             m.policy_decisions.with_label_values(&["allow", crate::access::allow_reason(&name), &name]).inc();
             Ok(Authorized { addrs, rule: name, limits, user, revocable: true })
         }
         Verdict::SelfConnect => {
             m.policy_decisions.with_label_values(&["deny", "self", "self"]).inc();
-            Err(Rejection { error: TunnelError::SelfConnect, rule: Some("self".to_owned()) })
+            Err(Rejection { error: TunnelError::SelfConnect, rule: Some(name) })
         }
-        Verdict::Deny(d) => Err(deny(&d)),
+        Verdict::Deny { reason, .. } => {
+            let error = TunnelError::Denied(reason);
+            m.policy_decisions.with_label_values(&["deny", error.decision().1, &name]).inc();
+            Err(Rejection { error, rule: Some(name) })
+        }
     }
 }

@@ -6,9 +6,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use proxy_config::{Authority, ConfigErrors, Decision, Host, PreDecision, ProxyConfig};
+use proxy_config::decide::{OwnEndpoints, Request, Verdict};
+use proxy_config::host::parse_target;
+use proxy_config::{Authority, ConfigErrors, Decision, Host, ProxyConfig};
 
-use crate::authorize::{self, Verdict};
 use crate::own_addresses;
 
 /// Exit code for an invalid configuration or usage (sysexits EX_USAGE).
@@ -127,7 +128,8 @@ pub fn check(path: &Path) -> (i32, String) {
     }
 }
 
-/// `explain`: returns (exit code, output).
+/// `explain`: returns (exit code, output). The decision is the running proxy's, through the same
+/// pipeline, with `--resolve` standing in for DNS.
 pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, resolve: &[IpAddr]) -> (i32, String) {
     let cfg = match load(path) {
         Ok((c, _)) => c,
@@ -138,38 +140,25 @@ pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, re
         Err(e) => return (EXIT_USAGE, format!("target {target:?}: {e} (the request would get 400)\n")),
     };
     let policy = &cfg.policy;
-    let mut out = String::new();
     let addrs: Vec<IpAddr> = match &auth.host {
         Host::Ip(ip) => vec![*ip],
-        Host::Name(name) => {
-            if let PreDecision::Deny(d) = policy.pre_resolve_as(client, user, name, auth.port) {
-                describe(&mut out, policy, &d, &auth, &[]);
-                let _ = writeln!(out, "resolved: no (decided by name, no DNS query)");
-                dry_run_line(&mut out, policy.dry_run_by_name(client, user, name, auth.port, &d));
-                return (EXIT_DENIED, out);
-            }
-            if resolve.is_empty() {
-                let _ = writeln!(out, "decision: needs resolution\nthe name must be resolved to decide; pass --resolve IP for each address it resolves to");
-                return (EXIT_NEEDS_RESOLUTION, out);
-            }
-            resolve.to_vec()
-        }
+        Host::Name(_) => resolve.to_vec(),
     };
     // The running proxy refuses its own listener and admin ports; so does `explain`.
-    let mut endpoints: Vec<std::net::SocketAddr> = cfg.listeners.iter().map(|l| l.bind).collect();
-    endpoints.push(cfg.admin.bind);
-    let host = own_addresses::host_addresses();
-    let own = |ip, port| own_addresses::is_own_endpoint(&endpoints, &host, ip, port);
-    let code = match authorize::decide(policy, client, user, &auth, &addrs, own) {
+    let own = OwnEndpoints::of(&cfg, own_addresses::host_addresses());
+    let request = Request { client, user, target: &auth };
+    let Ok(j) = request.judge_given(policy, resolve, |ip, port| own.contains(ip, port)) else {
+        let out = "decision: needs resolution\nthe name must be resolved to decide; pass --resolve IP for each address it resolves to\n";
+        return (EXIT_NEEDS_RESOLUTION, out.to_owned());
+    };
+    let mut out = String::new();
+    let code = match &j.verdict {
         Verdict::Allow { rule, limits } => {
-            let d = Decision::Allow { rule, limits };
-            describe(&mut out, policy, &d, &auth, &addrs);
-            dry_run_line(&mut out, policy.dry_run(client, user, &auth.host, auth.port, &addrs, &d));
+            describe(&mut out, policy, &Decision::Allow { rule: *rule, limits: *limits }, &auth, &addrs);
             0
         }
-        Verdict::Deny(d) => {
-            describe(&mut out, policy, &d, &auth, &addrs);
-            dry_run_line(&mut out, policy.dry_run(client, user, &auth.host, auth.port, &addrs, &d));
+        Verdict::Deny { rule, reason } => {
+            describe(&mut out, policy, &Decision::Deny { rule: *rule, reason: *reason }, &auth, &addrs);
             EXIT_DENIED
         }
         Verdict::SelfConnect => {
@@ -180,6 +169,10 @@ pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, re
             EXIT_DENIED
         }
     };
+    if j.by_name {
+        let _ = writeln!(out, "resolved: no (decided by name, no DNS query)");
+    }
+    dry_run_line(&mut out, j.dry_run);
     (code, out)
 }
 
@@ -192,25 +185,6 @@ fn dry_run_line(out: &mut String, v: Option<proxy_config::DryRunVerdict>) {
         };
         let _ = writeln!(out, "dry run: rule {} {what} (not enforced)", v.rule());
     }
-}
-
-/// `host:port` (a CONNECT target) or `http://host[:port][/path]` (a plain-HTTP target, port 80
-/// by default), with the strict grammar of the running proxy.
-fn parse_target(target: &str) -> Result<Authority, String> {
-    let Some(rest) = target.strip_prefix("http://") else {
-        if target.contains("://") {
-            return Err("only http:// URLs (or host:port) can be forwarded".to_owned());
-        }
-        return target.parse::<Authority>().map_err(|e| e.to_string());
-    };
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    if authority.contains('@') {
-        return Err("userinfo in the target".to_owned());
-    }
-    let has_port =
-        authority.rsplit_once(':').is_some_and(|(h, p)| !p.is_empty() && !h.ends_with('[') && !p.contains(']'));
-    let with_port = if has_port { authority.to_owned() } else { format!("{authority}:80") };
-    with_port.parse::<Authority>().map_err(|e| e.to_string())
 }
 
 fn describe(out: &mut String, policy: &proxy_config::Policy, d: &Decision, auth: &Authority, addrs: &[IpAddr]) {

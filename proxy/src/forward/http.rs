@@ -269,13 +269,10 @@ pub fn target(uri: &Uri) -> Result<(Authority, String), TunnelError> {
         }
     }
     let auth = uri.authority().ok_or(TunnelError::MalformedRequest("the target has no host"))?;
-    let text = auth.as_str();
-    if text.contains('@') {
-        return Err(TunnelError::MalformedRequest("userinfo in the target"));
-    }
-    let with_port = if auth.port().is_some() { text.to_owned() } else { format!("{text}:80") };
-    let authority: Authority =
-        with_port.parse().map_err(|_| TunnelError::MalformedRequest("invalid target host or port"))?;
+    let authority = proxy_config::host::http_authority(auth.as_str()).map_err(|e| match e {
+        proxy_config::host::HostError::Userinfo => TunnelError::MalformedRequest("userinfo in the target"),
+        _ => TunnelError::MalformedRequest("invalid target host or port"),
+    })?;
     let full = authority.to_string();
     let host = if authority.port == 80 { full.strip_suffix(":80").unwrap_or(&full).to_owned() } else { full };
     Ok((authority, host))
