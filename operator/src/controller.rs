@@ -1,38 +1,38 @@
 //! The reconcile loop: any change the watches ([`watches`]) see wakes one debounced,
-//! single-writer reconcile (leader only) that takes the usable Secrets ([`inputs`]), renders,
-//! checks with the proxy's parser, writes through [`apply`] when the hash changed, and queues each
-//! policy's status on the [`status_writer`]; rollout truth comes from [`rollout`], dry-run events
-//! from [`dryrun`].
+//! single-writer reconcile (leader only). A reconcile reads the caches ([`inputs`]), renders,
+//! writes through [`apply`] when the hash changed, then executes what [`plan`] works out from the
+//! outcome without I/O: statuses queued on the [`status_writer`], events, gauges. Rollout truth
+//! comes from [`rollout`], dry-run announcements from [`dryrun`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
 use crate::metrics::Metrics;
-use crate::render::{self, Cluster, ClusterPolicyIn, Input, PolicyIn, RenderError};
-use crate::status::{self, NotInForce};
+use crate::render::{self, RenderError};
+use crate::status::NotInForce;
 
 mod apply;
 mod dryrun;
 mod inputs;
+mod plan;
 mod pods;
 mod rollout;
 mod status_writer;
 mod watches;
 
 use apply::apply;
-use status_writer::{StatusWriter, Target};
-use watches::{cluster_networks, proxy_endpoints, wait_synced, Caches};
+use inputs::Inputs;
+use status_writer::StatusWriter;
+use watches::{proxy_endpoints, wait_synced, Caches};
 
 /// Field manager of every write (server-side apply).
 pub const MANAGER: &str = "tunnelgate-operator";
@@ -179,8 +179,7 @@ pub async fn run(
                 metrics.leader.set(i64::from(*leader.borrow()));
                 info!(leader = *leader.borrow(), "leadership changed");
                 // A new leader starts from what is in the cluster.
-                state.last_hash = None;
-                state.node_docs_read = None;
+                state.writer.forget();
             }
         }
         if !settle(&wake, settings.debounce, settings.debounce_max, &shutdown).await {
@@ -216,29 +215,17 @@ pub async fn run(
     }
 }
 
+/// What the loop keeps between reconciles, each part owned by the stage that changes it.
 struct LoopState {
-    /// Hash of the last document written or found in force.
-    last_hash: Option<String>,
-    /// Render number of the last document written or found in force.
-    render: u64,
-    /// Per policy (`ns/name`, `:name` for cluster policies): its generation and rules, and the
-    /// first render that carried them.
-    policy_renders: HashMap<String, (Option<i64>, Vec<String>, u64)>,
+    /// What is in force (the writer's).
+    writer: apply::Writer,
     /// Long-polls of the proxies' `/config`, when the admin port is known.
     proxies: Option<rollout::Proxies>,
-    /// Last warning published per object, so an unchanged problem is not re-announced.
-    warned: HashMap<String, String>,
-    /// When each dry-run policy was last announced.
-    dry_run_events: dryrun::DryRunEvents,
-    /// Proxies behind the latest render, and since when.
-    laggards: rollout::Laggards,
+    /// The plan's memory: first renders per policy, warnings published, dry-run announcements,
+    /// proxies behind.
+    memory: plan::Memory,
     /// Look again after this long even without a change (a proxy may become overdue).
     recheck: Option<Duration>,
-    /// Per node (when rendering per node): the hash and render number of its document in force.
-    node_docs: HashMap<String, (String, u64)>,
-    /// When `node_docs` was last read from the API (`None`: not since the start, a change of
-    /// leader or a failed write).
-    node_docs_read: Option<tokio::time::Instant>,
     /// The last render's node documents, reused where nothing of a node changed.
     prior_nodes: BTreeMap<String, render::NodeDoc>,
     /// The pods as last rendered, and what the last render worked out per policy: a render
@@ -251,45 +238,15 @@ impl LoopState {
     /// Nothing known yet: the first reconcile reads what is in force.
     fn new(proxies: Option<rollout::Proxies>, dry_run_event_interval: Duration) -> LoopState {
         LoopState {
-            last_hash: None,
-            render: 0,
-            policy_renders: HashMap::new(),
+            writer: apply::Writer::default(),
             proxies,
-            warned: HashMap::new(),
-            dry_run_events: dryrun::DryRunEvents::new(dry_run_event_interval),
-            laggards: rollout::Laggards::default(),
+            memory: plan::Memory::new(dry_run_event_interval),
             recheck: None,
-            node_docs: HashMap::new(),
-            node_docs_read: None,
             prior_nodes: BTreeMap::new(),
             pods: pods::PodTable::default(),
             memo: render::Memo::default(),
         }
     }
-}
-
-async fn warn_once(
-    recorder: &Recorder,
-    state: &mut LoopState,
-    key: String,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    reason: &str,
-    note: String,
-) {
-    if state.warned.get(&key) == Some(&note) {
-        return;
-    }
-    let ev = Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(note.clone()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&ev, reference).await {
-        debug!(error = %e, "cannot publish event");
-    }
-    state.warned.insert(key, note);
 }
 
 /// Waits until `quiet` passes without a new change, or `max` after the first one, whichever comes
@@ -312,50 +269,8 @@ async fn settle(wake: &Notify, quiet: Duration, max: Duration, shutdown: &Cancel
     }
 }
 
-/// A policy of either kind, for the status and event pass.
-enum Policy<'a> {
-    Namespaced(&'a TunnelPolicy),
-    Cluster(&'a ClusterTunnelPolicy),
-}
-
-impl Policy<'_> {
-    fn generation_and_status(&self) -> (Option<i64>, Option<&crate::crd::TunnelPolicyStatus>) {
-        match self {
-            Policy::Namespaced(p) => (p.metadata.generation, p.status.as_ref()),
-            Policy::Cluster(p) => (p.metadata.generation, p.status.as_ref()),
-        }
-    }
-
-    /// Warning-event key (`tp/ns/name`, `ctp/name`).
-    fn key(&self) -> String {
-        match self {
-            Policy::Namespaced(p) => format!(
-                "tp/{}/{}",
-                p.metadata.namespace.as_deref().unwrap_or_default(),
-                p.metadata.name.as_deref().unwrap_or_default()
-            ),
-            Policy::Cluster(p) => format!("ctp/{}", p.metadata.name.as_deref().unwrap_or_default()),
-        }
-    }
-
-    fn object_ref(&self) -> k8s_openapi::api::core::v1::ObjectReference {
-        match self {
-            Policy::Namespaced(p) => p.object_ref(&()),
-            Policy::Cluster(p) => p.object_ref(&()),
-        }
-    }
-
-    fn target(&self) -> Target {
-        match self {
-            Policy::Namespaced(p) => Target::Namespaced {
-                namespace: p.metadata.namespace.clone().unwrap_or_default(),
-                name: p.metadata.name.clone().unwrap_or_default(),
-            },
-            Policy::Cluster(p) => Target::Cluster { name: p.metadata.name.clone().unwrap_or_default() },
-        }
-    }
-}
-
+/// One reconcile: read the caches, render (re-selecting pods only where a change can matter),
+/// write what changed, then tell the cluster what the plan says.
 async fn reconcile(
     client: &Client,
     s: &Settings,
@@ -365,248 +280,74 @@ async fn reconcile(
     statuses: &StatusWriter,
     state: &mut LoopState,
 ) -> Result<(), Error> {
-    let ns = &s.namespace;
-    let all_policies = c.policies.state();
-    let policies: Vec<Arc<TunnelPolicy>> = all_policies.iter().filter_map(|l| l.read.as_ref().ok().cloned()).collect();
+    let inputs = Inputs::read(c, s);
     let changed = state.pods.sync(&c.pods.state());
-    let base_cm = c.base.get(&ObjectRef::new(&s.base_name()).within(ns));
-    let base = base_cm.as_ref().and_then(|cm| cm.data.as_ref()?.get("config.yaml").cloned());
-
-    let (tls, htpasswd) = inputs::secrets(c, s, base.as_deref(), recorder, state).await;
-
-    let inputs: Vec<PolicyIn<'_>> = policies
-        .iter()
-        .map(|p| PolicyIn {
-            namespace: p.metadata.namespace.as_deref().unwrap_or_default(),
-            name: p.metadata.name.as_deref().unwrap_or_default(),
-            spec: &p.spec,
-        })
-        .collect();
-    let all_cluster_policies = c.cluster_policies.state();
-    let cluster_policies: Vec<Arc<ClusterTunnelPolicy>> =
-        all_cluster_policies.iter().filter_map(|l| l.read.as_ref().ok().cloned()).collect();
-    let namespaces = c.namespaces.state();
-    let cluster = Cluster {
-        policies: cluster_policies
-            .iter()
-            .map(|p| ClusterPolicyIn { name: p.metadata.name.as_deref().unwrap_or_default(), spec: &p.spec })
-            .collect(),
-        namespaces: namespaces
-            .iter()
-            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
-            .collect(),
-        networks: cluster_networks(c),
-    };
-    let base_text = base.clone().unwrap_or_default();
-    // Node names matter only when rendering per node: no walk over every Node otherwise.
-    let node_names: Vec<String> = if s.config_per_node {
-        c.nodes.state().iter().filter_map(|n| n.metadata.name.clone()).collect()
-    } else {
-        Vec::new()
-    };
-    let input = Input {
-        base: &base_text,
-        policies: inputs,
-        pods: state.pods.rows(),
-        tls: &tls,
-        tls_dir: &s.tls_dir,
-        htpasswd: htpasswd.as_deref(),
-        cluster,
-        per_node: s.config_per_node.then_some(node_names.as_slice()),
-        prior_nodes: Some(&state.prior_nodes),
-    };
+    let input = inputs.render_input(s, state.pods.rows(), &state.prior_nodes);
     let (outcomes, rendered) = render::render_with(&input, &mut state.memo, &changed.as_changes());
     metrics.policy_evaluations.inc_by(u64::try_from(state.memo.evaluated()).unwrap_or(u64::MAX));
-    let applied: Result<String, Error> = match (base.is_some(), rendered) {
-        (false, _) => Err(Error::BaseMissing(format!("{ns}/{}", s.base_name()))),
+    let applied: Result<String, Error> = match (inputs.base.is_some(), rendered) {
+        (false, _) => Err(Error::BaseMissing(format!("{}/{}", s.namespace, s.base_name()))),
         (true, Err(e)) => Err(Error::Render(e)),
         (true, Ok(r)) => {
-            let written = apply(client, s, metrics, state, &r).await.map(|()| r.hash.clone());
+            let written = apply(client, s, metrics, &mut state.writer, &r).await.map(|()| r.hash.clone());
             state.prior_nodes = r.nodes;
             written
         }
     };
-
-    // Rollout view: the release's proxy pods and the render each has in force.
-    let view = state.proxies.as_mut().map(|proxies| {
-        let endpoints = proxy_endpoints(&c.pods.state(), ns, &s.proxy_instance);
+    // Rollout view: the release's proxy pods and the render each has in force (per node, a proxy
+    // that has its own node's latest document is as current as it can be).
+    let proxies = state.proxies.as_mut().map(|proxies| {
+        let endpoints = proxy_endpoints(&c.pods.state(), &s.namespace, &s.proxy_instance);
         proxies.sync(&endpoints);
-        proxies.view(&endpoints)
+        rollout::per_node_current(proxies.view(&endpoints), state.writer.render(), state.writer.node_docs())
     });
-    // Per node, a proxy that has its own node's latest document is as current as it can be.
-    let view = view.map(|v| rollout::per_node_current(v, state.render, &state.node_docs));
-    if let Some(v) = &view {
-        for (label, n) in rollout::proxy_states(state.render, v) {
+    let proxy_pods = proxies
+        .iter()
+        .flatten()
+        .filter_map(|(ep, _)| {
+            let pod = c.pods.get(&ObjectRef::new(&ep.pod).within(&s.namespace))?;
+            Some((ep.pod.clone(), pod.object_ref(&())))
+        })
+        .collect();
+    let config_name = s.config_name();
+    let view = plan::View {
+        outcomes: &outcomes,
+        policies: inputs.policy_objects().map(|p| (p.id(), p)).collect(),
+        unreadable: &inputs.unreadable,
+        warnings: &inputs.warnings,
+        in_force: applied.as_ref().map(String::as_str).map_err(Error::not_in_force),
+        proxies: proxies.as_deref(),
+        proxy_pods,
+        render: state.writer.render(),
+        config_name: &config_name,
+        behind_warning_after: s.behind_warning_after,
+    };
+    let plan = plan::plan(&view, &mut state.memory, &plan::Clock::now());
+    state.recheck = plan.recheck;
+    execute(plan, recorder, statuses, metrics).await;
+    applied.map(|_| ())
+}
+
+/// Queues the plan's statuses on the status writer, publishes its events and sets its gauges.
+async fn execute(plan: plan::Plan, recorder: &Recorder, statuses: &StatusWriter, metrics: &Metrics) {
+    // Written by the status writer, off the render path (a burst of statuses must not delay the
+    // next render).
+    for (id, status) in plan.statuses {
+        statuses.want(id, status);
+    }
+    if let Some(states) = plan.proxy_states {
+        for (label, n) in states {
             metrics.proxies.with_label_values(&[label]).set(n);
         }
     }
-    // Outcomes name their policy; pair by name rather than relying on the renderer's order.
-    let by_name: HashMap<(&str, &str), &Arc<TunnelPolicy>> = policies
-        .iter()
-        .map(|p| {
-            ((p.metadata.namespace.as_deref().unwrap_or_default(), p.metadata.name.as_deref().unwrap_or_default()), p)
-        })
-        .collect();
-    let cluster_by_name: HashMap<&str, &Arc<ClusterTunnelPolicy>> =
-        cluster_policies.iter().map(|p| (p.metadata.name.as_deref().unwrap_or_default(), p)).collect();
-    // Cluster policies' outcomes have no namespace.
-    let policy_of = |o: &render::PolicyOutcome| {
-        if o.namespace.is_empty() {
-            cluster_by_name.get(o.name.as_str()).map(|p| Policy::Cluster(p))
-        } else {
-            by_name.get(&(o.namespace.as_str(), o.name.as_str())).map(|p| Policy::Namespaced(p))
-        }
-    };
-    // The render that first carried each policy's current rules (a policy unchanged keeps its own).
-    let mut renders: HashMap<String, u64> = HashMap::new();
-    for o in &outcomes {
-        let Ok(a) = &o.result else { continue };
-        let key = format!("{}/{}", o.namespace, o.name);
-        let generation = policy_of(o).and_then(|p| p.generation_and_status().0);
-        let current = state.render;
-        let entry = state.policy_renders.entry(key.clone()).or_insert((generation, a.rules.clone(), current));
-        if entry.0 != generation || entry.1 != a.rules {
-            *entry = (generation, a.rules.clone(), current);
-        }
-        renders.insert(key, entry.2);
-    }
-    state.policy_renders.retain(|k, _| renders.contains_key(k));
-    let rollout_of = |o: &render::PolicyOutcome| -> Option<status::Rollout> {
-        let v = view.as_ref()?;
-        applied.as_ref().ok()?;
-        let mut r = rollout::policy_rollout(*renders.get(&format!("{}/{}", o.namespace, o.name))?, v);
-        if o.result.as_ref().is_ok_and(|a| a.dry_run) {
-            let prefix = if o.namespace.is_empty() {
-                format!("cluster:{}", o.name)
-            } else {
-                format!("{}/{}", o.namespace, o.name)
-            };
-            r.dry_run = Some(rollout::dry_run_totals(&prefix, v));
-        }
-        Some(r)
-    };
-
-    // Statuses and events.
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let not_in_force = applied.as_ref().err().map(Error::not_in_force);
-    let in_force = match (&applied, &not_in_force) {
-        (Ok(h), _) => Ok(h.as_str()),
-        (Err(_), Some(n)) => Err(n),
-        (Err(_), None) => Ok(""),
-    };
-    let (mut accepted, mut rejected) = (0, 0);
-    // Warnings remembered for objects that are gone or fixed are forgotten, so the map stays bounded.
-    let mut live: std::collections::HashSet<String> =
-        state.warned.keys().filter(|k| k.starts_with("secret/")).cloned().collect();
-    let mut dry_run_live = std::collections::HashSet::new();
-    for o in &outcomes {
-        let Some(p) = policy_of(o) else { continue };
-        if o.result.is_ok() {
-            accepted += 1
-        } else {
-            rejected += 1
-        }
-        let (generation, current) = p.generation_and_status();
-        let rollout = rollout_of(o);
-        if let Some(totals) = rollout.as_ref().and_then(|r| r.dry_run) {
-            let key = format!("{}/{}", o.namespace, o.name);
-            dry_run_live.insert(key.clone());
-            if let Some((delta, elapsed)) = state.dry_run_events.due(&key, totals, tokio::time::Instant::now()) {
-                let ev = Event {
-                    type_: EventType::Normal,
-                    reason: "DryRun".into(),
-                    note: Some(dryrun::note(delta, elapsed)),
-                    action: "Reconcile".into(),
-                    secondary: None,
-                };
-                if let Err(e) = recorder.publish(&ev, &p.object_ref()).await {
-                    debug!(error = %e, "cannot publish event");
-                }
-            }
-        }
-        let desired = status::desired(o, generation, &s.config_name(), in_force, current, rollout.as_ref(), &now);
-        // Written by the status writer, off the render path (a burst of statuses must not delay
-        // the next render).
-        if current != Some(&desired) {
-            if let Ok(v) = serde_json::to_value(&desired) {
-                statuses.want(p.target(), v);
-            }
-        }
-        if let Err(errs) = &o.result {
-            let note = status::bounded(errs.iter().map(ToString::to_string), "; ");
-            let key = format!("{}/{}", p.key(), generation.unwrap_or(0));
-            live.insert(key.clone());
-            warn_once(recorder, state, key, &p.object_ref(), "InvalidSpec", format!("rejected: {note}")).await;
-        }
-    }
-    // A proxy that fails its reloads gets one Warning event per failure reason (its logs say more).
-    for (ep, report) in view.iter().flatten() {
-        let (Some(reason), Some(pod)) = (&report.failed, c.pods.get(&ObjectRef::new(&ep.pod).within(ns))) else {
-            continue;
-        };
-        let key = format!("proxy/{}/{reason}", ep.pod);
-        live.insert(key.clone());
-        let note = format!("the proxy on node {} cannot load the latest configuration (reason: {reason}); it keeps enforcing the previous one", ep.node);
-        warn_once(recorder, state, key, &pod.object_ref(&()), "ReloadFailing", note).await;
-    }
-    // A proxy that stays behind (no failure: it does not see the new ConfigMap, or does not
-    // answer) longer than the threshold gets a Warning event once per render.
-    if let Some(v) = &view {
-        let (overdue, next) =
-            state.laggards.update(state.render, v, tokio::time::Instant::now(), s.behind_warning_after);
-        state.recheck = next;
-        for ep in overdue {
-            let Some(pod) = c.pods.get(&ObjectRef::new(&ep.pod).within(ns)) else { continue };
-            let key = format!("proxy/{}/behind/{}", ep.pod, state.render);
-            live.insert(key.clone());
-            let note = format!(
-                "the proxy on node {} has not loaded render {} for over {}; it enforces an older configuration",
-                ep.node,
-                state.render,
-                humantime::format_duration(s.behind_warning_after)
-            );
-            warn_once(recorder, state, key, &pod.object_ref(&()), "ProxyBehind", note).await;
-        }
-    }
-    // Objects that do not deserialize: told once per generation, by status and event.
-    let unreadable = all_policies
-        .iter()
-        .filter_map(|l| Some((l.read.as_ref().err()?, l.meta_data(), l.object_ref(&()), true)))
-        .chain(
-            all_cluster_policies
-                .iter()
-                .filter_map(|l| Some((l.read.as_ref().err()?, l.meta_data(), l.object_ref(&()), false))),
-        );
-    for (why, meta, reference, namespaced) in unreadable {
-        rejected += 1;
-        let key = format!(
-            "unreadable/{}/{}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default(),
-            meta.generation.unwrap_or(0)
-        );
-        live.insert(key.clone());
-        if state.warned.contains_key(&key) {
-            continue;
-        }
-        let note = format!(
-            "cannot read {}: {}; the policy is ignored until it is fixed (a value from a newer CRD than this operator's?)",
-            why.path, why.message
-        );
-        let name = meta.name.clone().unwrap_or_default();
-        let target = match (namespaced, &meta.namespace) {
-            (true, Some(ns)) => Target::Namespaced { namespace: ns.clone(), name },
-            _ => Target::Cluster { name },
-        };
-        statuses.want(target, status::unreadable(meta.generation, &note, &now));
-        warn_once(recorder, state, key, &reference, "Unreadable", note).await;
-    }
-    state.warned.retain(|k, _| live.contains(k));
-    state.dry_run_events.retain(|k| dry_run_live.contains(k));
-    metrics.policies.with_label_values(&["accepted"]).set(accepted);
-    metrics.policies.with_label_values(&["rejected"]).set(rejected);
+    metrics.policies.with_label_values(&["accepted"]).set(plan.accepted);
+    metrics.policies.with_label_values(&["rejected"]).set(plan.rejected);
     metrics.status_pending.set(i64::try_from(statuses.pending()).unwrap_or(i64::MAX));
-    applied.map(|_| ())
+    for e in plan.events {
+        if let Err(e) = recorder.publish(&e.event(), &e.reference).await {
+            debug!(error = %e, "cannot publish event");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use kube::core::SelectorExt;
+use proxy_config::origin::PolicyId;
 use proxy_config::raw::RawRule;
 use proxy_config::{ConfigErrors, ProxyConfig};
 use serde_json::{json, Map, Value};
@@ -114,8 +115,7 @@ impl Cluster<'_> {
 /// What happened to one policy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyOutcome {
-    pub namespace: String,
-    pub name: String,
+    pub id: PolicyId,
     pub result: Result<Accepted, Vec<FieldError>>,
 }
 
@@ -360,8 +360,8 @@ fn text_len(ip: &IpAddr) -> usize {
 /// Refuses a policy whose rule names (`prefix`, or `prefix/<index>` for several destinations)
 /// the proxies' parser would refuse: one such policy must not make the whole document invalid
 /// (a 253-character policy name is legal in the API, and its rule name is then too long).
-fn rule_names_fit(prefix: &str, destinations: usize) -> Result<(), Vec<crate::validate::FieldError>> {
-    let longest = if destinations > 1 { format!("{prefix}/{}", destinations - 1) } else { prefix.to_owned() };
+fn rule_names_fit(id: &PolicyId, destinations: usize) -> Result<(), Vec<crate::validate::FieldError>> {
+    let longest = id.longest_rule_name(destinations);
     if proxy_config::config::valid_rule_name(&longest) {
         return Ok(());
     }
@@ -377,7 +377,7 @@ fn rule_names_fit(prefix: &str, destinations: usize) -> Result<(), Vec<crate::va
 
 fn push_rules(
     rules: &mut Vec<Rule>,
-    prefix: &str,
+    id: &PolicyId,
     v: &ValidPolicy,
     ips: &[IpAddr],
     priority: Option<u32>,
@@ -388,12 +388,11 @@ fn push_rules(
     if ips.is_empty() {
         return names;
     }
-    let many = v.destinations.len() > 1;
     for (i, d) in v.destinations.iter().enumerate() {
         if skip.contains(&i) {
             continue;
         }
-        let name = if many { format!("{prefix}/{i}") } else { prefix.to_owned() };
+        let name = id.rule_name(i, v.destinations.len());
         let body = RawRule {
             name: name.clone(),
             action: v.action.into(),
@@ -520,9 +519,8 @@ pub fn render_with(
         let worked = match prior_cluster.remove(cp.name).filter(reusable) {
             Some(w) => w,
             None => {
-                let valid = validate_cluster(cp.spec).and_then(|v| {
-                    rule_names_fit(&format!("cluster:{}", cp.name), cp.spec.destinations.len()).map(|()| v)
-                });
+                let valid = validate_cluster(cp.spec)
+                    .and_then(|v| rule_names_fit(&PolicyId::cluster(cp.name), cp.spec.destinations.len()).map(|()| v));
                 let selected = match &valid {
                     // A delegating policy selects no pod of its own.
                     Ok((v, namespaces)) if cp.spec.delegate != Some(true) => {
@@ -563,7 +561,7 @@ pub fn render_with(
             }
             let (ips, matched) = &worked.selected;
             let priority = cp.spec.priority.unwrap_or(DEFAULT_PRIORITY);
-            let names = push_rules(&mut rules, &format!("cluster:{}", cp.name), &v, ips, Some(priority), &[]);
+            let names = push_rules(&mut rules, &PolicyId::cluster(cp.name), &v, ips, Some(priority), &[]);
             Accepted {
                 matched_pods: *matched,
                 summary: v.summary.clone(),
@@ -575,7 +573,7 @@ pub fn render_with(
             }
         });
         memo.cluster.insert(cp.name.to_owned(), worked);
-        outcomes.push(PolicyOutcome { namespace: String::new(), name: cp.name.to_owned(), result });
+        outcomes.push(PolicyOutcome { id: PolicyId::cluster(cp.name), result });
     }
 
     let mut policies = input.policies.clone();
@@ -597,7 +595,7 @@ pub fn render_with(
             Some(w) => w,
             None => {
                 let valid = validate(p.spec).and_then(|v| {
-                    rule_names_fit(&format!("{}/{}", p.namespace, p.name), p.spec.destinations.len()).map(|()| v)
+                    rule_names_fit(&PolicyId::namespaced(p.namespace, p.name), p.spec.destinations.len()).map(|()| v)
                 });
                 let selected = match &valid {
                     Ok(v) => {
@@ -633,7 +631,7 @@ pub fn render_with(
             }
             let start = rules.len();
             let mut names =
-                push_rules(&mut rules, &format!("{}/{}", p.namespace, p.name), &v, ips, None, &left_out);
+                push_rules(&mut rules, &PolicyId::namespaced(p.namespace, p.name), &v, ips, None, &left_out);
             let bytes: usize = rules[start..].iter().map(|r| r.body_bytes()).sum();
             let used = namespace_bytes.entry(p.namespace).or_default();
             let over_budget = if bytes > POLICY_BUDGET_BYTES {
@@ -676,7 +674,7 @@ pub fn render_with(
             }
         });
         memo.namespaced.insert(key, worked);
-        outcomes.push(PolicyOutcome { namespace: p.namespace.to_owned(), name: p.name.to_owned(), result });
+        outcomes.push(PolicyOutcome { id: PolicyId::namespaced(p.namespace, p.name), result });
     }
     let (doc, _) = match base {
         Ok(b) => b,
@@ -710,7 +708,7 @@ fn fit(
     namespace_bytes: &HashMap<&str, usize>,
     outcomes: &mut [PolicyOutcome],
 ) -> Result<Rendered, RenderError> {
-    let ns_of = |o: &Optional| outcomes[o.outcome].namespace.clone();
+    let ns_of = |o: &Optional| outcomes[o.outcome].id.namespace().unwrap_or_default().to_owned();
     optional.sort_by(|a, b| {
         let (na, nb) = (ns_of(a), ns_of(b));
         let used = |ns: &str| namespace_bytes.get(ns).copied().unwrap_or(0);
@@ -719,7 +717,7 @@ fn fit(
             .then(used(&nb).cmp(&used(&na)))
             .then(b.bytes.cmp(&a.bytes))
             .then(na.cmp(&nb))
-            .then(outcomes[a.outcome].name.cmp(&outcomes[b.outcome].name))
+            .then(outcomes[a.outcome].id.name().cmp(outcomes[b.outcome].id.name()))
     });
     let mut next = optional.into_iter();
     let mut dropped = vec![false; rules.len()];

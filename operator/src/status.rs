@@ -73,17 +73,24 @@ fn enforced(r: &Rollout, generation: Option<i64>, old: &[Condition], now: &Time)
     condition("Enforced", status, reason, message, generation, old, now)
 }
 
-/// The desired status of a policy.
-/// The status of a policy that does not deserialize: not accepted, not rendered, and why (as
-/// JSON: the object has no typed status to start from).
-pub fn unreadable(generation: Option<i64>, message: &str, now: &Time) -> serde_json::Value {
-    let condition = |type_: &str| {
-        serde_json::json!({"type": type_, "status": "False", "reason": "Unreadable", "message": message,
-                           "observedGeneration": generation, "lastTransitionTime": now})
+/// The status of a policy that does not deserialize: not accepted, not rendered, and why.
+pub fn unreadable(generation: Option<i64>, message: &str, now: &Time) -> TunnelPolicyStatus {
+    let condition = |type_: &str| Condition {
+        type_: type_.into(),
+        status: "False".into(),
+        reason: "Unreadable".into(),
+        message: message.to_owned(),
+        observed_generation: generation,
+        last_transition_time: now.clone(),
     };
-    serde_json::json!({ "observedGeneration": generation, "conditions": [condition("Accepted"), condition("Ready")] })
+    TunnelPolicyStatus {
+        observed_generation: generation,
+        conditions: vec![condition("Accepted"), condition("Ready")],
+        ..TunnelPolicyStatus::default()
+    }
 }
 
+/// The desired status of a policy.
 pub fn desired(
     outcome: &PolicyOutcome,
     generation: Option<i64>,
@@ -265,8 +272,7 @@ mod tests {
     #[test]
     fn conditions_follow_conventions() {
         let ok = PolicyOutcome {
-            namespace: "a".into(),
-            name: "p".into(),
+            id: proxy_config::origin::PolicyId::namespaced("a", "p"),
             result: Ok(Accepted {
                 matched_pods: 2,
                 summary: "x.test:443".into(),
@@ -293,8 +299,7 @@ mod tests {
         assert_eq!(s1, s2);
         // Invalid: both conditions False, the message names the field.
         let bad = PolicyOutcome {
-            namespace: "a".into(),
-            name: "p".into(),
+            id: proxy_config::origin::PolicyId::namespaced("a", "p"),
             result: Err(vec![FieldError { path: "spec.destinations[0].hosts[0]".into(), message: "bad".into() }]),
         };
         let s3 = desired(&bad, Some(4), "tg-proxy", Ok("abc"), Some(&s2), None, &t("2026-01-03T00:00:00Z"));
@@ -323,8 +328,7 @@ mod tests {
     #[test]
     fn enforced_says_how_far_the_rollout_went() {
         let ok = PolicyOutcome {
-            namespace: "a".into(),
-            name: "p".into(),
+            id: proxy_config::origin::PolicyId::namespaced("a", "p"),
             result: Ok(Accepted {
                 matched_pods: 1,
                 summary: "x.test:443".into(),

@@ -10,6 +10,7 @@
 //!   addresses refused unless listed).
 //! - [`decide`]: the decision pipeline for one request (name → addresses → rules → the proxy's
 //!   own endpoints → dry run), shared by the proxy and both `explain` commands.
+//! - [`origin`]: the policy a rendered rule comes from, as written into the rule's name.
 //! - [`host`]: the strict `host:port` grammar and name normalization.
 //! - [`addr`]: classification of non-public addresses, unwrapping IPv6 forms that embed IPv4.
 //! - [`tls`]: a listener's certificates (files by SNI, or ACME), protocol floor, ALPN, mTLS.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod decide;
 pub mod error;
 pub mod host;
+pub mod origin;
 pub mod policy;
 pub mod raw;
 pub mod status;

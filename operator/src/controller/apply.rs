@@ -10,34 +10,72 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use super::{Error, LoopState, Settings, HASH_ANNOTATION, MANAGER, RENDER_ANNOTATION};
+use super::{Error, Settings, HASH_ANNOTATION, MANAGER, RENDER_ANNOTATION};
 use crate::metrics::Metrics;
 use crate::render;
+
+/// What the writer knows of what is in force: the whole document's hash and render number, and
+/// each node's document (when rendering per node). Only the writer changes it.
+#[derive(Debug, Default)]
+pub(super) struct Writer {
+    /// Hash of the last document written or found in force (`None`: read it first).
+    last_hash: Option<String>,
+    /// Render number of the last document written or found in force (it only grows).
+    render: u64,
+    /// Per node: the hash and render number of its document in force.
+    node_docs: std::collections::HashMap<String, (String, u64)>,
+    /// When `node_docs` was last read from the API (`None`: not since the start, a change of
+    /// leader or a failed write).
+    node_docs_read: Option<tokio::time::Instant>,
+}
+
+impl Writer {
+    /// Forgets what is in force (after a change of leader): the next write reads it first.
+    pub(super) fn forget(&mut self) {
+        self.last_hash = None;
+        self.node_docs_read = None;
+    }
+
+    /// The latest render number written or found in force.
+    pub(super) fn render(&self) -> u64 {
+        self.render
+    }
+
+    /// Per node: the hash and render number of its document in force.
+    pub(super) fn node_docs(&self) -> &std::collections::HashMap<String, (String, u64)> {
+        &self.node_docs
+    }
+
+    #[cfg(test)]
+    pub(super) fn last_hash(&self) -> Option<&str> {
+        self.last_hash.as_deref()
+    }
+}
 
 /// Server-side applies the Secret (first, so the files exist) and the ConfigMap when the hash changed.
 pub(super) async fn apply(
     client: &Client,
     s: &Settings,
     metrics: &Metrics,
-    state: &mut LoopState,
+    w: &mut Writer,
     r: &render::Rendered,
 ) -> Result<(), Error> {
     let cms = Api::<ConfigMap>::namespaced(client.clone(), &s.namespace);
-    if state.last_hash.is_none() {
+    if w.last_hash.is_none() {
         // After a start or a leadership change: what is in force?
         match cms.get_opt(&s.config_name()).await {
             Ok(Some(cm)) => {
-                state.last_hash = cm.annotations().get(HASH_ANNOTATION).cloned();
+                w.last_hash = cm.annotations().get(HASH_ANNOTATION).cloned();
                 // Render numbers continue across restarts and leaders: they only grow.
                 let written = cm.annotations().get(RENDER_ANNOTATION).and_then(|n| n.parse().ok()).unwrap_or(0);
-                state.render = state.render.max(written);
-                metrics.render.set(i64::try_from(state.render).unwrap_or(i64::MAX));
+                w.render = w.render.max(written);
+                metrics.render.set(i64::try_from(w.render).unwrap_or(i64::MAX));
             }
             Ok(None) => {}
             Err(e) => return Err(Error::Apply(format!("ConfigMap {}", s.config_name()), e)),
         }
     }
-    if state.last_hash.as_deref() == Some(r.hash.as_str()) {
+    if w.last_hash.as_deref() == Some(r.hash.as_str()) {
         metrics.config_writes.with_label_values(&["unchanged"]).inc();
         return Ok(());
     }
@@ -58,17 +96,17 @@ pub(super) async fn apply(
             return Err(Error::Apply(format!("Secret {}", s.tls_name()), e));
         }
     }
-    let render = state.render + 1;
-    let nodes = apply_nodes(client, s, metrics, state, r, render).await;
+    let render = w.render + 1;
+    let nodes = apply_nodes(client, s, metrics, w, r, render).await;
     if nodes.is_err() {
         // What is in force is uncertain after a failed write: read it again next time.
-        state.node_docs_read = None;
+        w.node_docs_read = None;
     }
     nodes?;
     if r.config.is_empty() {
         // Per node only: the whole document would not fit a ConfigMap (gateways need it whole).
-        state.last_hash = Some(r.hash.clone());
-        state.render = render;
+        w.last_hash = Some(r.hash.clone());
+        w.render = render;
         metrics.render.set(i64::try_from(render).unwrap_or(i64::MAX));
         return Ok(());
     }
@@ -86,8 +124,8 @@ pub(super) async fn apply(
         Ok(_) => {
             metrics.config_writes.with_label_values(&["applied"]).inc();
             info!(configmap = %s.config_name(), sha256 = %r.hash, render, "proxy configuration applied");
-            state.last_hash = Some(r.hash.clone());
-            state.render = render;
+            w.last_hash = Some(r.hash.clone());
+            w.render = render;
             metrics.render.set(i64::try_from(render).unwrap_or(i64::MAX));
             Ok(())
         }
@@ -110,7 +148,7 @@ async fn apply_nodes(
     client: &Client,
     s: &Settings,
     metrics: &Metrics,
-    state: &mut LoopState,
+    w: &mut Writer,
     r: &render::Rendered,
     render: u64,
 ) -> Result<(), Error> {
@@ -118,25 +156,25 @@ async fn apply_nodes(
     // What is in force, read after a start, a change of leader or a failed write, and at most
     // every few minutes (a document deleted by hand is then written again); in between it is kept
     // as written: at 1,000 nodes a list of every document per change was most of a reconcile.
-    let stale = state.node_docs_read.is_none_or(|at| at.elapsed() > NODE_DOCS_REREAD);
+    let stale = w.node_docs_read.is_none_or(|at| at.elapsed() > NODE_DOCS_REREAD);
     if stale {
         let existing = cms
             .list(&kube::api::ListParams::default().labels(&format!("{NODE_DOC_LABEL}={}", s.config_name())))
             .await
             .map_err(|e| Error::Apply(format!("ConfigMaps {NODE_DOC_LABEL}={}", s.config_name()), e))?;
-        state.node_docs.clear();
+        w.node_docs.clear();
         for cm in &existing.items {
             let (Some(node), a) = (cm.labels().get("tunnelgate.io/node").cloned(), cm.annotations()) else { continue };
             // One without our annotations is rewritten (or removed) like a stale one.
             let hash = a.get(HASH_ANNOTATION).cloned().unwrap_or_default();
             let n = a.get(RENDER_ANNOTATION).and_then(|n| n.parse().ok()).unwrap_or(0);
-            state.node_docs.insert(node, (hash, n));
+            w.node_docs.insert(node, (hash, n));
         }
-        state.node_docs_read = Some(tokio::time::Instant::now());
+        w.node_docs_read = Some(tokio::time::Instant::now());
     }
     let pp = PatchParams::apply(MANAGER).force();
     for (node, doc) in &r.nodes {
-        if state.node_docs.get(node).is_some_and(|(h, _)| *h == doc.hash) {
+        if w.node_docs.get(node).is_some_and(|(h, _)| *h == doc.hash) {
             continue;
         }
         let name = format!("{}-node-{node}", s.config_name());
@@ -155,9 +193,9 @@ async fn apply_nodes(
             return Err(Error::Apply(format!("ConfigMap {name}"), e));
         }
         metrics.config_writes.with_label_values(&["applied"]).inc();
-        state.node_docs.insert(node.clone(), (doc.hash.clone(), render));
+        w.node_docs.insert(node.clone(), (doc.hash.clone(), render));
     }
-    let gone: Vec<String> = state.node_docs.keys().filter(|n| !r.nodes.contains_key(*n)).cloned().collect();
+    let gone: Vec<String> = w.node_docs.keys().filter(|n| !r.nodes.contains_key(*n)).cloned().collect();
     for node in gone {
         let name = format!("{}-node-{node}", s.config_name());
         match cms.delete(&name, &kube::api::DeleteParams::default()).await {
@@ -165,7 +203,7 @@ async fn apply_nodes(
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(Error::Apply(format!("ConfigMap {name}"), e)),
         }
-        state.node_docs.remove(&node);
+        w.node_docs.remove(&node);
     }
     Ok(())
 }

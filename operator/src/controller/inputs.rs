@@ -1,99 +1,214 @@
-//! The Secrets a render uses: each TLS listener's certificate and the proxy users, validated;
-//! an invalid one gets a Warning event and falls back to what the proxy already has.
+//! What one reconcile reads from the caches ([`Inputs`]): the policies of both kinds (and those
+//! that do not deserialize), the base document, the namespaces, the cluster's networks, the nodes,
+//! and the Secrets a render uses — each TLS listener's certificate and the proxy users, validated;
+//! an invalid Secret becomes a warning and falls back to what the proxy already has.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use kube::runtime::events::Recorder;
+use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::ObjectRef;
 use kube::Resource;
 use tracing::warn;
 
-use super::watches::Caches;
-use super::{warn_once, LoopState, Settings};
-use crate::render::{self, TlsIn};
+use super::plan::{PolicyObject, UnreadablePolicy, Warning};
+use super::watches::{cluster_networks, Caches};
+use super::Settings;
+use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
+use crate::render::{self, Cluster, ClusterPolicyIn, Input, NodeDoc, PodIn, PolicyIn, TlsIn};
 use crate::secrets::{htpasswd_from_secret, tls_from_secret};
 
-/// TLS material by listener and the htpasswd file, for the base document `base`.
-pub(super) async fn secrets(
-    c: &Caches,
-    s: &Settings,
-    base: Option<&str>,
-    recorder: &Recorder,
-    state: &mut LoopState,
-) -> (BTreeMap<String, TlsIn>, Option<String>) {
-    let ns = &s.namespace;
-    // TLS: validated Secrets; an invalid one falls back to what the proxy already has.
-    let mut tls: BTreeMap<String, TlsIn> = BTreeMap::new();
-    if let Some(base) = base {
-        let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
-        for (_, listener, secret_name) in render::tls_refs(base).unwrap_or_default() {
-            let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
-            let result = match &secret {
-                Some(sec) => tls_from_secret(sec).map_err(|e| e.to_string()),
-                None => Err("not found".to_owned()),
-            };
-            match result {
-                Ok(t) => {
-                    state.warned.remove(&format!("secret/{secret_name}"));
-                    tls.insert(listener, t);
-                }
-                Err(msg) => {
-                    let note = format!(
-                        "TLS Secret for listener {listener} is invalid: {msg}; the previous certificate stays in use"
-                    );
-                    warn_invalid(recorder, state, secret.as_deref(), &secret_name, note).await;
-                    warn!(listener = %listener, secret = %secret_name, error = %msg, "TLS Secret unusable; keeping the previous certificate");
-                    let prev = previous.as_ref().and_then(|p| p.data.as_ref()).and_then(|d| {
-                        let crt = d.get(&format!("{listener}.crt"))?;
-                        let key = d.get(&format!("{listener}.key"))?;
-                        crate::secrets::tls_from_pem(&crt.0, &key.0).ok()
-                    });
-                    if let Some(p) = prev {
-                        tls.insert(listener, p);
-                    }
-                }
-            }
-        }
-    }
-
-    // Proxy users: a validated htpasswd Secret; an invalid one keeps the users the proxy has.
-    let mut htpasswd = None;
-    if let Some(secret_name) = base.and_then(render::auth_ref) {
-        let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
-        match secret.as_ref().map(|sec| htpasswd_from_secret(sec)) {
-            Some(Ok(text)) => {
-                state.warned.remove(&format!("secret/{secret_name}"));
-                htpasswd = Some(text);
-            }
-            other => {
-                let msg = match other {
-                    Some(Err(e)) => e.to_string(),
-                    _ => "not found".to_owned(),
-                };
-                let note = format!("htpasswd Secret is invalid: {msg}; the previous users stay in force");
-                warn_invalid(recorder, state, secret.as_deref(), &secret_name, note).await;
-                warn!(secret = %secret_name, error = %msg, "htpasswd Secret unusable; keeping the previous users");
-                let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
-                htpasswd = previous
-                    .as_ref()
-                    .and_then(|p| p.data.as_ref()?.get("htpasswd"))
-                    .and_then(|b| String::from_utf8(b.0.clone()).ok());
-            }
-        }
-    }
-
-    (tls, htpasswd)
+/// The caches as one reconcile sees them.
+pub(super) struct Inputs {
+    pub(super) policies: Vec<Arc<TunnelPolicy>>,
+    pub(super) cluster_policies: Vec<Arc<ClusterTunnelPolicy>>,
+    pub(super) unreadable: Vec<UnreadablePolicy>,
+    /// The base document (`None`: the base ConfigMap or its key is missing).
+    pub(super) base: Option<String>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    networks: Vec<String>,
+    /// Node names (only when rendering per node: no walk over every Node otherwise).
+    nodes: Vec<String>,
+    tls: BTreeMap<String, TlsIn>,
+    htpasswd: Option<String>,
+    /// Invalid Secrets.
+    pub(super) warnings: Vec<Warning>,
 }
 
-/// A Warning event `InvalidSecret` on a Secret that exists but cannot be used (once per message).
-async fn warn_invalid(
-    recorder: &Recorder,
-    state: &mut LoopState,
-    secret: Option<&k8s_openapi::api::core::v1::Secret>,
-    name: &str,
-    note: String,
-) {
+impl Inputs {
+    pub(super) fn read(c: &Caches, s: &Settings) -> Inputs {
+        let mut policies = Vec::new();
+        let mut unreadable = Vec::new();
+        for l in c.policies.state() {
+            match &l.read {
+                Ok(p) => policies.push(p.clone()),
+                Err(why) => unreadable.push(UnreadablePolicy {
+                    id: proxy_config::origin::PolicyId::namespaced(
+                        l.meta_data().namespace.as_deref().unwrap_or_default(),
+                        l.meta_data().name.as_deref().unwrap_or_default(),
+                    ),
+                    generation: l.meta_data().generation,
+                    reference: l.object_ref(&()),
+                    path: why.path.clone(),
+                    message: why.message.clone(),
+                }),
+            }
+        }
+        let mut cluster_policies = Vec::new();
+        for l in c.cluster_policies.state() {
+            match &l.read {
+                Ok(p) => cluster_policies.push(p.clone()),
+                Err(why) => unreadable.push(UnreadablePolicy {
+                    id: proxy_config::origin::PolicyId::cluster(l.meta_data().name.as_deref().unwrap_or_default()),
+                    generation: l.meta_data().generation,
+                    reference: l.object_ref(&()),
+                    path: why.path.clone(),
+                    message: why.message.clone(),
+                }),
+            }
+        }
+        let base_cm = c.base.get(&ObjectRef::new(&s.base_name()).within(&s.namespace));
+        let base = base_cm.as_ref().and_then(|cm| cm.data.as_ref()?.get("config.yaml").cloned());
+        let mut warnings = Vec::new();
+        let tls = tls(c, s, base.as_deref(), &mut warnings);
+        let htpasswd = htpasswd(c, s, base.as_deref(), &mut warnings);
+        Inputs {
+            policies,
+            cluster_policies,
+            unreadable,
+            base,
+            namespaces: c
+                .namespaces
+                .state()
+                .iter()
+                .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
+                .collect(),
+            networks: cluster_networks(c),
+            nodes: if s.config_per_node {
+                c.nodes.state().iter().filter_map(|n| n.metadata.name.clone()).collect()
+            } else {
+                Vec::new()
+            },
+            tls,
+            htpasswd,
+            warnings,
+        }
+    }
+
+    /// The readable policies of both kinds, for the plan.
+    pub(super) fn policy_objects(&self) -> impl Iterator<Item = PolicyObject<'_>> {
+        self.policies
+            .iter()
+            .map(|p| PolicyObject::Namespaced(p))
+            .chain(self.cluster_policies.iter().map(|p| PolicyObject::Cluster(p)))
+    }
+
+    /// What the renderer reads, with `pods` and the previous render's node documents.
+    pub(super) fn render_input<'a>(
+        &'a self,
+        s: &'a Settings,
+        pods: &'a [PodIn],
+        prior_nodes: &'a BTreeMap<String, NodeDoc>,
+    ) -> Input<'a> {
+        Input {
+            base: self.base.as_deref().unwrap_or_default(),
+            policies: self
+                .policies
+                .iter()
+                .map(|p| PolicyIn {
+                    namespace: p.metadata.namespace.as_deref().unwrap_or_default(),
+                    name: p.metadata.name.as_deref().unwrap_or_default(),
+                    spec: &p.spec,
+                })
+                .collect(),
+            pods,
+            tls: &self.tls,
+            tls_dir: &s.tls_dir,
+            htpasswd: self.htpasswd.as_deref(),
+            cluster: Cluster {
+                policies: self
+                    .cluster_policies
+                    .iter()
+                    .map(|p| ClusterPolicyIn { name: p.metadata.name.as_deref().unwrap_or_default(), spec: &p.spec })
+                    .collect(),
+                namespaces: self.namespaces.clone(),
+                networks: self.networks.clone(),
+            },
+            per_node: s.config_per_node.then_some(self.nodes.as_slice()),
+            prior_nodes: Some(prior_nodes),
+        }
+    }
+}
+
+/// TLS material by listener for the base document `base`: validated Secrets; an invalid one falls
+/// back to what the proxy already has.
+fn tls(c: &Caches, s: &Settings, base: Option<&str>, warnings: &mut Vec<Warning>) -> BTreeMap<String, TlsIn> {
+    let ns = &s.namespace;
+    let mut tls: BTreeMap<String, TlsIn> = BTreeMap::new();
+    let Some(base) = base else { return tls };
+    let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
+    for (_, listener, secret_name) in render::tls_refs(base).unwrap_or_default() {
+        let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
+        let result = match &secret {
+            Some(sec) => tls_from_secret(sec).map_err(|e| e.to_string()),
+            None => Err("not found".to_owned()),
+        };
+        match result {
+            Ok(t) => {
+                tls.insert(listener, t);
+            }
+            Err(msg) => {
+                let note = format!(
+                    "TLS Secret for listener {listener} is invalid: {msg}; the previous certificate stays in use"
+                );
+                warn_invalid(warnings, secret.as_deref(), &secret_name, note);
+                warn!(listener = %listener, secret = %secret_name, error = %msg, "TLS Secret unusable; keeping the previous certificate");
+                let prev = previous.as_ref().and_then(|p| p.data.as_ref()).and_then(|d| {
+                    let crt = d.get(&format!("{listener}.crt"))?;
+                    let key = d.get(&format!("{listener}.key"))?;
+                    crate::secrets::tls_from_pem(&crt.0, &key.0).ok()
+                });
+                if let Some(p) = prev {
+                    tls.insert(listener, p);
+                }
+            }
+        }
+    }
+    tls
+}
+
+/// Proxy users: a validated htpasswd Secret; an invalid one keeps the users the proxy has.
+fn htpasswd(c: &Caches, s: &Settings, base: Option<&str>, warnings: &mut Vec<Warning>) -> Option<String> {
+    let ns = &s.namespace;
+    let secret_name = base.and_then(render::auth_ref)?;
+    let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
+    match secret.as_ref().map(|sec| htpasswd_from_secret(sec)) {
+        Some(Ok(text)) => Some(text),
+        other => {
+            let msg = match other {
+                Some(Err(e)) => e.to_string(),
+                _ => "not found".to_owned(),
+            };
+            let note = format!("htpasswd Secret is invalid: {msg}; the previous users stay in force");
+            warn_invalid(warnings, secret.as_deref(), &secret_name, note);
+            warn!(secret = %secret_name, error = %msg, "htpasswd Secret unusable; keeping the previous users");
+            let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
+            previous
+                .as_ref()
+                .and_then(|p| p.data.as_ref()?.get("htpasswd"))
+                .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        }
+    }
+}
+
+/// A Warning event `InvalidSecret` on a Secret that exists but cannot be used.
+fn warn_invalid(warnings: &mut Vec<Warning>, secret: Option<&Secret>, name: &str, note: String) {
     if let Some(sec) = secret {
-        warn_once(recorder, state, format!("secret/{name}"), &sec.object_ref(&()), "InvalidSecret", note).await;
+        warnings.push(Warning {
+            key: format!("secret/{name}"),
+            reference: sec.object_ref(&()),
+            reason: "InvalidSecret",
+            note,
+        });
     }
 }

@@ -177,14 +177,13 @@ pub(super) fn policy_rollout(needed: u64, proxies: &[(Endpoint, Report)]) -> Rol
     Rollout { loaded, total: proxies.len(), stuck_nodes, dry_run: None }
 }
 
-/// Dry-run verdicts of the rules rendered for one policy (`prefix` or `prefix/<i>`), summed over
-/// the proxies: (would deny, would allow).
-pub(super) fn dry_run_totals(prefix: &str, proxies: &[(Endpoint, Report)]) -> (u64, u64) {
-    let nested = format!("{prefix}/");
+/// Dry-run verdicts of the rules rendered for `policy`, summed over the proxies: (would deny,
+/// would allow).
+pub(super) fn dry_run_totals(policy: &proxy_config::origin::PolicyId, proxies: &[(Endpoint, Report)]) -> (u64, u64) {
     proxies
         .iter()
         .flat_map(|(_, r)| r.dry_run.iter())
-        .filter(|(rule, _)| *rule == prefix || rule.starts_with(&nested))
+        .filter(|(rule, _)| policy.owns_rule(rule))
         .fold((0, 0), |(d, a), (_, (dd, aa))| (d + dd, a + aa))
 }
 
@@ -338,6 +337,10 @@ mod tests {
             [("ns/p/0".to_owned(), (2, 0)), ("ns/p/1".to_owned(), (1, 0)), ("ns/pq".to_owned(), (9, 9))].into();
         let mut b = p("b", Some(1), None);
         b.1.dry_run = [("ns/p".to_owned(), (0, 4))].into();
-        assert_eq!(dry_run_totals("ns/p", &[a, b]), (3, 4), "ns/pq is another policy");
+        assert_eq!(
+            dry_run_totals(&proxy_config::origin::PolicyId::namespaced("ns", "p"), &[a, b]),
+            (3, 4),
+            "ns/pq is another policy"
+        );
     }
 }

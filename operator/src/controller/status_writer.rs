@@ -15,34 +15,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
+use proxy_config::origin::PolicyId;
+
+use crate::crd::{ClusterTunnelPolicy, TunnelPolicy, TunnelPolicyStatus};
 use crate::lenient::Lenient;
 use crate::metrics::Metrics;
-
-/// Whose status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Target {
-    Namespaced { namespace: String, name: String },
-    Cluster { name: String },
-}
-
-impl Target {
-    /// The queue key (`ns/name`, `:name` for cluster policies).
-    fn key(&self) -> String {
-        match self {
-            Target::Namespaced { namespace, name } => format!("{namespace}/{name}"),
-            Target::Cluster { name } => format!(":{name}"),
-        }
-    }
-}
 
 /// Statuses waiting to be written, newest wins, and what was written lately.
 #[derive(Default)]
 struct Queue {
-    pending: BTreeMap<String, (Target, serde_json::Value)>,
+    pending: BTreeMap<String, (PolicyId, TunnelPolicyStatus)>,
     /// What was written and when: the reflector lags a write by a moment, and a reconcile in that
     /// moment would queue the same status again.
-    written: HashMap<String, (serde_json::Value, Instant)>,
+    written: HashMap<String, (TunnelPolicyStatus, Instant)>,
     /// Policies whose last write the API refused for them alone: not before, and the backoff.
     retry_at: HashMap<String, (Instant, Duration)>,
 }
@@ -79,11 +64,11 @@ impl StatusWriter {
     }
 
     /// Wants `status` (the whole `status` object) written for `target`; replaces a pending one.
-    pub(super) fn want(&self, target: Target, status: serde_json::Value) {
+    pub(super) fn want(&self, target: PolicyId, status: TunnelPolicyStatus) {
         if !self.enabled {
             return;
         }
-        let key = target.key();
+        let key = target.to_string();
         {
             let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             if q.written.get(&key).is_some_and(|(s, at)| *s == status && at.elapsed() < ECHO_WINDOW) {
@@ -106,7 +91,7 @@ impl StatusWriter {
 
     /// The next status to write: the first pending one that is not backing off. `Err` with the
     /// earliest retry when every pending one is backing off.
-    fn next(&self) -> Result<Option<(String, Target, serde_json::Value)>, Instant> {
+    fn next(&self) -> Result<Option<(String, PolicyId, TunnelPolicyStatus)>, Instant> {
         let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let ready = q.pending.keys().find(|k| q.retry_at.get(*k).is_none_or(|(at, _)| *at <= now)).cloned();
@@ -186,16 +171,16 @@ impl StatusWriter {
 
 /// A merge patch of the status subresource; a policy deleted meanwhile is not an error. The
 /// answer is read leniently: a policy that does not deserialize gets a status too.
-async fn write(client: &Client, target: &Target, status: &serde_json::Value) -> Result<(), kube::Error> {
+async fn write(client: &Client, target: &PolicyId, status: &TunnelPolicyStatus) -> Result<(), kube::Error> {
     let body = Patch::Merge(serde_json::json!({ "status": status }));
     // Named, so `managedFields` says who owns the status (as for every other write of the operator).
     let pp = PatchParams { field_manager: Some(super::MANAGER.to_owned()), ..PatchParams::default() };
     let r = match target {
-        Target::Namespaced { namespace, name } => Api::<Lenient<TunnelPolicy>>::namespaced(client.clone(), namespace)
+        PolicyId::Namespaced { namespace, name } => Api::<Lenient<TunnelPolicy>>::namespaced(client.clone(), namespace)
             .patch_status(name, &pp, &body)
             .await
             .map(|_| ()),
-        Target::Cluster { name } => {
+        PolicyId::Cluster { name } => {
             Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone()).patch_status(name, &pp, &body).await.map(|_| ())
         }
     };
@@ -214,15 +199,19 @@ mod tests {
     use prometheus::Registry;
     use serde_json::json;
 
-    fn target(name: &str) -> Target {
-        Target::Namespaced { namespace: "ns".into(), name: name.into() }
+    fn target(name: &str) -> PolicyId {
+        PolicyId::namespaced("ns", name)
+    }
+
+    fn generation(n: i64) -> TunnelPolicyStatus {
+        TunnelPolicyStatus { observed_generation: Some(n), ..TunnelPolicyStatus::default() }
     }
 
     #[tokio::test]
     async fn a_refused_policy_backs_off_alone() {
         let w = StatusWriter { queue: Arc::default(), wake: Arc::new(Notify::new()), enabled: true };
-        w.want(target("a"), serde_json::json!({"n": 1}));
-        w.want(target("b"), serde_json::json!({"n": 1}));
+        w.want(target("a"), generation(1));
+        w.want(target("b"), generation(1));
         let later = Instant::now() + Duration::from_secs(10);
         w.queue
             .lock()
@@ -233,8 +222,8 @@ mod tests {
         assert!(matches!(w.next(), Ok(Some((k, _, _))) if k == "ns/b"));
         assert_eq!(w.next().err(), Some(later), "only the backing-off one is left");
         // A changed status for "a" is tried at once.
-        w.want(target("a"), serde_json::json!({"n": 2}));
-        assert!(matches!(w.next(), Ok(Some((k, _, s))) if k == "ns/a" && s["n"] == 2));
+        w.want(target("a"), generation(2));
+        assert!(matches!(w.next(), Ok(Some((k, _, s))) if k == "ns/a" && s.observed_generation == Some(2)));
         assert!(matches!(w.next(), Ok(None)));
     }
 
@@ -244,10 +233,10 @@ mod tests {
         let metrics = Metrics::register(&Registry::new()).unwrap();
         let stop = CancellationToken::new();
         let w = StatusWriter::spawn(Client::new(svc, "default"), metrics.clone(), 100, true, stop.clone());
-        let p = || Target::Namespaced { namespace: "a".into(), name: "p".into() };
+        let p = || PolicyId::namespaced("a", "p");
         // Three statuses before the writer runs: one write, the newest.
         for n in 1..=3 {
-            w.want(p(), json!({"observedGeneration": n}));
+            w.want(p(), generation(n));
         }
         let path = "/apis/tunnelgate.io/v1alpha1/namespaces/a/tunnelpolicies/p/status";
         let mut bodies = Vec::new();
@@ -267,14 +256,14 @@ mod tests {
         }
         assert_eq!(
             bodies,
-            vec![json!({"status": {"observedGeneration": 3}}); 2],
+            vec![json!({"status": {"observedGeneration": 3, "conditions": []}}); 2],
             "the newest, retried after the failure"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(metrics.status_writes.with_label_values(&["failure"]).get(), 1);
         assert_eq!(metrics.status_writes.with_label_values(&["success"]).get(), 1);
         // The reflector has not caught up yet and the reconcile asks again: nothing is written.
-        w.want(p(), json!({"observedGeneration": 3}));
+        w.want(p(), generation(3));
         assert_eq!(w.pending(), 0);
         tokio::time::sleep(Duration::from_millis(50)).await;
         stop.cancel();
@@ -287,7 +276,7 @@ mod tests {
         let metrics = Metrics::register(&Registry::new()).unwrap();
         let stop = CancellationToken::new();
         let w = StatusWriter::spawn(Client::new(svc, "default"), metrics, 100, false, stop.clone());
-        w.want(Target::Cluster { name: "c".into() }, json!({"observedGeneration": 1}));
+        w.want(PolicyId::cluster("c"), generation(1));
         assert_eq!(w.pending(), 0);
         let asked = tokio::time::timeout(Duration::from_secs(10), handle.next_request()).await;
         assert!(asked.is_err(), "no status write may be sent");

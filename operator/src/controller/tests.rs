@@ -103,10 +103,10 @@ async fn first_write_reads_then_applies_secret_before_configmap() {
     ])
     .await;
     let metrics = Metrics::register(&Registry::new()).unwrap();
-    let mut state = LoopState::new(None, Duration::from_secs(300));
+    let mut state = apply::Writer::default();
     apply(&client, &settings(), &metrics, &mut state, &rendered(true)).await.unwrap();
     assert_eq!(calls.await.unwrap().len(), 4);
-    assert_eq!(state.last_hash.as_deref(), Some("abc123"));
+    assert_eq!(state.last_hash(), Some("abc123"));
     assert_eq!(metrics.config_writes.with_label_values(&["applied"]).get(), 1);
     assert_eq!(metrics.render.get(), 1, "the render number written");
 }
@@ -117,7 +117,7 @@ async fn unchanged_hash_in_force_writes_nothing() {
     let (client, calls) =
         scenario(vec![(Method::GET, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", cm("abc123"))]).await;
     let metrics = Metrics::register(&Registry::new()).unwrap();
-    let mut state = LoopState::new(None, Duration::from_secs(300));
+    let mut state = apply::Writer::default();
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();
     // And with the hash known, not even a read.
     apply(&client, &settings(), &metrics, &mut state, &rendered(false)).await.unwrap();

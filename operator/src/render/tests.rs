@@ -6,6 +6,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::*;
 use crate::crd::{ClusterTunnelPolicySpec, Destination, PolicyAction};
+use proxy_config::origin::PolicyId;
 
 const BASE: &str = "version: 1\nlisteners:\n  - {name: forward, bind: '0.0.0.0:3128'}\nadmin: {bind: '0.0.0.0:9090'}\npolicy: {denyPrivateAddresses: true}\n";
 
@@ -165,7 +166,7 @@ fn o02_one_bad_policy_does_not_block_the_rest_and_output_is_deterministic() {
     let (out, r) = mk(&forward);
     let r = r.unwrap();
     assert_eq!(rules(&r).len(), 100);
-    let bad = out.iter().find(|o| o.name == "bad").unwrap();
+    let bad = out.iter().find(|o| o.id.name() == "bad").unwrap();
     assert!(bad.result.as_ref().unwrap_err()[0].to_string().contains("spec.destinations[0].hosts[0]"));
     // Shuffled inputs, same bytes.
     let mut shuffled = forward.clone();
@@ -530,8 +531,10 @@ fn cluster_policies_precedence_and_delegation_table() {
         ],
     ));
     let r = r.unwrap();
-    let outcome =
-        |ns: &str, name: &str| out.iter().find(|o| o.namespace == ns && o.name == name).unwrap().result.clone();
+    let outcome = |ns: &str, name: &str| {
+        let id = if ns.is_empty() { PolicyId::cluster(name) } else { PolicyId::namespaced(ns, name) };
+        out.iter().find(|o| o.id == id).unwrap().result.clone()
+    };
     assert!(outcome("", "bad").unwrap_err().iter().any(|e| e.path == "spec.delegate"));
     assert_eq!(outcome("", "delegate-db").unwrap().delegated_to, Some(1));
     assert!(outcome("payments", "db").unwrap().restricted.is_empty(), "delegated to payments");
@@ -836,11 +839,11 @@ fn a_policy_whose_rule_name_the_proxy_would_refuse_is_refused_alone() {
         ("payments", "short", spec(PolicyAction::Allow, "web", &["b.example"])),
     ];
     let (outcomes, rendered) = run(&specs, &[pod("payments", "web", "10.0.0.1")]);
-    let refused = outcomes.iter().find(|o| o.name == long).unwrap();
+    let refused = outcomes.iter().find(|o| o.id.name() == long).unwrap();
     let errs = refused.result.as_ref().unwrap_err();
     assert_eq!(errs[0].path, "metadata.name", "{errs:?}");
     assert!(errs[0].message.contains("at most 253"), "{errs:?}");
-    assert!(outcomes.iter().find(|o| o.name == "short").unwrap().result.is_ok());
+    assert!(outcomes.iter().find(|o| o.id.name() == "short").unwrap().result.is_ok());
     let r = rendered.unwrap();
     proxy_config::ProxyConfig::from_yaml(&r.config).unwrap();
     let names: Vec<String> = rules(&r).iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect();
@@ -930,7 +933,7 @@ fn a_policy_and_a_namespace_over_their_budgets_are_not_rendered_alone() {
     let doc = r.unwrap();
     let names: Vec<String> = rules(&doc).iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect();
     assert_eq!(names, ["other/fine", "tenant/small"]);
-    let huge = outcomes.iter().find(|o| o.name == "huge").unwrap().result.as_ref().unwrap();
+    let huge = outcomes.iter().find(|o| o.id.name() == "huge").unwrap().result.as_ref().unwrap();
     assert!(huge.rules.is_empty());
     assert!(huge.over_budget.as_deref().is_some_and(|m| m.contains("65536 one policy may add")), "{huge:?}");
 
@@ -943,17 +946,14 @@ fn a_policy_and_a_namespace_over_their_budgets_are_not_rendered_alone() {
     all.push(("other", "fine", each));
     let (outcomes, r) = run(&all, &pods);
     r.unwrap();
-    let rendered: Vec<&str> = outcomes
-        .iter()
-        .filter(|o| o.result.as_ref().is_ok_and(|a| !a.rules.is_empty()))
-        .map(|o| o.name.as_str())
-        .collect();
+    let rendered: Vec<&str> =
+        outcomes.iter().filter(|o| o.result.as_ref().is_ok_and(|a| !a.rules.is_empty())).map(|o| o.id.name()).collect();
     let first_out = outcomes.iter().position(|o| o.result.as_ref().is_ok_and(|a| a.over_budget.is_some())).unwrap();
     assert!(rendered.contains(&"fine"), "another namespace keeps its room");
     assert!(first_out > 1, "the namespace's first policies are rendered: {rendered:?}");
-    for o in outcomes.iter().filter(|o| o.namespace == "tenant").skip(first_out) {
+    for o in outcomes.iter().filter(|o| o.id.namespace() == Some("tenant")).skip(first_out) {
         let a = o.result.as_ref().unwrap();
-        assert!(a.over_budget.as_deref().is_some_and(|m| m.contains("namespace tenant")), "{}: {a:?}", o.name);
+        assert!(a.over_budget.as_deref().is_some_and(|m| m.contains("namespace tenant")), "{}: {a:?}", o.id);
     }
 }
 
@@ -989,7 +989,7 @@ fn policies_are_left_out_in_a_documented_order_until_the_document_fits() {
     let left: Vec<String> = outcomes
         .iter()
         .filter(|o| o.result.as_ref().is_ok_and(|a| a.over_budget.is_some()))
-        .map(|o| format!("{}/{}", o.namespace, o.name))
+        .map(|o| o.id.to_string())
         .collect();
     // The dry-run policy and every policy of the namespace adding the most (ns05) are left out
     // before the namespaces adding less lose more than one policy each.
