@@ -265,14 +265,17 @@ pub async fn explain(
     let whole = format!("{}-proxy", release.object_prefix());
     let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
     let own = match &node {
-        Some(n) => cms.get_opt(&format!("{whole}-node-{n}")).await?.map(|cm| (format!("{whole}-node-{n}"), cm)),
+        Some(n) => {
+            let name = proxy_config::status::node_document_name(&whole, n);
+            cms.get_opt(&name).await?.map(|cm| (name, cm))
+        }
         None => None,
     };
     let (cm_name, cm) = match own {
         Some(found) => found,
         None => (whole.clone(), cms.get(&whole).await?),
     };
-    let text = cm.data.and_then(|mut d| d.remove("config.yaml")).unwrap_or_default();
+    let text = cm.data.and_then(|mut d| d.remove(proxy_config::status::CONFIG_KEY)).unwrap_or_default();
     let cfg = ProxyConfig::from_yaml(&text)
         .map_err(|e| PluginError::Config(format!("{}/{cm_name}", release.namespace), e.to_string()))?;
     let proxies = proxy_addresses(client, release).await?;

@@ -77,7 +77,7 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
         too_many(format!("{p}.cidrs"), d.cidrs.as_ref().map_or(0, Vec::len), MAX_CIDRS);
         too_many(format!("{p}.ports"), d.ports.as_ref().map_or(0, Vec::len), MAX_PORTS);
     }
-    let relay = relay_of(spec, &mut err);
+    let relay = relay_of(spec);
     let mut destinations = Vec::new();
     let mut summary = Vec::new();
     for (i, d) in spec.destinations.iter().enumerate() {
@@ -120,13 +120,8 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
             if ports.is_empty() {
                 err(format!("{p}.ports"), "must not be empty (omit it for any port)".into());
             }
-            let mut out = Vec::new();
-            for (j, port) in ports.iter().enumerate() {
-                match parse_port(port) {
-                    Ok(v) => out.push(v),
-                    Err(e) => err(format!("{p}.ports[{j}]"), e),
-                }
-            }
+            // Checked below with the proxy's own rule check, like the relay limits.
+            let out: Vec<RawPort> = ports.iter().map(raw_port).collect();
             port_text = out
                 .iter()
                 .map(|v| match v {
@@ -147,6 +142,7 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
         PolicyAction::Allow => "allow",
         PolicyAction::Deny => "deny",
     };
+    proxy_check(action, &destinations, &mut errs);
     match (errs.is_empty(), selector) {
         (true, Some(selector)) => Ok(ValidPolicy {
             selector,
@@ -238,34 +234,51 @@ fn summarize(items: &[String]) -> String {
     s
 }
 
-fn relay_of(spec: &TunnelPolicySpec, err: &mut impl FnMut(String, String)) -> Option<RawRuleRelay> {
+/// The policy's relay limits in the proxy's wire form, as written (the proxy's rule check
+/// validates them).
+fn relay_of(spec: &TunnelPolicySpec) -> Option<RawRuleRelay> {
     let r = spec.relay.as_ref()?;
-    let mut out = RawRuleRelay::default();
-    for (field, v, slot) in [
-        ("idleTimeout", &r.idle_timeout, &mut out.idle_timeout),
-        ("maxLifetime", &r.max_lifetime, &mut out.max_lifetime),
-    ] {
-        if let Some(text) = v {
-            match proxy_config::config::parse_duration(text) {
-                Ok(_) => *slot = Some(text.clone()),
-                Err(e) => err(format!("spec.relay.{field}"), e),
+    Some(RawRuleRelay {
+        idle_timeout: r.idle_timeout.clone(),
+        max_lifetime: r.max_lifetime.clone(),
+        max_bytes_per_second: r.max_bytes_per_second,
+        min_bytes_per_minute: r.min_bytes_per_minute,
+        max_total_bytes: r.max_total_bytes,
+    })
+}
+
+/// Each destination's rule as the proxy will read it, checked by the proxy's own rule check: a
+/// value the proxy refuses is this policy's error (at its field in the spec), never the whole
+/// document's.
+fn proxy_check(action: &str, destinations: &[ValidDestination], errs: &mut Vec<FieldError>) {
+    for (i, d) in destinations.iter().enumerate() {
+        let probe = proxy_config::raw::RawRule {
+            name: "policy".into(),
+            action: action.into(),
+            clients: None,
+            users: None,
+            hosts: d.hosts.clone(),
+            host_regex: None,
+            cidrs: d.cidrs.clone(),
+            ports: d.ports.clone(),
+            relay: d.relay.clone(),
+            priority: None,
+            dry_run: None,
+        };
+        let Err(refused) = proxy_config::config::check_rule(&probe, false) else { continue };
+        for e in refused.errors() {
+            // The relay limits are the policy's (one `spec.relay` for every destination).
+            let path = match e.path.strip_prefix("relay") {
+                Some(rest) => format!("spec.relay{rest}"),
+                None if e.path.is_empty() => format!("spec.destinations[{i}]"),
+                None => format!("spec.destinations[{i}].{}", e.path),
+            };
+            // What the spec's own checks already named is not repeated.
+            if !errs.iter().any(|x| x.path == path) {
+                errs.push(FieldError { path, message: e.message.clone() });
             }
         }
     }
-    for (field, v, slot) in [
-        ("maxBytesPerSecond", r.max_bytes_per_second, &mut out.max_bytes_per_second),
-        ("minBytesPerMinute", r.min_bytes_per_minute, &mut out.min_bytes_per_minute),
-        ("maxTotalBytes", r.max_total_bytes, &mut out.max_total_bytes),
-    ] {
-        match v {
-            Some(0) if field != "minBytesPerMinute" => {
-                err(format!("spec.relay.{field}"), "must be greater than 0".into())
-            }
-            Some(n) => *slot = Some(n),
-            None => {}
-        }
-    }
-    Some(out)
 }
 
 /// A CIDR with host bits clear (the proxy's own check), or a single address kept as written
@@ -277,27 +290,11 @@ fn parse_cidr(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_port(p: &IntOrString) -> Result<RawPort, String> {
+/// A port or range in the proxy's wire form, as written (the proxy's rule check validates it).
+fn raw_port(p: &IntOrString) -> RawPort {
     match p {
-        IntOrString::Int(n) => match u16::try_from(*n) {
-            Ok(port) if port > 0 => Ok(RawPort::Number(i64::from(port))),
-            _ => Err(format!("{n} is not a port (1-65535)")),
-        },
-        IntOrString::String(s) => {
-            let one = |t: &str| {
-                proxy_config::host::parse_port(t)
-                    .map_err(|_| format!("{s:?} is not a port or a range like \"8000-8099\""))
-            };
-            match s.split_once('-') {
-                Some((a, b)) => {
-                    if one(a)? > one(b)? {
-                        return Err(format!("range {s:?} is reversed"));
-                    }
-                    Ok(RawPort::Text(s.clone()))
-                }
-                None => Ok(RawPort::Number(i64::from(one(s)?))),
-            }
-        }
+        IntOrString::Int(n) => RawPort::Number(i64::from(*n)),
+        IntOrString::String(s) => RawPort::Text(s.clone()),
     }
 }
 

@@ -16,6 +16,12 @@ impl ConfigError {
     pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self { path: path.into(), message: message.into() }
     }
+
+    /// The error with a path that started with `.` made relative (`.ports[0]` → `ports[0]`).
+    pub(crate) fn relative(self) -> Self {
+        let path = self.path.strip_prefix('.').map(str::to_owned).unwrap_or(self.path);
+        Self { path, message: self.message }
+    }
 }
 
 impl fmt::Display for ConfigError {

@@ -1,11 +1,23 @@
-//! What the proxy and the operator tell each other besides the configuration: the render stamp the
-//! operator writes on the first line of each document it renders, and the `/config` status
-//! document a proxy's admin server answers (read by the operator's rollout view and by
-//! `kubectl tunnelgate status`). One type each, so both sides cannot drift apart.
+//! What the proxy and the operator tell each other besides the configuration: where a document
+//! lives (the ConfigMap key, a node's own ConfigMap), the render stamp the operator writes on the
+//! first line of each document it renders, and the `/config` status document a proxy's admin
+//! server answers (read by the operator's rollout view and by `kubectl tunnelgate status`). One
+//! definition each, so both sides cannot drift apart.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+/// The ConfigMap key that holds a configuration document (the base, the whole-cluster document
+/// and each node's).
+pub const CONFIG_KEY: &str = "config.yaml";
+
+/// The ConfigMap of node `node`'s own document, beside the whole-cluster document `whole`
+/// (`WHOLE-node-NODE`): written by the operator when it renders per node, preferred by a proxy
+/// started with `--node-name` while it exists.
+pub fn node_document_name(whole: &str, node: &str) -> String {
+    format!("{whole}-node-{node}")
+}
 
 /// The first line of a document the operator renders: `# tunnelgate-render: N`.
 const RENDER_STAMP: &str = "# tunnelgate-render: ";

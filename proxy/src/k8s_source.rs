@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// The key of the document in the ConfigMap.
-pub const KEY: &str = "config.yaml";
+pub const KEY: &str = proxy_config::status::CONFIG_KEY;
 
 /// Why the source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,7 @@ pub async fn spawn(
     let (tx, rx) = watch::channel(None);
     // [whole document, this node's document]: the node's wins while it exists.
     let docs: Arc<Mutex<[Option<String>; 2]>> = Arc::default();
-    let names = [Some(name.clone()), node.map(|n| node_config_name(&name, &n))];
+    let names = [Some(name.clone()), node.map(|n| proxy_config::status::node_document_name(&name, &n))];
     for (slot, cm_name) in names.into_iter().enumerate() {
         let Some(cm_name) = cm_name else { continue };
         let (api, tx, docs, namespace) = (api.clone(), tx.clone(), docs.clone(), namespace.clone());
@@ -105,9 +105,4 @@ pub async fn spawn(
         });
     }
     Ok(rx)
-}
-
-/// The name of a node's own document: `NAME-node-NODE`.
-pub fn node_config_name(name: &str, node: &str) -> String {
-    format!("{name}-node-{node}")
 }

@@ -118,7 +118,7 @@ pub(super) async fn apply(
     let cm = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": { "name": s.config_name(), "namespace": s.namespace, "labels": labels, "annotations": annotations },
-        "data": { "config.yaml": text },
+        "data": { proxy_config::status::CONFIG_KEY: text },
     });
     match cms.patch(&s.config_name(), &pp, &Patch::Apply(&cm)).await {
         Ok(_) => {
@@ -177,7 +177,7 @@ async fn apply_nodes(
         if w.node_docs.get(node).is_some_and(|(h, _)| *h == doc.hash) {
             continue;
         }
-        let name = format!("{}-node-{node}", s.config_name());
+        let name = proxy_config::status::node_document_name(&s.config_name(), node);
         let cm = json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {
@@ -186,7 +186,7 @@ async fn apply_nodes(
                             NODE_DOC_LABEL: s.config_name(), "tunnelgate.io/node": node },
                 "annotations": { HASH_ANNOTATION: doc.hash, RENDER_ANNOTATION: render.to_string() },
             },
-            "data": { "config.yaml": proxy_config::status::stamp_render(render, &doc.config) },
+            "data": { proxy_config::status::CONFIG_KEY: proxy_config::status::stamp_render(render, &doc.config) },
         });
         if let Err(e) = cms.patch(&name, &pp, &Patch::Apply(&cm)).await {
             metrics.config_writes.with_label_values(&["failed"]).inc();
@@ -197,7 +197,7 @@ async fn apply_nodes(
     }
     let gone: Vec<String> = w.node_docs.keys().filter(|n| !r.nodes.contains_key(*n)).cloned().collect();
     for node in gone {
-        let name = format!("{}-node-{node}", s.config_name());
+        let name = proxy_config::status::node_document_name(&s.config_name(), &node);
         match cms.delete(&name, &kube::api::DeleteParams::default()).await {
             Ok(_) => info!(configmap = %name, "node document removed"),
             Err(kube::Error::Api(e)) if e.code == 404 => {}

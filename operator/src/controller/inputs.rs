@@ -68,7 +68,7 @@ impl Inputs {
             }
         }
         let base_cm = c.base.get(&ObjectRef::new(&s.base_name()).within(&s.namespace));
-        let base = base_cm.as_ref().and_then(|cm| cm.data.as_ref()?.get("config.yaml").cloned());
+        let base = base_cm.as_ref().and_then(|cm| cm.data.as_ref()?.get(proxy_config::status::CONFIG_KEY).cloned());
         let mut warnings = Vec::new();
         let tls = tls(c, s, base.as_deref(), &mut warnings);
         let htpasswd = htpasswd(c, s, base.as_deref(), &mut warnings);

@@ -1004,3 +1004,34 @@ fn policies_are_left_out_in_a_documented_order_until_the_document_fits() {
     let (again, _) = run(&input, &pods);
     assert_eq!(outcomes, again);
 }
+
+/// Ports and relay limits are checked only by the proxy's own rule check (the operator has no copy
+/// of it): a policy the proxy would refuse is rejected alone, at its field, and every other policy
+/// is rendered and enforced by the proxies.
+#[test]
+fn a_policy_only_the_proxys_parser_rejects_leaves_every_other_policy_enforced() {
+    let good = spec(PolicyAction::Allow, "web", &["api.example.com"]);
+    let mut reversed = spec(PolicyAction::Allow, "web", &["other.example.com"]);
+    reversed.destinations[0].ports = Some(vec![IntOrString::String("9000-8000".into())]);
+    let mut unbounded = spec(PolicyAction::Allow, "web", &["third.example.com"]);
+    unbounded.relay = Some(crate::crd::RelaySpec { max_total_bytes: Some(0), ..Default::default() });
+    let pods = [pod("shop", "web", "10.1.0.5")];
+    let (out, r) =
+        run(&[("shop", "good", good), ("shop", "reversed", reversed), ("shop", "unbounded", unbounded)], &pods);
+    let errors = |name: &str| -> Vec<String> {
+        let o = out.iter().find(|o| o.id.name() == name).unwrap();
+        o.result.as_ref().err().map(|e| e.iter().map(ToString::to_string).collect()).unwrap_or_default()
+    };
+    assert_eq!(errors("reversed"), ["spec.destinations[0].ports[0]: range \"9000-8000\" is reversed"]);
+    assert_eq!(errors("unbounded"), ["spec.relay.maxTotalBytes: must be greater than 0 (omit it for no limit)"]);
+    assert!(errors("good").is_empty());
+    let config = proxy_config::ProxyConfig::from_yaml(&r.unwrap().config).expect("the proxies accept the document");
+    let target: proxy_config::Authority = "api.example.com:443".parse().unwrap();
+    let addr: std::net::IpAddr = "93.184.216.34".parse().unwrap();
+    let decided = config.policy.decide("10.1.0.5".parse().unwrap(), &target.host, 443, &[addr]);
+    assert!(
+        matches!(decided, proxy_config::Decision::Allow { rule: Some(i), .. } if config.policy.rules[i].name == "shop/good"),
+        "{decided:?}"
+    );
+    assert_eq!(config.policy.rules.len(), 1, "only the good policy's rule is rendered");
+}

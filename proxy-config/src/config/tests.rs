@@ -1,5 +1,6 @@
 //! Document parsing: defaults, the ARCHITECTURE example, and errors with paths (L-01).
 use super::*;
+use crate::policy::Action;
 
 fn errors(doc: &str) -> Vec<String> {
     match ProxyConfig::from_yaml(doc) {
