@@ -89,7 +89,7 @@ const LONG_POLL_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 async fn config(inner: &Inner, long_polls: &Arc<Semaphore>, query: Option<&str>) -> Response<Full<Bytes>> {
     let param =
         |name: &str| query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok());
-    let mut changes = inner.watch_changes();
+    let mut changes = inner.control.watch_changes();
     if let Some(since) = param("since") {
         if let Ok(_place) = long_polls.clone().try_acquire_owned() {
             let wait = std::time::Duration::from_secs(param("timeout").unwrap_or(30)).min(LONG_POLL_MAX);
@@ -97,9 +97,9 @@ async fn config(inner: &Inner, long_polls: &Arc<Semaphore>, query: Option<&str>)
         }
     }
     let counter = *changes.borrow();
-    let mut doc = inner.snapshot().describe(inner.reload_failure());
+    let mut doc = inner.snapshot().describe(inner.control.reload_failure());
     doc.changes = counter;
-    doc.dry_run = inner.dry_run_counts();
+    doc.dry_run = inner.control.dry_run_counts();
     json(&doc)
 }
 
@@ -164,7 +164,7 @@ fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, "ready\n", "text/plain")
             }
         }
-        "/config" => json(&inner.snapshot().describe(inner.reload_failure())),
+        "/config" => json(&inner.snapshot().describe(inner.control.reload_failure())),
         _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
     }
 }

@@ -1,4 +1,5 @@
-//! Wiring: binds the listeners and the admin port, creates the shared state ([`Inner`]), and runs
+//! Wiring: binds the admin port, creates the shared state ([`Inner`]), loads the first
+//! configuration as a reload from nothing (the listeners through the reload's own path), and runs
 //! the shutdown sequence (readiness off → accept grace → stop accepting → drain → force close).
 
 use std::net::SocketAddr;
@@ -13,22 +14,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin;
+use crate::control::RunningListener;
 use crate::listeners;
 use crate::metrics::ProxyMetrics;
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::state::{unix_now, Inner, RunningListener};
+use crate::state::Inner;
 use crate::sync::lock;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot bind listener \"{name}\" on {addr}")]
-    Bind {
-        name: String,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] listeners::BindError),
     #[error("cannot bind the admin server on {addr}")]
     BindAdmin {
         addr: SocketAddr,
@@ -61,7 +58,7 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Bound address of listener `name` now.
     pub fn listener(&self, name: &str) -> Option<SocketAddr> {
-        self.inner.listener_addrs().into_iter().find(|(n, _)| n == name).map(|(_, a)| a)
+        self.inner.control.listener_addrs().into_iter().find(|(n, _)| n == name).map(|(_, a)| a)
     }
 
     /// Starts the graceful shutdown (as on SIGTERM).
@@ -84,37 +81,22 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     let snapshot = Arc::new(Snapshot::build(config, text, 1, &acme, &auth_memory)?);
     let cfg = &snapshot.config;
 
-    // Bind everything before serving anything, so a failure leaves nothing half-started.
-    let mut bound = Vec::new();
-    for l in &cfg.listeners {
-        let sock = TcpListener::bind(l.bind).await.map_err(|source| StartError::Bind {
-            name: l.name.clone(),
-            addr: l.bind,
-            source,
-        })?;
-        bound.push((l.name.clone(), l.bind, sock));
-    }
     let admin_sock = TcpListener::bind(cfg.admin.bind)
         .await
         .map_err(|source| StartError::BindAdmin { addr: cfg.admin.bind, source })?;
     let admin_addr =
         admin_sock.local_addr().map_err(|source| StartError::BindAdmin { addr: cfg.admin.bind, source })?;
-
-    metrics.config_reloads.with_label_values(&["success"]).inc();
-    metrics.config_generation.set(1);
-    metrics.config_last_reload_success_timestamp.set(unix_now());
-    metrics.config_last_reload_success.set(1);
-    info!(generation = 1, sha256 = %snapshot.sha256, "configuration loaded");
-    crate::snapshot::log_warnings(&snapshot.config);
-
-    let inner = Arc::new(Inner::new(metrics, registry, snapshot, admin_addr, acme, auth_memory));
-    for (name, bind, sock) in bound {
-        listeners::start(&inner, &name, bind, sock).map_err(|source| StartError::Bind {
-            name: name.clone(),
-            addr: bind,
-            source,
-        })?;
+    let inner = Arc::new(Inner::new(metrics, registry, snapshot.clone(), admin_addr, acme, auth_memory));
+    // The first load is a reload from nothing: the listeners are planned against none running
+    // (every address bound before any accepts, so a failure leaves nothing half-started), then
+    // started, and the outcome recorded, by the code every reload runs.
+    {
+        let _serial = inner.control.reload_lock.lock().await;
+        let plans = listeners::plan(&inner, &snapshot.config.listeners).await?;
+        listeners::apply(&inner, &snapshot.config.listeners, plans).await;
     }
+    crate::snapshot::log_warnings(&snapshot.config);
+    crate::reload::record(&inner, &Ok(crate::reload::ReloadOutcome::Applied { generation: 1, revoked: 0 }));
     tokio::spawn(housekeeping(inner.clone()));
     let sampled = inner.clone();
     tokio::spawn(async move {
@@ -127,7 +109,7 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
 
     let shutdown = CancellationToken::new();
     let done = tokio::spawn(drain(inner.clone(), shutdown.clone(), admin_stop, admin_task));
-    Ok(ProxyHandle { listeners: inner.listener_addrs(), admin: admin_addr, inner, shutdown, done })
+    Ok(ProxyHandle { listeners: inner.control.listener_addrs(), admin: admin_addr, inner, shutdown, done })
 }
 
 /// Periodic upkeep: closes idle pooled upstream connections past `http.upstreamIdleTimeout` (all of
@@ -138,7 +120,7 @@ async fn housekeeping(inner: Arc<Inner>) {
         tokio::select! {
             _ = tick.tick() => {
                 inner.upstream_pool.sweep(inner.snapshot().config.http.upstream_idle_timeout);
-                inner.refresh_host_addrs();
+                inner.refresh_own_endpoints();
             }
             () = inner.listeners_closed.cancelled() => {
                 inner.upstream_pool.sweep(Duration::ZERO);
@@ -165,8 +147,8 @@ async fn drain(
     sleep(limits.drain_delay).await;
     {
         // A reload in progress finishes first; later ones see `draining` and do nothing.
-        let _reload = inner.reload_lock.lock().await;
-        let running: Vec<RunningListener> = std::mem::take(&mut *lock(&inner.listeners));
+        let _reload = inner.control.reload_lock.lock().await;
+        let running: Vec<RunningListener> = std::mem::take(&mut *lock(&inner.control.listeners));
         for l in &running {
             l.stop.cancel();
         }
@@ -195,7 +177,7 @@ async fn drain(
     }
     info!(forced, "drained");
     // No listener serves a certificate any more: stop ordering and renewing.
-    inner.acme.stop_all();
+    inner.control.acme.stop_all();
     admin_stop.cancel();
     let _ = admin_task.await;
     DrainReport { forced }

@@ -51,7 +51,7 @@ impl From<TunnelError> for Rejection {
 /// only (no client, no target).
 fn dry_run_seen(snapshot: &Snapshot, inner: &Inner, v: &proxy_config::DryRunVerdict) {
     inner.metrics.policy_dry_run.with_label_values(&[v.rule(), v.as_str()]).inc();
-    inner.count_dry_run(v.rule(), matches!(v, proxy_config::DryRunVerdict::WouldDeny(_)));
+    inner.control.count_dry_run(v.rule(), matches!(v, proxy_config::DryRunVerdict::WouldDeny(_)));
     if snapshot.config.logging.access_log {
         tracing::info!(target: "tunnelgate::access", rule = v.rule(), verdict = v.as_str(), "dry-run rule");
     }

@@ -35,6 +35,7 @@ pub mod cli;
 pub mod conn;
 pub mod conn_limit;
 pub mod context;
+pub mod control;
 pub mod dial;
 pub mod error;
 pub mod established;

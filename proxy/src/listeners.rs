@@ -1,5 +1,6 @@
-//! Running listeners: planning a new set against the running one (keep, hand a socket over to a
-//! renamed listener, or bind), switching to it, and starting one accept loop per listener.
+//! Running listeners, for the first load and every reload alike: planning a new set against the
+//! running one (keep, hand a socket over to a renamed listener, or bind), switching to it, and
+//! starting one accept loop per listener.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -11,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::accept;
-use crate::state::{Inner, RunningListener};
+use crate::control::RunningListener;
+use crate::state::Inner;
 use crate::sync::lock;
 
 /// How each listener of the new document is served.
@@ -24,18 +26,21 @@ pub(crate) enum Plan {
     Bind(TcpListener),
 }
 
-/// A new listener address could not be bound; nothing running was changed.
-#[derive(Debug)]
-pub(crate) struct BindError {
-    pub(crate) index: usize,
-    pub(crate) name: String,
-    pub(crate) addr: SocketAddr,
-    pub(crate) source: std::io::Error,
+/// A listener's address could not be bound (at start or at a reload); nothing running was changed.
+#[derive(Debug, thiserror::Error)]
+#[error("listeners[{index}] ({name}): cannot bind {addr}")]
+pub struct BindError {
+    pub index: usize,
+    pub name: String,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
 }
 
 /// Plans `new` against the running listeners, binding the new addresses; changes nothing running.
 pub(crate) async fn plan(inner: &Inner, new: &[Listener]) -> Result<Vec<Plan>, BindError> {
-    let old: Vec<(String, SocketAddr)> = lock(&inner.listeners).iter().map(|l| (l.name.clone(), l.bind)).collect();
+    let old: Vec<(String, SocketAddr)> =
+        lock(&inner.control.listeners).iter().map(|l| (l.name.clone(), l.bind)).collect();
     let mut claimed = HashSet::new();
     let mut plans = Vec::new();
     for (index, l) in new.iter().enumerate() {
@@ -71,7 +76,7 @@ pub(crate) async fn plan(inner: &Inner, new: &[Listener]) -> Result<Vec<Plan>, B
 pub(crate) async fn apply(inner: &Arc<Inner>, new: &[Listener], plans: Vec<Plan>) {
     let mut stopping: Vec<(usize, RunningListener)> = Vec::new();
     {
-        let mut running = lock(&inner.listeners);
+        let mut running = lock(&inner.control.listeners);
         let all: Vec<RunningListener> = std::mem::take(&mut *running);
         for (i, l) in all.into_iter().enumerate() {
             let kept = plans.iter().any(|p| matches!(p, Plan::Keep(k) if *k == i));
@@ -104,10 +109,11 @@ pub(crate) async fn apply(inner: &Arc<Inner>, new: &[Listener], plans: Vec<Plan>
             warn!(listener = %l.name, error = %e, "cannot start listener");
         }
     }
+    inner.refresh_own_endpoints();
 }
 
 /// Starts accepting on `sock` as listener `name`.
-pub(crate) fn start(inner: &Arc<Inner>, name: &str, bind: SocketAddr, sock: TcpListener) -> std::io::Result<()> {
+fn start(inner: &Arc<Inner>, name: &str, bind: SocketAddr, sock: TcpListener) -> std::io::Result<()> {
     let addr = sock.local_addr()?;
     // Accepted sockets inherit TCP_NODELAY from the listening socket (Linux copies it on
     // accept): one setsockopt per listener instead of one per connection.
@@ -116,6 +122,6 @@ pub(crate) fn start(inner: &Arc<Inner>, name: &str, bind: SocketAddr, sock: TcpL
     info!(listener = %name, addr = %addr, "listening");
     inner.metrics.init_listener(name);
     let task = tokio::spawn(accept::run(inner.clone(), Arc::from(name), sock, stop.clone()));
-    lock(&inner.listeners).push(RunningListener { name: name.to_owned(), bind, addr, stop, task });
+    lock(&inner.control.listeners).push(RunningListener { name: name.to_owned(), bind, addr, stop, task });
     Ok(())
 }

@@ -3,7 +3,6 @@
 //! file watcher here, the Kubernetes ConfigMap watch later) only deliver documents to [`apply`].
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,14 +35,8 @@ pub enum ReloadError {
     Invalid(ConfigErrors),
     #[error("cannot use the new configuration")]
     Snapshot(#[from] SnapshotError),
-    #[error("listeners[{index}] ({name}): cannot bind {addr}")]
-    Bind {
-        index: usize,
-        name: String,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] listeners::BindError),
     #[error("shutting down; reload ignored")]
     Draining,
     /// The task compiling the document did not finish (it panicked or was cancelled).
@@ -61,7 +54,7 @@ impl ReloadError {
             ReloadError::Snapshot(SnapshotError::Resolver(_)) => "dns",
             ReloadError::Snapshot(SnapshotError::Auth(_)) => "auth",
             ReloadError::Snapshot(SnapshotError::AdminToken(_)) => "admin-token",
-            ReloadError::Bind { .. } => "bind",
+            ReloadError::Bind(_) => "bind",
             ReloadError::Draining => "draining",
             ReloadError::Aborted => "internal",
         }
@@ -90,21 +83,25 @@ pub async fn apply(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Relo
 }
 
 /// Counts and logs the outcome of a reload attempt.
-fn record(inner: &Inner, result: &Result<ReloadOutcome, ReloadError>) {
+pub(crate) fn record(inner: &Inner, result: &Result<ReloadOutcome, ReloadError>) {
     let m = &inner.metrics;
     match result {
         Ok(ReloadOutcome::Applied { generation, revoked }) => {
-            inner.set_reload_failure(None);
+            inner.control.set_reload_failure(None);
             m.config_reloads.with_label_values(&["success"]).inc();
             m.config_generation.set(i64::try_from(*generation).unwrap_or(i64::MAX));
             m.config_last_reload_success_timestamp.set(unix_now());
             m.config_last_reload_success.set(1);
-            info!(generation, sha256 = %inner.snapshot().sha256, revoked, "configuration reloaded");
+            if *generation == 1 {
+                info!(generation, sha256 = %inner.snapshot().sha256, "configuration loaded");
+            } else {
+                info!(generation, sha256 = %inner.snapshot().sha256, revoked, "configuration reloaded");
+            }
         }
         Ok(ReloadOutcome::Unchanged) => debug!("configuration unchanged"),
         Err(ReloadError::Draining) => info!("reload ignored: draining"),
         Err(e) => {
-            inner.set_reload_failure(Some(e.reason()));
+            inner.control.set_reload_failure(Some(e.reason()));
             m.config_reloads.with_label_values(&["failure"]).inc();
             m.config_last_reload_success.set(0);
             warn!(error = %ErrorChain(e), generation = inner.snapshot().generation, "reload failed, keeping the configuration in force");
@@ -113,7 +110,7 @@ fn record(inner: &Inner, result: &Result<ReloadOutcome, ReloadError>) {
 }
 
 async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, ReloadError> {
-    let _serial = inner.reload_lock.lock().await;
+    let _serial = inner.control.reload_lock.lock().await;
     if inner.is_draining() {
         return Err(ReloadError::Draining);
     }
@@ -127,7 +124,7 @@ async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Re
         if fingerprint(&cfg, &owned) == fingerprint_in_force {
             return Ok(None);
         }
-        Ok(Some(Snapshot::build(cfg, &owned, generation, &task_inner.acme, &task_inner.auth_memory)?))
+        Ok(Some(Snapshot::build(cfg, &owned, generation, &task_inner.control.acme, &task_inner.auth_memory)?))
     })
     .await
     .map_err(|_| ReloadError::Aborted)??;
@@ -145,13 +142,11 @@ async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Re
     }
 
     // Plan the listeners without touching the running ones (new addresses are bound here).
-    let plans = listeners::plan(inner, &snap.config.listeners).await.map_err(
-        |listeners::BindError { index, name, addr, source }| ReloadError::Bind { index, name, addr, source },
-    )?;
+    let plans = listeners::plan(inner, &snap.config.listeners).await?;
     // Everything needed is in hand: switch.
     inner.publish(snap.clone());
     listeners::apply(inner, &snap.config.listeners, plans).await;
-    inner.acme.retain(&snap.config);
+    inner.control.acme.retain(&snap.config);
 
     let revoked =
         if snap.config.policy.reevaluate_on_reload { inner.tunnels.revoke_denied(&snap.config.policy) } else { 0 };
