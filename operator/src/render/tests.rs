@@ -7,6 +7,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::*;
 use crate::crd::{ClusterTunnelPolicySpec, Destination, PolicyAction};
 use proxy_config::origin::PolicyId;
+use proxy_config::ProxyConfig;
+use serde_json::{json, Value};
 
 const BASE: &str = "version: 1\nlisteners:\n  - {name: forward, bind: '0.0.0.0:3128'}\nadmin: {bind: '0.0.0.0:9090'}\npolicy: {denyPrivateAddresses: true}\n";
 

@@ -1,0 +1,142 @@
+//! The base document's operator-only parts: the TLS and htpasswd Secrets it names, the address
+//! grants it makes, and the cluster networks a render refuses to namespaces without a grant.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use kube::core::{Selector, SelectorExt};
+use serde_json::{Map, Value};
+
+use super::{Input, RenderError};
+use crate::validate::ValidDestination;
+
+/// A grant of the base's `addressGrants`: namespaces whose policies may open refused address
+/// space inside these CIDRs (the platform's decision, made where namespaces cannot write).
+#[derive(Debug, Clone)]
+pub(super) struct Grant {
+    pub(super) namespaces: GrantScope,
+    pub(super) cidrs: Vec<ipnet::IpNet>,
+}
+
+/// Which namespaces a grant is for.
+#[derive(Debug, Clone)]
+pub(super) enum GrantScope {
+    /// Namespace names from the base; `*` is every namespace.
+    Names(Vec<String>),
+    /// A delegating ClusterTunnelPolicy's namespaceSelector.
+    Selector(Selector),
+}
+
+impl Grant {
+    pub(super) fn covers(&self, namespace: &str, labels: &BTreeMap<String, String>, net: &ipnet::IpNet) -> bool {
+        let in_scope = match &self.namespaces {
+            GrantScope::Names(names) => names.iter().any(|n| n == "*" || n == namespace),
+            GrantScope::Selector(sel) => sel.matches(labels),
+        };
+        in_scope && self.cidrs.iter().any(|g| g.contains(net))
+    }
+}
+
+pub(super) fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    text.parse().or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from)).ok()
+}
+
+/// Reads and removes the operator-only `addressGrants` of the base document.
+pub(super) fn take_grants(doc: &mut Map<String, Value>) -> Result<Vec<Grant>, RenderError> {
+    let Some(v) = doc.remove("addressGrants") else { return Ok(Vec::new()) };
+    let bad = |i: usize, what: &str| RenderError::Base(format!("addressGrants[{i}]: {what}"));
+    let list = v.as_array().ok_or_else(|| RenderError::Base("addressGrants must be a list".into()))?;
+    let mut grants = Vec::new();
+    for (i, g) in list.iter().enumerate() {
+        let strings = |key: &str| -> Result<Vec<String>, RenderError> {
+            let items = g.get(key).and_then(Value::as_array).filter(|a| !a.is_empty());
+            let items = items.ok_or_else(|| bad(i, &format!("{key} must be a non-empty list")))?;
+            items
+                .iter()
+                .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| bad(i, &format!("{key}: strings only"))))
+                .collect()
+        };
+        let namespaces = strings("namespaces")?;
+        let cidrs = strings("cidrs")?
+            .iter()
+            .map(|c| parse_net(c).ok_or_else(|| bad(i, &format!("cidrs: {c:?} is not a CIDR or an address"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        grants.push(Grant { namespaces: GrantScope::Names(namespaces), cidrs });
+    }
+    Ok(grants)
+}
+
+/// The CIDRs of an Allow destination that would open refused address space (the proxy's opt-in
+/// rule: a CIDR entirely inside refused space) and that no grant gives `namespace`. A namespace
+/// must not grant itself the node network or the cloud metadata service.
+pub(super) fn restricted_cidrs(
+    path: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    grants: &[Grant],
+    cluster_networks: &[ipnet::IpNet],
+    destination: &ValidDestination,
+) -> Vec<String> {
+    let Some(cidrs) = &destination.cidrs else { return Vec::new() };
+    cidrs
+        .iter()
+        .enumerate()
+        .filter_map(|(j, text)| {
+            let net = parse_net(text)?;
+            // Refused space, and the cluster's own networks however public their addresses are
+            // (IPv6 pod ranges, nodes' public addresses): a namespace opens them only by a grant.
+            let overlaps_cluster =
+                cluster_networks.iter().any(|c| c.contains(&net.network()) || net.contains(&c.network()));
+            let restricted = (proxy_config::addr::entirely_refused(&net) || overlaps_cluster)
+                && !grants.iter().any(|g| g.covers(namespace, labels, &net));
+            restricted.then(|| format!("{path}.cidrs[{j}] {text}"))
+        })
+        .collect()
+}
+
+/// The cluster's own networks a render knows: what the API says now plus what the base lists (the
+/// Service range, from the chart), sorted and without duplicates so the same cluster renders the
+/// same bytes; and the base's entries that do not parse, kept as written so the proxy's parser
+/// names them.
+pub(super) fn cluster_networks(input: &Input<'_>, base: &Map<String, Value>) -> (Vec<ipnet::IpNet>, Vec<Value>) {
+    let mut networks: Vec<ipnet::IpNet> = input.cluster.networks.iter().filter_map(|s| parse_net(s)).collect();
+    let mut unparsed = Vec::new();
+    let listed = base.get("policy").and_then(|p| p.get("clusterNetworks")).and_then(Value::as_array);
+    for v in listed.into_iter().flatten() {
+        match v.as_str().and_then(parse_net) {
+            Some(n) => networks.push(n),
+            None => unparsed.push(v.clone()),
+        }
+    }
+    networks.sort();
+    networks.dedup();
+    (networks, unparsed)
+}
+
+/// TLS Secrets the base names: (listener index, listener name, secret name).
+pub fn tls_refs(base: &str) -> Result<Vec<(usize, String, String)>, RenderError> {
+    let doc = parse_base(base)?;
+    let mut out = Vec::new();
+    if let Some(ls) = doc.get("listeners").and_then(Value::as_array) {
+        for (i, l) in ls.iter().enumerate() {
+            if let Some(secret) = l.pointer("/tls/secretName").and_then(Value::as_str) {
+                let name = l.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+                out.push((i, name, secret.to_owned()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The Secret the base's `auth.secretName` names (its key `htpasswd`: bcrypt lines).
+pub fn auth_ref(base: &str) -> Option<String> {
+    parse_base(base).ok()?.get("auth")?.get("secretName")?.as_str().map(str::to_owned)
+}
+
+pub(super) fn parse_base(base: &str) -> Result<Map<String, Value>, RenderError> {
+    let v: Value = serde_yaml::from_str(base).map_err(|e| RenderError::Base(format!("invalid YAML: {e}")))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(RenderError::Base("config.yaml must be a mapping".into())),
+    }
+}

@@ -1,0 +1,267 @@
+//! The documents: the base with the rules, TLS files and users, whole or per node, checked with
+//! the proxy's parser; policies left out, in a fixed order, while they would not fit a ConfigMap.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use proxy_config::raw::RawRule;
+use proxy_config::ProxyConfig;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::base::cluster_networks;
+use super::rules::{text_len, Optional, Rule};
+use super::{Input, NodeDoc, PolicyOutcome, RenderError, Rendered, MAX_CONFIG_BYTES};
+
+/// The documents with `rules`; while they would not fit in a ConfigMap, whole policies are left
+/// out, in this order, until they do: dry-run policies first (they decide nothing), then Allow
+/// policies, those of the namespace adding the most first, the largest first within it, then by
+/// namespace and name. Denies and ClusterTunnelPolicies are never left out: leaving out an Allow
+/// only ever refuses more. Each policy left out says so in its status.
+pub(super) fn fit(
+    input: &Input<'_>,
+    doc: Map<String, Value>,
+    rules: Vec<Rule>,
+    mut optional: Vec<Optional>,
+    namespace_bytes: &HashMap<&str, usize>,
+    outcomes: &mut [PolicyOutcome],
+) -> Result<Rendered, RenderError> {
+    let ns_of = |o: &Optional| outcomes[o.outcome].id.namespace().unwrap_or_default().to_owned();
+    optional.sort_by(|a, b| {
+        let (na, nb) = (ns_of(a), ns_of(b));
+        let used = |ns: &str| namespace_bytes.get(ns).copied().unwrap_or(0);
+        b.dry_run
+            .cmp(&a.dry_run)
+            .then(used(&nb).cmp(&used(&na)))
+            .then(b.bytes.cmp(&a.bytes))
+            .then(na.cmp(&nb))
+            .then(outcomes[a.outcome].id.name().cmp(outcomes[b.outcome].id.name()))
+    });
+    let mut next = optional.into_iter();
+    let mut dropped = vec![false; rules.len()];
+    let mut left_out: Vec<usize> = Vec::new();
+    loop {
+        let live = || rules.iter().zip(&dropped).filter(|(_, d)| !**d).map(|(r, _)| r);
+        let attempt = match input.per_node {
+            None => document(input, doc.clone(), live().map(|r| r.raw(&r.clients)).collect()),
+            Some(nodes) => per_node(input, doc.clone(), &live().collect::<Vec<_>>(), nodes),
+        };
+        let Err(RenderError::TooLarge { bytes }) = attempt else {
+            for &i in &left_out {
+                if let Ok(a) = &mut outcomes[i].result {
+                    a.rules.clear();
+                    a.over_budget = Some(format!(
+                        "not rendered: with every policy in it, the proxies' configuration would exceed the {MAX_CONFIG_BYTES}-byte limit of a ConfigMap; dry-run policies, then the Allow policies of the namespaces whose policies add the most, are left out first"
+                    ));
+                }
+            }
+            return attempt;
+        };
+        // Leave out enough to cover the excess (an estimate: the loop tries again until it fits).
+        let excess = bytes.saturating_sub(MAX_CONFIG_BYTES).max(1);
+        let mut freed = 0;
+        let before = left_out.len();
+        for o in next.by_ref() {
+            for r in o.rules.clone() {
+                dropped[r] = true;
+            }
+            freed += o.bytes;
+            left_out.push(o.outcome);
+            if freed >= excess {
+                break;
+            }
+        }
+        if left_out.len() == before {
+            // Nothing more may be left out: the Denies and cluster policies alone do not fit.
+            return Err(RenderError::TooLarge { bytes });
+        }
+    }
+}
+
+/// The whole document (when it fits) and one per node, whose rules list only that node's pods: a
+/// pod change rewrites its node's document, and no proxy holds the whole cluster's rules.
+pub(super) fn per_node(
+    input: &Input<'_>,
+    doc: Map<String, Value>,
+    rules: &[&Rule],
+    nodes: &[String],
+) -> Result<Rendered, RenderError> {
+    let mut names: std::collections::BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
+    names.extend(input.pods.iter().filter(|p| !p.node.is_empty()).map(|p| p.node.as_str()));
+    let names: Vec<&str> = names.into_iter().collect();
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut node_of: HashMap<IpAddr, usize> = HashMap::new();
+    for pod in input.pods.iter().filter(|p| p.eligible && !p.node.is_empty()) {
+        if let Some(&i) = index.get(pod.node.as_str()) {
+            node_of.extend(pod.ips.iter().map(|ip| (*ip, i)));
+        }
+    }
+    // Each rule's clients grouped by node, in one pass over all clients (not one per node), as
+    // addresses: only the documents that changed are formatted.
+    let mut by_node: Vec<Vec<(usize, Vec<IpAddr>)>> = vec![Vec::new(); names.len()];
+    for (r, rule) in rules.iter().enumerate() {
+        for ip in &rule.clients {
+            let Some(&node) = node_of.get(ip) else { continue };
+            let own = &mut by_node[node];
+            match own.last_mut() {
+                Some((last, ips)) if *last == r => ips.push(*ip),
+                // A rule without clients on a node is left out there (no clients would mean any client).
+                _ => own.push((r, vec![*ip])),
+            }
+        }
+    }
+    // What every node document shares (the base, TLS and users): with a node's own rules it
+    // fingerprints the document, so only the nodes whose inputs changed are rendered again.
+    let mut shared_digest = Sha256::new();
+    shared_digest.update(serde_json::to_vec(&doc).unwrap_or_default());
+    shared_digest.update(input.tls_dir.as_bytes());
+    for (listener, t) in input.tls {
+        shared_digest.update(listener.as_bytes());
+        shared_digest.update(t.sha256.as_bytes());
+    }
+    shared_digest.update(input.htpasswd.unwrap_or_default().as_bytes());
+    // Each rule's body digested once, for every node that carries it.
+    let bodies: Vec<[u8; 32]> =
+        rules.iter().map(|r| Sha256::digest(serde_json::to_vec(&r.body).unwrap_or_default()).into()).collect();
+    let mut docs = BTreeMap::new();
+    let mut shared = None;
+    for (node, own) in names.iter().zip(by_node) {
+        let mut fp = shared_digest.clone();
+        for (r, ips) in &own {
+            fp.update(bodies[*r]);
+            for ip in ips {
+                match ip {
+                    IpAddr::V4(a) => fp.update(a.octets()),
+                    IpAddr::V6(a) => fp.update(a.octets()),
+                }
+            }
+            fp.update([0xff]);
+        }
+        let fingerprint = hex::encode(fp.finalize());
+        if let Some(prior) = input.prior_nodes.and_then(|p| p.get(*node)).filter(|d| d.fingerprint == fingerprint) {
+            docs.insert((*node).to_owned(), prior.clone());
+            continue;
+        }
+        let own_rules = own.iter().map(|(r, ips)| rules[*r].raw(ips)).collect();
+        let d = document(input, doc.clone(), own_rules)?;
+        docs.insert((*node).to_owned(), NodeDoc { config: d.config, hash: d.hash, fingerprint });
+        shared.get_or_insert((d.tls_data, d.annotations));
+    }
+    if shared.is_none() {
+        // Every node document came from the previous render: the TLS data is that of a document
+        // with no rules (it does not depend on them).
+        let d = document(input, doc.clone(), Vec::new())?;
+        shared = Some((d.tls_data, d.annotations));
+    }
+    // Each client takes at least its text and `    - \n` in the document: past the limit by that
+    // count alone, the whole document is not built (at 100,000 pods it is megabytes of YAML).
+    let floor: usize = rules.iter().flat_map(|r| r.clients.iter()).map(|ip| text_len(ip) + 7).sum();
+    let whole = if floor > MAX_CONFIG_BYTES {
+        Err(RenderError::TooLarge { bytes: floor })
+    } else {
+        document(input, doc, rules.iter().map(|r| r.raw(&r.clients)).collect())
+    };
+    let mut whole = match whole {
+        Ok(w) => w,
+        // Too large for one ConfigMap is what per-node rendering is for; gateways need it whole.
+        Err(RenderError::TooLarge { bytes }) => {
+            let Some((tls_data, annotations)) = shared else { return Err(RenderError::TooLarge { bytes }) };
+            Rendered { config: String::new(), hash: String::new(), tls_data, annotations, nodes: BTreeMap::new() }
+        }
+        Err(e) => return Err(e),
+    };
+    let mut h = Sha256::new();
+    h.update(whole.hash.as_bytes());
+    for (node, d) in &docs {
+        h.update(node.as_bytes());
+        h.update(d.hash.as_bytes());
+    }
+    whole.hash = hex::encode(h.finalize());
+    whole.nodes = docs;
+    Ok(whole)
+}
+
+/// The document: `doc` (the base without its grants) with the rules, TLS files and users.
+pub(super) fn document(
+    input: &Input<'_>,
+    mut doc: Map<String, Value>,
+    rules: Vec<RawRule>,
+) -> Result<Rendered, RenderError> {
+    let mut tls_data = BTreeMap::new();
+    let mut annotations = BTreeMap::new();
+    if let Some(ls) = doc.get_mut("listeners").and_then(Value::as_array_mut) {
+        for (index, l) in ls.iter_mut().enumerate() {
+            let Some(secret) = l.pointer("/tls/secretName").and_then(Value::as_str).map(str::to_owned) else {
+                continue;
+            };
+            let listener = l.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let Some(t) = input.tls.get(&listener) else {
+                return Err(RenderError::MissingTls { index, listener, secret });
+            };
+            let dir = input.tls_dir.trim_end_matches('/');
+            // The Secret becomes files; the listener's other TLS settings (ALPN, floor) stay.
+            if let Some(tls) = l.get_mut("tls").and_then(Value::as_object_mut) {
+                tls.remove("secretName");
+                tls.insert("certFile".into(), json!(format!("{dir}/{listener}.crt")));
+                tls.insert("keyFile".into(), json!(format!("{dir}/{listener}.key")));
+            }
+            tls_data.insert(format!("{listener}.crt"), t.cert_pem.clone());
+            tls_data.insert(format!("{listener}.key"), t.key_pem.clone());
+            annotations.insert(format!("tunnelgate.io/tls-{listener}-sha256"), t.sha256.clone());
+            annotations.insert(format!("tunnelgate.io/tls-{listener}-not-after"), t.not_after.clone());
+        }
+    }
+    // Proxy users: the validated file goes into the proxy's Secret, never into the ConfigMap.
+    let mut auth_sha = None;
+    if let Some(auth) = doc.get_mut("auth").and_then(Value::as_object_mut) {
+        if let Some(secret) = auth.remove("secretName").and_then(|v| v.as_str().map(str::to_owned)) {
+            let Some(htpasswd) = input.htpasswd else { return Err(RenderError::MissingAuth { secret }) };
+            let dir = input.tls_dir.trim_end_matches('/');
+            auth.insert("htpasswdFile".into(), Value::String(format!("{dir}/htpasswd")));
+            tls_data.insert("htpasswd".to_owned(), htpasswd.to_owned());
+            auth_sha = Some(hex::encode(Sha256::digest(htpasswd.as_bytes())));
+        }
+    }
+    let (networks, unparsed) = cluster_networks(input, &doc);
+    let policy = doc.entry("policy").or_insert_with(|| json!({}));
+    let Some(policy) = policy.as_object_mut() else { return Err(RenderError::Base("policy must be a mapping".into())) };
+    if policy.get("rules").is_some_and(|r| !r.as_array().is_some_and(Vec::is_empty)) {
+        return Err(RenderError::Base("policy.rules must be empty: rules come from TunnelPolicies".into()));
+    }
+    // Written out even when the base leaves it implicit: no policy must never mean allow-all.
+    policy.entry("defaultAction").or_insert_with(|| json!("deny"));
+    if !networks.is_empty() || !unparsed.is_empty() {
+        let mut list: Vec<Value> = networks.iter().map(|n| Value::String(n.to_string())).collect();
+        list.extend(unparsed);
+        policy.insert("clusterNetworks".into(), Value::Array(list));
+    }
+    // The rules are typed values; the base around them is the user's document, passed through.
+    policy.insert("rules".into(), serde_json::to_value(&rules).map_err(|e| RenderError::Base(e.to_string()))?);
+    let mut config =
+        String::from("# Rendered by tunnelgate-operator from the base ConfigMap and TunnelPolicies. Do not edit.\n");
+    config.push_str(&serde_yaml::to_string(&Value::Object(doc)).map_err(|e| RenderError::Base(e.to_string()))?);
+    for (listener, t) in input.tls {
+        if tls_data.contains_key(&format!("{listener}.crt")) {
+            // The certificate's identity is part of the document, so a rotation reaches every
+            // proxy as a config change (a reload re-reads the mounted files).
+            config.push_str(&format!("# tls {listener}: sha256={} notAfter={}\n", t.sha256, t.not_after));
+        }
+    }
+    if let Some(sha) = auth_sha {
+        // As for certificates: a change of users reaches every proxy as a config change.
+        config.push_str(&format!("# auth htpasswd: sha256={sha}\n"));
+    }
+    if config.len() > MAX_CONFIG_BYTES {
+        return Err(RenderError::TooLarge { bytes: config.len() });
+    }
+    ProxyConfig::from_yaml(&config).map_err(RenderError::Invalid)?;
+    let mut h = Sha256::new();
+    h.update(config.as_bytes());
+    for (k, v) in &tls_data {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    Ok(Rendered { config, hash: hex::encode(h.finalize()), tls_data, annotations, nodes: BTreeMap::new() })
+}
