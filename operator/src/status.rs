@@ -137,60 +137,8 @@ pub fn desired(
                     now,
                 ));
             }
-            let ready = match in_force {
-                // Its own outcome first: an over-budget policy is not in any document.
-                _ if a.over_budget.is_some() => condition(
-                    "Ready",
-                    false,
-                    "OverBudget",
-                    a.over_budget.clone().unwrap_or_default(),
-                    generation,
-                    old_conditions,
-                    now,
-                ),
-                Err(e) => condition("Ready", false, e.reason, e.message.clone(), generation, old_conditions, now),
-                Ok(_) if a.delegated_to.is_some() => condition(
-                    "Ready",
-                    true,
-                    "Delegated",
-                    format!(
-                        "TunnelPolicies of the {} namespace(s) it selects may open refused space inside its CIDRs",
-                        a.delegated_to.unwrap_or(0)
-                    ),
-                    generation,
-                    old_conditions,
-                    now,
-                ),
-                Ok(_) if a.rules.is_empty() && a.matched_pods > 0 && !a.restricted.is_empty() => condition(
-                    "Ready",
-                    false,
-                    "Restricted",
-                    "every destination is restricted (see the Restricted condition); no rule is rendered".into(),
-                    generation,
-                    old_conditions,
-                    now,
-                ),
-                Ok(_) if a.rules.is_empty() => condition(
-                    "Ready",
-                    false,
-                    "NoMatchingPods",
-                    "podSelector matches no running pod in this namespace; no rule is rendered".into(),
-                    generation,
-                    old_conditions,
-                    now,
-                ),
-                // No document hash here: a change elsewhere must not rewrite every policy's status
-                // (one write and one watch event per policy per change, at any scale).
-                Ok(_) => condition(
-                    "Ready",
-                    true,
-                    "Applied",
-                    format!("rules {} are in ConfigMap {config_name}", bounded(a.rules.iter().cloned(), ", ")),
-                    generation,
-                    old_conditions,
-                    now,
-                ),
-            };
+            let ready = ready(a, config_name, in_force, generation, old_conditions, now);
+
             // Rollout truth for policies whose rules are in the configuration in force.
             if let (Some(r), true) = (rollout, ready.status == "True" && !a.rules.is_empty()) {
                 extra.push(enforced(r, generation, old_conditions, now));
@@ -218,6 +166,48 @@ pub fn desired(
         }),
         conditions: [accepted, ready].into_iter().chain(extra).collect(),
     }
+}
+
+/// The `Ready` condition of an accepted policy: its own outcome first (an over-budget policy is
+/// in no document), then whether the configuration is in force.
+fn ready(
+    a: &crate::render::Accepted,
+    config_name: &str,
+    in_force: Result<&str, &NotInForce>,
+    generation: Option<i64>,
+    old: &[Condition],
+    now: &Time,
+) -> Condition {
+    let (ok, reason, message): (bool, &str, String) = match in_force {
+        _ if a.over_budget.is_some() => (false, "OverBudget", a.over_budget.clone().unwrap_or_default()),
+        Err(e) => (false, e.reason, e.message.clone()),
+        Ok(_) if a.delegated_to.is_some() => (
+            true,
+            "Delegated",
+            format!(
+                "TunnelPolicies of the {} namespace(s) it selects may open refused space inside its CIDRs",
+                a.delegated_to.unwrap_or(0)
+            ),
+        ),
+        Ok(_) if a.rules.is_empty() && a.matched_pods > 0 && !a.restricted.is_empty() => (
+            false,
+            "Restricted",
+            "every destination is restricted (see the Restricted condition); no rule is rendered".into(),
+        ),
+        Ok(_) if a.rules.is_empty() => (
+            false,
+            "NoMatchingPods",
+            "podSelector matches no running pod in this namespace; no rule is rendered".into(),
+        ),
+        // No document hash here: a change elsewhere must not rewrite every policy's status
+        // (one write and one watch event per policy per change, at any scale).
+        Ok(_) => (
+            true,
+            "Applied",
+            format!("rules {} are in ConfigMap {config_name}", bounded(a.rules.iter().cloned(), ", ")),
+        ),
+    };
+    condition("Ready", ok, reason, message, generation, old, now)
 }
 
 /// Most items a status message or event note lists; the rest are counted ("and 12 more").

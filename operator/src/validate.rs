@@ -81,61 +81,8 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
     let mut destinations = Vec::new();
     let mut summary = Vec::new();
     for (i, d) in spec.destinations.iter().enumerate() {
-        let p = format!("spec.destinations[{i}]");
-        let mut rule = ValidDestination::default();
-        let mut names = Vec::new();
-        if d.hosts.is_none() && d.cidrs.is_none() {
-            err(p.clone(), "a destination needs hosts or cidrs".into());
-        }
-        if let Some(hosts) = &d.hosts {
-            if hosts.is_empty() {
-                err(format!("{p}.hosts"), "must not be empty".into());
-            }
-            let mut out = Vec::new();
-            for (j, h) in hosts.iter().enumerate() {
-                match h.parse::<HostPattern>() {
-                    Ok(pat) => out.push(pat.to_string()),
-                    Err(e) => err(format!("{p}.hosts[{j}]"), format!("{h:?}: {e}")),
-                }
-            }
-            names.extend(out.iter().cloned());
-            rule.hosts = Some(out);
-        }
-        if let Some(cidrs) = &d.cidrs {
-            if cidrs.is_empty() {
-                err(format!("{p}.cidrs"), "must not be empty".into());
-            }
-            let mut out = Vec::new();
-            for (j, c) in cidrs.iter().enumerate() {
-                match parse_cidr(c) {
-                    Ok(n) => out.push(n),
-                    Err(e) => err(format!("{p}.cidrs[{j}]"), e),
-                }
-            }
-            names.extend(out.iter().cloned());
-            rule.cidrs = Some(out);
-        }
-        let mut port_text = String::new();
-        if let Some(ports) = &d.ports {
-            if ports.is_empty() {
-                err(format!("{p}.ports"), "must not be empty (omit it for any port)".into());
-            }
-            // Checked below with the proxy's own rule check, like the relay limits.
-            let out: Vec<RawPort> = ports.iter().map(raw_port).collect();
-            port_text = out
-                .iter()
-                .map(|v| match v {
-                    RawPort::Number(n) => n.to_string(),
-                    RawPort::Text(t) => t.clone(),
-                })
-                .collect::<Vec<_>>()
-                .join(",");
-            rule.ports = Some(out);
-        }
-        rule.relay.clone_from(&relay);
-        for n in names {
-            summary.push(if port_text.is_empty() { n } else { format!("{n}:{port_text}") });
-        }
+        let (rule, names) = destination(&format!("spec.destinations[{i}]"), d, relay.as_ref(), &mut err);
+        summary.extend(names);
         destinations.push(rule);
     }
     let action = match spec.action {
@@ -153,6 +100,72 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
         }),
         _ => Err(errs),
     }
+}
+
+/// One destination at `p` in the proxy's wire form (hosts and CIDRs canonical), with its summary
+/// entries (`name:ports`); problems go to `err`.
+fn destination(
+    p: &str,
+    d: &crate::crd::Destination,
+    relay: Option<&RawRuleRelay>,
+    err: &mut impl FnMut(String, String),
+) -> (ValidDestination, Vec<String>) {
+    let mut rule = ValidDestination::default();
+    let mut names = Vec::new();
+    if d.hosts.is_none() && d.cidrs.is_none() {
+        err(p.to_owned(), "a destination needs hosts or cidrs".into());
+    }
+    if let Some(hosts) = &d.hosts {
+        if hosts.is_empty() {
+            err(format!("{p}.hosts"), "must not be empty".into());
+        }
+        let mut out = Vec::new();
+        for (j, h) in hosts.iter().enumerate() {
+            match h.parse::<HostPattern>() {
+                Ok(pat) => out.push(pat.to_string()),
+                Err(e) => err(format!("{p}.hosts[{j}]"), format!("{h:?}: {e}")),
+            }
+        }
+        names.extend(out.iter().cloned());
+        rule.hosts = Some(out);
+    }
+    if let Some(cidrs) = &d.cidrs {
+        if cidrs.is_empty() {
+            err(format!("{p}.cidrs"), "must not be empty".into());
+        }
+        let mut out = Vec::new();
+        for (j, c) in cidrs.iter().enumerate() {
+            match parse_cidr(c) {
+                Ok(n) => out.push(n),
+                Err(e) => err(format!("{p}.cidrs[{j}]"), e),
+            }
+        }
+        names.extend(out.iter().cloned());
+        rule.cidrs = Some(out);
+    }
+    let mut port_text = String::new();
+    if let Some(ports) = &d.ports {
+        if ports.is_empty() {
+            err(format!("{p}.ports"), "must not be empty (omit it for any port)".into());
+        }
+        // Checked below with the proxy's own rule check, like the relay limits.
+        let out: Vec<RawPort> = ports.iter().map(raw_port).collect();
+        port_text = out
+            .iter()
+            .map(|v| match v {
+                RawPort::Number(n) => n.to_string(),
+                RawPort::Text(t) => t.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        rule.ports = Some(out);
+    }
+    rule.relay = relay.cloned();
+    let mut summary = Vec::new();
+    for n in names {
+        summary.push(if port_text.is_empty() { n } else { format!("{n}:{port_text}") });
+    }
+    (rule, summary)
 }
 
 /// Validates a ClusterTunnelPolicy: the parts it shares with a TunnelPolicy, then its namespace

@@ -9,7 +9,7 @@ use tracing::Instrument;
 use crate::access::{self, TunnelKind};
 use crate::authorize::Authorized;
 use crate::context::ConnCtx;
-use crate::relay::{self, ByteCounters, RelayRead};
+use crate::relay::{self, ByteCounters, End, RelayRead, Terms};
 use crate::tunnels::Admitted;
 
 /// What the relay of an established tunnel needs to know of it.
@@ -51,7 +51,8 @@ where
         up: m.relayed_bytes.with_label_values(&[&ctx.listener, "upstream"]),
         down: m.relayed_bytes.with_label_values(&[&ctx.listener, "downstream"]),
     };
-    let out = relay::run(cr, cw, ur, uw, &t.early, &a.limits, &registration.membership.stop, &counters).await;
+    let terms = Terms { early: &t.early, limits: &a.limits, stop: &registration.membership.stop, counters: &counters };
+    let out = relay::run(End { read: cr, write: cw }, End { read: ur, write: uw }, terms).await;
     drop(registration);
     access::tunnel_closed(ctx, t.kind, &a.rule, a.user.as_deref(), &t.authority, &out);
 }

@@ -11,7 +11,7 @@ use clap::Parser;
 static GLOBAL: cap::Cap<mimalloc::MiMalloc> = cap::Cap::new(mimalloc::MiMalloc, usize::MAX);
 use proxy_config::{LogFormat, ProxyConfig};
 use tokio::sync::watch;
-use tunnelgate_proxy::cli::{self, Cli, Command, EXIT_USAGE};
+use tunnelgate_proxy::cli::{self, Cli, Command, RunArgs, EXIT_USAGE};
 use tunnelgate_proxy::k8s_source::{self, SourceError};
 use tunnelgate_proxy::reload::Source;
 use tunnelgate_proxy::{app, telemetry};
@@ -45,90 +45,102 @@ fn main() {
             std::process::exit(70);
         }
     };
-    // Where the configuration comes from: a file, a ConfigMap, or the embedded default.
-    let mut latest = None;
-    let (config, text) = if let Some(cm) = &args.run.config_map {
+    let (config, text, latest) = initial(&rt, &args.run, format_override);
+    let code = rt.block_on(serve(config, text, latest, &args.run));
+    std::process::exit(code);
+}
+
+/// The first configuration, from a file, a ConfigMap, or the embedded default (with logging
+/// started as it says); exits 64 when it is invalid, before anything is bound. With a ConfigMap,
+/// also the receiver of its later versions.
+fn initial(
+    rt: &tokio::runtime::Runtime,
+    run: &RunArgs,
+    format_override: Option<LogFormat>,
+) -> (ProxyConfig, String, Option<watch::Receiver<Option<String>>>) {
+    if let Some(cm) = &run.config_map {
         // Before the configuration arrives nothing says targets may be logged.
         telemetry::init(format_override.unwrap_or(LogFormat::Text), false);
-        match rt.block_on(first_from_configmap(cm, args.run.node_name.clone())) {
-            Ok((config, text, rx)) => {
-                latest = Some(rx);
-                (config, text)
-            }
+        return match rt.block_on(first_from_configmap(cm, run.node_name.clone())) {
+            Ok((config, text, rx)) => (config, text, Some(rx)),
             Err(e) => {
                 tracing::error!(error = %tunnelgate_proxy::error::ErrorChain(&e), "cannot watch the ConfigMap");
                 std::process::exit(EXIT_USAGE);
             }
-        }
-    } else {
-        let (config, text) = match &args.run.config {
-            Some(path) => match cli::load(path) {
-                Ok(x) => x,
-                Err(e) => {
-                    eprintln!("tunnelgate-proxy: {e}");
-                    std::process::exit(EXIT_USAGE);
-                }
-            },
-            None => match proxy_config::ProxyConfig::embedded_default() {
-                Ok(c) => (c, proxy_config::config::EMBEDDED_DEFAULT.to_owned()),
-                Err(e) => {
-                    eprintln!("tunnelgate-proxy: embedded default is invalid: {e}");
-                    std::process::exit(70);
-                }
-            },
         };
-        telemetry::init(format_override.unwrap_or(config.logging.format), config.logging.log_targets);
-        (config, text)
-    };
-    let code = rt.block_on(async move {
-        let args = args;
-        let handle = match app::start(config, &text).await {
-            Ok(h) => h,
+    }
+    let (config, text) = match &run.config {
+        Some(path) => match cli::load(path) {
+            Ok(x) => x,
             Err(e) => {
-                tracing::error!(error = %tunnelgate_proxy::error::ErrorChain(&e), "cannot start");
-                return 1;
+                eprintln!("tunnelgate-proxy: {e}");
+                std::process::exit(EXIT_USAGE);
             }
-        };
-        // Reload: file or ConfigMap changes, TLS file events, SIGHUP and a slow poll.
-        let source = match (latest, args.run.config.clone()) {
-            (Some(rx), _) => Some(Source::Latest(rx)),
-            (None, Some(path)) => Some(Source::File(path)),
-            (None, None) => None,
-        };
-        let trigger = source
-            .map(|s| tunnelgate_proxy::reload::spawn_source(handle.inner.clone(), s, args.run.reload_poll_interval));
-        tokio::spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
-            while hup.recv().await.is_some() {
-                match &trigger {
-                    Some(t) => {
-                        let _ = t.try_send(());
-                    }
-                    None => tracing::info!("SIGHUP ignored: running on the embedded default"),
-                }
+        },
+        None => match ProxyConfig::embedded_default() {
+            Ok(c) => (c, proxy_config::config::EMBEDDED_DEFAULT.to_owned()),
+            Err(e) => {
+                eprintln!("tunnelgate-proxy: embedded default is invalid: {e}");
+                std::process::exit(70);
             }
-        });
-        match wait_signal().await {
-            Ok(first) => tracing::info!(signal = first, "shutdown requested"),
-            Err(e) => tracing::error!(error = %e, "cannot listen for signals; shutting down"),
+        },
+    };
+    telemetry::init(format_override.unwrap_or(config.logging.format), config.logging.log_targets);
+    (config, text, None)
+}
+
+/// Serves `config` until a signal, reloading from where it came from; returns the exit code.
+async fn serve(
+    config: ProxyConfig,
+    text: String,
+    latest: Option<watch::Receiver<Option<String>>>,
+    run: &RunArgs,
+) -> i32 {
+    let handle = match app::start(config, &text).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %tunnelgate_proxy::error::ErrorChain(&e), "cannot start");
+            return 1;
         }
-        handle.begin_shutdown();
-        // A second signal exits at once.
-        let second = tokio::spawn(async {
-            let _ = wait_signal().await;
-            tracing::warn!("second signal, exiting now");
-            std::process::exit(1);
-        });
-        let report = handle.wait().await;
-        second.abort();
-        tracing::info!(forced = report.forced, "exiting");
-        if report.forced > 0 {
-            i32::from(args.run.forced_exit_code)
-        } else {
-            0
+    };
+    // Reload: file or ConfigMap changes, TLS file events, SIGHUP and a slow poll.
+    let source = match (latest, run.config.clone()) {
+        (Some(rx), _) => Some(Source::Latest(rx)),
+        (None, Some(path)) => Some(Source::File(path)),
+        (None, None) => None,
+    };
+    let trigger =
+        source.map(|s| tunnelgate_proxy::reload::spawn_source(handle.inner.clone(), s, run.reload_poll_interval));
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            match &trigger {
+                Some(t) => {
+                    let _ = t.try_send(());
+                }
+                None => tracing::info!("SIGHUP ignored: running on the embedded default"),
+            }
         }
     });
-    std::process::exit(code);
+    match wait_signal().await {
+        Ok(first) => tracing::info!(signal = first, "shutdown requested"),
+        Err(e) => tracing::error!(error = %e, "cannot listen for signals; shutting down"),
+    }
+    handle.begin_shutdown();
+    // A second signal exits at once.
+    let second = tokio::spawn(async {
+        let _ = wait_signal().await;
+        tracing::warn!("second signal, exiting now");
+        std::process::exit(1);
+    });
+    let report = handle.wait().await;
+    second.abort();
+    tracing::info!(forced = report.forced, "exiting");
+    if report.forced > 0 {
+        i32::from(run.forced_exit_code)
+    } else {
+        0
+    }
 }
 
 /// Waits for the first valid document from the ConfigMap; invalid ones are logged and skipped.

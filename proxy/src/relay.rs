@@ -337,43 +337,67 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
     }
 }
 
-/// Relays between a client and an upstream until both directions end or a limit closes the
-/// tunnel. `early` is written to the upstream first (bytes the client pipelined after its head).
-/// `stop` ends it from outside (the drain, a revocation).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the two halves of each side, early data, limits, the stop signal and counters are all distinct inputs"
-)]
-pub async fn run<CR, CW, UR, UW>(
-    mut client_r: CR,
-    mut client_w: CW,
-    mut up_r: UR,
-    mut up_w: UW,
+/// Writes `early` (bytes the client pipelined after its head) to the upstream, within
+/// `maxTotalBytes`.
+async fn write_early<W: AsyncWrite + Unpin>(
+    up_w: &mut W,
     early: &[u8],
-    limits: &TunnelLimits,
-    stop: &StopSignal,
+    shared: &Traffic,
     counters: &ByteCounters,
-) -> RelayOutcome
+) -> io::Result<()> {
+    if early.is_empty() {
+        return Ok(());
+    }
+    let n = usize::try_from(shared.take(early.len() as u64)).unwrap_or(early.len()).min(early.len());
+    up_w.write_all(&early[..n]).await?;
+    counters.up.inc_by(n as u64);
+    shared.moved(Direction::Up, n as u64);
+    Ok(())
+}
+
+/// Closed by us: sends FIN (or close_notify) both ways rather than just dropping, within a grace
+/// period. (Boxed: inline, this rare path's timer would be part of every idle tunnel's relay
+/// state.)
+async fn close_both<A: AsyncWrite + Unpin, B: AsyncWrite + Unpin>(client_w: &mut A, up_w: &mut B) {
+    let _ = Box::pin(timeout(CLOSE_GRACE, async {
+        let _ = client_w.shutdown().await;
+        let _ = up_w.shutdown().await;
+    }))
+    .await;
+}
+
+/// One end of a tunnel: its read and write halves.
+pub struct End<R, W> {
+    pub read: R,
+    pub write: W,
+}
+
+/// What governs one relay: the bytes the client pipelined after its head (written to the upstream
+/// first), the limits, the signal that ends it from outside (the drain, a revocation), and the
+/// byte counters.
+pub struct Terms<'a> {
+    pub early: &'a [u8],
+    pub limits: &'a TunnelLimits,
+    pub stop: &'a StopSignal,
+    pub counters: &'a ByteCounters,
+}
+
+/// Relays between a client and an upstream until both directions end or a limit closes the
+/// tunnel.
+pub async fn run<CR, CW, UR, UW>(client: End<CR, CW>, upstream: End<UR, UW>, terms: Terms<'_>) -> RelayOutcome
 where
     CR: RelayRead,
     CW: AsyncWrite + Unpin + Send,
     UR: RelayRead,
     UW: AsyncWrite + Unpin + Send,
 {
+    let Terms { early, limits, stop, counters } = terms;
+    let End { read: mut client_r, write: mut client_w } = client;
+    let End { read: mut up_r, write: mut up_w } = upstream;
     let shared = Traffic::new(limits.max_total_bytes);
     let start = shared.start();
-    if !early.is_empty() {
-        let n = usize::try_from(shared.take(early.len() as u64)).unwrap_or(early.len()).min(early.len());
-        if up_w.write_all(&early[..n]).await.is_err() {
-            return RelayOutcome {
-                reason: CloseReason::IoError,
-                bytes_up: 0,
-                bytes_down: 0,
-                duration: start.elapsed(),
-            };
-        }
-        counters.up.inc_by(n as u64);
-        shared.moved(Direction::Up, n as u64);
+    if write_early(&mut up_w, early, &shared, counters).await.is_err() {
+        return RelayOutcome { reason: CloseReason::IoError, bytes_up: 0, bytes_down: 0, duration: start.elapsed() };
     }
 
     let reason = {
@@ -443,13 +467,7 @@ where
         reason,
         CloseReason::ClientClosed | CloseReason::ClientTruncated | CloseReason::UpstreamClosed | CloseReason::IoError
     ) {
-        // Closed by us: send FIN (or close_notify) both ways rather than just dropping. (Boxed:
-        // inline, this rare path's timer would be part of every idle tunnel's relay state.)
-        let _ = Box::pin(timeout(CLOSE_GRACE, async {
-            let _ = client_w.shutdown().await;
-            let _ = up_w.shutdown().await;
-        }))
-        .await;
+        close_both(&mut client_w, &mut up_w).await;
     }
     RelayOutcome { reason, bytes_up: shared.bytes().0, bytes_down: shared.bytes().1, duration: start.elapsed() }
 }

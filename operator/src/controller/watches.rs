@@ -112,34 +112,8 @@ pub(super) async fn start(
         secret_changes,
     ])
     .map(|r| r.map(|()| None));
-    let mut events = stream::select(others, pod_changes);
-    let w = wake.clone();
-    let stop = shutdown.clone();
-    // Deletions arrive as watch events too, so a deleted object also wakes the loop.
-    tokio::spawn(async move {
-        let mut churn = ChurnLimiter::new(churn_interval);
-        loop {
-            let next_due = churn.next_due();
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = sleep_until_opt(next_due) => {
-                    if churn.take_due(Instant::now()) {
-                        w.notify_one();
-                    }
-                }
-                e = events.next() => match e {
-                    Some(Ok(None)) => w.notify_one(),
-                    Some(Ok(Some(namespace))) => {
-                        if churn.change(&namespace, Instant::now()) {
-                            w.notify_one();
-                        }
-                    }
-                    Some(Err(e)) => warn!(error = %e, "watch error; retrying with backoff"),
-                    None => return,
-                },
-            }
-        }
-    });
+    let events = stream::select(others, pod_changes).boxed();
+    tokio::spawn(wake_on_changes(events, wake, churn_interval, shutdown));
     Caches {
         policies,
         cluster_policies,
@@ -151,6 +125,38 @@ pub(super) async fn start(
         pods,
         base,
         secrets,
+    }
+}
+
+/// A change (`Some(namespace)` for a pod's) wakes the loop; the pods of one namespace at most once
+/// per `churn_interval`. Deletions arrive as watch events too, so a deleted object also wakes it.
+async fn wake_on_changes(
+    mut events: stream::BoxStream<'static, Result<Option<String>, String>>,
+    w: Arc<Notify>,
+    churn_interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut churn = ChurnLimiter::new(churn_interval);
+    loop {
+        let next_due = churn.next_due();
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = sleep_until_opt(next_due) => {
+                if churn.take_due(Instant::now()) {
+                    w.notify_one();
+                }
+            }
+            e = events.next() => match e {
+                Some(Ok(None)) => w.notify_one(),
+                Some(Ok(Some(namespace))) => {
+                    if churn.change(&namespace, Instant::now()) {
+                        w.notify_one();
+                    }
+                }
+                Some(Err(e)) => warn!(error = %e, "watch error; retrying with backoff"),
+                None => return,
+            },
+        }
     }
 }
 

@@ -86,40 +86,8 @@ pub(super) fn per_node(
     rules: &[&Rule],
     nodes: &[String],
 ) -> Result<Rendered, RenderError> {
-    let mut names: std::collections::BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
-    names.extend(input.pods.iter().filter(|p| !p.node.is_empty()).map(|p| p.node.as_str()));
-    let names: Vec<&str> = names.into_iter().collect();
-    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-    let mut node_of: HashMap<IpAddr, usize> = HashMap::new();
-    for pod in input.pods.iter().filter(|p| p.eligible && !p.node.is_empty()) {
-        if let Some(&i) = index.get(pod.node.as_str()) {
-            node_of.extend(pod.ips.iter().map(|ip| (*ip, i)));
-        }
-    }
-    // Each rule's clients grouped by node, in one pass over all clients (not one per node), as
-    // addresses: only the documents that changed are formatted.
-    let mut by_node: Vec<Vec<(usize, Vec<IpAddr>)>> = vec![Vec::new(); names.len()];
-    for (r, rule) in rules.iter().enumerate() {
-        for ip in &rule.clients {
-            let Some(&node) = node_of.get(ip) else { continue };
-            let own = &mut by_node[node];
-            match own.last_mut() {
-                Some((last, ips)) if *last == r => ips.push(*ip),
-                // A rule without clients on a node is left out there (no clients would mean any client).
-                _ => own.push((r, vec![*ip])),
-            }
-        }
-    }
-    // What every node document shares (the base, TLS and users): with a node's own rules it
-    // fingerprints the document, so only the nodes whose inputs changed are rendered again.
-    let mut shared_digest = Sha256::new();
-    shared_digest.update(serde_json::to_vec(&doc).unwrap_or_default());
-    shared_digest.update(input.tls_dir.as_bytes());
-    for (listener, t) in input.tls {
-        shared_digest.update(listener.as_bytes());
-        shared_digest.update(t.sha256.as_bytes());
-    }
-    shared_digest.update(input.htpasswd.unwrap_or_default().as_bytes());
+    let (names, by_node) = clients_by_node(input, rules, nodes);
+    let shared_digest = shared_digest(input, &doc);
     // Each rule's body digested once, for every node that carries it.
     let bodies: Vec<[u8; 32]> =
         rules.iter().map(|r| Sha256::digest(serde_json::to_vec(&r.body).unwrap_or_default()).into()).collect();
@@ -179,6 +147,56 @@ pub(super) fn per_node(
     whole.hash = hex::encode(h.finalize());
     whole.nodes = docs;
     Ok(whole)
+}
+
+/// One node's rules: each rule's index with its clients on that node.
+type NodeRules = Vec<(usize, Vec<IpAddr>)>;
+
+/// The nodes to render for (`nodes`, and every node a pod runs on), and per node the indexes of
+/// the rules with clients there and those clients, in one pass over all clients (not one per
+/// node), as addresses: only the documents that changed are formatted.
+fn clients_by_node<'a>(
+    input: &'a Input<'_>,
+    rules: &[&Rule],
+    nodes: &'a [String],
+) -> (Vec<&'a str>, Vec<NodeRules>) {
+    let mut names: std::collections::BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
+    names.extend(input.pods.iter().filter(|p| !p.node.is_empty()).map(|p| p.node.as_str()));
+    let names: Vec<&str> = names.into_iter().collect();
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut node_of: HashMap<IpAddr, usize> = HashMap::new();
+    for pod in input.pods.iter().filter(|p| p.eligible && !p.node.is_empty()) {
+        if let Some(&i) = index.get(pod.node.as_str()) {
+            node_of.extend(pod.ips.iter().map(|ip| (*ip, i)));
+        }
+    }
+    let mut by_node: Vec<Vec<(usize, Vec<IpAddr>)>> = vec![Vec::new(); names.len()];
+    for (r, rule) in rules.iter().enumerate() {
+        for ip in &rule.clients {
+            let Some(&node) = node_of.get(ip) else { continue };
+            let own = &mut by_node[node];
+            match own.last_mut() {
+                Some((last, ips)) if *last == r => ips.push(*ip),
+                // A rule without clients on a node is left out there (no clients would mean any client).
+                _ => own.push((r, vec![*ip])),
+            }
+        }
+    }
+    (names, by_node)
+}
+
+/// A digest of what every node document shares (the base, TLS and users): with a node's own rules
+/// it fingerprints the document, so only the nodes whose inputs changed are rendered again.
+fn shared_digest(input: &Input<'_>, doc: &Map<String, Value>) -> Sha256 {
+    let mut shared_digest = Sha256::new();
+    shared_digest.update(serde_json::to_vec(doc).unwrap_or_default());
+    shared_digest.update(input.tls_dir.as_bytes());
+    for (listener, t) in input.tls {
+        shared_digest.update(listener.as_bytes());
+        shared_digest.update(t.sha256.as_bytes());
+    }
+    shared_digest.update(input.htpasswd.unwrap_or_default().as_bytes());
+    shared_digest
 }
 
 /// The document: `doc` (the base without its grants) with the rules, TLS files and users.

@@ -26,7 +26,14 @@ async fn idle_timeout_closes_both_sides_and_traffic_resets_it() {
     let (ur, uw) = split(proxy_u);
     let stop = StopSignal::default();
     let c = counters();
-    let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"early", &limits(), &stop, &c).await });
+    let relay = tokio::spawn(async move {
+        run(
+            End { read: cr, write: cw },
+            End { read: ur, write: uw },
+            Terms { early: b"early", limits: &limits(), stop: &stop, counters: &c },
+        )
+        .await
+    });
     let (mut client_r, mut client_w) = split(client);
     let (mut up_r, _up_w) = split(upstream);
     let mut early = [0u8; 5];
@@ -54,7 +61,14 @@ async fn shutdown_and_revoke_have_their_own_reasons_and_the_first_stays() {
         let stop = std::sync::Arc::new(StopSignal::default());
         let s2 = stop.clone();
         let c = counters();
-        let relay = tokio::spawn(async move { run(cr, cw, ur, uw, b"", &limits(), &s2, &c).await });
+        let relay = tokio::spawn(async move {
+            run(
+                End { read: cr, write: cw },
+                End { read: ur, write: uw },
+                Terms { early: b"", limits: &limits(), stop: &s2, counters: &c },
+            )
+            .await
+        });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!relay.is_finished());
         stop.stop(first);
@@ -98,7 +112,12 @@ async fn tcp_halves_relay_every_burst_and_the_end_after_short_reads() {
     let (ur, uw) = proxy_u.into_split();
     let relay = tokio::spawn(async move {
         let (stop, c) = (StopSignal::default(), counters());
-        run(cr, cw, ur, uw, b"", &limits(), &stop, &c).await
+        run(
+            End { read: cr, write: cw },
+            End { read: ur, write: uw },
+            Terms { early: b"", limits: &limits(), stop: &stop, counters: &c },
+        )
+        .await
     });
     // Sizes from one byte to past the relay's buffer, sometimes back to back, sometimes after a
     // pause long enough for the relay to have read and gone back to waiting.
