@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{cpu_us, free_port, median, rss_kib, wait_port, Res, TempDir};
+use crate::scenarios::{cpu_us, rss_kib};
+use crate::targets::{connect_via, free_port, wait_port, TempDir};
+use crate::{median, Res};
 
 /// (pods, policies): the sizes of the propagation issue — about 300 KB and 3 MB rendered.
 const SIZES: [(usize, usize); 2] = [(10_000, 1_000), (100_000, 10_000)];
@@ -97,7 +99,7 @@ fn pump(
         for _ in 0..n {
             let (count, failures, worst, stop) = (count.clone(), failures.clone(), worst.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let Ok(mut s) = crate::connect_via(proxy, echo).await else {
+                let Ok(mut s) = connect_via(proxy, echo).await else {
                     failures.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
@@ -125,7 +127,7 @@ fn pump(
 async fn setup_cpu(pid: u32, proxy: SocketAddr, echo: SocketAddr, n: usize) -> Res<f64> {
     let before = cpu_us(pid)?;
     for _ in 0..n {
-        let mut s = crate::connect_via(proxy, echo).await?;
+        let mut s = connect_via(proxy, echo).await?;
         s.write_all(b"x").await?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;

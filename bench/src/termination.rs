@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 
-use crate::{free_port, median, wait_port, which, Res, TempDir};
+use crate::targets::{free_port, wait_port, which, TempDir};
+use crate::{median, Res};
 
 /// A TLS terminator (or the plain backend) that wrk connects to.
 struct Terminator {
@@ -24,14 +25,14 @@ struct Terminator {
 impl Drop for Terminator {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
-            crate::stop_child(c);
+            crate::targets::stop_child(c);
         }
     }
 }
 
 /// User + system CPU of `pid` and all its descendants, in microseconds.
 fn tree_cpu_us(pid: u32) -> u64 {
-    let mut total = crate::cpu_us(pid).unwrap_or(0);
+    let mut total = crate::scenarios::cpu_us(pid).unwrap_or(0);
     if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
         for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
             total += tree_cpu_us(c);
@@ -295,15 +296,15 @@ pub(crate) async fn run(proxy_bin: &Path, rounds: usize, secs: f64, only: Option
     let wanted = |n: &str| only.is_none_or(|o| o.split(',').any(|x| x.trim() == n));
     let dir = TempDir::new("termination")?;
     certificate(&dir.0)?;
-    let backend = crate::serve(|s| async move {
-        let _ = crate::http_server(s).await;
+    let backend = crate::upstreams::serve(|s| async move {
+        let _ = crate::upstreams::http_server(s).await;
     })
     .await?;
     let sock = dir.0.join("backend.sock");
     let ul = UnixListener::bind(&sock)?;
     tokio::spawn(async move {
         while let Ok((s, _)) = ul.accept().await {
-            tokio::spawn(crate::http_server(s));
+            tokio::spawn(crate::upstreams::http_server(s));
         }
     });
     let bport = backend.port();

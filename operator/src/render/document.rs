@@ -155,11 +155,7 @@ type NodeRules = Vec<(usize, Vec<IpAddr>)>;
 /// The nodes to render for (`nodes`, and every node a pod runs on), and per node the indexes of
 /// the rules with clients there and those clients, in one pass over all clients (not one per
 /// node), as addresses: only the documents that changed are formatted.
-fn clients_by_node<'a>(
-    input: &'a Input<'_>,
-    rules: &[&Rule],
-    nodes: &'a [String],
-) -> (Vec<&'a str>, Vec<NodeRules>) {
+fn clients_by_node<'a>(input: &'a Input<'_>, rules: &[&Rule], nodes: &'a [String]) -> (Vec<&'a str>, Vec<NodeRules>) {
     let mut names: std::collections::BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
     names.extend(input.pods.iter().filter(|p| !p.node.is_empty()).map(|p| p.node.as_str()));
     let names: Vec<&str> = names.into_iter().collect();

@@ -1,0 +1,308 @@
+//! What a client connects through: a direct connection, Tunnelgate, the peer proxies and the
+//! no-parsing floors, each started on loopback and stopped on drop; and opening a stream to an
+//! upstream through one of them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::upstreams::Upstreams;
+use crate::Res;
+
+/// Something a client connects through.
+pub(crate) struct Target {
+    pub(crate) name: &'static str,
+    pub(crate) proxy: Option<SocketAddr>,
+    /// Fixed forwarders, one per upstream (upstream, where to connect): a relay with no request
+    /// to parse, the floor a CONNECT proxy's cost is measured against.
+    l4: Vec<(SocketAddr, SocketAddr)>,
+    pub(crate) child: Option<Child>,
+    pub(crate) _dir: Option<TempDir>,
+}
+
+impl Target {
+    /// The baseline: a direct connection to each upstream.
+    pub(crate) fn direct() -> Target {
+        Target { name: "direct", proxy: None, l4: Vec::new(), child: None, _dir: None }
+    }
+
+    /// Where a connection to `upstream` goes without CONNECT: the fixed forwarder for it, or the
+    /// upstream itself.
+    pub(crate) fn front(&self, upstream: SocketAddr) -> SocketAddr {
+        self.l4.iter().find(|(u, _)| *u == upstream).map_or(upstream, |(_, f)| *f)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            stop_child(c);
+        }
+    }
+}
+
+/// Stops a peer with the processes it started: SIGTERM first, which a master process (nginx,
+/// hitch, Squid) passes on to its workers — after a SIGKILL they would keep running, listening
+/// and taking CPU in the scenarios after — and SIGKILL if it has not exited within two seconds.
+pub(crate) fn stop_child(child: &mut Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    for _ in 0..40 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(tag: &str) -> Res<TempDir> {
+        let p = std::env::temp_dir().join(format!("tunnelgate-bench-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        // Squid and tinyproxy drop privileges; let them write their logs and pid files.
+        let _ = Command::new("chmod").arg("777").arg(&p).status();
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) fn free_port() -> Res<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub(crate) fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(bin)).find(|p| p.is_file()))
+}
+
+pub(crate) async fn wait_port(addr: SocketAddr) -> Res<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("nothing listening on {addr}").into())
+}
+
+pub(crate) async fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: TempDir) -> Res<Target> {
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let t = Target { name, proxy: Some(addr), l4: Vec::new(), child: Some(child), _dir: Some(dir) };
+    wait_port(addr).await?;
+    Ok(t)
+}
+
+pub(crate) async fn start_tunnelgate(bin: &Path, extra: &[String]) -> Res<Target> {
+    let dir = TempDir::new("tunnelgate")?;
+    let (port, admin) = (free_port()?, free_port()?);
+    let cfg = format!(
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{port}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.1/32']}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n# The peers run without access logs too.\nlogging: {{accessLog: false}}\n"
+    );
+    let path = dir.0.join("config.yaml");
+    std::fs::write(&path, cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config").arg(&path).args(extra).env("TUNNELGATE_LOG", "warn");
+    spawn("tunnelgate", cmd, port, dir).await
+}
+
+/// HAProxy as a CONNECT proxy: TCP mode, a Lua action that reads the CONNECT head, answers 200
+/// and sets the destination (HAProxy has no CONNECT of its own).
+pub(crate) async fn start_haproxy() -> Res<Option<Target>> {
+    let Some(bin) = which("haproxy") else { return Ok(None) };
+    let dir = TempDir::new("haproxy")?;
+    let port = free_port()?;
+    let lua = dir.0.join("connect.lua");
+    std::fs::write(
+        &lua,
+        r#"core.register_action("connect", {"tcp-req"}, function(txn)
+  local data = txn.req:dup()
+  local hend = data:find("\r\n\r\n", 1, true)
+  local host, port = data:match("^CONNECT ([%d%.]+):(%d+) HTTP/1%.[01]\r\n")
+  if not hend or not host then
+    txn.res:send("HTTP/1.1 400 Bad Request\r\n\r\n")
+    txn:done()
+    return
+  end
+  txn.req:remove(0, hend + 3)
+  txn:set_var("txn.dst_ip", host)
+  txn:set_var("txn.dst_port", tonumber(port))
+  txn.res:send("HTTP/1.1 200 Connection established\r\n\r\n")
+end)
+"#,
+    )?;
+    // maxconn 8000: HAProxy asks for about two descriptors per connection, within the 20,000 here.
+    let cfg = format!(
+        "global\n  nbthread 2\n  maxconn 8000\n  lua-load {}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\nfrontend f\n  bind 127.0.0.1:{port}\n  tcp-request inspect-delay 5s\n  tcp-request content lua.connect if {{ req.payload(0,0) -m reg \\r\\n\\r\\n }}\n  tcp-request content set-dst var(txn.dst_ip)\n  tcp-request content set-dst-port var(txn.dst_port)\n  default_backend b\nbackend b\n  server s 0.0.0.0:0\n",
+        lua.display()
+    );
+    std::fs::write(dir.0.join("haproxy.cfg"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-db").arg("-f").arg(dir.0.join("haproxy.cfg"));
+    Ok(Some(spawn("haproxy", cmd, port, dir).await?))
+}
+
+/// A fixed forwarder per upstream: (name, upstream) pairs and their front ports.
+pub(crate) fn l4_fronts(up: &Upstreams) -> Res<Vec<(&'static str, SocketAddr, u16)>> {
+    [("sink", up.sink), ("echo", up.echo), ("hello", up.hello), ("hold", up.hold), ("http", up.http)]
+        .into_iter()
+        .map(|(n, u)| Ok((n, u, free_port()?)))
+        .collect()
+}
+
+/// Starts a fixed-forwarder target and waits for its fronts.
+pub(crate) async fn spawn_l4(
+    name: &'static str,
+    mut cmd: Command,
+    fronts: &[(&'static str, SocketAddr, u16)],
+    dir: TempDir,
+) -> Res<Target> {
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let l4: Vec<(SocketAddr, SocketAddr)> =
+        fronts.iter().map(|(_, u, p)| Ok((*u, format!("127.0.0.1:{p}").parse()?))).collect::<Res<_>>()?;
+    let t = Target { name, proxy: None, l4, child: Some(child), _dir: Some(dir) };
+    for (_, front) in &t.l4 {
+        wait_port(*front).await?;
+    }
+    Ok(t)
+}
+
+/// Tunnelgate's own floor: `mode: tunnel` listeners, one per upstream (no CONNECT to parse).
+pub(crate) async fn start_tunnelgate_l4(bin: &Path, up: &Upstreams, extra: &[String]) -> Res<Target> {
+    let dir = TempDir::new("tunnelgate-l4")?;
+    let fronts = l4_fronts(up)?;
+    let admin = free_port()?;
+    let mut cfg = String::from("version: 1\nlisteners:\n");
+    for (n, u, p) in &fronts {
+        cfg.push_str(&format!("  - {{name: {n}, bind: '127.0.0.1:{p}', mode: tunnel, upstream: '{u}'}}\n"));
+    }
+    cfg.push_str(&format!("admin: {{bind: '127.0.0.1:{admin}'}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\nlogging: {{accessLog: false}}\n"));
+    let path = dir.0.join("config.yaml");
+    std::fs::write(&path, cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config").arg(&path).args(extra).env("TUNNELGATE_LOG", "warn");
+    spawn_l4("tunnelgate-l4", cmd, &fronts, dir).await
+}
+
+/// HAProxy's plain TCP relay (mode tcp, one frontend per upstream): the no-parsing floor.
+pub(crate) async fn start_haproxy_l4(up: &Upstreams) -> Res<Option<Target>> {
+    let Some(bin) = which("haproxy") else { return Ok(None) };
+    let dir = TempDir::new("haproxy-l4")?;
+    let fronts = l4_fronts(up)?;
+    let mut cfg = String::from("global\n  nbthread 2\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\n");
+    for (n, u, p) in &fronts {
+        cfg.push_str(&format!("listen {n}\n  bind 127.0.0.1:{p}\n  server s {u}\n"));
+    }
+    std::fs::write(dir.0.join("haproxy.cfg"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-db").arg("-f").arg(dir.0.join("haproxy.cfg"));
+    Ok(Some(spawn_l4("haproxy-l4", cmd, &fronts, dir).await?))
+}
+
+pub(crate) async fn start_squid() -> Res<Option<Target>> {
+    let Some(bin) = which("squid") else { return Ok(None) };
+    let dir = TempDir::new("squid")?;
+    let port = free_port()?;
+    let d = dir.0.display();
+    let cfg = format!(
+        "http_port 127.0.0.1:{port}\nhttp_access allow all\ncache deny all\naccess_log none\ncache_store_log none\ncache_log {d}/cache.log\npid_filename {d}/squid.pid\ncoredump_dir {d}\nmax_filedescriptors 65536\nshutdown_lifetime 0 seconds\n"
+    );
+    std::fs::write(dir.0.join("squid.conf"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-N").arg("-f").arg(dir.0.join("squid.conf"));
+    Ok(Some(spawn("squid", cmd, port, dir).await?))
+}
+
+pub(crate) async fn start_tinyproxy() -> Res<Option<Target>> {
+    let Some(bin) = which("tinyproxy") else { return Ok(None) };
+    let dir = TempDir::new("tinyproxy")?;
+    let port = free_port()?;
+    // No ConnectPort line: CONNECT to any port is allowed.
+    let cfg = format!(
+        "Port {port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 20000\nAllow 127.0.0.1\nLogLevel Critical\nPidFile \"{}/tinyproxy.pid\"\n",
+        dir.0.display()
+    );
+    std::fs::write(dir.0.join("tinyproxy.conf"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-d").arg("-c").arg(dir.0.join("tinyproxy.conf"));
+    Ok(Some(spawn("tinyproxy", cmd, port, dir).await?))
+}
+
+pub(crate) async fn start_http_tunnel() -> Res<Option<Target>> {
+    let bin = which("http-tunnel").or_else(|| {
+        let home = std::env::var_os("HOME")?;
+        let p = PathBuf::from(home).join(".cargo/bin/http-tunnel");
+        p.is_file().then_some(p)
+    });
+    let Some(bin) = bin else { return Ok(None) };
+    let dir = TempDir::new("http-tunnel")?;
+    let port = free_port()?;
+    let policy = "relay_policy:\n    idle_timeout: 600s\n    min_rate_bpm: 0\n    max_rate_bps: 100000000000\n";
+    let cfg = format!(
+        "client_connection:\n  initiation_timeout: 30s\n  {policy}\ntarget_connection:\n  dns_cache_ttl: 60s\n  allowed_targets: \".*\"\n  connect_timeout: 10s\n  {policy}"
+    );
+    std::fs::write(dir.0.join("config.yaml"), cfg)?;
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(&dir.0)
+        .arg("--config")
+        .arg(dir.0.join("config.yaml"))
+        .arg("--bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("http");
+    Ok(Some(spawn("http-tunnel", cmd, port, dir).await?))
+}
+
+/// Opens a stream to `upstream`, directly or through a CONNECT tunnel.
+pub(crate) async fn open(t: &Target, upstream: SocketAddr) -> Res<TcpStream> {
+    let Some(proxy) = t.proxy else {
+        let s = TcpStream::connect(t.front(upstream)).await?;
+        s.set_nodelay(true)?;
+        return Ok(s);
+    };
+    // A target that stops answering must not hang the whole bench.
+    match tokio::time::timeout(Duration::from_secs(10), connect_via(proxy, upstream)).await {
+        Ok(r) => r.map_err(|e| format!("{}: {e}", t.name).into()),
+        Err(_) => Err(format!("{}: no answer to CONNECT within 10 s", t.name).into()),
+    }
+}
+
+/// A CONNECT tunnel to `upstream` through the proxy at `proxy`.
+pub(crate) async fn connect_via(proxy: SocketAddr, upstream: SocketAddr) -> Res<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("CONNECT {upstream} HTTP/1.1\r\nHost: {upstream}\r\n\r\n").as_bytes()).await?;
+    // Read the response head in whole reads, as HTTP clients do (Go's and Python's buffer it):
+    // the upstreams here speak only after the client, so nothing past the head can arrive yet.
+    let mut head = Vec::with_capacity(128);
+    let mut b = [0u8; 512];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut b).await?;
+        if n == 0 {
+            return Err("closed during CONNECT".into());
+        }
+        head.extend_from_slice(&b[..n]);
+        if head.len() > 4096 {
+            return Err("response head too long".into());
+        }
+        if head.windows(4).position(|w| w == b"\r\n\r\n").is_some_and(|end| end + 4 != head.len()) {
+            return Err("tunnel data before the client spoke".into());
+        }
+    }
+    if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
+        return Err(String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned().into());
+    }
+    Ok(s)
+}
