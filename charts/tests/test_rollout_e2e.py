@@ -21,7 +21,7 @@ import pytest
 
 from conftest import find, render
 from cluster import Cluster
-from test_local_e2e import binary, connect, container_env, expand, free_port, http_status, status_of, until
+from support import binary, connect, container_env, expand, free_port, http_status, status_of, until
 
 NS = "tunnelgate"
 TAG = f"{os.getpid() % 100000}"
