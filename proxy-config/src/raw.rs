@@ -1,125 +1,181 @@
 //! The document exactly as written: serde types that reject unknown fields. Values are still
-//! text here; `config` turns them into types that cannot hold invalid values. The rule types are
-//! also the wire format the operator renders (serializable, so it builds typed values).
+//! text here; `config` turns them into types that cannot hold invalid values. They are also the
+//! wire format the operator reads its base document with and renders (serializable, so it edits
+//! typed values, never a map of strings); the few fields only the operator's base may carry
+//! (`addressGrants`, a TLS listener's `secretName`, `auth.secretName`) are refused by the proxy.
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawConfig {
-    #[expect(dead_code, reason = "checked on the untyped document before deserializing")]
-    pub(crate) version: u32,
-    #[serde(default)]
-    pub(crate) listeners: Vec<RawListener>,
-    pub(crate) admin: Option<RawAdmin>,
-    #[serde(default)]
-    pub(crate) policy: RawPolicy,
-    #[serde(default)]
-    pub(crate) relay: RawRelay,
-    #[serde(default)]
-    pub(crate) dns: RawDns,
-    #[serde(default)]
-    pub(crate) limits: RawLimits,
-    #[serde(default)]
-    pub(crate) logging: RawLogging,
-    #[serde(default)]
-    pub(crate) http: RawHttp,
-    pub(crate) auth: Option<RawAuth>,
+/// Whether a section is all defaults (left out when the operator writes a document).
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawAuth {
-    pub(crate) htpasswd_file: String,
-    pub(crate) realm: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawListener {
-    pub(crate) name: String,
-    pub(crate) bind: String,
+pub struct RawConfig {
+    /// Checked on the untyped document before deserializing.
+    pub version: u32,
     #[serde(default)]
-    pub(crate) mode: Option<String>,
-    pub(crate) tls: Option<RawTls>,
-    pub(crate) upstream: Option<String>,
-    pub(crate) send_proxy_protocol: Option<String>,
-    pub(crate) http: Option<RawListenerHttp>,
-    pub(crate) accept_proxy_protocol_from: Option<Vec<String>>,
+    pub listeners: Vec<RawListener>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<RawAdmin>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub policy: RawPolicy,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub relay: RawRelay,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub dns: RawDns,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub limits: RawLimits,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub logging: RawLogging,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub http: RawHttp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RawAuth>,
+    /// The operator's base only: namespaces whose TunnelPolicies may open refused address space.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_grants: Option<Vec<RawAddressGrant>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// An address grant of the operator's base document.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawListenerHttp {
-    pub(crate) enabled: Option<bool>,
-    pub(crate) forwarded_for: Option<bool>,
-    pub(crate) via: Option<String>,
+pub struct RawAddressGrant {
+    pub namespaces: Vec<String>,
+    pub cidrs: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawHttp {
-    pub(crate) response_head_timeout: Option<String>,
-    pub(crate) upstream_idle_timeout: Option<String>,
-    pub(crate) max_idle_per_upstream: Option<u64>,
-    pub(crate) max_idle_upstreams: Option<u64>,
+pub struct RawAuth {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub htpasswd_file: Option<String>,
+    /// The operator's base only: the Secret holding the htpasswd file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub realm: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawTls {
-    pub(crate) cert_file: Option<String>,
-    pub(crate) key_file: Option<String>,
-    pub(crate) certificates: Option<Vec<RawCertPair>>,
-    pub(crate) strict_sni: Option<bool>,
-    pub(crate) alpn: Option<Vec<String>>,
-    pub(crate) min_version: Option<String>,
-    pub(crate) client_auth: Option<RawClientAuth>,
-    pub(crate) acme: Option<RawAcme>,
+pub struct RawListener {
+    pub name: String,
+    pub bind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_proxy_protocol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<RawListenerHttp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_proxy_protocol_from: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawCertPair {
-    pub(crate) cert_file: String,
-    pub(crate) key_file: String,
+pub struct RawListenerHttp {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_for: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawClientAuth {
-    pub(crate) ca_file: String,
-    pub(crate) crl_file: Option<String>,
-    pub(crate) mode: Option<String>,
+pub struct RawHttp {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_head_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_idle_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_idle_per_upstream: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_idle_upstreams: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawAcme {
-    pub(crate) directory: String,
-    pub(crate) domains: Vec<String>,
+pub struct RawTls {
+    /// The operator's base only: the Secret holding the listener's certificate and key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<Vec<RawCertPair>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strict_sni: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<RawClientAuth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<RawAcme>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawCertPair {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawClientAuth {
+    pub ca_file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crl_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawAcme {
+    pub directory: String,
+    pub domains: Vec<String>,
     #[serde(default)]
-    pub(crate) contact: Vec<String>,
-    pub(crate) cache_dir: String,
-    pub(crate) directory_ca_file: Option<String>,
+    pub contact: Vec<String>,
+    pub cache_dir: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory_ca_file: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawAdmin {
-    pub(crate) bind: String,
-    pub(crate) config_token_file: Option<String>,
+pub struct RawAdmin {
+    pub bind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_token_file: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawPolicy {
-    pub(crate) default_action: Option<String>,
-    pub(crate) deny_private_addresses: Option<bool>,
-    pub(crate) reevaluate_on_reload: Option<bool>,
-    pub(crate) cluster_networks: Option<Vec<String>>,
+pub struct RawPolicy {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_action: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deny_private_addresses: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reevaluate_on_reload: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_networks: Option<Vec<String>>,
     #[serde(default)]
-    pub(crate) rules: Vec<RawRule>,
+    pub rules: Vec<RawRule>,
 }
 
 /// One rule as written (`policy.rules[]`).
@@ -172,47 +228,72 @@ pub struct RawRuleRelay {
     pub max_total_bytes: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawRelay {
-    pub(crate) connect_timeout: Option<String>,
-    pub(crate) idle_timeout: Option<String>,
-    pub(crate) max_lifetime: Option<String>,
-    pub(crate) max_bytes_per_second: Option<u64>,
-    pub(crate) min_bytes_per_minute: Option<u64>,
-    pub(crate) max_total_bytes: Option<u64>,
+pub struct RawRelay {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_lifetime: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes_per_second: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_bytes_per_minute: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_total_bytes: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawDns {
-    pub(crate) cache_ttl: Option<String>,
-    pub(crate) negative_ttl: Option<String>,
-    pub(crate) timeout: Option<String>,
-    pub(crate) nameservers: Option<Vec<String>>,
+pub struct RawDns {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub negative_ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nameservers: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawLimits {
-    pub(crate) max_connections: Option<u64>,
-    pub(crate) max_connections_per_client: Option<u64>,
-    pub(crate) request_head_timeout: Option<String>,
-    pub(crate) max_request_head_bytes: Option<u64>,
-    pub(crate) tls_handshake_timeout: Option<String>,
-    pub(crate) drain_delay: Option<String>,
-    pub(crate) drain_timeout: Option<String>,
-    pub(crate) requests_per_second: Option<u64>,
-    pub(crate) memory_budget: Option<u64>,
-    pub(crate) request_burst: Option<u64>,
+pub struct RawLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_client: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_head_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_request_head_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_handshake_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_delay: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_budget: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_burst: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(crate) struct RawLogging {
-    pub(crate) format: Option<String>,
-    pub(crate) access_log: Option<bool>,
-    pub(crate) log_client_addresses: Option<bool>,
-    pub(crate) log_targets: Option<bool>,
-    pub(crate) log_users: Option<bool>,
+pub struct RawLogging {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_client_addresses: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_targets: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_users: Option<bool>,
 }

@@ -1,6 +1,8 @@
 //! Hot reload: read → parse and validate the whole document → compile a snapshot → diff the
-//! listeners → publish atomically. Any error keeps the configuration in force. Sources (the
-//! file watcher here, the Kubernetes ConfigMap watch later) only deliver documents to [`apply`].
+//! listeners → publish atomically. Any error keeps the configuration in force. Sources only
+//! deliver documents to [`apply`]: a file (watched here, with its TLS files, SIGHUP and a slow
+//! poll) or the latest text of a ConfigMap (watched by `k8s_source`). The first load goes through
+//! the same listener switch and the same record of its outcome.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use kube::core::{Selector, SelectorExt};
-use serde_json::{Map, Value};
+use proxy_config::raw::RawConfig;
 
 use super::{Input, RenderError};
 use crate::validate::ValidDestination;
@@ -42,26 +42,23 @@ pub(super) fn parse_net(text: &str) -> Option<ipnet::IpNet> {
 }
 
 /// Reads and removes the operator-only `addressGrants` of the base document.
-pub(super) fn take_grants(doc: &mut Map<String, Value>) -> Result<Vec<Grant>, RenderError> {
-    let Some(v) = doc.remove("addressGrants") else { return Ok(Vec::new()) };
+pub(super) fn take_grants(doc: &mut RawConfig) -> Result<Vec<Grant>, RenderError> {
+    let Some(list) = doc.address_grants.take() else { return Ok(Vec::new()) };
     let bad = |i: usize, what: &str| RenderError::Base(format!("addressGrants[{i}]: {what}"));
-    let list = v.as_array().ok_or_else(|| RenderError::Base("addressGrants must be a list".into()))?;
     let mut grants = Vec::new();
-    for (i, g) in list.iter().enumerate() {
-        let strings = |key: &str| -> Result<Vec<String>, RenderError> {
-            let items = g.get(key).and_then(Value::as_array).filter(|a| !a.is_empty());
-            let items = items.ok_or_else(|| bad(i, &format!("{key} must be a non-empty list")))?;
-            items
-                .iter()
-                .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| bad(i, &format!("{key}: strings only"))))
-                .collect()
-        };
-        let namespaces = strings("namespaces")?;
-        let cidrs = strings("cidrs")?
+    for (i, g) in list.into_iter().enumerate() {
+        if g.namespaces.is_empty() {
+            return Err(bad(i, "namespaces must be a non-empty list"));
+        }
+        if g.cidrs.is_empty() {
+            return Err(bad(i, "cidrs must be a non-empty list"));
+        }
+        let cidrs = g
+            .cidrs
             .iter()
             .map(|c| parse_net(c).ok_or_else(|| bad(i, &format!("cidrs: {c:?} is not a CIDR or an address"))))
             .collect::<Result<Vec<_>, _>>()?;
-        grants.push(Grant { namespaces: GrantScope::Names(namespaces), cidrs });
+        grants.push(Grant { namespaces: GrantScope::Names(g.namespaces), cidrs });
     }
     Ok(grants)
 }
@@ -98,12 +95,11 @@ pub(super) fn restricted_cidrs(
 /// Service range, from the chart), sorted and without duplicates so the same cluster renders the
 /// same bytes; and the base's entries that do not parse, kept as written so the proxy's parser
 /// names them.
-pub(super) fn cluster_networks(input: &Input<'_>, base: &Map<String, Value>) -> (Vec<ipnet::IpNet>, Vec<Value>) {
+pub(super) fn cluster_networks(input: &Input<'_>, base: &RawConfig) -> (Vec<ipnet::IpNet>, Vec<String>) {
     let mut networks: Vec<ipnet::IpNet> = input.cluster.networks.iter().filter_map(|s| parse_net(s)).collect();
     let mut unparsed = Vec::new();
-    let listed = base.get("policy").and_then(|p| p.get("clusterNetworks")).and_then(Value::as_array);
-    for v in listed.into_iter().flatten() {
-        match v.as_str().and_then(parse_net) {
+    for v in base.policy.cluster_networks.iter().flatten() {
+        match parse_net(v) {
             Some(n) => networks.push(n),
             None => unparsed.push(v.clone()),
         }
@@ -116,27 +112,16 @@ pub(super) fn cluster_networks(input: &Input<'_>, base: &Map<String, Value>) -> 
 /// TLS Secrets the base names: (listener index, listener name, secret name).
 pub fn tls_refs(base: &str) -> Result<Vec<(usize, String, String)>, RenderError> {
     let doc = parse_base(base)?;
-    let mut out = Vec::new();
-    if let Some(ls) = doc.get("listeners").and_then(Value::as_array) {
-        for (i, l) in ls.iter().enumerate() {
-            if let Some(secret) = l.pointer("/tls/secretName").and_then(Value::as_str) {
-                let name = l.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
-                out.push((i, name, secret.to_owned()));
-            }
-        }
-    }
-    Ok(out)
+    let secret_of = |l: &proxy_config::raw::RawListener| l.tls.as_ref()?.secret_name.clone();
+    Ok(doc.listeners.iter().enumerate().filter_map(|(i, l)| Some((i, l.name.clone(), secret_of(l)?))).collect())
 }
 
 /// The Secret the base's `auth.secretName` names (its key `htpasswd`: bcrypt lines).
 pub fn auth_ref(base: &str) -> Option<String> {
-    parse_base(base).ok()?.get("auth")?.get("secretName")?.as_str().map(str::to_owned)
+    parse_base(base).ok()?.auth?.secret_name
 }
 
-pub(super) fn parse_base(base: &str) -> Result<Map<String, Value>, RenderError> {
-    let v: Value = serde_yaml::from_str(base).map_err(|e| RenderError::Base(format!("invalid YAML: {e}")))?;
-    match v {
-        Value::Object(m) => Ok(m),
-        _ => Err(RenderError::Base("config.yaml must be a mapping".into())),
-    }
+/// The base document in the configuration's own types (with the fields only the base may carry).
+pub(super) fn parse_base(base: &str) -> Result<RawConfig, RenderError> {
+    serde_yaml::from_str(base).map_err(|e| RenderError::Base(format!("invalid base document: {e}")))
 }

@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+use proxy_config::raw::RawConfig;
 use proxy_config::raw::RawRule;
 use proxy_config::ProxyConfig;
-use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::base::cluster_networks;
@@ -20,7 +20,7 @@ use super::{Input, NodeDoc, PolicyOutcome, RenderError, Rendered, MAX_CONFIG_BYT
 /// only ever refuses more. Each policy left out says so in its status.
 pub(super) fn fit(
     input: &Input<'_>,
-    doc: Map<String, Value>,
+    doc: RawConfig,
     rules: Vec<Rule>,
     mut optional: Vec<Optional>,
     namespace_bytes: &HashMap<&str, usize>,
@@ -82,7 +82,7 @@ pub(super) fn fit(
 /// pod change rewrites its node's document, and no proxy holds the whole cluster's rules.
 pub(super) fn per_node(
     input: &Input<'_>,
-    doc: Map<String, Value>,
+    doc: RawConfig,
     rules: &[&Rule],
     nodes: &[String],
 ) -> Result<Rendered, RenderError> {
@@ -183,7 +183,7 @@ fn clients_by_node<'a>(input: &'a Input<'_>, rules: &[&Rule], nodes: &'a [String
 
 /// A digest of what every node document shares (the base, TLS and users): with a node's own rules
 /// it fingerprints the document, so only the nodes whose inputs changed are rendered again.
-fn shared_digest(input: &Input<'_>, doc: &Map<String, Value>) -> Sha256 {
+fn shared_digest(input: &Input<'_>, doc: &RawConfig) -> Sha256 {
     let mut shared_digest = Sha256::new();
     shared_digest.update(serde_json::to_vec(doc).unwrap_or_default());
     shared_digest.update(input.tls_dir.as_bytes());
@@ -196,64 +196,51 @@ fn shared_digest(input: &Input<'_>, doc: &Map<String, Value>) -> Sha256 {
 }
 
 /// The document: `doc` (the base without its grants) with the rules, TLS files and users.
-pub(super) fn document(
-    input: &Input<'_>,
-    mut doc: Map<String, Value>,
-    rules: Vec<RawRule>,
-) -> Result<Rendered, RenderError> {
+pub(super) fn document(input: &Input<'_>, mut doc: RawConfig, rules: Vec<RawRule>) -> Result<Rendered, RenderError> {
     let mut tls_data = BTreeMap::new();
     let mut annotations = BTreeMap::new();
-    if let Some(ls) = doc.get_mut("listeners").and_then(Value::as_array_mut) {
-        for (index, l) in ls.iter_mut().enumerate() {
-            let Some(secret) = l.pointer("/tls/secretName").and_then(Value::as_str).map(str::to_owned) else {
-                continue;
-            };
-            let listener = l.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
-            let Some(t) = input.tls.get(&listener) else {
-                return Err(RenderError::MissingTls { index, listener, secret });
-            };
-            let dir = input.tls_dir.trim_end_matches('/');
-            // The Secret becomes files; the listener's other TLS settings (ALPN, floor) stay.
-            if let Some(tls) = l.get_mut("tls").and_then(Value::as_object_mut) {
-                tls.remove("secretName");
-                tls.insert("certFile".into(), json!(format!("{dir}/{listener}.crt")));
-                tls.insert("keyFile".into(), json!(format!("{dir}/{listener}.key")));
-            }
-            tls_data.insert(format!("{listener}.crt"), t.cert_pem.clone());
-            tls_data.insert(format!("{listener}.key"), t.key_pem.clone());
-            annotations.insert(format!("tunnelgate.io/tls-{listener}-sha256"), t.sha256.clone());
-            annotations.insert(format!("tunnelgate.io/tls-{listener}-not-after"), t.not_after.clone());
-        }
+    let dir = input.tls_dir.trim_end_matches('/');
+    for (index, l) in doc.listeners.iter_mut().enumerate() {
+        let Some(tls) = l.tls.as_mut() else { continue };
+        let Some(secret) = tls.secret_name.take() else { continue };
+        let listener = l.name.clone();
+        let Some(t) = input.tls.get(&listener) else {
+            return Err(RenderError::MissingTls { index, listener, secret });
+        };
+        // The Secret becomes files; the listener's other TLS settings (ALPN, floor) stay.
+        tls.cert_file = Some(format!("{dir}/{listener}.crt"));
+        tls.key_file = Some(format!("{dir}/{listener}.key"));
+        tls_data.insert(format!("{listener}.crt"), t.cert_pem.clone());
+        tls_data.insert(format!("{listener}.key"), t.key_pem.clone());
+        annotations.insert(format!("tunnelgate.io/tls-{listener}-sha256"), t.sha256.clone());
+        annotations.insert(format!("tunnelgate.io/tls-{listener}-not-after"), t.not_after.clone());
     }
     // Proxy users: the validated file goes into the proxy's Secret, never into the ConfigMap.
     let mut auth_sha = None;
-    if let Some(auth) = doc.get_mut("auth").and_then(Value::as_object_mut) {
-        if let Some(secret) = auth.remove("secretName").and_then(|v| v.as_str().map(str::to_owned)) {
+    if let Some(auth) = doc.auth.as_mut() {
+        if let Some(secret) = auth.secret_name.take() {
             let Some(htpasswd) = input.htpasswd else { return Err(RenderError::MissingAuth { secret }) };
-            let dir = input.tls_dir.trim_end_matches('/');
-            auth.insert("htpasswdFile".into(), Value::String(format!("{dir}/htpasswd")));
+            auth.htpasswd_file = Some(format!("{dir}/htpasswd"));
             tls_data.insert("htpasswd".to_owned(), htpasswd.to_owned());
             auth_sha = Some(hex::encode(Sha256::digest(htpasswd.as_bytes())));
         }
     }
     let (networks, unparsed) = cluster_networks(input, &doc);
-    let policy = doc.entry("policy").or_insert_with(|| json!({}));
-    let Some(policy) = policy.as_object_mut() else { return Err(RenderError::Base("policy must be a mapping".into())) };
-    if policy.get("rules").is_some_and(|r| !r.as_array().is_some_and(Vec::is_empty)) {
+    let policy = &mut doc.policy;
+    if !policy.rules.is_empty() {
         return Err(RenderError::Base("policy.rules must be empty: rules come from TunnelPolicies".into()));
     }
     // Written out even when the base leaves it implicit: no policy must never mean allow-all.
-    policy.entry("defaultAction").or_insert_with(|| json!("deny"));
+    policy.default_action.get_or_insert_with(|| "deny".to_owned());
     if !networks.is_empty() || !unparsed.is_empty() {
-        let mut list: Vec<Value> = networks.iter().map(|n| Value::String(n.to_string())).collect();
+        let mut list: Vec<String> = networks.iter().map(ToString::to_string).collect();
         list.extend(unparsed);
-        policy.insert("clusterNetworks".into(), Value::Array(list));
+        policy.cluster_networks = Some(list);
     }
-    // The rules are typed values; the base around them is the user's document, passed through.
-    policy.insert("rules".into(), serde_json::to_value(&rules).map_err(|e| RenderError::Base(e.to_string()))?);
+    policy.rules = rules;
     let mut config =
         String::from("# Rendered by tunnelgate-operator from the base ConfigMap and TunnelPolicies. Do not edit.\n");
-    config.push_str(&serde_yaml::to_string(&Value::Object(doc)).map_err(|e| RenderError::Base(e.to_string()))?);
+    config.push_str(&serde_yaml::to_string(&doc).map_err(|e| RenderError::Base(e.to_string()))?);
     for (listener, t) in input.tls {
         if tls_data.contains_key(&format!("{listener}.crt")) {
             // The certificate's identity is part of the document, so a rotation reaches every

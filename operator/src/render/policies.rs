@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 
 use kube::core::SelectorExt;
 use proxy_config::origin::PolicyId;
-use serde_json::{Map, Value};
 
 use super::base::{cluster_networks, parse_net, restricted_cidrs, Grant, GrantScope};
 use super::rules::{clients_of, push_rules, rule_names_fit, text_len, Optional, Rule};
@@ -46,7 +45,7 @@ impl<'r, 'i> Pass<'r, 'i> {
         input: &'r Input<'i>,
         changes: &'r PodChanges<'_>,
         memo: &mut Memo,
-        base: &Result<(Map<String, Value>, Vec<Grant>), RenderError>,
+        base: &Result<(proxy_config::raw::RawConfig, Vec<Grant>), RenderError>,
     ) -> Pass<'r, 'i> {
         // Cluster policies look at namespaces' labels: any change of those works them all out again.
         let namespaces_same = memo.namespaces == input.cluster.namespaces;

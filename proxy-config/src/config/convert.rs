@@ -19,8 +19,15 @@ use crate::raw::{
     RawRule, RawRuleRelay,
 };
 
+/// What the proxy says of a field only the operator's base document may carry.
+const OPERATOR_ONLY: &str =
+    "only the operator's base ConfigMap takes this (the operator renders it into files); the proxy reads files";
+
 pub(super) fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
     let mut errs = Errors::default();
+    if raw.address_grants.is_some() {
+        errs.push("addressGrants", OPERATOR_ONLY);
+    }
     let listeners = listeners(&mut errs, raw.listeners);
     let admin = admin(&mut errs, raw.admin.as_ref());
     let (relay, defaults) = relay(&mut errs, raw.relay);
@@ -96,6 +103,9 @@ fn listeners(errs: &mut Errors, raw: Vec<RawListener>) -> Vec<Listener> {
         };
         if mode == Some(ListenerMode::Tunnel) && l.http.is_some() {
             errs.push(format!("{p}.http"), "only valid with mode: forward (tunnel listeners parse no HTTP)");
+        }
+        if l.tls.as_ref().is_some_and(|t| t.secret_name.is_some()) {
+            errs.push(format!("{p}.tls.secretName"), OPERATOR_ONLY);
         }
         let tls =
             l.tls.and_then(|t| crate::tls::convert(errs, &format!("{p}.tls"), t, mode == Some(ListenerMode::Forward)));
@@ -381,11 +391,20 @@ fn auth(errs: &mut Errors, raw: Option<&RawAuth>) -> Option<Auth> {
         {
             errs.push("auth.realm", "must be 1-64 printable ASCII characters without \" or \\");
         }
-        if a.htpasswd_file.is_empty() {
-            errs.push("auth.htpasswdFile", "must not be empty");
-            return None;
+        if a.secret_name.is_some() {
+            errs.push("auth.secretName", OPERATOR_ONLY);
         }
-        Some(Auth { htpasswd_file: a.htpasswd_file.clone().into(), realm })
+        match a.htpasswd_file.as_deref() {
+            None => {
+                errs.push("auth.htpasswdFile", "required (the bcrypt htpasswd file of the proxy's users)");
+                None
+            }
+            Some("") => {
+                errs.push("auth.htpasswdFile", "must not be empty");
+                None
+            }
+            Some(f) => Some(Auth { htpasswd_file: f.into(), realm }),
+        }
     })
 }
 

@@ -265,3 +265,19 @@ fn tls_blocks_are_checked_with_their_paths() {
     let plain = ProxyConfig::from_yaml(&t("{certFile: c, keyFile: k}")).unwrap();
     assert!(plain.listeners[0].tls.as_ref().unwrap().alpn.is_empty());
 }
+
+#[test]
+fn fields_only_the_operators_base_takes_are_refused_by_the_proxy() {
+    let e = errors(
+        "version: 1\nlisteners:\n  - {name: f, bind: '127.0.0.1:0', tls: {secretName: web-tls}}\n\
+         auth: {secretName: users}\naddressGrants: [{namespaces: [a], cidrs: [10.0.0.0/8]}]\n",
+    );
+    for want in [
+        "listeners[0].tls.secretName: only the operator's base ConfigMap takes this",
+        "auth.secretName: only the operator's base ConfigMap takes this",
+        "auth.htpasswdFile: required",
+        "addressGrants: only the operator's base ConfigMap takes this",
+    ] {
+        assert!(e.iter().any(|x| x.starts_with(want)), "want {want:?} in {e:#?}");
+    }
+}
