@@ -5,7 +5,7 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::Selector;
-use proxy_config::raw::{RawPort, RawRuleRelay};
+use proxy_config::raw::{RawPort, RawRule, RawRuleRelay};
 use proxy_config::HostPattern;
 
 use crate::crd::{
@@ -47,6 +47,26 @@ pub struct ValidDestination {
     pub cidrs: Option<Vec<String>>,
     pub ports: Option<Vec<RawPort>>,
     pub relay: Option<RawRuleRelay>,
+}
+
+impl ValidDestination {
+    /// The rule the proxies read for this destination, named `name` (its clients are set per
+    /// document).
+    pub fn rule(&self, name: String, action: &str, priority: Option<u32>, dry_run: bool) -> RawRule {
+        RawRule {
+            name,
+            action: action.into(),
+            clients: None,
+            users: None,
+            hosts: self.hosts.clone(),
+            host_regex: None,
+            cidrs: self.cidrs.clone(),
+            ports: self.ports.clone(),
+            relay: self.relay.clone(),
+            priority,
+            dry_run: dry_run.then_some(true),
+        }
+    }
 }
 
 /// Validates `spec`; every problem found is returned, not just the first.
@@ -265,19 +285,7 @@ fn relay_of(spec: &TunnelPolicySpec) -> Option<RawRuleRelay> {
 /// document's.
 fn proxy_check(action: &str, destinations: &[ValidDestination], errs: &mut Vec<FieldError>) {
     for (i, d) in destinations.iter().enumerate() {
-        let probe = proxy_config::raw::RawRule {
-            name: "policy".into(),
-            action: action.into(),
-            clients: None,
-            users: None,
-            hosts: d.hosts.clone(),
-            host_regex: None,
-            cidrs: d.cidrs.clone(),
-            ports: d.ports.clone(),
-            relay: d.relay.clone(),
-            priority: None,
-            dry_run: None,
-        };
+        let probe = d.rule("policy".into(), action, None, false);
         let Err(refused) = proxy_config::config::check_rule(&probe, false) else { continue };
         for e in refused.errors() {
             // The relay limits are the policy's (one `spec.relay` for every destination).

@@ -92,19 +92,7 @@ pub(super) fn push_rules(
             continue;
         }
         let name = id.rule_name(i, v.destinations.len());
-        let body = RawRule {
-            name: name.clone(),
-            action: v.action.into(),
-            clients: None,
-            users: None,
-            hosts: d.hosts.clone(),
-            host_regex: None,
-            cidrs: d.cidrs.clone(),
-            ports: d.ports.clone(),
-            relay: d.relay.clone(),
-            priority,
-            dry_run: v.dry_run.then_some(true),
-        };
+        let body = d.rule(name.clone(), v.action, priority, v.dry_run);
         rules.push(Rule { body, clients: ips.to_vec() });
         names.push(name);
     }
