@@ -189,7 +189,8 @@ pub async fn run(
             continue;
         }
         let timer = metrics.reconcile_duration.start_timer();
-        let result = reconcile(&client, &settings, &caches, &metrics, &recorder, &statuses, &mut state).await;
+        let world = World { client: &client, settings: &settings, caches: &caches, metrics: &metrics };
+        let result = reconcile(&world, &recorder, &statuses, &mut state).await;
         timer.observe_duration();
         if let Some(after) = state.recheck.take() {
             // Nothing may change while a proxy becomes overdue: look again then.
@@ -271,15 +272,22 @@ async fn settle(wake: &Notify, quiet: Duration, max: Duration, shutdown: &Cancel
 
 /// One reconcile: read the caches, render (re-selecting pods only where a change can matter),
 /// write what changed, then tell the cluster what the plan says.
+/// What a reconcile reads and writes through: the API, the loop's settings, the watches' caches,
+/// the metrics.
+struct World<'a> {
+    client: &'a Client,
+    settings: &'a Settings,
+    caches: &'a Caches,
+    metrics: &'a Metrics,
+}
+
 async fn reconcile(
-    client: &Client,
-    s: &Settings,
-    c: &Caches,
-    metrics: &Metrics,
+    w: &World<'_>,
     recorder: &Recorder,
     statuses: &StatusWriter,
     state: &mut LoopState,
 ) -> Result<(), Error> {
+    let World { client, settings: s, caches: c, metrics } = *w;
     let inputs = Inputs::read(c, s);
     let changed = state.pods.sync(&c.pods.state());
     let input = inputs.render_input(s, state.pods.rows(), &state.prior_nodes);

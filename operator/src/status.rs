@@ -14,21 +14,29 @@ pub struct NotInForce {
     pub message: String,
 }
 
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    old: &[Condition],
-    now: &Time,
-) -> Condition {
+/// What a new status starts from: the policy's generation, the status it has now, and the time.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'a> {
+    pub generation: Option<i64>,
+    pub status: Option<&'a TunnelPolicyStatus>,
+    pub now: &'a Time,
+}
+
+impl Seen<'_> {
+    fn conditions(&self) -> &[Condition] {
+        self.status.map(|s| s.conditions.as_slice()).unwrap_or_default()
+    }
+}
+
+/// Condition `type_`; its transition time moves only when its status does.
+fn condition(type_: &str, ok: bool, reason: &str, message: String, seen: &Seen<'_>) -> Condition {
     let status = if ok { "True" } else { "False" };
-    let previous = old.iter().find(|c| c.type_ == type_);
+    let previous = seen.conditions().iter().find(|c| c.type_ == type_);
     let last_transition_time = match previous {
         Some(p) if p.status == status => p.last_transition_time.clone(),
-        _ => now.clone(),
+        _ => seen.now.clone(),
     };
+    let generation = seen.generation;
     Condition {
         type_: type_.into(),
         status: status.into(),
@@ -51,7 +59,7 @@ pub struct Rollout {
 }
 
 /// The `Enforced` condition for `r`.
-fn enforced(r: &Rollout, generation: Option<i64>, old: &[Condition], now: &Time) -> Condition {
+fn enforced(r: &Rollout, seen: &Seen<'_>) -> Condition {
     let (status, reason, message) = if r.total == 0 {
         (false, "NoProxies", "no proxy pod of the release is running".to_owned())
     } else if r.loaded == r.total {
@@ -70,7 +78,7 @@ fn enforced(r: &Rollout, generation: Option<i64>, old: &[Condition], now: &Time)
     } else {
         (false, "Rolling", format!("loaded on {} of {} proxies", r.loaded, r.total))
     };
-    condition("Enforced", status, reason, message, generation, old, now)
+    condition("Enforced", status, reason, message, seen)
 }
 
 /// The status of a policy that does not deserialize: not accepted, not rendered, and why.
@@ -93,36 +101,25 @@ pub fn unreadable(generation: Option<i64>, message: &str, now: &Time) -> TunnelP
 /// The desired status of a policy.
 pub fn desired(
     outcome: &PolicyOutcome,
-    generation: Option<i64>,
+    seen: &Seen<'_>,
     config_name: &str,
     in_force: Result<&str, &NotInForce>,
-    old: Option<&TunnelPolicyStatus>,
     rollout: Option<&Rollout>,
-    now: &Time,
 ) -> TunnelPolicyStatus {
-    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let (generation, old, now) = (seen.generation, seen.status, seen.now);
     let mut extra = Vec::new();
     let (accepted, ready, matched, summary) = match &outcome.result {
         Err(errors) => {
             let msg = bounded(errors.iter().map(ToString::to_string), "; ");
             (
-                condition("Accepted", false, "Invalid", msg.clone(), generation, old_conditions, now),
-                condition(
-                    "Ready",
-                    false,
-                    "Invalid",
-                    "the spec is invalid; nothing was rendered for it".into(),
-                    generation,
-                    old_conditions,
-                    now,
-                ),
+                condition("Accepted", false, "Invalid", msg.clone(), seen),
+                condition("Ready", false, "Invalid", "the spec is invalid; nothing was rendered for it".into(), seen),
                 None,
                 None,
             )
         }
         Ok(a) => {
-            let accepted =
-                condition("Accepted", true, "Valid", "the spec is valid".into(), generation, old_conditions, now);
+            let accepted = condition("Accepted", true, "Valid", "the spec is valid".into(), seen);
             if !a.restricted.is_empty() {
                 extra.push(condition(
                     "Restricted",
@@ -131,17 +128,13 @@ pub fn desired(
                     format!(
                         "not rendered: {} (private, loopback, link-local or metadata space, or the cluster's own networks, which a namespaced policy opens only where a ClusterTunnelPolicy with delegate: true, or the chart's config.addressGrants, grants it to its namespace)",
                         bounded(a.restricted.iter().cloned(), ", ")
-                    ),
-                    generation,
-                    old_conditions,
-                    now,
-                ));
+                    ), seen));
             }
-            let ready = ready(a, config_name, in_force, generation, old_conditions, now);
+            let ready = ready(a, config_name, in_force, seen);
 
             // Rollout truth for policies whose rules are in the configuration in force.
             if let (Some(r), true) = (rollout, ready.status == "True" && !a.rules.is_empty()) {
-                extra.push(enforced(r, generation, old_conditions, now));
+                extra.push(enforced(r, seen));
             }
             (accepted, ready, i32::try_from(a.matched_pods).ok(), Some(a.summary.clone()))
         }
@@ -174,9 +167,7 @@ fn ready(
     a: &crate::render::Accepted,
     config_name: &str,
     in_force: Result<&str, &NotInForce>,
-    generation: Option<i64>,
-    old: &[Condition],
-    now: &Time,
+    seen: &Seen<'_>,
 ) -> Condition {
     let (ok, reason, message): (bool, &str, String) = match in_force {
         _ if a.over_budget.is_some() => (false, "OverBudget", a.over_budget.clone().unwrap_or_default()),
@@ -207,7 +198,7 @@ fn ready(
             format!("rules {} are in ConfigMap {config_name}", bounded(a.rules.iter().cloned(), ", ")),
         ),
     };
-    condition("Ready", ok, reason, message, generation, old, now)
+    condition("Ready", ok, reason, message, seen)
 }
 
 /// Most items a status message or event note lists; the rest are counted ("and 12 more").
@@ -273,7 +264,13 @@ mod tests {
                 over_budget: None,
             }),
         };
-        let s1 = desired(&ok, Some(3), "tg-proxy", Ok("abcdef0123456789"), None, None, &t("2026-01-01T00:00:00Z"));
+        let s1 = desired(
+            &ok,
+            &Seen { generation: Some(3), status: None, now: &t("2026-01-01T00:00:00Z") },
+            "tg-proxy",
+            Ok("abcdef0123456789"),
+            None,
+        );
         assert_eq!(s1.observed_generation, Some(3));
         assert_eq!(s1.matched_pods, Some(2));
         assert_eq!(
@@ -285,21 +282,39 @@ mod tests {
             ("Ready", "True", "Applied")
         );
         // Same status later, after other policies changed the document: nothing needs writing.
-        let s2 = desired(&ok, Some(3), "tg-proxy", Ok("0123456789abcdef"), Some(&s1), None, &t("2026-01-02T00:00:00Z"));
+        let s2 = desired(
+            &ok,
+            &Seen { generation: Some(3), status: Some(&s1), now: &t("2026-01-02T00:00:00Z") },
+            "tg-proxy",
+            Ok("0123456789abcdef"),
+            None,
+        );
         assert_eq!(s1, s2);
         // Invalid: both conditions False, the message names the field.
         let bad = PolicyOutcome {
             id: proxy_config::origin::PolicyId::namespaced("a", "p"),
             result: Err(vec![FieldError { path: "spec.destinations[0].hosts[0]".into(), message: "bad".into() }]),
         };
-        let s3 = desired(&bad, Some(4), "tg-proxy", Ok("abc"), Some(&s2), None, &t("2026-01-03T00:00:00Z"));
+        let s3 = desired(
+            &bad,
+            &Seen { generation: Some(4), status: Some(&s2), now: &t("2026-01-03T00:00:00Z") },
+            "tg-proxy",
+            Ok("abc"),
+            None,
+        );
         assert_eq!(s3.conditions[0].status, "False");
         assert_eq!(s3.conditions[0].reason, "Invalid");
         assert!(s3.conditions[0].message.contains("spec.destinations[0].hosts[0]"));
         assert_eq!(s3.conditions[0].last_transition_time, t("2026-01-03T00:00:00Z"));
         // Valid but the document could not be written.
         let nf = NotInForce { reason: "TooLarge", message: "too big".into() };
-        let s4 = desired(&ok, Some(5), "tg-proxy", Err(&nf), None, None, &t("2026-01-04T00:00:00Z"));
+        let s4 = desired(
+            &ok,
+            &Seen { generation: Some(5), status: None, now: &t("2026-01-04T00:00:00Z") },
+            "tg-proxy",
+            Err(&nf),
+            None,
+        );
         assert_eq!((s4.conditions[1].status.as_str(), s4.conditions[1].reason.as_str()), ("False", "TooLarge"));
         // Valid, but over its budget: not Ready, and the message says why; no Enforced condition.
         let mut over = ok.clone();
@@ -308,7 +323,13 @@ mod tests {
             a.over_budget = Some("not rendered: over the 65536 one policy may add".into());
         }
         let r = Rollout { loaded: 1, total: 1, stuck_nodes: vec![], dry_run: None };
-        let s5 = desired(&over, Some(6), "tg-proxy", Ok("abc"), None, Some(&r), &t("2026-01-05T00:00:00Z"));
+        let s5 = desired(
+            &over,
+            &Seen { generation: Some(6), status: None, now: &t("2026-01-05T00:00:00Z") },
+            "tg-proxy",
+            Ok("abc"),
+            Some(&r),
+        );
         assert_eq!(s5.conditions[0].reason, "Valid");
         assert_eq!((s5.conditions[1].status.as_str(), s5.conditions[1].reason.as_str()), ("False", "OverBudget"));
         assert!(s5.conditions[1].message.contains("65536"));
@@ -333,7 +354,8 @@ mod tests {
         let at = |loaded, total, stuck: &[&str]| {
             let r =
                 Rollout { loaded, total, stuck_nodes: stuck.iter().map(|s| s.to_string()).collect(), dry_run: None };
-            let st = desired(&ok, Some(1), "tg-proxy", Ok("h"), None, Some(&r), &now);
+            let st =
+                desired(&ok, &Seen { generation: Some(1), status: None, now: &now }, "tg-proxy", Ok("h"), Some(&r));
             let c = st.conditions.iter().find(|c| c.type_ == "Enforced").cloned().unwrap();
             (st.loaded.unwrap(), c.status, c.reason, c.message)
         };
@@ -347,7 +369,7 @@ mod tests {
         // Not in force: no Enforced condition and no count.
         let nf = NotInForce { reason: "TooLarge", message: "too big".into() };
         let r = Rollout { loaded: 1, total: 1, stuck_nodes: vec![], dry_run: None };
-        let st = desired(&ok, Some(1), "tg-proxy", Err(&nf), None, Some(&r), &now);
+        let st = desired(&ok, &Seen { generation: Some(1), status: None, now: &now }, "tg-proxy", Err(&nf), Some(&r));
         assert!(st.loaded.is_none() && !st.conditions.iter().any(|c| c.type_ == "Enforced"));
     }
 }

@@ -17,7 +17,7 @@ use super::dryrun;
 use super::rollout::{self, Endpoint, Report};
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy, TunnelPolicyStatus};
 use crate::render::PolicyOutcome;
-use crate::status::{self, NotInForce};
+use crate::status::{self, NotInForce, Seen};
 
 /// A policy object of either kind, as the cache holds it.
 #[derive(Debug, Clone, Copy)]
@@ -216,8 +216,13 @@ pub(super) fn plan(v: &View<'_>, memory: &mut Memory, clock: &Clock) -> Plan {
             }
         }
         let in_force = v.in_force.as_ref().map(|h| *h);
-        let desired =
-            status::desired(o, p.generation(), v.config_name, in_force, p.status(), rollout.as_ref(), &clock.now);
+        let desired = status::desired(
+            o,
+            &Seen { generation: p.generation(), status: p.status(), now: &clock.now },
+            v.config_name,
+            in_force,
+            rollout.as_ref(),
+        );
         if p.status() != Some(&desired) {
             plan.statuses.push((o.id.clone(), desired));
         }

@@ -388,15 +388,9 @@ fn namespaced_allows_never_open_refused_address_space() {
     let (out, _) = run(&[("ns", "p", s)], &[]);
     assert_eq!(out[0].result.as_ref().unwrap().restricted.len(), 3);
     // The status says so, with the paths.
-    let st = crate::status::desired(
-        &out[0],
-        Some(1),
-        "tunnelgate-proxy",
-        Ok("abc"),
-        None,
-        None,
-        &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:00:00Z".parse().unwrap()),
-    );
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:00:00Z".parse().unwrap());
+    let seen = crate::status::Seen { generation: Some(1), status: None, now: &now };
+    let st = crate::status::desired(&out[0], &seen, "tunnelgate-proxy", Ok("abc"), None);
     let restricted = st.conditions.iter().find(|c| c.type_ == "Restricted").unwrap();
     assert_eq!((restricted.status.as_str(), restricted.reason.as_str()), ("True", "RefusedAddressSpace"));
     assert!(restricted.message.contains("spec.destinations[1].cidrs[0] 169.254.169.254/32"));

@@ -222,7 +222,8 @@ impl Handler {
 
         if let Some(client_upgrade) = client_upgrade {
             let (sender, _) = self.dial(&authorized, authority.port, &host, true).await.map_err(rejected)?;
-            return upgrade::forward(self, up, sender, client_upgrade, authorized, authority, ex).await;
+            let pending = upgrade::Pending { req: up, sender, client_upgrade };
+            return upgrade::forward(self, pending, authorized, authority, ex).await;
         }
         let (mut sender, key) = match self.pooled(&authorized, authority.port, &host).await {
             Some(pooled) => pooled,

@@ -28,15 +28,22 @@ use crate::authorize::{Authorized, Rejection};
 use crate::established::{self, Established};
 
 /// Sends an upgrade request and, on `101`, joins the two upgraded connections.
+/// An upgrade request on its way: the request for the upstream, the upstream connection it goes
+/// out on, and the client's side of the upgrade once the client's connection switches.
+pub(crate) struct Pending {
+    pub(crate) req: Request<UpstreamBody>,
+    pub(crate) sender: SendRequest<UpstreamBody>,
+    pub(crate) client_upgrade: OnUpgrade,
+}
+
 pub(crate) async fn forward(
     handler: &Arc<Handler>,
-    req: Request<UpstreamBody>,
-    mut sender: SendRequest<UpstreamBody>,
-    client_upgrade: OnUpgrade,
+    pending: Pending,
     authorized: Authorized,
     authority: Authority,
     ex: &mut Exchange,
 ) -> Result<Response<ResponseBody>, Rejection> {
+    let Pending { req, mut sender, client_upgrade } = pending;
     let resp: Response<Incoming> = handler
         .send(&mut sender, req)
         .await
