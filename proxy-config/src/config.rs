@@ -58,6 +58,9 @@ pub enum ListenerMode {
     /// Every connection goes to one fixed upstream, after the TLS handshake when `tls` is set
     /// (TLS termination); no HTTP parsing.
     Tunnel,
+    /// Connections redirected to it by the node's firewall: the original destination, and the
+    /// name from the TLS SNI or the HTTP Host, decided by the policy as a CONNECT would be.
+    Transparent,
 }
 
 impl ListenerMode {
@@ -66,6 +69,7 @@ impl ListenerMode {
         match self {
             ListenerMode::Forward => "forward",
             ListenerMode::Tunnel => "tunnel",
+            ListenerMode::Transparent => "transparent",
         }
     }
 }
@@ -98,6 +102,19 @@ pub enum Serves {
         /// The PROXY protocol header sent to the upstream before any payload.
         send_proxy_protocol: ProxyProtocol,
     },
+    /// Connections redirected by the node's firewall (their original destination read from the
+    /// kernel), decided by the name their first bytes carry (TLS SNI, HTTP Host) or, without
+    /// one, by the original destination; relayed without terminating TLS.
+    Transparent(Transparent),
+}
+
+/// A transparent listener's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Transparent {
+    /// Refuse a named connection whose original destination is not among the addresses the proxy
+    /// resolves for the name (Squid's `host_verify_strict`). Either way an allowed name is dialled
+    /// only at the addresses the proxy resolved, never at the destination the client chose.
+    pub strict_destination: bool,
 }
 
 impl Serves {
@@ -106,6 +123,7 @@ impl Serves {
         match self {
             Serves::Forward(_) => ListenerMode::Forward,
             Serves::Tunnel { .. } => ListenerMode::Tunnel,
+            Serves::Transparent(_) => ListenerMode::Transparent,
         }
     }
 }

@@ -33,7 +33,7 @@ pub mod warnings;
 
 pub use config::{
     Admin, Auth, Dns, HttpSettings, Limits, Listener, ListenerHttp, ListenerMode, LogFormat, Logging, ProxyConfig,
-    ProxyProtocol, RelayDefaults, Serves, TunnelUpstream, ADMIN_TOKEN_HEADER,
+    ProxyProtocol, RelayDefaults, Serves, Transparent, TunnelUpstream, ADMIN_TOKEN_HEADER,
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};

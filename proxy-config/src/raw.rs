@@ -76,6 +76,16 @@ pub struct RawListener {
     pub http: Option<RawListenerHttp>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accept_proxy_protocol_from: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transparent: Option<RawTransparent>,
+}
+
+/// A transparent listener's settings as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawTransparent {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strict_destination: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]

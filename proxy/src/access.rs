@@ -70,6 +70,8 @@ pub enum TunnelKind {
     Upgrade,
     /// A connection to a tunnel listener's fixed upstream.
     Fixed,
+    /// A connection redirected to a transparent listener.
+    Transparent,
 }
 
 impl TunnelKind {
@@ -78,6 +80,7 @@ impl TunnelKind {
             TunnelKind::Connect => "connect",
             TunnelKind::Upgrade => "upgrade",
             TunnelKind::Fixed => "tunnel",
+            TunnelKind::Transparent => "transparent",
         }
     }
 }
@@ -121,7 +124,7 @@ pub fn tunnel_closed(
             status = match kind {
                 TunnelKind::Connect => 200u16,
                 TunnelKind::Upgrade => 101,
-                TunnelKind::Fixed => 0,
+                TunnelKind::Fixed | TunnelKind::Transparent => 0,
             },
             close = out.reason.as_str(),
             bytes_up = out.bytes_up,

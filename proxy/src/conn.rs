@@ -1,6 +1,6 @@
 //! One client connection: admission (connection caps) → optional TLS handshake → what the
-//! listener serves, read once: a tunnel listener's fixed upstream, or a forward listener's first
-//! request head → CONNECT or plain HTTP. Errors before a tunnel or an HTTP exchange become a
+//! listener serves, read once: a tunnel listener's fixed upstream, a transparent listener's
+//! redirected connection, or a forward listener's first request head → CONNECT or plain HTTP. Errors before a tunnel or an HTTP exchange become a
 //! status answer and a lingering close.
 
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use crate::relay::IntoHalves;
 use crate::terminate;
 use crate::tls::handshake::{HandshakeError, TlsFacts};
 use crate::tls::TlsServer;
+use crate::transparent;
 
 /// Serves one accepted connection to completion.
 pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
@@ -64,8 +65,11 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
                     Box::pin(terminate::serve(stream, &ctx, upstream, *send_proxy_protocol, None)).await
                 }
                 (Ok(()), Serves::Forward(http)) => dispatch(stream, &ctx, deadline, http).await,
-                // A tunnel listener's clients speak no HTTP: just close.
-                (Err(e), Serves::Tunnel { .. }) => access::rejected(&ctx, &e, None, None),
+                (Ok(()), Serves::Transparent(settings)) => {
+                    Box::pin(transparent::serve(stream, &ctx, *settings, deadline)).await
+                }
+                // A tunnel or transparent listener's clients speak no HTTP to the proxy: just close.
+                (Err(e), Serves::Tunnel { .. } | Serves::Transparent(_)) => access::rejected(&ctx, &e, None, None),
                 (Err(e), Serves::Forward(_)) => Box::pin(reject(stream, &ctx, e)).await,
             }
         }
@@ -113,6 +117,8 @@ async fn serve_tls(
             terminate::serve(tls, ctx, upstream, *send_proxy_protocol, Some(facts)).await;
         }
         Serves::Forward(http) => dispatch(tls, ctx, Instant::now() + limits.request_head_timeout, http).await,
+        // The configuration refuses TLS on a transparent listener (it relays the client's TLS).
+        Serves::Transparent(_) => {}
     }
 }
 

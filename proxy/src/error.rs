@@ -81,6 +81,14 @@ pub enum TunnelError {
     /// The TLS handshake with the client failed or timed out.
     #[error("TLS handshake failed")]
     TlsHandshake(#[source] crate::tls::HandshakeError),
+    /// A transparent connection named a host whose resolved addresses do not include the
+    /// destination the client chose, on a listener with `transparent.strictDestination`.
+    #[error("the original destination is not an address of the name the connection carries")]
+    DestinationMismatch,
+    /// A connection reached a transparent listener without being redirected to it (no original
+    /// destination other than the listener itself).
+    #[error("not a redirected connection")]
+    NotRedirected,
     /// The client went away before the tunnel was established.
     #[error("client closed the connection")]
     ClientClosed,
@@ -116,6 +124,8 @@ impl TunnelError {
             TunnelError::UpstreamResponseTimeout => "upstream_response_timeout",
             TunnelError::RelayLimit(_) => "relay_limit",
             TunnelError::TlsHandshake(_) => "tls_handshake_failed",
+            TunnelError::DestinationMismatch => "destination_mismatch",
+            TunnelError::NotRedirected => "not_redirected",
             TunnelError::ClientClosed => "client_closed",
             TunnelError::Io { .. } => "io_error",
         }
@@ -128,6 +138,8 @@ impl TunnelError {
             TunnelError::Denied(DenyReason::Rule) => ("deny", "policy"),
             TunnelError::Denied(r) => ("deny", r.as_str()),
             TunnelError::SelfConnect => ("deny", "self"),
+            TunnelError::DestinationMismatch => ("deny", "destination_mismatch"),
+            TunnelError::NotRedirected => ("deny", "not_redirected"),
             TunnelError::ClientLimit | TunnelError::RateLimited(_) | TunnelError::RelayLimit(_) => ("deny", "limit"),
             TunnelError::Overloaded => ("deny", "overload"),
             TunnelError::Draining => ("deny", "draining"),
@@ -162,7 +174,10 @@ impl TunnelError {
             TunnelError::RelayLimit(_) => 413,
             TunnelError::MethodNotAllowed => 405,
             TunnelError::AuthRequired(_) => 407,
-            TunnelError::Denied(_) | TunnelError::SelfConnect => 403,
+            TunnelError::Denied(_)
+            | TunnelError::SelfConnect
+            | TunnelError::DestinationMismatch
+            | TunnelError::NotRedirected => 403,
             TunnelError::ClientLimit | TunnelError::RateLimited(_) => 429,
             TunnelError::Overloaded | TunnelError::Draining => 503,
             TunnelError::ResolveNotFound
@@ -191,7 +206,8 @@ impl TunnelError {
             | TunnelError::ClientLimit
             | TunnelError::RateLimited(_)
             | TunnelError::AuthRequired(_) => "http_request_denied",
-            TunnelError::SelfConnect => "proxy_loop_detected",
+            TunnelError::SelfConnect | TunnelError::NotRedirected => "proxy_loop_detected",
+            TunnelError::DestinationMismatch => "destination_ip_prohibited",
             TunnelError::Overloaded | TunnelError::Draining => "proxy_internal_response",
             TunnelError::ResolveNotFound => return "tunnelgate; error=dns_error; rcode=\"NXDOMAIN\"".to_owned(),
             TunnelError::ResolveFailed => "dns_error",

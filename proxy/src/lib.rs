@@ -58,4 +58,5 @@ pub mod sync;
 pub mod telemetry;
 pub mod terminate;
 pub mod tls;
+pub mod transparent;
 pub mod tunnels;

@@ -69,11 +69,16 @@ fn listeners(errs: &mut Errors, raw: Vec<RawListener>) -> Vec<Listener> {
         let mode = match l.mode.as_deref() {
             None | Some("forward") => Some(ListenerMode::Forward),
             Some("tunnel") => Some(ListenerMode::Tunnel),
+            Some("transparent") => Some(ListenerMode::Transparent),
             Some(other) => {
-                errs.push(format!("{p}.mode"), format!("unknown mode \"{other}\" (expected forward or tunnel)"));
+                errs.push(
+                    format!("{p}.mode"),
+                    format!("unknown mode \"{other}\" (expected forward, tunnel or transparent)"),
+                );
                 None
             }
         };
+        let transparent = transparent(errs, &p, mode, &l);
         let upstream = match (mode, l.upstream.as_deref()) {
             (Some(ListenerMode::Tunnel), None) => {
                 errs.push(format!("{p}.upstream"), "required with mode: tunnel (host:port or unix:/path.sock)");
@@ -101,8 +106,11 @@ fn listeners(errs: &mut Errors, raw: Vec<RawListener>) -> Vec<Listener> {
                 ProxyProtocol::None
             }
         };
-        if mode == Some(ListenerMode::Tunnel) && l.http.is_some() {
-            errs.push(format!("{p}.http"), "only valid with mode: forward (tunnel listeners parse no HTTP)");
+        if mode != Some(ListenerMode::Forward) && l.http.is_some() {
+            errs.push(
+                format!("{p}.http"),
+                "only valid with mode: forward (only forward listeners serve HTTP requests)",
+            );
         }
         if l.tls.as_ref().is_some_and(|t| t.secret_name.is_some()) {
             errs.push(format!("{p}.tls.secretName"), OPERATOR_ONLY);
@@ -124,6 +132,7 @@ fn listeners(errs: &mut Errors, raw: Vec<RawListener>) -> Vec<Listener> {
         let serves = match (mode, upstream) {
             (Some(ListenerMode::Forward), _) => Some(Serves::Forward(http)),
             (Some(ListenerMode::Tunnel), Some(upstream)) => Some(Serves::Tunnel { upstream, send_proxy_protocol }),
+            (Some(ListenerMode::Transparent), _) => transparent.map(Serves::Transparent),
             // The error is already recorded.
             _ => None,
         };
@@ -133,6 +142,31 @@ fn listeners(errs: &mut Errors, raw: Vec<RawListener>) -> Vec<Listener> {
     }
 
     listeners
+}
+
+/// A transparent listener's settings, and what such a listener cannot have: TLS (it relays the
+/// client's TLS untouched), a PROXY protocol header (the client is the redirected pod itself).
+fn transparent(errs: &mut Errors, p: &str, mode: Option<ListenerMode>, l: &RawListener) -> Option<Transparent> {
+    if mode != Some(ListenerMode::Transparent) {
+        if l.transparent.is_some() {
+            errs.push(format!("{p}.transparent"), "only valid with mode: transparent");
+        }
+        return None;
+    }
+    if l.tls.is_some() {
+        errs.push(
+            format!("{p}.tls"),
+            "not valid with mode: transparent (the client's TLS is relayed untouched, decided by its SNI)",
+        );
+    }
+    if l.accept_proxy_protocol_from.is_some() {
+        errs.push(
+            format!("{p}.acceptProxyProtocolFrom"),
+            "not valid with mode: transparent (its clients are the redirected pods themselves)",
+        );
+    }
+    let t = l.transparent.clone().unwrap_or_default();
+    Some(Transparent { strict_destination: t.strict_destination.unwrap_or(false) })
 }
 
 fn admin(errs: &mut Errors, raw: Option<&RawAdmin>) -> Admin {

@@ -281,3 +281,27 @@ fn fields_only_the_operators_base_takes_are_refused_by_the_proxy() {
         assert!(e.iter().any(|x| x.starts_with(want)), "want {want:?} in {e:#?}");
     }
 }
+
+#[test]
+fn a_transparent_listener_takes_only_its_own_settings() {
+    let cfg = ProxyConfig::from_yaml(
+        "version: 1\nlisteners:\n  - {name: t, bind: '10.0.0.1:15001', mode: transparent, transparent: {strictDestination: true}}\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.listeners[0].serves, Serves::Transparent(Transparent { strict_destination: true }));
+    assert_eq!(cfg.listeners[0].serves.mode().as_str(), "transparent");
+    let e = errors(
+        "version: 1\nlisteners:\n  - {name: t, bind: '10.0.0.1:15001', mode: transparent, tls: {certFile: a, keyFile: b}, \
+         http: {enabled: true}, upstream: 'a.test:1', acceptProxyProtocolFrom: [10.0.0.0/8]}\n\
+         \x20 - {name: f, bind: '10.0.0.1:3128', transparent: {strictDestination: true}}\n",
+    );
+    for want in [
+        "listeners[0].tls: not valid with mode: transparent",
+        "listeners[0].http: only valid with mode: forward",
+        "listeners[0].upstream: only valid with mode: tunnel",
+        "listeners[0].acceptProxyProtocolFrom: not valid with mode: transparent",
+        "listeners[1].transparent: only valid with mode: transparent",
+    ] {
+        assert!(e.iter().any(|x| x.starts_with(want)), "want {want:?} in {e:#?}");
+    }
+}

@@ -14,4 +14,5 @@ mod resources;
 mod ssrf;
 mod termination;
 mod tls;
+mod transparent;
 mod tunnel;

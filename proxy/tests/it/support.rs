@@ -46,7 +46,12 @@ pub struct DnsStub {
 
 impl DnsStub {
     pub async fn start() -> DnsStub {
-        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        DnsStub::start_on("127.0.0.1:0").await
+    }
+
+    /// [`DnsStub::start`] on `addr` (a test network's address, for a proxy in a namespace).
+    pub async fn start_on(addr: &str) -> DnsStub {
+        let sock = Arc::new(UdpSocket::bind(addr).await.unwrap());
         let addr = sock.local_addr().unwrap();
         let state = Arc::new(Mutex::new(StubState::default()));
         let st = state.clone();
