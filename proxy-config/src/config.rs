@@ -1,7 +1,7 @@
 //! The validated proxy configuration: every value here is valid by construction; [`convert`]
 //! builds it from the raw document.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,6 +38,32 @@ pub struct ProxyConfig {
     pub http: HttpSettings,
     /// Proxy authentication (`Proxy-Authorization: Basic`), when set.
     pub auth: Option<Auth>,
+    /// The node's redirect rules the proxy owns, when set.
+    pub redirect: Option<Redirect>,
+}
+
+/// The nftables rules the proxy keeps in its network namespace (the node's): the enrolled
+/// clients' TCP to `ports` outside the cluster's networks goes to a transparent listener; their
+/// UDP 443 is dropped (QUIC falls back to TCP); their other traffic leaving the cluster passes or
+/// is dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// The transparent listener's name, and the port it listens on.
+    pub listener: String,
+    pub listener_port: u16,
+    /// Destination ports redirected (80 and 443 unless set).
+    pub ports: Vec<u16>,
+    /// The clients intercepted (pod addresses; the operator renders them per node).
+    pub enrolled: Vec<IpAddr>,
+    /// What happens to the enrolled clients' other traffic to destinations outside the cluster.
+    pub other_ports: OtherPorts,
+}
+
+/// An enrolled client's traffic on ports that are not redirected, outside the cluster's networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtherPorts {
+    Pass,
+    Drop,
 }
 
 /// Proxy authentication: every request on a forward listener must carry credentials that match

@@ -32,8 +32,8 @@ pub mod tls;
 pub mod warnings;
 
 pub use config::{
-    Admin, Auth, Dns, HttpSettings, Limits, Listener, ListenerHttp, ListenerMode, LogFormat, Logging, ProxyConfig,
-    ProxyProtocol, RelayDefaults, Serves, Transparent, TunnelUpstream, ADMIN_TOKEN_HEADER,
+    Admin, Auth, Dns, HttpSettings, Limits, Listener, ListenerHttp, ListenerMode, LogFormat, Logging, OtherPorts,
+    ProxyConfig, ProxyProtocol, Redirect, RelayDefaults, Serves, Transparent, TunnelUpstream, ADMIN_TOKEN_HEADER,
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};

@@ -34,6 +34,8 @@ pub struct RawConfig {
     pub http: RawHttp,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth: Option<RawAuth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RawRedirect>,
     /// The operator's base only: namespaces whose TunnelPolicies may open refused address space.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address_grants: Option<Vec<RawAddressGrant>>,
@@ -78,6 +80,19 @@ pub struct RawListener {
     pub accept_proxy_protocol_from: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transparent: Option<RawTransparent>,
+}
+
+/// The node's redirect rules as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawRedirect {
+    pub listener: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<u16>>,
+    #[serde(default)]
+    pub enrolled: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_ports: Option<String>,
 }
 
 /// A transparent listener's settings as written.

@@ -26,6 +26,8 @@ use crate::sync::lock;
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] listeners::BindError),
+    #[error("redirect: cannot write the node's rules")]
+    Redirect(#[from] crate::redirect::RedirectError),
     #[error("cannot bind the admin server on {addr}")]
     BindAdmin {
         addr: SocketAddr,
@@ -93,6 +95,8 @@ pub async fn start(config: ProxyConfig, text: &str) -> Result<ProxyHandle, Start
     {
         let _serial = inner.control.reload_lock.lock().await;
         let plans = listeners::plan(&inner, &snapshot.config.listeners).await?;
+        let cfg = &snapshot.config;
+        crate::redirect::sync(&inner.control.redirect, cfg.redirect.as_ref(), &cfg.policy.cluster_networks).await?;
         listeners::apply(&inner, &snapshot.config.listeners, plans).await;
     }
     crate::snapshot::log_warnings(&snapshot.config);

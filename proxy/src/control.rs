@@ -1,7 +1,7 @@
 //! What reload, the admin server and the drain own ([`Control`]): the running listeners, the
 //! reload lock, the outcome of the last reload, the change counter `/config` long-polls wait on,
-//! the dry-run counts `/config` reports, and the ACME certificate sources that outlive
-//! configuration generations. Connections never read it; they count dry-run verdicts into it.
+//! the dry-run counts `/config` reports, the ACME certificate sources that outlive configuration
+//! generations, and the node's redirect rules last written. Connections never read it; they count dry-run verdicts into it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,6 +35,8 @@ pub struct Control {
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
     /// ACME certificate sources, which outlive configuration generations.
     pub acme: AcmeCerts,
+    /// The node's redirect rules last written (`None`: none written by this process).
+    pub(crate) redirect: Mutex<Option<String>>,
     /// Why the last reload failed (`None`: it succeeded, or none was tried).
     last_reload_failure: Mutex<Option<&'static str>>,
     /// Bumped on every new snapshot and every reload outcome: `/config` long-polls wait on it.
@@ -52,6 +54,7 @@ impl Control {
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             acme,
+            redirect: Mutex::new(None),
             last_reload_failure: Mutex::new(None),
             changes: watch::channel(0).0,
             dry_run_counts: Mutex::new(BTreeMap::new()),

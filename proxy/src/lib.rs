@@ -49,6 +49,7 @@ pub mod negotiate;
 pub mod own_addresses;
 pub mod proxy_protocol;
 pub mod ratelimit;
+pub mod redirect;
 pub mod relay;
 pub mod reload;
 pub mod snapshot;

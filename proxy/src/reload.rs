@@ -39,6 +39,8 @@ pub enum ReloadError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Bind(#[from] listeners::BindError),
+    #[error("redirect: cannot write the node's rules")]
+    Redirect(#[from] crate::redirect::RedirectError),
     #[error("shutting down; reload ignored")]
     Draining,
     /// The task compiling the document did not finish (it panicked or was cancelled).
@@ -57,6 +59,7 @@ impl ReloadError {
             ReloadError::Snapshot(SnapshotError::Auth(_)) => "auth",
             ReloadError::Snapshot(SnapshotError::AdminToken(_)) => "admin-token",
             ReloadError::Bind(_) => "bind",
+            ReloadError::Redirect(_) => "redirect",
             ReloadError::Draining => "draining",
             ReloadError::Aborted => "internal",
         }
@@ -145,6 +148,9 @@ async fn apply_inner(inner: &Arc<Inner>, text: &str) -> Result<ReloadOutcome, Re
 
     // Plan the listeners without touching the running ones (new addresses are bound here).
     let plans = listeners::plan(inner, &snap.config.listeners).await?;
+    // The node's rules next, still before anything switches (nft applies a file whole or not).
+    let cfg = &snap.config;
+    crate::redirect::sync(&inner.control.redirect, cfg.redirect.as_ref(), &cfg.policy.cluster_networks).await?;
     // Everything needed is in hand: switch.
     inner.publish(snap.clone());
     listeners::apply(inner, &snap.config.listeners, plans).await;

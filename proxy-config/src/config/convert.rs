@@ -15,8 +15,8 @@ use crate::error::{ConfigErrors, Errors};
 use crate::host::HostPattern;
 use crate::policy::{Action, ClientIndex, Policy, PortRange, RelayOverrides, Rule, TunnelLimits};
 use crate::raw::{
-    RawAdmin, RawAuth, RawConfig, RawDns, RawHttp, RawLimits, RawListener, RawLogging, RawPolicy, RawPort, RawRelay,
-    RawRule, RawRuleRelay,
+    RawAdmin, RawAuth, RawConfig, RawDns, RawHttp, RawLimits, RawListener, RawLogging, RawPolicy, RawPort, RawRedirect,
+    RawRelay, RawRule, RawRuleRelay,
 };
 
 /// What the proxy says of a field only the operator's base document may carry.
@@ -42,7 +42,10 @@ pub(super) fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         logging: logging(&mut errs, raw.logging),
         http: http(&mut errs, raw.http),
         auth: auth(&mut errs, raw.auth.as_ref()),
+        redirect: None,
     };
+    let config =
+        ProxyConfig { redirect: raw.redirect.as_ref().and_then(|r| redirect(&mut errs, r, &config)), ..config };
     errs.finish(config)
 }
 
@@ -167,6 +170,47 @@ fn transparent(errs: &mut Errors, p: &str, mode: Option<ListenerMode>, l: &RawLi
     }
     let t = l.transparent.clone().unwrap_or_default();
     Some(Transparent { strict_destination: t.strict_destination.unwrap_or(false) })
+}
+
+/// The node's redirect rules: to a transparent listener of `config`, for valid client addresses.
+fn redirect(errs: &mut Errors, r: &RawRedirect, config: &ProxyConfig) -> Option<Redirect> {
+    let target = config.listeners.iter().find(|l| l.name == r.listener);
+    let listener_port = match target {
+        Some(l) if matches!(l.serves, Serves::Transparent(_)) => Some(l.bind.port()),
+        Some(_) => {
+            errs.push("redirect.listener", format!("listener \"{}\" is not a transparent listener", r.listener));
+            None
+        }
+        None => {
+            errs.push("redirect.listener", format!("no listener named \"{}\"", r.listener));
+            None
+        }
+    };
+    if listener_port == Some(0) {
+        errs.push("redirect.listener", "the transparent listener needs a fixed port to redirect to");
+    }
+    let ports = r.ports.clone().unwrap_or_else(|| vec![80, 443]);
+    if ports.is_empty() || ports.contains(&0) {
+        errs.push("redirect.ports", "ports 1-65535, at least one (omit for 80 and 443)");
+    }
+    let mut enrolled = Vec::new();
+    for (i, a) in r.enrolled.iter().enumerate() {
+        if let Some(ip) = errs.take(
+            &format!("redirect.enrolled[{i}]"),
+            a.parse::<IpAddr>().map_err(|_| format!("\"{a}\" is not an address")),
+        ) {
+            enrolled.push(ip.to_canonical());
+        }
+    }
+    let other_ports = match r.other_ports.as_deref() {
+        None | Some("pass") => OtherPorts::Pass,
+        Some("drop") => OtherPorts::Drop,
+        Some(other) => {
+            errs.push("redirect.otherPorts", format!("\"{other}\": expected pass or drop"));
+            OtherPorts::Pass
+        }
+    };
+    Some(Redirect { listener: r.listener.clone(), listener_port: listener_port?, ports, enrolled, other_ports })
 }
 
 fn admin(errs: &mut Errors, raw: Option<&RawAdmin>) -> Admin {

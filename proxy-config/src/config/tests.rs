@@ -305,3 +305,25 @@ fn a_transparent_listener_takes_only_its_own_settings() {
         assert!(e.iter().any(|x| x.starts_with(want)), "want {want:?} in {e:#?}");
     }
 }
+
+#[test]
+fn the_node_redirect_names_a_transparent_listener_and_valid_addresses() {
+    let base = "version: 1\nlisteners:\n  - {name: t, bind: '0.0.0.0:15001', mode: transparent}\n  - {name: f, bind: '127.0.0.1:3128'}\n";
+    let cfg = ProxyConfig::from_yaml(&format!(
+        "{base}redirect: {{listener: t, enrolled: [10.244.1.5, '::ffff:10.244.1.6']}}\n"
+    ))
+    .unwrap();
+    let r = cfg.redirect.unwrap();
+    assert_eq!((r.listener_port, r.ports.as_slice(), r.other_ports), (15001, &[80, 443][..], OtherPorts::Pass));
+    assert_eq!(r.enrolled, ["10.244.1.5".parse::<IpAddr>().unwrap(), "10.244.1.6".parse().unwrap()]);
+    for (redirect, want) in [
+        ("{listener: f}", "redirect.listener: listener \"f\" is not a transparent listener"),
+        ("{listener: nope}", "redirect.listener: no listener named \"nope\""),
+        ("{listener: t, enrolled: [10.0.0.300]}", "redirect.enrolled[0]: \"10.0.0.300\" is not an address"),
+        ("{listener: t, ports: []}", "redirect.ports: ports 1-65535"),
+        ("{listener: t, otherPorts: reject}", "redirect.otherPorts: \"reject\": expected pass or drop"),
+    ] {
+        let e = errors(&format!("{base}redirect: {redirect}\n"));
+        assert!(e.iter().any(|x| x.starts_with(want)), "want {want:?} in {e:#?}");
+    }
+}

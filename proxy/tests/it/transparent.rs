@@ -90,16 +90,6 @@ impl Net {
         net
     }
 
-    /// The node's redirect: the pod's TCP 80 and 443 to the transparent listener's port.
-    fn redirect(&self, port: u16) {
-        let rules = format!(
-            "table inet tgtest {{ chain pre {{ type nat hook prerouting priority dstnat; policy accept; \
-             iifname \"tp\" tcp dport {{ 80, 443 }} redirect to :{port}; }}; }}"
-        );
-        let out = self.exec("node", &["nft", &rules]);
-        assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
     fn remove(&self) {
         for role in ["node", "pod", "pod2", "out"] {
             let _ = Command::new("ip").args(["netns", "del", &self.ns(role)]).output();
@@ -119,23 +109,28 @@ impl Net {
         )
     }
 
-    /// A TCP listener bound to `addr` inside namespace `role`.
-    fn listen_in(&self, role: &str, addr: SocketAddr) -> TcpListener {
+    /// What `make` returns, run on a thread inside namespace `role` (a socket it creates stays
+    /// in that namespace).
+    fn in_ns<T: Send>(&self, role: &str, make: impl FnOnce() -> T + Send) -> T {
         let path = format!("/var/run/netns/{}", self.ns(role));
-        let std = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             s.spawn(|| {
-                // This thread only moves into the namespace; the socket stays in it afterwards.
                 let ns = std::fs::File::open(&path).unwrap();
                 rustix::thread::move_into_link_name_space(
                     std::os::fd::AsFd::as_fd(&ns),
                     Some(rustix::thread::LinkNameSpaceType::Network),
                 )
                 .unwrap();
-                std::net::TcpListener::bind(addr).unwrap()
+                make()
             })
             .join()
             .unwrap()
-        });
+        })
+    }
+
+    /// A TCP listener bound to `addr` inside namespace `role`.
+    fn listen_in(&self, role: &str, addr: SocketAddr) -> TcpListener {
+        let std = self.in_ns(role, || std::net::TcpListener::bind(addr).unwrap());
         std.set_nonblocking(true).unwrap();
         TcpListener::from_std(std).unwrap()
     }
@@ -198,18 +193,25 @@ fn acceptor() -> Arc<tokio_rustls::TlsAcceptor> {
     Arc::new(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-fn config(dns: SocketAddr, port: u16, strict: bool, rules: &str) -> String {
+/// The proxy's configuration: two transparent listeners (v4, v6) on the node's pod-side
+/// addresses, the node's redirect for `enrolled` (none: no redirect section), and `rules`.
+fn config(dns: SocketAddr, port: u16, strict: bool, enrolled: Option<&str>, rules: &str) -> String {
+    let redirect = enrolled.map(|e| format!("redirect: {{listener: t4, enrolled: [{e}]}}\n")).unwrap_or_default();
     format!(
         "version: 1\n\
          listeners:\n\
-         \x20 - {{name: t4, bind: '10.241.1.1:{port}', mode: transparent, transparent: {{strictDestination: {strict}}}}}\n\
+         \x20 - {{name: t4, bind: '0.0.0.0:{port}', mode: transparent, transparent: {{strictDestination: {strict}}}}}\n\
          \x20 - {{name: t6, bind: '[fd41:1::1]:{port}', mode: transparent, transparent: {{strictDestination: {strict}}}}}\n\
          admin: {{bind: '10.241.0.2:9090'}}\n\
          dns: {{nameservers: ['{dns}']}}\n\
          limits: {{drainDelay: 0s, drainTimeout: 1s}}\n\
+         {redirect}\
          policy:\n  defaultAction: deny\n  denyPrivateAddresses: false\n  reevaluateOnReload: true\n  rules:\n{rules}"
     )
 }
+
+/// The enrolled pod's addresses.
+const POD: &str = "10.241.1.2, 'fd41:1::2'";
 
 const RULES: &str = "    - {name: allowed, action: allow, hosts: [allowed.test], ports: [80, 443]}\n\
                      \x20   - {name: by-address, action: allow, cidrs: [10.241.2.3/32], ports: [443]}\n";
@@ -245,7 +247,7 @@ async fn pods_without_proxy_settings_are_held_to_the_policy_by_sni_and_host() {
     let dir = std::env::temp_dir().join(format!("tg-transparent-{tag}"));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.yaml");
-    std::fs::write(&path, config(dns.addr, port, false, RULES)).unwrap();
+    std::fs::write(&path, config(dns.addr, port, false, Some(POD), RULES)).unwrap();
     let proxy = env!("CARGO_BIN_EXE_tunnelgate-proxy");
     let node = net.ns("node");
     let mut child = tokio::process::Command::new("ip")
@@ -259,8 +261,24 @@ async fn pods_without_proxy_settings_are_held_to_the_policy_by_sni_and_host() {
         tokio::net::TcpStream::connect("10.241.0.2:9090").await.is_ok()
     })
     .await;
-    net.redirect(port);
+    // The proxy wrote the node's rules itself at start.
+    let table = net.exec("node", &["nft", "list", "table", "inet", "tunnelgate"]);
+    let listed = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(listed.contains("10.241.1.2") && listed.contains(&format!("redirect to :{port}")), "{listed}");
     let resolve = |name: &str, port: u16, ip: &str| format!("{name}:{port}:{ip}");
+
+    // The enrolled pod's UDP 443 (QUIC) is dropped, so clients fall back to TCP; other UDP passes.
+    let udp = |port: u16| {
+        let s = net.in_ns("out", || std::net::UdpSocket::bind(("10.241.2.2", port)).unwrap());
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s
+    };
+    let (quic, other) = (udp(443), udp(444));
+    let sent = net.exec("pod", &["bash", "-c", "echo q > /dev/udp/10.241.2.2/443; echo o > /dev/udp/10.241.2.2/444"]);
+    assert!(sent.status.success());
+    let mut buf = [0u8; 16];
+    assert!(other.recv(&mut buf).is_ok(), "UDP to another port passes");
+    assert!(quic.recv(&mut buf).is_err(), "UDP 443 of an enrolled pod is dropped");
 
     // An allowed name, by SNI: the pod's curl, with no proxy settings, reaches the server.
     let (code, body, err) =
@@ -315,8 +333,11 @@ async fn pods_without_proxy_settings_are_held_to_the_policy_by_sni_and_host() {
         metrics().await.lines().any(|l| l.starts_with("tunnelgate_tunnels_active{listener=\"t4\"} 1"))
     })
     .await;
-    std::fs::write(&path, config(dns.addr, port, false, "    - {name: other, action: allow, hosts: [other.test]}\n"))
-        .unwrap();
+    std::fs::write(
+        &path,
+        config(dns.addr, port, false, Some(POD), "    - {name: other, action: allow, hosts: [other.test]}\n"),
+    )
+    .unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(15), held.wait_with_output()).await;
     let status = ended.expect("the revoked tunnel closes long before curl's own 30 s limit").unwrap().status;
     assert!(!status.success(), "the held request got no answer: its tunnel was closed");
@@ -326,7 +347,7 @@ async fn pods_without_proxy_settings_are_held_to_the_policy_by_sni_and_host() {
     assert!(head.starts_with("HTTP/1.1 403"), "and new connections are refused: {head}");
 
     // Strict: an allowed name whose original destination is not among its addresses is refused.
-    std::fs::write(&path, config(dns.addr, port, true, RULES)).unwrap();
+    std::fs::write(&path, config(dns.addr, port, true, Some(POD), RULES)).unwrap();
     testkit::until("the strict configuration is in force", 20, || async {
         let (code, body, _) =
             net.curl("pod", &["--resolve", &resolve("allowed.test", 443, "10.241.2.2"), "https://allowed.test/"]);
@@ -342,6 +363,26 @@ async fn pods_without_proxy_settings_are_held_to_the_policy_by_sni_and_host() {
         m.contains("tunnelgate_policy_decisions_total{decision=\"allow\",reason=\"policy\",rule=\"allowed\"}"),
         "{m}"
     );
+
+    // The enrolled set changes in place: pod2 instead of the pod.
+    std::fs::write(&path, config(dns.addr, port, false, Some("10.241.3.2"), RULES)).unwrap();
+    let denied_from = |role: &'static str| {
+        let net = &net;
+        async move {
+            let (code, _, err) =
+                net.curl(role, &["--resolve", &resolve("denied.test", 443, "10.241.2.2"), "https://denied.test/"]);
+            code != 0 && err.contains("alert access denied")
+        }
+    };
+    testkit::until("pod2 is intercepted", 20, || denied_from("pod2")).await;
+    assert!(!denied_from("pod").await, "the pod is no longer intercepted");
+    // Turning the mode off removes every rule: nobody is intercepted, and the table is gone.
+    std::fs::write(&path, config(dns.addr, port, false, None, RULES)).unwrap();
+    testkit::until("the table is removed", 20, || async {
+        !net.exec("node", &["nft", "list", "table", "inet", "tunnelgate"]).status.success()
+    })
+    .await;
+    assert!(!denied_from("pod2").await && !denied_from("pod").await);
     child.kill().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
