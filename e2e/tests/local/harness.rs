@@ -155,8 +155,14 @@ pub(crate) fn proxy_pod(name: &str, node: &str, ip: &str) -> Pod {
 /// The base document of the rollout tests: a proxy whose admin port listens on `admin_ip` (the
 /// address its pod has, where the operator long-polls it), echo traffic granted to `payments`.
 pub(crate) fn rollout_base(listen: u16, admin_ip: &str, admin_port: u16) -> String {
+    base_granting(listen, admin_ip, admin_port, &["payments"])
+}
+
+/// [`rollout_base`] with the echo upstream granted to `namespaces`.
+pub(crate) fn base_granting(listen: u16, admin_ip: &str, admin_port: u16, namespaces: &[&str]) -> String {
+    let granted = namespaces.join(", ");
     format!(
-        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '{admin_ip}:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [payments], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '{admin_ip}:{admin_port}'}}\npolicy: {{defaultAction: deny}}\naddressGrants: [{{namespaces: [{granted}], cidrs: ['127.0.0.2/32']}}]\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
     )
 }
 
@@ -340,10 +346,15 @@ pub(crate) struct Loopback {
 
 impl Loopback {
     pub(crate) async fn start(rel: &Release, dir: &Path) -> Loopback {
+        Loopback::start_granting(rel, dir, &["payments"]).await
+    }
+
+    /// [`Loopback::start`] with the echo upstream granted to `namespaces`.
+    pub(crate) async fn start_granting(rel: &Release, dir: &Path, namespaces: &[&str]) -> Loopback {
         let target = echo_upstream("127.0.0.2").await;
         let (listen, admin, operator_admin) = (free_port(), free_port(), free_port());
         let proxy = format!("127.0.0.1:{listen}").parse().unwrap();
-        let base = rollout_base(listen, "127.0.0.1", admin);
+        let base = base_granting(listen, "127.0.0.1", admin, namespaces);
         let _operator = single_operator(rel, dir, &base, "/unused", operator_admin).await;
         let _proxy = spawn(
             &bin("tunnelgate-proxy"),

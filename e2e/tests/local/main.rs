@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unreachable_pub, reason = "test harness")]
 
+mod addresses;
 mod convergence;
 mod harness;
 mod resilience;
