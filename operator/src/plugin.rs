@@ -188,6 +188,10 @@ pub struct Explanation {
     pub loaded: Option<String>,
     /// The ConfigMap decided against (`namespace/name`): the pod's node's document, or the whole.
     pub config: String,
+    /// The ports of the pod's TCP that its node redirects to the proxy (empty: the pod is not
+    /// intercepted transparently, only what it sends through its proxy settings is decided).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub intercepted_ports: Vec<u16>,
 }
 
 impl Explanation {
@@ -223,6 +227,14 @@ impl Explanation {
         }
         if let Some(l) = &self.loaded {
             let _ = writeln!(out, "loaded on: {l} proxies");
+        }
+        if !self.intercepted_ports.is_empty() {
+            let ports: Vec<String> = self.intercepted_ports.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "intercepted transparently: TCP {} leaving the cluster goes to the node's proxy, with no proxy settings",
+                ports.join(", ")
+            );
         }
         let _ = writeln!(out, "config: {}", self.config);
         out
@@ -304,6 +316,9 @@ pub fn judge(
     resolved: &[IpAddr],
     e: &mut Explanation,
 ) -> i32 {
+    if let Some(r) = cfg.redirect.as_ref().filter(|r| r.enrolled.contains(&request.client)) {
+        e.intercepted_ports.clone_from(&r.ports);
+    }
     let own = OwnEndpoints::of(cfg, proxies.to_vec());
     let Ok(j) = request.judge_given(&cfg.policy, resolved, |ip, port| own.contains(ip, port)) else {
         e.decision = "needs-resolution".into();
@@ -580,6 +595,27 @@ mod tests {
 #[cfg(test)]
 mod self_tests {
     use super::*;
+
+    #[test]
+    fn explain_says_when_a_pod_is_intercepted_transparently() {
+        let cfg = ProxyConfig::from_yaml(
+            "version: 1\nlisteners: [{name: t, bind: '0.0.0.0:15001', mode: transparent}]\n\
+             redirect: {listener: t, enrolled: [10.244.1.5]}\n",
+        )
+        .unwrap();
+        let target: Authority = "example.com:443".parse().unwrap();
+        let explain = |client: &str| {
+            let mut e = Explanation::default();
+            let request = Request { client: client.parse().unwrap(), user: None, target: &target };
+            judge(&cfg, &[], &request, &[], &mut e);
+            e
+        };
+        let enrolled = explain("10.244.1.5");
+        assert_eq!(enrolled.intercepted_ports, [80, 443]);
+        assert!(enrolled.table().contains("intercepted transparently: TCP 80, 443"), "{}", enrolled.table());
+        assert!(explain("10.244.1.6").intercepted_ports.is_empty());
+        assert!(!explain("10.244.1.6").table().contains("intercepted"));
+    }
 
     #[test]
     fn a_target_on_a_proxys_own_endpoint_is_refused_as_the_proxy_refuses_it() {

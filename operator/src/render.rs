@@ -245,7 +245,11 @@ pub fn render_with(
 ) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
     // The base is parsed once; its operator-only grants are taken out of it here. A bad base (or
     // bad grants) writes nothing, and policies are then judged without grants.
-    let base = base::parse_base(input.base).and_then(|mut doc| base::take_grants(&mut doc).map(|grants| (doc, grants)));
+    let base = base::parse_base(input.base).and_then(|mut doc| {
+        let grants = base::take_grants(&mut doc)?;
+        base::enrol(&mut doc, input);
+        Ok((doc, grants))
+    });
     let mut pass = policies::Pass::new(input, changes, memo, &base);
     // Cluster policies first: their delegations are grants for the namespaced ones.
     pass.cluster_policies(memo);

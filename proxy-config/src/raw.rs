@@ -93,6 +93,10 @@ pub struct RawRedirect {
     pub enrolled: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub other_ports: Option<String>,
+    /// The operator's base only: the labels of the namespaces whose pods are enrolled (the
+    /// operator renders their addresses into `enrolled`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enroll_namespaces: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A transparent listener's settings as written.

@@ -63,6 +63,24 @@ pub(super) fn take_grants(doc: &mut RawConfig) -> Result<Vec<Grant>, RenderError
     Ok(grants)
 }
 
+/// Replaces the base's operator-only `redirect.enrollNamespaces` with the addresses of the pods it
+/// enrols: the eligible pods (Running, not terminating, not on the host network) of the
+/// namespaces whose labels include every label it names. Per-node documents keep only their
+/// node's (see `document::per_node`).
+pub(super) fn enrol(doc: &mut RawConfig, input: &Input<'_>) {
+    let Some(redirect) = doc.redirect.as_mut() else { return };
+    let Some(wanted) = redirect.enroll_namespaces.take() else { return };
+    let matches = |ns: &str| {
+        let labels = input.cluster.labels_of(ns);
+        wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    let mut enrolled: Vec<IpAddr> =
+        input.pods.iter().filter(|p| p.eligible && matches(&p.namespace)).flat_map(|p| p.ips.iter().copied()).collect();
+    enrolled.sort();
+    enrolled.dedup();
+    redirect.enrolled = enrolled.iter().map(ToString::to_string).collect();
+}
+
 /// The CIDRs of an Allow destination that would open refused address space (the proxy's opt-in
 /// rule: a CIDR entirely inside refused space) and that no grant gives `namespace`. A namespace
 /// must not grant itself the node network or the cloud metadata service.

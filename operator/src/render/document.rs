@@ -88,6 +88,7 @@ pub(super) fn per_node(
 ) -> Result<Rendered, RenderError> {
     let (names, by_node) = clients_by_node(input, rules, nodes);
     let shared_digest = shared_digest(input, &doc);
+    let enrolled = enrolled_by_node(input, &doc);
     // Each rule's body digested once, for every node that carries it.
     let bodies: Vec<[u8; 32]> =
         rules.iter().map(|r| Sha256::digest(serde_json::to_vec(&r.body).unwrap_or_default()).into()).collect();
@@ -105,13 +106,22 @@ pub(super) fn per_node(
             }
             fp.update([0xff]);
         }
+        let own_enrolled = enrolled.get(*node).cloned().unwrap_or_default();
+        for ip in &own_enrolled {
+            fp.update(ip.as_bytes());
+            fp.update([0]);
+        }
         let fingerprint = hex::encode(fp.finalize());
         if let Some(prior) = input.prior_nodes.and_then(|p| p.get(*node)).filter(|d| d.fingerprint == fingerprint) {
             docs.insert((*node).to_owned(), prior.clone());
             continue;
         }
         let own_rules = own.iter().map(|(r, ips)| rules[*r].raw(ips)).collect();
-        let d = document(input, doc.clone(), own_rules)?;
+        let mut node_doc = doc.clone();
+        if let Some(r) = node_doc.redirect.as_mut() {
+            r.enrolled = own_enrolled;
+        }
+        let d = document(input, node_doc, own_rules)?;
         docs.insert((*node).to_owned(), NodeDoc { config: d.config, hash: d.hash, fingerprint });
         shared.get_or_insert((d.tls_data, d.annotations));
     }
@@ -181,11 +191,37 @@ fn clients_by_node<'a>(input: &'a Input<'_>, rules: &[&Rule], nodes: &'a [String
     (names, by_node)
 }
 
+/// The enrolled addresses (the whole document's `redirect.enrolled`) by the node their pod runs
+/// on: a node's proxy redirects its own pods only.
+fn enrolled_by_node<'a>(input: &'a Input<'_>, doc: &RawConfig) -> HashMap<&'a str, Vec<String>> {
+    let mut out: HashMap<&str, Vec<String>> = HashMap::new();
+    let Some(all) = doc.redirect.as_ref().map(|r| &r.enrolled).filter(|e| !e.is_empty()) else { return out };
+    let all: std::collections::HashSet<&str> = all.iter().map(String::as_str).collect();
+    for pod in input.pods.iter().filter(|p| p.eligible && !p.node.is_empty()) {
+        for ip in &pod.ips {
+            let text = ip.to_string();
+            if all.contains(text.as_str()) {
+                out.entry(pod.node.as_str()).or_default().push(text);
+            }
+        }
+    }
+    for list in out.values_mut() {
+        list.sort();
+        list.dedup();
+    }
+    out
+}
+
 /// A digest of what every node document shares (the base, TLS and users): with a node's own rules
 /// it fingerprints the document, so only the nodes whose inputs changed are rendered again.
 fn shared_digest(input: &Input<'_>, doc: &RawConfig) -> Sha256 {
     let mut shared_digest = Sha256::new();
-    shared_digest.update(serde_json::to_vec(doc).unwrap_or_default());
+    // Without the enrolled addresses: each node's own are part of its fingerprint.
+    let mut shared = doc.clone();
+    if let Some(r) = shared.redirect.as_mut() {
+        r.enrolled.clear();
+    }
+    shared_digest.update(serde_json::to_vec(&shared).unwrap_or_default());
     shared_digest.update(input.tls_dir.as_bytes());
     for (listener, t) in input.tls {
         shared_digest.update(listener.as_bytes());

@@ -1032,3 +1032,54 @@ fn a_policy_only_the_proxys_parser_rejects_leaves_every_other_policy_enforced() 
     );
     assert_eq!(config.policy.rules.len(), 1, "only the good policy's rule is rendered");
 }
+
+/// Transparent enrolment: the base names the namespaces' labels; each node's document enrols only
+/// its own eligible pods of those namespaces (a terminating one never), the whole one all of them,
+/// and the proxies accept every document.
+#[test]
+fn enrolled_pods_are_rendered_per_node_from_the_namespaces_labels() {
+    let base = "version: 1\nlisteners:\n  - {name: forward, bind: '0.0.0.0:3128'}\n  - {name: transparent, bind: '0.0.0.0:15001', mode: transparent}\n\
+                redirect: {listener: transparent, enrollNamespaces: {tunnelgate.io/transparent: enabled}}\n";
+    let on = |node: &str, p: PodIn| PodIn { node: node.into(), ..p };
+    let pods = [
+        on("a", pod("legacy", "app", "10.0.0.1")),
+        on("b", pod("legacy", "app", "10.0.0.2")),
+        on("a", PodIn { eligible: false, ..pod("legacy", "old", "10.0.0.3") }),
+        on("a", pod("modern", "app", "10.0.0.4")),
+    ];
+    let tls = BTreeMap::new();
+    let nodes = ["a".to_owned(), "b".to_owned()];
+    let cluster = Cluster {
+        namespaces: BTreeMap::from([
+            ("legacy".to_owned(), BTreeMap::from([("tunnelgate.io/transparent".to_owned(), "enabled".to_owned())])),
+            ("modern".to_owned(), BTreeMap::new()),
+        ]),
+        ..Default::default()
+    };
+    let input = Input {
+        base,
+        policies: vec![],
+        pods: &pods,
+        tls: &tls,
+        tls_dir: "/t",
+        htpasswd: None,
+        cluster,
+        per_node: Some(&nodes),
+        prior_nodes: None,
+    };
+    let r = render(&input).1.unwrap();
+    let enrolled = |config: &str| -> Vec<String> {
+        let cfg = ProxyConfig::from_yaml(config).unwrap_or_else(|e| panic!("{e}\n{config}"));
+        cfg.redirect.unwrap().enrolled.iter().map(ToString::to_string).collect()
+    };
+    assert_eq!(enrolled(&r.config), ["10.0.0.1", "10.0.0.2"], "the whole document: every enrolled pod");
+    assert_eq!(enrolled(&r.nodes["a"].config), ["10.0.0.1"], "node a: its own, never a terminating pod");
+    assert_eq!(enrolled(&r.nodes["b"].config), ["10.0.0.2"]);
+    assert!(!r.config.contains("enrollNamespaces"), "the operator-only selector is not rendered");
+    // A pod of an enrolled namespace appearing on node b changes only node b's document.
+    let more =
+        [pods[0].clone(), pods[1].clone(), pods[2].clone(), pods[3].clone(), on("b", pod("legacy", "app", "10.0.0.5"))];
+    let r2 = render(&Input { pods: &more, prior_nodes: Some(&r.nodes), ..input.clone() }).1.unwrap();
+    assert_eq!(r2.nodes["a"], r.nodes["a"]);
+    assert_eq!(enrolled(&r2.nodes["b"].config), ["10.0.0.2", "10.0.0.5"]);
+}

@@ -174,6 +174,9 @@ fn transparent(errs: &mut Errors, p: &str, mode: Option<ListenerMode>, l: &RawLi
 
 /// The node's redirect rules: to a transparent listener of `config`, for valid client addresses.
 fn redirect(errs: &mut Errors, r: &RawRedirect, config: &ProxyConfig) -> Option<Redirect> {
+    if r.enroll_namespaces.is_some() {
+        errs.push("redirect.enrollNamespaces", OPERATOR_ONLY);
+    }
     let target = config.listeners.iter().find(|l| l.name == r.listener);
     let listener_port = match target {
         Some(l) if matches!(l.serves, Serves::Transparent(_)) => Some(l.bind.port()),
