@@ -19,7 +19,9 @@ pub const EXIT_DENIED: i32 = 1;
 /// `explain`: the name must be resolved to decide (`--resolve`).
 pub const EXIT_NEEDS_RESOLUTION: i32 = 2;
 
-/// Tunnelgate egress proxy: HTTP CONNECT with allow/deny policy, limits and metrics.
+/// Tunnelgate egress proxy: a forward proxy (HTTP CONNECT, plain HTTP, WebSocket), TLS-terminating
+/// tunnel listeners and transparent listeners for clients without proxy settings, all held to one
+/// allow/deny policy with SSRF protection, limits and metrics.
 #[derive(Debug, Parser)]
 #[command(name = "tunnelgate-proxy", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {

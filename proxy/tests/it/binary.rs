@@ -798,3 +798,13 @@ async fn trace_logs_in_the_config_directory_do_not_feed_the_file_watcher() {
     let grown = p.log().lines().count() - before;
     assert!(grown < 200, "an idle proxy wrote {grown} log lines in a second (the watcher logging its own log file)");
 }
+
+/// `--help` describes what the proxy serves today: every data path by name.
+#[tokio::test]
+async fn help_names_every_mode_the_proxy_serves() {
+    let out = Command::new(BIN).arg("--help").output().await.unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for words in ["HTTP CONNECT", "plain HTTP", "WebSocket", "tunnel listeners", "transparent listeners", "policy"] {
+        assert!(help.contains(words), "--help should name {words:?}:\n{help}");
+    }
+}
