@@ -19,11 +19,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::access::{self, TunnelKind};
-use crate::authorize::{self, Authorized, Rejection};
+use crate::authorize::{Authorized, Rejection};
 use crate::context::ConnCtx;
-use crate::dial;
 use crate::error::TunnelError;
 use crate::established::{spawn_tunnel, Established};
+use crate::forward::connect;
 use crate::negotiate;
 use first_bytes::Opening;
 
@@ -93,30 +93,23 @@ pub async fn serve(mut stream: TcpStream, ctx: &ConnCtx, settings: Transparent, 
 }
 
 /// Authorizes `authority` and connects to one of the approved addresses (with a name: those the
-/// proxy resolved, never `original`).
+/// proxy resolved, never `original`, which strict listeners also require among them).
 async fn open(
     authority: &Authority,
     original: SocketAddr,
     ctx: &ConnCtx,
     settings: Transparent,
 ) -> Result<(TcpStream, Authorized), Rejection> {
-    let snapshot = &ctx.snapshot;
-    let work = async {
-        let authorized = authorize::authorize(snapshot, &ctx.inner, ctx.peer.ip(), None, authority).await?;
-        let named = matches!(authority.host, Host::Name(_));
-        if named && settings.strict_destination && !authorized.addrs.iter().any(|a| a.to_canonical() == original.ip()) {
-            return Err(Rejection { error: TunnelError::DestinationMismatch, rule: Some(authorized.rule.clone()) });
+    let named = matches!(authority.host, Host::Name(_));
+    connect::open_checked(authority, ctx, None, |authorized| {
+        let among = authorized.addrs.iter().any(|a| a.to_canonical() == original.ip());
+        if named && settings.strict_destination && !among {
+            Err(TunnelError::DestinationMismatch)
+        } else {
+            Ok(())
         }
-        let upstream =
-            dial::connect(&authorized.addrs, authority.port, snapshot.config.relay.connect_timeout, &ctx.inner.metrics)
-                .await
-                .map_err(|error| Rejection { error, rule: Some(authorized.rule.clone()) })?;
-        Ok((upstream, authorized))
-    };
-    tokio::select! {
-        r = work => r,
-        () = ctx.inner.shutdown.cancelled() => Err(TunnelError::Draining.into()),
-    }
+    })
+    .await
 }
 
 /// Refuses in the client's protocol, then closes: a TLS alert before any handshake, an HTTP

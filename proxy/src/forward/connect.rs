@@ -71,9 +71,21 @@ pub async fn open(
     ctx: &ConnCtx,
     user: Option<String>,
 ) -> Result<(TcpStream, Authorized), Rejection> {
+    open_checked(authority, ctx, user, |_| Ok(())).await
+}
+
+/// [`open`], with `check` judging the authorization before anything is dialled (a transparent
+/// listener's strict destination check).
+pub async fn open_checked(
+    authority: &Authority,
+    ctx: &ConnCtx,
+    user: Option<String>,
+    check: impl FnOnce(&Authorized) -> Result<(), TunnelError>,
+) -> Result<(TcpStream, Authorized), Rejection> {
     let snapshot = &ctx.snapshot;
     let work = async {
         let authorized = authorize::authorize(snapshot, &ctx.inner, ctx.peer.ip(), user, authority).await?;
+        check(&authorized).map_err(|error| Rejection { error, rule: Some(authorized.rule.clone()) })?;
         let upstream =
             dial::connect(&authorized.addrs, authority.port, snapshot.config.relay.connect_timeout, &ctx.inner.metrics)
                 .await
