@@ -14,3 +14,4 @@ mod resilience;
 mod rollout;
 mod secrets;
 mod tenancy;
+mod transparent;
