@@ -112,9 +112,7 @@ pub(crate) async fn http_requests(
     secs: f64,
 ) -> Res<(f64, f64)> {
     let connect = |t: Arc<Target>, upstream: SocketAddr| async move {
-        let s = TcpStream::connect(t.proxy.unwrap_or(t.front(upstream))).await?;
-        s.set_nodelay(true)?;
-        Ok::<TcpStream, Box<dyn Error + Send + Sync>>(s)
+        crate::targets::tcp(&t, t.proxy.unwrap_or(t.front(upstream))).await
     };
     let cpu_before = t.child.as_ref().map(|c| cpu_us(c.id())).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));

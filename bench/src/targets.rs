@@ -2,7 +2,7 @@
 //! no-parsing floors, each started on loopback and stopped on drop; and opening a stream to an
 //! upstream through one of them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -21,6 +21,8 @@ pub(crate) struct Target {
     /// Fixed forwarders, one per upstream (upstream, where to connect): a relay with no request
     /// to parse, the floor a CONNECT proxy's cost is measured against.
     l4: Vec<(SocketAddr, SocketAddr)>,
+    /// The client's source address (a transparent target's redirect matches it).
+    source: Option<IpAddr>,
     pub(crate) child: Option<Child>,
     pub(crate) _dir: Option<TempDir>,
 }
@@ -28,7 +30,7 @@ pub(crate) struct Target {
 impl Target {
     /// The baseline: a direct connection to each upstream.
     pub(crate) fn direct() -> Target {
-        Target { name: "direct", proxy: None, l4: Vec::new(), child: None, _dir: None }
+        Target { name: "direct", proxy: None, l4: Vec::new(), source: None, child: None, _dir: None }
     }
 
     /// Where a connection to `upstream` goes without CONNECT: the fixed forwarder for it, or the
@@ -43,7 +45,73 @@ impl Drop for Target {
         if let Some(c) = self.child.as_mut() {
             stop_child(c);
         }
+        if self.source.is_some() {
+            let _ = Command::new("nft").args(["delete", "table", "inet", REDIRECT_TABLE]).status();
+        }
     }
+}
+
+/// A TCP connection to `addr`, from the target's client source address when it has one.
+pub(crate) async fn tcp(t: &Target, addr: SocketAddr) -> Res<TcpStream> {
+    let s = match t.source {
+        Some(src) => {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(SocketAddr::new(src, 0))?;
+            sock.connect(addr).await?
+        }
+        None => TcpStream::connect(addr).await?,
+    };
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// The nftables table of the transparent target's redirect (its own, removed when it stops).
+const REDIRECT_TABLE: &str = "tunnelgate_bench";
+
+/// The source address of the transparent target's clients: only their connections are redirected.
+const TRANSPARENT_CLIENT: [u8; 4] = [127, 0, 0, 5];
+
+/// Tunnelgate's transparent listener: the clients connect to the upstreams themselves, from
+/// 127.0.0.5, and an nftables `output` rule (this bench's own table, matching only that source)
+/// redirects them to the listener, which reads the original destination and, with no name in
+/// the bytes, decides by address (the SNI path adds a ClientHello parse and a cached lookup).
+/// Needs root and `nft`; run it in a network namespace of its own (bench/run-transparent.sh).
+pub(crate) async fn start_transparent(bin: &Path, up: &Upstreams, extra: &[String]) -> Res<Option<Target>> {
+    if which("nft").is_none() {
+        return Ok(None);
+    }
+    let dir = TempDir::new("tunnelgate-transparent")?;
+    let (port, admin) = (free_port()?, free_port()?);
+    let cfg = format!(
+        "version: 1\nlisteners: [{{name: transparent, bind: '127.0.0.1:{port}', mode: transparent}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.1/32']}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\nlogging: {{accessLog: false}}\n"
+    );
+    let path = dir.0.join("config.yaml");
+    std::fs::write(&path, cfg)?;
+    let ports: Vec<String> =
+        [up.sink, up.echo, up.hello, up.hold, up.http].iter().map(|a| a.port().to_string()).collect();
+    let client = std::net::Ipv4Addr::from(TRANSPARENT_CLIENT);
+    let rules = format!(
+        "table inet {REDIRECT_TABLE} {{ chain out {{ type nat hook output priority -100; policy accept; \
+         ip saddr {client} tcp dport {{ {} }} redirect to :{port}; }}; }}",
+        ports.join(", ")
+    );
+    let ok = Command::new("nft").arg(&rules).status()?.success();
+    if !ok {
+        return Err("nft refused the redirect (root is needed)".into());
+    }
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config").arg(&path).args(extra).env("TUNNELGATE_LOG", "warn");
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let t = Target {
+        name: "transparent",
+        proxy: None,
+        l4: Vec::new(),
+        source: Some(IpAddr::V4(client)),
+        child: Some(child),
+        _dir: Some(dir),
+    };
+    wait_port(format!("127.0.0.1:{port}").parse()?).await?;
+    Ok(Some(t))
 }
 
 /// Stops a peer with the processes it started: SIGTERM first, which a master process (nginx,
@@ -101,7 +169,7 @@ pub(crate) async fn wait_port(addr: SocketAddr) -> Res<()> {
 pub(crate) async fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: TempDir) -> Res<Target> {
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let t = Target { name, proxy: Some(addr), l4: Vec::new(), child: Some(child), _dir: Some(dir) };
+    let t = Target { name, proxy: Some(addr), l4: Vec::new(), source: None, child: Some(child), _dir: Some(dir) };
     wait_port(addr).await?;
     Ok(t)
 }
@@ -173,7 +241,7 @@ pub(crate) async fn spawn_l4(
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let l4: Vec<(SocketAddr, SocketAddr)> =
         fronts.iter().map(|(_, u, p)| Ok((*u, format!("127.0.0.1:{p}").parse()?))).collect::<Res<_>>()?;
-    let t = Target { name, proxy: None, l4, child: Some(child), _dir: Some(dir) };
+    let t = Target { name, proxy: None, l4, source: None, child: Some(child), _dir: Some(dir) };
     for (_, front) in &t.l4 {
         wait_port(*front).await?;
     }
@@ -268,9 +336,7 @@ pub(crate) async fn start_http_tunnel() -> Res<Option<Target>> {
 /// Opens a stream to `upstream`, directly or through a CONNECT tunnel.
 pub(crate) async fn open(t: &Target, upstream: SocketAddr) -> Res<TcpStream> {
     let Some(proxy) = t.proxy else {
-        let s = TcpStream::connect(t.front(upstream)).await?;
-        s.set_nodelay(true)?;
-        return Ok(s);
+        return tcp(t, t.front(upstream)).await;
     };
     // A target that stops answering must not hang the whole bench.
     match tokio::time::timeout(Duration::from_secs(10), connect_via(proxy, upstream)).await {
