@@ -29,6 +29,8 @@ pub struct Metrics {
     /// Policies validated and matched against pods again (the rest were reused from the previous
     /// render): per change, about the number of policies the change can affect.
     pub policy_evaluations: IntCounter,
+    /// Pods intercepted transparently: the eligible pods of the namespaces the base enrols.
+    pub transparent_pods: IntGauge,
 }
 
 impl Metrics {
@@ -71,6 +73,10 @@ impl Metrics {
                 "tunnelgate_operator_policy_evaluations_total",
                 "Policies worked out again by a render (validated and matched against pods)",
             )?,
+            transparent_pods: IntGauge::new(
+                "tunnelgate_operator_transparent_pods",
+                "Pods enrolled for transparent interception (in every node's documents together)",
+            )?,
             leader: IntGauge::new(
                 "tunnelgate_operator_leader",
                 "Whether this replica holds the Lease (1) or stands by (0)",
@@ -86,6 +92,7 @@ impl Metrics {
         r.register(Box::new(m.status_pending.clone()))?;
         r.register(Box::new(m.proxies.clone()))?;
         r.register(Box::new(m.policy_evaluations.clone()))?;
+        r.register(Box::new(m.transparent_pods.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"),
             &["version", "git_sha"],

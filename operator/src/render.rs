@@ -268,7 +268,7 @@ mod document;
 mod policies;
 mod rules;
 
-pub use base::{auth_ref, tls_refs};
+pub use base::{auth_ref, enrolled_count, tls_refs};
 
 #[cfg(test)]
 mod tests;

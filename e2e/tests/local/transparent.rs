@@ -139,8 +139,15 @@ async fn a_labelled_namespace_is_intercepted_through_its_nodes_proxy() {
     let doc = cms.get("tunnelgate-proxy-node-node-a").await.unwrap();
     let text = doc.data.unwrap().remove("config.yaml").unwrap();
     assert!(text.contains("10.236.1.2") && !text.contains("enrollNamespaces"), "{text}");
+    let operator_metrics = format!("127.0.0.1:{op_admin}");
+    let enrolled = |n: u32| {
+        let addr = operator_metrics.clone();
+        async move { reqwest_get(&addr, "/metrics").await.contains(&format!("tunnelgate_operator_transparent_pods {n}")) }
+    };
+    until("the operator counts the enrolled pod", 10, || enrolled(1)).await;
 
     // The label removed: no longer intercepted.
     namespaces.patch("legacy", &PatchParams::default(), &Patch::Merge(label(None))).await.unwrap();
     until("the pod reaches .3 directly again", 30, || async { curl(&pod_ns, "http://192.168.77.3/").0 == 0 }).await;
+    until("the operator counts none", 10, || enrolled(0)).await;
 }

@@ -63,6 +63,13 @@ pub(super) fn take_grants(doc: &mut RawConfig) -> Result<Vec<Grant>, RenderError
     Ok(grants)
 }
 
+/// How many addresses the base enrols for transparent interception with these inputs.
+pub fn enrolled_count(input: &Input<'_>) -> usize {
+    let Ok(mut doc) = parse_base(input.base) else { return 0 };
+    enrol(&mut doc, input);
+    doc.redirect.map_or(0, |r| r.enrolled.len())
+}
+
 /// Replaces the base's operator-only `redirect.enrollNamespaces` with the addresses of the pods it
 /// enrols: the eligible pods (Running, not terminating, not on the host network) of the
 /// namespaces whose labels include every label it names. Per-node documents keep only their
@@ -70,12 +77,18 @@ pub(super) fn take_grants(doc: &mut RawConfig) -> Result<Vec<Grant>, RenderError
 pub(super) fn enrol(doc: &mut RawConfig, input: &Input<'_>) {
     let Some(redirect) = doc.redirect.as_mut() else { return };
     let Some(wanted) = redirect.enroll_namespaces.take() else { return };
-    let matches = |ns: &str| {
-        let labels = input.cluster.labels_of(ns);
-        wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
-    };
-    let mut enrolled: Vec<IpAddr> =
-        input.pods.iter().filter(|p| p.eligible && matches(&p.namespace)).flat_map(|p| p.ips.iter().copied()).collect();
+    // Each namespace judged once, not once per pod.
+    let mut judged: std::collections::HashMap<&str, bool> = std::collections::HashMap::new();
+    let mut enrolled: Vec<IpAddr> = Vec::new();
+    for p in input.pods.iter().filter(|p| p.eligible) {
+        let in_scope = *judged.entry(p.namespace.as_str()).or_insert_with(|| {
+            let labels = input.cluster.labels_of(&p.namespace);
+            wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+        });
+        if in_scope {
+            enrolled.extend(p.ips.iter().copied());
+        }
+    }
     enrolled.sort();
     enrolled.dedup();
     redirect.enrolled = enrolled.iter().map(ToString::to_string).collect();
