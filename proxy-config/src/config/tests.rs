@@ -191,7 +191,7 @@ fn tunnel_listeners_need_a_valid_upstream_and_take_no_http_settings() {
         "listeners[1].http: only valid with mode: forward",
         "listeners[1].sendProxyProtocol: \"v3\"",
         "listeners[2].upstream: only valid with mode: tunnel",
-        "listeners[3].mode: unknown mode \"sideways\" (expected forward or tunnel)",
+        "listeners[3].mode: unknown mode \"sideways\" (expected forward, tunnel or transparent)",
     ] {
         assert!(errs.iter().any(|e| e.starts_with(want)), "want {want} in {errs:?}");
     }
