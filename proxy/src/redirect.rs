@@ -8,8 +8,9 @@
 //! again.
 //!
 //! Why the `nft` tool: it is netfilter's own front end, applies a whole file as one transaction,
-//! and reports errors with their line; the Rust bindings to libnftables and netlink are thin or
-//! unmaintained.
+//! and reports errors with their line. The Rust netlink bindings do not serve here: `rustables` is
+//! GPL-3.0 (this project is Apache-2.0) and calls its own API rough; `nftnl-rs` manages set
+//! elements only.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
