@@ -460,3 +460,17 @@ def test_per_node_documents_are_wired():
     # Gateway proxies serve every node: they read the whole document.
     gw = find(render({"proxy": {"kind": "Deployment", "configPerNode": True}}), "Deployment", "-proxy")
     assert not any(a.startswith("--node-name") for a in gw["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_the_proxy_configuration_schema_accepts_the_default_and_every_rendered_base():
+    # The JSON Schema editors validate config.yaml with (generated from the types that parse it):
+    # the embedded default and the base document of every chart case are valid; a typo is not.
+    schema = json.loads((ROOT / "proxy-config" / "config.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    default = yaml.safe_load((ROOT / "proxy-config" / "src" / "default.yaml").read_text())
+    assert not [e.message for e in validator.iter_errors(default)]
+    for name, values in CASES.items():
+        base = yaml.safe_load(find(render(values), "ConfigMap", "-base")["data"]["config.yaml"])
+        assert not [e.message for e in validator.iter_errors(base)], name
+    typo = dict(default, limitz={"maxConnections": 10})
+    assert any("limitz" in e.message for e in validator.iter_errors(typo))
