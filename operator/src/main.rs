@@ -20,7 +20,9 @@ use tunnelgate_operator::{admin, error_chain};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Tunnelgate operator: renders TunnelPolicies into the proxy's ConfigMap.
+/// Tunnelgate operator: renders TunnelPolicies and ClusterTunnelPolicies, the pods they select and
+/// the Secrets the base names into the proxies' configuration (one ConfigMap, and one per node when
+/// asked), reports each policy's status and rollout, and enrols pods for transparent interception.
 #[derive(Debug, Parser)]
 #[command(name = "tunnelgate-operator", version)]
 struct Args {
