@@ -97,10 +97,16 @@ async fn config(inner: &Inner, long_polls: &Arc<Semaphore>, query: Option<&str>)
         }
     }
     let counter = *changes.borrow();
+    json(&config_status(inner, counter))
+}
+
+/// What `/config` reports: the configuration in force, the last reload's outcome, the change
+/// counter and the dry-run counts (the same document for GET and HEAD).
+fn config_status(inner: &Inner, changes: u64) -> proxy_config::status::ConfigStatus {
     let mut doc = inner.snapshot().describe(inner.control.reload_failure());
-    doc.changes = counter;
+    doc.changes = changes;
     doc.dry_run = inner.control.dry_run_counts();
-    json(&doc)
+    doc
 }
 
 /// Whether `req` may read `/config`: no token is configured, or it carries the token.
@@ -164,7 +170,7 @@ fn route(inner: &Inner, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::OK, "ready\n", "text/plain")
             }
         }
-        "/config" => json(&inner.snapshot().describe(inner.control.reload_failure())),
+        "/config" => json(&config_status(inner, *inner.control.watch_changes().borrow())),
         _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
     }
 }

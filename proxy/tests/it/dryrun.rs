@@ -27,4 +27,14 @@ async fn dry_run_rules_count_without_deciding() {
     };
     assert_eq!(m("ns/dry-deny", "would_deny").await, 1.0);
     assert_eq!(m("ns/dry-allow", "would_allow").await, 1.0);
+    // `/config` reports them; HEAD announces exactly the GET's document (counts included).
+    let (_, cfg) = admin_get(p.admin, "/config").await;
+    assert!(cfg.contains("\"ns/dry-deny\":{\"wouldDeny\":1,\"wouldAllow\":0}"), "{cfg}");
+    let mut s = tokio::net::TcpStream::connect(p.admin).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"HEAD /config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut head).await.unwrap();
+    assert!(head.to_ascii_lowercase().contains(&format!("content-length: {}\r\n", cfg.len())), "{head} / {cfg}");
 }
