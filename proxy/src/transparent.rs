@@ -35,14 +35,17 @@ const TLS_ACCESS_DENIED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
 fn original_destination(stream: &TcpStream) -> Result<SocketAddr, TunnelError> {
     let sock = socket2::SockRef::from(stream);
     let local = stream.local_addr().map_err(|_| TunnelError::NotRedirected)?;
-    let original = match local {
-        SocketAddr::V4(_) => sock.original_dst_v4(),
-        SocketAddr::V6(_) => sock.original_dst_v6(),
+    // An IPv4 connection on a dual-stack IPv6 socket (a v4-mapped local address) was redirected by
+    // IPv4 conntrack: ask at the IPv4 level first for it, and fall back to the other.
+    let original = if local.ip().to_canonical().is_ipv4() {
+        sock.original_dst_v4().or_else(|_| sock.original_dst_v6())
+    } else {
+        sock.original_dst_v6().or_else(|_| sock.original_dst_v4())
     };
     let original = original.ok().and_then(|a| a.as_socket()).map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()));
     match original {
         // A connection made to the listener itself was not redirected: nothing to decide.
-        Some(o) if o != local => Ok(o),
+        Some(o) if o != SocketAddr::new(local.ip().to_canonical(), local.port()) => Ok(o),
         _ => Err(TunnelError::NotRedirected),
     }
 }

@@ -193,15 +193,14 @@ fn acceptor() -> Arc<tokio_rustls::TlsAcceptor> {
     Arc::new(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The proxy's configuration: two transparent listeners (v4, v6) on the node's pod-side
-/// addresses, the node's redirect for `enrolled` (none: no redirect section), and `rules`.
+/// The proxy's configuration: one dual-stack transparent listener (IPv4 connections reach it as
+/// v4-mapped addresses), the node's redirect for `enrolled` (none: no redirect section), and `rules`.
 fn config(dns: SocketAddr, port: u16, strict: bool, enrolled: Option<&str>, rules: &str) -> String {
     let redirect = enrolled.map(|e| format!("redirect: {{listener: t4, enrolled: [{e}]}}\n")).unwrap_or_default();
     format!(
         "version: 1\n\
          listeners:\n\
-         \x20 - {{name: t4, bind: '0.0.0.0:{port}', mode: transparent, transparent: {{strictDestination: {strict}}}}}\n\
-         \x20 - {{name: t6, bind: '[fd41:1::1]:{port}', mode: transparent, transparent: {{strictDestination: {strict}}}}}\n\
+         \x20 - {{name: t4, bind: '[::]:{port}', mode: transparent, transparent: {{strictDestination: {strict}}}}}\n\
          admin: {{bind: '10.241.0.2:9090'}}\n\
          dns: {{nameservers: ['{dns}']}}\n\
          limits: {{drainDelay: 0s, drainTimeout: 1s}}\n\
