@@ -405,15 +405,17 @@ pub async fn resolve_here(target: &str) -> Result<Vec<IpAddr>, String> {
 
 /// `loaded/total` of the policy behind a rendered rule name (`ns/name[/i]`, `cluster:name[/i]`).
 async fn rollout_of(client: &Client, rule: &str) -> Result<Option<String>, PluginError> {
-    let status = if let Some(rest) = rule.strip_prefix("cluster:") {
-        let name = rest.split('/').next().unwrap_or(rest);
-        let p = Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone()).get_opt(name).await?;
-        p.and_then(|p| p.read.ok()).and_then(|p| p.status.clone())
-    } else {
-        let mut parts = rule.split('/');
-        let (Some(ns), Some(name)) = (parts.next(), parts.next()) else { return Ok(None) };
-        let p = Api::<Lenient<TunnelPolicy>>::namespaced(client.clone(), ns).get_opt(name).await?;
-        p.and_then(|p| p.read.ok()).and_then(|p| p.status.clone())
+    use proxy_config::origin::PolicyId;
+    let status = match PolicyId::of_rule(rule) {
+        Some(PolicyId::Cluster { name }) => {
+            let p = Api::<Lenient<ClusterTunnelPolicy>>::all(client.clone()).get_opt(&name).await?;
+            p.and_then(|p| p.read.ok()).and_then(|p| p.status.clone())
+        }
+        Some(PolicyId::Namespaced { namespace, name }) => {
+            let p = Api::<Lenient<TunnelPolicy>>::namespaced(client.clone(), &namespace).get_opt(&name).await?;
+            p.and_then(|p| p.read.ok()).and_then(|p| p.status.clone())
+        }
+        None => return Ok(None),
     };
     Ok(status.and_then(|s| s.loaded))
 }

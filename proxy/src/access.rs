@@ -8,20 +8,13 @@ use tracing::{debug, info};
 use crate::context::ConnCtx;
 use crate::error::{ErrorChain, TunnelError};
 use crate::relay::RelayOutcome;
+use proxy_config::origin::PolicyId;
 
-/// The Kubernetes policy behind an operator-rendered rule name (`namespace/policy[/n]` or
-/// `cluster:policy[/n]`): (namespace, policy), the namespace empty for a cluster policy. `None`
-/// for a configuration the operator did not render, whose rule names are the user's own.
-pub fn policy_of<'a>(ctx: &ConnCtx, rule: &'a str) -> Option<(&'a str, &'a str)> {
+/// The Kubernetes policy behind an operator-rendered rule name. `None` for a configuration the
+/// operator did not render, whose rule names are the user's own.
+pub fn policy_of(ctx: &ConnCtx, rule: &str) -> Option<PolicyId> {
     ctx.snapshot.render?;
-    if let Some(rest) = rule.strip_prefix("cluster:") {
-        return Some(("", rest.split('/').next().unwrap_or(rest)));
-    }
-    let mut parts = rule.splitn(3, '/');
-    match (parts.next(), parts.next()) {
-        (Some(ns), Some(name)) => Some((ns, name)),
-        _ => None,
-    }
+    PolicyId::of_rule(rule)
 }
 
 /// The `reason` of an allowed request: the rule that allowed it, or the default action.
@@ -42,7 +35,7 @@ pub fn rejected(ctx: &ConnCtx, err: &TunnelError, rule: Option<&str>, authority:
     let logging = ctx.snapshot.config.logging;
     if logging.access_log && !matches!(err, TunnelError::ClientClosed) {
         let (decision, reason) = err.decision();
-        let (namespace, policy) = rule.and_then(|r| policy_of(ctx, r)).unzip();
+        let origin = rule.and_then(|r| policy_of(ctx, r));
         info!(
             target: "tunnelgate::access",
             conn = ctx.id,
@@ -50,8 +43,8 @@ pub fn rejected(ctx: &ConnCtx, err: &TunnelError, rule: Option<&str>, authority:
             decision,
             reason,
             rule = rule.unwrap_or(""),
-            namespace = namespace.filter(|n| !n.is_empty()),
-            policy,
+            namespace = origin.as_ref().and_then(PolicyId::namespace),
+            policy = origin.as_ref().map(PolicyId::name),
             result = err.kind(),
             status = err.status().unwrap_or(0),
             client = logging.log_client_addresses.then(|| ctx.peer.ip().to_string()),
@@ -109,14 +102,14 @@ pub fn tunnel_closed(
     );
     let logging = ctx.snapshot.config.logging;
     if logging.access_log {
-        let (namespace, policy) = policy_of(ctx, rule).unzip();
+        let origin = policy_of(ctx, rule);
         info!(
             target: "tunnelgate::access",
             conn = ctx.id,
             listener = &*ctx.listener,
             kind = kind.as_str(),
-            namespace = namespace.filter(|n| !n.is_empty()),
-            policy,
+            namespace = origin.as_ref().and_then(PolicyId::namespace),
+            policy = origin.as_ref().map(PolicyId::name),
             decision = "allow",
             reason = allow_reason(rule),
             rule,

@@ -230,7 +230,7 @@ impl Handler {
         m.http_request_duration.with_label_values(&[&self.ctx.listener]).observe(elapsed.as_secs_f64());
         let logging = self.ctx.snapshot.config.logging;
         if logging.access_log {
-            let (namespace, policy) = ex.rule.as_deref().and_then(|r| crate::access::policy_of(&self.ctx, r)).unzip();
+            let origin = ex.rule.as_deref().and_then(|r| crate::access::policy_of(&self.ctx, r));
             info!(
                 target: "tunnelgate::access",
                 conn = self.ctx.id,
@@ -240,8 +240,8 @@ impl Handler {
                 reason,
                 method = ex.method,
                 rule = ex.rule.as_deref().unwrap_or(""),
-                namespace = namespace.filter(|n| !n.is_empty()),
-                policy,
+                namespace = origin.as_ref().and_then(proxy_config::origin::PolicyId::namespace),
+                policy = origin.as_ref().map(proxy_config::origin::PolicyId::name),
                 status = status.as_u16(),
                 bytes_up,
                 bytes_down,
