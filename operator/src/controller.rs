@@ -288,12 +288,12 @@ async fn reconcile(
     state: &mut LoopState,
 ) -> Result<(), Error> {
     let World { client, settings: s, caches: c, metrics } = *w;
-    let inputs = Inputs::read(c, s);
+    let mut inputs = Inputs::read(c, s);
     let changed = state.pods.sync(&c.pods.state());
     let input = inputs.render_input(s, state.pods.rows(), &state.prior_nodes);
     let (outcomes, rendered) = render::render_with(&input, &mut state.memo, &changed.as_changes());
     metrics.policy_evaluations.inc_by(u64::try_from(state.memo.evaluated()).unwrap_or(u64::MAX));
-    metrics.transparent_pods.set(i64::try_from(render::enrolled_count(&input)).unwrap_or(i64::MAX));
+    metrics.transparent_pods.set(i64::try_from(state.memo.enrolled()).unwrap_or(i64::MAX));
     let applied: Result<String, Error> = match (inputs.base.is_some(), rendered) {
         (false, _) => Err(Error::BaseMissing(format!("{}/{}", s.namespace, s.base_name()))),
         (true, Err(e)) => Err(Error::Render(e)),

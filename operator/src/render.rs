@@ -191,12 +191,20 @@ pub struct Memo {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// How many policies the last render worked out again.
     evaluated: usize,
+    /// How many addresses the last render enrolled for transparent interception.
+    enrolled: usize,
 }
 
 impl Memo {
     /// How many policies the last render worked out again (the others were reused).
     pub fn evaluated(&self) -> usize {
         self.evaluated
+    }
+
+    /// How many addresses the last render enrolled for transparent interception (in every node's
+    /// documents together).
+    pub fn enrolled(&self) -> usize {
+        self.enrolled
     }
 }
 
@@ -250,6 +258,7 @@ pub fn render_with(
         base::enrol(&mut doc, input);
         Ok((doc, grants))
     });
+    memo.enrolled = base.as_ref().ok().and_then(|(doc, _)| doc.redirect.as_ref()).map_or(0, |r| r.enrolled.len());
     let mut pass = policies::Pass::new(input, changes, memo, &base);
     // Cluster policies first: their delegations are grants for the namespaced ones.
     pass.cluster_policies(memo);
@@ -268,7 +277,7 @@ mod document;
 mod policies;
 mod rules;
 
-pub use base::{auth_ref, enrolled_count, tls_refs};
+pub use base::{auth_ref, tls_refs};
 
 #[cfg(test)]
 mod tests;

@@ -103,9 +103,11 @@ impl Inputs {
             .chain(self.cluster_policies.iter().map(|p| PolicyObject::Cluster(p)))
     }
 
-    /// What the renderer reads, with `pods` and the previous render's node documents.
+    /// What the renderer reads, with `pods` and the previous render's node documents. The
+    /// namespaces' labels and the cluster's networks are handed over, not copied: a reconcile
+    /// renders once.
     pub(super) fn render_input<'a>(
-        &'a self,
+        &'a mut self,
         s: &'a Settings,
         pods: &'a [PodIn],
         prior_nodes: &'a BTreeMap<String, NodeDoc>,
@@ -131,8 +133,8 @@ impl Inputs {
                     .iter()
                     .map(|p| ClusterPolicyIn { name: p.metadata.name.as_deref().unwrap_or_default(), spec: &p.spec })
                     .collect(),
-                namespaces: self.namespaces.clone(),
-                networks: self.networks.clone(),
+                namespaces: std::mem::take(&mut self.namespaces),
+                networks: std::mem::take(&mut self.networks),
             },
             per_node: s.config_per_node.then_some(self.nodes.as_slice()),
             prior_nodes: Some(prior_nodes),

@@ -63,13 +63,6 @@ pub(super) fn take_grants(doc: &mut RawConfig) -> Result<Vec<Grant>, RenderError
     Ok(grants)
 }
 
-/// How many addresses the base enrols for transparent interception with these inputs.
-pub fn enrolled_count(input: &Input<'_>) -> usize {
-    let Ok(mut doc) = parse_base(input.base) else { return 0 };
-    enrol(&mut doc, input);
-    doc.redirect.map_or(0, |r| r.enrolled.len())
-}
-
 /// Replaces the base's operator-only `redirect.enrollNamespaces` with the addresses of the pods it
 /// enrols: the eligible pods (Running, not terminating, not on the host network) of the
 /// namespaces whose labels include every label it names. Per-node documents keep only their

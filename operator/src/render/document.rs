@@ -196,13 +196,11 @@ fn clients_by_node<'a>(input: &'a Input<'_>, rules: &[&Rule], nodes: &'a [String
 fn enrolled_by_node<'a>(input: &'a Input<'_>, doc: &RawConfig) -> HashMap<&'a str, Vec<String>> {
     let mut out: HashMap<&str, Vec<String>> = HashMap::new();
     let Some(all) = doc.redirect.as_ref().map(|r| &r.enrolled).filter(|e| !e.is_empty()) else { return out };
-    let all: std::collections::HashSet<&str> = all.iter().map(String::as_str).collect();
+    // Compared as addresses: only the enrolled ones are written out as text.
+    let all: std::collections::HashSet<IpAddr> = all.iter().filter_map(|a| a.parse().ok()).collect();
     for pod in input.pods.iter().filter(|p| p.eligible && !p.node.is_empty()) {
-        for ip in &pod.ips {
-            let text = ip.to_string();
-            if all.contains(text.as_str()) {
-                out.entry(pod.node.as_str()).or_default().push(text);
-            }
+        for ip in pod.ips.iter().filter(|ip| all.contains(ip)) {
+            out.entry(pod.node.as_str()).or_default().push(ip.to_string());
         }
     }
     for list in out.values_mut() {
