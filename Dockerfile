@@ -34,8 +34,23 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked -p tunnelgate-proxy -p tunnelgate-operator \
  && mkdir -p /out && cp target/release/tunnelgate-proxy target/release/tunnelgate-operator /out/
 
-# glibc and libgcc only (aws-lc and mimalloc link against them); runs as uid 65532.
+# `nft` (Debian's nftables) with the libraries it links, glibc excepted (the runtime base has
+# it): the proxy writes the node's redirect rules with it in transparent mode. Each library goes to
+# its real directory (merged /usr), where the loader looks without an ld.so.cache.
+FROM debian:bookworm-slim AS nft
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nftables \
+ && mkdir -p /nft/usr/sbin && cp /usr/sbin/nft /nft/usr/sbin/ \
+ && for lib in $(ldd /usr/sbin/nft | awk '/=> \//{print $3}'); do \
+      case "$lib" in */libc.so.*) continue ;; esac; \
+      dir=$(dirname "$(readlink -f "$lib")"); mkdir -p "/nft$dir"; cp -L "$lib" "/nft$dir/"; \
+    done \
+ && /usr/sbin/nft --version
+
+# glibc and libgcc only (aws-lc and mimalloc link against them), and nft; runs as uid 65532 (the
+# chart runs transparent-mode proxies as root with NET_ADMIN alone, for nft).
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime-base
+COPY --from=nft /nft/ /
 COPY --from=build /out/tunnelgate-proxy /out/tunnelgate-operator /usr/local/bin/
 USER 65532:65532
 

@@ -39,6 +39,11 @@ CASES = {
         "serviceMonitor": {"enabled": True},
     },
     "hostport": {"proxy": {"hostPort": {"enabled": True}, "workerThreads": 2}, "operator": {"replicas": 2}},
+    "transparent": {
+        "proxy": {"transparent": {"enabled": True, "ports": [80, 443, 8443], "otherPorts": "drop", "strictDestination": True}},
+        "config": {"clusterNetworks": ["10.244.0.0/16", "10.96.0.0/12"]},
+        "prometheusRule": {"enabled": True},
+    },
 }
 
 

@@ -462,6 +462,52 @@ def test_per_node_documents_are_wired():
     assert not any(a.startswith("--node-name") for a in gw["spec"]["template"]["spec"]["containers"][0]["args"])
 
 
+def test_transparent_interception_runs_on_the_node_network_with_net_admin_alone():
+    docs = render(CASES["transparent"])
+    ds = find(docs, "DaemonSet", "-proxy")
+    # The redirect rules outlive a proxy while this annotation is on its DaemonSet.
+    assert ds["metadata"]["annotations"] == {"tunnelgate.io/redirect-rules": "keep"}
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    c = spec["containers"][0]
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sc["runAsUser"] == 0 and not sc["allowPrivilegeEscalation"] and sc["readOnlyRootFilesystem"]
+    assert "runAsNonRoot" not in spec["securityContext"]
+    assert {"name": "transparent", "containerPort": 15001} in c["ports"]
+    assert "--node-name=$(NODE_NAME)" in c["args"] and "--daemonset=tunnelgate-proxy" in c["args"]
+    op = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    assert "--config-per-node=true" in op["args"], "each node enrols its own pods"
+    base = yaml.safe_load(find(docs, "ConfigMap", "-base")["data"]["config.yaml"])
+    assert base["listeners"][-1] == {"name": "transparent", "bind": "[::]:15001", "mode": "transparent",
+                                     "transparent": {"strictDestination": True}}
+    assert base["redirect"] == {"listener": "transparent", "ports": [80, 443, 8443], "otherPorts": "drop",
+                                "enrollNamespaces": {"tunnelgate.io/transparent": "enabled"}}
+    assert base["policy"]["clusterNetworks"] == ["10.244.0.0/16", "10.96.0.0/12"]
+    role = find(docs, "Role", "-proxy")
+    assert {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["tunnelgate-proxy"],
+            "verbs": ["get", "list", "watch"]} in role["rules"]
+    alert = next(r for g in find(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if r["alert"] == "TunnelgateProxyMissingOnNode")
+    assert "transparently intercepted pods' connections are refused" in alert["annotations"]["description"]
+    # Off by default: no annotation, no host network, non-root, no redirect.
+    plain = render({})
+    pds = find(plain, "DaemonSet", "-proxy")
+    assert "annotations" not in pds["metadata"] and "hostNetwork" not in pds["spec"]["template"]["spec"]
+    assert pds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonRoot"] is True
+    assert "redirect" not in yaml.safe_load(find(plain, "ConfigMap", "-base")["data"]["config.yaml"])
+    four = render(dict(CASES["transparent"], proxy={"transparent": {"enabled": True, "bindAddress": "0.0.0.0"}}))
+    assert yaml.safe_load(find(four, "ConfigMap", "-base")["data"]["config.yaml"])["listeners"][-1]["bind"] == "0.0.0.0:15001"
+    for bad, why in [
+        ({"proxy": {"transparent": {"enabled": True}}}, "needs config.clusterNetworks"),
+        (dict(CASES["transparent"], proxy={"kind": "Deployment", "transparent": {"enabled": True}}), "needs proxy.kind: DaemonSet"),
+    ]:
+        with pytest.raises(helm.HelmError, match=why):
+            render(bad)
+    with pytest.raises(helm.HelmError):
+        helm.Chart.load(str(CHART)).validate_schema({"proxy": {"transparent": {"otherPorts": "reject"}}})
+
+
 def test_the_proxy_configuration_schema_accepts_the_default_and_every_rendered_base():
     # The JSON Schema editors validate config.yaml with (generated from the types that parse it):
     # the embedded default and the base document of every chart case are valid; a typo is not.

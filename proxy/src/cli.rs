@@ -47,6 +47,13 @@ pub struct RunArgs {
     /// (NAME-node-NODE, written when it renders per node) is preferred over NAME.
     #[arg(long, requires = "config_map")]
     pub node_name: Option<String>,
+    /// This proxy's DaemonSet (in the --config-map namespace), for the node's redirect rules: they
+    /// outlive the proxy (enrolled pods fail closed until the next proxy listens) while the
+    /// DaemonSet exists with the annotation tunnelgate.io/redirect-rules=keep; when it is deleted
+    /// (the release uninstalled) or loses the annotation (transparent mode turned off), the proxy
+    /// removes them as it exits.
+    #[arg(long, requires = "config_map")]
+    pub daemonset: Option<String>,
     /// Log format (text or json), overriding logging.format; needed with --config-map, where logs
     /// start before the configuration arrives.
     #[arg(long, env = "TUNNELGATE_LOG_FORMAT", value_parser = ["text", "json"])]

@@ -62,6 +62,12 @@ impl Control {
         }
     }
 
+    /// Deletes the node's redirect rules if this process wrote them (the proxy is leaving for good);
+    /// returns whether it did.
+    pub async fn remove_redirect(&self) -> Result<bool, crate::redirect::RedirectError> {
+        crate::redirect::remove(&self.redirect).await
+    }
+
     /// Something `/config` reports changed.
     pub(crate) fn changed(&self) {
         self.changes.send_modify(|n| *n += 1);

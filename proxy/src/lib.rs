@@ -47,6 +47,7 @@ pub mod memory;
 pub mod metrics;
 pub mod negotiate;
 pub mod own_addresses;
+pub mod owner;
 pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod redirect;

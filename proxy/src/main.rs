@@ -96,6 +96,19 @@ async fn serve(
     latest: Option<watch::Receiver<Option<String>>>,
     run: &RunArgs,
 ) -> i32 {
+    let owner = match (&run.daemonset, &run.config_map) {
+        (Some(ds), Some(cm)) => match k8s_source::parse_ref(cm) {
+            Ok((ns, _)) => match tunnelgate_proxy::owner::watch(&ns, ds).await {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    tracing::error!(error = %tunnelgate_proxy::error::ErrorChain(&e), "cannot watch the DaemonSet");
+                    return EXIT_USAGE;
+                }
+            },
+            Err(_) => None,
+        },
+        _ => None,
+    };
     let handle = match app::start(config, &text).await {
         Ok(h) => h,
         Err(e) => {
@@ -133,8 +146,18 @@ async fn serve(
         tracing::warn!("second signal, exiting now");
         std::process::exit(1);
     });
+    let inner = handle.inner.clone();
     let report = handle.wait().await;
     second.abort();
+    if owner.is_some_and(|o| o.releases_rules()) {
+        match inner.control.remove_redirect().await {
+            Ok(true) => tracing::info!("the node's redirect rules are removed"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %tunnelgate_proxy::error::ErrorChain(&e), "cannot remove the node's redirect rules")
+            }
+        }
+    }
     tracing::info!(forced = report.forced, "exiting");
     if report.forced > 0 {
         i32::from(run.forced_exit_code)

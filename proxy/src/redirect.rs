@@ -5,7 +5,7 @@
 //! changes it, and deleted by the reload that no longer asks for it. A change never touches
 //! established connections (their NAT was decided once, in conntrack). The table stays when the
 //! proxy exits: the enrolled clients' redirected traffic then fails closed until a proxy listens
-//! again.
+//! again — unless its DaemonSet released the rules ([`crate::owner`]).
 //!
 //! Why the `nft` tool: it is netfilter's own front end, applies a whole file as one transaction,
 //! and reports errors with their line. The Rust netlink bindings do not serve here: `rustables` is
@@ -97,6 +97,16 @@ pub async fn sync(
     apply(wanted.as_deref().unwrap_or(&script(None, cluster_networks))).await?;
     *crate::sync::lock(in_force) = wanted;
     Ok(())
+}
+
+/// Deletes the table if this proxy wrote it (`in_force` holds a script); returns whether it did.
+pub async fn remove(in_force: &std::sync::Mutex<Option<String>>) -> Result<bool, RedirectError> {
+    if crate::sync::lock(in_force).is_none() {
+        return Ok(false);
+    }
+    apply(&script(None, &[])).await?;
+    *crate::sync::lock(in_force) = None;
+    Ok(true)
 }
 
 /// Applies `script` with `nft -f -`.

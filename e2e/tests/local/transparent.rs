@@ -59,8 +59,9 @@ async fn a_labelled_namespace_is_intercepted_through_its_nodes_proxy() {
     let mut net = Network::create("transp", [10, 235, 0]).unwrap();
     let host = net.host();
     let opts = Options { bind: host.into(), ..Options::default() };
-    let World { dir, rel } =
-        World::boot_with("e2e-transparent", &["legacy"], &["proxy.configPerNode=true"], opts).await;
+    // The chart's transparent mode: the proxies' RBAC for their DaemonSet, which keeps the rules.
+    let values = ["proxy.transparent.enabled=true", "config.clusterNetworks={10.96.0.0/12}"];
+    let World { dir, rel } = World::boot_with("e2e-transparent", &["legacy"], &values, opts).await;
     let c = rel.admin.clone();
     let node = net.pod(10).unwrap();
     let tag = std::process::id() % 100_000;
@@ -103,13 +104,24 @@ async fn a_labelled_namespace_is_intercepted_through_its_nodes_proxy() {
     );
     let op_admin = free_port();
     let _operator = operator_with(&rel, &dir.0, &base, "/unused", op_admin, &["--config-per-node", "true"]).await;
-    let _proxy = spawn_in(
-        &node,
-        &bin("tunnelgate-proxy"),
-        &["--config-map", "tunnelgate/tunnelgate-proxy", "--node-name", "node-a"],
-        &rel.proxy_kubeconfig,
-        &dir.0.join("proxy.log"),
-    );
+    // The node's proxy, as the chart runs it.
+    let node_proxy = |n: u32| {
+        spawn_in(
+            &node,
+            &bin("tunnelgate-proxy"),
+            &[
+                "--config-map",
+                "tunnelgate/tunnelgate-proxy",
+                "--node-name",
+                "node-a",
+                "--daemonset",
+                "tunnelgate-proxy",
+            ],
+            &rel.proxy_kubeconfig,
+            &dir.0.join(format!("proxy-{n}.log")),
+        )
+    };
+    let mut proxy = node_proxy(1);
     // The pod, on node-a, in a namespace that is not enrolled yet; its policy allows .2 only.
     let mut app = pod("app-1", "app", "10.236.1.2");
     app.spec.as_mut().unwrap().node_name = Some("node-a".into());
@@ -150,4 +162,67 @@ async fn a_labelled_namespace_is_intercepted_through_its_nodes_proxy() {
     namespaces.patch("legacy", &PatchParams::default(), &Patch::Merge(label(None))).await.unwrap();
     until("the pod reaches .3 directly again", 30, || async { curl(&pod_ns, "http://192.168.77.3/").0 == 0 }).await;
     until("the operator counts none", 10, || enrolled(0)).await;
+
+    // The rules' fate when the proxy exits. Enrolled again, then the proxy stops with its DaemonSet
+    // in place (a rolling update, an eviction): the rules stay and the pod fails closed.
+    namespaces.patch("legacy", &PatchParams::default(), &Patch::Merge(label(Some("enabled")))).await.unwrap();
+    let intercepted = || async {
+        let (_, head) = curl(&pod_ns, "http://192.168.77.3/");
+        head.starts_with("HTTP/1.1 403")
+    };
+    until("intercepted again", 30, intercepted).await;
+    terminate(&mut proxy).await;
+    assert!(table_exists(&node), "a proxy stopped under its DaemonSet leaves the rules");
+    let (code, body) = curl(&pod_ns, "http://192.168.77.3/");
+    assert!(code != 0 && !body.contains("outside"), "with no proxy listening the pod fails closed: {code} {body}");
+
+    // Transparent mode turned off (the DaemonSet loses its annotation): the exiting proxy removes them.
+    let daemonsets = Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(c.clone(), "tunnelgate");
+    let mut proxy = node_proxy(2);
+    until("the next proxy intercepts", 30, intercepted).await;
+    let annotation = |v: Option<&str>| json!({"metadata": {"annotations": {"tunnelgate.io/redirect-rules": v}}});
+    daemonsets.patch("tunnelgate-proxy", &PatchParams::default(), &Patch::Merge(annotation(None))).await.unwrap();
+    let released = |n: u32| {
+        let log = dir.0.join(format!("proxy-{n}.log"));
+        async move { std::fs::read_to_string(&log).unwrap_or_default().contains("no longer keeps the redirect rules") }
+    };
+    until("the proxy sees its DaemonSet release the rules", 10, || released(2)).await;
+    terminate(&mut proxy).await;
+    assert!(!table_exists(&node), "the rules leave with the proxy when its DaemonSet no longer keeps them");
+    until("the pod reaches .3 directly", 10, || async { curl(&pod_ns, "http://192.168.77.3/").0 == 0 }).await;
+
+    // The release uninstalled: the DaemonSet is deleted before its proxies stop, and its RBAC goes
+    // with it; the proxy learned of the deletion while it could, and removes the rules as it exits.
+    daemonsets
+        .patch("tunnelgate-proxy", &PatchParams::default(), &Patch::Merge(annotation(Some("keep"))))
+        .await
+        .unwrap();
+    let mut proxy = node_proxy(3);
+    until("the third proxy intercepts", 30, intercepted).await;
+    let out = rel.cp.helm(&["uninstall", "tunnelgate", "--namespace", "tunnelgate"]).await.unwrap();
+    assert!(out.status.success(), "helm uninstall: {}", String::from_utf8_lossy(&out.stderr));
+    until("the proxy sees its DaemonSet deleted", 10, || released(3)).await;
+    assert!(table_exists(&node), "the rules stay while the proxy runs");
+    terminate(&mut proxy).await;
+    assert!(!table_exists(&node), "uninstalled: the rules leave with the proxy");
+    let (code, body) = curl(&pod_ns, "http://192.168.77.3/");
+    assert!(code == 0 && body.ends_with("outside"), "no interception after the uninstall: {body}");
+}
+
+/// Whether node namespace `ns` has the proxy's nftables table.
+fn table_exists(ns: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "list", "table", "inet", "tunnelgate"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Stops `proxy` as the kubelet does (SIGTERM) and waits for it to exit.
+async fn terminate(proxy: &mut Child) {
+    let pid = proxy.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(15), proxy.wait()).await.expect("the proxy exits").unwrap();
+    assert!(status.success(), "the proxy exits cleanly: {status}");
 }
