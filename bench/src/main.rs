@@ -56,7 +56,7 @@ struct Args {
     /// reload (cost of a 300 KB and a 3 MB rendered configuration), all (forward and termination).
     #[arg(long, default_value = "all", value_parser = ["forward", "termination", "reload", "all"])]
     suite: String,
-    /// Only these scenarios of the forward suite (comma-separated: bulk,setup,round-trips,http,idle),
+    /// Only these scenarios of the forward suite (comma-separated: bulk,setup,round-trips,tls,http,idle),
     /// e.g. to profile one of them.
     #[arg(long)]
     scenarios: Option<String>,
@@ -86,11 +86,14 @@ async fn main() -> Res<()> {
     if args.suite == "termination" {
         return termination::run(&args.proxy_bin, args.rounds, args.seconds, args.only.as_deref()).await;
     }
-    let up = upstreams::upstreams().await?;
+    let up = Arc::new(upstreams::upstreams().await?);
     if args.suite == "reload" {
         return reload::run(&args.proxy_bin, args.rounds, up.echo).await;
     }
-    let targets = start_targets(&args, &up).await?;
+    // The TLS echo's name resolves here, and nowhere else: the proxies under test ask this stub.
+    let dns = testkit::dns::DnsStub::start().await;
+    dns.set(upstreams::TLS_NAME, testkit::dns::Answer::Addrs(vec![up.tls.ip()]));
+    let targets = start_targets(&args, &up, dns.addr).await?;
     let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
     println!("targets: {}; rounds: {}; medians shown\n", names.join(", "), args.rounds);
     let rows = forward_suite(&args, &targets, &up).await;
@@ -104,7 +107,7 @@ async fn main() -> Res<()> {
 
 /// The targets `--only` names (all the forward ones by default; HAProxy's CONNECT and the floors
 /// only when named), started.
-async fn start_targets(args: &Args, up: &Upstreams) -> Res<Vec<Arc<Target>>> {
+async fn start_targets(args: &Args, up: &Upstreams, dns: std::net::SocketAddr) -> Res<Vec<Arc<Target>>> {
     let wanted = |n: &str| args.only.as_deref().is_none_or(|o| o.split(',').any(|x| x.trim() == n));
     let mut targets: Vec<Arc<Target>> = Vec::new();
     if wanted("direct") {
@@ -118,7 +121,7 @@ async fn start_targets(args: &Args, up: &Upstreams) -> Res<Vec<Arc<Target>>> {
             )
             .into());
         }
-        targets.push(Arc::new(targets::start_tunnelgate(&args.proxy_bin, &args.proxy_args).await?));
+        targets.push(Arc::new(targets::start_tunnelgate(&args.proxy_bin, &args.proxy_args, dns).await?));
     }
     // HAProxy's CONNECT is a Lua action of ours, and it stops answering in some runs (see
     // bench/RESULTS.md): on request only, like the floors below.
@@ -140,7 +143,7 @@ async fn start_targets(args: &Args, up: &Upstreams) -> Res<Vec<Arc<Target>>> {
         (
             "transparent",
             opted("transparent"),
-            Box::pin(targets::start_transparent(&args.proxy_bin, up, &args.proxy_args)),
+            Box::pin(targets::start_transparent(&args.proxy_bin, up, &args.proxy_args, dns)),
         ),
     ];
     for (name, on, start) in starters {
@@ -157,7 +160,7 @@ async fn start_targets(args: &Args, up: &Upstreams) -> Res<Vec<Arc<Target>>> {
 }
 
 /// The forward suite's scenarios (those `--scenarios` names), each through every target.
-async fn forward_suite(args: &Args, targets: &[Arc<Target>], up: &Upstreams) -> Vec<Row> {
+async fn forward_suite(args: &Args, targets: &[Arc<Target>], up: &Arc<Upstreams>) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     let mut add = |scenario: String, higher_better: bool, values: Vec<f64>| {
         println!("  {scenario}: {}", values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" | "));
@@ -195,6 +198,25 @@ async fn forward_suite(args: &Args, targets: &[Arc<Target>], up: &Upstreams) -> 
         add(format!("round trips, {what} p50 (us)"), false, p50);
         add(format!("round trips, {what} p99 (us)"), false, p99);
         add(format!("round trips, {what}, proxy CPU per round trip (us)"), false, cpu);
+    }
+    // TLS with a name (SNI, and CONNECT by name): only through targets that resolve it with the
+    // bench's DNS stub.
+    for conc in [1usize, 64].into_iter().filter(|_| scenario("tls")) {
+        let [rate, p50, p99, cpu] =
+            per_target(targets, r, settle, |t| async move { scenarios::tls_setup(&t, up, conc, secs).await }).await;
+        add(format!("TLS setup by name, concurrency {conc} (tunnels/s)"), true, rate);
+        add(format!("TLS setup by name, concurrency {conc} p50 (us)"), false, p50);
+        add(format!("TLS setup by name, concurrency {conc} p99 (us)"), false, p99);
+        add(format!("TLS setup by name, concurrency {conc}, proxy CPU per tunnel (us)"), false, cpu);
+    }
+    if scenario("tls") {
+        let [rate, p50, p99, cpu] =
+            per_target(targets, r, Duration::ZERO, |t| async move { scenarios::tls_round_trips(&t, up, secs).await })
+                .await;
+        add("TLS round trips, 1 tunnel (req/s)".to_owned(), true, rate);
+        add("TLS round trips, 1 tunnel p50 (us)".to_owned(), false, p50);
+        add("TLS round trips, 1 tunnel p99 (us)".to_owned(), false, p99);
+        add("TLS round trips, 1 tunnel, proxy CPU per round trip (us)".to_owned(), false, cpu);
     }
     for (path, keep_alive, label) in [
         ("/10", true, "http keep-alive GET 10 B"),

@@ -99,7 +99,7 @@ fn pump(
         for _ in 0..n {
             let (count, failures, worst, stop) = (count.clone(), failures.clone(), worst.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let Ok(mut s) = connect_via(proxy, echo).await else {
+                let Ok(mut s) = connect_via(proxy, &echo.to_string()).await else {
                     failures.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
@@ -127,7 +127,7 @@ fn pump(
 async fn setup_cpu(pid: u32, proxy: SocketAddr, echo: SocketAddr, n: usize) -> Res<f64> {
     let before = cpu_us(pid)?;
     for _ in 0..n {
-        let mut s = connect_via(proxy, echo).await?;
+        let mut s = connect_via(proxy, &echo.to_string()).await?;
         s.write_all(b"x").await?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;

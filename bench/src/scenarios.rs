@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::targets::{open, Target};
-use crate::upstreams::Upstreams;
+use crate::targets::{open, open_as, Target};
+use crate::upstreams::{Upstreams, TLS_NAME};
 use crate::{median, report, Res};
 
 /// Each target's median over `rounds` of the `K` values `measure` returns (a failed round is
@@ -239,6 +239,85 @@ pub(crate) async fn setup(t: &Arc<Target>, up: &Upstreams, conc: usize, secs: f6
     let rate = all.len() as f64 / start.elapsed().as_secs_f64();
     let cpu = cpu_per_op(t, cpu_before, all.len() as f64)?;
     Ok((rate, percentile(&mut all, 0.5), percentile(&mut all, 0.99), cpu))
+}
+
+/// A TLS session with the TLS echo through `t`, named [`TLS_NAME`] in the SNI (and in the
+/// CONNECT, through a proxy), after one 64-byte echo.
+async fn tls_session(t: &Target, up: &Upstreams) -> Res<tokio_rustls::client::TlsStream<TcpStream>> {
+    if !t.stub_dns {
+        return Err("not run: it would resolve the name through the system's resolver".into());
+    }
+    let authority = format!("{TLS_NAME}:{}", up.tls.port());
+    let session = async {
+        let tcp = open_as(t, up.tls, &authority).await?;
+        let name = rustls::pki_types::ServerName::try_from(TLS_NAME)?;
+        let mut tls = tokio_rustls::TlsConnector::from(up.tls_client.clone()).connect(name, tcp).await?;
+        echo64(&mut tls).await?;
+        Ok::<_, Box<dyn Error + Send + Sync>>(tls)
+    };
+    // A target that stops answering must not hang the whole bench.
+    tokio::time::timeout(Duration::from_secs(10), session)
+        .await
+        .map_err(|_| format!("{}: no TLS session within 10 s", t.name))?
+}
+
+async fn echo64<S: AsyncReadExt + AsyncWriteExt + Unpin>(s: &mut S) -> std::io::Result<()> {
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    s.write_all(&msg).await?;
+    s.read_exact(&mut back).await?;
+    Ok(())
+}
+
+/// TLS tunnels per second (a handshake with SNI and one echo each), p50/p99 latency (µs) and the
+/// proxy's CPU per tunnel, at `conc` concurrent clients.
+pub(crate) async fn tls_setup(t: &Arc<Target>, up: &Arc<Upstreams>, conc: usize, secs: f64) -> Res<[f64; 4]> {
+    let cpu_before = t.child.as_ref().map(|c| cpu_us(c.id())).transpose()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (t, up, stop) = (t.clone(), up.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                let tls = tls_session(&t, &up).await?;
+                #[allow(deprecated)]
+                let _ = tls.get_ref().0.set_linger(Some(Duration::ZERO));
+                drop(tls);
+                lat.push(t0.elapsed().as_micros() as u64);
+            }
+            Ok::<Vec<u64>, Box<dyn Error + Send + Sync>>(lat)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    let cpu = cpu_per_op(t, cpu_before, all.len() as f64)?;
+    Ok([rate, percentile(&mut all, 0.5), percentile(&mut all, 0.99), cpu])
+}
+
+/// Round trips per second of 64-byte echoes over one established TLS tunnel, p50/p99 (µs) and the
+/// proxy's CPU per round trip.
+pub(crate) async fn tls_round_trips(t: &Target, up: &Upstreams, secs: f64) -> Res<[f64; 4]> {
+    let mut tls = tls_session(t, up).await?;
+    let cpu_before = t.child.as_ref().map(|c| cpu_us(c.id())).transpose()?;
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < secs {
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), echo64(&mut tls)).await??;
+        lat.push(t0.elapsed().as_micros() as u64);
+    }
+    let done = lat.len() as f64;
+    let rate = done / start.elapsed().as_secs_f64();
+    let cpu = cpu_per_op(t, cpu_before, done)?;
+    Ok([rate, percentile(&mut lat, 0.5), percentile(&mut lat, 0.99), cpu])
 }
 
 /// The target process's CPU time (µs) per operation since `before`; NaN without a process.

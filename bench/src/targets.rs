@@ -23,6 +23,9 @@ pub(crate) struct Target {
     l4: Vec<(SocketAddr, SocketAddr)>,
     /// The client's source address (a transparent target's redirect matches it).
     source: Option<IpAddr>,
+    /// Names it resolves go to the bench's DNS stub (a peer would ask the system's resolver, so
+    /// the scenarios by name skip it).
+    pub(crate) stub_dns: bool,
     pub(crate) child: Option<Child>,
     pub(crate) _dir: Option<TempDir>,
 }
@@ -30,7 +33,7 @@ pub(crate) struct Target {
 impl Target {
     /// The baseline: a direct connection to each upstream.
     pub(crate) fn direct() -> Target {
-        Target { name: "direct", proxy: None, l4: Vec::new(), source: None, child: None, _dir: None }
+        Target { name: "direct", proxy: None, l4: Vec::new(), source: None, stub_dns: true, child: None, _dir: None }
     }
 
     /// Where a connection to `upstream` goes without CONNECT: the fixed forwarder for it, or the
@@ -76,19 +79,24 @@ const TRANSPARENT_CLIENT: [u8; 4] = [127, 0, 0, 5];
 /// redirects them to the listener, which reads the original destination and, with no name in
 /// the bytes, decides by address (the SNI path adds a ClientHello parse and a cached lookup).
 /// Needs root and `nft`; run it in a network namespace of its own (bench/run-transparent.sh).
-pub(crate) async fn start_transparent(bin: &Path, up: &Upstreams, extra: &[String]) -> Res<Option<Target>> {
+pub(crate) async fn start_transparent(
+    bin: &Path,
+    up: &Upstreams,
+    extra: &[String],
+    dns: SocketAddr,
+) -> Res<Option<Target>> {
     if which("nft").is_none() {
         return Ok(None);
     }
     let dir = TempDir::new("tunnelgate-transparent")?;
     let (port, admin) = (free_port()?, free_port()?);
     let cfg = format!(
-        "version: 1\nlisteners: [{{name: transparent, bind: '127.0.0.1:{port}', mode: transparent}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.1/32']}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\nlogging: {{accessLog: false}}\n"
+        "version: 1\nlisteners: [{{name: transparent, bind: '127.0.0.1:{port}', mode: transparent}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.1/32']}}\nrelay: {{idleTimeout: 10m}}\ndns: {{nameservers: ['{dns}']}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\nlogging: {{accessLog: false}}\n"
     );
     let path = dir.0.join("config.yaml");
     std::fs::write(&path, cfg)?;
     let ports: Vec<String> =
-        [up.sink, up.echo, up.hello, up.hold, up.http].iter().map(|a| a.port().to_string()).collect();
+        [up.sink, up.echo, up.hello, up.hold, up.http, up.tls].iter().map(|a| a.port().to_string()).collect();
     let client = std::net::Ipv4Addr::from(TRANSPARENT_CLIENT);
     let rules = format!(
         "table inet {REDIRECT_TABLE} {{ chain out {{ type nat hook output priority -100; policy accept; \
@@ -107,6 +115,7 @@ pub(crate) async fn start_transparent(bin: &Path, up: &Upstreams, extra: &[Strin
         proxy: None,
         l4: Vec::new(),
         source: Some(IpAddr::V4(client)),
+        stub_dns: true,
         child: Some(child),
         _dir: Some(dir),
     };
@@ -169,22 +178,32 @@ pub(crate) async fn wait_port(addr: SocketAddr) -> Res<()> {
 pub(crate) async fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: TempDir) -> Res<Target> {
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let t = Target { name, proxy: Some(addr), l4: Vec::new(), source: None, child: Some(child), _dir: Some(dir) };
+    let t = Target {
+        name,
+        proxy: Some(addr),
+        l4: Vec::new(),
+        source: None,
+        stub_dns: false,
+        child: Some(child),
+        _dir: Some(dir),
+    };
     wait_port(addr).await?;
     Ok(t)
 }
 
-pub(crate) async fn start_tunnelgate(bin: &Path, extra: &[String]) -> Res<Target> {
+pub(crate) async fn start_tunnelgate(bin: &Path, extra: &[String], dns: SocketAddr) -> Res<Target> {
     let dir = TempDir::new("tunnelgate")?;
     let (port, admin) = (free_port()?, free_port()?);
     let cfg = format!(
-        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{port}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.1/32']}}\nrelay: {{idleTimeout: 10m}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n# The peers run without access logs too.\nlogging: {{accessLog: false}}\n"
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{port}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.1/32']}}\nrelay: {{idleTimeout: 10m}}\ndns: {{nameservers: ['{dns}']}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n# The peers run without access logs too.\nlogging: {{accessLog: false}}\n"
     );
     let path = dir.0.join("config.yaml");
     std::fs::write(&path, cfg)?;
     let mut cmd = Command::new(bin);
     cmd.arg("--config").arg(&path).args(extra).env("TUNNELGATE_LOG", "warn");
-    spawn("tunnelgate", cmd, port, dir).await
+    let mut t = spawn("tunnelgate", cmd, port, dir).await?;
+    t.stub_dns = true;
+    Ok(t)
 }
 
 /// HAProxy as a CONNECT proxy: TCP mode, a Lua action that reads the CONNECT head, answers 200
@@ -241,7 +260,7 @@ pub(crate) async fn spawn_l4(
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let l4: Vec<(SocketAddr, SocketAddr)> =
         fronts.iter().map(|(_, u, p)| Ok((*u, format!("127.0.0.1:{p}").parse()?))).collect::<Res<_>>()?;
-    let t = Target { name, proxy: None, l4, source: None, child: Some(child), _dir: Some(dir) };
+    let t = Target { name, proxy: None, l4, source: None, stub_dns: false, child: Some(child), _dir: Some(dir) };
     for (_, front) in &t.l4 {
         wait_port(*front).await?;
     }
@@ -335,18 +354,24 @@ pub(crate) async fn start_http_tunnel() -> Res<Option<Target>> {
 
 /// Opens a stream to `upstream`, directly or through a CONNECT tunnel.
 pub(crate) async fn open(t: &Target, upstream: SocketAddr) -> Res<TcpStream> {
+    open_as(t, upstream, &upstream.to_string()).await
+}
+
+/// Opens a stream to `upstream`, directly (by its address) or through a CONNECT tunnel to
+/// `authority` (a name the proxy resolves, or the address).
+pub(crate) async fn open_as(t: &Target, upstream: SocketAddr, authority: &str) -> Res<TcpStream> {
     let Some(proxy) = t.proxy else {
         return tcp(t, t.front(upstream)).await;
     };
     // A target that stops answering must not hang the whole bench.
-    match tokio::time::timeout(Duration::from_secs(10), connect_via(proxy, upstream)).await {
+    match tokio::time::timeout(Duration::from_secs(10), connect_via(proxy, authority)).await {
         Ok(r) => r.map_err(|e| format!("{}: {e}", t.name).into()),
         Err(_) => Err(format!("{}: no answer to CONNECT within 10 s", t.name).into()),
     }
 }
 
-/// A CONNECT tunnel to `upstream` through the proxy at `proxy`.
-pub(crate) async fn connect_via(proxy: SocketAddr, upstream: SocketAddr) -> Res<TcpStream> {
+/// A CONNECT tunnel to `upstream` (host:port) through the proxy at `proxy`.
+pub(crate) async fn connect_via(proxy: SocketAddr, upstream: &str) -> Res<TcpStream> {
     let mut s = TcpStream::connect(proxy).await?;
     s.set_nodelay(true)?;
     s.write_all(format!("CONNECT {upstream} HTTP/1.1\r\nHost: {upstream}\r\n\r\n").as_bytes()).await?;

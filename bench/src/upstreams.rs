@@ -1,6 +1,8 @@
-//! Loopback upstreams shared by all targets: a sink, an echo, HTTP servers.
+//! Loopback upstreams shared by all targets: a sink, an echo, HTTP servers, a TLS echo under a
+//! made-up name.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,6 +22,43 @@ pub(crate) struct Upstreams {
     pub(crate) hold: SocketAddr,
     /// HTTP/1.1 keep-alive server: `/10` answers 10 bytes, `/100k` 100 KiB.
     pub(crate) http: SocketAddr,
+    /// TLS (1.3) echo with a certificate for [`TLS_NAME`], and a client configuration trusting it.
+    pub(crate) tls: SocketAddr,
+    pub(crate) tls_client: Arc<rustls::ClientConfig>,
+}
+
+/// The TLS echo's name: resolved by the bench's own DNS stub (to 127.0.0.1), never by a real resolver.
+pub(crate) const TLS_NAME: &str = "echo.bench.test";
+
+/// A TLS 1.3 echo server with a fresh self-signed certificate for [`TLS_NAME`], and a client
+/// configuration that trusts it.
+async fn tls_echo() -> Res<(SocketAddr, Arc<rustls::ClientConfig>)> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cert = rcgen::generate_simple_self_signed(vec![TLS_NAME.to_owned()])?;
+    let der = cert.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der)?;
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let addr = serve(move |s| {
+        let acceptor = acceptor.clone();
+        async move {
+            if let Ok(tls) = acceptor.accept(s).await {
+                let (mut r, mut w) = tokio::io::split(tls);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        }
+    })
+    .await?;
+    Ok((addr, Arc::new(client)))
 }
 
 pub(crate) async fn serve<F, Fut>(f: F) -> Res<SocketAddr>
@@ -77,7 +116,8 @@ pub(crate) async fn upstreams() -> Res<Upstreams> {
         let _ = http_server(s).await;
     })
     .await?;
-    Ok(Upstreams { sink, echo, hello, hold, http })
+    let (tls, tls_client) = tls_echo().await?;
+    Ok(Upstreams { sink, echo, hello, hold, http, tls, tls_client })
 }
 
 /// A minimal keep-alive HTTP/1.1 server for requests without a body: `/10`, `/1k` and `/100k`

@@ -65,6 +65,7 @@ impl ValidDestination {
             relay: self.relay.clone(),
             priority,
             dry_run: dry_run.then_some(true),
+            route: None,
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct ProxyConfig {
     pub auth: Option<Auth>,
     /// The node's redirect rules the proxy owns, when set.
     pub redirect: Option<Redirect>,
+    /// Upstream (parent) proxies and their groups, which rules route through.
+    pub parents: crate::parents::Parents,
 }
 
 /// The nftables rules the proxy keeps in its network namespace (the node's): the enrolled

@@ -11,6 +11,7 @@
 //! - [`decide`]: the decision pipeline for one request (name → addresses → rules → the proxy's
 //!   own endpoints → dry run), shared by the proxy and both `explain` commands.
 //! - [`origin`]: the policy a rendered rule comes from, as written into the rule's name.
+//! - [`parents`]: upstream (parent) proxies, their groups and the route a rule names.
 //! - [`host`]: the strict `host:port` grammar and name normalization.
 //! - [`addr`]: classification of non-public addresses, unwrapping IPv6 forms that embed IPv4.
 //! - [`tls`]: a listener's certificates (files by SNI, or ACME), protocol floor, ALPN, mTLS.
@@ -24,6 +25,7 @@ pub mod decide;
 pub mod error;
 pub mod host;
 pub mod origin;
+pub mod parents;
 pub mod policy;
 pub mod raw;
 pub mod status;
@@ -37,6 +39,7 @@ pub use config::{
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{Authority, Host, HostName, HostPattern};
+pub use parents::{Parent, ParentGroup, ParentTls, Parents, Route, SendTarget};
 pub use policy::{Action, Decision, DenyReason, DryRunVerdict, Policy, PreDecision, Rule, TunnelLimits};
 pub use tls::{Acme, ClientAuth, ListenerTls, TlsFiles, TlsVersion};
 pub use warnings::ConfigWarning;

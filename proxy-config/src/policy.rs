@@ -132,6 +132,8 @@ pub struct Rule {
     pub relay: RelayOverrides,
     /// Set on the platform's tier (lower decides first); `None` for ordinary rules.
     pub priority: Option<u32>,
+    /// How the traffic it allows leaves; `None`: the policy's `defaultRoute`.
+    pub route: Option<crate::parents::Route>,
 }
 
 impl Rule {
@@ -251,6 +253,8 @@ pub struct Policy {
     pub shadow: Option<Shadow>,
     /// `rules` by client address; built from `rules` by [`ClientIndex::new`].
     pub by_client: ClientIndex,
+    /// How allowed traffic leaves when its rule names no route (and when the default allowed it).
+    pub default_route: crate::parents::Route,
 }
 
 /// Rule indices by client address, so a request looks only at the rules that can match its
@@ -350,6 +354,11 @@ impl DryRunVerdict {
 }
 
 impl Policy {
+    /// How traffic allowed by rule `rule` (`None`: the default action) leaves.
+    pub fn route_of(&self, rule: Option<usize>) -> crate::parents::Route {
+        rule.and_then(|i| self.rules.get(i)).and_then(|r| r.route).unwrap_or(self.default_route)
+    }
+
     /// The rules that may match `client` (the others list other clients), with their indices.
     fn rules_for(&self, client: IpAddr) -> impl Iterator<Item = (usize, &Rule)> + '_ {
         self.by_client.candidates(client).filter_map(|i| self.rules.get(i).map(|r| (i, r)))

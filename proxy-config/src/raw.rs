@@ -37,9 +37,61 @@ pub struct RawConfig {
     pub auth: Option<RawAuth>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redirect: Option<RawRedirect>,
+    /// Upstream (parent) proxies that rules may route their traffic through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<RawParent>,
+    /// Groups of parents tried in order (failover).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parent_groups: Vec<RawParentGroup>,
     /// The operator's base only: namespaces whose TunnelPolicies may open refused address space.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address_grants: Option<Vec<RawAddressGrant>>,
+}
+
+/// A parent proxy as written (`parents[]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawParent {
+    pub name: String,
+    /// `host:port` of the parent.
+    pub address: String,
+    /// TLS to the parent (plain TCP without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawParentTls>,
+    /// A file holding `user:password` for the parent's `Proxy-Authorization: Basic`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<String>,
+    /// The operator's base only: the Secret holding the credentials (key `credentials`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    /// What the request to the parent names: `address` (the address the proxy checked) or `name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_target: Option<String>,
+}
+
+/// TLS to a parent as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawParentTls {
+    /// PEM file of the CA certificates that sign the parent's certificate.
+    pub ca_file: String,
+    /// The name the parent's certificate must carry (default: the host of `address`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// A group of parents as written (`parentGroups[]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawParentGroup {
+    pub name: String,
+    /// Parent names, tried in this order.
+    pub members: Vec<String>,
+    /// How long a parent that failed is skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<String>,
 }
 
 /// An address grant of the operator's base document.
@@ -204,6 +256,9 @@ pub struct RawPolicy {
     pub reevaluate_on_reload: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_networks: Option<Vec<String>>,
+    /// How allowed traffic leaves when its rule names no route: `direct` or a parent or group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_route: Option<String>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
 }
@@ -232,6 +287,9 @@ pub struct RawRule {
     pub priority: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<bool>,
+    /// How the traffic this rule allows leaves: `direct` or a parent or group name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
 }
 
 /// A port is written as a number (`443`) or a range string (`"8000-8099"`).

@@ -1,6 +1,8 @@
 //! Helpers shared by the workspace's test suites (the proxy's integration tests and the local
-//! end-to-end suite); test code only, never linked into a shipped binary.
+//! end-to-end suite) and its benchmark; never linked into a shipped binary.
 #![allow(clippy::panic, reason = "test code: a setup that cannot be done fails the test that asked")]
+
+pub mod dns;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};

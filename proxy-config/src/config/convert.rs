@@ -13,10 +13,11 @@ use regex::RegexBuilder;
 use super::*;
 use crate::error::{ConfigErrors, Errors};
 use crate::host::HostPattern;
+use crate::parents::{Parent, ParentGroup, ParentTls, Parents, Route, SendTarget, DIRECT};
 use crate::policy::{Action, ClientIndex, Policy, PortRange, RelayOverrides, Rule, TunnelLimits};
 use crate::raw::{
-    RawAdmin, RawAuth, RawConfig, RawDns, RawHttp, RawLimits, RawListener, RawLogging, RawPolicy, RawPort, RawRedirect,
-    RawRelay, RawRule, RawRuleRelay,
+    RawAdmin, RawAuth, RawConfig, RawDns, RawHttp, RawLimits, RawListener, RawLogging, RawParent, RawParentGroup,
+    RawPolicy, RawPort, RawRedirect, RawRelay, RawRule, RawRuleRelay,
 };
 
 /// What the proxy says of a field only the operator's base document may carry.
@@ -31,7 +32,8 @@ pub(super) fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
     let listeners = listeners(&mut errs, raw.listeners);
     let admin = admin(&mut errs, raw.admin.as_ref());
     let (relay, defaults) = relay(&mut errs, raw.relay);
-    let policy = policy(&mut errs, raw.policy, defaults, raw.auth.is_some());
+    let parents = parents(&mut errs, raw.parents, raw.parent_groups, relay.connect_timeout);
+    let policy = policy(&mut errs, raw.policy, defaults, raw.auth.is_some(), &parents);
     let config = ProxyConfig {
         listeners,
         admin,
@@ -43,6 +45,7 @@ pub(super) fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
         http: http(&mut errs, raw.http),
         auth: auth(&mut errs, raw.auth.as_ref()),
         redirect: None,
+        parents,
     };
     let config =
         ProxyConfig { redirect: raw.redirect.as_ref().and_then(|r| redirect(&mut errs, r, &config)), ..config };
@@ -248,11 +251,112 @@ fn relay(errs: &mut Errors, r: RawRelay) -> (RelayDefaults, TunnelLimits) {
     (RelayDefaults { connect_timeout }, defaults)
 }
 
-fn policy(errs: &mut Errors, pol: RawPolicy, defaults: TunnelLimits, has_auth: bool) -> Policy {
+/// Default of a group's `retryAfter`.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// `parents` and `parentGroups`: names unique across both (and never `direct`), every member a
+/// parent.
+fn parents(
+    errs: &mut Errors,
+    raw: Vec<RawParent>,
+    raw_groups: Vec<RawParentGroup>,
+    default_timeout: Duration,
+) -> Parents {
+    let mut names = HashSet::new();
+    let mut name_ok = |errs: &mut Errors, p: &str, name: &str| {
+        if !valid_listener_name(name) || name == DIRECT {
+            errs.push(format!("{p}.name"), "must be 1-63 characters a-z, 0-9 and '-', and not \"direct\"");
+        } else if !names.insert(name.to_owned()) {
+            errs.push(format!("{p}.name"), format!("duplicate name \"{name}\" (parents and groups share names)"));
+        }
+    };
+    let mut proxies = Vec::new();
+    for (i, rp) in raw.into_iter().enumerate() {
+        let p = format!("parents[{i}]");
+        name_ok(errs, &p, &rp.name);
+        if rp.credentials_secret.is_some() {
+            errs.push(format!("{p}.credentialsSecret"), OPERATOR_ONLY);
+        }
+        let address = errs.take(
+            &format!("{p}.address"),
+            rp.address.parse::<Authority>().map_err(|e| format!("\"{}\": {e} (host:port)", rp.address)),
+        );
+        let tls = rp.tls.and_then(|t| {
+            if t.ca_file.is_empty() {
+                errs.push(format!("{p}.tls.caFile"), "must not be empty");
+            }
+            let server_name = match t.server_name {
+                Some(n) => errs.take(
+                    &format!("{p}.tls.serverName"),
+                    crate::host::normalize_name(&n).map(|h| h.as_str().to_owned()).map_err(|e| e.to_string()),
+                ),
+                None => address.as_ref().map(|a| a.host.to_string()),
+            };
+            server_name.map(|server_name| ParentTls { ca_file: t.ca_file.into(), server_name })
+        });
+        if rp.credentials_file.as_deref() == Some("") {
+            errs.push(format!("{p}.credentialsFile"), "must not be empty");
+        }
+        let connect_timeout =
+            duration(errs, &format!("{p}.connectTimeout"), rp.connect_timeout.as_deref(), default_timeout);
+        let send_target = match rp.send_target.as_deref() {
+            None | Some("address") => SendTarget::Address,
+            Some("name") => SendTarget::Name,
+            Some(other) => {
+                errs.push(format!("{p}.sendTarget"), format!("\"{other}\": must be address or name"));
+                SendTarget::Address
+            }
+        };
+        if let Some(address) = address {
+            proxies.push(Parent {
+                name: rp.name,
+                address,
+                tls,
+                credentials_file: rp.credentials_file.filter(|f| !f.is_empty()).map(PathBuf::from),
+                connect_timeout,
+                send_target,
+            });
+        }
+    }
+    let mut groups = Vec::new();
+    for (i, rg) in raw_groups.into_iter().enumerate() {
+        let p = format!("parentGroups[{i}]");
+        name_ok(errs, &p, &rg.name);
+        if rg.members.is_empty() {
+            errs.push(format!("{p}.members"), "must name at least one parent");
+        }
+        let mut members = Vec::new();
+        for (j, m) in rg.members.iter().enumerate() {
+            match proxies.iter().position(|x| &x.name == m) {
+                Some(k) if members.contains(&k) => {
+                    errs.push(format!("{p}.members[{j}]"), format!("\"{m}\" is listed twice"))
+                }
+                Some(k) => members.push(k),
+                None => errs.push(format!("{p}.members[{j}]"), format!("\"{m}\" is not a parent (see parents)")),
+            }
+        }
+        let retry_after = duration(errs, &format!("{p}.retryAfter"), rg.retry_after.as_deref(), DEFAULT_RETRY_AFTER);
+        groups.push(ParentGroup { name: rg.name, members, retry_after });
+    }
+    Parents { proxies, groups }
+}
+
+/// The route `name` (at `p`) names among `parents`.
+fn route(errs: &mut Errors, p: &str, name: &str, parents: &Parents) -> Option<Route> {
+    let r = parents.route(name);
+    if r.is_none() {
+        errs.push(p, format!("\"{name}\" is not a parent or group (see parents and parentGroups), nor \"direct\""));
+    }
+    r
+}
+
+fn policy(errs: &mut Errors, pol: RawPolicy, defaults: TunnelLimits, has_auth: bool, parents: &Parents) -> Policy {
     let default_action = match pol.default_action.as_deref() {
         None => Action::Deny,
         Some(s) => errs.take("policy.defaultAction", parse_action(s)).unwrap_or(Action::Deny),
     };
+    let default_route =
+        pol.default_route.as_deref().and_then(|n| route(errs, "policy.defaultRoute", n, parents)).unwrap_or_default();
     let mut rules = Vec::new();
     let mut dry_run = Vec::new();
     let mut rule_names = HashSet::new();
@@ -264,7 +368,9 @@ fn policy(errs: &mut Errors, pol: RawPolicy, defaults: TunnelLimits, has_auth: b
             errs.push(format!("{p}.name"), format!("duplicate rule name \"{}\"", rr.name));
         }
         let dry = rr.dry_run == Some(true);
-        if let Some(r) = rule(errs, &p, rr, has_auth) {
+        let rule_route = rr.route.as_deref().and_then(|n| route(errs, &format!("{p}.route"), n, parents));
+        if let Some(mut r) = rule(errs, &p, rr, has_auth) {
+            r.route = rule_route;
             if dry {
                 dry_run.push(r);
             } else {
@@ -288,6 +394,7 @@ fn policy(errs: &mut Errors, pol: RawPolicy, defaults: TunnelLimits, has_auth: b
                 rules: all,
                 defaults,
                 shadow: None,
+                default_route,
             }),
             first_dry_run,
         }
@@ -304,6 +411,7 @@ fn policy(errs: &mut Errors, pol: RawPolicy, defaults: TunnelLimits, has_auth: b
         rules,
         defaults,
         shadow,
+        default_route,
     }
 }
 
@@ -353,7 +461,26 @@ fn rule(errs: &mut Errors, p: &str, rr: RawRule, has_auth: bool) -> Option<Rule>
             errs.push(format!("{p}.priority"), format!("must be between 0 and {MAX_PRIORITY}"));
         }
         let priority = rr.priority;
-        return Some(Rule { name: rr.name, action, clients, users, hosts, host_regex, cidrs, ports, relay, priority });
+        if let Some(r) = rr.route.as_deref().filter(|r| !valid_listener_name(r)) {
+            errs.push(format!("{p}.route"), format!("\"{r}\" is not a route name (direct, or a parent or group)"));
+        }
+        if action == Action::Deny && rr.route.is_some() {
+            errs.push(format!("{p}.route"), "a deny rule sends nothing anywhere: route is for allow rules");
+        }
+        let route = None;
+        return Some(Rule {
+            name: rr.name,
+            action,
+            clients,
+            users,
+            hosts,
+            host_regex,
+            cidrs,
+            ports,
+            relay,
+            priority,
+            route,
+        });
     }
     None
 }

@@ -327,3 +327,46 @@ fn the_node_redirect_names_a_transparent_listener_and_valid_addresses() {
         assert!(e.iter().any(|x| x.starts_with(want)), "want {want:?} in {e:#?}");
     }
 }
+
+#[test]
+fn parents_groups_and_routes_are_named_and_checked() {
+    use crate::parents::{Route, SendTarget};
+    let doc = format!(
+        "{BASE}parents:\n  - {{name: corp-a, address: 'proxy-a.corp.example:3128', credentialsFile: /etc/tg/corp-a, tls: {{caFile: /etc/tg/ca.pem}}}}\n  - {{name: corp-b, address: '10.0.0.9:3128', connectTimeout: 2s, sendTarget: name}}\nparentGroups:\n  - {{name: corp, members: [corp-a, corp-b], retryAfter: 10s}}\npolicy:\n  defaultRoute: corp\n  rules:\n    - {{name: partner, action: allow, hosts: [api.partner.example], route: corp-b}}\n    - {{name: local, action: allow, hosts: [intranet.example], route: direct}}\n    - {{name: rest, action: allow, hosts: ['*.example']}}\n"
+    );
+    let c = ProxyConfig::from_yaml(&doc).unwrap();
+    let p = &c.parents;
+    assert_eq!(p.proxies[0].tls.as_ref().map(|t| t.server_name.as_str()), Some("proxy-a.corp.example"));
+    assert_eq!(p.proxies[0].send_target, SendTarget::Address, "the checked address is the default");
+    assert_eq!(p.proxies[0].connect_timeout, c.relay.connect_timeout, "relay.connectTimeout unless set");
+    assert_eq!((p.proxies[1].send_target, p.proxies[1].connect_timeout), (SendTarget::Name, Duration::from_secs(2)));
+    assert_eq!(p.groups[0].members, vec![0, 1]);
+    let routes: Vec<Route> = (0..3).map(|i| c.policy.route_of(Some(i))).collect();
+    assert_eq!(routes, vec![Route::Parent(1), Route::Direct, Route::Group(0)]);
+    assert_eq!(c.policy.route_of(None), Route::Group(0), "the default action's traffic takes the default route");
+    assert_eq!(p.describe(Route::Group(0)), "group corp: corp-a, then corp-b");
+    assert_eq!(p.describe(Route::Parent(1)), "parent corp-b at 10.0.0.9:3128 (names the target by name)");
+    // Without parents every route is direct.
+    let plain = ProxyConfig::from_yaml(BASE).unwrap();
+    assert_eq!(plain.policy.route_of(None), Route::Direct);
+
+    let bad = format!(
+        "{BASE}parents:\n  - {{name: direct, address: 'p:1'}}\n  - {{name: a, address: 'no-port'}}\n  - {{name: b, address: 'b:1', sendTarget: both, credentialsSecret: s}}\n  - {{name: b, address: 'b:2'}}\nparentGroups:\n  - {{name: g, members: [b, nope, b]}}\n  - {{name: e, members: []}}\npolicy:\n  defaultRoute: elsewhere\n  rules:\n    - {{name: r1, action: allow, hosts: [x.example], route: missing}}\n    - {{name: r2, action: deny, hosts: [y.example], route: b}}\n"
+    );
+    let e = errors(&bad);
+    for want in [
+        "parents[0].name: must be 1-63 characters a-z, 0-9 and '-', and not \"direct\"",
+        "parents[1].address: \"no-port\"",
+        "parents[2].sendTarget: \"both\": must be address or name",
+        "parents[2].credentialsSecret: only the operator's base ConfigMap takes this",
+        "parents[3].name: duplicate name \"b\" (parents and groups share names)",
+        "parentGroups[0].members[1]: \"nope\" is not a parent (see parents)",
+        "parentGroups[0].members[2]: \"b\" is listed twice",
+        "parentGroups[1].members: must name at least one parent",
+        "policy.defaultRoute: \"elsewhere\" is not a parent or group",
+        "policy.rules[0].route: \"missing\" is not a parent or group",
+        "policy.rules[1].route: a deny rule sends nothing anywhere",
+    ] {
+        assert!(e.iter().any(|x| x.starts_with(want)), "missing {want:?} in {e:#?}");
+    }
+}

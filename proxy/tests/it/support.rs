@@ -1,135 +1,18 @@
-//! Test harness: a stub DNS server on 127.0.0.1, loopback upstreams that count their
+//! Test harness: the stub DNS server (testkit's), loopback upstreams that count their
 //! connections, the proxy started in-process, and raw-socket client helpers.
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{RData, Record, RecordType};
+pub use testkit::dns::{Answer, DnsStub};
 pub use testkit::free_port;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tunnelgate_proxy::app::{self, ProxyHandle};
-
-/// How the stub answers a name.
-#[derive(Clone, Debug)]
-pub enum Answer {
-    /// These addresses (A and AAAA by family), TTL 60.
-    Addrs(Vec<IpAddr>),
-    /// The n-th A query gets the n-th list (the last repeats), TTL 0: DNS rebinding.
-    Sequence(Vec<Vec<IpAddr>>),
-    ServFail,
-    /// Never answers.
-    Silent,
-}
-
-#[derive(Default)]
-struct StubState {
-    answers: HashMap<String, Answer>,
-    /// A queries seen per name.
-    a_queries: HashMap<String, usize>,
-    total: usize,
-}
-
-/// A DNS server on 127.0.0.1 answering from a table; unknown names get NXDOMAIN.
-#[derive(Clone)]
-pub struct DnsStub {
-    pub addr: SocketAddr,
-    state: Arc<Mutex<StubState>>,
-}
-
-impl DnsStub {
-    pub async fn start() -> DnsStub {
-        DnsStub::start_on("127.0.0.1:0").await
-    }
-
-    /// [`DnsStub::start`] on `addr` (a test network's address, for a proxy in a namespace).
-    pub async fn start_on(addr: &str) -> DnsStub {
-        let sock = Arc::new(UdpSocket::bind(addr).await.unwrap());
-        let addr = sock.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(StubState::default()));
-        let st = state.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
-                    return;
-                };
-                let Ok(q) = Message::from_vec(&buf[..n]) else {
-                    continue;
-                };
-                if let Some(resp) = answer(&st, &q) {
-                    let _ = sock.send_to(&resp, from).await;
-                }
-            }
-        });
-        DnsStub { addr, state }
-    }
-
-    pub fn set(&self, name: &str, a: Answer) {
-        self.state.lock().unwrap().answers.insert(name.to_owned(), a);
-    }
-
-    /// A queries received for `name`.
-    pub fn queries(&self, name: &str) -> usize {
-        self.state.lock().unwrap().a_queries.get(name).copied().unwrap_or(0)
-    }
-
-    /// All queries received.
-    pub fn total_queries(&self) -> usize {
-        self.state.lock().unwrap().total
-    }
-}
-
-fn answer(state: &Mutex<StubState>, q: &Message) -> Option<Vec<u8>> {
-    let query = q.queries.first()?.clone();
-    let name = query.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
-    let qtype = query.query_type();
-    let mut s = state.lock().unwrap();
-    s.total += 1;
-    let n = if qtype == RecordType::A {
-        let c = s.a_queries.entry(name.clone()).or_insert(0);
-        *c += 1;
-        *c
-    } else {
-        s.a_queries.get(&name).copied().unwrap_or(1).max(1)
-    };
-    let ans = s.answers.get(&name).cloned();
-    drop(s);
-    let mut resp = Message::new(q.metadata.id, MessageType::Response, q.metadata.op_code);
-    resp.metadata.recursion_desired = q.metadata.recursion_desired;
-    resp.metadata.recursion_available = true;
-    resp.metadata.authoritative = true;
-    resp.add_query(query.clone());
-    let (addrs, ttl) = match ans {
-        None => {
-            resp.metadata.response_code = ResponseCode::NXDomain;
-            return resp.to_vec().ok();
-        }
-        Some(Answer::Silent) => return None,
-        Some(Answer::ServFail) => {
-            resp.metadata.response_code = ResponseCode::ServFail;
-            return resp.to_vec().ok();
-        }
-        Some(Answer::Addrs(a)) => (a, 60),
-        Some(Answer::Sequence(seq)) => (seq[(n - 1).min(seq.len() - 1)].clone(), 0),
-    };
-    for ip in addrs {
-        let rdata = match (ip, qtype) {
-            (IpAddr::V4(v4), RecordType::A) => RData::A(A(v4)),
-            (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(v6)),
-            _ => continue,
-        };
-        resp.add_answer(Record::from_rdata(query.name().clone(), ttl, rdata));
-    }
-    resp.to_vec().ok()
-}
 
 /// A loopback TCP server that counts the connections it accepted.
 #[derive(Clone)]
