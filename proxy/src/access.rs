@@ -84,6 +84,7 @@ pub fn tunnel_closed(
     kind: TunnelKind,
     rule: &str,
     user: Option<&str>,
+    parent: Option<&str>,
     authority: &Authority,
     out: &RelayOutcome,
 ) {
@@ -113,6 +114,8 @@ pub fn tunnel_closed(
             decision = "allow",
             reason = allow_reason(rule),
             rule,
+            // How it left: `direct`, or the parent proxy that carried it.
+            route = parent.unwrap_or(proxy_config::parents::DIRECT),
             result = "established",
             status = match kind {
                 TunnelKind::Connect => 200u16,

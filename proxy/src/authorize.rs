@@ -23,6 +23,10 @@ pub struct Authorized {
     /// Whether a policy decision admitted it, so a reload with `reevaluateOnReload` re-decides it
     /// (false for a tunnel listener's configured upstream).
     pub revocable: bool,
+    /// How it leaves: directly or through a parent (the deciding rule's route, or the default).
+    pub route: proxy_config::Route,
+    /// The parent that carries it, once connected through one.
+    pub parent: Option<String>,
 }
 
 impl Authorized {
@@ -30,7 +34,15 @@ impl Authorized {
     /// for a Unix socket), trusted as configured rather than decided by a rule, so never revoked
     /// by a reload; the relay limits are the configuration's defaults.
     pub fn fixed_upstream(addrs: Vec<IpAddr>, limits: TunnelLimits) -> Authorized {
-        Authorized { addrs, rule: String::new(), limits, user: None, revocable: false }
+        Authorized {
+            addrs,
+            rule: String::new(),
+            limits,
+            user: None,
+            revocable: false,
+            route: proxy_config::Route::Direct,
+            parent: None,
+        }
     }
 }
 
@@ -82,9 +94,10 @@ pub async fn authorize(
     }
     let name = judgement.verdict.rule_name(policy).to_owned();
     match judgement.verdict {
-        Verdict::Allow { limits, .. } => {
+        Verdict::Allow { limits, rule } => {
             m.policy_decisions.with_label_values(&["allow", crate::access::allow_reason(&name), &name]).inc();
-            Ok(Authorized { addrs, rule: name, limits, user, revocable: true })
+            let route = policy.route_of(rule);
+            Ok(Authorized { addrs, rule: name, limits, user, revocable: true, route, parent: None })
         }
         Verdict::SelfConnect => {
             m.policy_decisions.with_label_values(&["deny", "self", "self"]).inc();

@@ -89,6 +89,14 @@ pub enum TunnelError {
     /// destination other than the listener itself).
     #[error("not a redirected connection")]
     NotRedirected,
+    /// A parent proxy answered the request with a status other than 2xx (its `403`, its `407`:
+    /// the credentials configured for it were refused, its `5xx`).
+    #[error("parent {parent} answered {status}")]
+    ParentRefused { parent: String, status: u16 },
+    /// No parent of the route could be used: the last one tried and how it failed (`timeout`,
+    /// `unreachable`, `tls_failed`, `closed`, `dns_failed`).
+    #[error("no parent could be used (the last tried, {parent}: {failure})")]
+    ParentUnreachable { parent: String, failure: &'static str },
     /// The client went away before the tunnel was established.
     #[error("client closed the connection")]
     ClientClosed,
@@ -126,6 +134,8 @@ impl TunnelError {
             TunnelError::TlsHandshake(_) => "tls_handshake_failed",
             TunnelError::DestinationMismatch => "destination_mismatch",
             TunnelError::NotRedirected => "not_redirected",
+            TunnelError::ParentRefused { .. } => "parent_refused",
+            TunnelError::ParentUnreachable { .. } => "parent_unreachable",
             TunnelError::ClientClosed => "client_closed",
             TunnelError::Io { .. } => "io_error",
         }
@@ -157,7 +167,9 @@ impl TunnelError {
             | TunnelError::UpstreamRefused(_)
             | TunnelError::UpstreamTimeout
             | TunnelError::UpstreamResponse(_)
-            | TunnelError::UpstreamResponseTimeout => Side::Upstream,
+            | TunnelError::UpstreamResponseTimeout
+            | TunnelError::ParentRefused { .. }
+            | TunnelError::ParentUnreachable { .. } => Side::Upstream,
             TunnelError::Overloaded | TunnelError::Draining => Side::Internal,
             TunnelError::Io { side, .. } => *side,
             _ => Side::Client,
@@ -183,7 +195,15 @@ impl TunnelError {
             TunnelError::ResolveNotFound
             | TunnelError::ResolveFailed
             | TunnelError::UpstreamRefused(_)
-            | TunnelError::UpstreamResponse(_) => 502,
+            | TunnelError::UpstreamResponse(_)
+            | TunnelError::ParentRefused { .. } => 502,
+            TunnelError::ParentUnreachable { failure, .. } => {
+                if *failure == "timeout" {
+                    504
+                } else {
+                    502
+                }
+            }
             TunnelError::ResolveTimeout | TunnelError::UpstreamTimeout | TunnelError::UpstreamResponseTimeout => 504,
             TunnelError::TlsHandshake(_) | TunnelError::ClientClosed | TunnelError::Io { .. } => return None,
         })
@@ -210,6 +230,21 @@ impl TunnelError {
             TunnelError::DestinationMismatch => "destination_ip_prohibited",
             TunnelError::Overloaded | TunnelError::Draining => "proxy_internal_response",
             TunnelError::ResolveNotFound => return "tunnelgate; error=dns_error; rcode=\"NXDOMAIN\"".to_owned(),
+            // The parent's own answer, with its status (RFC 9209 `received-status`).
+            TunnelError::ParentRefused { parent, status } => {
+                let error = if matches!(status, 403 | 407) { "http_request_denied" } else { "destination_unavailable" };
+                return format!("tunnelgate; error={error}; next-hop=\"{parent}\"; received-status={status}");
+            }
+            TunnelError::ParentUnreachable { parent, failure } => {
+                let error = match *failure {
+                    "timeout" => "connection_timeout",
+                    "tls_failed" => "tls_protocol_error",
+                    "closed" => "connection_terminated",
+                    "dns_failed" => "dns_error",
+                    _ => "connection_refused",
+                };
+                return format!("tunnelgate; error={error}; next-hop=\"{parent}\"");
+            }
             TunnelError::ResolveFailed => "dns_error",
             TunnelError::ResolveTimeout => "dns_timeout",
             TunnelError::UpstreamRefused(_) => "connection_refused",

@@ -9,6 +9,7 @@ use tracing::Instrument;
 use crate::access::{self, TunnelKind};
 use crate::authorize::Authorized;
 use crate::context::ConnCtx;
+use crate::parent::Upstream;
 use crate::relay::{self, ByteCounters, End, RelayRead, Terms};
 use crate::tunnels::Admitted;
 
@@ -54,7 +55,43 @@ where
     let terms = Terms { early: &t.early, limits: &a.limits, stop: &registration.membership.stop, counters: &counters };
     let out = relay::run(End { read: cr, write: cw }, End { read: ur, write: uw }, terms).await;
     drop(registration);
-    access::tunnel_closed(ctx, t.kind, &a.rule, a.user.as_deref(), &t.authority, &out);
+    access::tunnel_closed(ctx, t.kind, &a.rule, a.user.as_deref(), a.parent.as_deref(), &t.authority, &out);
+}
+
+/// [`tunnel`] to `upstream`, directly or through its parent.
+pub(crate) async fn tunnel_to<CR, CW>(cr: CR, cw: CW, upstream: Upstream, t: Established, ctx: &ConnCtx)
+where
+    CR: RelayRead,
+    CW: AsyncWrite + Unpin + Send,
+{
+    match upstream {
+        Upstream::Direct(s) => {
+            let (ur, uw) = s.into_split();
+            tunnel(cr, cw, ur, uw, t, ctx).await;
+        }
+        Upstream::Parent(s, _) => {
+            let (ur, uw) = tokio::io::split(*s);
+            tunnel(cr, cw, ur, uw, t, ctx).await;
+        }
+    }
+}
+
+/// [`spawn_tunnel`] to `upstream`, directly or through its parent.
+pub(crate) fn spawn_to<CR, CW>(cr: CR, cw: CW, upstream: Upstream, t: Established, ctx: &ConnCtx)
+where
+    CR: RelayRead + 'static,
+    CW: AsyncWrite + Unpin + Send + 'static,
+{
+    match upstream {
+        Upstream::Direct(s) => {
+            let (ur, uw) = s.into_split();
+            spawn_tunnel(cr, cw, ur, uw, t, ctx);
+        }
+        Upstream::Parent(s, _) => {
+            let (ur, uw) = tokio::io::split(*s);
+            spawn_tunnel(cr, cw, ur, uw, t, ctx);
+        }
+    }
 }
 
 /// [`tunnel`] as a task of its own, tracked for the drain. The connection's task can then end:

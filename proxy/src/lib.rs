@@ -48,6 +48,8 @@ pub mod metrics;
 pub mod negotiate;
 pub mod own_addresses;
 pub mod owner;
+pub mod parent;
+pub mod prefixed;
 pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod redirect;

@@ -67,6 +67,17 @@ pub struct ProxyMetrics {
     pub upstream_pool_idle: IntGauge,
     /// Upstream connections used by plain-HTTP requests, `result` = new | reused.
     pub upstream_connections: IntCounterVec,
+    /// Requests sent to parent proxies by `parent` and `result` (established, refused_by_parent,
+    /// unreachable, timeout, tls_failed, closed, dns_failed).
+    pub parent_requests: IntCounterVec,
+    /// Time from dialling a parent to its `2xx`, by `parent`.
+    pub parent_connect_duration: HistogramVec,
+    /// 1 while a parent is usable, 0 while it is skipped after a failure; by `parent`.
+    pub parent_up: IntGaugeVec,
+    /// Usable members of each parent `group`.
+    pub parent_group_healthy: IntGaugeVec,
+    /// 1 for the member of each `group` that is tried first now (`parent`).
+    pub parent_group_active: IntGaugeVec,
     /// Heap bytes the proxy holds (resident memory when embedded as a library), every 100 ms.
     pub memory_in_use: IntGauge,
     /// The memory budget in force, bytes (0: none).
@@ -190,6 +201,30 @@ impl ProxyMetrics {
                 Opts::new("tunnelgate_upstream_connections_total", "Upstream connections used by plain-HTTP requests"),
                 &["result"],
             )?,
+            parent_requests: IntCounterVec::new(
+                Opts::new("tunnelgate_parent_requests_total", "Requests sent to parent proxies by outcome"),
+                &["parent", "result"],
+            )?,
+            parent_connect_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "tunnelgate_parent_connect_duration_seconds",
+                    "Time from dialling a parent proxy to its 2xx answer",
+                )
+                .buckets(exponential_buckets(0.0005, 2.0, 16)?),
+                &["parent"],
+            )?,
+            parent_up: IntGaugeVec::new(
+                Opts::new("tunnelgate_parent_up", "1 while a parent proxy is usable, 0 while it is skipped"),
+                &["parent"],
+            )?,
+            parent_group_healthy: IntGaugeVec::new(
+                Opts::new("tunnelgate_parent_group_healthy_members", "Usable members of a parent group"),
+                &["group"],
+            )?,
+            parent_group_active: IntGaugeVec::new(
+                Opts::new("tunnelgate_parent_group_active", "1 for the member of a parent group tried first now"),
+                &["group", "parent"],
+            )?,
             memory_in_use: IntGauge::new("tunnelgate_memory_in_use_bytes", "Heap bytes the proxy holds")?,
             memory_budget: IntGauge::new("tunnelgate_memory_budget_bytes", "Memory budget in force (0: none)")?,
             memory_overloaded: IntGauge::new(
@@ -209,6 +244,11 @@ impl ProxyMetrics {
         registry.register(Box::new(m.http_request_duration.clone()))?;
         registry.register(Box::new(m.upstream_pool_idle.clone()))?;
         registry.register(Box::new(m.upstream_connections.clone()))?;
+        registry.register(Box::new(m.parent_requests.clone()))?;
+        registry.register(Box::new(m.parent_connect_duration.clone()))?;
+        registry.register(Box::new(m.parent_up.clone()))?;
+        registry.register(Box::new(m.parent_group_healthy.clone()))?;
+        registry.register(Box::new(m.parent_group_active.clone()))?;
         registry.register(Box::new(m.tunnel_requests.clone()))?;
         registry.register(Box::new(m.tunnels_active.clone()))?;
         registry.register(Box::new(m.connections_open.clone()))?;

@@ -58,6 +58,7 @@ impl ReloadError {
             ReloadError::Snapshot(SnapshotError::Resolver(_)) => "dns",
             ReloadError::Snapshot(SnapshotError::Auth(_)) => "auth",
             ReloadError::Snapshot(SnapshotError::AdminToken(_)) => "admin-token",
+            ReloadError::Snapshot(SnapshotError::Parent { .. }) => "parents",
             ReloadError::Bind(_) => "bind",
             ReloadError::Redirect(_) => "redirect",
             ReloadError::Draining => "draining",

@@ -32,6 +32,13 @@ pub enum SnapshotError {
     Auth(#[source] AuthFileError),
     #[error("admin.configTokenFile")]
     AdminToken(#[source] AdminTokenError),
+    #[error("parents[{index}] ({name})")]
+    Parent {
+        index: usize,
+        name: String,
+        #[source]
+        source: crate::parent::ParentFileError,
+    },
 }
 
 /// A compiled configuration.
@@ -56,6 +63,8 @@ pub struct Snapshot {
     pub request_limiter: Option<RequestLimiter>,
     /// The token `/config` requires, when `admin.configTokenFile` is set.
     pub admin_token: Option<AdminToken>,
+    /// The parent proxies, ready to dial (their CA and credentials files read).
+    pub parents: crate::parent::ParentDialers,
 }
 
 impl Snapshot {
@@ -92,6 +101,10 @@ impl Snapshot {
             ),
             None => None,
         };
+        let parents = crate::parent::ParentDialers::load(&config.parents).map_err(|(index, source)| {
+            let name = config.parents.proxies.get(index).map(|p| p.name.clone()).unwrap_or_default();
+            SnapshotError::Parent { index, name, source }
+        })?;
         let admin_token = match &config.admin.config_token_file {
             Some(path) => Some(AdminToken::load(path).map_err(SnapshotError::AdminToken)?),
             None => None,
@@ -108,6 +121,7 @@ impl Snapshot {
             request_limiter,
             auth,
             admin_token,
+            parents,
         })
     }
 
@@ -139,12 +153,16 @@ pub fn fingerprint(config: &ProxyConfig, text: &str) -> String {
 }
 
 /// The files a configuration names besides itself (TLS certificates and keys, the htpasswd
-/// file, the admin token): a change to any of them is a reload.
+/// file, the admin token, parents' CAs and credentials): a change to any of them is a reload.
 pub fn watched_files(config: &ProxyConfig) -> Vec<&std::path::Path> {
     let tls = config.listeners.iter().filter_map(|l| l.tls.as_ref());
     let mut files: Vec<&std::path::Path> = tls.flat_map(|t| t.files()).collect();
     files.extend(config.auth.as_ref().map(|a| a.htpasswd_file.as_path()));
     files.extend(config.admin.config_token_file.as_deref());
+    for p in &config.parents.proxies {
+        files.extend(p.tls.as_ref().map(|t| t.ca_file.as_path()));
+        files.extend(p.credentials_file.as_deref());
+    }
     files
 }
 

@@ -61,6 +61,8 @@ pub struct Inner {
     pub auth_memory: Arc<crate::auth::AuthMemory>,
     /// Listeners, reloads, `/config`'s counters, ACME.
     pub control: Control,
+    /// Which parent proxies failed, kept across reloads.
+    pub parent_health: crate::parent::ParentHealth,
 }
 
 /// Sets the gauges that describe the config in force: its render number, its digest and the
@@ -89,6 +91,8 @@ impl Inner {
         let tunnels = Tunnels::new(metrics.tunnels_active.clone());
         let upstream_pool = UpstreamPool::new(metrics.upstream_pool_idle.clone());
         describe(&metrics, &snapshot);
+        let parent_health = crate::parent::ParentHealth::default();
+        parent_health.publish(&snapshot.config.parents, &metrics);
         let (tx, _rx) = watch::channel(snapshot);
         let own = OwnEndpoints { endpoints: vec![admin_addr], hosts: own_addresses::host_addresses() };
         Inner {
@@ -109,6 +113,7 @@ impl Inner {
             draining: AtomicBool::new(false),
             auth_memory,
             control: Control::new(acme),
+            parent_health,
         }
     }
 
@@ -119,6 +124,7 @@ impl Inner {
 
     pub(crate) fn publish(&self, s: SharedSnapshot) {
         describe(&self.metrics, &s);
+        self.parent_health.publish(&s.config.parents, &self.metrics);
         self.snapshot.send_replace(s);
         self.control.changed();
     }

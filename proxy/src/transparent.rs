@@ -22,9 +22,10 @@ use crate::access::{self, TunnelKind};
 use crate::authorize::{Authorized, Rejection};
 use crate::context::ConnCtx;
 use crate::error::TunnelError;
-use crate::established::{spawn_tunnel, Established};
+use crate::established::{spawn_to, Established};
 use crate::forward::connect;
 use crate::negotiate;
+use crate::parent::Upstream;
 use first_bytes::Opening;
 
 /// A TLS alert record: fatal (2), `access_denied` (49), as TLS 1.2 record framing, which clients
@@ -87,9 +88,8 @@ pub async fn serve(mut stream: TcpStream, ctx: &ConnCtx, settings: Transparent, 
     match opened {
         Ok((upstream, authorized)) => {
             let (cr, cw) = stream.into_split();
-            let (ur, uw) = upstream.into_split();
             let t = Established { kind: TunnelKind::Transparent, authority, early, authorized };
-            spawn_tunnel(cr, cw, ur, uw, t, ctx);
+            spawn_to(cr, cw, upstream, t, ctx);
         }
         Err(r) => refuse(stream, ctx, &opening, &r, &authority).await,
     }
@@ -102,7 +102,7 @@ async fn open(
     original: SocketAddr,
     ctx: &ConnCtx,
     settings: Transparent,
-) -> Result<(TcpStream, Authorized), Rejection> {
+) -> Result<(Upstream, Authorized), Rejection> {
     let named = matches!(authority.host, Host::Name(_));
     connect::open_checked(authority, ctx, None, |authorized| {
         let among = authorized.addrs.iter().any(|a| a.to_canonical() == original.ip());

@@ -1,17 +1,17 @@
 //! The CONNECT path: authorize the target, dial exactly the addresses that passed, answer `200`
 //! only once the upstream accepted, then hand the tunnel to its relay task.
 
-use proxy_config::Authority;
+use proxy_config::{Authority, Route};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::access::{self, TunnelKind};
 use crate::authorize::{self, Authorized, Rejection};
 use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::{Side, TunnelError};
-use crate::established::{spawn_tunnel, Established};
+use crate::established::{spawn_to, Established};
 use crate::negotiate::{self, ConnectRequest};
+use crate::parent::{self, Upstream};
 use crate::relay::IntoHalves;
 
 /// Serves a CONNECT request whose head has been read: tunnel, or an error answer and a
@@ -27,10 +27,9 @@ where
     match Box::pin(establish(&mut io, &request.authority, ctx, user)).await {
         Ok((upstream, authorized)) => {
             let (cr, cw) = io.into_halves();
-            let (ur, uw) = upstream.into_split();
             let ConnectRequest { authority, leftover, .. } = request;
             let t = Established { kind: TunnelKind::Connect, authority, early: leftover, authorized };
-            spawn_tunnel(cr, cw, ur, uw, t, ctx);
+            spawn_to(cr, cw, upstream, t, ctx);
         }
         Err(r) => Box::pin(reject(ctx, &mut io, r, Some(&request.authority))).await,
     }
@@ -56,7 +55,7 @@ async fn establish<S: AsyncWrite + Unpin>(
     authority: &Authority,
     ctx: &ConnCtx,
     user: Option<String>,
-) -> Result<(TcpStream, Authorized), Rejection> {
+) -> Result<(Upstream, Authorized), Rejection> {
     let (upstream, authorized) = open(authority, ctx, user).await?;
     io.write_all(negotiate::ESTABLISHED)
         .await
@@ -64,13 +63,14 @@ async fn establish<S: AsyncWrite + Unpin>(
     Ok((upstream, authorized))
 }
 
-/// Authorizes `authority` and connects to one of the approved addresses. At the drain deadline a
-/// request still being authorized or dialled gets 503 instead of hanging on.
+/// Authorizes `authority` and connects to one of the approved addresses, or through the route's
+/// parent to it. At the drain deadline a request still being authorized or dialled gets 503
+/// instead of hanging on.
 pub async fn open(
     authority: &Authority,
     ctx: &ConnCtx,
     user: Option<String>,
-) -> Result<(TcpStream, Authorized), Rejection> {
+) -> Result<(Upstream, Authorized), Rejection> {
     open_checked(authority, ctx, user, |_| Ok(())).await
 }
 
@@ -81,15 +81,23 @@ pub async fn open_checked(
     ctx: &ConnCtx,
     user: Option<String>,
     check: impl FnOnce(&Authorized) -> Result<(), TunnelError>,
-) -> Result<(TcpStream, Authorized), Rejection> {
+) -> Result<(Upstream, Authorized), Rejection> {
     let snapshot = &ctx.snapshot;
     let work = async {
         let authorized = authorize::authorize(snapshot, &ctx.inner, ctx.peer.ip(), user, authority).await?;
         check(&authorized).map_err(|error| Rejection { error, rule: Some(authorized.rule.clone()) })?;
-        let upstream =
-            dial::connect(&authorized.addrs, authority.port, snapshot.config.relay.connect_timeout, &ctx.inner.metrics)
+        let m = &ctx.inner.metrics;
+        let upstream = match authorized.route {
+            Route::Direct => dial::connect(&authorized.addrs, authority.port, snapshot.config.relay.connect_timeout, m)
                 .await
-                .map_err(|error| Rejection { error, rule: Some(authorized.rule.clone()) })?;
+                .map(Upstream::Direct),
+            route => {
+                let (host, port, addrs) = (&authority.host, authority.port, &authorized.addrs);
+                parent::tunnel(snapshot, &ctx.inner.parent_health, m, route, host, port, addrs).await
+            }
+        }
+        .map_err(|error| Rejection { error, rule: Some(authorized.rule.clone()) })?;
+        let authorized = Authorized { parent: upstream.parent().map(str::to_owned), ..authorized };
         Ok((upstream, authorized))
     };
     tokio::select! {

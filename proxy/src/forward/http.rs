@@ -24,7 +24,6 @@ use super::connect;
 use super::handler::{empty, method_label, Exchange, Finish, Handler, ResponseBody, TrackedBody};
 use super::headers;
 use super::limits::{Budget, Direction, Limited, Watchdog};
-use super::prefixed::Prefixed;
 use super::upgrade;
 use crate::access::TunnelKind;
 use crate::authorize::{self, Rejection};
@@ -32,6 +31,7 @@ use crate::context::ConnCtx;
 use crate::error::{ErrorChain, TunnelError};
 use crate::established::{self, Established};
 use crate::negotiate::MAX_HEADERS;
+use crate::prefixed::Prefixed;
 
 /// Serves an HTTP/1.1 connection whose first head (in `buffered`) is not a CONNECT, until the
 /// client closes it, keep-alive ends, or the proxy drains.
@@ -155,18 +155,17 @@ impl Handler {
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let mut t = Established { kind: TunnelKind::Connect, authority, early: Vec::new(), authorized };
-                    let (ur, uw) = upstream.into_split();
                     // hyper's connection is set aside: a plain TCP client is relayed as the
                     // stream itself, as a first-request CONNECT is.
                     match upgrade::Opened::client(upgraded) {
                         upgrade::Opened::Tcp(client, early) => {
                             t.early = early;
                             let (cr, cw) = client.into_split();
-                            established::tunnel(cr, cw, ur, uw, t, &ctx).await;
+                            established::tunnel_to(cr, cw, upstream, t, &ctx).await;
                         }
                         other => {
                             let (cr, cw) = tokio::io::split(other.boxed());
-                            established::tunnel(cr, cw, ur, uw, t, &ctx).await;
+                            established::tunnel_to(cr, cw, upstream, t, &ctx).await;
                         }
                     }
                 }

@@ -7,5 +7,4 @@ pub mod headers;
 pub mod http;
 pub mod limits;
 pub mod pool;
-mod prefixed;
 pub mod upgrade;

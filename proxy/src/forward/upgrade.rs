@@ -22,10 +22,10 @@ use tracing::debug;
 use super::handler::{empty, Exchange, Finish, Handler, ResponseBody, TrackedBody};
 use super::headers;
 use super::pool::UpstreamBody;
-use super::prefixed::Prefixed;
 use crate::access::TunnelKind;
 use crate::authorize::{Authorized, Rejection};
 use crate::established::{self, Established};
+use crate::prefixed::Prefixed;
 
 /// Sends an upgrade request and, on `101`, joins the two upgraded connections.
 /// An upgrade request on its way: the request for the upstream, the upstream connection it goes

@@ -8,6 +8,7 @@ mod auth;
 mod binary;
 mod dryrun;
 mod http;
+mod parents;
 mod parsing;
 mod reload;
 mod resources;

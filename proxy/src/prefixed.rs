@@ -1,5 +1,6 @@
-//! An I/O stream that first yields bytes already read from it (the request head the connection
-//! was dispatched on), so hyper parses exactly what the client sent, from the first byte.
+//! An I/O stream that first yields bytes already read from it: the request head a connection was
+//! dispatched on (so hyper parses exactly what the client sent, from the first byte), or what a
+//! parent proxy sent after its answer's head (so the client gets it first).
 
 use std::io;
 use std::pin::Pin;
@@ -7,19 +8,19 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-pub(crate) struct Prefixed<S> {
+pub struct Prefixed<S> {
     prefix: Vec<u8>,
     pos: usize,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
-    pub(crate) fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
         Prefixed { prefix, pos: 0, inner }
     }
 
     /// The bytes of the prefix not yet read, and the stream.
-    pub(crate) fn into_parts(mut self) -> (Vec<u8>, S) {
+    pub fn into_parts(mut self) -> (Vec<u8>, S) {
         let rest = self.prefix.split_off(self.pos.min(self.prefix.len()));
         (rest, self.inner)
     }
