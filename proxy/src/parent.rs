@@ -69,6 +69,12 @@ struct Dialer {
 pub struct ParentDialers(Vec<Dialer>);
 
 impl ParentDialers {
+    /// How plain-HTTP requests go through parent `i` of `parents`.
+    pub fn http_via(&self, parents: &Parents, i: usize) -> Option<HttpVia> {
+        let (p, d) = (parents.proxies.get(i)?, self.0.get(i)?);
+        Some(HttpVia { parent: p.name.clone(), send_target: p.send_target, authorization: d.authorization.clone() })
+    }
+
     /// Loads every parent's CA and credentials files; the error names the parent's index.
     pub fn load(parents: &Parents) -> Result<ParentDialers, (usize, ParentFileError)> {
         let mut out = Vec::new();
@@ -281,6 +287,20 @@ pub struct HttpVia {
     pub send_target: proxy_config::SendTarget,
     /// `Proxy-Authorization` for the parent (never logged).
     pub authorization: Option<String>,
+}
+
+impl HttpVia {
+    /// The absolute-form target of a request for `host:port` (allowed at `addrs`) and
+    /// `path_and_query`: the checked address or the name, as the parent is configured.
+    pub fn absolute(&self, host: &Host, port: u16, addrs: &[IpAddr], path_and_query: &str) -> String {
+        let authority = match (self.send_target, host, addrs.first()) {
+            (proxy_config::SendTarget::Address, Host::Name(_), Some(ip)) => {
+                proxy_config::Authority { host: Host::Ip(*ip), port }.to_string()
+            }
+            _ => proxy_config::Authority { host: host.clone(), port }.to_string(),
+        };
+        format!("http://{authority}{path_and_query}")
+    }
 }
 
 /// Tries `route`'s parents with `attempt` in order (healthy ones first; when all are down, all of

@@ -16,7 +16,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
-use proxy_config::{Authority, ListenerHttp};
+use proxy_config::{Authority, ListenerHttp, Route};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info};
 
@@ -28,6 +28,7 @@ use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::{ErrorChain, TunnelError};
 use crate::negotiate::{self};
+use crate::parent::{self, HttpVia, ParentStream};
 
 /// The body of every response the proxy sends on this path.
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -70,6 +71,36 @@ fn code_class(status: StatusCode) -> &'static str {
     }
 }
 
+/// A connection for one request: to the target, or to a parent proxy (`via`: then the request
+/// goes in absolute form, with the parent's credentials).
+pub(crate) struct Dialed {
+    pub(crate) sender: SendRequest<UpstreamBody>,
+    pub(crate) key: PoolKey,
+    pub(crate) via: Option<HttpVia>,
+}
+
+impl Dialed {
+    /// Makes `req` (origin-form, for `authority` allowed at `addrs`) what this connection's peer
+    /// expects: unchanged for the target; absolute-form with `Proxy-Authorization` for a parent.
+    pub(crate) fn address(
+        &self,
+        req: &mut Request<UpstreamBody>,
+        authority: &Authority,
+        addrs: &[std::net::IpAddr],
+    ) -> Result<(), TunnelError> {
+        let Some(via) = &self.via else { return Ok(()) };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let absolute = via.absolute(&authority.host, authority.port, addrs, path);
+        *req.uri_mut() = absolute.parse().map_err(|_| TunnelError::MalformedRequest("invalid path"))?;
+        if let Some(auth) = &via.authorization {
+            let value =
+                HeaderValue::from_str(auth).map_err(|_| TunnelError::MalformedRequest("invalid credentials"))?;
+            req.headers_mut().insert(header::PROXY_AUTHORIZATION, value);
+        }
+        Ok(())
+    }
+}
+
 /// What one request was, for its metrics and access event.
 pub(crate) struct Exchange {
     pub(crate) method: &'static str,
@@ -80,6 +111,8 @@ pub(crate) struct Exchange {
     pub(crate) user: Option<String>,
     /// The relay limits of a forwarded request, and what it moved.
     pub(crate) budget: Option<Arc<Budget>>,
+    /// The parent proxy that carried it, when one did.
+    pub(crate) parent: Option<String>,
 }
 
 impl Exchange {
@@ -90,44 +123,80 @@ impl Exchange {
 }
 
 impl Handler {
-    /// An idle pooled connection to one of the approved addresses, with the same Host.
-    pub(super) async fn pooled(
-        &self,
-        authorized: &Authorized,
-        port: u16,
-        host: &str,
-    ) -> Option<(SendRequest<UpstreamBody>, PoolKey)> {
-        let idle = self.ctx.snapshot.config.http.upstream_idle_timeout;
-        for addr in &authorized.addrs {
-            let key = PoolKey {
-                addr: std::net::SocketAddr::new(*addr, port),
-                host: host.to_owned(),
-                client: (self.ctx.peer.ip().to_canonical(), authorized.user.clone()),
-            };
+    /// An idle pooled connection to one of the approved addresses (or, on a route through
+    /// parents, to one of them for this target), with the same Host.
+    pub(super) async fn pooled(&self, authorized: &Authorized, port: u16, host: &str) -> Option<Dialed> {
+        let snapshot = &self.ctx.snapshot;
+        let idle = snapshot.config.http.upstream_idle_timeout;
+        let client = (self.ctx.peer.ip().to_canonical(), authorized.user.clone());
+        let parents = &snapshot.config.parents;
+        let keys: Vec<(PoolKey, Option<HttpVia>)> = match authorized.route {
+            Route::Direct => authorized
+                .addrs
+                .iter()
+                .map(|a| {
+                    let addr = std::net::SocketAddr::new(*a, port);
+                    (PoolKey { addr, host: host.to_owned(), client: client.clone(), via: None }, None)
+                })
+                .collect(),
+            route => {
+                let first = authorized.addrs.first()?;
+                parents
+                    .members(route)
+                    .into_iter()
+                    .filter_map(|i| snapshot.parents.http_via(parents, i))
+                    .map(|via| {
+                        let addr = std::net::SocketAddr::new(*first, port);
+                        let key = PoolKey {
+                            addr,
+                            host: host.to_owned(),
+                            client: client.clone(),
+                            via: Some(via.parent.clone()),
+                        };
+                        (key, Some(via))
+                    })
+                    .collect()
+            }
+        };
+        for (key, via) in keys {
             if let Some(sender) = self.ctx.inner.upstream_pool.checkout(&key, idle).await {
                 self.ctx.inner.metrics.upstream_connections.with_label_values(&["reused"]).inc();
-                return Some((sender, key));
+                return Some(Dialed { sender, key, via });
             }
         }
         None
     }
 
-    /// A new upstream connection to one of the approved addresses.
+    /// A new upstream connection to one of the approved addresses, or through the route's parent.
     pub(crate) async fn dial(
         &self,
         authorized: &Authorized,
         port: u16,
         host: &str,
         upgrades: bool,
-    ) -> Result<(SendRequest<UpstreamBody>, PoolKey), TunnelError> {
+    ) -> Result<Dialed, TunnelError> {
         let m = &self.ctx.inner.metrics;
-        let connect_timeout = self.ctx.snapshot.config.relay.connect_timeout;
-        let stream = dial::connect(&authorized.addrs, port, connect_timeout, m).await?;
-        let addr = stream.peer_addr().map_err(TunnelError::UpstreamRefused)?;
+        let snapshot = &self.ctx.snapshot;
+        let client = (self.ctx.peer.ip().to_canonical(), authorized.user.clone());
+        let (io, key, via) = match authorized.route {
+            Route::Direct => {
+                let connect_timeout = snapshot.config.relay.connect_timeout;
+                let stream = dial::connect(&authorized.addrs, port, connect_timeout, m).await?;
+                let addr = stream.peer_addr().map_err(TunnelError::UpstreamRefused)?;
+                (ParentStream::Tcp(stream), PoolKey { addr, host: host.to_owned(), client, via: None }, None)
+            }
+            route => {
+                let first = authorized.addrs.first().copied().ok_or(TunnelError::ResolveNotFound)?;
+                let (stream, via) = parent::http_connection(snapshot, &self.ctx.inner.parent_health, m, route).await?;
+                let addr = std::net::SocketAddr::new(first, port);
+                let key = PoolKey { addr, host: host.to_owned(), client, via: Some(via.parent.clone()) };
+                (stream, key, Some(via))
+            }
+        };
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .title_case_headers(true)
             .max_buf_size(MAX_RESPONSE_HEAD)
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(TunnelError::UpstreamResponse)?;
         if upgrades {
@@ -140,8 +209,7 @@ impl Handler {
             });
         }
         m.upstream_connections.with_label_values(&["new"]).inc();
-        let client = (self.ctx.peer.ip().to_canonical(), authorized.user.clone());
-        Ok((sender, PoolKey { addr, host: host.to_owned(), client }))
+        Ok(Dialed { sender, key, via })
     }
 
     /// Sends `req` and waits for the response head (bounded by `http.responseHeadTimeout`).
@@ -240,6 +308,7 @@ impl Handler {
                 reason,
                 method = ex.method,
                 rule = ex.rule.as_deref().unwrap_or(""),
+                route = ex.parent.as_deref().unwrap_or(proxy_config::parents::DIRECT),
                 namespace = origin.as_ref().and_then(proxy_config::origin::PolicyId::namespace),
                 policy = origin.as_ref().map(proxy_config::origin::PolicyId::name),
                 status = status.as_u16(),
@@ -283,6 +352,7 @@ impl Finish {
             authority: ex.authority.take(),
             user: ex.user.take(),
             budget: ex.budget.take(),
+            parent: ex.parent.take(),
         };
         Finish { handler: handler.clone(), ex, status, reuse }
     }

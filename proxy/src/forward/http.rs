@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::connect;
-use super::handler::{empty, method_label, Exchange, Finish, Handler, ResponseBody, TrackedBody};
+use super::handler::{empty, method_label, Dialed, Exchange, Finish, Handler, ResponseBody, TrackedBody};
 use super::headers;
 use super::limits::{Budget, Direction, Limited, Watchdog};
 use super::upgrade;
@@ -114,6 +114,7 @@ impl Handler {
             authority: None,
             user: None,
             budget: None,
+            parent: None,
         };
         if let Err(e) = self.ctx.admit_request() {
             return self.error(&ex, e.into());
@@ -220,14 +221,18 @@ impl Handler {
         let rejected = |error| Rejection { error, rule: Some(authorized.rule.clone()) };
 
         if let Some(client_upgrade) = client_upgrade {
-            let (sender, _) = self.dial(&authorized, authority.port, &host, true).await.map_err(rejected)?;
-            let pending = upgrade::Pending { req: up, sender, client_upgrade };
+            let dialed = self.dial(&authorized, authority.port, &host, true).await.map_err(rejected)?;
+            dialed.address(&mut up, &authority, &authorized.addrs).map_err(rejected)?;
+            let pending = upgrade::Pending { req: up, sender: dialed.sender, client_upgrade };
             return upgrade::forward(self, pending, authorized, authority, ex).await;
         }
-        let (mut sender, key) = match self.pooled(&authorized, authority.port, &host).await {
+        let dialed = match self.pooled(&authorized, authority.port, &host).await {
             Some(pooled) => pooled,
             None => self.dial(&authorized, authority.port, &host, false).await.map_err(rejected)?,
         };
+        dialed.address(&mut up, &authority, &authorized.addrs).map_err(rejected)?;
+        let Dialed { mut sender, key, via } = dialed;
+        ex.parent = via.as_ref().map(|v| v.parent.clone());
         let resp = self.send(&mut sender, up).await.map_err(|e| {
             // A request body cut at the byte limit fails the exchange: say which limit.
             match budget.as_ref().and_then(|b| b.cut_reason()) {
@@ -238,6 +243,12 @@ impl Handler {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // No upgrade was asked for: a 101 is a protocol violation, never a switch.
             return Ok(self.bad_gateway(ex));
+        }
+        if let (Some(via), StatusCode::PROXY_AUTHENTICATION_REQUIRED) = (&via, resp.status()) {
+            // The parent refused the credentials configured for it: the client, who owes none,
+            // must not be asked for any.
+            self.ctx.inner.metrics.parent_requests.with_label_values(&[&via.parent, "refused_by_parent"]).inc();
+            return Err(rejected(TunnelError::ParentRefused { parent: via.parent.clone(), status: 407 }));
         }
         let (mut rparts, rbody) = resp.into_parts();
         let conflicting = headers::sanitize_response(&mut rparts.headers, false);

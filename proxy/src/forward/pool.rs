@@ -29,6 +29,9 @@ pub struct PoolKey {
     pub host: String,
     /// The client whose requests it carried: its address and authenticated proxy user.
     pub client: (IpAddr, Option<String>),
+    /// The parent proxy it goes to (then `addr` is the target's first approved address), or
+    /// `None` for a connection to the target itself.
+    pub via: Option<String>,
 }
 
 struct Parked {

@@ -47,7 +47,7 @@ impl Squid {
         let cfg = format!(
             "http_port 127.0.0.1:{port}\nvisible_hostname tg-test-parent\n\
              dns_nameservers 127.0.0.1\nhosts_file {d}/hosts\n{access}\n\
-             cache deny all\naccess_log stdio:{d}/access.log\ncache_log {d}/cache.log\n\
+             cache deny all\nstrip_query_terms off\naccess_log stdio:{d}/access.log\ncache_log {d}/cache.log\n\
              pid_filename {d}/squid.pid\ncoredump_dir {d}\nshutdown_lifetime 0 seconds\n"
         );
         std::fs::write(dir.join("squid.conf"), cfg).unwrap();
@@ -197,9 +197,18 @@ async fn squid_credentials_and_refusals_become_a_502_naming_the_parent() {
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("next-hop=\"corp\"; received-status=407"), "{head}");
     assert!(!lower.contains("proxy-authenticate") && !head.contains("wrong") && !head.contains("s3cret"), "{head}");
+    // A plain-HTTP request likewise: Squid's 407 is never passed on as a 407.
+    let (status, text) = exchange(
+        addr(&p),
+        format!("GET http://allowed.test:{port}/ HTTP/1.1\r\nHost: allowed.test:{port}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.to_ascii_lowercase().contains("next-hop=\"corp\"; received-status=407"), "{text}");
     let refused =
         metric(p.admin, "tunnelgate_parent_requests_total{parent=\"corp\",result=\"refused_by_parent\"}").await;
-    assert_eq!(refused, 2.0);
+    assert_eq!(refused, 3.0, "the 403, and the 407 to a CONNECT and to a plain-HTTP request");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -321,4 +330,61 @@ async fn tls_to_a_parent_behind_stunnel() {
     let _ = stunnel.kill();
     let _ = stunnel.wait();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An HTTP origin on 127.0.0.2 that answers every request `200 hello`, keeping the connection.
+async fn origin() -> Upstream {
+    Upstream::start("127.0.0.2", |mut s| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::io::AsyncReadExt::read(&mut s, &mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+            buf.drain(..end);
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// Plain-HTTP requests routed through Squid go to it in absolute form (naming the checked
+/// address), on a pooled connection that the next request of the same client reuses; the
+/// answer comes back with both proxies' Via.
+#[tokio::test]
+async fn plain_http_requests_go_to_squid_in_absolute_form_on_a_pooled_connection() {
+    let w = World::new().await;
+    let origin = origin().await;
+    let squid = Squid::start("http", "http_access allow all").await;
+    let extra = format!("parents:\n  - {{name: squid, address: '127.0.0.1:{}'}}\n", squid.port);
+    let doc =
+        loopback_open(&w.config(&extra).replace("defaultAction: deny", "defaultAction: deny\n  defaultRoute: squid"));
+    let p = start_proxy(&doc).await;
+    let port = origin.addr.port();
+    let mut s = TcpStream::connect(addr(&p)).await.unwrap();
+    for path in ["/a?q=1", "/b"] {
+        let req = format!("GET http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, head) = read_head(&mut s).await;
+        assert_eq!(status, 200, "{head}");
+        assert!(head.contains("Via: 1.1 tg-test-parent") && head.contains("1.1 tunnelgate"), "{head}");
+        let mut body = [0u8; 5];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut body).await.unwrap();
+        assert_eq!(&body, b"hello");
+    }
+    drop(s);
+    let seen = squid.requests(2).await;
+    assert_eq!(
+        seen,
+        vec![format!("GET http://127.0.0.2:{port}/a?q=1"), format!("GET http://127.0.0.2:{port}/b")],
+        "absolute form, naming the checked address"
+    );
+    assert_eq!(metric(p.admin, "tunnelgate_upstream_connections_total{result=\"reused\"}").await, 1.0);
+    assert_eq!(metric(p.admin, "tunnelgate_parent_requests_total{parent=\"squid\",result=\"established\"}").await, 1.0);
 }
