@@ -180,6 +180,9 @@ pub struct Explanation {
     pub idle_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_lifetime: Option<String>,
+    /// How allowed traffic leaves: `direct`, or the parent proxy or group it goes through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
     /// Whether DNS was needed (false: decided by the name alone).
     pub resolved: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -206,6 +209,9 @@ impl Explanation {
                     self.idle_timeout.as_deref().unwrap_or("-"),
                     self.max_lifetime.as_deref().unwrap_or("-")
                 );
+                if let Some(route) = &self.route {
+                    let _ = writeln!(out, "route: {route}");
+                }
             }
             "deny" => {
                 let _ = writeln!(
@@ -328,8 +334,9 @@ pub fn judge(
     e.rule = Some(j.verdict.rule_name(&cfg.policy).to_owned());
     e.dry_run = j.dry_run.map(|v| format!("rule {} {}", v.rule(), v.as_str().replace('_', " ")));
     match j.verdict {
-        Verdict::Allow { limits, .. } => {
+        Verdict::Allow { limits, rule } => {
             e.decision = "allow".into();
+            e.route = Some(cfg.parents.describe(cfg.policy.route_of(rule)));
             e.idle_timeout = Some(humantime::format_duration(limits.idle_timeout).to_string());
             e.max_lifetime = Some(humantime::format_duration(limits.max_lifetime).to_string());
             0
@@ -617,6 +624,27 @@ mod self_tests {
         assert!(enrolled.table().contains("intercepted transparently: TCP 80, 443"), "{}", enrolled.table());
         assert!(explain("10.244.1.6").intercepted_ports.is_empty());
         assert!(!explain("10.244.1.6").table().contains("intercepted"));
+    }
+
+    #[test]
+    fn explain_prints_the_route_the_deciding_rule_takes() {
+        let cfg = ProxyConfig::from_yaml(
+            "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\n\
+             parents: [{name: corp, address: 'proxy.corp.example:3128'}]\n\
+             policy:\n  defaultRoute: corp\n  rules:\n  - {name: intranet, action: allow, hosts: [wiki.corp.example], route: direct}\n  - {name: rest, action: allow, hosts: ['*.example']}\n",
+        )
+        .unwrap();
+        let route = |target: &str| {
+            let target: Authority = target.parse().unwrap();
+            let mut e = Explanation::default();
+            let request = Request { client: "10.244.2.2".parse().unwrap(), user: None, target: &target };
+            judge(&cfg, &[], &request, &["140.82.112.5".parse().unwrap()], &mut e);
+            (e.route.clone().unwrap_or_default(), e.table())
+        };
+        assert_eq!(route("wiki.corp.example:443").0, "direct");
+        let (r, table) = route("www.example:443");
+        assert_eq!(r, "parent corp at proxy.corp.example:3128 (names the target by address)");
+        assert!(table.contains("route: parent corp"), "{table}");
     }
 
     #[test]

@@ -164,6 +164,7 @@ pub fn explain(path: &Path, client: IpAddr, user: Option<&str>, target: &str, re
     let code = match &j.verdict {
         Verdict::Allow { rule, limits } => {
             describe(&mut out, policy, &Decision::Allow { rule: *rule, limits: *limits }, &auth, &addrs);
+            let _ = writeln!(out, "route: {}", cfg.parents.describe(policy.route_of(*rule)));
             0
         }
         Verdict::Deny { rule, reason } => {

@@ -808,3 +808,22 @@ async fn help_names_every_mode_the_proxy_serves() {
         assert!(help.contains(words), "--help should name {words:?}:\n{help}");
     }
 }
+
+#[test]
+fn cli_explain_prints_the_route() {
+    let dir = TempDir::new("explain-route");
+    let f = dir.0.join("c.yaml");
+    std::fs::write(&f, "version: 1\nlisteners: [{name: f, bind: '127.0.0.1:3128'}]\nparents:\n  - {name: corp-a, address: 'proxy-a.corp.example:3128'}\n  - {name: corp-b, address: '10.0.0.9:3128', sendTarget: name}\nparentGroups:\n  - {name: corp, members: [corp-a, corp-b]}\npolicy:\n  defaultRoute: corp\n  rules:\n    - {name: partner, action: allow, hosts: [api.partner.example], route: corp-b}\n    - {name: intranet, action: allow, hosts: [wiki.intranet.example], route: direct}\n    - {name: rest, action: allow, hosts: ['*.example']}\n").unwrap();
+    let f = f.to_str().unwrap();
+    let explain = |target: &str| {
+        run(&["explain", "--config", f, "--client", "10.244.1.17", "--target", target, "--resolve", "140.82.112.5"]).1
+    };
+    let out = explain("api.partner.example:443");
+    assert!(
+        out.contains("rule: partner")
+            && out.contains("route: parent corp-b at 10.0.0.9:3128 (names the target by name)"),
+        "{out}"
+    );
+    assert!(explain("wiki.intranet.example:443").contains("route: direct"));
+    assert!(explain("www.example:443").contains("route: group corp: corp-a, then corp-b"), "the default route");
+}
