@@ -129,6 +129,9 @@ pub enum Serves {
         upstream: TunnelUpstream,
         /// The PROXY protocol header sent to the upstream before any payload.
         send_proxy_protocol: ProxyProtocol,
+        /// How it reaches a `host:port` upstream: directly, or through a parent proxy (which is
+        /// sent the upstream as written).
+        route: crate::parents::Route,
     },
     /// Connections redirected by the node's firewall (their original destination read from the
     /// kernel), decided by the name their first bytes carry (TLS SNI, HTTP Host) or, without

@@ -133,6 +133,9 @@ pub struct RawListener {
     pub accept_proxy_protocol_from: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transparent: Option<RawTransparent>,
+    /// A tunnel listener's way to its upstream: `direct` or a parent or group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
 }
 
 /// The node's redirect rules as written.

@@ -61,8 +61,8 @@ pub async fn serve(mut stream: TcpStream, mut ctx: ConnCtx) {
         None => {
             let deadline = ctx.accepted + limits.request_head_timeout;
             match (admitted, &listener.serves) {
-                (Ok(()), Serves::Tunnel { upstream, send_proxy_protocol }) => {
-                    Box::pin(terminate::serve(stream, &ctx, upstream, *send_proxy_protocol, None)).await
+                (Ok(()), Serves::Tunnel { upstream, send_proxy_protocol, route }) => {
+                    Box::pin(terminate::serve(stream, &ctx, upstream, *send_proxy_protocol, *route, None)).await
                 }
                 (Ok(()), Serves::Forward(http)) => dispatch(stream, &ctx, deadline, http).await,
                 (Ok(()), Serves::Transparent(settings)) => {
@@ -113,8 +113,8 @@ async fn serve_tls(
     let facts = TlsFacts::of(tls.get_ref().1);
     m.tls_handshakes.with_label_values(&[&ctx.listener, "success", facts.version]).inc();
     match serves {
-        Serves::Tunnel { upstream, send_proxy_protocol } => {
-            terminate::serve(tls, ctx, upstream, *send_proxy_protocol, Some(facts)).await;
+        Serves::Tunnel { upstream, send_proxy_protocol, route } => {
+            terminate::serve(tls, ctx, upstream, *send_proxy_protocol, *route, Some(facts)).await;
         }
         Serves::Forward(http) => dispatch(tls, ctx, Instant::now() + limits.request_head_timeout, http).await,
         // The configuration refuses TLS on a transparent listener (it relays the client's TLS).

@@ -1,8 +1,9 @@
 //! The tunnel mode: every connection of a tunnel listener (after its TLS handshake, when the
 //! listener terminates TLS) goes to the listener's one configured upstream, over TCP or a Unix
-//! socket, through the same relay as CONNECT tunnels. No HTTP is parsed on this path.
+//! socket (directly, or a TCP one through a parent proxy), through the same relay as CONNECT
+//! tunnels. No HTTP is parsed on this path.
 
-use proxy_config::{Authority, Host, ProxyProtocol, TunnelUpstream};
+use proxy_config::{Authority, Host, ProxyProtocol, Route, TunnelUpstream};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::timeout;
@@ -13,6 +14,7 @@ use crate::context::ConnCtx;
 use crate::dial;
 use crate::error::TunnelError;
 use crate::established::{spawn_tunnel, Established};
+use crate::parent::{self, Upstream};
 use crate::proxy_protocol;
 use crate::relay::IntoHalves;
 use crate::tls::handshake::TlsFacts;
@@ -32,6 +34,7 @@ pub async fn serve<S: IntoHalves + 'static>(
     ctx: &ConnCtx,
     upstream: &TunnelUpstream,
     announce_as: ProxyProtocol,
+    route: Route,
     tls: Option<TlsFacts>,
 ) {
     let header = proxy_protocol::header(announce_as, ctx.peer, ctx.local, tls.as_ref());
@@ -43,6 +46,24 @@ pub async fn serve<S: IntoHalves + 'static>(
     let (cr, cw) = io.into_halves();
     let authorized = |addrs| Authorized::fixed_upstream(addrs, cfg.policy.defaults);
     match upstream {
+        TunnelUpstream::Tcp(authority) if route != Route::Direct => {
+            // A configured upstream is trusted: the parent is sent it as written.
+            let h = &ctx.inner.parent_health;
+            let upstream = match parent::tunnel(&ctx.snapshot, h, m, route, &authority.host, authority.port, &[]).await
+            {
+                Ok(u) => u,
+                Err(e) => return access::rejected(ctx, &e, None, None),
+            };
+            let Upstream::Parent(stream, name) = upstream else { return };
+            let (ur, mut uw) = tokio::io::split(*stream);
+            if let Err(e) = announce(&mut uw, header.as_deref()).await {
+                return access::rejected(ctx, &e, None, None);
+            }
+            let authorized = Authorized { parent: Some(name), ..authorized(Vec::new()) };
+            let t =
+                Established { kind: TunnelKind::Fixed, authority: authority.clone(), early: Vec::new(), authorized };
+            spawn_tunnel(cr, cw, ur, uw, t, ctx);
+        }
         TunnelUpstream::Tcp(authority) => {
             let addrs = match &authority.host {
                 Host::Ip(ip) => vec![*ip],

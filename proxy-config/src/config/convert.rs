@@ -29,10 +29,10 @@ pub(super) fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
     if raw.address_grants.is_some() {
         errs.push("addressGrants", OPERATOR_ONLY);
     }
-    let listeners = listeners(&mut errs, raw.listeners);
-    let admin = admin(&mut errs, raw.admin.as_ref());
     let (relay, defaults) = relay(&mut errs, raw.relay);
     let parents = parents(&mut errs, raw.parents, raw.parent_groups, relay.connect_timeout);
+    let listeners = listeners(&mut errs, raw.listeners, &parents);
+    let admin = admin(&mut errs, raw.admin.as_ref());
     let policy = policy(&mut errs, raw.policy, defaults, raw.auth.is_some(), &parents);
     let config = ProxyConfig {
         listeners,
@@ -52,7 +52,7 @@ pub(super) fn convert(raw: RawConfig) -> Result<ProxyConfig, ConfigErrors> {
     errs.finish(config)
 }
 
-fn listeners(errs: &mut Errors, raw: Vec<RawListener>) -> Vec<Listener> {
+fn listeners(errs: &mut Errors, raw: Vec<RawListener>, parents: &Parents) -> Vec<Listener> {
     let mut listeners = Vec::new();
     let mut names = HashSet::new();
     let mut binds = HashSet::new();
@@ -135,9 +135,25 @@ fn listeners(errs: &mut Errors, raw: Vec<RawListener>) -> Vec<Listener> {
                 via,
             }
         });
+        let route = match (mode, l.route.as_deref(), &upstream) {
+            (_, None, _) => Route::Direct,
+            (Some(ListenerMode::Tunnel), Some(name), Some(TunnelUpstream::Tcp(_)) | None) => {
+                route(errs, &format!("{p}.route"), name, parents).unwrap_or_default()
+            }
+            (Some(ListenerMode::Tunnel), Some(_), Some(TunnelUpstream::Unix(_))) => {
+                errs.push(format!("{p}.route"), "a unix: upstream is local: it cannot go through a parent");
+                Route::Direct
+            }
+            (_, Some(_), _) => {
+                errs.push(format!("{p}.route"), "only valid with mode: tunnel (rules route forward traffic)");
+                Route::Direct
+            }
+        };
         let serves = match (mode, upstream) {
             (Some(ListenerMode::Forward), _) => Some(Serves::Forward(http)),
-            (Some(ListenerMode::Tunnel), Some(upstream)) => Some(Serves::Tunnel { upstream, send_proxy_protocol }),
+            (Some(ListenerMode::Tunnel), Some(upstream)) => {
+                Some(Serves::Tunnel { upstream, send_proxy_protocol, route })
+            }
             (Some(ListenerMode::Transparent), _) => transparent.map(Serves::Transparent),
             // The error is already recorded.
             _ => None,

@@ -199,7 +199,7 @@ fn tunnel_listeners_need_a_valid_upstream_and_take_no_http_settings() {
     let cfg = ProxyConfig::from_yaml(ok).unwrap();
     assert!(matches!(
         &cfg.listeners[0].serves,
-        Serves::Tunnel { upstream: TunnelUpstream::Unix(p), send_proxy_protocol: ProxyProtocol::None } if p.to_str() == Some("/run/app.sock")
+        Serves::Tunnel { upstream: TunnelUpstream::Unix(p), send_proxy_protocol: ProxyProtocol::None, .. } if p.to_str() == Some("/run/app.sock")
     ));
     assert!(
         matches!(&cfg.listeners[1].serves, Serves::Tunnel { upstream: TunnelUpstream::Tcp(a), .. } if a.to_string() == "db.internal:5432")
@@ -366,6 +366,19 @@ fn parents_groups_and_routes_are_named_and_checked() {
         "policy.defaultRoute: \"elsewhere\" is not a parent or group",
         "policy.rules[0].route: \"missing\" is not a parent or group",
         "policy.rules[1].route: a deny rule sends nothing anywhere",
+    ] {
+        assert!(e.iter().any(|x| x.starts_with(want)), "missing {want:?} in {e:#?}");
+    }
+}
+
+#[test]
+fn only_tunnel_listeners_to_a_tcp_upstream_take_a_route() {
+    let doc = "version: 1\nparents: [{name: corp, address: 'p.corp.example:3128'}]\nlisteners:\n  - {name: f, bind: '127.0.0.1:1', route: corp}\n  - {name: u, bind: '127.0.0.1:2', mode: tunnel, upstream: 'unix:/run/a.sock', route: corp}\n  - {name: t, bind: '127.0.0.1:3', mode: tunnel, upstream: 'db.internal:5432', route: nowhere}\n";
+    let e = errors(doc);
+    for want in [
+        "listeners[0].route: only valid with mode: tunnel",
+        "listeners[1].route: a unix: upstream is local",
+        "listeners[2].route: \"nowhere\" is not a parent or group",
     ] {
         assert!(e.iter().any(|x| x.starts_with(want)), "missing {want:?} in {e:#?}");
     }

@@ -388,3 +388,23 @@ async fn plain_http_requests_go_to_squid_in_absolute_form_on_a_pooled_connection
     assert_eq!(metric(p.admin, "tunnelgate_upstream_connections_total{result=\"reused\"}").await, 1.0);
     assert_eq!(metric(p.admin, "tunnelgate_parent_requests_total{parent=\"squid\",result=\"established\"}").await, 1.0);
 }
+
+/// A tunnel listener's fixed upstream reached through a parent: Squid is sent the upstream as
+/// configured (a trusted name, resolved by the parent).
+#[tokio::test]
+async fn a_tunnel_listener_reaches_its_upstream_through_squid() {
+    let w = World::new().await;
+    let squid = Squid::start("fixed", "http_access allow all").await;
+    let port = w.echo.addr.port();
+    let extra = format!("parents:\n  - {{name: squid, address: '127.0.0.1:{}'}}\n", squid.port);
+    let doc = w.config(&extra).replace(
+        "listeners: [{name: forward, bind: \"127.0.0.1:0\"}]",
+        &format!("listeners:\n  - {{name: forward, bind: \"127.0.0.1:0\"}}\n  - {{name: fixed, bind: \"127.0.0.1:0\", mode: tunnel, upstream: 'allowed.test:{port}', route: squid}}"),
+    );
+    let p = start_proxy(&doc).await;
+    let mut s = TcpStream::connect(p.listener("fixed").unwrap()).await.unwrap();
+    roundtrip(&mut s, b"fixed upstream, through the parent").await;
+    drop(s);
+    assert_eq!(squid.requests(1).await, vec![format!("CONNECT allowed.test:{port}")]);
+    assert_eq!(w.echo.count(), 1);
+}
