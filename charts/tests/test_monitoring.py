@@ -37,7 +37,7 @@ def write_rules(tmp_path):
 def test_promtool_accepts_the_rules(tmp_path):
     out = subprocess.run([promtool(), "check", "rules", str(write_rules(tmp_path))], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 8 rules found" in out.stdout, out.stdout
+    assert "SUCCESS: 9 rules found" in out.stdout, out.stdout
 
 
 def test_every_alert_has_summary_description_and_a_runbook_section():
@@ -46,7 +46,7 @@ def test_every_alert_has_summary_description_and_a_runbook_section():
         for h in re.findall(r"^## (\S+)$", (ROOT / "docs/runbook.md").read_text(), flags=re.M)
     }
     alerts = [r for g in rules()["spec"]["groups"] for r in g["rules"]]
-    assert len(alerts) == 8
+    assert len(alerts) == 9
     for a in alerts:
         ann = a["annotations"]
         assert ann["summary"] and ann["description"], a["alert"]
@@ -68,6 +68,7 @@ SUMMARY = {
     "TunnelgateUpstreamFailures": "Allowed egress fails to connect.",
     "TunnelgateOperatorReconcileErrors": "The Tunnelgate operator fails to reconcile.",
     "TunnelgateCertificateExpiring": "A Tunnelgate listener's certificate expires soon.",
+    "TunnelgateParentGroupDown": "A group of parent proxies has no usable member.",
 }
 
 
@@ -108,6 +109,9 @@ def test_alerts_fire_on_the_failing_node_only(tmp_path):
                 series("tunnelgate_operator_reconciles_total", OPERATOR + ', pod="op", result="success"', "0+10x30"),
                 series("tunnelgate_tls_certificate_expiry_timestamp_seconds", n1 + ', listener="app"', "864000x200"),
                 series("tunnelgate_tls_certificate_expiry_timestamp_seconds", n1 + ', listener="api"', "8640000x200"),
+                # Group corp: both members usable on n1; on n2 none from minute 1 (one blip on n1).
+                series("tunnelgate_parent_group_healthy_members", n1 + ', group="corp"', "2 0 2x30"),
+                series("tunnelgate_parent_group_healthy_members", n2 + ', group="corp"', "2 0x30"),
             ],
             "alert_rule_test": [
                 # Within `for`, nothing fires yet.
@@ -144,6 +148,12 @@ def test_alerts_fire_on_the_failing_node_only(tmp_path):
                 {"eval_time": "28m", "alertname": "TunnelgateOperatorReconcileErrors", "exp_alerts": [{
                     "exp_labels": {"severity": "warning"},
                     "exp_annotations": ann("TunnelgateOperatorReconcileErrors", "Reconciles have been failing for 15 minutes; new and changed TunnelPolicies are not rendered."),
+                }]},
+                {"eval_time": "2m", "alertname": "TunnelgateParentGroupDown", "exp_alerts": []},
+                {"eval_time": "4m", "alertname": "TunnelgateParentGroupDown", "exp_alerts": [{
+                    "exp_labels": {"severity": "critical", "namespace": "tunnelgate", "job": "tunnelgate-proxy",
+                                   "node": "n2", "pod": "p2", "group": "corp"},
+                    "exp_annotations": ann("TunnelgateParentGroupDown", "No parent of group corp has been usable from node n2 for 2 minutes: the traffic routed through it gets 502."),
                 }]},
                 {"eval_time": "2h", "alertname": "TunnelgateCertificateExpiring", "exp_alerts": [{
                     "exp_labels": {"severity": "warning", "namespace": "tunnelgate", "job": "tunnelgate-proxy",
