@@ -130,6 +130,12 @@ pub struct ClusterTunnelPolicySpec {
     /// `Enforce` (default) or `DryRun` (see TunnelPolicy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<Enforcement>,
+    /// With `Allow`: how the traffic it allows leaves: `direct`, or a parent proxy or group the
+    /// release's base configuration defines. Omitted: the base's `policy.defaultRoute`. Only
+    /// cluster policies choose a route; TunnelPolicies take the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub route: Option<String>,
 }
 
 impl ClusterTunnelPolicySpec {

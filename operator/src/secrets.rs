@@ -30,6 +30,8 @@ pub enum SecretError {
     Unparsable,
     #[error("htpasswd line {0} is not user:bcrypt-hash (write it with htpasswd -B)")]
     NotBcrypt(usize),
+    #[error("key credentials must hold one line, user:password")]
+    NotCredentials,
 }
 
 fn field<'a>(data: &'a BTreeMap<String, ByteString>, key: &'static str) -> Result<&'a [u8], SecretError> {
@@ -63,6 +65,19 @@ pub fn htpasswd_from_secret(secret: &Secret) -> Result<String, SecretError> {
         }
     }
     Ok(text)
+}
+
+/// A parent proxy's credentials: key `credentials`, one line `user:password` (returned with its
+/// newline).
+pub fn credentials_from_secret(secret: &Secret) -> Result<String, SecretError> {
+    let empty = BTreeMap::new();
+    let data = secret.data.as_ref().unwrap_or(&empty);
+    let text = String::from_utf8(field(data, "credentials")?.to_vec()).map_err(|_| SecretError::NotCredentials)?;
+    let line = text.trim_end_matches(['\r', '\n']);
+    if line.is_empty() || line.contains(['\r', '\n']) || !line.contains(':') {
+        return Err(SecretError::NotCredentials);
+    }
+    Ok(format!("{line}\n"))
 }
 
 /// Checks a `kubernetes.io/tls` Secret and returns its material with public facts.

@@ -38,6 +38,8 @@ pub struct ValidPolicy {
     pub summary: String,
     /// `enforcement: DryRun`: the rules are rendered with `dryRun: true`.
     pub dry_run: bool,
+    /// A cluster policy's route for the traffic it allows (`None`: the base's default).
+    pub route: Option<String>,
 }
 
 /// One destination as the proxy's rules carry it (host patterns and CIDRs in canonical text).
@@ -118,6 +120,7 @@ pub fn validate(spec: &TunnelPolicySpec) -> Result<ValidPolicy, Vec<FieldError>>
             destinations,
             summary: summarize(&summary),
             dry_run: spec.enforcement == Some(crate::crd::Enforcement::DryRun),
+            route: None,
         }),
         _ => Err(errs),
     }
@@ -197,6 +200,12 @@ pub fn validate_cluster(spec: &ClusterTunnelPolicySpec) -> Result<(ValidPolicy, 
     let namespaces = Selector::try_from(spec.namespace_selector.clone())
         .map_err(|e| errs.push(FieldError { path: "spec.namespaceSelector".into(), message: e.to_string() }))
         .ok();
+    if spec.route.is_some() && (spec.action != PolicyAction::Allow || spec.delegate == Some(true)) {
+        errs.push(FieldError {
+            path: "spec.route".into(),
+            message: "only an Allow that enforces itself routes traffic (a Deny or a delegation sends nothing)".into(),
+        });
+    }
     if spec.priority.is_some_and(|p| p > DEFAULT_PRIORITY) {
         errs.push(FieldError {
             path: "spec.priority".into(),
@@ -250,7 +259,7 @@ pub fn validate_cluster(spec: &ClusterTunnelPolicySpec) -> Result<(ValidPolicy, 
         }
     }
     match (shared, namespaces) {
-        (Ok(v), Some(ns)) if errs.is_empty() => Ok((v, ns)),
+        (Ok(v), Some(ns)) if errs.is_empty() => Ok((ValidPolicy { route: spec.route.clone(), ..v }, ns)),
         _ => Err(errs),
     }
 }

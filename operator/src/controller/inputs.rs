@@ -16,7 +16,7 @@ use super::watches::{cluster_networks, Caches};
 use super::Settings;
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
 use crate::render::{self, Cluster, ClusterPolicyIn, Input, NodeDoc, PodIn, PolicyIn, TlsIn};
-use crate::secrets::{htpasswd_from_secret, tls_from_secret};
+use crate::secrets::{credentials_from_secret, htpasswd_from_secret, tls_from_secret};
 
 /// The caches as one reconcile sees them.
 pub(super) struct Inputs {
@@ -31,6 +31,7 @@ pub(super) struct Inputs {
     nodes: Vec<String>,
     tls: BTreeMap<String, TlsIn>,
     htpasswd: Option<String>,
+    parent_credentials: BTreeMap<String, String>,
     /// Invalid Secrets.
     pub(super) warnings: Vec<Warning>,
 }
@@ -72,6 +73,7 @@ impl Inputs {
         let mut warnings = Vec::new();
         let tls = tls(c, s, base.as_deref(), &mut warnings);
         let htpasswd = htpasswd(c, s, base.as_deref(), &mut warnings);
+        let parent_credentials = parent_credentials(c, s, base.as_deref(), &mut warnings);
         Inputs {
             policies,
             cluster_policies,
@@ -91,6 +93,7 @@ impl Inputs {
             },
             tls,
             htpasswd,
+            parent_credentials,
             warnings,
         }
     }
@@ -127,6 +130,7 @@ impl Inputs {
             tls: &self.tls,
             tls_dir: &s.tls_dir,
             htpasswd: self.htpasswd.as_deref(),
+            parent_credentials: &self.parent_credentials,
             cluster: Cluster {
                 policies: self
                     .cluster_policies
@@ -201,6 +205,47 @@ fn htpasswd(c: &Caches, s: &Settings, base: Option<&str>, warnings: &mut Vec<War
                 .and_then(|b| String::from_utf8(b.0.clone()).ok())
         }
     }
+}
+
+/// Parents' credentials by parent: validated Secrets; an invalid one keeps what the proxy has.
+fn parent_credentials(
+    c: &Caches,
+    s: &Settings,
+    base: Option<&str>,
+    warnings: &mut Vec<Warning>,
+) -> BTreeMap<String, String> {
+    let ns = &s.namespace;
+    let mut out = BTreeMap::new();
+    let Some(base) = base else { return out };
+    let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
+    for (parent, secret_name) in render::parent_credential_refs(base) {
+        let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
+        match secret.as_ref().map(|sec| credentials_from_secret(sec)) {
+            Some(Ok(text)) => {
+                out.insert(parent, text);
+            }
+            other => {
+                let msg = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "not found".to_owned(),
+                };
+                let note = format!(
+                    "credentials Secret of parent {parent} is invalid: {msg}; the previous credentials stay in force"
+                );
+                warn_invalid(warnings, secret.as_deref(), &secret_name, note);
+                warn!(parent = %parent, secret = %secret_name, error = %msg, "parent credentials Secret unusable; keeping the previous ones");
+                let file = format!("parent-{parent}.credentials");
+                let prev = previous
+                    .as_ref()
+                    .and_then(|p| p.data.as_ref()?.get(&file))
+                    .and_then(|b| String::from_utf8(b.0.clone()).ok());
+                if let Some(prev) = prev {
+                    out.insert(parent, prev);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A Warning event `InvalidSecret` on a Secret that exists but cannot be used.

@@ -140,6 +140,12 @@ pub fn tls_refs(base: &str) -> Result<Vec<(usize, String, String)>, RenderError>
     Ok(doc.listeners.iter().enumerate().filter_map(|(i, l)| Some((i, l.name.clone(), secret_of(l)?))).collect())
 }
 
+/// The Secrets the base's parents name for their credentials: (parent, secret).
+pub fn parent_credential_refs(base: &str) -> Vec<(String, String)> {
+    let Ok(doc) = parse_base(base) else { return Vec::new() };
+    doc.parents.into_iter().filter_map(|p| Some((p.name, p.credentials_secret?))).collect()
+}
+
 /// The Secret the base's `auth.secretName` names (its key `htpasswd`: bcrypt lines).
 pub fn auth_ref(base: &str) -> Option<String> {
     parse_base(base).ok()?.auth?.secret_name

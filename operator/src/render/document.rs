@@ -226,6 +226,10 @@ fn shared_digest(input: &Input<'_>, doc: &RawConfig) -> Sha256 {
         shared_digest.update(t.sha256.as_bytes());
     }
     shared_digest.update(input.htpasswd.unwrap_or_default().as_bytes());
+    for (parent, credentials) in input.parent_credentials {
+        shared_digest.update(parent.as_bytes());
+        shared_digest.update(credentials.as_bytes());
+    }
     shared_digest
 }
 
@@ -259,6 +263,19 @@ pub(super) fn document(input: &Input<'_>, mut doc: RawConfig, rules: Vec<RawRule
             auth_sha = Some(hex::encode(Sha256::digest(htpasswd.as_bytes())));
         }
     }
+    // Parents' credentials: files in the proxy's Secret, like the users; their digests in the
+    // document, so a rotation reaches every proxy as a config change.
+    let mut parent_shas = Vec::new();
+    for p in &mut doc.parents {
+        let Some(secret) = p.credentials_secret.take() else { continue };
+        let Some(credentials) = input.parent_credentials.get(&p.name) else {
+            return Err(RenderError::MissingParentCredentials { parent: p.name.clone(), secret });
+        };
+        let file = format!("parent-{}.credentials", p.name);
+        p.credentials_file = Some(format!("{dir}/{file}"));
+        tls_data.insert(file, credentials.clone());
+        parent_shas.push((p.name.clone(), hex::encode(Sha256::digest(credentials.as_bytes()))));
+    }
     let (networks, unparsed) = cluster_networks(input, &doc);
     let policy = &mut doc.policy;
     if !policy.rules.is_empty() {
@@ -285,6 +302,9 @@ pub(super) fn document(input: &Input<'_>, mut doc: RawConfig, rules: Vec<RawRule
     if let Some(sha) = auth_sha {
         // As for certificates: a change of users reaches every proxy as a config change.
         config.push_str(&format!("# auth htpasswd: sha256={sha}\n"));
+    }
+    for (parent, sha) in parent_shas {
+        config.push_str(&format!("# parent {parent} credentials: sha256={sha}\n"));
     }
     if config.len() > MAX_CONFIG_BYTES {
         return Err(RenderError::TooLarge { bytes: config.len() });

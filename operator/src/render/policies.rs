@@ -31,6 +31,8 @@ pub(super) struct Pass<'r, 'i> {
     /// The base's grants, and the delegations of cluster policies as they are worked out.
     grants: Vec<Grant>,
     cluster_networks: Vec<ipnet::IpNet>,
+    /// The routes the base defines: `direct`, its parents and groups.
+    routes: Vec<String>,
     pub(super) outcomes: Vec<PolicyOutcome>,
     pub(super) rules: Vec<Rule>,
     /// What each namespace's policies add to the documents.
@@ -66,6 +68,14 @@ impl<'r, 'i> Pass<'r, 'i> {
             by_namespace,
             grants: base.as_ref().map(|(_, g)| g.clone()).unwrap_or_default(),
             cluster_networks: base.as_ref().map(|(doc, _)| cluster_networks(input, doc).0).unwrap_or_default(),
+            routes: base
+                .as_ref()
+                .map(|(doc, _)| {
+                    let parents = doc.parents.iter().map(|p| p.name.clone());
+                    let groups = doc.parent_groups.iter().map(|g| g.name.clone());
+                    std::iter::once(proxy_config::parents::DIRECT.to_owned()).chain(parents).chain(groups).collect()
+                })
+                .unwrap_or_default(),
             outcomes: Vec::new(),
             rules: Vec::new(),
             namespace_bytes: HashMap::new(),
@@ -114,7 +124,20 @@ impl<'r, 'i> Pass<'r, 'i> {
                     Worked { spec: cp.spec.clone(), valid, selected }
                 }
             };
-            let result = worked.valid.clone().map(|(v, namespaces)| {
+            // The route must be one the base defines now (checked on every render: the base changes).
+            let route_known = |v: &ValidPolicy| {
+                match &v.route {
+                Some(r) if !self.routes.contains(r) => Err(vec![crate::validate::FieldError {
+                    path: "spec.route".into(),
+                    message: format!(
+                        "{r:?} is not a parent or group of the release's base configuration (parents, parentGroups), nor \"direct\""
+                    ),
+                }]),
+                _ => Ok(()),
+            }
+            };
+            let valid = worked.valid.clone().and_then(|(v, ns)| route_known(&v).map(|()| (v, ns)));
+            let result = valid.map(|(v, namespaces)| {
                 let in_scope = |ns: &str| namespaces.matches(&input.cluster.labels_of(ns));
                 if cp.spec.delegate == Some(true) {
                     let cidrs = v

@@ -92,7 +92,10 @@ pub(super) fn push_rules(
             continue;
         }
         let name = id.rule_name(i, v.destinations.len());
-        let body = d.rule(name.clone(), v.action, priority, v.dry_run);
+        let body = proxy_config::raw::RawRule {
+            route: v.route.clone(),
+            ..d.rule(name.clone(), v.action, priority, v.dry_run)
+        };
         rules.push(Rule { body, clients: ips.to_vec() });
         names.push(name);
     }

@@ -1,6 +1,9 @@
 //! Table tests of rendering: pods, deny over allow, determinism, TLS, limits.
 use std::collections::BTreeMap;
 
+/// No parent credentials.
+static NO_PARENTS: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -54,6 +57,7 @@ fn run(
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster: Default::default(),
     })
 }
@@ -161,6 +165,7 @@ fn o02_one_bad_policy_does_not_block_the_rest_and_output_is_deterministic() {
             per_node: None,
             prior_nodes: None,
             htpasswd: None,
+            parent_credentials: &NO_PARENTS,
             cluster: Default::default(),
         })
     };
@@ -194,6 +199,7 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1;
@@ -216,6 +222,7 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1
@@ -240,6 +247,7 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1
@@ -281,6 +289,7 @@ fn o03_too_large_and_base_errors_write_nothing() {
             per_node: None,
             prior_nodes: None,
             htpasswd: None,
+            parent_credentials: &NO_PARENTS,
             cluster: Default::default()
         })
         .1,
@@ -297,6 +306,7 @@ fn o03_too_large_and_base_errors_write_nothing() {
             per_node: None,
             prior_nodes: None,
             htpasswd: None,
+            parent_credentials: &NO_PARENTS,
             cluster: Default::default()
         })
         .1,
@@ -329,6 +339,7 @@ fn auth_secret_is_rendered_into_the_proxy_secret_never_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1;
@@ -343,6 +354,7 @@ fn auth_secret_is_rendered_into_the_proxy_secret_never_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: Some(file),
+        parent_credentials: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1
@@ -416,6 +428,7 @@ fn address_grants_let_named_namespaces_open_refused_space() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster: Default::default(),
     };
     let (out, r) = render(&input(vec![
@@ -455,6 +468,7 @@ fn cluster_spec(
         }],
         relay: None,
         enforcement: None,
+        route: None,
     }
 }
 
@@ -507,6 +521,7 @@ fn cluster_policies_precedence_and_delegation_table() {
             per_node: None,
             prior_nodes: None,
             htpasswd: None,
+            parent_credentials: &NO_PARENTS,
             cluster: Cluster { policies: cluster, namespaces: namespaces.clone(), networks: Vec::new() },
         }
     };
@@ -597,6 +612,7 @@ fn cluster_networks_join_the_bases_sorted_and_deduplicated() {
         tls: &tls,
         tls_dir: "/t",
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster,
         per_node: None,
         prior_nodes: None,
@@ -653,6 +669,7 @@ fn per_node_documents_list_only_their_nodes_pods() {
         tls: &tls,
         tls_dir: "/t",
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster: Default::default(),
         per_node,
         prior_nodes: None,
@@ -789,6 +806,7 @@ fn incremental_render_equals_a_full_render_and_works_out_only_affected_policies(
             tls: &tls,
             tls_dir: "/t",
             htpasswd: None,
+            parent_credentials: &NO_PARENTS,
             cluster: Cluster {
                 policies: cluster_specs.iter().map(|(n, s)| ClusterPolicyIn { name: n, spec: s }).collect(),
                 namespaces: ns_labels.clone(),
@@ -875,6 +893,7 @@ fn a_namespace_cannot_open_the_clusters_own_networks_even_public_ones() {
         tls: &tls,
         tls_dir: "/t",
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster: Cluster { networks: vec!["2600:1f00:250::/64".into()], ..Default::default() },
         per_node: None,
         prior_nodes: None,
@@ -1063,6 +1082,7 @@ fn enrolled_pods_are_rendered_per_node_from_the_namespaces_labels() {
         tls: &tls,
         tls_dir: "/t",
         htpasswd: None,
+        parent_credentials: &NO_PARENTS,
         cluster,
         per_node: Some(&nodes),
         prior_nodes: None,
@@ -1082,4 +1102,81 @@ fn enrolled_pods_are_rendered_per_node_from_the_namespaces_labels() {
     let r2 = render(&Input { pods: &more, prior_nodes: Some(&r.nodes), ..input.clone() }).1.unwrap();
     assert_eq!(r2.nodes["a"], r.nodes["a"]);
     assert_eq!(enrolled(&r2.nodes["b"].config), ["10.0.0.2", "10.0.0.5"]);
+}
+
+#[test]
+fn parent_credentials_go_into_the_proxy_secret_never_the_configmap() {
+    let tls = BTreeMap::new();
+    let base = "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\nparents: [{name: corp, address: 'proxy.corp.example:3128', credentialsSecret: corp-proxy}]\npolicy: {defaultRoute: corp}\n";
+    let input = |creds| Input {
+        base,
+        policies: vec![],
+        pods: &[],
+        tls: &tls,
+        tls_dir: "/t",
+        per_node: None,
+        prior_nodes: None,
+        htpasswd: None,
+        parent_credentials: creds,
+        cluster: Default::default(),
+    };
+    let missing = render(&input(&NO_PARENTS)).1;
+    assert!(
+        matches!(missing, Err(RenderError::MissingParentCredentials { ref parent, ref secret }) if parent == "corp" && secret == "corp-proxy")
+    );
+    let creds: BTreeMap<String, String> = [("corp".to_owned(), "egress:s3cret\n".to_owned())].into();
+    let r = render(&input(&creds)).1.unwrap();
+    assert!(r.config.contains("credentialsFile: /t/parent-corp.credentials"), "{}", r.config);
+    assert!(!r.config.contains("s3cret") && !r.config.contains("credentialsSecret"), "{}", r.config);
+    assert!(r.config.contains("# parent corp credentials: sha256="), "a rotation changes the document");
+    assert_eq!(r.tls_data.get("parent-corp.credentials").map(String::as_str), Some("egress:s3cret\n"));
+    let cfg = proxy_config::ProxyConfig::from_yaml(&r.config).unwrap();
+    assert_eq!(cfg.policy.route_of(None), proxy_config::Route::Parent(0));
+}
+
+#[test]
+fn a_cluster_policy_routes_its_traffic_through_a_parent_the_base_defines() {
+    let base = "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\nparents: [{name: corp, address: 'proxy.corp.example:3128'}]\n";
+    let tls = BTreeMap::new();
+    let pods = [pod("payments", "web", "10.0.0.1")];
+    let routed = ClusterTunnelPolicySpec {
+        route: Some("corp".into()),
+        ..cluster_spec(PolicyAction::Allow, LabelSelector::default(), &["93.184.216.0/24"], None)
+    };
+    let unknown = ClusterTunnelPolicySpec {
+        route: Some("elsewhere".into()),
+        ..cluster_spec(PolicyAction::Allow, LabelSelector::default(), &["93.184.217.0/24"], None)
+    };
+    let (out, rendered) = render(&Input {
+        base,
+        policies: vec![],
+        pods: &pods,
+        tls: &tls,
+        tls_dir: "/t",
+        htpasswd: None,
+        parent_credentials: &NO_PARENTS,
+        cluster: Cluster {
+            policies: vec![
+                ClusterPolicyIn { name: "via-corp", spec: &routed },
+                ClusterPolicyIn { name: "lost", spec: &unknown },
+            ],
+            ..Default::default()
+        },
+        per_node: None,
+        prior_nodes: None,
+    });
+    let cfg = proxy_config::ProxyConfig::from_yaml(&rendered.unwrap().config).unwrap();
+    let rule = cfg.policy.rules.iter().position(|r| r.name.contains("via-corp")).unwrap();
+    assert_eq!(cfg.policy.route_of(Some(rule)), proxy_config::Route::Parent(0));
+    let lost = out.iter().find(|o| o.id == PolicyId::cluster("lost")).unwrap();
+    let errs = lost.result.as_ref().unwrap_err();
+    assert_eq!(errs[0].path, "spec.route", "{errs:?}");
+    assert!(errs[0].message.contains("\"elsewhere\" is not a parent or group"), "{errs:?}");
+    // A Deny, or a delegation, routes nothing.
+    let deny = ClusterTunnelPolicySpec {
+        route: Some("corp".into()),
+        ..cluster_spec(PolicyAction::Deny, LabelSelector::default(), &["1.2.3.0/24"], None)
+    };
+    let errs = crate::validate::validate_cluster(&deny).unwrap_err();
+    assert_eq!(errs[0].path, "spec.route");
 }
