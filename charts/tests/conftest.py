@@ -19,6 +19,12 @@ CASES = {
         "networkPolicyExample": {"enabled": True, "namespace": "payments"},
     },
     "auth": {"proxy": {"auth": {"secretName": "proxy-users", "realm": "corp egress"}}},
+    "parents": {"config": {
+        "parents": [{"name": "corp-a", "address": "proxy-a.corp.example:3128", "credentialsSecret": "corp-proxy"},
+                    {"name": "corp-b", "address": "10.20.0.9:3128", "sendTarget": "name", "connectTimeout": "3s"}],
+        "parentGroups": [{"name": "corp", "members": ["corp-a", "corp-b"], "retryAfter": "1m"}],
+        "defaultRoute": "corp",
+    }},
     "tunnels": {
         "proxy": {
             "hostPort": {"enabled": True},

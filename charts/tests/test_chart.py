@@ -508,6 +508,20 @@ def test_transparent_interception_runs_on_the_node_network_with_net_admin_alone(
         helm.Chart.load(str(CHART)).validate_schema({"proxy": {"transparent": {"otherPorts": "reject"}}})
 
 
+def test_parents_reach_the_operator_through_the_base():
+    base = yaml.safe_load(find(render(CASES["parents"]), "ConfigMap", "-base")["data"]["config.yaml"])
+    assert base["parents"][0] == {"name": "corp-a", "address": "proxy-a.corp.example:3128", "credentialsSecret": "corp-proxy"}
+    assert base["parentGroups"] == [{"name": "corp", "members": ["corp-a", "corp-b"], "retryAfter": "1m"}]
+    assert base["policy"]["defaultRoute"] == "corp"
+    plain = yaml.safe_load(find(render({}), "ConfigMap", "-base")["data"]["config.yaml"])
+    assert "parents" not in plain and "defaultRoute" not in plain["policy"]
+    chart = helm.Chart.load(str(CHART))
+    for bad in [{"config": {"parents": [{"name": "direct", "address": "p:1"}]}},
+                {"config": {"parents": [{"name": "a", "address": "p:1", "sendTarget": "both"}]}}]:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(bad)
+
+
 def test_the_proxy_configuration_schema_accepts_the_default_and_every_rendered_base():
     # The JSON Schema editors validate config.yaml with (generated from the types that parse it):
     # the embedded default and the base document of every chart case are valid; a typo is not.

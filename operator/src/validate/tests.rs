@@ -113,7 +113,7 @@ fn example_manifests_pass_the_operators_validation() {
         assert!(validate(&spec).is_ok(), "{d:?}");
     }
     let ctps = docs("clustertunnelpolicies");
-    assert_eq!(ctps.len(), 3);
+    assert_eq!(ctps.len(), 4);
     for d in ctps {
         let spec: crate::crd::ClusterTunnelPolicySpec = serde_yaml::from_value(d["spec"].clone()).unwrap();
         assert!(validate_cluster(&spec).is_ok(), "{d:?}");
