@@ -47,8 +47,8 @@ struct Args {
     proxy_args: Vec<String>,
     /// Only these targets (comma-separated: direct,tunnelgate,squid,tinyproxy,http-tunnel for the
     /// forward suite, plus haproxy (CONNECT through a Lua action) and the no-parsing floors
-    /// tunnelgate-l4 and haproxy-l4, and transparent (root and nft; bench/run-transparent.sh), which
-    /// run only when named; plain,tunnelgate,hitch,stunnel,
+    /// tunnelgate-l4 and haproxy-l4, transparent (root and nft; bench/run-transparent.sh) and
+    /// tunnelgate-squid (Tunnelgate with Squid as its parent), which run only when named; plain,tunnelgate,hitch,stunnel,
     /// haproxy,nginx for termination).
     #[arg(long)]
     only: Option<String>,
@@ -127,7 +127,7 @@ async fn start_targets(args: &Args, up: &Upstreams, dns: std::net::SocketAddr) -
     // bench/RESULTS.md): on request only, like the floors below.
     let opted = |n: &str| args.only.as_deref().is_some_and(|o| o.split(',').any(|x| x.trim() == n));
     type Starter<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Res<Option<Target>>> + 'a>>;
-    let starters: [(&str, bool, Starter<'_>); 7] = [
+    let starters: [(&str, bool, Starter<'_>); 8] = [
         ("haproxy", opted("haproxy"), Box::pin(targets::start_haproxy())),
         ("squid", wanted("squid"), Box::pin(targets::start_squid())),
         ("tinyproxy", wanted("tinyproxy"), Box::pin(targets::start_tinyproxy())),
@@ -139,6 +139,12 @@ async fn start_targets(args: &Args, up: &Upstreams, dns: std::net::SocketAddr) -
             Box::pin(async { targets::start_tunnelgate_l4(&args.proxy_bin, up, &args.proxy_args).await.map(Some) }),
         ),
         ("haproxy-l4", opted("haproxy-l4"), Box::pin(targets::start_haproxy_l4(up))),
+        // Tunnelgate with Squid as its parent (opt in with --only).
+        (
+            "tunnelgate-squid",
+            opted("tunnelgate-squid"),
+            Box::pin(targets::start_tunnelgate_via_squid(&args.proxy_bin, &args.proxy_args, dns)),
+        ),
         // Transparent interception (root and nft; opt in with --only).
         (
             "transparent",

@@ -28,12 +28,23 @@ pub(crate) struct Target {
     pub(crate) stub_dns: bool,
     pub(crate) child: Option<Child>,
     pub(crate) _dir: Option<TempDir>,
+    /// A parent proxy this target sends its traffic through (stopped with it).
+    pub(crate) _parent: Option<Box<Target>>,
 }
 
 impl Target {
     /// The baseline: a direct connection to each upstream.
     pub(crate) fn direct() -> Target {
-        Target { name: "direct", proxy: None, l4: Vec::new(), source: None, stub_dns: true, child: None, _dir: None }
+        Target {
+            name: "direct",
+            proxy: None,
+            l4: Vec::new(),
+            source: None,
+            stub_dns: true,
+            child: None,
+            _dir: None,
+            _parent: None,
+        }
     }
 
     /// Where a connection to `upstream` goes without CONNECT: the fixed forwarder for it, or the
@@ -118,6 +129,7 @@ pub(crate) async fn start_transparent(
         stub_dns: true,
         child: Some(child),
         _dir: Some(dir),
+        _parent: None,
     };
     wait_port(format!("127.0.0.1:{port}").parse()?).await?;
     Ok(Some(t))
@@ -186,22 +198,46 @@ pub(crate) async fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: 
         stub_dns: false,
         child: Some(child),
         _dir: Some(dir),
+        _parent: None,
     };
     wait_port(addr).await?;
     Ok(t)
 }
 
 pub(crate) async fn start_tunnelgate(bin: &Path, extra: &[String], dns: SocketAddr) -> Res<Target> {
-    let dir = TempDir::new("tunnelgate")?;
+    start_tunnelgate_with(bin, extra, dns, "tunnelgate", "").await
+}
+
+/// Tunnelgate with Squid as its parent for everything it allows (`tunnelgate-squid`): the chain
+/// an enterprise runs, measured against each alone. Its CPU figures are Tunnelgate's own.
+pub(crate) async fn start_tunnelgate_via_squid(bin: &Path, extra: &[String], dns: SocketAddr) -> Res<Option<Target>> {
+    let Some(squid) = start_squid_in("squid-parent").await? else { return Ok(None) };
+    let Some(parent) = squid.proxy else { return Ok(None) };
+    let parents = format!("parents: [{{name: squid, address: '{parent}'}}]\n");
+    let mut t = start_tunnelgate_with(bin, extra, dns, "tunnelgate-squid", &parents).await?;
+    t.stub_dns = false;
+    t._parent = Some(Box::new(squid));
+    Ok(Some(t))
+}
+
+async fn start_tunnelgate_with(
+    bin: &Path,
+    extra: &[String],
+    dns: SocketAddr,
+    name: &'static str,
+    parents: &str,
+) -> Res<Target> {
+    let dir = TempDir::new(name)?;
     let (port, admin) = (free_port()?, free_port()?);
     let cfg = format!(
-        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{port}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy:\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.1/32']}}\nrelay: {{idleTimeout: 10m}}\ndns: {{nameservers: ['{dns}']}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n# The peers run without access logs too.\nlogging: {{accessLog: false}}\n"
+        "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{port}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\n{parents}policy:\n  defaultRoute: {route}\n  rules:\n    - {{name: loopback, action: allow, cidrs: ['127.0.0.1/32']}}\nrelay: {{idleTimeout: 10m}}\ndns: {{nameservers: ['{dns}']}}\nlimits: {{maxConnections: 100000, maxConnectionsPerClient: 100000, drainDelay: 0s, drainTimeout: 1s}}\n# The peers run without access logs too.\nlogging: {{accessLog: false}}\n",
+        route = if parents.is_empty() { "direct" } else { "squid" }
     );
     let path = dir.0.join("config.yaml");
     std::fs::write(&path, cfg)?;
     let mut cmd = Command::new(bin);
     cmd.arg("--config").arg(&path).args(extra).env("TUNNELGATE_LOG", "warn");
-    let mut t = spawn("tunnelgate", cmd, port, dir).await?;
+    let mut t = spawn(name, cmd, port, dir).await?;
     t.stub_dns = true;
     Ok(t)
 }
@@ -260,7 +296,16 @@ pub(crate) async fn spawn_l4(
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let l4: Vec<(SocketAddr, SocketAddr)> =
         fronts.iter().map(|(_, u, p)| Ok((*u, format!("127.0.0.1:{p}").parse()?))).collect::<Res<_>>()?;
-    let t = Target { name, proxy: None, l4, source: None, stub_dns: false, child: Some(child), _dir: Some(dir) };
+    let t = Target {
+        name,
+        proxy: None,
+        l4,
+        source: None,
+        stub_dns: false,
+        child: Some(child),
+        _dir: Some(dir),
+        _parent: None,
+    };
     for (_, front) in &t.l4 {
         wait_port(*front).await?;
     }
@@ -300,8 +345,13 @@ pub(crate) async fn start_haproxy_l4(up: &Upstreams) -> Res<Option<Target>> {
 }
 
 pub(crate) async fn start_squid() -> Res<Option<Target>> {
+    start_squid_in("squid").await
+}
+
+/// Squid in a directory of its own (`tag`): two Squids must not share a pid file.
+async fn start_squid_in(tag: &str) -> Res<Option<Target>> {
     let Some(bin) = which("squid") else { return Ok(None) };
-    let dir = TempDir::new("squid")?;
+    let dir = TempDir::new(tag)?;
     let port = free_port()?;
     let d = dir.0.display();
     let cfg = format!(

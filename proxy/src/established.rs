@@ -65,11 +65,11 @@ where
     CW: AsyncWrite + Unpin + Send,
 {
     match upstream {
-        Upstream::Direct(s) => {
+        Upstream::Tcp(s, _) => {
             let (ur, uw) = s.into_split();
             tunnel(cr, cw, ur, uw, t, ctx).await;
         }
-        Upstream::Parent(s, _) => {
+        Upstream::Stream(s, _) => {
             let (ur, uw) = tokio::io::split(*s);
             tunnel(cr, cw, ur, uw, t, ctx).await;
         }
@@ -83,11 +83,11 @@ where
     CW: AsyncWrite + Unpin + Send + 'static,
 {
     match upstream {
-        Upstream::Direct(s) => {
+        Upstream::Tcp(s, _) => {
             let (ur, uw) = s.into_split();
             spawn_tunnel(cr, cw, ur, uw, t, ctx);
         }
-        Upstream::Parent(s, _) => {
+        Upstream::Stream(s, _) => {
             let (ur, uw) = tokio::io::split(*s);
             spawn_tunnel(cr, cw, ur, uw, t, ctx);
         }

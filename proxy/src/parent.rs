@@ -208,19 +208,21 @@ impl AsyncWrite for ParentStream {
     }
 }
 
-/// Where an allowed connection goes: the target itself, or a parent's tunnel to it (whose reads
-/// first yield what the parent sent after its answer's head), with the parent's name.
+/// Where an allowed connection goes, with the parent carrying it (`None`: dialled directly): a
+/// TCP connection (to the target, or to a plain parent that sent nothing past its answer), relayed
+/// on the TCP fast path; or a parent's stream (TLS, or one whose reads first yield what the parent
+/// sent after its answer's head).
 pub enum Upstream {
-    Direct(TcpStream),
-    Parent(Box<Prefixed<ParentStream>>, String),
+    Tcp(TcpStream, Option<String>),
+    Stream(Box<Prefixed<ParentStream>>, String),
 }
 
 impl Upstream {
     /// The parent carrying it, if one does.
     pub fn parent(&self) -> Option<&str> {
         match self {
-            Upstream::Direct(_) => None,
-            Upstream::Parent(_, name) => Some(name),
+            Upstream::Tcp(_, parent) => parent.as_deref(),
+            Upstream::Stream(_, name) => Some(name),
         }
     }
 }
@@ -261,7 +263,10 @@ pub async fn tunnel(
         Ok((stream, early))
     })
     .await?;
-    Ok(Upstream::Parent(Box::new(Prefixed::new(early, stream)), name))
+    Ok(match stream {
+        ParentStream::Tcp(tcp) if early.is_empty() => Upstream::Tcp(tcp, Some(name)),
+        other => Upstream::Stream(Box::new(Prefixed::new(early, other)), name),
+    })
 }
 
 /// A connection to one of `route`'s parents for plain-HTTP requests (sent in absolute form):

@@ -54,15 +54,26 @@ pub async fn serve<S: IntoHalves + 'static>(
                 Ok(u) => u,
                 Err(e) => return access::rejected(ctx, &e, None, None),
             };
-            let Upstream::Parent(stream, name) = upstream else { return };
-            let (ur, mut uw) = tokio::io::split(*stream);
-            if let Err(e) = announce(&mut uw, header.as_deref()).await {
-                return access::rejected(ctx, &e, None, None);
-            }
-            let authorized = Authorized { parent: Some(name), ..authorized(Vec::new()) };
+            let parent = upstream.parent().map(str::to_owned);
+            let authorized = Authorized { parent, ..authorized(Vec::new()) };
             let t =
                 Established { kind: TunnelKind::Fixed, authority: authority.clone(), early: Vec::new(), authorized };
-            spawn_tunnel(cr, cw, ur, uw, t, ctx);
+            match upstream {
+                Upstream::Tcp(s, _) => {
+                    let (ur, mut uw) = s.into_split();
+                    if let Err(e) = announce(&mut uw, header.as_deref()).await {
+                        return access::rejected(ctx, &e, None, None);
+                    }
+                    spawn_tunnel(cr, cw, ur, uw, t, ctx);
+                }
+                Upstream::Stream(s, _) => {
+                    let (ur, mut uw) = tokio::io::split(*s);
+                    if let Err(e) = announce(&mut uw, header.as_deref()).await {
+                        return access::rejected(ctx, &e, None, None);
+                    }
+                    spawn_tunnel(cr, cw, ur, uw, t, ctx);
+                }
+            }
         }
         TunnelUpstream::Tcp(authority) => {
             let addrs = match &authority.host {

@@ -90,7 +90,7 @@ pub async fn open_checked(
         let upstream = match authorized.route {
             Route::Direct => dial::connect(&authorized.addrs, authority.port, snapshot.config.relay.connect_timeout, m)
                 .await
-                .map(Upstream::Direct),
+                .map(|s| Upstream::Tcp(s, None)),
             route => {
                 let (host, port, addrs) = (&authority.host, authority.port, &authorized.addrs);
                 parent::tunnel(snapshot, &ctx.inner.parent_health, m, route, host, port, addrs).await
