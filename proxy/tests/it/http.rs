@@ -764,7 +764,7 @@ async fn d05_drain_closes_idle_keepalive_and_finishes_requests_in_flight_with_cl
 }
 
 /// A WebSocket echo server on 127.0.0.2 (tokio-tungstenite).
-async fn websocket_echo() -> Upstream {
+pub(crate) async fn websocket_echo() -> Upstream {
     Upstream::start("127.0.0.2", |s| async move {
         let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
         while let Some(Ok(msg)) = ws.next().await {
@@ -780,7 +780,7 @@ async fn websocket_echo() -> Upstream {
 }
 
 /// Opens a WebSocket through the proxy with an absolute-form upgrade request.
-async fn websocket_through(proxy: std::net::SocketAddr, port: u16) -> WebSocketStream<TcpStream> {
+pub(crate) async fn websocket_through(proxy: std::net::SocketAddr, port: u16) -> WebSocketStream<TcpStream> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     let req = format!(
         "GET http://allowed.test:{port}/chat HTTP/1.1\r\nHost: allowed.test:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"

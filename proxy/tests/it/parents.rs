@@ -408,3 +408,31 @@ async fn a_tunnel_listener_reaches_its_upstream_through_squid() {
     assert_eq!(squid.requests(1).await, vec![format!("CONNECT allowed.test:{port}")]);
     assert_eq!(w.echo.count(), 1);
 }
+
+/// A WebSocket upgrade routed through Squid: the upgrade request goes to Squid in absolute form,
+/// Squid's 101 comes back, and messages flow both ways over the parent.
+#[tokio::test]
+async fn websocket_upgrades_go_through_squid() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let w = World::new().await;
+    let up = crate::http::websocket_echo().await;
+    let squid = Squid::start(
+        "ws",
+        "http_upgrade_request_protocols websocket allow all\nhttp_upgrade_request_protocols WebSocket allow all\nhttp_access allow all",
+    )
+    .await;
+    let extra = format!("parents:\n  - {{name: squid, address: '127.0.0.1:{}'}}\n", squid.port);
+    let doc =
+        loopback_open(&w.config(&extra).replace("defaultAction: deny", "defaultAction: deny\n  defaultRoute: squid"));
+    let p = start_proxy(&doc).await;
+    let mut ws = crate::http::websocket_through(addr(&p), up.addr.port()).await;
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(format!("hello {i}")));
+    }
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let seen = squid.requests(1).await;
+    assert_eq!(seen, vec![format!("GET http://127.0.0.2:{}/chat", up.addr.port())], "through Squid, by address");
+}
