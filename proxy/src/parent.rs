@@ -24,10 +24,10 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::dial::Resolver;
 use crate::error::TunnelError;
 use crate::metrics::ProxyMetrics;
 use crate::prefixed::Prefixed;
-use crate::snapshot::Snapshot;
 use crate::sync::lock;
 
 /// Largest response head a parent may send to a CONNECT.
@@ -208,6 +208,16 @@ impl AsyncWrite for ParentStream {
     }
 }
 
+/// What dialling through parents needs of the configuration in force (a snapshot lends it).
+pub struct Parenting<'a> {
+    pub parents: &'a Parents,
+    pub dialers: &'a ParentDialers,
+    /// Resolves parents' names.
+    pub resolver: &'a Resolver,
+    /// How long a parent may take to answer a CONNECT (`http.responseHeadTimeout`).
+    pub answer_timeout: Duration,
+}
+
 /// Where an allowed connection goes, with the parent carrying it (`None`: dialled directly): a
 /// TCP connection (to the target, or to a plain parent that sent nothing past its answer), relayed
 /// on the TCP fast path; or a parent's stream (TLS, or one whose reads first yield what the parent
@@ -249,7 +259,7 @@ enum Failure {
 /// Opens a tunnel to `host:port` (allowed at `addrs`) through `route`'s parents: a CONNECT, and
 /// the parent's `2xx`.
 pub async fn tunnel(
-    snapshot: &Snapshot,
+    parenting: &Parenting<'_>,
     health: &ParentHealth,
     m: &ProxyMetrics,
     route: Route,
@@ -257,9 +267,9 @@ pub async fn tunnel(
     port: u16,
     addrs: &[IpAddr],
 ) -> Result<Upstream, TunnelError> {
-    let (name, (stream, early)) = through(snapshot, health, m, route, |p, d| async move {
-        let mut stream = reach(snapshot, m, p, d).await?;
-        let early = exchange(snapshot, &mut stream, d, &target_text(p, host, port, addrs)).await?;
+    let (name, (stream, early)) = through(parenting, health, m, route, |p, d| async move {
+        let mut stream = reach(parenting, m, p, d).await?;
+        let early = exchange(parenting, &mut stream, d, &target_text(p, host, port, addrs)).await?;
         Ok((stream, early))
     })
     .await?;
@@ -272,13 +282,13 @@ pub async fn tunnel(
 /// A connection to one of `route`'s parents for plain-HTTP requests (sent in absolute form):
 /// the stream, the parent's name, what its request target names and its `Proxy-Authorization`.
 pub async fn http_connection(
-    snapshot: &Snapshot,
+    parenting: &Parenting<'_>,
     health: &ParentHealth,
     m: &ProxyMetrics,
     route: Route,
 ) -> Result<(ParentStream, HttpVia), TunnelError> {
-    let (parent, (stream, send_target, authorization)) = through(snapshot, health, m, route, |p, d| async move {
-        let stream = reach(snapshot, m, p, d).await?;
+    let (parent, (stream, send_target, authorization)) = through(parenting, health, m, route, |p, d| async move {
+        let stream = reach(parenting, m, p, d).await?;
         Ok((stream, p.send_target, d.authorization.clone()))
     })
     .await?;
@@ -311,7 +321,7 @@ impl HttpVia {
 /// Tries `route`'s parents with `attempt` in order (healthy ones first; when all are down, all of
 /// them, soonest back first) until one serves; records each outcome. Returns the parent's name.
 async fn through<'a, T, F, Fut>(
-    snapshot: &'a Snapshot,
+    parenting: &'a Parenting<'a>,
     health: &ParentHealth,
     m: &ProxyMetrics,
     route: Route,
@@ -321,7 +331,7 @@ where
     F: FnMut(&'a Parent, &'a Dialer) -> Fut,
     Fut: std::future::Future<Output = Result<T, Failure>>,
 {
-    let parents = &snapshot.config.parents;
+    let parents = parenting.parents;
     let retry_after = parents.retry_after(route);
     let mut order: Vec<(Option<Instant>, usize)> = parents
         .members(route)
@@ -331,7 +341,7 @@ where
     order.sort_by_key(|(down, _)| *down);
     let mut last = TunnelError::ParentUnreachable { parent: parents.name(route).to_owned(), failure: "none" };
     for (_, i) in order {
-        let (Some(p), Some(d)) = (parents.proxies.get(i), snapshot.parents.0.get(i)) else { continue };
+        let (Some(p), Some(d)) = (parents.proxies.get(i), parenting.dialers.0.get(i)) else { continue };
         let started = Instant::now();
         match attempt(p, d).await {
             Ok(t) => {
@@ -364,11 +374,11 @@ where
 }
 
 /// Connects to a parent (and completes TLS with it) within its connect timeout.
-async fn reach(snapshot: &Snapshot, m: &ProxyMetrics, p: &Parent, d: &Dialer) -> Result<ParentStream, Failure> {
+async fn reach(parenting: &Parenting<'_>, m: &ProxyMetrics, p: &Parent, d: &Dialer) -> Result<ParentStream, Failure> {
     let deadline = Instant::now() + p.connect_timeout;
     let addrs = match &p.address.host {
         Host::Ip(ip) => vec![*ip],
-        Host::Name(n) => snapshot.resolver.resolve(n, m).await.map_err(|e| Failure::Unreachable("dns_failed", e))?,
+        Host::Name(n) => parenting.resolver.resolve(n, m).await.map_err(|e| Failure::Unreachable("dns_failed", e))?,
     };
     let tcp = crate::dial::connect(&addrs, p.address.port, p.connect_timeout, m).await.map_err(|e| {
         let kind = if matches!(e, TunnelError::UpstreamTimeout) { "timeout" } else { "unreachable" };
@@ -387,7 +397,7 @@ async fn reach(snapshot: &Snapshot, m: &ProxyMetrics, p: &Parent, d: &Dialer) ->
 /// Sends the CONNECT for `target` and reads the answer's head within `http.responseHeadTimeout`;
 /// on a `2xx`, the bytes the parent sent after the head.
 async fn exchange(
-    snapshot: &Snapshot,
+    parenting: &Parenting<'_>,
     stream: &mut ParentStream,
     d: &Dialer,
     target: &str,
@@ -401,7 +411,7 @@ async fn exchange(
     request.push_str("\r\n");
     let closed = |e: io::Error| Failure::Unreachable("closed", TunnelError::UpstreamRefused(e));
     stream.write_all(request.as_bytes()).await.map_err(closed)?;
-    let (status, len, buf) = timeout(snapshot.config.http.response_head_timeout, read_head(stream))
+    let (status, len, buf) = timeout(parenting.answer_timeout, read_head(stream))
         .await
         .map_err(|_| Failure::Unreachable("timeout", TunnelError::UpstreamResponseTimeout))?
         .map_err(closed)?;

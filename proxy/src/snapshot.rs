@@ -125,6 +125,16 @@ impl Snapshot {
         })
     }
 
+    /// What dialling through this configuration's parents needs.
+    pub fn parenting(&self) -> crate::parent::Parenting<'_> {
+        crate::parent::Parenting {
+            parents: &self.config.parents,
+            dialers: &self.parents,
+            resolver: &self.resolver,
+            answer_timeout: self.config.http.response_head_timeout,
+        }
+    }
+
     /// The `/config` document: what is in force, without any secret, and whether the last reload
     /// failed (with a closed-set reason).
     pub fn describe(&self, reload_failure: Option<&str>) -> ConfigStatus {

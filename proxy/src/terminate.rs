@@ -49,7 +49,16 @@ pub async fn serve<S: IntoHalves + 'static>(
         TunnelUpstream::Tcp(authority) if route != Route::Direct => {
             // A configured upstream is trusted: the parent is sent it as written.
             let h = &ctx.inner.parent_health;
-            let upstream = match parent::tunnel(&ctx.snapshot, h, m, route, &authority.host, authority.port, &[]).await
+            let upstream = match parent::tunnel(
+                &ctx.snapshot.parenting(),
+                h,
+                m,
+                route,
+                &authority.host,
+                authority.port,
+                &[],
+            )
+            .await
             {
                 Ok(u) => u,
                 Err(e) => return access::rejected(ctx, &e, None, None),

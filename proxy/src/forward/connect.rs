@@ -93,7 +93,7 @@ pub async fn open_checked(
                 .map(|s| Upstream::Tcp(s, None)),
             route => {
                 let (host, port, addrs) = (&authority.host, authority.port, &authorized.addrs);
-                parent::tunnel(snapshot, &ctx.inner.parent_health, m, route, host, port, addrs).await
+                parent::tunnel(&snapshot.parenting(), &ctx.inner.parent_health, m, route, host, port, addrs).await
             }
         }
         .map_err(|error| Rejection { error, rule: Some(authorized.rule.clone()) })?;

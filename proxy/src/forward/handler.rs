@@ -187,7 +187,8 @@ impl Handler {
             }
             route => {
                 let first = authorized.addrs.first().copied().ok_or(TunnelError::ResolveNotFound)?;
-                let (stream, via) = parent::http_connection(snapshot, &self.ctx.inner.parent_health, m, route).await?;
+                let (stream, via) =
+                    parent::http_connection(&snapshot.parenting(), &self.ctx.inner.parent_health, m, route).await?;
                 let addr = std::net::SocketAddr::new(first, port);
                 let key = PoolKey { addr, host: host.to_owned(), client, via: Some(via.parent.clone()) };
                 (stream, key, Some(via))
