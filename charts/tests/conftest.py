@@ -21,7 +21,8 @@ CASES = {
     "auth": {"proxy": {"auth": {"secretName": "proxy-users", "realm": "corp egress"}}},
     "parents": {"config": {
         "parents": [{"name": "corp-a", "address": "proxy-a.corp.example:3128", "credentialsSecret": "corp-proxy"},
-                    {"name": "corp-b", "address": "10.20.0.9:3128", "sendTarget": "name", "connectTimeout": "3s"}],
+                    {"name": "corp-b", "address": "10.20.0.9:3128", "sendTarget": "name", "connectTimeout": "3s",
+                     "tls": {"caSecret": "corp-ca", "serverName": "proxy-b.corp.example"}}],
         "parentGroups": [{"name": "corp", "members": ["corp-a", "corp-b"], "retryAfter": "1m"}],
         "defaultRoute": "corp",
     }},

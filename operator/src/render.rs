@@ -69,9 +69,9 @@ pub struct Input<'a> {
     pub tls_dir: &'a str,
     /// The validated htpasswd file that the base's `auth.secretName` names.
     pub htpasswd: Option<&'a str>,
-    /// The validated credentials (`user:password`) of the parents whose `credentialsSecret` the
-    /// base names, by parent name.
-    pub parent_credentials: &'a BTreeMap<String, String>,
+    /// The validated files of the parents' Secrets the base names (`credentialsSecret`,
+    /// `tls.caSecret`), by file name ([`ParentFile::name`]).
+    pub parent_files: &'a BTreeMap<String, String>,
     /// ClusterTunnelPolicies and the namespaces' labels.
     pub cluster: Cluster<'a>,
     /// Render a document per node as well, for these nodes (and every node a pod runs on).
@@ -173,10 +173,8 @@ pub enum RenderError {
     MissingTls { index: usize, listener: String, secret: String },
     #[error("base ConfigMap: auth names Secret {secret:?}, which is missing or holds no valid htpasswd")]
     MissingAuth { secret: String },
-    #[error(
-        "base ConfigMap: parent {parent:?} names Secret {secret:?}, which is missing or holds no valid credentials"
-    )]
-    MissingParentCredentials { parent: String, secret: String },
+    #[error("base ConfigMap: parent {parent:?} names Secret {secret:?}, which is missing or holds no valid {what}")]
+    MissingParentSecret { parent: String, secret: String, what: &'static str },
     #[error("the rendered configuration is refused by the proxy's parser:\n{0}")]
     Invalid(ConfigErrors),
     #[error(
@@ -284,7 +282,7 @@ mod document;
 mod policies;
 mod rules;
 
-pub use base::{auth_ref, parent_credential_refs, tls_refs};
+pub use base::{auth_ref, parent_file_refs, tls_refs, ParentFile};
 
 #[cfg(test)]
 mod tests;

@@ -32,6 +32,8 @@ pub enum SecretError {
     NotBcrypt(usize),
     #[error("key credentials must hold one line, user:password")]
     NotCredentials,
+    #[error("ca.crt holds no PEM certificate")]
+    NotCa,
 }
 
 fn field<'a>(data: &'a BTreeMap<String, ByteString>, key: &'static str) -> Result<&'a [u8], SecretError> {
@@ -78,6 +80,18 @@ pub fn credentials_from_secret(secret: &Secret) -> Result<String, SecretError> {
         return Err(SecretError::NotCredentials);
     }
     Ok(format!("{line}\n"))
+}
+
+/// A parent proxy's CA certificates: key `ca.crt`, PEM with at least one certificate.
+pub fn ca_from_secret(secret: &Secret) -> Result<String, SecretError> {
+    let empty = BTreeMap::new();
+    let data = secret.data.as_ref().unwrap_or(&empty);
+    let pem = field(data, "ca.crt")?;
+    let certs = rustls_pemfile::certs(&mut &*pem).collect::<Result<Vec<_>, _>>().map_err(|_| SecretError::NotCa)?;
+    if certs.is_empty() {
+        return Err(SecretError::NotCa);
+    }
+    String::from_utf8(pem.to_vec()).map_err(|_| SecretError::NotCa)
 }
 
 /// Checks a `kubernetes.io/tls` Secret and returns its material with public facts.
@@ -155,5 +169,32 @@ mod tests {
         let e = tls_from_secret(&secret("kubernetes.io/tls", &old.pem(), &kp.serialize_pem())).unwrap_err();
         assert!(matches!(e, SecretError::NotValidNow { .. }), "{e}");
         assert!(!e.to_string().contains("PRIVATE"));
+    }
+}
+
+#[cfg(test)]
+mod parent_tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Secret;
+
+    fn secret(key: &str, value: &str) -> Secret {
+        Secret { data: Some([(key.to_owned(), ByteString(value.as_bytes().to_vec()))].into()), ..Default::default() }
+    }
+
+    #[test]
+    fn parent_secrets_hold_one_credentials_line_or_pem_certificates() {
+        assert_eq!(credentials_from_secret(&secret("credentials", "egress:pw\n")), Ok("egress:pw\n".to_owned()));
+        assert_eq!(credentials_from_secret(&secret("credentials", "egress:pw")), Ok("egress:pw\n".to_owned()));
+        for bad in ["egress", "a:b\nc:d", "\n"] {
+            assert_eq!(
+                credentials_from_secret(&secret("credentials", bad)),
+                Err(SecretError::NotCredentials),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(credentials_from_secret(&secret("other", "a:b")), Err(SecretError::MissingKey("credentials")));
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.example".to_owned()]).unwrap().cert.pem();
+        assert_eq!(ca_from_secret(&secret("ca.crt", &ca)), Ok(ca));
+        assert_eq!(ca_from_secret(&secret("ca.crt", "not pem")), Err(SecretError::NotCa));
     }
 }

@@ -76,7 +76,11 @@ pub struct RawParent {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawParentTls {
     /// PEM file of the CA certificates that sign the parent's certificate.
-    pub ca_file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// The operator's base only: the Secret holding the CA certificates (key `ca.crt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<String>,
     /// The name the parent's certificate must carry (default: the host of `address`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,

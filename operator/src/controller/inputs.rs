@@ -15,8 +15,9 @@ use super::plan::{PolicyObject, UnreadablePolicy, Warning};
 use super::watches::{cluster_networks, Caches};
 use super::Settings;
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
+use crate::render::ParentFile;
 use crate::render::{self, Cluster, ClusterPolicyIn, Input, NodeDoc, PodIn, PolicyIn, TlsIn};
-use crate::secrets::{credentials_from_secret, htpasswd_from_secret, tls_from_secret};
+use crate::secrets::{ca_from_secret, credentials_from_secret, htpasswd_from_secret, tls_from_secret};
 
 /// The caches as one reconcile sees them.
 pub(super) struct Inputs {
@@ -31,7 +32,7 @@ pub(super) struct Inputs {
     nodes: Vec<String>,
     tls: BTreeMap<String, TlsIn>,
     htpasswd: Option<String>,
-    parent_credentials: BTreeMap<String, String>,
+    parent_files: BTreeMap<String, String>,
     /// Invalid Secrets.
     pub(super) warnings: Vec<Warning>,
 }
@@ -73,7 +74,7 @@ impl Inputs {
         let mut warnings = Vec::new();
         let tls = tls(c, s, base.as_deref(), &mut warnings);
         let htpasswd = htpasswd(c, s, base.as_deref(), &mut warnings);
-        let parent_credentials = parent_credentials(c, s, base.as_deref(), &mut warnings);
+        let parent_files = parent_files(c, s, base.as_deref(), &mut warnings);
         Inputs {
             policies,
             cluster_policies,
@@ -93,7 +94,7 @@ impl Inputs {
             },
             tls,
             htpasswd,
-            parent_credentials,
+            parent_files,
             warnings,
         }
     }
@@ -130,7 +131,7 @@ impl Inputs {
             tls: &self.tls,
             tls_dir: &s.tls_dir,
             htpasswd: self.htpasswd.as_deref(),
-            parent_credentials: &self.parent_credentials,
+            parent_files: &self.parent_files,
             cluster: Cluster {
                 policies: self
                     .cluster_policies
@@ -207,40 +208,40 @@ fn htpasswd(c: &Caches, s: &Settings, base: Option<&str>, warnings: &mut Vec<War
     }
 }
 
-/// Parents' credentials by parent: validated Secrets; an invalid one keeps what the proxy has.
-fn parent_credentials(
-    c: &Caches,
-    s: &Settings,
-    base: Option<&str>,
-    warnings: &mut Vec<Warning>,
-) -> BTreeMap<String, String> {
+/// Parents' files (credentials, CAs) by file name: validated Secrets; an invalid one keeps what
+/// the proxy has.
+fn parent_files(c: &Caches, s: &Settings, base: Option<&str>, warnings: &mut Vec<Warning>) -> BTreeMap<String, String> {
     let ns = &s.namespace;
     let mut out = BTreeMap::new();
     let Some(base) = base else { return out };
     let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
-    for (parent, secret_name) in render::parent_credential_refs(base) {
+    for (parent, kind, secret_name) in render::parent_file_refs(base) {
+        let file = kind.name(&parent);
         let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
-        match secret.as_ref().map(|sec| credentials_from_secret(sec)) {
+        let read = |sec: &Secret| match kind {
+            ParentFile::Credentials => credentials_from_secret(sec),
+            ParentFile::Ca => ca_from_secret(sec),
+        };
+        match secret.as_deref().map(read) {
             Some(Ok(text)) => {
-                out.insert(parent, text);
+                out.insert(file, text);
             }
             other => {
                 let msg = match other {
                     Some(Err(e)) => e.to_string(),
                     _ => "not found".to_owned(),
                 };
-                let note = format!(
-                    "credentials Secret of parent {parent} is invalid: {msg}; the previous credentials stay in force"
-                );
+                let what = if kind == ParentFile::Ca { "CA certificates" } else { "credentials" };
+                let note =
+                    format!("{what} Secret of parent {parent} is invalid: {msg}; the previous ones stay in force");
                 warn_invalid(warnings, secret.as_deref(), &secret_name, note);
-                warn!(parent = %parent, secret = %secret_name, error = %msg, "parent credentials Secret unusable; keeping the previous ones");
-                let file = format!("parent-{parent}.credentials");
+                warn!(parent = %parent, secret = %secret_name, error = %msg, "parent Secret unusable; keeping the previous file");
                 let prev = previous
                     .as_ref()
                     .and_then(|p| p.data.as_ref()?.get(&file))
                     .and_then(|b| String::from_utf8(b.0.clone()).ok());
                 if let Some(prev) = prev {
-                    out.insert(parent, prev);
+                    out.insert(file, prev);
                 }
             }
         }

@@ -140,10 +140,38 @@ pub fn tls_refs(base: &str) -> Result<Vec<(usize, String, String)>, RenderError>
     Ok(doc.listeners.iter().enumerate().filter_map(|(i, l)| Some((i, l.name.clone(), secret_of(l)?))).collect())
 }
 
-/// The Secrets the base's parents name for their credentials: (parent, secret).
-pub fn parent_credential_refs(base: &str) -> Vec<(String, String)> {
+/// A file the operator renders for a parent from a Secret the base names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParentFile {
+    /// `credentialsSecret`, key `credentials`.
+    Credentials,
+    /// `tls.caSecret`, key `ca.crt`.
+    Ca,
+}
+
+impl ParentFile {
+    /// The file's name in the proxies' Secret.
+    pub fn name(self, parent: &str) -> String {
+        match self {
+            ParentFile::Credentials => format!("parent-{parent}.credentials"),
+            ParentFile::Ca => format!("parent-{parent}-ca.crt"),
+        }
+    }
+}
+
+/// The Secrets the base's parents name: (parent, file, secret).
+pub fn parent_file_refs(base: &str) -> Vec<(String, ParentFile, String)> {
     let Ok(doc) = parse_base(base) else { return Vec::new() };
-    doc.parents.into_iter().filter_map(|p| Some((p.name, p.credentials_secret?))).collect()
+    let mut out = Vec::new();
+    for p in doc.parents {
+        if let Some(s) = p.credentials_secret {
+            out.push((p.name.clone(), ParentFile::Credentials, s));
+        }
+        if let Some(s) = p.tls.and_then(|t| t.ca_secret) {
+            out.push((p.name, ParentFile::Ca, s));
+        }
+    }
+    out
 }
 
 /// The Secret the base's `auth.secretName` names (its key `htpasswd`: bcrypt lines).

@@ -9,7 +9,7 @@ use proxy_config::raw::RawRule;
 use proxy_config::ProxyConfig;
 use sha2::{Digest, Sha256};
 
-use super::base::cluster_networks;
+use super::base::{cluster_networks, ParentFile};
 use super::rules::{text_len, Optional, Rule};
 use super::{Input, NodeDoc, PolicyOutcome, RenderError, Rendered, MAX_CONFIG_BYTES};
 
@@ -226,9 +226,9 @@ fn shared_digest(input: &Input<'_>, doc: &RawConfig) -> Sha256 {
         shared_digest.update(t.sha256.as_bytes());
     }
     shared_digest.update(input.htpasswd.unwrap_or_default().as_bytes());
-    for (parent, credentials) in input.parent_credentials {
-        shared_digest.update(parent.as_bytes());
-        shared_digest.update(credentials.as_bytes());
+    for (file, content) in input.parent_files {
+        shared_digest.update(file.as_bytes());
+        shared_digest.update(content.as_bytes());
     }
     shared_digest
 }
@@ -263,18 +263,32 @@ pub(super) fn document(input: &Input<'_>, mut doc: RawConfig, rules: Vec<RawRule
             auth_sha = Some(hex::encode(Sha256::digest(htpasswd.as_bytes())));
         }
     }
-    // Parents' credentials: files in the proxy's Secret, like the users; their digests in the
-    // document, so a rotation reaches every proxy as a config change.
+    // Parents' credentials and CAs: files in the proxy's Secret, like the users; their digests in
+    // the document, so a rotation reaches every proxy as a config change.
     let mut parent_shas = Vec::new();
     for p in &mut doc.parents {
-        let Some(secret) = p.credentials_secret.take() else { continue };
-        let Some(credentials) = input.parent_credentials.get(&p.name) else {
-            return Err(RenderError::MissingParentCredentials { parent: p.name.clone(), secret });
-        };
-        let file = format!("parent-{}.credentials", p.name);
-        p.credentials_file = Some(format!("{dir}/{file}"));
-        tls_data.insert(file, credentials.clone());
-        parent_shas.push((p.name.clone(), hex::encode(Sha256::digest(credentials.as_bytes()))));
+        let secrets = [
+            (ParentFile::Credentials, p.credentials_secret.take(), "credentials"),
+            (ParentFile::Ca, p.tls.as_mut().and_then(|t| t.ca_secret.take()), "CA certificates"),
+        ];
+        for (kind, secret, what) in secrets {
+            let Some(secret) = secret else { continue };
+            let file = kind.name(&p.name);
+            let Some(content) = input.parent_files.get(&file) else {
+                return Err(RenderError::MissingParentSecret { parent: p.name.clone(), secret, what });
+            };
+            let path = Some(format!("{dir}/{file}"));
+            match kind {
+                ParentFile::Credentials => p.credentials_file = path,
+                ParentFile::Ca => {
+                    if let Some(t) = p.tls.as_mut() {
+                        t.ca_file = path;
+                    }
+                }
+            }
+            parent_shas.push((file.clone(), hex::encode(Sha256::digest(content.as_bytes()))));
+            tls_data.insert(file, content.clone());
+        }
     }
     let (networks, unparsed) = cluster_networks(input, &doc);
     let policy = &mut doc.policy;
@@ -303,8 +317,8 @@ pub(super) fn document(input: &Input<'_>, mut doc: RawConfig, rules: Vec<RawRule
         // As for certificates: a change of users reaches every proxy as a config change.
         config.push_str(&format!("# auth htpasswd: sha256={sha}\n"));
     }
-    for (parent, sha) in parent_shas {
-        config.push_str(&format!("# parent {parent} credentials: sha256={sha}\n"));
+    for (file, sha) in parent_shas {
+        config.push_str(&format!("# {file}: sha256={sha}\n"));
     }
     if config.len() > MAX_CONFIG_BYTES {
         return Err(RenderError::TooLarge { bytes: config.len() });

@@ -1,7 +1,7 @@
 //! Table tests of rendering: pods, deny over allow, determinism, TLS, limits.
 use std::collections::BTreeMap;
 
-/// No parent credentials.
+/// No parent files.
 static NO_PARENTS: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -57,7 +57,7 @@ fn run(
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Default::default(),
     })
 }
@@ -165,7 +165,7 @@ fn o02_one_bad_policy_does_not_block_the_rest_and_output_is_deterministic() {
             per_node: None,
             prior_nodes: None,
             htpasswd: None,
-            parent_credentials: &NO_PARENTS,
+            parent_files: &NO_PARENTS,
             cluster: Default::default(),
         })
     };
@@ -199,7 +199,7 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1;
@@ -222,7 +222,7 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1
@@ -247,7 +247,7 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1
@@ -289,7 +289,7 @@ fn o03_too_large_and_base_errors_write_nothing() {
             per_node: None,
             prior_nodes: None,
             htpasswd: None,
-            parent_credentials: &NO_PARENTS,
+            parent_files: &NO_PARENTS,
             cluster: Default::default()
         })
         .1,
@@ -306,7 +306,7 @@ fn o03_too_large_and_base_errors_write_nothing() {
             per_node: None,
             prior_nodes: None,
             htpasswd: None,
-            parent_credentials: &NO_PARENTS,
+            parent_files: &NO_PARENTS,
             cluster: Default::default()
         })
         .1,
@@ -339,7 +339,7 @@ fn auth_secret_is_rendered_into_the_proxy_secret_never_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1;
@@ -354,7 +354,7 @@ fn auth_secret_is_rendered_into_the_proxy_secret_never_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: Some(file),
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Default::default(),
     })
     .1
@@ -428,7 +428,7 @@ fn address_grants_let_named_namespaces_open_refused_space() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Default::default(),
     };
     let (out, r) = render(&input(vec![
@@ -521,7 +521,7 @@ fn cluster_policies_precedence_and_delegation_table() {
             per_node: None,
             prior_nodes: None,
             htpasswd: None,
-            parent_credentials: &NO_PARENTS,
+            parent_files: &NO_PARENTS,
             cluster: Cluster { policies: cluster, namespaces: namespaces.clone(), networks: Vec::new() },
         }
     };
@@ -612,7 +612,7 @@ fn cluster_networks_join_the_bases_sorted_and_deduplicated() {
         tls: &tls,
         tls_dir: "/t",
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster,
         per_node: None,
         prior_nodes: None,
@@ -669,7 +669,7 @@ fn per_node_documents_list_only_their_nodes_pods() {
         tls: &tls,
         tls_dir: "/t",
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Default::default(),
         per_node,
         prior_nodes: None,
@@ -806,7 +806,7 @@ fn incremental_render_equals_a_full_render_and_works_out_only_affected_policies(
             tls: &tls,
             tls_dir: "/t",
             htpasswd: None,
-            parent_credentials: &NO_PARENTS,
+            parent_files: &NO_PARENTS,
             cluster: Cluster {
                 policies: cluster_specs.iter().map(|(n, s)| ClusterPolicyIn { name: n, spec: s }).collect(),
                 namespaces: ns_labels.clone(),
@@ -893,7 +893,7 @@ fn a_namespace_cannot_open_the_clusters_own_networks_even_public_ones() {
         tls: &tls,
         tls_dir: "/t",
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Cluster { networks: vec!["2600:1f00:250::/64".into()], ..Default::default() },
         per_node: None,
         prior_nodes: None,
@@ -1082,7 +1082,7 @@ fn enrolled_pods_are_rendered_per_node_from_the_namespaces_labels() {
         tls: &tls,
         tls_dir: "/t",
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster,
         per_node: Some(&nodes),
         prior_nodes: None,
@@ -1107,7 +1107,7 @@ fn enrolled_pods_are_rendered_per_node_from_the_namespaces_labels() {
 #[test]
 fn parent_credentials_go_into_the_proxy_secret_never_the_configmap() {
     let tls = BTreeMap::new();
-    let base = "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\nparents: [{name: corp, address: 'proxy.corp.example:3128', credentialsSecret: corp-proxy}]\npolicy: {defaultRoute: corp}\n";
+    let base = "version: 1\nlisteners: [{name: forward, bind: '0.0.0.0:3128'}]\nparents: [{name: corp, address: 'proxy.corp.example:3128', credentialsSecret: corp-proxy, tls: {caSecret: corp-ca}}]\npolicy: {defaultRoute: corp}\n";
     let input = |creds| Input {
         base,
         policies: vec![],
@@ -1117,19 +1117,30 @@ fn parent_credentials_go_into_the_proxy_secret_never_the_configmap() {
         per_node: None,
         prior_nodes: None,
         htpasswd: None,
-        parent_credentials: creds,
+        parent_files: creds,
         cluster: Default::default(),
     };
     let missing = render(&input(&NO_PARENTS)).1;
     assert!(
-        matches!(missing, Err(RenderError::MissingParentCredentials { ref parent, ref secret }) if parent == "corp" && secret == "corp-proxy")
+        matches!(missing, Err(RenderError::MissingParentSecret { ref parent, ref secret, .. }) if parent == "corp" && secret == "corp-proxy")
     );
-    let creds: BTreeMap<String, String> = [("corp".to_owned(), "egress:s3cret\n".to_owned())].into();
+    let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let only_creds: BTreeMap<String, String> =
+        [("parent-corp.credentials".to_owned(), "egress:s3cret\n".to_owned())].into();
+    let missing_ca = render(&input(&only_creds)).1;
+    assert!(matches!(missing_ca, Err(RenderError::MissingParentSecret { ref secret, .. }) if secret == "corp-ca"));
+    let creds: BTreeMap<String, String> = [
+        ("parent-corp.credentials".to_owned(), "egress:s3cret\n".to_owned()),
+        ("parent-corp-ca.crt".to_owned(), ca.to_owned()),
+    ]
+    .into();
     let r = render(&input(&creds)).1.unwrap();
     assert!(r.config.contains("credentialsFile: /t/parent-corp.credentials"), "{}", r.config);
     assert!(!r.config.contains("s3cret") && !r.config.contains("credentialsSecret"), "{}", r.config);
-    assert!(r.config.contains("# parent corp credentials: sha256="), "a rotation changes the document");
+    assert!(r.config.contains("# parent-corp.credentials: sha256="), "a rotation changes the document");
     assert_eq!(r.tls_data.get("parent-corp.credentials").map(String::as_str), Some("egress:s3cret\n"));
+    assert!(r.config.contains("caFile: /t/parent-corp-ca.crt") && !r.config.contains("caSecret"), "{}", r.config);
+    assert_eq!(r.tls_data.get("parent-corp-ca.crt").map(String::as_str), Some(ca));
     let cfg = proxy_config::ProxyConfig::from_yaml(&r.config).unwrap();
     assert_eq!(cfg.policy.route_of(None), proxy_config::Route::Parent(0));
 }
@@ -1154,7 +1165,7 @@ fn a_cluster_policy_routes_its_traffic_through_a_parent_the_base_defines() {
         tls: &tls,
         tls_dir: "/t",
         htpasswd: None,
-        parent_credentials: &NO_PARENTS,
+        parent_files: &NO_PARENTS,
         cluster: Cluster {
             policies: vec![
                 ClusterPolicyIn { name: "via-corp", spec: &routed },

@@ -298,9 +298,19 @@ fn parents(
             rp.address.parse::<Authority>().map_err(|e| format!("\"{}\": {e} (host:port)", rp.address)),
         );
         let tls = rp.tls.and_then(|t| {
-            if t.ca_file.is_empty() {
-                errs.push(format!("{p}.tls.caFile"), "must not be empty");
+            if t.ca_secret.is_some() {
+                errs.push(format!("{p}.tls.caSecret"), OPERATOR_ONLY);
             }
+            let ca_file = match t.ca_file.filter(|f| !f.is_empty()) {
+                Some(f) => f,
+                None => {
+                    errs.push(
+                        format!("{p}.tls.caFile"),
+                        "required (the PEM CA certificates the parent's certificate chains to)",
+                    );
+                    String::new()
+                }
+            };
             let server_name = match t.server_name {
                 Some(n) => errs.take(
                     &format!("{p}.tls.serverName"),
@@ -308,7 +318,7 @@ fn parents(
                 ),
                 None => address.as_ref().map(|a| a.host.to_string()),
             };
-            server_name.map(|server_name| ParentTls { ca_file: t.ca_file.into(), server_name })
+            server_name.map(|server_name| ParentTls { ca_file: ca_file.into(), server_name })
         });
         if rp.credentials_file.as_deref() == Some("") {
             errs.push(format!("{p}.credentialsFile"), "must not be empty");
