@@ -3,6 +3,7 @@
 #![allow(clippy::panic, reason = "test code: a setup that cannot be done fails the test that asked")]
 
 pub mod dns;
+pub mod squid;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};

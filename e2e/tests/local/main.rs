@@ -10,6 +10,7 @@
 mod addresses;
 mod convergence;
 mod harness;
+mod parents;
 mod resilience;
 mod rollout;
 mod secrets;

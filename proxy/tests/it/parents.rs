@@ -3,89 +3,13 @@
 //! nothing answers), so no test here ever asks a real resolver.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
+use testkit::squid::Squid;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::support::*;
-
-/// A Squid parent on loopback, stopped on drop.
-struct Squid {
-    port: u16,
-    dir: PathBuf,
-    child: Child,
-}
-
-impl Drop for Squid {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        for _ in 0..40 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Squid {
-    /// Starts Squid with `access` (its `http_access` lines and what they need) on a free port.
-    async fn start(tag: &str, access: &str) -> Squid {
-        let dir = std::env::temp_dir().join(format!("tg-squid-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        // Squid drops its privileges to the `proxy` user: let it write its logs here.
-        Command::new("chmod").arg("777").arg(&dir).status().unwrap();
-        std::fs::write(dir.join("hosts"), "127.0.0.2 allowed.test www.allowed.test\n").unwrap();
-        let port = free_port();
-        let d = dir.display();
-        let cfg = format!(
-            "http_port 127.0.0.1:{port}\nvisible_hostname tg-test-parent\n\
-             dns_nameservers 127.0.0.1\nhosts_file {d}/hosts\n{access}\n\
-             cache deny all\nstrip_query_terms off\naccess_log stdio:{d}/access.log\ncache_log {d}/cache.log\n\
-             pid_filename {d}/squid.pid\ncoredump_dir {d}\nshutdown_lifetime 0 seconds\n"
-        );
-        std::fs::write(dir.join("squid.conf"), cfg).unwrap();
-        let child = Command::new("squid")
-            .arg("-N")
-            .arg("-f")
-            .arg(dir.join("squid.conf"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
-            .spawn()
-            .expect("squid (Debian's squid package)");
-        let up = eventually(20, || async move { TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
-        let squid = Squid { port, dir, child };
-        assert!(up, "squid did not start: {}", squid.log("cache.log"));
-        squid
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
-    }
-
-    /// The requests Squid logged (method and target; a tunnel is logged when it ends), once it
-    /// has logged `n`.
-    async fn requests(&self, n: usize) -> Vec<String> {
-        let path = self.dir.join("access.log");
-        let lines = || {
-            std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .lines()
-                // The readiness probe's connection, closed before any request.
-                .filter(|l| !l.contains("transaction-end-before-headers"))
-                .map(|l| l.split_whitespace().skip(5).take(2).collect::<Vec<_>>().join(" "))
-                .collect::<Vec<_>>()
-        };
-        eventually(10, || async { lines().len() >= n }).await;
-        lines()
-    }
-}
 
 /// `doc` with loopback open to every allow rule, so that the rule matching the name decides (in
 /// refused space, the rule that opens the address would) and its route is taken.
