@@ -61,3 +61,29 @@ where
     }
     panic!("timed out after {secs}s waiting for: {what}");
 }
+
+/// The long flags a binary's `--help` lists on its option lines (for `args`, a subcommand), without
+/// `--help` and `--version`: what its reference documentation must name.
+///
+/// # Panics
+/// When the binary cannot be run or prints no UTF-8 (a test setup failure).
+pub fn help_flags(bin: &str, args: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+    let text = String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("{bin} --help: {e}"));
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            // `-o, --output`: the short form first.
+            let l = match l.strip_prefix('-') {
+                Some(r) if r.chars().nth(1) == Some(',') => r.get(2..).unwrap_or("").trim_start(),
+                _ => l,
+            };
+            l.strip_prefix("--").map(|r| format!("--{}", r.split([' ', '=']).next().unwrap_or("")))
+        })
+        .filter(|f| f != "--help" && f != "--version")
+        .collect()
+}

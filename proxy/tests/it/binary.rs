@@ -827,3 +827,16 @@ fn cli_explain_prints_the_route() {
     assert!(explain("wiki.intranet.example:443").contains("route: direct"));
     assert!(explain("www.example:443").contains("route: group corp: corp-a, then corp-b"), "the default route");
 }
+
+#[test]
+fn every_flag_of_the_proxy_is_documented() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_tunnelgate-proxy");
+    let mut all = testkit::help_flags(bin, &[]);
+    assert!(all.contains(&"--worker-threads".to_owned()), "{all:?}");
+    for sub in ["check", "explain"] {
+        all.extend(testkit::help_flags(bin, &[sub]));
+    }
+    let missing: Vec<_> = all.iter().filter(|f| !readme.contains(f.as_str())).collect();
+    assert!(missing.is_empty(), "flags missing from the README: {missing:?}");
+}
