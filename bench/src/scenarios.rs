@@ -205,26 +205,24 @@ pub(crate) fn percentile(v: &mut [u64], p: f64) -> f64 {
     v[i.min(v.len() - 1)] as f64
 }
 
-/// Tunnel setups per second and p50/p99 latency (µs) at `conc` concurrent clients.
-pub(crate) async fn setup(t: &Arc<Target>, up: &Upstreams, conc: usize, secs: f64) -> Res<(f64, f64, f64, f64)> {
+/// Runs `op` over and over on `conc` concurrent tasks for `secs`: operations per second, p50 and
+/// p99 latency (µs) and the target's CPU per operation.
+async fn concurrently<F, Fut>(t: &Target, conc: usize, secs: f64, op: F) -> Res<[f64; 4]>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Res<()>> + Send,
+{
     let cpu_before = t.child.as_ref().map(|c| cpu_us(c.id())).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     let start = Instant::now();
     for _ in 0..conc {
-        let (t, stop, hello) = (t.clone(), stop.clone(), up.hello);
+        let (stop, op) = (stop.clone(), op.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
-                let mut s = open(&t, hello).await?;
-                s.write_all(b"ping").await?;
-                let mut b = [0u8; 4];
-                s.read_exact(&mut b).await?;
-                // Reset rather than FIN: no TIME_WAIT pile-up on the client's ports.
-                #[allow(deprecated)]
-                let _ = s.set_linger(Some(Duration::ZERO));
-                drop(s);
+                op().await?;
                 lat.push(t0.elapsed().as_micros() as u64);
             }
             Ok::<Vec<u64>, Box<dyn Error + Send + Sync>>(lat)
@@ -238,7 +236,27 @@ pub(crate) async fn setup(t: &Arc<Target>, up: &Upstreams, conc: usize, secs: f6
     }
     let rate = all.len() as f64 / start.elapsed().as_secs_f64();
     let cpu = cpu_per_op(t, cpu_before, all.len() as f64)?;
-    Ok((rate, percentile(&mut all, 0.5), percentile(&mut all, 0.99), cpu))
+    Ok([rate, percentile(&mut all, 0.5), percentile(&mut all, 0.99), cpu])
+}
+
+/// Tunnel setups per second and p50/p99 latency (µs) at `conc` concurrent clients.
+pub(crate) async fn setup(t: &Arc<Target>, up: &Upstreams, conc: usize, secs: f64) -> Res<(f64, f64, f64, f64)> {
+    let (target, hello) = (t.clone(), up.hello);
+    let [rate, p50, p99, cpu] = concurrently(t, conc, secs, move || {
+        let t = target.clone();
+        async move {
+            let mut s = open(&t, hello).await?;
+            s.write_all(b"ping").await?;
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).await?;
+            // Reset rather than FIN: no TIME_WAIT pile-up on the client's ports.
+            #[allow(deprecated)]
+            let _ = s.set_linger(Some(Duration::ZERO));
+            Ok(())
+        }
+    })
+    .await?;
+    Ok((rate, p50, p99, cpu))
 }
 
 /// A TLS session with the TLS echo through `t`, named [`TLS_NAME`] in the SNI (and in the
@@ -272,34 +290,17 @@ async fn echo64<S: AsyncReadExt + AsyncWriteExt + Unpin>(s: &mut S) -> std::io::
 /// TLS tunnels per second (a handshake with SNI and one echo each), p50/p99 latency (µs) and the
 /// proxy's CPU per tunnel, at `conc` concurrent clients.
 pub(crate) async fn tls_setup(t: &Arc<Target>, up: &Arc<Upstreams>, conc: usize, secs: f64) -> Res<[f64; 4]> {
-    let cpu_before = t.child.as_ref().map(|c| cpu_us(c.id())).transpose()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..conc {
-        let (t, up, stop) = (t.clone(), up.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let t0 = Instant::now();
-                let tls = tls_session(&t, &up).await?;
-                #[allow(deprecated)]
-                let _ = tls.get_ref().0.set_linger(Some(Duration::ZERO));
-                drop(tls);
-                lat.push(t0.elapsed().as_micros() as u64);
-            }
-            Ok::<Vec<u64>, Box<dyn Error + Send + Sync>>(lat)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await??);
-    }
-    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
-    let cpu = cpu_per_op(t, cpu_before, all.len() as f64)?;
-    Ok([rate, percentile(&mut all, 0.5), percentile(&mut all, 0.99), cpu])
+    let (target, up) = (t.clone(), up.clone());
+    concurrently(t, conc, secs, move || {
+        let (t, up) = (target.clone(), up.clone());
+        async move {
+            let tls = tls_session(&t, &up).await?;
+            #[allow(deprecated)]
+            let _ = tls.get_ref().0.set_linger(Some(Duration::ZERO));
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Round trips per second of 64-byte echoes over one established TLS tunnel, p50/p99 (µs) and the
