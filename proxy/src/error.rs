@@ -13,6 +13,51 @@ pub enum Side {
     Internal,
 }
 
+/// How a parent proxy could not be used (the `result` label of
+/// `tunnelgate_parent_requests_total` for it; a closed set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParentFailure {
+    /// Connecting to it was refused or failed.
+    Unreachable,
+    /// The connection, its TLS handshake or its answer took too long.
+    Timeout,
+    /// The TLS handshake failed (its certificate, its protocol).
+    TlsFailed,
+    /// It closed (or broke) the connection before answering.
+    Closed,
+    /// Its name could not be resolved.
+    DnsFailed,
+}
+
+impl ParentFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParentFailure::Unreachable => "unreachable",
+            ParentFailure::Timeout => "timeout",
+            ParentFailure::TlsFailed => "tls_failed",
+            ParentFailure::Closed => "closed",
+            ParentFailure::DnsFailed => "dns_failed",
+        }
+    }
+
+    /// The RFC 9209 `Proxy-Status` error type for it.
+    fn proxy_status(self) -> &'static str {
+        match self {
+            ParentFailure::Unreachable => "connection_refused",
+            ParentFailure::Timeout => "connection_timeout",
+            ParentFailure::TlsFailed => "tls_protocol_error",
+            ParentFailure::Closed => "connection_terminated",
+            ParentFailure::DnsFailed => "dns_error",
+        }
+    }
+}
+
+impl std::fmt::Display for ParentFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a connection did not become a tunnel.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -93,10 +138,9 @@ pub enum TunnelError {
     /// the credentials configured for it were refused, its `5xx`).
     #[error("parent {parent} answered {status}")]
     ParentRefused { parent: String, status: u16 },
-    /// No parent of the route could be used: the last one tried and how it failed (`timeout`,
-    /// `unreachable`, `tls_failed`, `closed`, `dns_failed`).
+    /// No parent of the route could be used: the last one tried and how it failed.
     #[error("no parent could be used (the last tried, {parent}: {failure})")]
-    ParentUnreachable { parent: String, failure: &'static str },
+    ParentUnreachable { parent: String, failure: ParentFailure },
     /// The client went away before the tunnel was established.
     #[error("client closed the connection")]
     ClientClosed,
@@ -197,13 +241,8 @@ impl TunnelError {
             | TunnelError::UpstreamRefused(_)
             | TunnelError::UpstreamResponse(_)
             | TunnelError::ParentRefused { .. } => 502,
-            TunnelError::ParentUnreachable { failure, .. } => {
-                if *failure == "timeout" {
-                    504
-                } else {
-                    502
-                }
-            }
+            TunnelError::ParentUnreachable { failure: ParentFailure::Timeout, .. } => 504,
+            TunnelError::ParentUnreachable { .. } => 502,
             TunnelError::ResolveTimeout | TunnelError::UpstreamTimeout | TunnelError::UpstreamResponseTimeout => 504,
             TunnelError::TlsHandshake(_) | TunnelError::ClientClosed | TunnelError::Io { .. } => return None,
         })
@@ -236,14 +275,7 @@ impl TunnelError {
                 return format!("tunnelgate; error={error}; next-hop=\"{parent}\"; received-status={status}");
             }
             TunnelError::ParentUnreachable { parent, failure } => {
-                let error = match *failure {
-                    "timeout" => "connection_timeout",
-                    "tls_failed" => "tls_protocol_error",
-                    "closed" => "connection_terminated",
-                    "dns_failed" => "dns_error",
-                    _ => "connection_refused",
-                };
-                return format!("tunnelgate; error={error}; next-hop=\"{parent}\"");
+                return format!("tunnelgate; error={}; next-hop=\"{parent}\"", failure.proxy_status());
             }
             TunnelError::ResolveFailed => "dns_error",
             TunnelError::ResolveTimeout => "dns_timeout",

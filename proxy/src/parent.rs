@@ -25,7 +25,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::dial::Resolver;
-use crate::error::TunnelError;
+use crate::error::{ParentFailure, TunnelError};
 use crate::metrics::ProxyMetrics;
 use crate::prefixed::Prefixed;
 use crate::sync::lock;
@@ -251,7 +251,7 @@ pub fn target_text(parent: &Parent, host: &Host, port: u16, addrs: &[IpAddr]) ->
 /// How an attempt on one parent failed.
 enum Failure {
     /// The parent could not be used (it is then skipped for a while).
-    Unreachable(&'static str, TunnelError),
+    Unreachable(ParentFailure, TunnelError),
     /// The parent answered with a status other than 2xx.
     Answered(u16),
 }
@@ -339,7 +339,9 @@ where
         .filter_map(|i| parents.proxies.get(i).map(|p| (health.down_until(&p.name), i)))
         .collect();
     order.sort_by_key(|(down, _)| *down);
-    let mut last = TunnelError::ParentUnreachable { parent: parents.name(route).to_owned(), failure: "none" };
+    // Validation gives every route a member; an empty one fails as unreachable.
+    let mut last =
+        TunnelError::ParentUnreachable { parent: parents.name(route).to_owned(), failure: ParentFailure::Unreachable };
     for (_, i) in order {
         let (Some(p), Some(d)) = (parents.proxies.get(i), parenting.dialers.0.get(i)) else { continue };
         let started = Instant::now();
@@ -360,8 +362,8 @@ where
                 return Err(TunnelError::ParentRefused { parent: p.name.clone(), status });
             }
             Err(Failure::Unreachable(kind, error)) => {
-                m.parent_requests.with_label_values(&[&p.name, kind]).inc();
-                tracing::warn!(parent = %p.name, failure = kind, error = %crate::error::ErrorChain(&error), "parent unusable");
+                m.parent_requests.with_label_values(&[&p.name, kind.as_str()]).inc();
+                tracing::warn!(parent = %p.name, failure = kind.as_str(), error = %crate::error::ErrorChain(&error), "parent unusable");
                 if !retry_after.is_zero() {
                     health.failed(&p.name, retry_after);
                     health.publish(parents, m);
@@ -378,18 +380,21 @@ async fn reach(parenting: &Parenting<'_>, m: &ProxyMetrics, p: &Parent, d: &Dial
     let deadline = Instant::now() + p.connect_timeout;
     let addrs = match &p.address.host {
         Host::Ip(ip) => vec![*ip],
-        Host::Name(n) => parenting.resolver.resolve(n, m).await.map_err(|e| Failure::Unreachable("dns_failed", e))?,
+        Host::Name(n) => {
+            parenting.resolver.resolve(n, m).await.map_err(|e| Failure::Unreachable(ParentFailure::DnsFailed, e))?
+        }
     };
     let tcp = crate::dial::connect(&addrs, p.address.port, p.connect_timeout, m).await.map_err(|e| {
-        let kind = if matches!(e, TunnelError::UpstreamTimeout) { "timeout" } else { "unreachable" };
+        let kind =
+            if matches!(e, TunnelError::UpstreamTimeout) { ParentFailure::Timeout } else { ParentFailure::Unreachable };
         Failure::Unreachable(kind, e)
     })?;
     Ok(match &d.tls {
         None => ParentStream::Tcp(tcp),
         Some((connector, name)) => match timeout_at(deadline, connector.connect(name.clone(), tcp)).await {
             Ok(Ok(s)) => ParentStream::Tls(Box::new(s)),
-            Ok(Err(e)) => return Err(Failure::Unreachable("tls_failed", TunnelError::UpstreamRefused(e))),
-            Err(_) => return Err(Failure::Unreachable("timeout", TunnelError::UpstreamTimeout)),
+            Ok(Err(e)) => return Err(Failure::Unreachable(ParentFailure::TlsFailed, TunnelError::UpstreamRefused(e))),
+            Err(_) => return Err(Failure::Unreachable(ParentFailure::Timeout, TunnelError::UpstreamTimeout)),
         },
     })
 }
@@ -409,11 +414,11 @@ async fn exchange(
         request.push_str("\r\n");
     }
     request.push_str("\r\n");
-    let closed = |e: io::Error| Failure::Unreachable("closed", TunnelError::UpstreamRefused(e));
+    let closed = |e: io::Error| Failure::Unreachable(ParentFailure::Closed, TunnelError::UpstreamRefused(e));
     stream.write_all(request.as_bytes()).await.map_err(closed)?;
     let (status, len, buf) = timeout(parenting.answer_timeout, read_head(stream))
         .await
-        .map_err(|_| Failure::Unreachable("timeout", TunnelError::UpstreamResponseTimeout))?
+        .map_err(|_| Failure::Unreachable(ParentFailure::Timeout, TunnelError::UpstreamResponseTimeout))?
         .map_err(closed)?;
     if (200..300).contains(&status) {
         Ok(buf.get(len..).unwrap_or_default().to_vec())
