@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+mod chart;
 mod reload;
 mod scenarios;
 mod targets;
@@ -56,6 +57,9 @@ struct Args {
     /// reload (cost of a 300 KB and a 3 MB rendered configuration), all (forward and termination).
     #[arg(long, default_value = "all", value_parser = ["forward", "termination", "reload", "all"])]
     suite: String,
+    /// Also write the forward suite's throughput ratios to direct as an SVG bar chart here.
+    #[arg(long)]
+    chart: Option<PathBuf>,
     /// Only these scenarios of the forward suite (comma-separated: bulk,setup,round-trips,tls,http,idle),
     /// e.g. to profile one of them.
     #[arg(long)]
@@ -98,6 +102,12 @@ async fn main() -> Res<()> {
     println!("targets: {}; rounds: {}; medians shown\n", names.join(", "), args.rounds);
     let rows = forward_suite(&args, &targets, &up).await;
     print_table(&names, &rows);
+    if let Some(path) = &args.chart {
+        match chart::svg(&names, &rows) {
+            Some(svg) => std::fs::write(path, svg)?,
+            None => println!("no chart: no throughput row has a direct baseline"),
+        }
+    }
     drop(targets);
     if args.suite == "all" {
         termination::run(&args.proxy_bin, args.rounds, args.seconds, args.only.as_deref()).await?;
