@@ -75,10 +75,7 @@ pub fn credentials_from_secret(secret: &Secret) -> Result<String, SecretError> {
     let empty = BTreeMap::new();
     let data = secret.data.as_ref().unwrap_or(&empty);
     let text = String::from_utf8(field(data, "credentials")?.to_vec()).map_err(|_| SecretError::NotCredentials)?;
-    let line = text.trim_end_matches(['\r', '\n']);
-    if line.is_empty() || line.contains(['\r', '\n']) || !line.contains(':') {
-        return Err(SecretError::NotCredentials);
-    }
+    let line = proxy_config::parents::credentials_line(&text).ok_or(SecretError::NotCredentials)?;
     Ok(format!("{line}\n"))
 }
 

@@ -10,6 +10,13 @@ use crate::host::Authority;
 /// The route that means "dial the target directly"; no parent or group may take the name.
 pub const DIRECT: &str = "direct";
 
+/// The `user:password` line a parent's credentials hold (the proxy's file, the operator's Secret):
+/// exactly one line, with a `:`; `None` for anything else.
+pub fn credentials_line(text: &str) -> Option<&str> {
+    let line = text.trim_end_matches(['\r', '\n']);
+    (!line.is_empty() && !line.contains(['\r', '\n']) && line.contains(':')).then_some(line)
+}
+
 /// How allowed traffic leaves the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Route {

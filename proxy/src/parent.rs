@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use proxy_config::{Host, Parent, Parents, Route};
+use proxy_config::{Authority, Host, Parent, Parents, Route, SendTarget};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -116,12 +116,9 @@ fn dialer(p: &Parent) -> Result<Dialer, ParentFileError> {
     let authorization = match &p.credentials_file {
         None => None,
         Some(path) => {
-            let text =
-                String::from_utf8(read(path)?).map_err(|_| ParentFileError::BadCredentials { path: path.clone() })?;
-            let line = text.trim_end_matches(['\r', '\n']);
-            if line.is_empty() || line.contains(['\r', '\n']) || !line.contains(':') {
-                return Err(ParentFileError::BadCredentials { path: path.clone() });
-            }
+            let bad = || ParentFileError::BadCredentials { path: path.clone() };
+            let text = String::from_utf8(read(path)?).map_err(|_| bad())?;
+            let line = proxy_config::parents::credentials_line(&text).ok_or_else(bad)?;
             Some(format!("Basic {}", STANDARD.encode(line)))
         }
     };
@@ -237,14 +234,13 @@ impl Upstream {
     }
 }
 
-/// What the CONNECT to a parent names for a target the policy allowed at `addrs`: the checked
-/// address (`sendTarget: address`, the default) or the name as the client sent it.
-pub fn target_text(parent: &Parent, host: &Host, port: u16, addrs: &[IpAddr]) -> String {
-    match (parent.send_target, host, addrs.first()) {
-        (proxy_config::SendTarget::Address, Host::Name(_), Some(ip)) => {
-            proxy_config::Authority { host: Host::Ip(*ip), port }.to_string()
-        }
-        _ => proxy_config::Authority { host: host.clone(), port }.to_string(),
+/// What a parent is sent for a target the policy allowed at `addrs` (the CONNECT target, or the
+/// authority of an absolute-form request): the checked address (`sendTarget: address`, the
+/// default) or the name as the client sent it.
+pub fn target_text(send: SendTarget, host: &Host, port: u16, addrs: &[IpAddr]) -> String {
+    match (send, host, addrs.first()) {
+        (SendTarget::Address, Host::Name(_), Some(ip)) => Authority { host: Host::Ip(*ip), port }.to_string(),
+        _ => Authority { host: host.clone(), port }.to_string(),
     }
 }
 
@@ -269,7 +265,7 @@ pub async fn tunnel(
 ) -> Result<Upstream, TunnelError> {
     let (name, (stream, early)) = through(parenting, health, m, route, |p, d| async move {
         let mut stream = reach(parenting, m, p, d).await?;
-        let early = exchange(parenting, &mut stream, d, &target_text(p, host, port, addrs)).await?;
+        let early = exchange(parenting, &mut stream, d, &target_text(p.send_target, host, port, addrs)).await?;
         Ok((stream, early))
     })
     .await?;
@@ -299,7 +295,7 @@ pub async fn http_connection(
 #[derive(Debug, Clone)]
 pub struct HttpVia {
     pub parent: String,
-    pub send_target: proxy_config::SendTarget,
+    pub send_target: SendTarget,
     /// `Proxy-Authorization` for the parent (never logged).
     pub authorization: Option<String>,
 }
@@ -308,13 +304,7 @@ impl HttpVia {
     /// The absolute-form target of a request for `host:port` (allowed at `addrs`) and
     /// `path_and_query`: the checked address or the name, as the parent is configured.
     pub fn absolute(&self, host: &Host, port: u16, addrs: &[IpAddr], path_and_query: &str) -> String {
-        let authority = match (self.send_target, host, addrs.first()) {
-            (proxy_config::SendTarget::Address, Host::Name(_), Some(ip)) => {
-                proxy_config::Authority { host: Host::Ip(*ip), port }.to_string()
-            }
-            _ => proxy_config::Authority { host: host.clone(), port }.to_string(),
-        };
-        format!("http://{authority}{path_and_query}")
+        format!("http://{}{path_and_query}", target_text(self.send_target, host, port, addrs))
     }
 }
 
@@ -457,7 +447,7 @@ async fn read_head(s: &mut ParentStream) -> io::Result<(u16, usize, Vec<u8>)> {
 mod tests {
     use super::*;
 
-    fn parent(send: proxy_config::SendTarget) -> Parent {
+    fn parent(send: SendTarget) -> Parent {
         Parent {
             name: "corp".into(),
             address: "proxy.corp.example:3128".parse().unwrap(),
@@ -474,10 +464,10 @@ mod tests {
     fn the_parent_is_sent_the_checked_address_unless_told_to_send_the_name() {
         let host = Host::Name(proxy_config::host::normalize_name("api.example.com").unwrap());
         let addrs: Vec<IpAddr> = vec!["203.0.113.7".parse().unwrap(), "2001:db8::7".parse().unwrap()];
-        assert_eq!(target_text(&parent(proxy_config::SendTarget::Address), &host, 443, &addrs), "203.0.113.7:443");
-        assert_eq!(target_text(&parent(proxy_config::SendTarget::Name), &host, 443, &addrs), "api.example.com:443");
+        assert_eq!(target_text(SendTarget::Address, &host, 443, &addrs), "203.0.113.7:443");
+        assert_eq!(target_text(SendTarget::Name, &host, 443, &addrs), "api.example.com:443");
         let v6 = vec!["2001:db8::7".parse().unwrap()];
-        assert_eq!(target_text(&parent(proxy_config::SendTarget::Address), &host, 443, &v6), "[2001:db8::7]:443");
+        assert_eq!(target_text(SendTarget::Address, &host, 443, &v6), "[2001:db8::7]:443");
     }
 
     /// A credentials file holds one `user:password` line; anything else fails the reload.
@@ -486,7 +476,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tg-parent-creds-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c");
-        let mut p = parent(proxy_config::SendTarget::Address);
+        let mut p = parent(SendTarget::Address);
         p.credentials_file = Some(path.clone());
         std::fs::write(&path, "alice:s3cret\n").unwrap();
         assert_eq!(dialer(&p).unwrap().authorization.as_deref(), Some("Basic YWxpY2U6czNjcmV0"));
