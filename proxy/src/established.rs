@@ -76,7 +76,9 @@ where
     }
 }
 
-/// [`spawn_tunnel`] to `upstream`, directly or through its parent.
+/// [`spawn_tunnel`] to `upstream`, directly or through its parent. (It matches rather than
+/// spawning [`tunnel_to`]: a spawned chain of async functions would hold its arguments twice for
+/// the tunnel's whole life.)
 pub(crate) fn spawn_to<CR, CW>(cr: CR, cw: CW, upstream: Upstream, t: Established, ctx: &ConnCtx)
 where
     CR: RelayRead + 'static,

@@ -46,25 +46,28 @@ pub async fn serve<S: IntoHalves + 'static>(
     let (cr, cw) = io.into_halves();
     let authorized = |addrs| Authorized::fixed_upstream(addrs, cfg.policy.defaults);
     match upstream {
-        TunnelUpstream::Tcp(authority) if route != Route::Direct => {
-            // A configured upstream is trusted: the parent is sent it as written.
-            let h = &ctx.inner.parent_health;
-            let upstream = match parent::tunnel(
-                &ctx.snapshot.parenting(),
-                h,
-                m,
-                route,
-                &authority.host,
-                authority.port,
-                &[],
-            )
-            .await
-            {
-                Ok(u) => u,
+        TunnelUpstream::Tcp(authority) => {
+            let opened = if route == Route::Direct {
+                let direct = async {
+                    let addrs = match &authority.host {
+                        Host::Ip(ip) => vec![*ip],
+                        Host::Name(name) => ctx.snapshot.resolver.resolve(name, m).await?,
+                    };
+                    let stream = dial::connect(&addrs, authority.port, cfg.relay.connect_timeout, m).await?;
+                    Ok((Upstream::Tcp(stream, None), addrs))
+                };
+                direct.await
+            } else {
+                // A configured upstream is trusted: the parent is sent it as written.
+                let (parenting, h) = (ctx.snapshot.parenting(), &ctx.inner.parent_health);
+                let through = parent::tunnel(&parenting, h, m, route, &authority.host, authority.port, &[]);
+                through.await.map(|u| (u, Vec::new()))
+            };
+            let (upstream, addrs) = match opened {
+                Ok(o) => o,
                 Err(e) => return access::rejected(ctx, &e, None, None),
             };
-            let parent = upstream.parent().map(str::to_owned);
-            let authorized = Authorized { parent, ..authorized(Vec::new()) };
+            let authorized = Authorized { parent: upstream.parent().map(str::to_owned), ..authorized(addrs) };
             let t =
                 Established { kind: TunnelKind::Fixed, authority: authority.clone(), early: Vec::new(), authorized };
             match upstream {
@@ -83,30 +86,6 @@ pub async fn serve<S: IntoHalves + 'static>(
                     spawn_tunnel(cr, cw, ur, uw, t, ctx);
                 }
             }
-        }
-        TunnelUpstream::Tcp(authority) => {
-            let addrs = match &authority.host {
-                Host::Ip(ip) => vec![*ip],
-                Host::Name(name) => match ctx.snapshot.resolver.resolve(name, m).await {
-                    Ok(a) => a,
-                    Err(e) => return access::rejected(ctx, &e, None, None),
-                },
-            };
-            let stream = match dial::connect(&addrs, authority.port, cfg.relay.connect_timeout, m).await {
-                Ok(s) => s,
-                Err(e) => return access::rejected(ctx, &e, None, None),
-            };
-            let (ur, mut uw) = stream.into_split();
-            if let Err(e) = announce(&mut uw, header.as_deref()).await {
-                return access::rejected(ctx, &e, None, None);
-            }
-            let t = Established {
-                kind: TunnelKind::Fixed,
-                authority: authority.clone(),
-                early: Vec::new(),
-                authorized: authorized(addrs),
-            };
-            spawn_tunnel(cr, cw, ur, uw, t, ctx);
         }
         TunnelUpstream::Unix(path) => {
             let stream = match timeout(cfg.relay.connect_timeout, UnixStream::connect(path)).await {
