@@ -186,67 +186,71 @@ fn tls(c: &Caches, s: &Settings, base: Option<&str>, warnings: &mut Vec<Warning>
 
 /// Proxy users: a validated htpasswd Secret; an invalid one keeps the users the proxy has.
 fn htpasswd(c: &Caches, s: &Settings, base: Option<&str>, warnings: &mut Vec<Warning>) -> Option<String> {
-    let ns = &s.namespace;
     let secret_name = base.and_then(render::auth_ref)?;
-    let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
-    match secret.as_ref().map(|sec| htpasswd_from_secret(sec)) {
-        Some(Ok(text)) => Some(text),
-        other => {
-            let msg = match other {
-                Some(Err(e)) => e.to_string(),
-                _ => "not found".to_owned(),
-            };
-            let note = format!("htpasswd Secret is invalid: {msg}; the previous users stay in force");
-            warn_invalid(warnings, secret.as_deref(), &secret_name, note);
-            warn!(secret = %secret_name, error = %msg, "htpasswd Secret unusable; keeping the previous users");
-            let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
-            previous
-                .as_ref()
-                .and_then(|p| p.data.as_ref()?.get("htpasswd"))
-                .and_then(|b| String::from_utf8(b.0.clone()).ok())
-        }
-    }
+    let checked = Checked { subject: "htpasswd Secret".into(), kept: "users", file: "htpasswd".into() };
+    checked.read(c, s, &secret_name, htpasswd_from_secret, warnings)
 }
 
 /// Parents' files (credentials, CAs) by file name: validated Secrets; an invalid one keeps what
 /// the proxy has.
 fn parent_files(c: &Caches, s: &Settings, base: Option<&str>, warnings: &mut Vec<Warning>) -> BTreeMap<String, String> {
-    let ns = &s.namespace;
     let mut out = BTreeMap::new();
     let Some(base) = base else { return out };
-    let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
     for (parent, kind, secret_name) in render::parent_file_refs(base) {
-        let file = kind.name(&parent);
-        let secret = c.secrets.get(&ObjectRef::new(&secret_name).within(ns));
-        let read = |sec: &Secret| match kind {
-            ParentFile::Credentials => credentials_from_secret(sec),
-            ParentFile::Ca => ca_from_secret(sec),
+        let (what, read): (&str, SecretCheck) = match kind {
+            ParentFile::Credentials => ("credentials", credentials_from_secret),
+            ParentFile::Ca => ("CA certificates", ca_from_secret),
         };
-        match secret.as_deref().map(read) {
-            Some(Ok(text)) => {
-                out.insert(file, text);
-            }
-            other => {
-                let msg = match other {
-                    Some(Err(e)) => e.to_string(),
-                    _ => "not found".to_owned(),
-                };
-                let what = if kind == ParentFile::Ca { "CA certificates" } else { "credentials" };
-                let note =
-                    format!("{what} Secret of parent {parent} is invalid: {msg}; the previous ones stay in force");
-                warn_invalid(warnings, secret.as_deref(), &secret_name, note);
-                warn!(parent = %parent, secret = %secret_name, error = %msg, "parent Secret unusable; keeping the previous file");
-                let prev = previous
-                    .as_ref()
-                    .and_then(|p| p.data.as_ref()?.get(&file))
-                    .and_then(|b| String::from_utf8(b.0.clone()).ok());
-                if let Some(prev) = prev {
-                    out.insert(file, prev);
-                }
-            }
+        let checked =
+            Checked { subject: format!("{what} Secret of parent {parent}"), kept: "ones", file: kind.name(&parent) };
+        if let Some(text) = checked.read(c, s, &secret_name, read, warnings) {
+            out.insert(checked.file, text);
         }
     }
     out
+}
+
+/// Validates a user's Secret and returns the file it holds.
+type SecretCheck = fn(&Secret) -> Result<String, crate::secrets::SecretError>;
+
+/// A text file of the proxies' Secret, taken from a user's Secret after a check.
+struct Checked {
+    /// What the user's Secret is, for the warning (`htpasswd Secret`).
+    subject: String,
+    /// What stays in force when it is unusable (`users`).
+    kept: &'static str,
+    /// Its key in the proxies' Secret.
+    file: String,
+}
+
+impl Checked {
+    /// The file from Secret `secret_name` when `check` accepts it; otherwise a Warning event on
+    /// the Secret (when it exists) and the file the proxies' Secret already holds, if any.
+    fn read(
+        &self,
+        c: &Caches,
+        s: &Settings,
+        secret_name: &str,
+        check: SecretCheck,
+        warnings: &mut Vec<Warning>,
+    ) -> Option<String> {
+        let ns = &s.namespace;
+        let secret = c.secrets.get(&ObjectRef::new(secret_name).within(ns));
+        let msg = match secret.as_deref().map(check) {
+            Some(Ok(text)) => return Some(text),
+            Some(Err(e)) => e.to_string(),
+            None => "not found".to_owned(),
+        };
+        let (subject, kept) = (&self.subject, self.kept);
+        let note = format!("{subject} is invalid: {msg}; the previous {kept} stay in force");
+        warn_invalid(warnings, secret.as_deref(), secret_name, note);
+        warn!(secret = %secret_name, error = %msg, "{subject} unusable; keeping the previous {kept}");
+        let previous = c.secrets.get(&ObjectRef::new(&s.tls_name()).within(ns));
+        previous
+            .as_ref()
+            .and_then(|p| p.data.as_ref()?.get(&self.file))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+    }
 }
 
 /// A Warning event `InvalidSecret` on a Secret that exists but cannot be used.
