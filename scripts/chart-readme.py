@@ -22,8 +22,9 @@ Kubernetes {kube}. Install:
 helm install tunnelgate charts/tunnelgate --namespace tunnelgate --create-namespace
 ```
 
-The repository's README explains the topologies (node-local proxies or an egress gateway), policies,
-monitoring and the runbook. This page is generated from `values.yaml` by `scripts/chart-readme.py`;
+[Installing in a cluster](../../docs/install.md) explains what the chart installs and the two
+topologies (node-local proxies or an egress gateway); [the documentation](../../docs/README.md)
+covers policies, monitoring and the runbook. This page is generated from `values.yaml` by `scripts/chart-readme.py`;
 every value is also checked by `values.schema.json`.
 
 ## Values

@@ -534,3 +534,19 @@ def test_the_proxy_configuration_schema_accepts_the_default_and_every_rendered_b
         assert not [e.message for e in validator.iter_errors(base)], name
     typo = dict(default, limitz={"maxConnections": 10})
     assert any("limitz" in e.message for e in validator.iter_errors(typo))
+
+
+def test_the_chart_and_the_binaries_share_one_version_and_the_changelog_has_it():
+    import re
+    import tomllib
+
+    cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["version"] == cargo and chart["appVersion"] == cargo, (chart["version"], chart["appVersion"], cargo)
+    # The image tag the chart defaults to is that version too (values image.tag empty means appVersion).
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["image"]["tag"] in ("", None, cargo), values["image"]["tag"]
+    # The changelog's newest section is either Unreleased (work since the last release) or this version.
+    headings = re.findall(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert headings and (headings[0] == "Unreleased" or headings[0].startswith(cargo)), headings[:2]
+    assert any(h.startswith(cargo) for h in headings), f"no section for {cargo}"

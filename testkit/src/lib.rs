@@ -62,28 +62,69 @@ where
     panic!("timed out after {secs}s waiting for: {what}");
 }
 
+/// A long flag a binary's `--help` lists, with the default it prints (`[default: X]`), if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelpFlag {
+    pub flag: String,
+    pub default: Option<String>,
+}
+
 /// The long flags a binary's `--help` lists on its option lines (for `args`, a subcommand), without
-/// `--help` and `--version`: what its reference documentation must name.
+/// `--help` and `--version`, each with its printed default: what its reference must name and agree with.
 ///
 /// # Panics
 /// When the binary cannot be run or prints no UTF-8 (a test setup failure).
-pub fn help_flags(bin: &str, args: &[&str]) -> Vec<String> {
+pub fn help_flags(bin: &str, args: &[&str]) -> Vec<HelpFlag> {
     let out = std::process::Command::new(bin)
         .args(args)
         .arg("--help")
         .output()
         .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
     let text = String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("{bin} --help: {e}"));
-    text.lines()
-        .filter_map(|l| {
-            let l = l.trim_start();
-            // `-o, --output`: the short form first.
-            let l = match l.strip_prefix('-') {
-                Some(r) if r.chars().nth(1) == Some(',') => r.get(2..).unwrap_or("").trim_start(),
-                _ => l,
-            };
-            l.strip_prefix("--").map(|r| format!("--{}", r.split([' ', '=']).next().unwrap_or("")))
-        })
-        .filter(|f| f != "--help" && f != "--version")
-        .collect()
+    let mut flags: Vec<HelpFlag> = Vec::new();
+    for line in text.lines() {
+        let l = line.trim_start();
+        // `-o, --output`: the short form first.
+        let l = match l.strip_prefix('-') {
+            Some(r) if r.chars().nth(1) == Some(',') => r.get(2..).unwrap_or("").trim_start(),
+            _ => l,
+        };
+        if let Some(r) = l.strip_prefix("--").filter(|_| line.starts_with("  ") && !line.starts_with("          ")) {
+            flags.push(HelpFlag { flag: format!("--{}", r.split([' ', '=']).next().unwrap_or("")), default: None });
+        }
+        // The flag's line or a description line after it: its default, if printed.
+        if let (Some(last), Some(d)) = (flags.last_mut(), l.split("[default: ").nth(1)) {
+            last.default = d.split(']').next().map(str::to_owned);
+        }
+    }
+    flags.retain(|f| f.flag != "--help" && f.flag != "--version");
+    flags
+}
+
+/// Whether a table row shows `value` as a whole word (`50ms` is not in `250ms`).
+fn names_value(row: &str, value: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '-';
+    row.match_indices(value).any(|(i, _)| !row[..i].ends_with(word) && !row[i + value.len()..].starts_with(word))
+}
+
+/// Where a reference page and a binary's `--help` disagree: a flag the page does not name in a
+/// table row, or a row that does not show the default the binary prints.
+pub fn undocumented_flags(page: &str, flags: &[HelpFlag]) -> Vec<String> {
+    let rows: Vec<&str> = page.lines().filter(|l| l.starts_with('|')).collect();
+    let names = |row: &str, flag: &str| {
+        row.match_indices(flag)
+            .any(|(i, _)| !row[i + flag.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-'))
+    };
+    let mut problems = Vec::new();
+    for f in flags {
+        let mine: Vec<&&str> = rows.iter().filter(|r| names(r, &f.flag)).collect();
+        if mine.is_empty() {
+            problems.push(format!("{}: no row names it", f.flag));
+        } else if let Some(d) = &f.default {
+            if !mine.iter().any(|r| names_value(r, d)) {
+                problems.push(format!("{}: --help prints default {d}, the row does not", f.flag));
+            }
+        }
+    }
+    problems
 }
