@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::{Client, Resource};
+use kube::Client;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -32,7 +31,7 @@ mod watches;
 use apply::apply;
 use inputs::Inputs;
 use status_writer::StatusWriter;
-use watches::{proxy_endpoints, wait_synced, Caches};
+use watches::{wait_synced, Caches};
 
 /// Field manager of every write (server-side apply).
 pub const MANAGER: &str = "tunnelgate-operator";
@@ -289,10 +288,12 @@ async fn reconcile(
 ) -> Result<(), Error> {
     let World { client, settings: s, caches: c, metrics } = *w;
     let mut inputs = Inputs::read(c, s);
-    let changed = state.pods.sync(&c.pods.state());
+    let changed = state.pods.apply(c.pods.take());
     let input = inputs.render_input(s, state.pods.rows(), &state.prior_nodes);
     let (outcomes, rendered) = render::render_with(&input, &mut state.memo, &changed.as_changes());
     metrics.policy_evaluations.inc_by(u64::try_from(state.memo.evaluated()).unwrap_or(u64::MAX));
+    metrics.node_documents_rendered.inc_by(u64::try_from(state.memo.nodes_rendered()).unwrap_or(u64::MAX));
+    metrics.pod_changes.inc_by(u64::try_from(changed.count().unwrap_or(state.pods.rows().len())).unwrap_or(u64::MAX));
     metrics.transparent_pods.set(i64::try_from(state.memo.enrolled()).unwrap_or(i64::MAX));
     let applied: Result<String, Error> = match (inputs.base.is_some(), rendered) {
         (false, _) => Err(Error::BaseMissing(format!("{}/{}", s.namespace, s.base_name()))),
@@ -306,17 +307,14 @@ async fn reconcile(
     // Rollout view: the release's proxy pods and the render each has in force (per node, a proxy
     // that has its own node's latest document is as current as it can be).
     let proxies = state.proxies.as_mut().map(|proxies| {
-        let endpoints = proxy_endpoints(&c.pods.state(), &s.namespace, &s.proxy_instance);
+        let endpoints = state.pods.proxy_endpoints(&s.proxy_instance);
         proxies.sync(&endpoints);
         rollout::per_node_current(proxies.view(&endpoints), state.writer.render(), state.writer.node_docs())
     });
     let proxy_pods = proxies
         .iter()
         .flatten()
-        .filter_map(|(ep, _)| {
-            let pod = c.pods.get(&ObjectRef::new(&ep.pod).within(&s.namespace))?;
-            Some((ep.pod.clone(), pod.object_ref(&())))
-        })
+        .filter_map(|(ep, _)| Some((ep.pod.clone(), state.pods.proxy_ref(&s.namespace, &ep.pod)?)))
         .collect();
     let config_name = s.config_name();
     let view = plan::View {

@@ -29,6 +29,10 @@ pub struct Metrics {
     /// Policies validated and matched against pods again (the rest were reused from the previous
     /// render): per change, about the number of policies the change can affect.
     pub policy_evaluations: IntCounter,
+    /// Node documents built again by a render (the others were reused): per pod change, its node's.
+    pub node_documents_rendered: IntCounter,
+    /// Pod changes the reconciles applied (a change before and after counted as two).
+    pub pod_changes: IntCounter,
     /// Pods intercepted transparently: the eligible pods of the namespaces the base enrols.
     pub transparent_pods: IntGauge,
 }
@@ -73,6 +77,14 @@ impl Metrics {
                 "tunnelgate_operator_policy_evaluations_total",
                 "Policies worked out again by a render (validated and matched against pods)",
             )?,
+            node_documents_rendered: IntCounter::new(
+                "tunnelgate_operator_node_documents_rendered_total",
+                "Per-node documents built again by a render (the others were reused unchanged)",
+            )?,
+            pod_changes: IntCounter::new(
+                "tunnelgate_operator_pod_changes_total",
+                "Pod changes applied by reconciles (each changed pod before and after)",
+            )?,
             transparent_pods: IntGauge::new(
                 "tunnelgate_operator_transparent_pods",
                 "Pods enrolled for transparent interception (in every node's documents together)",
@@ -93,6 +105,8 @@ impl Metrics {
         r.register(Box::new(m.proxies.clone()))?;
         r.register(Box::new(m.policy_evaluations.clone()))?;
         r.register(Box::new(m.transparent_pods.clone()))?;
+        r.register(Box::new(m.node_documents_rendered.clone()))?;
+        r.register(Box::new(m.pod_changes.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tunnelgate_operator_build_info", "Build of this operator; always 1"),
             &["version", "git_sha"],

@@ -198,12 +198,19 @@ pub struct Memo {
     evaluated: usize,
     /// How many addresses the last render enrolled for transparent interception.
     enrolled: usize,
+    /// How many node documents the last render built (the others were reused as they were).
+    nodes_rendered: usize,
 }
 
 impl Memo {
     /// How many policies the last render worked out again (the others were reused).
     pub fn evaluated(&self) -> usize {
         self.evaluated
+    }
+
+    /// How many node documents the last render built again (the others were reused).
+    pub fn nodes_rendered(&self) -> usize {
+        self.nodes_rendered
     }
 
     /// How many addresses the last render enrolled for transparent interception (in every node's
@@ -273,7 +280,8 @@ pub fn render_with(
         Ok(b) => b,
         Err(e) => return (outcomes, Err(e)),
     };
-    let rendered = document::fit(input, doc, rules, optional, &namespace_bytes, &mut outcomes);
+    let rendered =
+        document::fit(input, doc, rules, optional, &namespace_bytes, &mut outcomes, &mut memo.nodes_rendered);
     (outcomes, rendered)
 }
 

@@ -10,20 +10,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, PodSpec, PodStatus, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::pods::{row_of, PodEvent, PodFeed, PodRow};
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
 use crate::lenient::Lenient;
-use crate::render::PodIn;
 
 /// The caches the reconcile reads.
 pub(super) struct Caches {
@@ -37,7 +37,8 @@ pub(super) struct Caches {
     pub(super) api_endpoints: Store<EndpointSlice>,
     /// ServiceCIDRs, when the API server has them (Kubernetes 1.33 and later).
     pub(super) service_cidrs: Option<Store<ServiceCIDR>>,
-    pub(super) pods: Store<Pod>,
+    /// Pods are not stored as objects: each event becomes a row for the reconcile's table.
+    pub(super) pods: PodFeed,
     pub(super) base: Store<ConfigMap>,
     pub(super) secrets: Store<Secret>,
 }
@@ -72,14 +73,8 @@ pub(super) async fn start(
         watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
         keep,
     );
-    let (pods, pod_writer) = reflector::store();
-    // Pod changes carry their namespace, for the churn limit.
-    let pod_changes =
-        reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(slim_pod))
-            .default_backoff()
-            .touched_objects()
-            .map(|r| r.map(|p| p.metadata.namespace.clone()).map_err(|e| e.to_string()))
-            .boxed();
+    let pods = PodFeed::default();
+    let pod_changes = pod_events(Api::<Pod>::all(client.clone()), pods.clone(), ns.to_owned());
     let (base, base_changes) = cache(
         Api::<ConfigMap>::namespaced(client.clone(), ns),
         watcher::Config::default().fields(&format!("metadata.name={base_name}")),
@@ -126,6 +121,47 @@ pub(super) async fn start(
         base,
         secrets,
     }
+}
+
+/// The pod watch's events, converted to rows as they arrive and queued on `feed`; each yields the
+/// pod's namespace (for the churn limit), a completed list `None` (everything changed).
+fn pod_events(
+    api: Api<Pod>,
+    feed: PodFeed,
+    release_ns: String,
+) -> stream::BoxStream<'static, Result<Option<String>, String>> {
+    let mut listing: Vec<PodRow> = Vec::new();
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |e| {
+            let out = match e {
+                Ok(watcher::Event::Init) => {
+                    listing.clear();
+                    None
+                }
+                Ok(watcher::Event::InitApply(p)) => {
+                    listing.push(row_of(&p, &release_ns));
+                    None
+                }
+                Ok(watcher::Event::InitDone) => {
+                    feed.push(PodEvent::Relisted(std::mem::take(&mut listing)));
+                    Some(Ok(None))
+                }
+                Ok(watcher::Event::Apply(p)) => {
+                    let ns = p.metadata.namespace.clone();
+                    feed.push(PodEvent::Applied(Box::new(row_of(&p, &release_ns))));
+                    Some(Ok(ns))
+                }
+                Ok(watcher::Event::Delete(p)) => {
+                    let row = row_of(&p, &release_ns);
+                    feed.push(PodEvent::Deleted(row.key));
+                    Some(Ok(p.metadata.namespace.clone()))
+                }
+                Err(e) => Some(Err(e.to_string())),
+            };
+            std::future::ready(out)
+        })
+        .boxed()
 }
 
 /// A change (`Some(namespace)` for a pod's) wakes the loop; the pods of one namespace at most once
@@ -314,7 +350,7 @@ pub(super) async fn wait_synced(c: &Caches) {
     if let Some(s) = &c.service_cidrs {
         let _ = s.wait_until_ready().await;
     }
-    let _ = c.pods.wait_until_ready().await;
+    c.pods.wait_synced().await;
     let _ = c.base.wait_until_ready().await;
     let _ = c.secrets.wait_until_ready().await;
 }
@@ -345,86 +381,6 @@ pub(super) fn cluster_networks(c: &Caches) -> Vec<String> {
         out.extend(e.endpoints.iter().flatten().flat_map(|ep| ep.addresses.iter().cloned()));
     }
     out
-}
-
-/// Only what rendering (and the rollout view) needs is kept of each pod.
-fn slim_pod(p: &mut Pod) {
-    let m = &mut p.metadata;
-    m.managed_fields = None;
-    m.annotations = None;
-    m.owner_references = None;
-    m.finalizers = None;
-    m.generate_name = None;
-    p.spec = p.spec.take().map(|s| PodSpec {
-        host_network: s.host_network,
-        node_name: s.node_name,
-        containers: Vec::new(),
-        ..Default::default()
-    });
-    p.status = p.status.take().map(|st| PodStatus {
-        phase: st.phase,
-        pod_ip: st.pod_ip,
-        pod_ips: st.pod_ips,
-        ..Default::default()
-    });
-    // Only a running pod is ever a client or a proxy: the labels of the others (Pending by the
-    // thousand in a busy cluster, or terminating) are not kept. The watch sends the whole pod again
-    // when it starts running.
-    let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    if !running || p.metadata.deletion_timestamp.is_some() {
-        p.metadata.labels = None;
-    }
-}
-
-/// The release's running proxy pods with an IP (labelled with `instance`), for the rollout view.
-pub(super) fn proxy_endpoints(pods: &[Arc<Pod>], namespace: &str, instance: &str) -> Vec<super::rollout::Endpoint> {
-    let mut out: Vec<super::rollout::Endpoint> = pods
-        .iter()
-        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace) && p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            let l = p.labels();
-            l.get("app.kubernetes.io/instance").map(String::as_str) == Some(instance)
-                && l.get("app.kubernetes.io/component").map(String::as_str) == Some("proxy")
-        })
-        .filter_map(|p| {
-            let st = p.status.as_ref()?;
-            if st.phase.as_deref() != Some("Running") {
-                return None;
-            }
-            Some(super::rollout::Endpoint {
-                pod: p.metadata.name.clone()?,
-                node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
-                ip: st.pod_ip.as_deref()?.parse().ok()?,
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| a.pod.cmp(&b.pod));
-    out
-}
-
-pub(super) fn pod_in(p: &Pod) -> PodIn {
-    let status = p.status.as_ref();
-    let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
-    let host_network = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
-    let terminating = p.metadata.deletion_timestamp.is_some();
-    let mut ips: Vec<std::net::IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|v| v.iter().filter_map(|i| i.ip.parse().ok()).collect())
-        .unwrap_or_default();
-    if let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|i| i.parse().ok()) {
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
-    }
-    let eligible = running && !host_network && !terminating;
-    PodIn {
-        namespace: p.namespace().unwrap_or_default(),
-        // The renderer matches selectors against clients only: no copy of the others' labels.
-        labels: if eligible { p.labels().clone() } else { Default::default() },
-        ips,
-        eligible,
-        node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
-    }
 }
 
 #[cfg(test)]

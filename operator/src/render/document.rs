@@ -25,7 +25,9 @@ pub(super) fn fit(
     mut optional: Vec<Optional>,
     namespace_bytes: &HashMap<&str, usize>,
     outcomes: &mut [PolicyOutcome],
+    nodes_rendered: &mut usize,
 ) -> Result<Rendered, RenderError> {
+    *nodes_rendered = 0;
     let ns_of = |o: &Optional| outcomes[o.outcome].id.namespace().unwrap_or_default().to_owned();
     optional.sort_by(|a, b| {
         let (na, nb) = (ns_of(a), ns_of(b));
@@ -44,7 +46,7 @@ pub(super) fn fit(
         let live = || rules.iter().zip(&dropped).filter(|(_, d)| !**d).map(|(r, _)| r);
         let attempt = match input.per_node {
             None => document(input, doc.clone(), live().map(|r| r.raw(&r.clients)).collect()),
-            Some(nodes) => per_node(input, doc.clone(), &live().collect::<Vec<_>>(), nodes),
+            Some(nodes) => per_node(input, doc.clone(), &live().collect::<Vec<_>>(), nodes, nodes_rendered),
         };
         let Err(RenderError::TooLarge { bytes }) = attempt else {
             for &i in &left_out {
@@ -85,6 +87,7 @@ pub(super) fn per_node(
     doc: RawConfig,
     rules: &[&Rule],
     nodes: &[String],
+    nodes_rendered: &mut usize,
 ) -> Result<Rendered, RenderError> {
     let (names, by_node) = clients_by_node(input, rules, nodes);
     let shared_digest = shared_digest(input, &doc);
@@ -122,6 +125,7 @@ pub(super) fn per_node(
             r.enrolled = own_enrolled;
         }
         let d = document(input, node_doc, own_rules)?;
+        *nodes_rendered += 1;
         docs.insert((*node).to_owned(), NodeDoc { config: d.config, hash: d.hash, fingerprint });
         shared.get_or_insert((d.tls_data, d.annotations));
     }

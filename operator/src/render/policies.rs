@@ -2,7 +2,7 @@
 //! delegations are grants for the namespaced ones), then TunnelPolicies with their budgets; each
 //! reuses what the memo holds when neither it nor the pods it selects changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kube::core::SelectorExt;
 use proxy_config::origin::PolicyId;
@@ -10,7 +10,7 @@ use proxy_config::origin::PolicyId;
 use super::base::{cluster_networks, parse_net, restricted_cidrs, Grant, GrantScope};
 use super::rules::{clients_of, push_rules, rule_names_fit, text_len, Optional, Rule};
 use super::{
-    Accepted, Input, Memo, PodChanges, PodIn, PolicyOutcome, RenderError, Worked, NAMESPACE_BUDGET_BYTES,
+    Accepted, Cluster, Input, Memo, PodChanges, PodIn, PolicyOutcome, RenderError, Worked, NAMESPACE_BUDGET_BYTES,
     POLICY_BUDGET_BYTES,
 };
 use crate::crd::{ClusterTunnelPolicySpec, TunnelPolicySpec, DEFAULT_PRIORITY};
@@ -21,8 +21,10 @@ pub(super) struct Pass<'r, 'i> {
     input: &'r Input<'i>,
     /// Changed pods' labels by namespace (`None`: every policy is worked out again).
     changed: Option<HashMap<&'r str, Vec<&'r BTreeMap<String, String>>>>,
-    /// Whether the namespaces' labels are those the memo's cluster policies were worked out with.
-    namespaces_same: bool,
+    /// The namespaces whose labels changed since the memo's cluster policies were worked out, with
+    /// their labels before and after (`kubernetes.io/metadata.name` included): a cluster policy is
+    /// worked out again only when its namespace selector's answer for one of them changed.
+    relabelled: Vec<(BTreeMap<String, String>, BTreeMap<String, String>)>,
     prior_cluster: HashMap<String, Worked<ClusterTunnelPolicySpec, (ValidPolicy, kube::core::Selector)>>,
     prior_namespaced: HashMap<(String, String), Worked<TunnelPolicySpec, ValidPolicy>>,
     /// Pods by namespace: a namespaced policy looks at its own namespace's pods only (at 10,000
@@ -49,11 +51,20 @@ impl<'r, 'i> Pass<'r, 'i> {
         memo: &mut Memo,
         base: &Result<(proxy_config::raw::RawConfig, Vec<Grant>), RenderError>,
     ) -> Pass<'r, 'i> {
-        // Cluster policies look at namespaces' labels: any change of those works them all out again.
-        let namespaces_same = memo.namespaces == input.cluster.namespaces;
-        if !namespaces_same {
+        // Cluster policies look at namespaces' labels: only the namespaces whose labels changed.
+        let relabelled = if memo.namespaces == input.cluster.namespaces {
+            Vec::new()
+        } else {
+            let old = Cluster { namespaces: std::mem::take(&mut memo.namespaces), ..Cluster::default() };
+            let names: BTreeSet<&String> = old.namespaces.keys().chain(input.cluster.namespaces.keys()).collect();
+            let out = names
+                .into_iter()
+                .filter(|n| old.namespaces.get(*n) != input.cluster.namespaces.get(*n))
+                .map(|n| (old.labels_of(n), input.cluster.labels_of(n)))
+                .collect();
             memo.namespaces = input.cluster.namespaces.clone();
-        }
+            out
+        };
         memo.evaluated = 0;
         let mut by_namespace: HashMap<&'i str, Vec<&'i PodIn>> = HashMap::new();
         for pod in input.pods {
@@ -62,7 +73,7 @@ impl<'r, 'i> Pass<'r, 'i> {
         Pass {
             input,
             changed: changes.by_namespace(),
-            namespaces_same,
+            relabelled,
             prior_cluster: std::mem::take(&mut memo.cluster),
             prior_namespaced: std::mem::take(&mut memo.namespaced),
             by_namespace,
@@ -99,7 +110,10 @@ impl<'r, 'i> Pass<'r, 'i> {
                                 && pods.iter().any(|labels| v.selector.matches(labels))
                         })
                     });
-                self.namespaces_same && w.spec == *cp.spec && !affected
+                let rescoped = w.valid.as_ref().is_ok_and(|(_, namespaces)| {
+                    self.relabelled.iter().any(|(old, new)| namespaces.matches(old) != namespaces.matches(new))
+                });
+                w.spec == *cp.spec && !affected && !rescoped
             };
             let worked = match self.prior_cluster.remove(cp.name).filter(reusable) {
                 Some(w) => w,

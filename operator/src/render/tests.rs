@@ -756,9 +756,11 @@ fn incremental_render_equals_a_full_render_and_works_out_only_affected_policies(
     let tls = BTreeMap::new();
     let mut memo = Memo::default();
     let mut changed_total = 0;
+    let mut relabels = 0;
     for step in 0..120 {
         let before: Vec<(String, PodIn)> = pods.clone();
         let mut pod_step = true;
+        let mut relabel = None;
         match next(7) {
             0 => {
                 let i = next(pods.len());
@@ -785,7 +787,10 @@ fn incremental_render_equals_a_full_render_and_works_out_only_affected_policies(
                 pod_step = false;
                 let n = namespaces[next(3)];
                 let tier = if next(2) == 0 { "a" } else { "b" };
+                let flipped = ns_labels[n]["tier"] != tier;
                 ns_labels.insert(n.to_owned(), BTreeMap::from([("tier".to_owned(), tier.to_owned())]));
+                // Both cluster policies select tier a: a flip rescopes both, anything else neither.
+                relabel = Some(if flipped { 2 } else { 0 });
             }
         }
         // The changed pods, before and after, as the controller's pod table reports them.
@@ -840,8 +845,17 @@ fn incremental_render_equals_a_full_render_and_works_out_only_affected_policies(
             assert_eq!(memo.evaluated(), namespaced + usize::from(guard), "step {step}: {changes:?}");
             changed_total += 1;
         }
+        if let (true, Some(expected)) = (step > 0, relabel) {
+            assert_eq!(
+                memo.evaluated(),
+                expected,
+                "step {step}: a namespace relabel works out only the cluster policies it rescopes"
+            );
+            relabels += 1;
+        }
     }
     assert!(changed_total > 40, "the walk changed pods {changed_total} times");
+    assert!(relabels > 10, "the walk relabelled namespaces {relabels} times");
 }
 
 #[test]
@@ -1190,4 +1204,71 @@ fn a_cluster_policy_routes_its_traffic_through_a_parent_the_base_defines() {
     };
     let errs = crate::validate::validate_cluster(&deny).unwrap_err();
     assert_eq!(errs[0].path, "spec.route");
+}
+
+/// The work of a render follows the change, not the cluster: a pod relabelled from one policy's
+/// selector into another's works out those two policies and rebuilds its node's document only,
+/// the same with 40 policies as with 400 (and 400 pods as 4,000).
+#[test]
+fn work_per_pod_change_is_two_policies_and_one_node_document_at_any_size() {
+    let tls = BTreeMap::new();
+    let mut counts = Vec::new();
+    for scale in [1usize, 10] {
+        let policies = 40 * scale;
+        let nodes: Vec<String> = (0..20 * scale).map(|n| format!("node-{n}")).collect();
+        let specs: Vec<(String, String, TunnelPolicySpec)> = (0..policies)
+            .map(|j| {
+                (
+                    format!("ns-{}", j % 4),
+                    format!("p-{j}"),
+                    spec(PolicyAction::Allow, &format!("app-{j}"), &[&format!("h{j}.test")]),
+                )
+            })
+            .collect();
+        // Ten pods per policy, spread over the nodes.
+        let mut pods: Vec<PodIn> = (0..policies * 10)
+            .map(|i| {
+                let j = i / 10;
+                let ip = format!("10.{}.{}.{}", i / 62_500, (i / 250) % 250, i % 250 + 1);
+                PodIn {
+                    node: nodes[i % nodes.len()].clone(),
+                    ..pod(&format!("ns-{}", j % 4), &format!("app-{j}"), &ip)
+                }
+            })
+            .collect();
+        let mut memo = Memo::default();
+        let mut prior = BTreeMap::new();
+        let mut step = |pods: &[PodIn], changes: &PodChanges<'_>, memo: &mut Memo| {
+            let input = Input {
+                base: BASE,
+                policies: specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect(),
+                pods,
+                tls: &tls,
+                tls_dir: "/t",
+                htpasswd: None,
+                parent_files: &NO_PARENTS,
+                cluster: Default::default(),
+                per_node: Some(&nodes),
+                prior_nodes: Some(&prior),
+            };
+            let (_, r) = render_with(&input, memo, changes);
+            prior = r.unwrap().nodes;
+        };
+        step(&pods, &PodChanges::All, &mut memo);
+        assert_eq!((memo.evaluated(), memo.nodes_rendered()), (policies, nodes.len()), "the first render: everything");
+        // Pod 0 (policy 0's, in ns-0) relabelled into policy 4's selector (also ns-0).
+        let before = pods[0].clone();
+        pods[0].labels.insert("app".into(), "app-4".into());
+        let after = pods[0].clone();
+        step(
+            &pods,
+            &PodChanges::Pods(vec![(&before.namespace, &before.labels), (&after.namespace, &after.labels)]),
+            &mut memo,
+        );
+        counts.push((memo.evaluated(), memo.nodes_rendered()));
+        // Nothing changed: nothing worked out, nothing built.
+        step(&pods, &PodChanges::Pods(Vec::new()), &mut memo);
+        assert_eq!((memo.evaluated(), memo.nodes_rendered()), (0, 0));
+    }
+    assert_eq!(counts, [(2, 1), (2, 1)], "two policies and one node document, at either size");
 }
