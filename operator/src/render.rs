@@ -138,7 +138,7 @@ pub struct Accepted {
 }
 
 /// A rendered document.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rendered {
     pub config: String,
     /// Hex SHA-256 of `config` and of the TLS data: equal means nothing to write.
@@ -147,9 +147,11 @@ pub struct Rendered {
     pub tls_data: BTreeMap<String, String>,
     /// Public facts about the certificates, for the ConfigMap's annotations.
     pub annotations: BTreeMap<String, String>,
-    /// With `Input::per_node`: each node's document (rules listing only its pods). `config` is
-    /// then empty when the whole document would not fit a ConfigMap.
+    /// With `Input::per_node`: each node's document (rules listing only its pods).
     pub nodes: BTreeMap<String, NodeDoc>,
+    /// When the whole document would not fit a ConfigMap: it in shards (`config` is then empty),
+    /// each a valid document; proxies that read the whole document merge them.
+    pub shards: Vec<String>,
 }
 
 /// One node's document.
@@ -178,7 +180,7 @@ pub enum RenderError {
     #[error("the rendered configuration is refused by the proxy's parser:\n{0}")]
     Invalid(ConfigErrors),
     #[error(
-        "the rendered configuration is {bytes} bytes, over the {MAX_CONFIG_BYTES}-byte limit of a ConfigMap (roughly 30,000 selected pods); the configuration in force stays (narrow the broadest podSelectors)"
+        "the rendered configuration is {bytes} bytes, more than a ConfigMap holds ({MAX_CONFIG_BYTES} bytes for a node's document; 64 of them for the whole-cluster document in shards); the configuration in force stays (narrow the broadest podSelectors)"
     )]
     TooLarge { bytes: usize },
 }
@@ -198,8 +200,8 @@ pub struct Memo {
     evaluated: usize,
     /// How many addresses the last render enrolled for transparent interception.
     enrolled: usize,
-    /// How many node documents the last render built (the others were reused as they were).
-    nodes_rendered: usize,
+    /// What the last render built again, and its shards of the whole document.
+    built: document::Built,
 }
 
 impl Memo {
@@ -210,7 +212,12 @@ impl Memo {
 
     /// How many node documents the last render built again (the others were reused).
     pub fn nodes_rendered(&self) -> usize {
-        self.nodes_rendered
+        self.built.nodes
+    }
+
+    /// How many shards of the whole document the last render built again (the others were reused).
+    pub fn shards_rendered(&self) -> usize {
+        self.built.shards
     }
 
     /// How many addresses the last render enrolled for transparent interception (in every node's
@@ -280,8 +287,7 @@ pub fn render_with(
         Ok(b) => b,
         Err(e) => return (outcomes, Err(e)),
     };
-    let rendered =
-        document::fit(input, doc, rules, optional, &namespace_bytes, &mut outcomes, &mut memo.nodes_rendered);
+    let rendered = document::fit(input, doc, rules, optional, &namespace_bytes, &mut outcomes, &mut memo.built);
     (outcomes, rendered)
 }
 

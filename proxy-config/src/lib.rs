@@ -15,6 +15,8 @@
 //! - [`host`]: the strict `host:port` grammar and name normalization.
 //! - [`addr`]: classification of non-public addresses, unwrapping IPv6 forms that embed IPv4.
 //! - [`tls`]: a listener's certificates (files by SNI, or ACME), protocol floor, ALPN, mTLS.
+//! - [`status`], [`shards`]: what the operator and the proxy tell each other besides the
+//!   configuration, and the whole-cluster document in shards.
 //! - [`error`]: errors that name the path of the bad value.
 //! - [`warnings`]: what a valid configuration says that does not do what it reads like.
 #![forbid(unsafe_code)]
@@ -28,6 +30,7 @@ pub mod origin;
 pub mod parents;
 pub mod policy;
 pub mod raw;
+pub mod shards;
 pub mod status;
 mod structure;
 pub mod tls;

@@ -1,9 +1,11 @@
 //! The Kubernetes configuration source: a watch on one ConfigMap (`--config-map NS/NAME`, key
 //! `config.yaml`) through the API, so a policy change is enforced in well under a second; with
 //! `--node-name`, also on the operator's per-node document, which wins while it exists. It only
-//! delivers documents; the reload pipeline validates and applies them. Losing the API keeps the
+//! delivers documents; the reload pipeline validates and applies them. A whole-cluster document
+//! past one ConfigMap comes as shards and an index; it is delivered once they merge. Losing the API keeps the
 //! last good configuration; the watch reconnects with backoff. A deleted ConfigMap changes nothing.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use crate::sync::lock;
@@ -11,6 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
+use proxy_config::shards::{assemble, parse_index, ShardIndex, INDEX_KEY};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -36,9 +39,24 @@ pub fn parse_ref(s: &str) -> Result<(String, String), SourceError> {
     }
 }
 
+/// The latest documents, and the whole document's shards while it comes in shards.
+#[derive(Default)]
+struct Docs {
+    /// [whole document, this node's document]: the node's wins while it exists.
+    slots: [Option<String>; 2],
+    /// The shard index the whole document's ConfigMap holds instead of a document.
+    index: Option<ShardIndex>,
+    /// The shards' documents by ConfigMap name.
+    shards: BTreeMap<String, String>,
+    /// The shards watched (each by name, as an index first names it).
+    watched: BTreeSet<String>,
+}
+
 /// Starts watching; the receiver yields the latest `config.yaml` text (None until the first).
 /// With `node`, the operator's document for that node (`NAME-node-NODE`, written when the operator
-/// renders per node) is preferred, and `NAME` serves while there is none.
+/// renders per node) is preferred, and `NAME` serves while there is none. When `NAME` holds a
+/// shard index instead of a document (a whole-cluster document past one ConfigMap), the shards
+/// are watched too and their merge serves as the whole document, once each matches the index.
 pub async fn spawn(
     namespace: String,
     name: String,
@@ -47,57 +65,70 @@ pub async fn spawn(
     let client = Client::try_default().await.map_err(SourceError::Client)?;
     let api = Api::<ConfigMap>::namespaced(client, &namespace);
     let (tx, rx) = watch::channel(None);
-    // [whole document, this node's document]: the node's wins while it exists.
-    let docs: Arc<Mutex<[Option<String>; 2]>> = Arc::default();
+    let docs: Arc<Mutex<Docs>> = Arc::default();
     let names = [Some(name.clone()), node.map(|n| proxy_config::status::node_document_name(&name, &n))];
     for (slot, cm_name) in names.into_iter().enumerate() {
         let Some(cm_name) = cm_name else { continue };
-        let (api, tx, docs, namespace) = (api.clone(), tx.clone(), docs.clone(), namespace.clone());
+        let source = Source {
+            api: api.clone(),
+            tx: tx.clone(),
+            docs: docs.clone(),
+            namespace: namespace.clone(),
+            whole: name.clone(),
+        };
         tokio::spawn(async move {
             let cfg = watcher::Config::default().fields(&format!("metadata.name={cm_name}"));
-            let mut events = watcher(api, cfg).default_backoff().boxed();
+            let mut events = watcher(source.api.clone(), cfg).default_backoff().boxed();
             let whole = slot == 0;
+            let at = format!("{}/{cm_name}", source.namespace);
             while let Some(ev) = events.next().await {
-                let update = match ev {
+                match ev {
                     Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
-                        match cm.data.as_ref().and_then(|d| d.get(KEY)) {
-                            Some(text) => Some(Some(text.clone())),
-                            None => {
-                                warn!(configmap = %format!("{namespace}/{cm_name}"), key = KEY, "ConfigMap has no config key; keeping the configuration in force");
-                                None
+                        let data = cm.data.unwrap_or_default();
+                        match (data.get(KEY), data.get(INDEX_KEY)) {
+                            (Some(text), _) => source.update(|d| {
+                                if whole {
+                                    d.index = None;
+                                }
+                                d.slots[slot] = Some(text.clone());
+                            }),
+                            (None, Some(index)) if whole => match parse_index(index) {
+                                Ok(index) => {
+                                    let new = source.update(|d| {
+                                        let new: Vec<String> = index
+                                            .shards
+                                            .iter()
+                                            .filter(|s| d.watched.insert(s.name.clone()))
+                                            .map(|s| s.name.clone())
+                                            .collect();
+                                        d.index = Some(index);
+                                        new
+                                    });
+                                    for shard in new {
+                                        tokio::spawn(source.clone().watch_shard(shard));
+                                    }
+                                }
+                                Err(e) => {
+                                    warn!(configmap = %at, error = %e, "invalid shard index; keeping the configuration in force");
+                                }
+                            },
+                            _ => {
+                                warn!(configmap = %at, key = KEY, "ConfigMap has no config key; keeping the configuration in force");
                             }
                         }
                     }
                     // The whole document deleted: keep what is in force. A node's document
                     // deleted (the operator renders one document again): the whole one serves.
                     Ok(watcher::Event::Delete(_)) if whole => {
-                        warn!(configmap = %format!("{namespace}/{cm_name}"), "ConfigMap deleted; keeping the configuration in force");
-                        None
+                        warn!(configmap = %at, "ConfigMap deleted; keeping the configuration in force");
                     }
-                    Ok(watcher::Event::Delete(_)) => Some(None),
-                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                    Ok(watcher::Event::Delete(_)) => source.update(|d| d.slots[slot] = None),
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
                     Err(e) => {
                         warn!(error = %e, "ConfigMap watch failed; retrying with backoff");
-                        None
-                    }
-                };
-                if let Some(doc) = update {
-                    let chosen = {
-                        let mut d = lock(&docs);
-                        d[slot] = doc;
-                        d[1].clone().or_else(|| d[0].clone())
-                    };
-                    if let Some(text) = chosen {
-                        tx.send_if_modified(|cur| {
-                            let changed = cur.as_deref() != Some(text.as_str());
-                            if changed {
-                                *cur = Some(text);
-                            }
-                            changed
-                        });
                     }
                 }
-                if tx.is_closed() {
+                if source.tx.is_closed() {
                     return;
                 }
             }
@@ -105,4 +136,71 @@ pub async fn spawn(
         });
     }
     Ok(rx)
+}
+
+/// What each watch task shares.
+#[derive(Clone)]
+struct Source {
+    api: Api<ConfigMap>,
+    tx: watch::Sender<Option<String>>,
+    docs: Arc<Mutex<Docs>>,
+    namespace: String,
+    /// The whole document's ConfigMap name.
+    whole: String,
+}
+
+impl Source {
+    /// Changes the documents with `f`, then publishes the one that serves: the node's, else the
+    /// whole one (merged from its shards when it comes in shards and they are all there).
+    fn update<R>(&self, f: impl FnOnce(&mut Docs) -> R) -> R {
+        let (out, chosen) = {
+            let mut d = lock(&self.docs);
+            let out = f(&mut d);
+            if let Some(index) = d.index.clone() {
+                match assemble(&index, &d.shards) {
+                    Ok(Some(text)) => d.slots[0] = Some(text),
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(configmap = %format!("{}/{}", self.namespace, self.whole), error = %e, "shards do not merge; keeping the configuration in force");
+                    }
+                }
+            }
+            (out, d.slots[1].clone().or_else(|| d.slots[0].clone()))
+        };
+        if let Some(text) = chosen {
+            self.tx.send_if_modified(|cur| {
+                let changed = cur.as_deref() != Some(text.as_str());
+                if changed {
+                    *cur = Some(text);
+                }
+                changed
+            });
+        }
+        out
+    }
+
+    /// Watches one shard of the whole document, by name (the proxies' Role names each shard the
+    /// operator may write), for as long as the proxy runs.
+    async fn watch_shard(self, shard: String) {
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={shard}"));
+        let mut events = watcher(self.api.clone(), cfg).default_backoff().boxed();
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                    match cm.data.and_then(|mut d| d.remove(KEY)) {
+                        Some(text) => self.update(|d| d.shards.insert(shard.clone(), text)),
+                        None => self.update(|d| d.shards.remove(&shard)),
+                    };
+                }
+                Ok(watcher::Event::Delete(_)) => {
+                    self.update(|d| d.shards.remove(&shard));
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+                Err(e) => warn!(error = %e, "shard ConfigMap watch failed; retrying with backoff"),
+            }
+            if self.tx.is_closed() {
+                return;
+            }
+        }
+    }
 }

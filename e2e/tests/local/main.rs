@@ -14,5 +14,6 @@ mod parents;
 mod resilience;
 mod rollout;
 mod secrets;
+mod shards;
 mod tenancy;
 mod transparent;

@@ -27,6 +27,9 @@ pub(super) struct Writer {
     /// When `node_docs` was last read from the API (`None`: not since the start, a change of
     /// leader or a failed write).
     node_docs_read: Option<tokio::time::Instant>,
+    /// The whole document's shards in force, by index: each one's SHA-256 (`None`: not read since
+    /// the start, a change of leader or a failed write).
+    shards: Option<Vec<String>>,
 }
 
 impl Writer {
@@ -34,6 +37,7 @@ impl Writer {
     pub(super) fn forget(&mut self) {
         self.last_hash = None;
         self.node_docs_read = None;
+        self.shards = None;
     }
 
     /// The latest render number written or found in force.
@@ -66,12 +70,20 @@ pub(super) async fn apply(
         match cms.get_opt(&s.config_name()).await {
             Ok(Some(cm)) => {
                 w.last_hash = cm.annotations().get(HASH_ANNOTATION).cloned();
+                // The shards in force are those its index names (none without one).
+                let index = cm.data.as_ref().and_then(|d| d.get(proxy_config::shards::INDEX_KEY));
+                w.shards = Some(
+                    index
+                        .and_then(|i| proxy_config::shards::parse_index(i).ok())
+                        .map(|i| i.shards.into_iter().map(|s| s.sha256).collect())
+                        .unwrap_or_default(),
+                );
                 // Render numbers continue across restarts and leaders: they only grow.
                 let written = cm.annotations().get(RENDER_ANNOTATION).and_then(|n| n.parse().ok()).unwrap_or(0);
                 w.render = w.render.max(written);
                 metrics.render.set(i64::try_from(w.render).unwrap_or(i64::MAX));
             }
-            Ok(None) => {}
+            Ok(None) => w.shards = Some(Vec::new()),
             Err(e) => return Err(Error::Apply(format!("ConfigMap {}", s.config_name()), e)),
         }
     }
@@ -103,8 +115,13 @@ pub(super) async fn apply(
         w.node_docs_read = None;
     }
     nodes?;
-    if r.config.is_empty() {
-        // Per node only: the whole document would not fit a ConfigMap (gateways need it whole).
+    let shards = apply_shards(client, s, metrics, w, &r.shards).await;
+    if shards.is_err() {
+        w.shards = None;
+    }
+    let index = shards?;
+    if r.config.is_empty() && index.is_none() {
+        // Per node only: the whole document would not fit even in shards.
         w.last_hash = Some(r.hash.clone());
         w.render = render;
         metrics.render.set(i64::try_from(render).unwrap_or(i64::MAX));
@@ -113,21 +130,33 @@ pub(super) async fn apply(
     let mut annotations = r.annotations.clone();
     annotations.insert(HASH_ANNOTATION.into(), r.hash.clone());
     annotations.insert(RENDER_ANNOTATION.into(), render.to_string());
-    // The proxies report the render number they have in force (`/config`): the first line says it.
-    let text = proxy_config::status::stamp_render(render, &r.config);
+    // The proxies report the render number they have in force (`/config`): the first line of the
+    // document says it, or the index of its shards (written after them: a proxy merges the shards
+    // once each matches the index).
+    let data = match index {
+        Some(shards) => {
+            let index = proxy_config::shards::ShardIndex { render, shards };
+            json!({ proxy_config::shards::INDEX_KEY: serde_json::to_string(&index).unwrap_or_default() })
+        }
+        None => json!({ proxy_config::status::CONFIG_KEY: proxy_config::status::stamp_render(render, &r.config) }),
+    };
     let cm = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": { "name": s.config_name(), "namespace": s.namespace, "labels": labels, "annotations": annotations },
-        "data": { proxy_config::status::CONFIG_KEY: text },
+        "data": data,
     });
     match cms.patch(&s.config_name(), &pp, &Patch::Apply(&cm)).await {
         Ok(_) => {
             metrics.config_writes.with_label_values(&["applied"]).inc();
-            info!(configmap = %s.config_name(), sha256 = %r.hash, render, "proxy configuration applied");
+            info!(configmap = %s.config_name(), sha256 = %r.hash, render, shards = r.shards.len(), "proxy configuration applied");
             w.last_hash = Some(r.hash.clone());
             w.render = render;
             metrics.render.set(i64::try_from(render).unwrap_or(i64::MAX));
-            Ok(())
+            let removed = remove_extra_shards(client, s, w, r.shards.len()).await;
+            if removed.is_err() {
+                w.shards = None;
+            }
+            removed
         }
         Err(e) => {
             metrics.config_writes.with_label_values(&["failed"]).inc();
@@ -204,6 +233,93 @@ async fn apply_nodes(
             Err(e) => return Err(Error::Apply(format!("ConfigMap {name}"), e)),
         }
         w.node_docs.remove(&node);
+    }
+    Ok(())
+}
+
+/// Writes the whole document's shards that changed and deletes those past their number (all of
+/// them when the document fits one ConfigMap again); returns the index to write, if sharded.
+async fn apply_shards(
+    client: &Client,
+    s: &Settings,
+    metrics: &Metrics,
+    w: &mut Writer,
+    shards: &[String],
+) -> Result<Option<Vec<proxy_config::shards::ShardRef>>, Error> {
+    use proxy_config::shards::{digest, shard_document_name, ShardRef, SHARD_LABEL};
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &s.namespace);
+    let whole = s.config_name();
+    // Unknown after a failed write: listed (the index in force may not name them all).
+    if w.shards.is_none() {
+        let existing = cms
+            .list(&kube::api::ListParams::default().labels(&format!("{SHARD_LABEL}={whole}")))
+            .await
+            .map_err(|e| Error::Apply(format!("ConfigMaps {SHARD_LABEL}={whole}"), e))?;
+        let mut in_force: Vec<String> = Vec::new();
+        for cm in &existing.items {
+            let Some(k) = cm.name_any().rsplit_once("-shard-").and_then(|(_, k)| k.parse::<usize>().ok()) else {
+                continue;
+            };
+            if in_force.len() <= k {
+                in_force.resize(k + 1, String::new());
+            }
+            // A shard that is not ours as written is rewritten.
+            in_force[k] = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get(proxy_config::status::CONFIG_KEY))
+                .map(|t| digest(t))
+                .unwrap_or_default();
+        }
+        w.shards = Some(in_force);
+    }
+    let in_force = w.shards.get_or_insert_with(Vec::new);
+    let pp = PatchParams::apply(MANAGER).force();
+    let mut index = Vec::with_capacity(shards.len());
+    for (k, text) in shards.iter().enumerate() {
+        let name = shard_document_name(&whole, k);
+        let sha = digest(text);
+        if in_force.get(k) != Some(&sha) {
+            let cm = json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {
+                    "name": name, "namespace": s.namespace,
+                    "labels": { "app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/part-of": "tunnelgate",
+                                SHARD_LABEL: whole },
+                },
+                "data": { proxy_config::status::CONFIG_KEY: text },
+            });
+            if let Err(e) = cms.patch(&name, &pp, &Patch::Apply(&cm)).await {
+                metrics.config_writes.with_label_values(&["failed"]).inc();
+                return Err(Error::Apply(format!("ConfigMap {name}"), e));
+            }
+            metrics.config_writes.with_label_values(&["applied"]).inc();
+            if in_force.len() <= k {
+                in_force.resize(k + 1, String::new());
+            }
+            in_force[k].clone_from(&sha);
+        }
+        index.push(ShardRef { name, sha256: sha });
+    }
+    Ok((!shards.is_empty()).then_some(index))
+}
+
+/// Deletes the shards past the number the index in force names (all of them when the document
+/// fits one ConfigMap again): after the index, so that no proxy misses a shard it still needs.
+async fn remove_extra_shards(client: &Client, s: &Settings, w: &mut Writer, keep: usize) -> Result<(), Error> {
+    use proxy_config::shards::shard_document_name;
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &s.namespace);
+    let whole = s.config_name();
+    let Some(in_force) = w.shards.as_mut() else { return Ok(()) };
+    while in_force.len() > keep {
+        let k = in_force.len() - 1;
+        let name = shard_document_name(&whole, k);
+        match cms.delete(&name, &kube::api::DeleteParams::default()).await {
+            Ok(_) => info!(configmap = %name, "shard removed"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(Error::Apply(format!("ConfigMap {name}"), e)),
+        }
+        in_force.pop();
     }
     Ok(())
 }

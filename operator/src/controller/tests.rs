@@ -42,6 +42,7 @@ fn rendered(tls: bool) -> render::Rendered {
         tls_data,
         annotations: BTreeMap::new(),
         nodes: BTreeMap::new(),
+        shards: Vec::new(),
     }
 }
 
@@ -150,4 +151,40 @@ async fn settle_is_a_quiet_period_with_a_maximum_wait() {
     churn.abort();
     stop.cancel();
     assert!(!settle(&wake, quiet, max, &stop).await, "shutdown ends the wait");
+}
+
+/// A whole document in shards: each shard is written before the index that names it, unchanged
+/// shards are not written again, and shards past the new count are deleted after the index.
+#[tokio::test]
+async fn shards_are_written_before_their_index_and_extra_ones_removed_after_it() {
+    let list = json!({"apiVersion": "v1", "kind": "ConfigMapList", "metadata": {}, "items": []});
+    let shard = |n: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": n, "namespace": "tg"}});
+    let (client, calls) = scenario(vec![
+        (Method::GET, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", not_found()),
+        (Method::GET, "/api/v1/namespaces/tg/configmaps", list.clone()),
+        (Method::PATCH, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy-shard-0", shard("tunnelgate-proxy-shard-0")),
+        (Method::PATCH, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy-shard-1", shard("tunnelgate-proxy-shard-1")),
+        (Method::PATCH, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", cm("h1")),
+        // The next render: shard 0 unchanged, shard 1 gone.
+        (Method::PATCH, "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy", cm("h2")),
+        (
+            Method::DELETE,
+            "/api/v1/namespaces/tg/configmaps/tunnelgate-proxy-shard-1",
+            shard("tunnelgate-proxy-shard-1"),
+        ),
+    ])
+    .await;
+    let metrics = Metrics::register(&Registry::new()).unwrap();
+    let mut state = apply::Writer::default();
+    let sharded = |hash: &str, shards: &[&str]| render::Rendered {
+        config: String::new(),
+        hash: hash.into(),
+        shards: shards.iter().map(|s| (*s).to_owned()).collect(),
+        ..rendered(false)
+    };
+    apply(&client, &settings(), &metrics, &mut state, &sharded("h1", &["version: 1\n# a\n", "version: 1\n# b\n"]))
+        .await
+        .unwrap();
+    apply(&client, &settings(), &metrics, &mut state, &sharded("h2", &["version: 1\n# a\n"])).await.unwrap();
+    assert_eq!(calls.await.unwrap().len(), 7);
 }

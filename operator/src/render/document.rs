@@ -25,9 +25,10 @@ pub(super) fn fit(
     mut optional: Vec<Optional>,
     namespace_bytes: &HashMap<&str, usize>,
     outcomes: &mut [PolicyOutcome],
-    nodes_rendered: &mut usize,
+    built: &mut Built,
 ) -> Result<Rendered, RenderError> {
-    *nodes_rendered = 0;
+    built.nodes = 0;
+    built.shards = 0;
     let ns_of = |o: &Optional| outcomes[o.outcome].id.namespace().unwrap_or_default().to_owned();
     optional.sort_by(|a, b| {
         let (na, nb) = (ns_of(a), ns_of(b));
@@ -45,8 +46,8 @@ pub(super) fn fit(
     loop {
         let live = || rules.iter().zip(&dropped).filter(|(_, d)| !**d).map(|(r, _)| r);
         let attempt = match input.per_node {
-            None => document(input, doc.clone(), live().map(|r| r.raw(&r.clients)).collect()),
-            Some(nodes) => per_node(input, doc.clone(), &live().collect::<Vec<_>>(), nodes, nodes_rendered),
+            None => whole(input, doc.clone(), &live().collect::<Vec<_>>(), built),
+            Some(nodes) => per_node(input, doc.clone(), &live().collect::<Vec<_>>(), nodes, built),
         };
         let Err(RenderError::TooLarge { bytes }) = attempt else {
             for &i in &left_out {
@@ -87,7 +88,7 @@ pub(super) fn per_node(
     doc: RawConfig,
     rules: &[&Rule],
     nodes: &[String],
-    nodes_rendered: &mut usize,
+    built: &mut Built,
 ) -> Result<Rendered, RenderError> {
     let (names, by_node) = clients_by_node(input, rules, nodes);
     let shared_digest = shared_digest(input, &doc);
@@ -125,7 +126,7 @@ pub(super) fn per_node(
             r.enrolled = own_enrolled;
         }
         let d = document(input, node_doc, own_rules)?;
-        *nodes_rendered += 1;
+        built.nodes += 1;
         docs.insert((*node).to_owned(), NodeDoc { config: d.config, hash: d.hash, fingerprint });
         shared.get_or_insert((d.tls_data, d.annotations));
     }
@@ -135,20 +136,12 @@ pub(super) fn per_node(
         let d = document(input, doc.clone(), Vec::new())?;
         shared = Some((d.tls_data, d.annotations));
     }
-    // Each client takes at least its text and `    - \n` in the document: past the limit by that
-    // count alone, the whole document is not built (at 100,000 pods it is megabytes of YAML).
-    let floor: usize = rules.iter().flat_map(|r| r.clients.iter()).map(|ip| text_len(ip) + 7).sum();
-    let whole = if floor > MAX_CONFIG_BYTES {
-        Err(RenderError::TooLarge { bytes: floor })
-    } else {
-        document(input, doc, rules.iter().map(|r| r.raw(&r.clients)).collect())
-    };
-    let mut whole = match whole {
+    let mut whole = match whole(input, doc, rules, built) {
         Ok(w) => w,
-        // Too large for one ConfigMap is what per-node rendering is for; gateways need it whole.
         Err(RenderError::TooLarge { bytes }) => {
+            // Not even in shards (more than the shard limit): node documents only.
             let Some((tls_data, annotations)) = shared else { return Err(RenderError::TooLarge { bytes }) };
-            Rendered { config: String::new(), hash: String::new(), tls_data, annotations, nodes: BTreeMap::new() }
+            Rendered { config: String::new(), hash: String::new(), tls_data, annotations, ..Rendered::default() }
         }
         Err(e) => return Err(e),
     };
@@ -336,5 +329,162 @@ pub(super) fn document(input: &Input<'_>, mut doc: RawConfig, rules: Vec<RawRule
         h.update(v.as_bytes());
         h.update([0]);
     }
-    Ok(Rendered { config, hash: hex::encode(h.finalize()), tls_data, annotations, nodes: BTreeMap::new() })
+    Ok(Rendered {
+        config,
+        hash: hex::encode(h.finalize()),
+        tls_data,
+        annotations,
+        nodes: BTreeMap::new(),
+        shards: Vec::new(),
+    })
+}
+
+/// What a render built again, and the shards it can reuse: kept in the memo between renders.
+#[derive(Debug, Default)]
+pub(super) struct Built {
+    /// Node documents built by the last render (the others were reused).
+    pub(super) nodes: usize,
+    /// Shards built by the last render.
+    pub(super) shards: usize,
+    /// The last render's shards, reused where their inputs did not change.
+    prior_shards: Vec<NodeDoc>,
+}
+
+/// The whole-cluster document: one document when it fits a ConfigMap, else in shards (each a
+/// valid document holding whole rules, a very large rule's clients split among them), which
+/// gateway proxies merge.
+fn whole(input: &Input<'_>, doc: RawConfig, rules: &[&Rule], built: &mut Built) -> Result<Rendered, RenderError> {
+    // Each client takes at least its text and `    - \n` in the document: past the limit by that
+    // count alone, the one document is not built (at 100,000 pods it is megabytes of YAML).
+    let floor: usize = rules.iter().flat_map(|r| r.clients.iter()).map(|ip| text_len(ip) + 7).sum();
+    if floor <= MAX_CONFIG_BYTES {
+        match document(input, doc.clone(), rules.iter().map(|r| r.raw(&r.clients)).collect()) {
+            Err(RenderError::TooLarge { .. }) => {}
+            other => {
+                built.prior_shards.clear();
+                return other;
+            }
+        }
+    }
+    sharded(input, doc, rules, built)
+}
+
+/// A piece of the whole view: a rule with some (or all) of its clients, and its size estimate.
+struct Piece {
+    rule: usize,
+    clients: Vec<IpAddr>,
+    /// Which chunk of its rule (0 for a rule kept whole): placed by rule name and chunk.
+    chunk: u64,
+    bytes: usize,
+}
+
+fn sharded(input: &Input<'_>, doc: RawConfig, rules: &[&Rule], built: &mut Built) -> Result<Rendered, RenderError> {
+    let empty = document(input, doc.clone(), Vec::new())?;
+    // Room for rules in each shard, with headroom for the estimate (JSON sizes, YAML indents).
+    let room = MAX_CONFIG_BYTES.saturating_sub(empty.config.len()) * 3 / 4;
+    let mut pieces = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let body = r.body_bytes() + 40;
+        let clients: usize = r.clients.iter().map(|ip| text_len(ip) + 8).sum();
+        if body + clients <= room / 2 {
+            pieces.push(Piece { rule: i, clients: r.clients.clone(), chunk: 0, bytes: body + clients });
+            continue;
+        }
+        // A very large rule: its clients in chunks by address, so a pod change moves one chunk.
+        let per = (room / 2).saturating_sub(body).max(1);
+        let chunks = u64::try_from(clients.div_ceil(per).max(1)).unwrap_or(1);
+        let mut split: Vec<Piece> =
+            (0..chunks).map(|c| Piece { rule: i, clients: Vec::new(), chunk: c, bytes: body }).collect();
+        for ip in &r.clients {
+            let c = stable_hash(&octets(ip), 0) % chunks;
+            let p = &mut split[usize::try_from(c).unwrap_or(0)];
+            p.clients.push(*ip);
+            p.bytes += text_len(ip) + 8;
+        }
+        pieces.extend(split.into_iter().filter(|p| !p.clients.is_empty()));
+    }
+    let total: usize = pieces.iter().map(|p| p.bytes).sum();
+    let mut k = total.div_ceil(room * 7 / 10).max(2);
+    let placed = loop {
+        if k > proxy_config::shards::MAX_SHARDS {
+            return Err(RenderError::TooLarge { bytes: total + empty.config.len() });
+        }
+        let k64 = u64::try_from(k).unwrap_or(1);
+        let mut sums = vec![0usize; k];
+        let place: Vec<usize> = pieces
+            .iter()
+            .map(|p| {
+                let s = usize::try_from(stable_hash(rules[p.rule].body.name.as_bytes(), p.chunk) % k64).unwrap_or(0);
+                sums[s] += p.bytes;
+                s
+            })
+            .collect();
+        if sums.iter().all(|b| *b <= room) {
+            break place;
+        }
+        k += 1;
+    };
+    let mut by_shard: Vec<Vec<&Piece>> = vec![Vec::new(); k];
+    for (p, s) in pieces.iter().zip(placed) {
+        by_shard[s].push(p);
+    }
+    let shared = shared_digest(input, &doc);
+    // Each rule's body digested once, whatever the shards that carry it.
+    let mut bodies: HashMap<usize, [u8; 32]> = HashMap::new();
+    let mut shards = Vec::with_capacity(k);
+    for (s, own) in by_shard.iter().enumerate() {
+        let mut fp = shared.clone();
+        fp.update(s.to_le_bytes());
+        for p in own {
+            let body = bodies
+                .entry(p.rule)
+                .or_insert_with(|| Sha256::digest(serde_json::to_vec(&rules[p.rule].body).unwrap_or_default()).into());
+            fp.update(*body);
+            for ip in &p.clients {
+                fp.update(octets(ip));
+            }
+            fp.update([0xff]);
+        }
+        let fingerprint = hex::encode(fp.finalize());
+        if let Some(prior) = built.prior_shards.get(s).filter(|d| d.fingerprint == fingerprint) {
+            shards.push(prior.clone());
+            continue;
+        }
+        let d = document(input, doc.clone(), own.iter().map(|p| rules[p.rule].raw(&p.clients)).collect())?;
+        built.shards += 1;
+        shards.push(NodeDoc { config: d.config, hash: d.hash, fingerprint });
+    }
+    built.prior_shards.clone_from(&shards);
+    let mut h = Sha256::new();
+    h.update(empty.hash.as_bytes());
+    for d in &shards {
+        h.update(d.hash.as_bytes());
+    }
+    Ok(Rendered {
+        config: String::new(),
+        hash: hex::encode(h.finalize()),
+        tls_data: empty.tls_data,
+        annotations: empty.annotations,
+        nodes: BTreeMap::new(),
+        shards: shards.into_iter().map(|d| d.config).collect(),
+    })
+}
+
+/// An address as 16 bytes (IPv4 mapped), for hashing.
+fn octets(ip: &IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// A hash that is the same in every process and release (placement must not move between
+/// renders): FNV-1a over `key` and `n`.
+fn stable_hash(key: &[u8], n: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.iter().copied().chain(n.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }

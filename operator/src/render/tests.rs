@@ -62,6 +62,30 @@ fn run(
     })
 }
 
+/// [`run`] with per-node documents, every pod on node `n1`: its document must fit one ConfigMap
+/// (the whole-cluster document can go in shards).
+fn run_on_one_node(
+    specs: &[(&str, &str, TunnelPolicySpec)],
+    pods: &[PodIn],
+) -> (Vec<PolicyOutcome>, Result<Rendered, RenderError>) {
+    let tls = BTreeMap::new();
+    let pods: Vec<PodIn> = pods.iter().map(|p| PodIn { node: "n1".into(), ..p.clone() }).collect();
+    let nodes = ["n1".to_owned()];
+    let policies = specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect();
+    render(&Input {
+        base: BASE,
+        policies,
+        pods: &pods,
+        tls: &tls,
+        tls_dir: "/etc/tunnelgate/tls",
+        per_node: Some(&nodes),
+        prior_nodes: None,
+        htpasswd: None,
+        parent_files: &NO_PARENTS,
+        cluster: Default::default(),
+    })
+}
+
 fn rules(r: &Rendered) -> Vec<Value> {
     let v: Value = serde_yaml::from_str(&r.config).unwrap();
     v["policy"]["rules"].as_array().unwrap().clone()
@@ -264,14 +288,17 @@ fn tls_listeners_point_at_mounted_files_and_keys_stay_out_of_the_configmap() {
 fn o03_too_large_and_base_errors_write_nothing() {
     let pods: Vec<PodIn> =
         (0..60_000u32).map(|i| pod("ns", "a", &format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))).collect();
-    // A Deny is never left out to make room: too large, nothing is written.
+    // One node's document past the limit. A Deny is never left out to make room: too large,
+    // nothing is written.
     let s = spec(PolicyAction::Deny, "a", &["x.test"]);
-    let (_, r) = run(&[("ns", "p", s)], &pods);
+    let (_, r) = run_on_one_node(&[("ns", "p", s)], &pods);
     assert!(matches!(r, Err(RenderError::TooLarge { .. })));
     // An Allow is left out instead, and says so; the rest is written.
-    let (outcomes, r) = run(&[("ns", "p", spec(PolicyAction::Allow, "a", &["x.test"]))], &pods);
+    let (outcomes, r) = run_on_one_node(&[("ns", "p", spec(PolicyAction::Allow, "a", &["x.test"]))], &pods);
     let doc = r.unwrap();
     assert!(rules(&doc).is_empty());
+    let node: Value = serde_yaml::from_str(&doc.nodes["n1"].config).unwrap();
+    assert!(node["policy"]["rules"].as_array().is_none_or(Vec::is_empty));
     let a = outcomes[0].result.as_ref().unwrap();
     assert!(
         a.rules.is_empty() && a.over_budget.as_deref().is_some_and(|m| m.contains("limit of a ConfigMap")),
@@ -987,8 +1014,8 @@ fn a_policy_and_a_namespace_over_their_budgets_are_not_rendered_alone() {
     }
 }
 
-/// When every policy is within its budgets but together they would not fit in a ConfigMap, whole
-/// policies are left out in the documented order (dry-run first, then the Allows of the namespace
+/// When every policy is within its budgets but together they would not fit in a node's document,
+/// whole policies are left out in the documented order (dry-run first, then the Allows of the namespace
 /// adding the most, largest first) until the document fits; Denies and cluster policies stay.
 #[test]
 fn policies_are_left_out_in_a_documented_order_until_the_document_fits() {
@@ -1013,9 +1040,13 @@ fn policies_are_left_out_in_a_documented_order_until_the_document_fits() {
     specs.push(("ns11".into(), "zz-deny".into(), wide_spec(PolicyAction::Deny, "a", "deny", 1, 40)));
     let input: Vec<(&str, &str, TunnelPolicySpec)> =
         specs.iter().map(|(ns, n, s)| (ns.as_str(), n.as_str(), s.clone())).collect();
-    let (outcomes, r) = run(&input, &pods);
+    let (outcomes, r) = run_on_one_node(&input, &pods);
     let doc = r.unwrap();
-    assert!(doc.config.len() <= MAX_CONFIG_BYTES);
+    assert!(doc.nodes["n1"].config.len() <= MAX_CONFIG_BYTES);
+    // Without per-node documents the same policies all fit, in shards.
+    let (whole_outcomes, whole) = run(&input, &pods);
+    assert!(whole.unwrap().shards.len() >= 2);
+    assert!(whole_outcomes.iter().all(|o| o.result.as_ref().is_ok_and(|a| a.over_budget.is_none())));
     let left: Vec<String> = outcomes
         .iter()
         .filter(|o| o.result.as_ref().is_ok_and(|a| a.over_budget.is_some()))
@@ -1031,7 +1062,7 @@ fn policies_are_left_out_in_a_documented_order_until_the_document_fits() {
     let names: Vec<String> = rules(&doc).iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect();
     assert!(names.contains(&"ns11/zz-deny".to_owned()));
     // Deterministic: the same inputs leave out the same policies.
-    let (again, _) = run(&input, &pods);
+    let (again, _) = run_on_one_node(&input, &pods);
     assert_eq!(outcomes, again);
 }
 
@@ -1271,4 +1302,114 @@ fn work_per_pod_change_is_two_policies_and_one_node_document_at_any_size() {
         assert_eq!((memo.evaluated(), memo.nodes_rendered()), (0, 0));
     }
     assert_eq!(counts, [(2, 1), (2, 1)], "two policies and one node document, at either size");
+}
+
+/// Past one ConfigMap the whole document comes in shards, each under the limit and valid alone;
+/// merged, they are the whole document: every rule with all its clients, a cluster policy that
+/// selects every pod split among the shards by client. A pod change rebuilds one shard.
+#[test]
+fn a_whole_document_past_one_configmap_is_written_in_shards_that_merge_into_it() {
+    let tls = BTreeMap::new();
+    let n = 40_000;
+    let mut pods: Vec<PodIn> = (0..n)
+        .map(|i| {
+            pod(
+                &format!("ns-{}", i % 50),
+                &format!("app-{}", i % 400),
+                &format!("10.{}.{}.{}", i / 62_500, (i / 250) % 250, i % 250 + 1),
+            )
+        })
+        .collect();
+    let specs: Vec<(String, String, TunnelPolicySpec)> = (0..400)
+        .map(|j| {
+            (
+                format!("ns-{}", j % 50),
+                format!("p-{j}"),
+                spec(PolicyAction::Allow, &format!("app-{j}"), &[&format!("h{j}.test")]),
+            )
+        })
+        .collect();
+    let everyone = cluster_spec(PolicyAction::Deny, LabelSelector::default(), &["192.0.2.0/24"], Some(10));
+    let mut memo = Memo::default();
+    let step = |pods: &[PodIn], changes: &PodChanges<'_>, memo: &mut Memo| {
+        let input = Input {
+            base: BASE,
+            policies: specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect(),
+            pods,
+            tls: &tls,
+            tls_dir: "/t",
+            htpasswd: None,
+            parent_files: &NO_PARENTS,
+            cluster: Cluster {
+                policies: vec![ClusterPolicyIn { name: "everyone", spec: &everyone }],
+                ..Default::default()
+            },
+            per_node: None,
+            prior_nodes: None,
+        };
+        render_with(&input, memo, changes).1.unwrap()
+    };
+    let r = step(&pods, &PodChanges::All, &mut memo);
+    assert!(r.config.is_empty() && r.shards.len() >= 2, "{} shards", r.shards.len());
+    for s in &r.shards {
+        assert!(s.len() <= MAX_CONFIG_BYTES, "{} bytes", s.len());
+        ProxyConfig::from_yaml(s).unwrap();
+    }
+    let merge = |r: &Rendered| {
+        let refs: Vec<proxy_config::shards::ShardRef> = r
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(k, t)| proxy_config::shards::ShardRef {
+                name: format!("s{k}"),
+                sha256: proxy_config::shards::digest(t),
+            })
+            .collect();
+        let texts = r.shards.iter().enumerate().map(|(k, t)| (format!("s{k}"), t.clone())).collect();
+        let index = proxy_config::shards::ShardIndex { render: 1, shards: refs };
+        ProxyConfig::from_yaml(&proxy_config::shards::assemble(&index, &texts).unwrap().unwrap()).unwrap()
+    };
+    let whole = merge(&r);
+    let clients =
+        |cfg: &ProxyConfig, rule: &str| cfg.policy.rules.iter().find(|x| x.name == rule).map_or(0, |x| x.clients.len());
+    assert_eq!(whole.policy.rules.len(), 401);
+    assert_eq!(clients(&whole, "cluster:everyone"), n, "the split rule's clients, all of them");
+    assert_eq!(clients(&whole, "ns-7/p-7"), 100);
+    let split = r.shards.iter().filter(|s| s.contains("cluster:everyone")).count();
+    assert!(split >= 2, "the cluster policy's clients are split among {split} shards");
+    // One pod relabelled from p-7 to p-8 (both in ns-7... p-8 is in ns-8: use p-57, also ns-7).
+    let before = pods[7].clone();
+    pods[7].labels.insert("app".into(), "app-57".into());
+    let after = pods[7].clone();
+    let r2 = step(
+        &pods,
+        &PodChanges::Pods(vec![(&before.namespace, &before.labels), (&after.namespace, &after.labels)]),
+        &mut memo,
+    );
+    assert!(memo.shards_rendered() <= 2, "{} shards rebuilt for one pod", memo.shards_rendered());
+    let changed = r.shards.iter().zip(&r2.shards).filter(|(a, b)| a != b).count();
+    assert_eq!(changed, memo.shards_rendered());
+    let whole2 = merge(&r2);
+    assert_eq!((clients(&whole2, "ns-7/p-7"), clients(&whole2, "ns-7/p-57")), (99, 101));
+    assert_eq!(
+        r2,
+        render(&Input {
+            base: BASE,
+            policies: specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect(),
+            pods: &pods,
+            tls: &tls,
+            tls_dir: "/t",
+            htpasswd: None,
+            parent_files: &NO_PARENTS,
+            cluster: Cluster {
+                policies: vec![ClusterPolicyIn { name: "everyone", spec: &everyone }],
+                ..Default::default()
+            },
+            per_node: None,
+            prior_nodes: None,
+        })
+        .1
+        .unwrap(),
+        "the same as a full render"
+    );
 }
