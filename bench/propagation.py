@@ -349,8 +349,10 @@ async def main():
         cm_name = "tunnelgate-proxy" + ("-node-node-0" if args.per_node and not args.gateway else "")
         cm = await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/{cm_name}")
         shards = json.loads(cm["data"]["shards.json"])["shards"] if "shards.json" in cm["data"] else []
-        doc_kib = (sum(len((await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/{s['name']}"))["data"]["config.yaml"])
-                       for s in shards) if shards else len(cm["data"]["config.yaml"])) / 1024
+        doc_bytes = 0 if shards else len(cm["data"]["config.yaml"])
+        for s in shards:
+            doc_bytes += len((await api.call("GET", f"/api/v1/namespaces/{NS}/configmaps/{s['name']}"))["data"]["config.yaml"])
+        doc_kib = doc_bytes / 1024
         rec = "tunnelgate_operator_reconcile_duration_seconds"
         reconciles = metric(om1, rec + "_count") - metric(om0, rec + "_count")
         reconcile_ms = (metric(om1, rec + "_sum") - metric(om0, rec + "_sum")) / max(reconciles, 1) * 1e3

@@ -48,8 +48,12 @@ struct Docs {
     index: Option<ShardIndex>,
     /// The shards' documents by ConfigMap name.
     shards: BTreeMap<String, String>,
-    /// The shards watched (each by name, as an index first names it).
-    watched: BTreeSet<String>,
+    /// The shard watches running, by shard name: only while the whole document serves (no node
+    /// document), so a node's proxy never holds the whole cluster's rules beside its own.
+    watched: BTreeMap<String, tokio::task::AbortHandle>,
+    /// Whether the node's document has been looked for (true without `--node-name`): until then
+    /// the whole document is not merged from shards (a node's proxy would rarely need it).
+    node_listed: bool,
 }
 
 /// Starts watching; the receiver yields the latest `config.yaml` text (None until the first).
@@ -65,7 +69,7 @@ pub async fn spawn(
     let client = Client::try_default().await.map_err(SourceError::Client)?;
     let api = Api::<ConfigMap>::namespaced(client, &namespace);
     let (tx, rx) = watch::channel(None);
-    let docs: Arc<Mutex<Docs>> = Arc::default();
+    let docs = Arc::new(Mutex::new(Docs { node_listed: node.is_none(), ..Docs::default() }));
     let names = [Some(name.clone()), node.map(|n| proxy_config::status::node_document_name(&name, &n))];
     for (slot, cm_name) in names.into_iter().enumerate() {
         let Some(cm_name) = cm_name else { continue };
@@ -93,21 +97,7 @@ pub async fn spawn(
                                 d.slots[slot] = Some(text.clone());
                             }),
                             (None, Some(index)) if whole => match parse_index(index) {
-                                Ok(index) => {
-                                    let new = source.update(|d| {
-                                        let new: Vec<String> = index
-                                            .shards
-                                            .iter()
-                                            .filter(|s| d.watched.insert(s.name.clone()))
-                                            .map(|s| s.name.clone())
-                                            .collect();
-                                        d.index = Some(index);
-                                        new
-                                    });
-                                    for shard in new {
-                                        tokio::spawn(source.clone().watch_shard(shard));
-                                    }
-                                }
+                                Ok(index) => source.update(|d| d.index = Some(index)),
                                 Err(e) => {
                                     warn!(configmap = %at, error = %e, "invalid shard index; keeping the configuration in force");
                                 }
@@ -123,6 +113,7 @@ pub async fn spawn(
                         warn!(configmap = %at, "ConfigMap deleted; keeping the configuration in force");
                     }
                     Ok(watcher::Event::Delete(_)) => source.update(|d| d.slots[slot] = None),
+                    Ok(watcher::Event::InitDone) if !whole => source.update(|d| d.node_listed = true),
                     Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
                     Err(e) => {
                         warn!(error = %e, "ConfigMap watch failed; retrying with backoff");
@@ -156,7 +147,8 @@ impl Source {
         let (out, chosen) = {
             let mut d = lock(&self.docs);
             let out = f(&mut d);
-            if let Some(index) = d.index.clone() {
+            self.watch_shards_while_needed(&mut d);
+            if let Some(index) = d.index.clone().filter(|_| d.slots[1].is_none() && d.node_listed) {
                 match assemble(&index, &d.shards) {
                     Ok(Some(text)) => d.slots[0] = Some(text),
                     Ok(None) => {}
@@ -177,6 +169,33 @@ impl Source {
             });
         }
         out
+    }
+
+    /// Starts a watch for each shard the index names while the whole document serves, and stops
+    /// them (dropping their documents) while the node's own document does.
+    fn watch_shards_while_needed(&self, d: &mut Docs) {
+        let needed: BTreeSet<String> = match (&d.index, &d.slots[1]) {
+            (Some(index), None) if d.node_listed => index.shards.iter().map(|s| s.name.clone()).collect(),
+            _ => BTreeSet::new(),
+        };
+        d.watched.retain(|name, task| {
+            let keep = needed.contains(name);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        d.shards.retain(|name, _| needed.contains(name));
+        if d.index.is_some() && d.slots[1].is_some() {
+            // The merged whole document is not kept beside the node's own: merged again if needed.
+            d.slots[0] = None;
+        }
+        for name in needed {
+            if !d.watched.contains_key(&name) {
+                let task = tokio::spawn(self.clone().watch_shard(name.clone()));
+                d.watched.insert(name, task.abort_handle());
+            }
+        }
     }
 
     /// Watches one shard of the whole document, by name (the proxies' Role names each shard the
