@@ -191,9 +191,9 @@ impl Source {
             d.slots[0] = None;
         }
         for name in needed {
-            if !d.watched.contains_key(&name) {
-                let task = tokio::spawn(self.clone().watch_shard(name.clone()));
-                d.watched.insert(name, task.abort_handle());
+            if let std::collections::btree_map::Entry::Vacant(e) = d.watched.entry(name) {
+                let task = tokio::spawn(self.clone().watch_shard(e.key().clone()));
+                e.insert(task.abort_handle());
             }
         }
     }
