@@ -253,13 +253,16 @@ async def main():
         t0 = time.monotonic()
         await load(api, args.pods, args.policies, args.namespaces, args.nodes)
         load_s = time.monotonic() - t0
-        # Probe pods, outside every background policy.
-        probes = [("ns-0", f"probe-{t}", pod_ip(args.pods + t)) for t in range(args.trials)]
+        # Probe pods, outside every background policy, each in a namespace of its own: one
+        # namespace's pod changes wake a render at most once per churn interval (2 s), and a
+        # relabel timed right after the previous trial's in the same namespace would measure that.
+        probes = [(f"ns-{t % args.namespaces}", f"probe-{t}", pod_ip(args.pods + t)) for t in range(args.trials)]
         for ns, name, ip in probes:
             await api.create_pod(ns, pod(ns, name, {"app": name}, ip))
-        # The relabel trials move probes into this policy.
-        await api.call("POST", "/apis/tunnelgate.io/v1alpha1/namespaces/ns-0/tunnelpolicies",
-                       policy("ns-0", "relabel-target", {"role": "mover"}, {"cidrs": [f"{ECHO_HOST}/32"], "ports": [target[1]]}))
+        # The relabel trials move probes into this policy (one per probe namespace).
+        for ns in sorted({ns for ns, _, _ in probes}):
+            await api.call("POST", f"/apis/tunnelgate.io/v1alpha1/namespaces/{ns}/tunnelpolicies",
+                           policy(ns, "relabel-target", {"role": "mover"}, {"cidrs": [f"{ECHO_HOST}/32"], "ports": [target[1]]}))
 
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TUNNELGATE_LOG": "warn"}
         operator = subprocess.Popen([str(bins / "tunnelgate-operator"), "--namespace", NS, "--release", "tunnelgate",
@@ -417,7 +420,8 @@ async def start_control_plane(d, procs):
 
     async def established():
         crds = await api.call("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
-        return all(any(c["type"] == "Established" and c["status"] == "True" for c in i.get("status", {}).get("conditions", []))
+        return all(any(c["type"] == "Established" and c["status"] == "True"
+                       for c in (i.get("status") or {}).get("conditions") or [])
                    for i in crds["items"])
 
     await until("the CRDs are established", 60, established, every=0.2)

@@ -74,29 +74,99 @@ pub fn parse_index(text: &str) -> Result<ShardIndex, ShardError> {
 /// must be the same in every shard; a rule in several shards (a very large one, split by clients)
 /// must be the same apart from its clients, which are joined.
 pub fn assemble(index: &ShardIndex, texts: &BTreeMap<String, String>) -> Result<Option<String>, ShardError> {
-    let mut parts = Vec::with_capacity(index.shards.len());
-    for s in &index.shards {
-        match texts.get(&s.name) {
-            Some(t) if digest(t) == s.sha256 => parts.push((s.name.as_str(), t.as_str())),
-            _ => return Ok(None),
-        }
+    let mut set = ShardSet::default();
+    for (name, text) in texts {
+        set.insert(name, text);
     }
-    merge(index.render, &parts).map(Some)
+    set.assemble(index)
 }
 
-fn merge(render: u64, parts: &[(&str, &str)]) -> Result<String, ShardError> {
+/// Shards as they arrive, each parsed once (a change of one shard parses that one only).
+#[derive(Debug, Default)]
+pub struct ShardSet {
+    parts: BTreeMap<String, Part>,
+}
+
+#[derive(Debug)]
+struct Part {
+    sha256: String,
+    /// The document, its trailing comments and a digest of everything but its rules, or why it
+    /// does not parse.
+    parsed: Result<Parsed, String>,
+}
+
+#[derive(Debug)]
+struct Parsed {
+    doc: RawConfig,
+    /// The document without its rules, and its digest.
+    bare: RawConfig,
+    base: String,
+    comments: String,
+}
+
+impl ShardSet {
+    /// Takes shard `name`'s document (parsed unless it is the one already held).
+    pub fn insert(&mut self, name: &str, text: &str) {
+        let sha256 = digest(text);
+        if self.parts.get(name).is_some_and(|p| p.sha256 == sha256) {
+            return;
+        }
+        let parsed = serde_yaml::from_str::<RawConfig>(text).map_err(|e| e.to_string()).map(|doc| {
+            // The trailing comments (certificate, users and parents' files digests) make a
+            // rotation a change of the merged text, as they do in one document.
+            let comments = text.lines().skip(1).filter(|l| l.starts_with("# ") && !l.starts_with("# Rendered")).fold(
+                String::new(),
+                |mut acc, l| {
+                    acc.push_str(l);
+                    acc.push('\n');
+                    acc
+                },
+            );
+            let mut bare = doc.clone();
+            bare.policy.rules.clear();
+            let base = digest(&serde_json::to_string(&bare).unwrap_or_default());
+            Parsed { doc, bare, base, comments }
+        });
+        self.parts.insert(name.to_owned(), Part { sha256, parsed });
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.parts.remove(name);
+    }
+
+    /// Keeps the shards `keep` says to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.parts.retain(|name, _| keep(name));
+    }
+
+    /// [`assemble`] from the shards held.
+    pub fn assemble(&self, index: &ShardIndex) -> Result<Option<String>, ShardError> {
+        let mut parts = Vec::with_capacity(index.shards.len());
+        for s in &index.shards {
+            match self.parts.get(&s.name) {
+                Some(p) if p.sha256 == s.sha256 => match &p.parsed {
+                    Ok(p) => parts.push((s.name.as_str(), p)),
+                    Err(e) => return Err(ShardError::Shard { name: s.name.clone(), message: e.clone() }),
+                },
+                _ => return Ok(None),
+            }
+        }
+        merge(index.render, &parts).map(Some)
+    }
+}
+
+fn merge(render: u64, parts: &[(&str, &Parsed)]) -> Result<String, ShardError> {
     let err = |name: &str, message: String| ShardError::Shard { name: name.to_owned(), message };
-    let mut base: Option<RawConfig> = None;
-    let mut rules: BTreeMap<String, RawRule> = BTreeMap::new();
-    // The first shard's trailing comments (certificate, users and parents' files digests) make a
-    // rotation a change of the merged text, as they do in one document.
-    let mut comments = String::new();
-    for (name, text) in parts {
-        let mut doc: RawConfig = serde_yaml::from_str(text).map_err(|e| err(name, e.to_string()))?;
-        for rule in std::mem::take(&mut doc.policy.rules) {
-            match rules.get_mut(&rule.name) {
+    let Some((first, head)) = parts.first() else { return Err(ShardError::Index("names no shard".into())) };
+    let mut rules: BTreeMap<&str, RawRule> = BTreeMap::new();
+    for (name, p) in parts {
+        if p.base != head.base {
+            return Err(err(name, format!("differs from shard {first:?} outside its rules")));
+        }
+        for rule in &p.doc.policy.rules {
+            match rules.get_mut(rule.name.as_str()) {
                 None => {
-                    rules.insert(rule.name.clone(), rule);
+                    rules.insert(rule.name.as_str(), rule.clone());
                 }
                 Some(have) => {
                     // Any client (no list) is never split: it must not be narrowed by a join.
@@ -107,27 +177,12 @@ fn merge(render: u64, parts: &[(&str, &str)]) -> Result<String, ShardError> {
                         return Err(err(name, format!("rule {:?} differs from another shard's", rule.name)));
                     }
                     let clients = have.clients.get_or_insert_with(Vec::new);
-                    clients.extend(rule.clients.unwrap_or_default());
+                    clients.extend(rule.clients.iter().flatten().cloned());
                 }
             }
         }
-        match &base {
-            None => {
-                base = Some(doc);
-                comments = text.lines().skip(1).filter(|l| l.starts_with("# ") && !l.starts_with("# Rendered")).fold(
-                    String::new(),
-                    |mut acc, l| {
-                        acc.push_str(l);
-                        acc.push('\n');
-                        acc
-                    },
-                );
-            }
-            Some(b) if *b == doc => {}
-            Some(_) => return Err(err(name, format!("differs from shard {:?} outside its rules", parts[0].0))),
-        }
     }
-    let Some(mut doc) = base else { return Err(ShardError::Index("names no shard".into())) };
+    let mut doc = head.bare.clone();
     doc.policy.rules = rules
         .into_values()
         .map(|mut r| {
@@ -139,7 +194,10 @@ fn merge(render: u64, parts: &[(&str, &str)]) -> Result<String, ShardError> {
         })
         .collect();
     let yaml = serde_yaml::to_string(&doc).map_err(|e| ShardError::Index(e.to_string()))?;
-    Ok(stamp_render(render, &format!("# Merged by tunnelgate-proxy from {} shards.\n{yaml}{comments}", parts.len())))
+    Ok(stamp_render(
+        render,
+        &format!("# Merged by tunnelgate-proxy from {} shards.\n{yaml}{}", parts.len(), head.comments),
+    ))
 }
 
 #[cfg(test)]

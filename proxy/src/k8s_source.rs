@@ -13,7 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
-use proxy_config::shards::{assemble, parse_index, ShardIndex, INDEX_KEY};
+use proxy_config::shards::{parse_index, ShardIndex, ShardSet, INDEX_KEY};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -46,8 +46,8 @@ struct Docs {
     slots: [Option<String>; 2],
     /// The shard index the whole document's ConfigMap holds instead of a document.
     index: Option<ShardIndex>,
-    /// The shards' documents by ConfigMap name.
-    shards: BTreeMap<String, String>,
+    /// The shards' documents by ConfigMap name, each parsed once.
+    shards: ShardSet,
     /// The shard watches running, by shard name: only while the whole document serves (no node
     /// document), so a node's proxy never holds the whole cluster's rules beside its own.
     watched: BTreeMap<String, tokio::task::AbortHandle>,
@@ -149,7 +149,7 @@ impl Source {
             let out = f(&mut d);
             self.watch_shards_while_needed(&mut d);
             if let Some(index) = d.index.clone().filter(|_| d.slots[1].is_none() && d.node_listed) {
-                match assemble(&index, &d.shards) {
+                match d.shards.assemble(&index) {
                     Ok(Some(text)) => d.slots[0] = Some(text),
                     Ok(None) => {}
                     Err(e) => {
@@ -185,7 +185,7 @@ impl Source {
             }
             keep
         });
-        d.shards.retain(|name, _| needed.contains(name));
+        d.shards.retain(|name| needed.contains(name));
         if d.index.is_some() && d.slots[1].is_some() {
             // The merged whole document is not kept beside the node's own: merged again if needed.
             d.slots[0] = None;
@@ -207,7 +207,7 @@ impl Source {
             match ev {
                 Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
                     match cm.data.and_then(|mut d| d.remove(KEY)) {
-                        Some(text) => self.update(|d| d.shards.insert(shard.clone(), text)),
+                        Some(text) => self.update(|d| d.shards.insert(&shard, &text)),
                         None => self.update(|d| d.shards.remove(&shard)),
                     };
                 }
