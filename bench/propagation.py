@@ -293,9 +293,12 @@ async def main():
         # Steady state before the trials: the first statuses of every policy written.
         async def settled():
             if api.real:
-                # No write counters: wait for the status writer's queue to drain instead.
+                # No write counters in the API: the operator's own, still for a second.
+                before = metric(await admin(o_admin, "/metrics"), "tunnelgate_operator_status_writes_total")
+                await asyncio.sleep(1.0)
                 text = await admin(o_admin, "/metrics")
-                return metric(text, "tunnelgate_operator_status_writes_pending") == 0
+                return (metric(text, "tunnelgate_operator_status_writes_total") == before
+                        and metric(text, "tunnelgate_operator_status_writes_pending") == 0)
             a = await api.stats()
             await asyncio.sleep(1.0)
             return a == await api.stats()

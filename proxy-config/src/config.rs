@@ -292,7 +292,19 @@ pub enum LogFormat {
 impl ProxyConfig {
     /// Parses and validates a YAML (or JSON) document.
     pub fn from_yaml(text: &str) -> Result<ProxyConfig, ConfigErrors> {
-        let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| single("", yaml_message(&e)))?;
+        // JSON (a subset of YAML) is read by a JSON parser, an order of magnitude faster on the
+        // megabytes of a whole-cluster document merged from shards; leading `#` lines are skipped
+        // (the render stamp). The same value either way; duplicate keys are refused either way.
+        let body = text.trim_start_matches(|c: char| c.is_whitespace());
+        let mut rest = body;
+        while rest.starts_with('#') {
+            rest = rest.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        }
+        let value: serde_yaml::Value = if rest.starts_with('{') {
+            serde_json::from_str(rest).map_err(|e| single("", format!("invalid JSON: {e}")))?
+        } else {
+            serde_yaml::from_str(text).map_err(|e| single("", yaml_message(&e)))?
+        };
         if value.is_null() {
             return Err(single("", "document is empty"));
         }

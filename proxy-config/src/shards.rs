@@ -193,10 +193,11 @@ fn merge(render: u64, parts: &[(&str, &Parsed)]) -> Result<String, ShardError> {
             r
         })
         .collect();
-    let yaml = serde_yaml::to_string(&doc).map_err(|e| ShardError::Index(e.to_string()))?;
+    // JSON (which is YAML): megabytes at the largest sizes, read back by a JSON parser.
+    let json = serde_json::to_string(&doc).map_err(|e| ShardError::Index(e.to_string()))?;
     Ok(stamp_render(
         render,
-        &format!("# Merged by tunnelgate-proxy from {} shards.\n{yaml}{}", parts.len(), head.comments),
+        &format!("# Merged by tunnelgate-proxy from {} shards.\n{}{json}\n", parts.len(), head.comments),
     ))
 }
 

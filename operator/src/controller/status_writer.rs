@@ -124,7 +124,11 @@ impl StatusWriter {
                 }
             };
             let started = Instant::now();
-            match write(&client, &target, &status).await {
+            let written = write(&client, &target, &status).await;
+            // The queue's length as the writer works through it (not only as of the last plan).
+            let left = self.pending() + usize::from(written.is_err());
+            metrics.status_pending.set(i64::try_from(left).unwrap_or(i64::MAX));
+            match written {
                 Ok(()) => {
                     metrics.status_writes.with_label_values(&["success"]).inc();
                     if !backoff.is_zero() {

@@ -383,3 +383,18 @@ fn only_tunnel_listeners_to_a_tcp_upstream_take_a_route() {
         assert!(e.iter().any(|x| x.starts_with(want)), "missing {want:?} in {e:#?}");
     }
 }
+
+/// A JSON document (read by the JSON parser, after any leading `#` lines) is the same
+/// configuration as its YAML spelling, and a duplicate key is refused in either.
+#[test]
+fn json_documents_read_as_their_yaml_spelling_and_refuse_duplicate_keys() {
+    let yaml = "version: 1\nlisteners:\n  - {name: f, bind: '127.0.0.1:3128'}\npolicy:\n  rules:\n    - {name: a, action: allow, clients: [10.0.0.1], hosts: [x.test]}\n";
+    let json = "# tunnelgate-render: 3\n# a comment\n{\"version\": 1, \"listeners\": [{\"name\": \"f\", \"bind\": \"127.0.0.1:3128\"}], \"policy\": {\"rules\": [{\"name\": \"a\", \"action\": \"allow\", \"clients\": [\"10.0.0.1\"], \"hosts\": [\"x.test\"]}]}}\n";
+    let (a, b) = (ProxyConfig::from_yaml(yaml).unwrap(), ProxyConfig::from_yaml(json).unwrap());
+    assert_eq!(format!("{:?}", a.policy), format!("{:?}", b.policy));
+    let dup = "{\"version\": 1, \"version\": 1, \"listeners\": []}";
+    let e = ProxyConfig::from_yaml(dup).unwrap_err().to_string();
+    assert!(e.contains("duplicate"), "{e}");
+    let bad = "{\"version\": 1, \"listeners\": [}";
+    assert!(ProxyConfig::from_yaml(bad).unwrap_err().to_string().contains("invalid JSON"));
+}
