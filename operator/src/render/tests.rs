@@ -86,6 +86,27 @@ fn run_on_one_node(
     })
 }
 
+/// An input of owned policy specs (namespace, name, spec), no TLS, no cluster policies, one
+/// document.
+fn input_of<'a>(
+    specs: &'a [(String, String, TunnelPolicySpec)],
+    pods: &'a [PodIn],
+    tls: &'a BTreeMap<String, TlsIn>,
+) -> Input<'a> {
+    Input {
+        base: BASE,
+        policies: specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect(),
+        pods,
+        tls,
+        tls_dir: "/t",
+        htpasswd: None,
+        parent_files: &NO_PARENTS,
+        cluster: Default::default(),
+        per_node: None,
+        prior_nodes: None,
+    }
+}
+
 fn rules(r: &Rendered) -> Vec<Value> {
     let v: Value = serde_yaml::from_str(&r.config).unwrap();
     v["policy"]["rules"].as_array().unwrap().clone()
@@ -1270,18 +1291,7 @@ fn work_per_pod_change_is_two_policies_and_one_node_document_at_any_size() {
         let mut memo = Memo::default();
         let mut prior = BTreeMap::new();
         let mut step = |pods: &[PodIn], changes: &PodChanges<'_>, memo: &mut Memo| {
-            let input = Input {
-                base: BASE,
-                policies: specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect(),
-                pods,
-                tls: &tls,
-                tls_dir: "/t",
-                htpasswd: None,
-                parent_files: &NO_PARENTS,
-                cluster: Default::default(),
-                per_node: Some(&nodes),
-                prior_nodes: Some(&prior),
-            };
+            let input = Input { per_node: Some(&nodes), prior_nodes: Some(&prior), ..input_of(&specs, pods, &tls) };
             let (_, r) = render_with(&input, memo, changes);
             prior = r.unwrap().nodes;
         };
@@ -1331,24 +1341,13 @@ fn a_whole_document_past_one_configmap_is_written_in_shards_that_merge_into_it()
         .collect();
     let everyone = cluster_spec(PolicyAction::Deny, LabelSelector::default(), &["192.0.2.0/24"], Some(10));
     let mut memo = Memo::default();
-    let step = |pods: &[PodIn], changes: &PodChanges<'_>, memo: &mut Memo| {
-        let input = Input {
-            base: BASE,
-            policies: specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect(),
-            pods,
-            tls: &tls,
-            tls_dir: "/t",
-            htpasswd: None,
-            parent_files: &NO_PARENTS,
-            cluster: Cluster {
-                policies: vec![ClusterPolicyIn { name: "everyone", spec: &everyone }],
-                ..Default::default()
-            },
-            per_node: None,
-            prior_nodes: None,
-        };
+    let render_at = |pods: &[PodIn], changes: &PodChanges<'_>, memo: &mut Memo| {
+        let cluster =
+            Cluster { policies: vec![ClusterPolicyIn { name: "everyone", spec: &everyone }], ..Default::default() };
+        let input = Input { cluster, ..input_of(&specs, pods, &tls) };
         render_with(&input, memo, changes).1.unwrap()
     };
+    let step = &render_at;
     let r = step(&pods, &PodChanges::All, &mut memo);
     assert!(r.config.is_empty() && r.shards.len() >= 2, "{} shards", r.shards.len());
     for s in &r.shards {
@@ -1391,25 +1390,5 @@ fn a_whole_document_past_one_configmap_is_written_in_shards_that_merge_into_it()
     assert_eq!(changed, memo.shards_rendered());
     let whole2 = merge(&r2);
     assert_eq!((clients(&whole2, "ns-7/p-7"), clients(&whole2, "ns-7/p-57")), (99, 101));
-    assert_eq!(
-        r2,
-        render(&Input {
-            base: BASE,
-            policies: specs.iter().map(|(ns, n, s)| PolicyIn { namespace: ns, name: n, spec: s }).collect(),
-            pods: &pods,
-            tls: &tls,
-            tls_dir: "/t",
-            htpasswd: None,
-            parent_files: &NO_PARENTS,
-            cluster: Cluster {
-                policies: vec![ClusterPolicyIn { name: "everyone", spec: &everyone }],
-                ..Default::default()
-            },
-            per_node: None,
-            prior_nodes: None,
-        })
-        .1
-        .unwrap(),
-        "the same as a full render"
-    );
+    assert_eq!(r2, render_at(&pods, &PodChanges::All, &mut Memo::default()), "the same as a full render");
 }
