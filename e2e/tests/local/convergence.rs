@@ -24,12 +24,7 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     // A second replica: it must wait for the Lease and never write while the first holds it.
     let op2_admin = free_port();
     let mut operator2 = replica(&rel, &format!("127.0.0.1:{op2_admin}"), "op-1", &dir.0.join("operator2.log"));
-    let _proxy = spawn(
-        &bin("tunnelgate-proxy"),
-        &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &rel.proxy_kubeconfig,
-        &dir.0.join("proxy.log"),
-    );
+    let _proxy = whole_document_proxy(&rel, &dir.0);
     let logs = || {
         format!(
             "--- operator\n{}\n--- proxy\n{}",
@@ -39,8 +34,7 @@ async fn operator_and_proxy_converge_on_policy_changes() {
     };
 
     // The operator renders the base with no policy (explicit default deny); the proxy starts on it.
-    until("rendered ConfigMap", 20, || async { cms.get_opt("tunnelgate-proxy").await.unwrap().is_some() }).await;
-    let rendered = cms.get("tunnelgate-proxy").await.unwrap();
+    let rendered = rendered_configmap(&cms).await;
     assert!(rendered.data.unwrap()["config.yaml"].contains("defaultAction: deny"));
     until("proxy listening", 20, || async { tokio::net::TcpStream::connect(proxy_addr).await.is_ok() }).await;
     // The first answers may come before the proxy has its first configuration from the API.
@@ -399,12 +393,7 @@ async fn two_releases_share_policies_and_one_owns_their_status() {
         &op_b_kc,
         &dir.0.join("operator-gw.log"),
     );
-    let _proxy_a = spawn(
-        &bin("tunnelgate-proxy"),
-        &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &rel.proxy_kubeconfig,
-        &dir.0.join("proxy.log"),
-    );
+    let _proxy_a = whole_document_proxy(&rel, &dir.0);
     let _proxy_b = spawn(
         &bin("tunnelgate-proxy"),
         &["--config-map", "gateway/gw-tunnelgate-proxy"],

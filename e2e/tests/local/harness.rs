@@ -63,6 +63,23 @@ pub(crate) async fn run_pod(api: &Api<Pod>, pod: Pod) {
     }
 }
 
+/// A proxy reading the operator's whole-cluster document (`tunnelgate/tunnelgate-proxy`) on the
+/// chart's proxy ServiceAccount, logging to `dir/proxy.log`.
+pub(crate) fn whole_document_proxy(rel: &Release, dir: &Path) -> Child {
+    spawn(
+        &bin("tunnelgate-proxy"),
+        &["--config-map", "tunnelgate/tunnelgate-proxy"],
+        &rel.proxy_kubeconfig,
+        &dir.join("proxy.log"),
+    )
+}
+
+/// The operator's whole-cluster document, once it has written it.
+pub(crate) async fn rendered_configmap(cms: &Api<ConfigMap>) -> ConfigMap {
+    until("rendered ConfigMap", 20, || async { cms.get_opt("tunnelgate-proxy").await.ok().flatten().is_some() }).await;
+    cms.get("tunnelgate-proxy").await.unwrap()
+}
+
 pub(crate) fn spawn(bin: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Child {
     start(Command::new(bin), args, kubeconfig, log)
 }
@@ -356,12 +373,7 @@ impl Loopback {
         let proxy = format!("127.0.0.1:{listen}").parse().unwrap();
         let base = base_granting(listen, "127.0.0.1", admin, namespaces);
         let _operator = single_operator(rel, dir, &base, "/unused", operator_admin).await;
-        let _proxy = spawn(
-            &bin("tunnelgate-proxy"),
-            &["--config-map", "tunnelgate/tunnelgate-proxy"],
-            &rel.proxy_kubeconfig,
-            &dir.join("proxy.log"),
-        );
+        let _proxy = whole_document_proxy(rel, dir);
         Loopback { target, proxy, operator_admin, _operator, _proxy }
     }
 }

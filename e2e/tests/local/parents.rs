@@ -52,16 +52,10 @@ async fn a_tenants_traffic_leaves_through_the_platforms_parent_and_a_cluster_pol
     })
     .await;
     let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
-    until("rendered ConfigMap", 20, || async { cms.get_opt("tunnelgate-proxy").await.ok().flatten().is_some() }).await;
-    let config = cms.get("tunnelgate-proxy").await.unwrap().data.unwrap().remove("config.yaml").unwrap();
+    let config = rendered_configmap(&cms).await.data.unwrap().remove("config.yaml").unwrap();
     assert!(config.contains(&format!("credentialsFile: {tls_dir_s}/parent-corp.credentials")), "{config}");
     assert!(!config.contains("pw-from-secret") && !config.contains("credentialsSecret"), "{config}");
-    let _proxy = spawn(
-        &bin("tunnelgate-proxy"),
-        &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &rel.proxy_kubeconfig,
-        &dir.0.join("proxy.log"),
-    );
+    let _proxy = whole_document_proxy(&rel, &dir.0);
     let proxy: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
 
     // A tenant's policy: its traffic takes the default route, through Squid, authenticated.

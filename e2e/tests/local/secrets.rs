@@ -27,19 +27,13 @@ async fn tls_listener_certificates_come_from_validated_secrets() {
     until("rendered TLS Secret", 20, || async { project_secret(&c, &tls_dir).await }).await;
     let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
     // The Secret is written first, the ConfigMap right after it.
-    until("rendered ConfigMap", 20, || async { cms.get_opt("tunnelgate-proxy").await.ok().flatten().is_some() }).await;
-    let cm = cms.get("tunnelgate-proxy").await.unwrap();
+    let cm = rendered_configmap(&cms).await;
     let config = cm.data.as_ref().unwrap()["config.yaml"].clone();
     assert!(config.contains(&format!("certFile: {tls_dir_s}/secure.crt")), "{config}");
     assert!(!config.contains("PRIVATE KEY"), "no key material in the ConfigMap");
     assert!(cm.metadata.annotations.unwrap().contains_key("tunnelgate.io/tls-secure-not-after"));
 
-    let _proxy = spawn(
-        &bin("tunnelgate-proxy"),
-        &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &rel.proxy_kubeconfig,
-        &dir.0.join("proxy.log"),
-    );
+    let _proxy = whole_document_proxy(&rel, &dir.0);
     let addr: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     until("TLS listener up", 20, || async { tokio::net::TcpStream::connect(addr).await.is_ok() }).await;
     assert_eq!(presented(addr).await, first.cert.der().to_vec());
@@ -101,17 +95,11 @@ async fn proxy_users_come_from_a_validated_htpasswd_secret() {
     until("rendered proxy Secret", 20, || async { project_secret(&c, &tls_dir).await }).await;
     // The Secret is written first, the ConfigMap right after it.
     let cms = Api::<ConfigMap>::namespaced(c.clone(), "tunnelgate");
-    until("rendered ConfigMap", 20, || async { cms.get_opt("tunnelgate-proxy").await.ok().flatten().is_some() }).await;
-    let cm = cms.get("tunnelgate-proxy").await.unwrap();
+    let cm = rendered_configmap(&cms).await;
     let config = cm.data.as_ref().unwrap()["config.yaml"].clone();
     assert!(config.contains(&format!("htpasswdFile: {tls_dir_s}/htpasswd")), "{config}");
     assert!(!config.contains("$2b$"), "no password hashes in the ConfigMap");
-    let _proxy = spawn(
-        &bin("tunnelgate-proxy"),
-        &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &rel.proxy_kubeconfig,
-        &dir.0.join("proxy.log"),
-    );
+    let _proxy = whole_document_proxy(&rel, &dir.0);
     let proxy: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     until("proxy listening", 20, || async { tokio::net::TcpStream::connect(proxy).await.is_ok() }).await;
     assert_eq!(connect_with(proxy, target, None).await, 407);

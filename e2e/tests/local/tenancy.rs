@@ -16,12 +16,7 @@ async fn cluster_policies_bound_what_namespaces_may_open() {
         "version: 1\nlisteners: [{{name: forward, bind: '127.0.0.1:{listen}'}}]\nadmin: {{bind: '127.0.0.1:{admin}'}}\npolicy: {{defaultAction: deny, denyPrivateAddresses: true}}\nlimits: {{drainDelay: 0s, drainTimeout: 1s}}\n"
     );
     let _operator = single_operator(&rel, &dir.0, &base, "/unused", op_admin).await;
-    let _proxy = spawn(
-        &bin("tunnelgate-proxy"),
-        &["--config-map", "tunnelgate/tunnelgate-proxy"],
-        &rel.proxy_kubeconfig,
-        &dir.0.join("proxy.log"),
-    );
+    let _proxy = whole_document_proxy(&rel, &dir.0);
     let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(c.clone());
     namespaces
         .create(
