@@ -46,6 +46,9 @@ struct Docs {
     slots: [Option<String>; 2],
     /// The shard index the whole document's ConfigMap holds instead of a document.
     index: Option<ShardIndex>,
+    /// The index `slots[0]` was merged for: the same index names the same shard digests, so the
+    /// merge is not done again for it (a re-list of unchanged shards, say).
+    merged_for: Option<ShardIndex>,
     /// The shards' documents by ConfigMap name, each parsed once.
     shards: ShardSet,
     /// The shard watches running, by shard name: only while the whole document serves (no node
@@ -93,6 +96,7 @@ pub async fn spawn(
                             (Some(text), _) => source.update(|d| {
                                 if whole {
                                     d.index = None;
+                                    d.merged_for = None;
                                 }
                                 d.slots[slot] = Some(text.clone());
                             }),
@@ -148,9 +152,13 @@ impl Source {
             let mut d = lock(&self.docs);
             let out = f(&mut d);
             self.watch_shards_while_needed(&mut d);
-            if let Some(index) = d.index.clone().filter(|_| d.slots[1].is_none() && d.node_listed) {
+            let due = d.slots[1].is_none() && d.node_listed && d.index != d.merged_for;
+            if let Some(index) = d.index.clone().filter(|_| due) {
                 match d.shards.assemble(&index) {
-                    Ok(Some(text)) => d.slots[0] = Some(text),
+                    Ok(Some(text)) => {
+                        d.slots[0] = Some(text);
+                        d.merged_for = Some(index);
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         warn!(configmap = %format!("{}/{}", self.namespace, self.whole), error = %e, "shards do not merge; keeping the configuration in force");
@@ -189,6 +197,7 @@ impl Source {
         if d.index.is_some() && d.slots[1].is_some() {
             // The merged whole document is not kept beside the node's own: merged again if needed.
             d.slots[0] = None;
+            d.merged_for = None;
         }
         for name in needed {
             if let std::collections::btree_map::Entry::Vacant(e) = d.watched.entry(name) {

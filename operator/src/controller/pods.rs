@@ -36,6 +36,11 @@ pub(super) struct ProxyPod {
     pub(super) live: bool,
 }
 
+/// A pod's `namespace/name`, the key of its row.
+pub(super) fn key_of(p: &Pod) -> String {
+    format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or_default(), p.name_any())
+}
+
 /// Converts a watched pod; `release_ns` is where proxy pods are looked for.
 pub(super) fn row_of(p: &Pod, release_ns: &str) -> PodRow {
     let namespace = p.namespace().unwrap_or_default();
@@ -67,7 +72,7 @@ pub(super) fn row_of(p: &Pod, release_ns: &str) -> PodRow {
     }
     let eligible = running && !host_network && !terminating;
     PodRow {
-        key: format!("{namespace}/{name}"),
+        key: key_of(p),
         render: PodIn {
             // The renderer matches selectors against clients only: no copy of the others' labels.
             labels: if eligible { labels.clone() } else { BTreeMap::new() },

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::pods::{row_of, PodEvent, PodFeed, PodRow};
+use super::pods::{key_of, row_of, PodEvent, PodFeed, PodRow};
 use crate::crd::{ClusterTunnelPolicy, TunnelPolicy};
 use crate::lenient::Lenient;
 
@@ -153,8 +153,7 @@ fn pod_events(
                     Some(Ok(ns))
                 }
                 Ok(watcher::Event::Delete(p)) => {
-                    let row = row_of(&p, &release_ns);
-                    feed.push(PodEvent::Deleted(row.key));
+                    feed.push(PodEvent::Deleted(key_of(&p)));
                     Some(Ok(p.metadata.namespace.clone()))
                 }
                 Err(e) => Some(Err(e.to_string())),
