@@ -47,8 +47,9 @@ struct Args {
     #[arg(long = "proxy-arg", allow_hyphen_values = true)]
     proxy_args: Vec<String>,
     /// Only these targets (comma-separated: direct,tunnelgate,squid,tinyproxy,http-tunnel for the
-    /// forward suite, plus haproxy (CONNECT through a Lua action) and the no-parsing floors
-    /// tunnelgate-l4 and haproxy-l4, transparent (root and nft; bench/run-transparent.sh) and
+    /// forward suite, plus haproxy (CONNECT through a Lua action), haproxy-splice (the same with
+    /// option splice-auto), the no-parsing floors tunnelgate-l4, haproxy-l4 and
+    /// haproxy-l4-splice, transparent (root and nft; bench/run-transparent.sh) and
     /// tunnelgate-squid (Tunnelgate with Squid as its parent), which run only when named; plain,tunnelgate,hitch,stunnel,
     /// haproxy,nginx for termination).
     #[arg(long)]
@@ -137,8 +138,9 @@ async fn start_targets(args: &Args, up: &Upstreams, dns: std::net::SocketAddr) -
     // bench/RESULTS.md): on request only, like the floors below.
     let opted = |n: &str| args.only.as_deref().is_some_and(|o| o.split(',').any(|x| x.trim() == n));
     type Starter<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Res<Option<Target>>> + 'a>>;
-    let starters: [(&str, bool, Starter<'_>); 8] = [
-        ("haproxy", opted("haproxy"), Box::pin(targets::start_haproxy())),
+    let starters: [(&str, bool, Starter<'_>); 10] = [
+        ("haproxy", opted("haproxy"), Box::pin(targets::start_haproxy(false))),
+        ("haproxy-splice", opted("haproxy-splice"), Box::pin(targets::start_haproxy(true))),
         ("squid", wanted("squid"), Box::pin(targets::start_squid())),
         ("tinyproxy", wanted("tinyproxy"), Box::pin(targets::start_tinyproxy())),
         ("http-tunnel", wanted("http-tunnel"), Box::pin(targets::start_http_tunnel())),
@@ -148,7 +150,8 @@ async fn start_targets(args: &Args, up: &Upstreams, dns: std::net::SocketAddr) -
             opted("tunnelgate-l4"),
             Box::pin(async { targets::start_tunnelgate_l4(&args.proxy_bin, up, &args.proxy_args).await.map(Some) }),
         ),
-        ("haproxy-l4", opted("haproxy-l4"), Box::pin(targets::start_haproxy_l4(up))),
+        ("haproxy-l4", opted("haproxy-l4"), Box::pin(targets::start_haproxy_l4(up, false))),
+        ("haproxy-l4-splice", opted("haproxy-l4-splice"), Box::pin(targets::start_haproxy_l4(up, true))),
         // Tunnelgate with Squid as its parent (opt in with --only).
         (
             "tunnelgate-squid",

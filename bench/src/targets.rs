@@ -242,11 +242,17 @@ async fn start_tunnelgate_with(
     Ok(t)
 }
 
+/// HAProxy's zero-copy option: `splice-auto` splices once a direction streams (its own
+/// heuristic), both ways.
+const HAPROXY_SPLICE: &str = "  option splice-auto\n";
+
 /// HAProxy as a CONNECT proxy: TCP mode, a Lua action that reads the CONNECT head, answers 200
-/// and sets the destination (HAProxy has no CONNECT of its own).
-pub(crate) async fn start_haproxy() -> Res<Option<Target>> {
+/// and sets the destination (HAProxy has no CONNECT of its own); `splice`: with `option
+/// splice-auto`.
+pub(crate) async fn start_haproxy(splice: bool) -> Res<Option<Target>> {
     let Some(bin) = which("haproxy") else { return Ok(None) };
-    let dir = TempDir::new("haproxy")?;
+    let name = if splice { "haproxy-splice" } else { "haproxy" };
+    let dir = TempDir::new(name)?;
     let port = free_port()?;
     let lua = dir.0.join("connect.lua");
     std::fs::write(
@@ -269,13 +275,14 @@ end)
     )?;
     // maxconn 8000: HAProxy asks for about two descriptors per connection, within the 20,000 here.
     let cfg = format!(
-        "global\n  nbthread 2\n  maxconn 8000\n  lua-load {}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\nfrontend f\n  bind 127.0.0.1:{port}\n  tcp-request inspect-delay 5s\n  tcp-request content lua.connect if {{ req.payload(0,0) -m reg \\r\\n\\r\\n }}\n  tcp-request content set-dst var(txn.dst_ip)\n  tcp-request content set-dst-port var(txn.dst_port)\n  default_backend b\nbackend b\n  server s 0.0.0.0:0\n",
-        lua.display()
+        "global\n  nbthread 2\n  maxconn 8000\n  lua-load {}\ndefaults\n  mode tcp\n{}  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\nfrontend f\n  bind 127.0.0.1:{port}\n  tcp-request inspect-delay 5s\n  tcp-request content lua.connect if {{ req.payload(0,0) -m reg \\r\\n\\r\\n }}\n  tcp-request content set-dst var(txn.dst_ip)\n  tcp-request content set-dst-port var(txn.dst_port)\n  default_backend b\nbackend b\n  server s 0.0.0.0:0\n",
+        lua.display(),
+        if splice { HAPROXY_SPLICE } else { "" }
     );
     std::fs::write(dir.0.join("haproxy.cfg"), cfg)?;
     let mut cmd = Command::new(bin);
     cmd.arg("-db").arg("-f").arg(dir.0.join("haproxy.cfg"));
-    Ok(Some(spawn("haproxy", cmd, port, dir).await?))
+    Ok(Some(spawn(name, cmd, port, dir).await?))
 }
 
 /// A fixed forwarder per upstream: (name, upstream) pairs and their front ports.
@@ -329,19 +336,24 @@ pub(crate) async fn start_tunnelgate_l4(bin: &Path, up: &Upstreams, extra: &[Str
     spawn_l4("tunnelgate-l4", cmd, &fronts, dir).await
 }
 
-/// HAProxy's plain TCP relay (mode tcp, one frontend per upstream): the no-parsing floor.
-pub(crate) async fn start_haproxy_l4(up: &Upstreams) -> Res<Option<Target>> {
+/// HAProxy's plain TCP relay (mode tcp, one frontend per upstream): the no-parsing floor;
+/// `splice`: with `option splice-auto`.
+pub(crate) async fn start_haproxy_l4(up: &Upstreams, splice: bool) -> Res<Option<Target>> {
     let Some(bin) = which("haproxy") else { return Ok(None) };
-    let dir = TempDir::new("haproxy-l4")?;
+    let name = if splice { "haproxy-l4-splice" } else { "haproxy-l4" };
+    let dir = TempDir::new(name)?;
     let fronts = l4_fronts(up)?;
     let mut cfg = String::from("global\n  nbthread 2\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 600s\n  timeout server 600s\n");
+    if splice {
+        cfg.push_str(HAPROXY_SPLICE);
+    }
     for (n, u, p) in &fronts {
         cfg.push_str(&format!("listen {n}\n  bind 127.0.0.1:{p}\n  server s {u}\n"));
     }
     std::fs::write(dir.0.join("haproxy.cfg"), cfg)?;
     let mut cmd = Command::new(bin);
     cmd.arg("-db").arg("-f").arg(dir.0.join("haproxy.cfg"));
-    Ok(Some(spawn_l4("haproxy-l4", cmd, &fronts, dir).await?))
+    Ok(Some(spawn_l4(name, cmd, &fronts, dir).await?))
 }
 
 pub(crate) async fn start_squid() -> Res<Option<Target>> {

@@ -3,14 +3,13 @@
 //! it ends. One path for CONNECT tunnels, upgraded HTTP connections and tunnel listeners.
 
 use proxy_config::Authority;
-use tokio::io::AsyncWrite;
 use tracing::Instrument;
 
 use crate::access::{self, TunnelKind};
 use crate::authorize::Authorized;
 use crate::context::ConnCtx;
 use crate::parent::Upstream;
-use crate::relay::{self, ByteCounters, End, RelayRead, Terms};
+use crate::relay::{self, ByteCounters, End, RelayRead, RelayWrite, Terms};
 use crate::tunnels::Admitted;
 
 /// What the relay of an established tunnel needs to know of it.
@@ -30,9 +29,9 @@ pub(crate) struct Established {
 pub(crate) async fn tunnel<CR, CW, UR, UW>(cr: CR, cw: CW, ur: UR, uw: UW, t: Established, ctx: &ConnCtx)
 where
     CR: RelayRead,
-    CW: AsyncWrite + Unpin + Send,
+    CW: RelayWrite,
     UR: RelayRead,
-    UW: AsyncWrite + Unpin + Send,
+    UW: RelayWrite,
 {
     let m = &ctx.inner.metrics;
     m.tunnel_requests.with_label_values(&[&ctx.listener, "established"]).inc();
@@ -51,6 +50,7 @@ where
     let counters = ByteCounters {
         up: m.relayed_bytes.with_label_values(&[&ctx.listener, "upstream"]),
         down: m.relayed_bytes.with_label_values(&[&ctx.listener, "downstream"]),
+        spliced: m.spliced_bytes.with_label_values(&[&ctx.listener]),
     };
     let terms = Terms { early: &t.early, limits: &a.limits, stop: &registration.membership.stop, counters: &counters };
     let out = relay::run(End { read: cr, write: cw }, End { read: ur, write: uw }, terms).await;
@@ -62,7 +62,7 @@ where
 pub(crate) async fn tunnel_to<CR, CW>(cr: CR, cw: CW, upstream: Upstream, t: Established, ctx: &ConnCtx)
 where
     CR: RelayRead,
-    CW: AsyncWrite + Unpin + Send,
+    CW: RelayWrite,
 {
     match upstream {
         Upstream::Tcp(s, _) => {
@@ -82,7 +82,7 @@ where
 pub(crate) fn spawn_to<CR, CW>(cr: CR, cw: CW, upstream: Upstream, t: Established, ctx: &ConnCtx)
 where
     CR: RelayRead + 'static,
-    CW: AsyncWrite + Unpin + Send + 'static,
+    CW: RelayWrite + 'static,
 {
     match upstream {
         Upstream::Tcp(s, _) => {
@@ -103,9 +103,9 @@ where
 pub(crate) fn spawn_tunnel<CR, CW, UR, UW>(cr: CR, cw: CW, ur: UR, uw: UW, t: Established, ctx: &ConnCtx)
 where
     CR: RelayRead + 'static,
-    CW: AsyncWrite + Unpin + Send + 'static,
+    CW: RelayWrite + 'static,
     UR: RelayRead + 'static,
-    UW: AsyncWrite + Unpin + Send + 'static,
+    UW: RelayWrite + 'static,
 {
     let owned = ctx.clone();
     let relay = async move { tunnel(cr, cw, ur, uw, t, &owned).await };

@@ -4,7 +4,7 @@
 //! tunnels keep flowing, and shedding stops by itself once memory falls back.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -75,13 +75,29 @@ pub fn set_heap_probe(probe: fn() -> usize) {
     let _ = HEAP_PROBE.set(probe);
 }
 
-/// Bytes the proxy holds now: heap in use, or resident memory when the heap is not counted.
-/// Resident memory alone would keep shedding after a spike: the allocator keeps freed pages.
+/// Bytes of tunnels held in kernel pipes between a splice in and a splice out: outside the heap,
+/// but held for the proxy as surely as a buffer (and charged to its cgroup).
+static IN_PIPES: AtomicU64 = AtomicU64::new(0);
+
+/// `n` more bytes are held in a pipe.
+pub(crate) fn piped(n: usize) {
+    IN_PIPES.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// `n` bytes left a pipe (sent on, or freed with it).
+pub(crate) fn unpiped(n: usize) {
+    IN_PIPES.fetch_sub(n as u64, Ordering::Relaxed);
+}
+
+/// Bytes the proxy holds now: heap in use (or resident memory when the heap is not counted) and
+/// bytes held in relay pipes. Resident memory alone would keep shedding after a spike: the
+/// allocator keeps freed pages.
 pub fn in_use_bytes() -> Option<u64> {
-    match HEAP_PROBE.get() {
+    let own = match HEAP_PROBE.get() {
         Some(probe) => u64::try_from(probe()).ok(),
         None => resident_bytes(),
-    }
+    }?;
+    Some(own.saturating_add(IN_PIPES.load(Ordering::Relaxed)))
 }
 
 /// Resident memory of this process in bytes.

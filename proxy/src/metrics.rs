@@ -19,6 +19,8 @@ pub struct ProxyMetrics {
     pub tunnel_duration: HistogramVec,
     /// `listener`, `direction` = upstream (client → target) or downstream.
     pub relayed_bytes: IntCounterVec,
+    /// Of those, the bytes moved by `splice(2)` without entering the proxy's memory, by `listener`.
+    pub spliced_bytes: IntCounterVec,
     /// Time to connect to the upstream. Buckets 0.5 ms .. ~16 s (×2).
     pub upstream_connect_duration: HistogramVec,
     /// `result` = success, not_found, error, timeout, cached_local.
@@ -109,6 +111,13 @@ impl ProxyMetrics {
             relayed_bytes: IntCounterVec::new(
                 Opts::new("tunnelgate_relayed_bytes_total", "Bytes relayed through tunnels"),
                 &["listener", "direction"],
+            )?,
+            spliced_bytes: IntCounterVec::new(
+                Opts::new(
+                    "tunnelgate_relayed_spliced_bytes_total",
+                    "Bytes relayed through tunnels by splice(2), without copying (also counted in tunnelgate_relayed_bytes_total)",
+                ),
+                &["listener"],
             )?,
             upstream_connect_duration: HistogramVec::new(
                 HistogramOpts::new("tunnelgate_upstream_connect_duration_seconds", "Time to connect to the upstream")
@@ -254,6 +263,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.connections_open.clone()))?;
         registry.register(Box::new(m.tunnel_duration.clone()))?;
         registry.register(Box::new(m.relayed_bytes.clone()))?;
+        registry.register(Box::new(m.spliced_bytes.clone()))?;
         registry.register(Box::new(m.upstream_connect_duration.clone()))?;
         registry.register(Box::new(m.dns_lookups.clone()))?;
         registry.register(Box::new(m.policy_decisions.clone()))?;
@@ -306,6 +316,7 @@ impl ProxyMetrics {
         for direction in ["upstream", "downstream"] {
             self.relayed_bytes.with_label_values(&[listener, direction]);
         }
+        self.spliced_bytes.with_label_values(&[listener]);
     }
 }
 

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus::IntCounter;
 use proxy_config::TunnelLimits;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Duration, Instant};
 
 use crate::stop::{StopReason, StopSignal};
@@ -77,16 +78,41 @@ pub trait RelayRead: AsyncRead + Unpin + Send {
     /// Reads at most `limit` bytes into `buf` (empty, its capacity kept or allocated here);
     /// `Ok(0)` at the end of the stream.
     fn read_some(&mut self, buf: &mut Vec<u8>, limit: usize) -> impl Future<Output = io::Result<usize>> + Send;
+
+    /// The TCP socket behind this half, when its bytes can be spliced out of it.
+    fn splice_source(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
+/// A write half of the relay.
+pub trait RelayWrite: AsyncWrite + Unpin + Send {
+    /// The TCP socket behind this half, when bytes can be spliced into it.
+    fn splice_sink(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl RelayWrite for OwnedWriteHalf {
+    fn splice_sink(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Send> RelayWrite for tokio::io::WriteHalf<T> {}
+
 impl RelayRead for OwnedReadHalf {
+    fn splice_source(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+
     async fn read_some(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
         use bytes::BufMut;
         loop {
             // Take what is there without waiting; wait only with the buffer released. Readiness
             // alone is no promise of data (a socket never read before reports it at once).
             if buf.capacity() > 0 {
-                let stream: &tokio::net::TcpStream = self.as_ref();
+                let stream: &TcpStream = self.as_ref();
                 let offered = limit.min(buf.capacity() - buf.len());
                 let mut got = 0;
                 let read = stream.try_io(Interest::READABLE, || {
@@ -129,13 +155,13 @@ impl<T: AsyncRead + AsyncWrite + Send> RelayRead for tokio::io::ReadHalf<T> {
 /// read half can wait without a buffer), anything else through `tokio::io::split`.
 pub trait IntoHalves: AsyncRead + AsyncWrite + Unpin + Send + Sized {
     type Read: RelayRead;
-    type Write: AsyncWrite + Unpin + Send;
+    type Write: RelayWrite;
     fn into_halves(self) -> (Self::Read, Self::Write);
 }
 
 impl IntoHalves for tokio::net::TcpStream {
     type Read = OwnedReadHalf;
-    type Write = tokio::net::tcp::OwnedWriteHalf;
+    type Write = OwnedWriteHalf;
     fn into_halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
     }
@@ -163,6 +189,8 @@ impl From<StopReason> for CloseReason {
 pub struct ByteCounters {
     pub up: IntCounter,
     pub down: IntCounter,
+    /// The part of both that moved by `splice(2)`.
+    pub spliced: IntCounter,
 }
 
 /// Which way bytes flow.
@@ -289,23 +317,98 @@ impl Bucket {
     }
 }
 
-async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
+/// Why a direction stops splicing.
+enum SpliceEnd {
+    /// The kernel cannot splice these sockets, or no pipe can be had: copy instead (nothing moved).
+    Unavailable,
+    Io,
+}
+
+/// Moves one batch from `src` to `dst` through a pipe lent for it, waiting for bytes with none
+/// held, counting them as they leave: `(read, sent)`, `sent` short of `read` once
+/// `maxTotalBytes` is reached; `(0, 0)` at the end of the stream.
+async fn splice_batch(
+    src: &TcpStream,
+    dst: &TcpStream,
+    allowance: usize,
+    shared: &Traffic,
+    count: impl FnMut(usize),
+) -> Result<(usize, usize), SpliceEnd> {
+    loop {
+        splice::readable(src).await.map_err(|_| SpliceEnd::Io)?;
+        let mut pipe = Pipe::take().map_err(|_| SpliceEnd::Unavailable)?;
+        let n = match pipe.fill(src, allowance) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipe.give_back();
+                continue;
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(code) if splice::unsupported(code)) => {
+                return Err(SpliceEnd::Unavailable)
+            }
+            Err(_) => return Err(SpliceEnd::Io),
+        };
+        let send = usize::try_from(shared.take(n as u64)).unwrap_or(n).min(n);
+        pipe.drain(dst, send, count).await.map_err(|_| SpliceEnd::Io)?;
+        // Bytes past maxTotalBytes stay in it: closed, not pooled.
+        pipe.give_back();
+        return Ok((n, send));
+    }
+}
+
+async fn pump<R: RelayRead, W: RelayWrite>(
     r: &mut R,
     w: &mut W,
     shared: &Traffic,
     dir: Direction,
-    counter: &IntCounter,
+    counters: &ByteCounters,
     rate: Option<u64>,
 ) -> Result<Eof, PumpEnd> {
+    let counter = if dir == Direction::Up { &counters.up } else { &counters.down };
     // Boxed for the same reason as its timer: most tunnels have no rate limit.
     let mut bucket = rate.map(|r| Box::new(Bucket::new(r)));
     // Empty (no allocation) while the tunnel is idle; never zero-filled (read_buf uses spare capacity).
     let mut buf: Vec<u8> = Vec::new();
+    // TCP to TCP: once a read fills the whole buffer (a bulk transfer, not a message), the bytes
+    // move by splice(2) and never enter the proxy's memory. Small messages keep the copy, which
+    // costs the same two system calls and no pipe.
+    let mut can_splice = r.splice_source().is_some() && w.splice_sink().is_some();
+    let mut splicing = false;
     loop {
         let allowance = match bucket.as_mut() {
             Some(b) => b.take_allowance().await.min(BUF_SIZE),
             None => BUF_SIZE,
         };
+        if let (true, Some(src), Some(dst)) = (splicing, r.splice_source(), w.splice_sink()) {
+            let limit = match bucket.as_ref() {
+                Some(_) => allowance,
+                None => splice::PIPE_CAPACITY,
+            };
+            let count = |k: usize| {
+                counter.inc_by(k as u64);
+                counters.spliced.inc_by(k as u64);
+                shared.moved(dir, k as u64);
+            };
+            match splice_batch(src, dst, limit, shared, count).await {
+                Ok((0, _)) => {
+                    let _ = w.shutdown().await;
+                    return Ok(Eof::Clean);
+                }
+                Ok((n, send)) => {
+                    if let Some(bk) = bucket.as_mut() {
+                        bk.spend(n);
+                    }
+                    if send < n {
+                        return Err(PumpEnd::ByteLimit);
+                    }
+                    continue;
+                }
+                Err(SpliceEnd::Unavailable) => {
+                    (can_splice, splicing) = (false, false);
+                }
+                Err(SpliceEnd::Io) => return Err(PumpEnd::Io),
+            }
+        }
         buf.clear();
         let n = match r.read_some(&mut buf, allowance).await {
             Ok(n) => n,
@@ -328,11 +431,23 @@ async fn pump<R: RelayRead, W: AsyncWrite + Unpin>(
         // Within maxTotalBytes: all of it, or what is left before the limit (then the end).
         let send = usize::try_from(shared.take(n as u64)).unwrap_or(n).min(n);
         let over = send < n;
-        w.write_all(&b[..send]).await.map_err(|_| PumpEnd::Io)?;
-        counter.inc_by(send as u64);
-        shared.moved(dir, send as u64);
+        // Counted as each part leaves: a tunnel ended meanwhile has counted what left.
+        let mut off = 0;
+        while off < send {
+            let k = match w.write(&b[off..send]).await {
+                Ok(0) | Err(_) => return Err(PumpEnd::Io),
+                Ok(k) => k,
+            };
+            counter.inc_by(k as u64);
+            shared.moved(dir, k as u64);
+            off += k;
+        }
         if over {
             return Err(PumpEnd::ByteLimit);
+        }
+        if can_splice && n == BUF_SIZE {
+            splicing = true;
+            buf = Vec::new();
         }
     }
 }
@@ -387,9 +502,9 @@ pub struct Terms<'a> {
 pub async fn run<CR, CW, UR, UW>(client: End<CR, CW>, upstream: End<UR, UW>, terms: Terms<'_>) -> RelayOutcome
 where
     CR: RelayRead,
-    CW: AsyncWrite + Unpin + Send,
+    CW: RelayWrite,
     UR: RelayRead,
-    UW: AsyncWrite + Unpin + Send,
+    UW: RelayWrite,
 {
     let Terms { early, limits, stop, counters } = terms;
     let End { read: mut client_r, write: mut client_w } = client;
@@ -401,9 +516,8 @@ where
     }
 
     let reason = {
-        let up = pump(&mut client_r, &mut up_w, &shared, Direction::Up, &counters.up, limits.max_bytes_per_second);
-        let down =
-            pump(&mut up_r, &mut client_w, &shared, Direction::Down, &counters.down, limits.max_bytes_per_second);
+        let up = pump(&mut client_r, &mut up_w, &shared, Direction::Up, counters, limits.max_bytes_per_second);
+        let down = pump(&mut up_r, &mut client_w, &shared, Direction::Down, counters, limits.max_bytes_per_second);
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;
@@ -472,5 +586,8 @@ where
     RelayOutcome { reason, bytes_up: shared.bytes().0, bytes_down: shared.bytes().1, duration: start.elapsed() }
 }
 
+mod splice;
 #[cfg(test)]
 mod tests;
+
+use splice::Pipe;

@@ -15,7 +15,11 @@ fn limits() -> TunnelLimits {
 }
 
 fn counters() -> ByteCounters {
-    ByteCounters { up: IntCounter::new("u", "u").unwrap(), down: IntCounter::new("d", "d").unwrap() }
+    ByteCounters {
+        up: IntCounter::new("u", "u").unwrap(),
+        down: IntCounter::new("d", "d").unwrap(),
+        spliced: IntCounter::new("s", "s").unwrap(),
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -152,4 +156,131 @@ async fn tcp_halves_relay_every_burst_and_the_end_after_short_reads() {
     let out = relay.await.unwrap();
     assert_eq!(out.reason, CloseReason::ClientClosed);
     assert_eq!(out.bytes_up, sent.len() as u64);
+}
+
+/// Relays `payload` client → upstream over real TCP with the given limits, the upstream
+/// answering `reply` after the client's end; returns what the upstream got, what the client got
+/// back, the outcome and the spliced byte count.
+async fn bulk_through(payload: Vec<u8>, reply: Vec<u8>, limits: TunnelLimits) -> (Vec<u8>, Vec<u8>, RelayOutcome, u64) {
+    let (mut client, proxy_c) = tcp_pair().await;
+    let (proxy_u, mut upstream) = tcp_pair().await;
+    let (cr, cw) = proxy_c.into_split();
+    let (ur, uw) = proxy_u.into_split();
+    let c = counters();
+    let spliced = c.spliced.clone();
+    let relay = tokio::spawn(async move {
+        let stop = StopSignal::default();
+        run(
+            End { read: cr, write: cw },
+            End { read: ur, write: uw },
+            Terms { early: b"", limits: &limits, stop: &stop, counters: &c },
+        )
+        .await
+    });
+    let (mut client_r, mut client_w) = client.split();
+    let writer = async {
+        // Written in uneven pieces: the relay sees full and partial reads.
+        for piece in payload.chunks(100_003) {
+            if client_w.write_all(piece).await.is_err() {
+                break;
+            }
+        }
+        let _ = client_w.shutdown().await;
+    };
+    let upstream_side = async {
+        let mut got = Vec::new();
+        let _ = upstream.read_to_end(&mut got).await;
+        let _ = upstream.write_all(&reply).await;
+        let _ = upstream.shutdown().await;
+        got
+    };
+    let mut back = Vec::new();
+    let reader = client_r.read_to_end(&mut back);
+    let ((), got, _) = tokio::join!(writer, upstream_side, reader);
+    let out = relay.await.unwrap();
+    (got, back, out, spliced.get())
+}
+
+fn pattern(n: usize, seed: usize) -> Vec<u8> {
+    (0..n).map(|i| ((i * 131 + seed) % 251) as u8).collect()
+}
+
+/// A bulk transfer between two TCP sockets moves by splice(2): every byte arrives in order, the
+/// half-close is relayed, the reply after it comes back (by splice too once it is bulk), and the
+/// counts are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_tcp_to_tcp_is_spliced_with_every_byte_in_order_and_the_end_relayed() {
+    let (payload, reply) = (pattern(8 << 20, 1), pattern(3 << 20, 7));
+    let (got, back, out, spliced) = bulk_through(payload.clone(), reply.clone(), limits()).await;
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "bytes were reordered or altered");
+    assert!(back == reply, "the reply after the half-close was altered");
+    assert_eq!(out.reason, CloseReason::ClientClosed);
+    assert_eq!((out.bytes_up, out.bytes_down), (payload.len() as u64, reply.len() as u64));
+    // All but the copied reads before each direction went bulk.
+    assert!(spliced > (payload.len() + reply.len()) as u64 * 9 / 10, "only {spliced} bytes were spliced");
+}
+
+/// maxTotalBytes ends a spliced tunnel at exactly the limit: the upstream gets the first bytes up
+/// to it and not one more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_cap_ends_a_spliced_tunnel_at_exactly_the_cap() {
+    let cap = 5_000_017u64;
+    let payload = pattern(8 << 20, 3);
+    let l = TunnelLimits { max_total_bytes: Some(cap), ..limits() };
+    let (got, _, out, spliced) = bulk_through(payload.clone(), Vec::new(), l).await;
+    assert_eq!(out.reason, CloseReason::ByteLimit);
+    assert_eq!(got.len() as u64, cap);
+    assert!(got[..] == payload[..cap as usize]);
+    assert_eq!(out.bytes_up, cap);
+    assert!(spliced > cap / 2, "only {spliced} bytes were spliced");
+}
+
+/// A rate-limited tunnel keeps its pace whatever moves its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_paces_bulk_between_tcp_sockets() {
+    let payload = pattern(600_000, 5);
+    let l = TunnelLimits { max_bytes_per_second: Some(1_000_000), ..limits() };
+    let start = Instant::now();
+    let (got, _, out, _) = bulk_through(payload.clone(), Vec::new(), l).await;
+    assert!(got == payload);
+    assert_eq!(out.reason, CloseReason::ClientClosed);
+    // 600 kB at 1 MB/s with a 32 KiB burst: well over half a second.
+    assert!(start.elapsed() >= Duration::from_millis(500), "{:?}", start.elapsed());
+}
+
+/// A revocation ends a tunnel in the middle of a spliced transfer, both sides closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_ends_a_tunnel_in_the_middle_of_a_spliced_transfer() {
+    let (mut client, proxy_c) = tcp_pair().await;
+    let (proxy_u, mut upstream) = tcp_pair().await;
+    let (cr, cw) = proxy_c.into_split();
+    let (ur, uw) = proxy_u.into_split();
+    let stop = std::sync::Arc::new(StopSignal::default());
+    let (s2, c) = (stop.clone(), counters());
+    let spliced = c.spliced.clone();
+    let relay = tokio::spawn(async move {
+        run(
+            End { read: cr, write: cw },
+            End { read: ur, write: uw },
+            Terms { early: b"", limits: &limits(), stop: &s2, counters: &c },
+        )
+        .await
+    });
+    let chunk = pattern(1 << 20, 9);
+    let writer = tokio::spawn(async move {
+        // Until the relay closes the client's connection.
+        while client.write_all(&chunk).await.is_ok() {}
+    });
+    let mut got = vec![0u8; 4 << 20];
+    upstream.read_exact(&mut got).await.unwrap();
+    assert!(spliced.get() > 0, "the transfer had not gone zero-copy");
+    stop.stop(StopReason::Revoked);
+    let out = relay.await.unwrap();
+    assert_eq!(out.reason, CloseReason::Revoked);
+    // The upstream sees the end of the stream after what was relayed.
+    let mut rest = Vec::new();
+    let _ = upstream.read_to_end(&mut rest).await;
+    assert_eq!((got.len() + rest.len()) as u64, out.bytes_up);
+    writer.await.unwrap();
 }

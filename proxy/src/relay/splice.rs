@@ -1,0 +1,132 @@
+//! Zero-copy relaying from one TCP socket to another through a kernel pipe (`splice(2)`): the
+//! pipes, the pool that lends them only to directions with bytes in flight, and the two moves (a
+//! socket into a pipe, a pipe into a socket).
+//!
+//! The bytes never enter the proxy's memory: the kernel moves page references from the source's
+//! receive queue into the pipe and from the pipe into the destination's send queue.
+
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+
+use rustix::pipe::{fcntl_getpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use crate::memory;
+
+/// Pipes kept for reuse once returned: enough for the directions that stream at once on a busy
+/// proxy, few enough that an idle proxy holds a handful of descriptors.
+const POOL_MAX: usize = 64;
+
+/// The most one move takes: a pipe's default capacity (16 pages), which needs no
+/// `F_SETPIPE_SZ` (a larger pipe counts against the user's pipe page limit, past which the kernel
+/// hands out one-page pipes).
+pub(super) const PIPE_CAPACITY: usize = 64 * 1024;
+
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+/// An empty kernel pipe, lent to one direction while its bytes are in flight.
+pub(super) struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// What it holds at most, as the kernel made it (smaller than asked when the user is past
+    /// the pipe page limit): a move offers no more, so a short one means a drained socket.
+    capacity: usize,
+    /// Bytes in it now, counted as the proxy's memory while there.
+    held: usize,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        memory::unpiped(self.held);
+    }
+}
+
+impl Pipe {
+    /// A pipe from the pool, or a new one.
+    pub(super) fn take() -> io::Result<Pipe> {
+        if let Some(p) = POOL.lock().ok().and_then(|mut pool| pool.pop()) {
+            return Ok(p);
+        }
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        let capacity = fcntl_getpipe_size(&read)?.min(PIPE_CAPACITY);
+        Ok(Pipe { read, write, capacity, held: 0 })
+    }
+
+    /// Returns the pipe to the pool when it is empty and the pool is not full; else closes it
+    /// (bytes still in it belong to a tunnel that ended).
+    pub(super) fn give_back(self) {
+        if self.held > 0 {
+            return;
+        }
+        if let Ok(mut pool) = POOL.lock() {
+            if pool.len() < POOL_MAX {
+                pool.push(self);
+            }
+        }
+    }
+
+    /// Moves up to `limit` bytes waiting in `src`'s receive queue into the pipe (which must be
+    /// empty): `Ok(0)` at the end of the stream, `WouldBlock` when nothing waits. A move that took
+    /// less than offered found the queue empty and clears the socket's readiness, so the next one
+    /// waits for the poller rather than asking the kernel only to hear `EAGAIN`.
+    pub(super) fn fill(&mut self, src: &TcpStream, limit: usize) -> io::Result<usize> {
+        let offered = limit.min(self.capacity);
+        let mut got = 0;
+        let moved = src.try_io(Interest::READABLE, || {
+            got = splice(src, None, &self.write, None, offered, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)?;
+            if got > 0 && got < offered {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(got)
+            }
+        });
+        let got = match moved {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
+            other => other?,
+        };
+        self.held += got;
+        memory::piped(got);
+        Ok(got)
+    }
+
+    /// Moves the first `n` bytes of the pipe into `dst`, waiting while its send queue is full;
+    /// `sent` hears of each part as it leaves (a tunnel ended meanwhile has counted what left).
+    pub(super) async fn drain(&mut self, dst: &TcpStream, mut n: usize, mut sent: impl FnMut(usize)) -> io::Result<()> {
+        while n > 0 {
+            let moved = dst.try_io(Interest::WRITABLE, || {
+                Ok(splice(&self.read, None, dst, None, n, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)?)
+            });
+            match moved {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => {
+                    let k = k.min(n);
+                    let freed = k.min(self.held);
+                    self.held -= freed;
+                    memory::unpiped(freed);
+                    sent(k);
+                    n -= k;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => poll_fn(|cx| dst.poll_write_ready(cx)).await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `src` may have bytes (or its end) to read, holding no pipe and no waiter node: the
+/// socket's own reader slot keeps the waker (the relay is its one reader).
+pub(super) async fn readable(src: &TcpStream) -> io::Result<()> {
+    poll_fn(|cx| src.poll_read_ready(cx)).await
+}
+
+/// Whether `splice(2)` failing with this error means these descriptors cannot be spliced (a
+/// kernel or sandbox without it for sockets), so the relay should copy instead.
+pub(super) fn unsupported(code: i32) -> bool {
+    [rustix::io::Errno::INVAL, rustix::io::Errno::NOSYS, rustix::io::Errno::OPNOTSUPP]
+        .iter()
+        .any(|e| e.raw_os_error() == code)
+}
