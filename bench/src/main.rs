@@ -47,8 +47,8 @@ struct Args {
     #[arg(long = "proxy-arg", allow_hyphen_values = true)]
     proxy_args: Vec<String>,
     /// Only these targets (comma-separated: direct,tunnelgate,squid,tinyproxy,http-tunnel for the
-    /// forward suite, plus haproxy (CONNECT through a Lua action), haproxy-splice (the same with
-    /// option splice-auto), the no-parsing floors tunnelgate-l4, haproxy-l4 and
+    /// forward suite, plus haproxy (CONNECT through a Lua action), haproxy-splice (the same,
+    /// splicing both ways), the no-parsing floors tunnelgate-l4, haproxy-l4 and
     /// haproxy-l4-splice, transparent (root and nft; bench/run-transparent.sh) and
     /// tunnelgate-squid (Tunnelgate with Squid as its parent), which run only when named; plain,tunnelgate,hitch,stunnel,
     /// haproxy,nginx for termination).
@@ -191,11 +191,12 @@ async fn forward_suite(args: &Args, targets: &[Arc<Target>], up: &Arc<Upstreams>
     let scenario = |n: &str| args.scenarios.as_deref().is_none_or(|o| o.split(',').any(|x| x.trim() == n));
     let gib = args.bulk_bytes as f64 / (1u64 << 30) as f64;
     for n in [1usize, 8].into_iter().filter(|_| scenario("bulk")) {
-        let [rate] = per_target(targets, r, Duration::ZERO, |t| async move {
-            scenarios::bulk(&t, up, n, args.bulk_bytes).await.map(|v| [v])
+        let [rate, cpu] = per_target(targets, r, Duration::ZERO, |t| async move {
+            scenarios::bulk(&t, up, n, args.bulk_bytes).await.map(|(a, b)| [a, b])
         })
         .await;
         add(format!("bulk, {n} tunnel(s) x {gib:.2} GiB (MB/s)"), true, rate);
+        add(format!("bulk, {n} tunnel(s), proxy CPU per GiB (ms)"), false, cpu);
     }
     for conc in [1usize, 64].into_iter().filter(|_| scenario("setup")) {
         let [rate, p50, p99, cpu] = per_target(targets, r, settle, |t| async move {

@@ -164,12 +164,13 @@ pub(crate) fn cpu_us(pid: u32) -> Res<u64> {
     Ok(ticks * 10_000)
 }
 
-/// MB/s (10^6 bytes) moved by `n` tunnels of `bytes` each.
-pub(crate) async fn bulk(t: &Target, up: &Upstreams, n: usize, bytes: u64) -> Res<f64> {
+/// MB/s (10^6 bytes) moved by `n` tunnels of `bytes` each, and the proxy's CPU milliseconds per GiB.
+pub(crate) async fn bulk(t: &Target, up: &Upstreams, n: usize, bytes: u64) -> Res<(f64, f64)> {
     let mut streams = Vec::new();
     for _ in 0..n {
         streams.push(open(t, up.sink).await?);
     }
+    let cpu_before = t.child.as_ref().map(|c| cpu_us(c.id())).transpose()?;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for mut s in streams {
@@ -193,7 +194,10 @@ pub(crate) async fn bulk(t: &Target, up: &Upstreams, n: usize, bytes: u64) -> Re
             return Err(format!("{}: sink got {got} of {bytes} bytes", t.name).into());
         }
     }
-    Ok((n as u64 * bytes) as f64 / start.elapsed().as_secs_f64() / 1e6)
+    let rate = (n as u64 * bytes) as f64 / start.elapsed().as_secs_f64() / 1e6;
+    let gib = (n as u64 * bytes) as f64 / (1u64 << 30) as f64;
+    // µs per GiB from cpu_per_op, as milliseconds.
+    Ok((rate, cpu_per_op(t, cpu_before, gib)? / 1e3))
 }
 
 pub(crate) fn percentile(v: &mut [u64], p: f64) -> f64 {

@@ -536,8 +536,8 @@ pub struct RawLimits {
     /// rate limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_second: Option<u64>,
-    /// Heap bytes in use above which new requests get `503`; `0`: never shed. Default: 85% of the cgroup
-    /// memory limit when there is one.
+    /// Bytes in use (the heap, and tunnel bytes held in relay pipes) above which new requests get
+    /// `503`; `0`: never shed. Default: 85% of the cgroup memory limit when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_budget: Option<u64>,
     /// The rate limit's burst (needs `requestsPerSecond`). Default: one second's worth.

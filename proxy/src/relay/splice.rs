@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
-use rustix::pipe::{fcntl_getpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
+use rustix::pipe::{fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -20,10 +20,12 @@ use crate::memory;
 /// proxy, few enough that an idle proxy holds a handful of descriptors.
 const POOL_MAX: usize = 64;
 
-/// The most one move takes: a pipe's default capacity (16 pages), which needs no
-/// `F_SETPIPE_SZ` (a larger pipe counts against the user's pipe page limit, past which the kernel
-/// hands out one-page pipes).
-pub(super) const PIPE_CAPACITY: usize = 64 * 1024;
+/// The most one move takes, and the size asked of each new pipe: four times the kernel's default
+/// (16 pages), which measured 0.60-0.65x of a direct connection through one tunnel against
+/// 0.51-0.56x, with a quarter less CPU per GiB. Past the user's pipe page limit
+/// (`fs.pipe-user-pages-soft`, root exempt) the kernel keeps pipes smaller; each pipe's own
+/// capacity is read back and respected.
+pub(super) const PIPE_CAPACITY: usize = 256 * 1024;
 
 static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
@@ -51,6 +53,8 @@ impl Pipe {
             return Ok(p);
         }
         let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        // Refused past the pipe page limit: the default size serves.
+        let _ = fcntl_setpipe_size(&read, PIPE_CAPACITY);
         let capacity = fcntl_getpipe_size(&read)?.min(PIPE_CAPACITY);
         Ok(Pipe { read, write, capacity, held: 0 })
     }
