@@ -356,6 +356,47 @@ async fn splice_batch(
     }
 }
 
+/// The rest of a direction that went bulk between two TCP sockets, by splice(2): `None` when the
+/// kernel cannot splice them (nothing moved; the caller copies instead).
+async fn pump_spliced<R: RelayRead, W: RelayWrite>(
+    r: &mut R,
+    w: &mut W,
+    shared: &Traffic,
+    dir: Direction,
+    counters: &ByteCounters,
+    bucket: &mut Option<Box<Bucket>>,
+) -> Option<Result<Eof, PumpEnd>> {
+    let counter = if dir == Direction::Up { &counters.up } else { &counters.down };
+    let count = |k: usize| {
+        counter.inc_by(k as u64);
+        counters.spliced.inc_by(k as u64);
+        shared.moved(dir, k as u64);
+    };
+    loop {
+        let limit = match bucket.as_mut() {
+            Some(b) => b.take_allowance().await.min(BUF_SIZE),
+            None => splice::PIPE_CAPACITY,
+        };
+        let (Some(src), Some(dst)) = (r.splice_source(), w.splice_sink()) else { return None };
+        match splice_batch(src, dst, limit, shared, count).await {
+            Ok((0, _)) => {
+                let _ = w.shutdown().await;
+                return Some(Ok(Eof::Clean));
+            }
+            Ok((n, send)) => {
+                if let Some(bk) = bucket.as_mut() {
+                    bk.spend(n);
+                }
+                if send < n {
+                    return Some(Err(PumpEnd::ByteLimit));
+                }
+            }
+            Err(SpliceEnd::Unavailable) => return None,
+            Err(SpliceEnd::Io) => return Some(Err(PumpEnd::Io)),
+        }
+    }
+}
+
 async fn pump<R: RelayRead, W: RelayWrite>(
     r: &mut R,
     w: &mut W,
@@ -373,42 +414,11 @@ async fn pump<R: RelayRead, W: RelayWrite>(
     // move by splice(2) and never enter the proxy's memory. Small messages keep the copy, which
     // costs the same two system calls and no pipe.
     let mut can_splice = r.splice_source().is_some() && w.splice_sink().is_some();
-    let mut splicing = false;
     loop {
         let allowance = match bucket.as_mut() {
             Some(b) => b.take_allowance().await.min(BUF_SIZE),
             None => BUF_SIZE,
         };
-        if let (true, Some(src), Some(dst)) = (splicing, r.splice_source(), w.splice_sink()) {
-            let limit = match bucket.as_ref() {
-                Some(_) => allowance,
-                None => splice::PIPE_CAPACITY,
-            };
-            let count = |k: usize| {
-                counter.inc_by(k as u64);
-                counters.spliced.inc_by(k as u64);
-                shared.moved(dir, k as u64);
-            };
-            match splice_batch(src, dst, limit, shared, count).await {
-                Ok((0, _)) => {
-                    let _ = w.shutdown().await;
-                    return Ok(Eof::Clean);
-                }
-                Ok((n, send)) => {
-                    if let Some(bk) = bucket.as_mut() {
-                        bk.spend(n);
-                    }
-                    if send < n {
-                        return Err(PumpEnd::ByteLimit);
-                    }
-                    continue;
-                }
-                Err(SpliceEnd::Unavailable) => {
-                    (can_splice, splicing) = (false, false);
-                }
-                Err(SpliceEnd::Io) => return Err(PumpEnd::Io),
-            }
-        }
         buf.clear();
         let n = match r.read_some(&mut buf, allowance).await {
             Ok(n) => n,
@@ -446,8 +456,12 @@ async fn pump<R: RelayRead, W: RelayWrite>(
             return Err(PumpEnd::ByteLimit);
         }
         if can_splice && n == BUF_SIZE {
-            splicing = true;
             buf = Vec::new();
+            // Boxed: inline, its state would enlarge every tunnel's relay, bulk or not.
+            match Box::pin(pump_spliced(r, w, shared, dir, counters, &mut bucket)).await {
+                Some(end) => return end,
+                None => can_splice = false,
+            }
         }
     }
 }
