@@ -218,8 +218,10 @@ async fn r08_header_bombs_and_lingering_close() {
     assert!(text.ends_with("\n") && text.contains("Content-Length:"), "{text}");
 }
 
+/// 100 MiB each way through a CONNECT tunnel arrive byte for byte, counted exactly, and a bulk
+/// stream between two TCP sockets moves by splice(2) (all but the reads before it went bulk).
 #[tokio::test]
-async fn relay_100_mib_arrives_byte_identical() {
+async fn relay_100_mib_arrives_byte_identical_and_moves_by_splice() {
     let w = World::new().await;
     let p = start_proxy(&cfg(&w, "")).await;
     let s = tunnel(addr(&p), &w.echo.addr.to_string()).await;
@@ -261,6 +263,10 @@ async fn relay_100_mib_arrives_byte_identical() {
         })
         .await
     );
+    let down = metric(p.admin, "tunnelgate_relayed_bytes_total{direction=\"downstream\"").await;
+    assert_eq!(down, TOTAL as f64);
+    let spliced = metric(p.admin, "tunnelgate_relayed_spliced_bytes_total").await;
+    assert!(spliced > 1.8 * TOTAL as f64 && spliced <= 2.0 * TOTAL as f64, "{spliced} bytes spliced");
 }
 
 #[tokio::test(start_paused = true)]
