@@ -105,24 +105,39 @@ async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
     (a, b)
 }
 
+/// A relay between two real TCP connections, as a CONNECT tunnel has: the client's and the
+/// upstream's far ends, the relay's task, and its spliced-bytes counter.
+struct TcpRelay {
+    client: tokio::net::TcpStream,
+    upstream: tokio::net::TcpStream,
+    relay: tokio::task::JoinHandle<RelayOutcome>,
+    spliced: IntCounter,
+}
+
+async fn tcp_relay(limits: TunnelLimits, stop: std::sync::Arc<StopSignal>) -> TcpRelay {
+    let (client, proxy_c) = tcp_pair().await;
+    let (proxy_u, upstream) = tcp_pair().await;
+    let (cr, cw) = proxy_c.into_split();
+    let (ur, uw) = proxy_u.into_split();
+    let c = counters();
+    let spliced = c.spliced.clone();
+    let relay = tokio::spawn(async move {
+        run(
+            End { read: cr, write: cw },
+            End { read: ur, write: uw },
+            Terms { early: b"", limits: &limits, stop: &stop, counters: &c },
+        )
+        .await
+    });
+    TcpRelay { client, upstream, relay, spliced }
+}
+
 /// A TCP half treats a read that did not fill its buffer as having drained the socket; bytes
 /// that arrive in bursts of every size, right after such a read, and data followed at once by
 /// the end of the stream must all still be relayed, in order, with the end propagated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_halves_relay_every_burst_and_the_end_after_short_reads() {
-    let (mut client, proxy_c) = tcp_pair().await;
-    let (proxy_u, mut upstream) = tcp_pair().await;
-    let (cr, cw) = proxy_c.into_split();
-    let (ur, uw) = proxy_u.into_split();
-    let relay = tokio::spawn(async move {
-        let (stop, c) = (StopSignal::default(), counters());
-        run(
-            End { read: cr, write: cw },
-            End { read: ur, write: uw },
-            Terms { early: b"", limits: &limits(), stop: &stop, counters: &c },
-        )
-        .await
-    });
+    let TcpRelay { mut client, mut upstream, relay, .. } = tcp_relay(limits(), Default::default()).await;
     // Sizes from one byte to past the relay's buffer, sometimes back to back, sometimes after a
     // pause long enough for the relay to have read and gone back to waiting.
     let mut sent = Vec::new();
@@ -162,21 +177,7 @@ async fn tcp_halves_relay_every_burst_and_the_end_after_short_reads() {
 /// answering `reply` after the client's end; returns what the upstream got, what the client got
 /// back, the outcome and the spliced byte count.
 async fn bulk_through(payload: Vec<u8>, reply: Vec<u8>, limits: TunnelLimits) -> (Vec<u8>, Vec<u8>, RelayOutcome, u64) {
-    let (mut client, proxy_c) = tcp_pair().await;
-    let (proxy_u, mut upstream) = tcp_pair().await;
-    let (cr, cw) = proxy_c.into_split();
-    let (ur, uw) = proxy_u.into_split();
-    let c = counters();
-    let spliced = c.spliced.clone();
-    let relay = tokio::spawn(async move {
-        let stop = StopSignal::default();
-        run(
-            End { read: cr, write: cw },
-            End { read: ur, write: uw },
-            Terms { early: b"", limits: &limits, stop: &stop, counters: &c },
-        )
-        .await
-    });
+    let TcpRelay { mut client, mut upstream, relay, spliced } = tcp_relay(limits, Default::default()).await;
     let (mut client_r, mut client_w) = client.split();
     let writer = async {
         // Written in uneven pieces: the relay sees full and partial reads.
@@ -252,21 +253,8 @@ async fn a_rate_limit_paces_bulk_between_tcp_sockets() {
 /// A revocation ends a tunnel in the middle of a spliced transfer, both sides closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_ends_a_tunnel_in_the_middle_of_a_spliced_transfer() {
-    let (mut client, proxy_c) = tcp_pair().await;
-    let (proxy_u, mut upstream) = tcp_pair().await;
-    let (cr, cw) = proxy_c.into_split();
-    let (ur, uw) = proxy_u.into_split();
     let stop = std::sync::Arc::new(StopSignal::default());
-    let (s2, c) = (stop.clone(), counters());
-    let spliced = c.spliced.clone();
-    let relay = tokio::spawn(async move {
-        run(
-            End { read: cr, write: cw },
-            End { read: ur, write: uw },
-            Terms { early: b"", limits: &limits(), stop: &s2, counters: &c },
-        )
-        .await
-    });
+    let TcpRelay { mut client, mut upstream, relay, spliced } = tcp_relay(limits(), stop.clone()).await;
     let chunk = pattern(1 << 20, 9);
     let writer = tokio::spawn(async move {
         // Until the relay closes the client's connection.
