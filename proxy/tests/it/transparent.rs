@@ -256,8 +256,14 @@ async fn pods_without_proxy_settings_are_held_to_the_policy_by_sni_and_host() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    testkit::until("the proxy listens", 20, || async {
-        tokio::net::TcpStream::connect("10.241.0.2:9090").await.is_ok()
+    // Ready once the admin endpoint answers: it serves only after the start wrote the rules and
+    // bound every listener (its socket accepts connections from the moment it is bound, before).
+    testkit::until("the proxy is ready", 20, || async {
+        let Ok(mut s) = tokio::net::TcpStream::connect("10.241.0.2:9090").await else { return false };
+        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out.starts_with("HTTP/1.1 200")
     })
     .await;
     // The proxy wrote the node's rules itself at start.
