@@ -79,67 +79,79 @@ pub trait RelayRead: AsyncRead + Unpin + Send {
     /// `Ok(0)` at the end of the stream.
     fn read_some(&mut self, buf: &mut Vec<u8>, limit: usize) -> impl Future<Output = io::Result<usize>> + Send;
 
-    /// The TCP socket behind this half, when its bytes can be spliced out of it.
-    fn splice_source(&self) -> Option<&TcpStream> {
+    /// The socket behind this half, when its bytes can be spliced out of it.
+    fn splice_source(&self) -> Option<&dyn Socket> {
         None
     }
 }
 
 /// A write half of the relay.
 pub trait RelayWrite: AsyncWrite + Unpin + Send {
-    /// The TCP socket behind this half, when bytes can be spliced into it.
-    fn splice_sink(&self) -> Option<&TcpStream> {
+    /// The socket behind this half, when bytes can be spliced into it.
+    fn splice_sink(&self) -> Option<&dyn Socket> {
         None
-    }
-}
-
-impl RelayWrite for OwnedWriteHalf {
-    fn splice_sink(&self) -> Option<&TcpStream> {
-        Some(self.as_ref())
     }
 }
 
 impl<T: AsyncRead + AsyncWrite + Send> RelayWrite for tokio::io::WriteHalf<T> {}
 
-impl RelayRead for OwnedReadHalf {
-    fn splice_source(&self) -> Option<&TcpStream> {
-        Some(self.as_ref())
-    }
-
-    async fn read_some(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
-        use bytes::BufMut;
-        loop {
-            // Take what is there without waiting; wait only with the buffer released. Readiness
-            // alone is no promise of data (a socket never read before reports it at once).
-            if buf.capacity() > 0 {
-                let stream: &TcpStream = self.as_ref();
-                let offered = limit.min(buf.capacity() - buf.len());
-                let mut got = 0;
-                let read = stream.try_io(Interest::READABLE, || {
-                    got = stream.try_read_buf(&mut (&mut *buf).limit(limit))?;
-                    // A read that did not fill the space offered found the socket's queue empty:
-                    // report it as drained so the next read waits for the poller instead of
-                    // asking the kernel once more only to hear EAGAIN (one syscall less per
-                    // message). Data arriving meanwhile raises readiness again.
-                    if got > 0 && got < offered {
-                        Err(io::ErrorKind::WouldBlock.into())
-                    } else {
-                        Ok(got)
-                    }
-                });
-                match read {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => return Ok(got),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = Vec::new(),
-                    other => return other,
+/// Reads at most `limit` bytes of `socket` into `buf`: takes what is there without waiting, and
+/// waits only with the buffer released (readiness alone is no promise of data: a socket never
+/// read before reports it at once).
+async fn read_ready(socket: &dyn Socket, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
+    loop {
+        if buf.capacity() > 0 {
+            let offered = limit.min(buf.capacity() - buf.len());
+            let mut got = 0;
+            let read = socket.try_io(Interest::READABLE, &mut || {
+                got = socket.try_read_into(buf, limit)?;
+                // A read that did not fill the space offered found the socket's queue empty:
+                // report it as drained so the next read waits for the poller instead of asking
+                // the kernel once more only to hear EAGAIN (one syscall less per message). Data
+                // arriving meanwhile raises readiness again.
+                if got > 0 && got < offered {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(got)
                 }
+            });
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => return Ok(got),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = Vec::new(),
+                other => return other,
             }
-            // The socket's own reader slot holds the waker (the relay is the one reader): no
-            // waiter node in this future, which every idle tunnel keeps for each direction.
-            std::future::poll_fn(|cx| AsRef::<tokio::net::TcpStream>::as_ref(self).poll_read_ready(cx)).await?;
-            buf.reserve_exact(BUF_SIZE);
         }
+        // The socket's own reader slot holds the waker (the relay is the one reader): no waiter
+        // node in this future, which every idle tunnel keeps for each direction.
+        std::future::poll_fn(|cx| socket.poll_read_ready(cx)).await?;
+        buf.reserve_exact(BUF_SIZE);
     }
 }
+
+/// The owned halves of a TCP or Unix stream: read without a buffer while waiting, spliced from
+/// and into.
+macro_rules! owned_halves {
+    ($read:ty, $write:ty, $stream:ty) => {
+        impl RelayRead for $read {
+            fn splice_source(&self) -> Option<&dyn Socket> {
+                Some(AsRef::<$stream>::as_ref(self))
+            }
+
+            async fn read_some(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
+                read_ready(AsRef::<$stream>::as_ref(self), buf, limit).await
+            }
+        }
+
+        impl RelayWrite for $write {
+            fn splice_sink(&self) -> Option<&dyn Socket> {
+                Some(AsRef::<$stream>::as_ref(self))
+            }
+        }
+    };
+}
+
+owned_halves!(OwnedReadHalf, OwnedWriteHalf, TcpStream);
+owned_halves!(tokio::net::unix::OwnedReadHalf, tokio::net::unix::OwnedWriteHalf, tokio::net::UnixStream);
 
 impl<T: AsyncRead + AsyncWrite + Send> RelayRead for tokio::io::ReadHalf<T> {
     /// No readiness to wait on without reading (TLS): the buffer stays while the read waits.
@@ -159,7 +171,7 @@ pub trait IntoHalves: AsyncRead + AsyncWrite + Unpin + Send + Sized {
     fn into_halves(self) -> (Self::Read, Self::Write);
 }
 
-impl IntoHalves for tokio::net::TcpStream {
+impl IntoHalves for TcpStream {
     type Read = OwnedReadHalf;
     type Write = OwnedWriteHalf;
     fn into_halves(self) -> (Self::Read, Self::Write) {
@@ -328,8 +340,8 @@ enum SpliceEnd {
 /// held, counting them as they leave: `(read, sent)`, `sent` short of `read` once
 /// `maxTotalBytes` is reached; `(0, 0)` at the end of the stream.
 async fn splice_batch(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &dyn Socket,
+    dst: &dyn Socket,
     allowance: usize,
     shared: &Traffic,
     count: impl FnMut(usize),
@@ -356,7 +368,7 @@ async fn splice_batch(
     }
 }
 
-/// The rest of a direction that went bulk between two TCP sockets, by splice(2): `None` when the
+/// The rest of a direction that went bulk between two sockets, by splice(2): `None` when the
 /// kernel cannot splice them (nothing moved; the caller copies instead).
 async fn pump_spliced<R: RelayRead, W: RelayWrite>(
     r: &mut R,
@@ -410,7 +422,7 @@ async fn pump<R: RelayRead, W: RelayWrite>(
     let mut bucket = rate.map(|r| Box::new(Bucket::new(r)));
     // Empty (no allocation) while the tunnel is idle; never zero-filled (read_buf uses spare capacity).
     let mut buf: Vec<u8> = Vec::new();
-    // TCP to TCP: once a read fills the whole buffer (a bulk transfer, not a message), the bytes
+    // Socket to socket: once a read fills the whole buffer (a bulk transfer, not a message), the bytes
     // move by splice(2) and never enter the proxy's memory. Small messages keep the copy, which
     // costs the same two system calls and no pipe.
     let mut can_splice = r.splice_source().is_some() && w.splice_sink().is_some();
@@ -600,8 +612,10 @@ where
     RelayOutcome { reason, bytes_up: shared.bytes().0, bytes_down: shared.bytes().1, duration: start.elapsed() }
 }
 
+mod socket;
 mod splice;
 #[cfg(test)]
 mod tests;
 
+pub use socket::Socket;
 use splice::Pipe;

@@ -93,7 +93,7 @@ pub async fn serve<S: IntoHalves + 'static>(
                 Ok(Err(e)) => return access::rejected(ctx, &TunnelError::UpstreamRefused(e), None, None),
                 Err(_) => return access::rejected(ctx, &TunnelError::UpstreamTimeout, None, None),
             };
-            let (ur, mut uw) = tokio::io::split(stream);
+            let (ur, mut uw) = stream.into_split();
             if let Err(e) = announce(&mut uw, header.as_deref()).await {
                 return access::rejected(ctx, &e, None, None);
             }

@@ -1,4 +1,4 @@
-//! Zero-copy relaying from one TCP socket to another through a kernel pipe (`splice(2)`): the
+//! Zero-copy relaying from one socket to another through a kernel pipe (`splice(2)`): the
 //! pipes, the pool that lends them only to directions with bytes in flight, and the two moves (a
 //! socket into a pipe, a pipe into a socket).
 //!
@@ -12,8 +12,8 @@ use std::sync::Mutex;
 
 use rustix::pipe::{fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
 use tokio::io::Interest;
-use tokio::net::TcpStream;
 
+use super::socket::Socket;
 use crate::memory;
 
 /// Pipes kept for reuse once returned: enough for the directions that stream at once on a busy
@@ -76,11 +76,11 @@ impl Pipe {
     /// empty): `Ok(0)` at the end of the stream, `WouldBlock` when nothing waits. A move that took
     /// less than offered found the queue empty and clears the socket's readiness, so the next one
     /// waits for the poller rather than asking the kernel only to hear `EAGAIN`.
-    pub(super) fn fill(&mut self, src: &TcpStream, limit: usize) -> io::Result<usize> {
+    pub(super) fn fill(&mut self, src: &dyn Socket, limit: usize) -> io::Result<usize> {
         let offered = limit.min(self.capacity);
         let mut got = 0;
-        let moved = src.try_io(Interest::READABLE, || {
-            got = splice(src, None, &self.write, None, offered, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)?;
+        let moved = src.try_io(Interest::READABLE, &mut || {
+            got = splice(src.as_fd(), None, &self.write, None, offered, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)?;
             if got > 0 && got < offered {
                 Err(io::ErrorKind::WouldBlock.into())
             } else {
@@ -98,10 +98,15 @@ impl Pipe {
 
     /// Moves the first `n` bytes of the pipe into `dst`, waiting while its send queue is full;
     /// `sent` hears of each part as it leaves (a tunnel ended meanwhile has counted what left).
-    pub(super) async fn drain(&mut self, dst: &TcpStream, mut n: usize, mut sent: impl FnMut(usize)) -> io::Result<()> {
+    pub(super) async fn drain(
+        &mut self,
+        dst: &dyn Socket,
+        mut n: usize,
+        mut sent: impl FnMut(usize),
+    ) -> io::Result<()> {
         while n > 0 {
-            let moved = dst.try_io(Interest::WRITABLE, || {
-                Ok(splice(&self.read, None, dst, None, n, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)?)
+            let moved = dst.try_io(Interest::WRITABLE, &mut || {
+                Ok(splice(&self.read, None, dst.as_fd(), None, n, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)?)
             });
             match moved {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -123,7 +128,7 @@ impl Pipe {
 
 /// Waits until `src` may have bytes (or its end) to read, holding no pipe and no waiter node: the
 /// socket's own reader slot keeps the waker (the relay is its one reader).
-pub(super) async fn readable(src: &TcpStream) -> io::Result<()> {
+pub(super) async fn readable(src: &dyn Socket) -> io::Result<()> {
     poll_fn(|cx| src.poll_read_ready(cx)).await
 }
 
