@@ -34,7 +34,7 @@ pub(super) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     /// What it holds at most, as the kernel made it (smaller than asked when the user is past
-    /// the pipe page limit): a move offers no more, so a short one means a drained socket.
+    /// the pipe page limit): a move offers no more.
     capacity: usize,
     /// Bytes in it now, counted as the proxy's memory while there.
     held: usize,
@@ -73,24 +73,16 @@ impl Pipe {
     }
 
     /// Moves up to `limit` bytes waiting in `src`'s receive queue into the pipe (which must be
-    /// empty): `Ok(0)` at the end of the stream, `WouldBlock` when nothing waits. A move that took
-    /// less than offered found the queue empty and clears the socket's readiness, so the next one
-    /// waits for the poller rather than asking the kernel only to hear `EAGAIN`.
+    /// empty): `Ok(0)` at the end of the stream, `WouldBlock` when nothing waits (which clears
+    /// the socket's readiness). A short move is no proof of a drained socket, unlike a short
+    /// read: the pipe holds a slot per packet fragment, so packets that a NIC did not coalesce
+    /// fill its slots before its bytes (64 slots of 1,448-byte segments take ~92 KB). Clearing
+    /// readiness then would leave the rest waiting for a packet that may never come.
     pub(super) fn fill(&mut self, src: &dyn Socket, limit: usize) -> io::Result<usize> {
         let offered = limit.min(self.capacity);
-        let mut got = 0;
-        let moved = src.try_io(Interest::READABLE, &mut || {
-            got = splice(src.as_fd(), None, &self.write, None, offered, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)?;
-            if got > 0 && got < offered {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(got)
-            }
-        });
-        let got = match moved {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
-            other => other?,
-        };
+        let got = src.try_io(Interest::READABLE, &mut || {
+            Ok(splice(src.as_fd(), None, &self.write, None, offered, SpliceFlags::NONBLOCK | SpliceFlags::MOVE)?)
+        })?;
         self.held += got;
         memory::piped(got);
         Ok(got)

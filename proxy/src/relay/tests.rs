@@ -272,3 +272,36 @@ async fn a_revocation_ends_a_tunnel_in_the_middle_of_a_spliced_transfer() {
     assert_eq!((got.len() + rest.len()) as u64, out.bytes_up);
     writer.await.unwrap();
 }
+
+/// A spliced direction whose source queue holds many small segments (more than a pipe has
+/// slots: each segment's data is a slot of its own) still relays all of them without waiting for
+/// more bytes: a short splice is no proof that the socket is drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_segments_queued_behind_a_spliced_bulk_all_arrive() {
+    let TcpRelay { mut client, mut upstream, relay, spliced } = tcp_relay(limits(), Default::default()).await;
+    client.set_nodelay(true).unwrap();
+    // Bulk first, which the upstream does not read yet: the relay splices and then waits on a
+    // full send queue while the client's small segments pile up behind it.
+    let bulk = pattern(16 << 20, 11);
+    let small: Vec<Vec<u8>> = (0..2000).map(|i| pattern(7 + i % 13, i)).collect();
+    let mut want = bulk.clone();
+    small.iter().for_each(|s| want.extend_from_slice(s));
+    let writer = tokio::spawn(async move {
+        client.write_all(&bulk).await.unwrap();
+        for s in &small {
+            client.write_all(s).await.unwrap();
+        }
+        // No end of stream: the client now waits, as a request's sender does for its answer.
+        client
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(Duration::from_secs(10), upstream.read_exact(&mut got))
+        .await
+        .expect("every byte arrives without more being sent")
+        .unwrap();
+    assert!(got == want);
+    assert!(spliced.get() > 0);
+    drop(writer.await.unwrap());
+    relay.abort();
+}

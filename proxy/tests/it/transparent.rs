@@ -23,7 +23,7 @@ fn run(cmd: &str, args: &[&str]) -> Output {
 }
 
 /// The namespaces and links of one test, removed on drop.
-struct Net {
+pub(crate) struct Net {
     tag: String,
 }
 
@@ -50,7 +50,7 @@ impl Net {
     /// host ↔ node (10.241.0.0/24: the DNS stub and the admin port), node ↔ pod (10.241.1.0/24,
     /// fd41:1::/64; redirected), node ↔ pod2 (10.241.3.0/24; not enrolled), node ↔ outside
     /// (10.241.2.0/24, fd41:2::/64; the outside has .2 and .3). The node forwards.
-    fn create(tag: &str) -> Net {
+    pub(crate) fn create(tag: &str) -> Net {
         let net = Net { tag: tag.to_owned() };
         net.remove();
         for role in ["node", "pod", "pod2", "out"] {
@@ -111,7 +111,7 @@ impl Net {
 
     /// What `make` returns, run on a thread inside namespace `role` (a socket it creates stays
     /// in that namespace).
-    fn in_ns<T: Send>(&self, role: &str, make: impl FnOnce() -> T + Send) -> T {
+    pub(crate) fn in_ns<T: Send>(&self, role: &str, make: impl FnOnce() -> T + Send) -> T {
         let path = format!("/var/run/netns/{}", self.ns(role));
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -129,7 +129,7 @@ impl Net {
     }
 
     /// A TCP listener bound to `addr` inside namespace `role`.
-    fn listen_in(&self, role: &str, addr: SocketAddr) -> TcpListener {
+    pub(crate) fn listen_in(&self, role: &str, addr: SocketAddr) -> TcpListener {
         let std = self.in_ns(role, || std::net::TcpListener::bind(addr).unwrap());
         std.set_nonblocking(true).unwrap();
         TcpListener::from_std(std).unwrap()
