@@ -121,9 +121,7 @@ async fn read_ready(socket: &dyn Socket, buf: &mut Vec<u8>, limit: usize) -> io:
                 other => return other,
             }
         }
-        // The socket's own reader slot holds the waker (the relay is the one reader): no waiter
-        // node in this future, which every idle tunnel keeps for each direction.
-        std::future::poll_fn(|cx| socket.poll_read_ready(cx)).await?;
+        socket::readable(socket).await?;
         buf.reserve_exact(BUF_SIZE);
     }
 }
@@ -203,6 +201,17 @@ pub struct ByteCounters {
     pub down: IntCounter,
     /// The part of both that moved by `splice(2)`.
     pub spliced: IntCounter,
+}
+
+impl ByteCounters {
+    /// The counter of direction `dir`.
+    fn of(&self, dir: Direction) -> &IntCounter {
+        if dir == Direction::Up {
+            &self.up
+        } else {
+            &self.down
+        }
+    }
 }
 
 /// Which way bytes flow.
@@ -347,7 +356,7 @@ async fn splice_batch(
     count: impl FnMut(usize),
 ) -> Result<(usize, usize), SpliceEnd> {
     loop {
-        splice::readable(src).await.map_err(|_| SpliceEnd::Io)?;
+        socket::readable(src).await.map_err(|_| SpliceEnd::Io)?;
         let mut pipe = Pipe::take().map_err(|_| SpliceEnd::Unavailable)?;
         let n = match pipe.fill(src, allowance) {
             Ok(n) => n,
@@ -378,7 +387,7 @@ async fn pump_spliced<R: RelayRead, W: RelayWrite>(
     counters: &ByteCounters,
     bucket: &mut Option<Box<Bucket>>,
 ) -> Option<Result<Eof, PumpEnd>> {
-    let counter = if dir == Direction::Up { &counters.up } else { &counters.down };
+    let counter = counters.of(dir);
     let count = |k: usize| {
         counter.inc_by(k as u64);
         counters.spliced.inc_by(k as u64);
@@ -417,7 +426,7 @@ async fn pump<R: RelayRead, W: RelayWrite>(
     counters: &ByteCounters,
     rate: Option<u64>,
 ) -> Result<Eof, PumpEnd> {
-    let counter = if dir == Direction::Up { &counters.up } else { &counters.down };
+    let counter = counters.of(dir);
     // Boxed for the same reason as its timer: most tunnels have no rate limit.
     let mut bucket = rate.map(|r| Box::new(Bucket::new(r)));
     // Empty (no allocation) while the tunnel is idle; never zero-filled (read_buf uses spare capacity).

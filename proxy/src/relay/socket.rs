@@ -2,6 +2,7 @@
 //! readiness for them, so the relay can wait for bytes without holding a buffer and splice bytes
 //! from one into another.
 
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::AsFd;
 use std::task::{Context, Poll};
@@ -42,3 +43,10 @@ macro_rules! socket {
 
 socket!(TcpStream);
 socket!(UnixStream);
+
+/// Waits until `socket` may have bytes (or its end) to read, holding no buffer and no waiter
+/// node: the socket's own reader slot keeps the waker (the relay is its one reader), so an idle
+/// tunnel keeps nothing for it in its future.
+pub(super) async fn readable(socket: &dyn Socket) -> io::Result<()> {
+    poll_fn(|cx| socket.poll_read_ready(cx)).await
+}

@@ -75,9 +75,9 @@ impl Pipe {
     /// Moves up to `limit` bytes waiting in `src`'s receive queue into the pipe (which must be
     /// empty): `Ok(0)` at the end of the stream, `WouldBlock` when nothing waits (which clears
     /// the socket's readiness). A short move is no proof of a drained socket, unlike a short
-    /// read: the pipe holds a slot per packet fragment, so packets that a NIC did not coalesce
-    /// fill its slots before its bytes (64 slots of 1,448-byte segments take ~92 KB). Clearing
-    /// readiness then would leave the rest waiting for a packet that may never come.
+    /// read: a pipe's capacity counts buffer slots, not bytes, and over a veth link a 256 KiB
+    /// move took 127,104 of 200,000 queued bytes. Clearing readiness then would leave the rest
+    /// waiting for a packet that may never come.
     pub(super) fn fill(&mut self, src: &dyn Socket, limit: usize) -> io::Result<usize> {
         let offered = limit.min(self.capacity);
         let got = src.try_io(Interest::READABLE, &mut || {
@@ -116,12 +116,6 @@ impl Pipe {
         }
         Ok(())
     }
-}
-
-/// Waits until `src` may have bytes (or its end) to read, holding no pipe and no waiter node: the
-/// socket's own reader slot keeps the waker (the relay is its one reader).
-pub(super) async fn readable(src: &dyn Socket) -> io::Result<()> {
-    poll_fn(|cx| src.poll_read_ready(cx)).await
 }
 
 /// Whether `splice(2)` failing with this error means these descriptors cannot be spliced (a
