@@ -22,10 +22,15 @@ fn run(cmd: &str, args: &[&str]) -> Output {
     out
 }
 
-/// The namespaces and links of one test, removed on drop.
+/// The namespaces and links of one test, removed on drop. Every `Net` uses the same addresses
+/// (the host side is 10.241.0.1/24), so one exists at a time: two at once would give the host two
+/// routes to 10.241.0.0/24, and removing one would cut the other's connections.
 pub(crate) struct Net {
     tag: String,
+    _only_one: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_NET: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Net {
     fn ns(&self, role: &str) -> String {
@@ -51,7 +56,9 @@ impl Net {
     /// fd41:1::/64; redirected), node ↔ pod2 (10.241.3.0/24; not enrolled), node ↔ outside
     /// (10.241.2.0/24, fd41:2::/64; the outside has .2 and .3). The node forwards.
     pub(crate) fn create(tag: &str) -> Net {
-        let net = Net { tag: tag.to_owned() };
+        // A test that failed while holding it leaves no state behind it (its `Net` was dropped).
+        let only_one = ONE_NET.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let net = Net { tag: tag.to_owned(), _only_one: only_one };
         net.remove();
         for role in ["node", "pod", "pod2", "out"] {
             run("ip", &["netns", "add", &net.ns(role)]);
