@@ -2,9 +2,10 @@
 //! tunnel's limits (idle timeout, lifetime, per-direction rate, minimum rate, total bytes).
 //! Every tunnel ends with exactly one [`CloseReason`].
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Poll};
 
 use prometheus::IntCounter;
 use proxy_config::TunnelLimits;
@@ -97,9 +98,14 @@ impl<T: AsyncRead + AsyncWrite + Send> RelayWrite for tokio::io::WriteHalf<T> {}
 
 /// Reads at most `limit` bytes of `socket` into `buf`: takes what is there without waiting, and
 /// waits only with the buffer released (readiness alone is no promise of data: a socket never
-/// read before reports it at once).
-async fn read_ready(socket: &dyn Socket, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
-    loop {
+/// read before reports it at once). A poll function, not an `async fn`: its state is its three
+/// arguments and nothing more (an idle tunnel holds it for both directions).
+fn read_ready<'s, 'b>(
+    socket: &'s dyn Socket,
+    buf: &'b mut Vec<u8>,
+    limit: usize,
+) -> impl Future<Output = io::Result<usize>> + Send + use<'s, 'b> {
+    poll_fn(move |cx| loop {
         if buf.capacity() > 0 {
             let offered = limit.min(buf.capacity() - buf.len());
             let mut got = 0;
@@ -116,14 +122,14 @@ async fn read_ready(socket: &dyn Socket, buf: &mut Vec<u8>, limit: usize) -> io:
                 }
             });
             match read {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => return Ok(got),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => return Poll::Ready(Ok(got)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = Vec::new(),
-                other => return other,
+                other => return Poll::Ready(other),
             }
         }
-        socket::readable(socket).await?;
+        ready!(socket.poll_read_ready(cx))?;
         buf.reserve_exact(BUF_SIZE);
-    }
+    })
 }
 
 /// The owned halves of a TCP or Unix stream: read without a buffer while waiting, spliced from
@@ -135,8 +141,12 @@ macro_rules! owned_halves {
                 Some(AsRef::<$stream>::as_ref(self))
             }
 
-            async fn read_some(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
-                read_ready(AsRef::<$stream>::as_ref(self), buf, limit).await
+            fn read_some<'s, 'b>(
+                &'s mut self,
+                buf: &'b mut Vec<u8>,
+                limit: usize,
+            ) -> impl Future<Output = io::Result<usize>> + Send + use<'s, 'b> {
+                read_ready(AsRef::<$stream>::as_ref(self), buf, limit)
             }
         }
 
@@ -418,70 +428,74 @@ async fn pump_spliced<R: RelayRead, W: RelayWrite>(
     }
 }
 
-async fn pump<R: RelayRead, W: RelayWrite>(
-    r: &mut R,
-    w: &mut W,
-    shared: &Traffic,
+/// One direction of a relay: copies, then splices once the direction streams. (An `async move`
+/// block, not an `async fn`, which would keep a second copy of its arguments.)
+fn pump<'a, R: RelayRead, W: RelayWrite>(
+    r: &'a mut R,
+    w: &'a mut W,
+    shared: &'a Traffic,
     dir: Direction,
-    counters: &ByteCounters,
+    counters: &'a ByteCounters,
     rate: Option<u64>,
-) -> Result<Eof, PumpEnd> {
-    let counter = counters.of(dir);
-    // Boxed for the same reason as its timer: most tunnels have no rate limit.
-    let mut bucket = rate.map(|r| Box::new(Bucket::new(r)));
-    // Empty (no allocation) while the tunnel is idle; never zero-filled (read_buf uses spare capacity).
-    let mut buf: Vec<u8> = Vec::new();
-    // Socket to socket: once a read fills the whole buffer (a bulk transfer, not a message), the bytes
-    // move by splice(2) and never enter the proxy's memory. Small messages keep the copy, which
-    // costs the same two system calls and no pipe.
-    let mut can_splice = r.splice_source().is_some() && w.splice_sink().is_some();
-    loop {
-        let allowance = match bucket.as_mut() {
-            Some(b) => b.take_allowance().await.min(BUF_SIZE),
-            None => BUF_SIZE,
-        };
-        buf.clear();
-        let n = match r.read_some(&mut buf, allowance).await {
-            Ok(n) => n,
-            // A TLS stream cut without close_notify: the end of the data all the same.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                let _ = w.shutdown().await;
-                return Ok(Eof::Truncated);
-            }
-            Err(_) => return Err(PumpEnd::Io),
-        };
-        if n == 0 {
-            // EOF: propagate the half-close and let the other direction go on.
-            let _ = w.shutdown().await;
-            return Ok(Eof::Clean);
-        }
-        let b = &buf;
-        if let Some(bk) = bucket.as_mut() {
-            bk.spend(n);
-        }
-        // Within maxTotalBytes: all of it, or what is left before the limit (then the end).
-        let send = usize::try_from(shared.take(n as u64)).unwrap_or(n).min(n);
-        let over = send < n;
-        // Counted as each part leaves: a tunnel ended meanwhile has counted what left.
-        let mut off = 0;
-        while off < send {
-            let k = match w.write(&b[off..send]).await {
-                Ok(0) | Err(_) => return Err(PumpEnd::Io),
-                Ok(k) => k,
+) -> impl Future<Output = Result<Eof, PumpEnd>> + use<'a, R, W> {
+    async move {
+        let counter = counters.of(dir);
+        // Boxed for the same reason as its timer: most tunnels have no rate limit.
+        let mut bucket = rate.map(|r| Box::new(Bucket::new(r)));
+        // Empty (no allocation) while the tunnel is idle; never zero-filled (read_buf uses spare capacity).
+        let mut buf: Vec<u8> = Vec::new();
+        // Socket to socket: once a read fills the whole buffer (a bulk transfer, not a message), the bytes
+        // move by splice(2) and never enter the proxy's memory. Small messages keep the copy, which
+        // costs the same two system calls and no pipe.
+        let mut can_splice = r.splice_source().is_some() && w.splice_sink().is_some();
+        loop {
+            let allowance = match bucket.as_mut() {
+                Some(b) => b.take_allowance().await.min(BUF_SIZE),
+                None => BUF_SIZE,
             };
-            counter.inc_by(k as u64);
-            shared.moved(dir, k as u64);
-            off += k;
-        }
-        if over {
-            return Err(PumpEnd::ByteLimit);
-        }
-        if can_splice && n == BUF_SIZE {
-            buf = Vec::new();
-            // Boxed: inline, its state would enlarge every tunnel's relay, bulk or not.
-            match Box::pin(pump_spliced(r, w, shared, dir, counters, &mut bucket)).await {
-                Some(end) => return end,
-                None => can_splice = false,
+            buf.clear();
+            let n = match r.read_some(&mut buf, allowance).await {
+                Ok(n) => n,
+                // A TLS stream cut without close_notify: the end of the data all the same.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    let _ = w.shutdown().await;
+                    return Ok(Eof::Truncated);
+                }
+                Err(_) => return Err(PumpEnd::Io),
+            };
+            if n == 0 {
+                // EOF: propagate the half-close and let the other direction go on.
+                let _ = w.shutdown().await;
+                return Ok(Eof::Clean);
+            }
+            let b = &buf;
+            if let Some(bk) = bucket.as_mut() {
+                bk.spend(n);
+            }
+            // Within maxTotalBytes: all of it, or what is left before the limit (then the end).
+            let send = usize::try_from(shared.take(n as u64)).unwrap_or(n).min(n);
+            let over = send < n;
+            // Counted as each part leaves: a tunnel ended meanwhile has counted what left.
+            let mut off = 0;
+            while off < send {
+                let k = match w.write(&b[off..send]).await {
+                    Ok(0) | Err(_) => return Err(PumpEnd::Io),
+                    Ok(k) => k,
+                };
+                counter.inc_by(k as u64);
+                shared.moved(dir, k as u64);
+                off += k;
+            }
+            if over {
+                return Err(PumpEnd::ByteLimit);
+            }
+            if can_splice && n == BUF_SIZE {
+                buf = Vec::new();
+                // Boxed: inline, its state would enlarge every tunnel's relay, bulk or not.
+                match Box::pin(pump_spliced(r, w, shared, dir, counters, &mut bucket)).await {
+                    Some(end) => return end,
+                    None => can_splice = false,
+                }
             }
         }
     }
@@ -533,92 +547,123 @@ pub struct Terms<'a> {
 }
 
 /// Relays between a client and an upstream until both directions end or a limit closes the
-/// tunnel.
-pub async fn run<CR, CW, UR, UW>(client: End<CR, CW>, upstream: End<UR, UW>, terms: Terms<'_>) -> RelayOutcome
+/// tunnel. (An `async move` block, not an `async fn`, which would keep a second copy of its
+/// arguments for the tunnel's whole life.)
+pub fn run<'a, CR, CW, UR, UW>(
+    mut client: End<CR, CW>,
+    mut upstream: End<UR, UW>,
+    terms: Terms<'a>,
+) -> impl Future<Output = RelayOutcome> + use<'a, CR, CW, UR, UW>
 where
     CR: RelayRead,
     CW: RelayWrite,
     UR: RelayRead,
     UW: RelayWrite,
 {
-    let Terms { early, limits, stop, counters } = terms;
-    let End { read: mut client_r, write: mut client_w } = client;
-    let End { read: mut up_r, write: mut up_w } = upstream;
-    let shared = Traffic::new(limits.max_total_bytes);
-    let start = shared.start();
-    if write_early(&mut up_w, early, &shared, counters).await.is_err() {
-        return RelayOutcome { reason: CloseReason::IoError, bytes_up: 0, bytes_down: 0, duration: start.elapsed() };
-    }
-
-    let reason = {
-        let up = pump(&mut client_r, &mut up_w, &shared, Direction::Up, counters, limits.max_bytes_per_second);
-        let down = pump(&mut up_r, &mut client_w, &shared, Direction::Down, counters, limits.max_bytes_per_second);
-        tokio::pin!(up, down);
-        let mut up_done = false;
-        let mut down_done = false;
-        let mut first_done: Option<CloseReason> = None;
-        // One timer for the three deadlines (lifetime, idle, minimum rate), set to the earliest:
-        // an idle tunnel keeps one timer entry, not three.
-        let end = start + limits.max_lifetime;
-        let mut idle_at = start + limits.idle_timeout;
-        let minute = Duration::from_secs(60);
-        let mut rate_check_at = limits.min_bytes_per_minute.map(|_| start + minute);
-        let earliest =
-            |idle_at: Instant, rate_at: Option<Instant>| rate_at.map_or(idle_at, |r| r.min(idle_at)).min(end);
-        let timer = sleep_until(earliest(idle_at, rate_check_at));
-        tokio::pin!(timer);
-        let mut bytes_at_check = 0u64;
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(eof) => {
-                        up_done = true;
-                        first_done.get_or_insert(match eof {
-                            Eof::Clean => CloseReason::ClientClosed,
-                            Eof::Truncated => CloseReason::ClientTruncated,
-                        });
-                        if down_done { break first_done.unwrap_or(CloseReason::ClientClosed); }
-                    }
-                    Err(PumpEnd::ByteLimit) => break CloseReason::ByteLimit,
-                    Err(PumpEnd::Io) => break CloseReason::IoError,
-                },
-                r = &mut down, if !down_done => match r {
-                    Ok(_) => {
-                        down_done = true;
-                        first_done.get_or_insert(CloseReason::UpstreamClosed);
-                        if up_done { break first_done.unwrap_or(CloseReason::UpstreamClosed); }
-                    }
-                    Err(PumpEnd::ByteLimit) => break CloseReason::ByteLimit,
-                    Err(PumpEnd::Io) => break CloseReason::IoError,
-                },
-                () = &mut timer => {
-                    let now = Instant::now();
-                    if now >= end { break CloseReason::Lifetime; }
-                    if now >= idle_at {
-                        // Traffic resets the idle timer; re-arm from the last activity.
-                        let due = shared.last_activity() + limits.idle_timeout;
-                        if due <= now { break CloseReason::IdleTimeout; }
-                        idle_at = due;
-                    }
-                    if let Some(at) = rate_check_at.filter(|at| now >= *at) {
-                        let total = shared.total();
-                        if total - bytes_at_check < limits.min_bytes_per_minute.unwrap_or(0) { break CloseReason::TooSlow; }
-                        bytes_at_check = total;
-                        rate_check_at = Some(at + minute);
-                    }
-                    timer.as_mut().reset(earliest(idle_at, rate_check_at));
-                },
-                r = stop.stopped() => break CloseReason::from(r),
-            }
+    async move {
+        let shared = Traffic::new(terms.limits.max_total_bytes);
+        let start = shared.start();
+        // Boxed: a client seldom pipelines bytes after its request, and inline this state would
+        // take room in every tunnel's relay beside the pumps' (they are never alive together, but
+        // the compiler does not overlap them).
+        if !terms.early.is_empty()
+            && Box::pin(write_early(&mut upstream.write, terms.early, &shared, terms.counters)).await.is_err()
+        {
+            return RelayOutcome {
+                reason: CloseReason::IoError,
+                bytes_up: 0,
+                bytes_down: 0,
+                duration: start.elapsed(),
+            };
         }
-    };
-    if !matches!(
-        reason,
-        CloseReason::ClientClosed | CloseReason::ClientTruncated | CloseReason::UpstreamClosed | CloseReason::IoError
-    ) {
-        close_both(&mut client_w, &mut up_w).await;
+
+        let reason = {
+            let up = pump(
+                &mut client.read,
+                &mut upstream.write,
+                &shared,
+                Direction::Up,
+                terms.counters,
+                terms.limits.max_bytes_per_second,
+            );
+            let down = pump(
+                &mut upstream.read,
+                &mut client.write,
+                &shared,
+                Direction::Down,
+                terms.counters,
+                terms.limits.max_bytes_per_second,
+            );
+            tokio::pin!(up, down);
+            let mut up_done = false;
+            let mut down_done = false;
+            let mut first_done: Option<CloseReason> = None;
+            // One timer for the three deadlines (lifetime, idle, minimum rate), set to the earliest:
+            // an idle tunnel keeps one timer entry, not three.
+            let end = start + terms.limits.max_lifetime;
+            let mut idle_at = start + terms.limits.idle_timeout;
+            let minute = Duration::from_secs(60);
+            let mut rate_check_at = terms.limits.min_bytes_per_minute.map(|_| start + minute);
+            let earliest =
+                |idle_at: Instant, rate_at: Option<Instant>| rate_at.map_or(idle_at, |r| r.min(idle_at)).min(end);
+            let timer = sleep_until(earliest(idle_at, rate_check_at));
+            tokio::pin!(timer);
+            let mut bytes_at_check = 0u64;
+            loop {
+                tokio::select! {
+                    r = &mut up, if !up_done => match r {
+                        Ok(eof) => {
+                            up_done = true;
+                            first_done.get_or_insert(match eof {
+                                Eof::Clean => CloseReason::ClientClosed,
+                                Eof::Truncated => CloseReason::ClientTruncated,
+                            });
+                            if down_done { break first_done.unwrap_or(CloseReason::ClientClosed); }
+                        }
+                        Err(PumpEnd::ByteLimit) => break CloseReason::ByteLimit,
+                        Err(PumpEnd::Io) => break CloseReason::IoError,
+                    },
+                    r = &mut down, if !down_done => match r {
+                        Ok(_) => {
+                            down_done = true;
+                            first_done.get_or_insert(CloseReason::UpstreamClosed);
+                            if up_done { break first_done.unwrap_or(CloseReason::UpstreamClosed); }
+                        }
+                        Err(PumpEnd::ByteLimit) => break CloseReason::ByteLimit,
+                        Err(PumpEnd::Io) => break CloseReason::IoError,
+                    },
+                    () = &mut timer => {
+                        let now = Instant::now();
+                        if now >= end { break CloseReason::Lifetime; }
+                        if now >= idle_at {
+                            // Traffic resets the idle timer; re-arm from the last activity.
+                            let due = shared.last_activity() + terms.limits.idle_timeout;
+                            if due <= now { break CloseReason::IdleTimeout; }
+                            idle_at = due;
+                        }
+                        if let Some(at) = rate_check_at.filter(|at| now >= *at) {
+                            let total = shared.total();
+                            if total - bytes_at_check < terms.limits.min_bytes_per_minute.unwrap_or(0) { break CloseReason::TooSlow; }
+                            bytes_at_check = total;
+                            rate_check_at = Some(at + minute);
+                        }
+                        timer.as_mut().reset(earliest(idle_at, rate_check_at));
+                    },
+                    r = terms.stop.stopped() => break CloseReason::from(r),
+                }
+            }
+        };
+        if !matches!(
+            reason,
+            CloseReason::ClientClosed
+                | CloseReason::ClientTruncated
+                | CloseReason::UpstreamClosed
+                | CloseReason::IoError
+        ) {
+            close_both(&mut client.write, &mut upstream.write).await;
+        }
+        RelayOutcome { reason, bytes_up: shared.bytes().0, bytes_down: shared.bytes().1, duration: start.elapsed() }
     }
-    RelayOutcome { reason, bytes_up: shared.bytes().0, bytes_down: shared.bytes().1, duration: start.elapsed() }
 }
 
 mod socket;

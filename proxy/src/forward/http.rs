@@ -162,11 +162,11 @@ impl Handler {
                         upgrade::Opened::Tcp(client, early) => {
                             t.early = early;
                             let (cr, cw) = client.into_split();
-                            established::tunnel_to(cr, cw, upstream, t, &ctx).await;
+                            established::spawn_to(cr, cw, upstream, t, &ctx);
                         }
                         other => {
                             let (cr, cw) = tokio::io::split(other.boxed());
-                            established::tunnel_to(cr, cw, upstream, t, &ctx).await;
+                            established::spawn_to(cr, cw, upstream, t, &ctx);
                         }
                     }
                 }

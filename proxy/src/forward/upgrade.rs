@@ -78,12 +78,12 @@ pub(crate) async fn forward(
             (Opened::Tcp(client, early), Opened::Tcp(upstream, _)) => {
                 let (cr, cw) = client.into_split();
                 let (ur, uw) = upstream.into_split();
-                established::tunnel(cr, cw, ur, uw, Established { early, ..t }, &ctx).await;
+                established::spawn_tunnel(cr, cw, ur, uw, Established { early, ..t }, &ctx);
             }
             (client, upstream) => {
                 let (cr, cw) = tokio::io::split(client.boxed());
                 let (ur, uw) = tokio::io::split(upstream.boxed());
-                established::tunnel(cr, cw, ur, uw, t, &ctx).await;
+                established::spawn_tunnel(cr, cw, ur, uw, t, &ctx);
             }
         }
     });
