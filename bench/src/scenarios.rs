@@ -387,23 +387,50 @@ pub(crate) fn rss_kib(pid: u32) -> Res<u64> {
 }
 
 /// Proxy memory per idle tunnel in KiB (RSS after opening `n` tunnels minus before).
-pub(crate) async fn idle(t: &Target, up: &Upstreams, n: usize) -> Res<Option<f64>> {
-    let Some(pid) = t.child.as_ref().map(Child::id) else { return Ok(None) };
+/// A tunnel born from HTTP: a plain-HTTP request through the proxy, then a CONNECT on the same
+/// connection.
+async fn open_after_request(t: &Target, up: &Upstreams) -> Res<TcpStream> {
+    let proxy = t.proxy.ok_or("no proxy")?;
+    let mut s = crate::targets::tcp(t, proxy).await?;
+    s.set_nodelay(true)?;
+    let mut buf = Vec::new();
+    http_get(&mut s, true, up.http, "/10", &mut buf).await?;
+    crate::targets::connect_on(s, &up.hold.to_string()).await
+}
+
+pub(crate) async fn idle(t: &Target, up: &Upstreams, n: usize) -> Res<[Option<f64>; 2]> {
+    let Some(pid) = t.child.as_ref().map(Child::id) else { return Ok([None, None]) };
     // Warm up allocator pools and lazily created structures first.
+    let born_from_http = t.proxy.is_some();
     let mut warm = Vec::new();
     for _ in 0..100 {
         warm.push(open(t, up.hold).await?);
+        if born_from_http {
+            warm.push(open_after_request(t, up).await?);
+        }
     }
     drop(warm);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both kinds held at once, one after the other: memory freed by the first would otherwise be
+    // reused by the second without growing the process.
     let before = rss_kib(pid)?;
-    let mut held = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(2 * n);
     for _ in 0..n {
         held.push(open(t, up.hold).await?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib(pid)?;
+    let direct = rss_kib(pid)?;
+    let mut from_http = None;
+    if born_from_http {
+        // Half as many: both kinds held at once must fit within the descriptor limits of the
+        // proxy and the bench (two descriptors a tunnel in each).
+        for _ in 0..n / 2 {
+            held.push(open_after_request(t, up).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        from_http = Some(rss_kib(pid)?.saturating_sub(direct) as f64 / (n / 2).max(1) as f64);
+    }
     drop(held);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    Ok(Some(after.saturating_sub(before) as f64 / n as f64))
+    Ok([Some(direct.saturating_sub(before) as f64 / n as f64), from_http])
 }

@@ -439,8 +439,14 @@ pub(crate) async fn open_as(t: &Target, upstream: SocketAddr, authority: &str) -
 
 /// A CONNECT tunnel to `upstream` (host:port) through the proxy at `proxy`.
 pub(crate) async fn connect_via(proxy: SocketAddr, upstream: &str) -> Res<TcpStream> {
-    let mut s = TcpStream::connect(proxy).await?;
+    let s = TcpStream::connect(proxy).await?;
     s.set_nodelay(true)?;
+    connect_on(s, upstream).await
+}
+
+/// A CONNECT tunnel to `upstream` (host:port) asked on `s`, a connection to the proxy (new, or
+/// one that carried plain-HTTP requests before).
+pub(crate) async fn connect_on(mut s: TcpStream, upstream: &str) -> Res<TcpStream> {
     s.write_all(format!("CONNECT {upstream} HTTP/1.1\r\nHost: {upstream}\r\n\r\n").as_bytes()).await?;
     // Read the response head in whole reads, as HTTP clients do (Go's and Python's buffer it):
     // the upstreams here speak only after the client, so nothing past the head can arrive yet.
@@ -456,7 +462,7 @@ pub(crate) async fn connect_via(proxy: SocketAddr, upstream: &str) -> Res<TcpStr
             return Err("response head too long".into());
         }
         if head.windows(4).position(|w| w == b"\r\n\r\n").is_some_and(|end| end + 4 != head.len()) {
-            return Err("tunnel data before the client spoke".into());
+            return Err(format!("tunnel data before the client spoke: {:?}", String::from_utf8_lossy(&head)).into());
         }
     }
     if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {

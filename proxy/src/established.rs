@@ -33,6 +33,7 @@ pub(crate) struct Established {
 /// than a chain: an `async fn` moves its arguments into locals and keeps both copies for the
 /// tunnel's whole life (the context and the authorization alone are 400 bytes), while a block uses
 /// what it captured in place.
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
 fn tunnel<CR, CW, UR, UW>(cr: CR, cw: CW, ur: UR, uw: UW, t: Established, ctx: ConnCtx) -> impl Future<Output = ()>
 where
     CR: RelayRead,
