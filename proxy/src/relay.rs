@@ -430,6 +430,7 @@ async fn pump_spliced<R: RelayRead, W: RelayWrite>(
 
 /// One direction of a relay: copies, then splices once the direction streams. (An `async move`
 /// block, not an `async fn`, which would keep a second copy of its arguments.)
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
 fn pump<'a, R: RelayRead, W: RelayWrite>(
     r: &'a mut R,
     w: &'a mut W,
