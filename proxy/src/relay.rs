@@ -550,6 +550,7 @@ pub struct Terms<'a> {
 /// Relays between a client and an upstream until both directions end or a limit closes the
 /// tunnel. (An `async move` block, not an `async fn`, which would keep a second copy of its
 /// arguments for the tunnel's whole life.)
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
 pub fn run<'a, CR, CW, UR, UW>(
     mut client: End<CR, CW>,
     mut upstream: End<UR, UW>,
