@@ -400,8 +400,16 @@ async fn open_after_request(t: &Target, up: &Upstreams) -> Res<TcpStream> {
 
 pub(crate) async fn idle(t: &Target, up: &Upstreams, n: usize) -> Res<[Option<f64>; 2]> {
     let Some(pid) = t.child.as_ref().map(Child::id) else { return Ok([None, None]) };
+    // Tunnels born from HTTP where the proxy keeps a connection open after a plain request and
+    // takes a CONNECT on it (tinyproxy does not; http-tunnel serves only CONNECT).
+    let mut born_from_http = false;
+    if t.proxy.is_some() {
+        match open_after_request(t, up).await {
+            Ok(_) => born_from_http = true,
+            Err(e) => println!("{}: no CONNECT after a request: {e}", t.name),
+        }
+    }
     // Warm up allocator pools and lazily created structures first.
-    let born_from_http = t.proxy.is_some();
     let mut warm = Vec::new();
     for _ in 0..100 {
         warm.push(open(t, up.hold).await?);
