@@ -385,3 +385,32 @@ async fn admin_connections_are_capped_and_never_starve_egress() {
     probe.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
     assert_eq!(read_to_close(&mut probe).await.0, 200, "the kubelet's probe");
 }
+
+/// A side that resets its connection ends the tunnel for the other side at once (it sees the end
+/// of the stream, not a connection left open), both ways, and the tunnel is no longer counted.
+#[tokio::test]
+async fn a_reset_on_either_side_ends_the_tunnel_for_the_other_at_once() {
+    let w = World::new().await;
+    let p = start_proxy(&cfg(&w, "")).await;
+    let upstream = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let target = upstream.local_addr().unwrap().to_string();
+    for client_resets in [true, false] {
+        let mut client = tunnel(addr(&p), &target).await;
+        let (mut server, _) = upstream.accept().await.unwrap();
+        client.write_all(b"before the reset").await.unwrap();
+        let mut got = [0u8; 16];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"before the reset");
+        let (resetting, mut other) = if client_resets { (client, server) } else { (server, client) };
+        // SO_LINGER 0: close sends a reset, not a FIN.
+        #[allow(deprecated)]
+        resetting.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(resetting);
+        let mut b = [0u8; 1];
+        let end = tokio::time::timeout(Duration::from_secs(5), other.read(&mut b)).await.unwrap_or_else(|_| {
+            panic!("the other side still open 5 s after the reset (client resets: {client_resets})")
+        });
+        assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+        assert_eq!(metric_when(p.admin, "tunnelgate_tunnels_active", |v| v == 0.0).await, 0.0);
+    }
+}
