@@ -386,7 +386,6 @@ pub(crate) fn rss_kib(pid: u32) -> Res<u64> {
     Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
 }
 
-/// Proxy memory per idle tunnel in KiB (RSS after opening `n` tunnels minus before).
 /// A tunnel born from HTTP: a plain-HTTP request through the proxy, then a CONNECT on the same
 /// connection.
 async fn open_after_request(t: &Target, up: &Upstreams) -> Res<TcpStream> {
@@ -398,6 +397,8 @@ async fn open_after_request(t: &Target, up: &Upstreams) -> Res<TcpStream> {
     crate::targets::connect_on(s, &up.hold.to_string()).await
 }
 
+/// Proxy memory per idle tunnel in KiB (RSS with the tunnels held minus before): `n` CONNECT
+/// tunnels, then `n / 2` more born from HTTP where the proxy takes them (`None` otherwise).
 pub(crate) async fn idle(t: &Target, up: &Upstreams, n: usize) -> Res<[Option<f64>; 2]> {
     let Some(pid) = t.child.as_ref().map(Child::id) else { return Ok([None, None]) };
     // Tunnels born from HTTP where the proxy keeps a connection open after a plain request and

@@ -516,7 +516,7 @@ fn pump<'a, R: RelayRead, W: RelayWrite>(
     }
 }
 
-/// Writes `early` (bytes the client pipelined after its head) to the upstream, within
+/// Writes `early` (bytes the client pipelined after its head; not empty) to the upstream, within
 /// `maxTotalBytes`.
 async fn write_early<W: AsyncWrite + Unpin>(
     up_w: &mut W,
@@ -524,9 +524,6 @@ async fn write_early<W: AsyncWrite + Unpin>(
     shared: &Traffic,
     counters: &ByteCounters,
 ) -> io::Result<()> {
-    if early.is_empty() {
-        return Ok(());
-    }
     let n = usize::try_from(shared.take(early.len() as u64)).unwrap_or(early.len()).min(early.len());
     up_w.write_all(&early[..n]).await?;
     counters.up.inc_by(n as u64);

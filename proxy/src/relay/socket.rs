@@ -44,9 +44,9 @@ macro_rules! socket {
 socket!(TcpStream);
 socket!(UnixStream);
 
-/// Waits until `socket` may have bytes (or its end) to read, holding no buffer and no waiter
-/// node: the socket's own reader slot keeps the waker (the relay is its one reader), so an idle
-/// tunnel keeps nothing for it in its future.
+/// Waits until `socket` may have bytes (or its end) to read, holding no pipe and no waiter node:
+/// the socket's own reader slot keeps the waker (the relay is its one reader). The splice path's
+/// wait; the copy path polls the same readiness inside its read.
 pub(super) async fn readable(socket: &dyn Socket) -> io::Result<()> {
     poll_fn(|cx| socket.poll_read_ready(cx)).await
 }

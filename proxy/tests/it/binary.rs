@@ -770,33 +770,18 @@ async fn r09_memory_pressure_sheds_new_requests_keeps_tunnels_and_recovers() {
 async fn idle_tunnels_hold_under_3000_bytes_of_heap_each_connect_or_born_from_http() {
     const IDLE_TUNNEL_HEAP: f64 = 3000.0;
     let w = World::new().await;
-    let web = Upstream::start("127.0.0.2", |mut s| async move {
-        let mut buf = vec![0u8; 4096];
-        let mut seen = Vec::new();
-        while let Ok(n) = s.read(&mut buf).await {
-            if n == 0 {
-                return;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                seen.drain(..end + 4);
-                if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
-                    return;
-                }
-            }
-        }
-    })
-    .await;
+    let web = crate::http::hyper_upstream().await;
     let p = Proc::start(&w, "").await;
     let connect = || async { tunnel(p.listen, &w.echo.addr.to_string()).await };
     let born_from_http = || async {
         let mut s = TcpStream::connect(p.listen).await.unwrap();
-        let get = format!("GET http://allowed.test:{}/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n", web.addr.port());
+        let get = format!("GET http://allowed.test:{}/small HTTP/1.1\r\nHost: allowed.test\r\n\r\n", web.addr.port());
         s.write_all(get.as_bytes()).await.unwrap();
         let (status, head) = read_head(&mut s).await;
         assert_eq!(status, 200, "{head}");
-        let mut body = [0u8; 2];
+        let mut body = [0u8; 5];
         s.read_exact(&mut body).await.unwrap();
+        assert_eq!(&body, b"small");
         let target = w.echo.addr.to_string();
         s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
         let (status, head) = read_head(&mut s).await;
