@@ -46,6 +46,14 @@ struct Args {
     /// Extra arguments for tunnelgate-proxy (repeatable), e.g. `--proxy-arg=--worker-threads=1`.
     #[arg(long = "proxy-arg", allow_hyphen_values = true)]
     proxy_args: Vec<String>,
+    /// An A/B: a second Tunnelgate, `tunnelgate-b`, measured beside `tunnelgate` in the same
+    /// rounds (interleaved), built from another commit (`--b-bin`) and/or run with other arguments
+    /// (`--b-arg`, repeatable; it takes none of `--proxy-arg`'s).
+    #[arg(long)]
+    b_bin: Option<PathBuf>,
+    /// Arguments for `tunnelgate-b` (repeatable), e.g. `--b-arg=--worker-threads=1`.
+    #[arg(long = "b-arg", allow_hyphen_values = true)]
+    b_args: Vec<String>,
     /// Only these targets (comma-separated: direct,tunnelgate,squid,tinyproxy,http-tunnel for the
     /// forward suite, plus haproxy (CONNECT through a Lua action), haproxy-splice (the same,
     /// splicing both ways), the no-parsing floors tunnelgate-l4, haproxy-l4 and
@@ -133,6 +141,13 @@ async fn start_targets(args: &Args, up: &Upstreams, dns: std::net::SocketAddr) -
             .into());
         }
         targets.push(Arc::new(targets::start_tunnelgate(&args.proxy_bin, &args.proxy_args, dns).await?));
+    }
+    if args.b_bin.is_some() || !args.b_args.is_empty() {
+        let bin = args.b_bin.as_deref().unwrap_or(&args.proxy_bin);
+        if !bin.is_file() {
+            return Err(format!("{} not found", bin.display()).into());
+        }
+        targets.push(Arc::new(targets::start_tunnelgate_b(bin, &args.b_args, dns).await?));
     }
     // HAProxy's CONNECT is a Lua action of ours, and it stops answering in some runs (see
     // bench/RESULTS.md): on request only, like the floors below.

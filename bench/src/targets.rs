@@ -208,6 +208,11 @@ pub(crate) async fn start_tunnelgate(bin: &Path, extra: &[String], dns: SocketAd
     start_tunnelgate_with(bin, extra, dns, "tunnelgate", "").await
 }
 
+/// The second Tunnelgate of an A/B (`--b-bin`, `--b-arg`), configured as `tunnelgate`.
+pub(crate) async fn start_tunnelgate_b(bin: &Path, extra: &[String], dns: SocketAddr) -> Res<Target> {
+    start_tunnelgate_with(bin, extra, dns, "tunnelgate-b", "").await
+}
+
 /// Tunnelgate with Squid as its parent for everything it allows (`tunnelgate-squid`): the chain
 /// an enterprise runs, measured against each alone. Its CPU figures are Tunnelgate's own.
 pub(crate) async fn start_tunnelgate_via_squid(bin: &Path, extra: &[String], dns: SocketAddr) -> Res<Option<Target>> {
