@@ -132,22 +132,22 @@ async fn start_targets(args: &Args, up: &Upstreams, dns: std::net::SocketAddr) -
     if wanted("direct") {
         targets.push(Arc::new(Target::direct()));
     }
-    if wanted("tunnelgate") {
-        if !args.proxy_bin.is_file() {
-            return Err(format!(
-                "{} not found: run `cargo build --release -p tunnelgate-proxy` first",
-                args.proxy_bin.display()
-            )
-            .into());
+    // Built before anything starts: a missing binary is a usage error, not a skipped target.
+    let built = |bin: &std::path::Path| {
+        if bin.is_file() {
+            Ok(())
+        } else {
+            Err(format!("{} not found: run `cargo build --release -p tunnelgate-proxy` first", bin.display()))
         }
-        targets.push(Arc::new(targets::start_tunnelgate(&args.proxy_bin, &args.proxy_args, dns).await?));
+    };
+    if wanted("tunnelgate") {
+        built(&args.proxy_bin)?;
+        targets.push(Arc::new(targets::start_tunnelgate(&args.proxy_bin, &args.proxy_args, dns, "tunnelgate").await?));
     }
     if args.b_bin.is_some() || !args.b_args.is_empty() {
         let bin = args.b_bin.as_deref().unwrap_or(&args.proxy_bin);
-        if !bin.is_file() {
-            return Err(format!("{} not found", bin.display()).into());
-        }
-        targets.push(Arc::new(targets::start_tunnelgate_b(bin, &args.b_args, dns).await?));
+        built(bin)?;
+        targets.push(Arc::new(targets::start_tunnelgate(bin, &args.b_args, dns, "tunnelgate-b").await?));
     }
     // HAProxy's CONNECT is a Lua action of ours, and it stops answering in some runs (see
     // bench/RESULTS.md): on request only, like the floors below.

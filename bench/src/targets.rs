@@ -204,13 +204,10 @@ pub(crate) async fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: 
     Ok(t)
 }
 
-pub(crate) async fn start_tunnelgate(bin: &Path, extra: &[String], dns: SocketAddr) -> Res<Target> {
-    start_tunnelgate_with(bin, extra, dns, "tunnelgate", "").await
-}
-
-/// The second Tunnelgate of an A/B (`--b-bin`, `--b-arg`), configured as `tunnelgate`.
-pub(crate) async fn start_tunnelgate_b(bin: &Path, extra: &[String], dns: SocketAddr) -> Res<Target> {
-    start_tunnelgate_with(bin, extra, dns, "tunnelgate-b", "").await
+/// Tunnelgate as a forward proxy, named `name` in the table (`tunnelgate`, or `tunnelgate-b` of an
+/// A/B: `--b-bin`, `--b-arg`).
+pub(crate) async fn start_tunnelgate(bin: &Path, extra: &[String], dns: SocketAddr, name: &'static str) -> Res<Target> {
+    start_tunnelgate_with(bin, extra, dns, name, "").await
 }
 
 /// Tunnelgate with Squid as its parent for everything it allows (`tunnelgate-squid`): the chain
